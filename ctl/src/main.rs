@@ -1,0 +1,3 @@
+//! `imgctl`: the unprivileged client of imgcryptd.
+
+fn main() {}

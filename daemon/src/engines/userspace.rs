@@ -1,0 +1,1 @@
+//! The userspace engine: AES-XTS in this process, bit-identical to dm-crypt.

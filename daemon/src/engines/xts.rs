@@ -1,0 +1,1 @@
+//! AES-XTS-plain64 exactly as dm-crypt computes it.

@@ -1,0 +1,189 @@
+//! The daemon's one error type.
+//!
+//! Each variant is a kind a caller can match and maps to one `io.imgcrypt` Varlink error, so a
+//! client sees the same distinction the daemon makes. Messages carry context (which descriptor,
+//! which offset, which operation) and say what to do; they never carry key bytes.
+
+use imgcrypt_proto::api::{errors, ErrorParameters};
+use imgcrypt_proto::keyfile::KeyFileError;
+
+/// Result with the daemon's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Which passed descriptor a problem concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Descriptor {
+    /// The source image.
+    Source,
+    /// The output image.
+    Output,
+    /// The key file.
+    Key,
+}
+
+impl Descriptor {
+    /// Lower-case name used in messages and error parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Source => "source",
+            Self::Output => "output",
+            Self::Key => "key",
+        }
+    }
+}
+
+impl std::fmt::Display for Descriptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Everything that can go wrong in the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The key file breaks one of the key-file rules.
+    #[error("key file: {0}")]
+    KeyFile(#[from] KeyFileError),
+
+    /// The source is in a format (or variant) this version does not read.
+    #[error("source image: {message}")]
+    UnsupportedImage {
+        /// What it is and what to do instead.
+        message: String,
+    },
+
+    /// The source image is damaged or inconsistent.
+    #[error("source image is corrupt: {message}")]
+    CorruptImage {
+        /// What is wrong, in the format's own terms.
+        message: String,
+        /// Byte offset in the source file of the offending structure, when known.
+        offset: Option<u64>,
+    },
+
+    /// A passed descriptor is missing or has the wrong type or access mode.
+    #[error("{descriptor} descriptor: {message}")]
+    BadDescriptor {
+        /// Which one.
+        descriptor: Descriptor,
+        /// What is wrong and how to open it instead.
+        message: String,
+    },
+
+    /// An option is out of range or conflicts with another.
+    #[error("{message}")]
+    InvalidOption {
+        /// The parameter's protocol name.
+        parameter: &'static str,
+        /// What is allowed.
+        message: String,
+    },
+
+    /// The output cannot hold the encrypted image.
+    #[error("{message}")]
+    NoSpace {
+        /// Bytes the output needs.
+        required_bytes: u64,
+        /// What is short and what to do.
+        message: String,
+    },
+
+    /// The requested engine cannot run here.
+    #[error("{engine} engine unavailable: {reason}")]
+    EngineUnavailable {
+        /// `kernel` or `userspace`.
+        engine: &'static str,
+        /// Why, and what to use instead.
+        reason: String,
+    },
+
+    /// libcryptsetup failed.
+    #[error("LUKS {operation}: {message}")]
+    Luks {
+        /// What we asked libcryptsetup to do.
+        operation: &'static str,
+        /// What it said.
+        message: String,
+    },
+
+    /// A system call on a descriptor or device failed.
+    #[error("{operation}: {source}")]
+    Io {
+        /// What we were doing, with offsets where they help.
+        operation: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The caller may not use this daemon.
+    #[error("{0}")]
+    PermissionDenied(String),
+
+    /// The client went away or the daemon is shutting down.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl Error {
+    /// An I/O error with what we were doing.
+    pub fn io(operation: impl Into<String>, source: impl Into<std::io::Error>) -> Self {
+        Self::Io {
+            operation: operation.into(),
+            source: source.into(),
+        }
+    }
+
+    /// A corrupt-image error.
+    pub fn corrupt(message: impl Into<String>, offset: Option<u64>) -> Self {
+        Self::CorruptImage {
+            message: message.into(),
+            offset,
+        }
+    }
+
+    /// A wrong-descriptor error.
+    pub fn bad_descriptor(descriptor: Descriptor, message: impl Into<String>) -> Self {
+        Self::BadDescriptor {
+            descriptor,
+            message: message.into(),
+        }
+    }
+
+    /// The Varlink error name this error is reported as.
+    pub fn varlink_name(&self) -> &'static str {
+        match self {
+            Self::KeyFile(_) => errors::INVALID_KEY_FILE,
+            Self::UnsupportedImage { .. } => errors::UNSUPPORTED_IMAGE,
+            Self::CorruptImage { .. } => errors::CORRUPT_IMAGE,
+            Self::BadDescriptor { .. } => errors::BAD_DESCRIPTOR,
+            Self::InvalidOption { .. } => errors::INVALID_OPTION,
+            Self::NoSpace { .. } => errors::NO_SPACE,
+            Self::EngineUnavailable { .. } => errors::ENGINE_UNAVAILABLE,
+            Self::Luks { .. } => errors::LUKS_ERROR,
+            Self::Io { .. } | Self::Cancelled => errors::IO_ERROR,
+            Self::PermissionDenied(_) => errors::PERMISSION_DENIED,
+        }
+    }
+
+    /// The Varlink error parameters: the message plus the fields a program matches on.
+    pub fn varlink_parameters(&self) -> ErrorParameters {
+        let mut parameters = ErrorParameters::message(self.to_string());
+        match self {
+            Self::KeyFile(error) => parameters.rule = Some(error.rule().to_string()),
+            Self::CorruptImage { offset, .. } => parameters.offset = *offset,
+            Self::BadDescriptor { descriptor, .. } => {
+                parameters.descriptor = Some(descriptor.name().to_string())
+            }
+            Self::InvalidOption { parameter, .. } => {
+                parameters.parameter = Some(parameter.to_string())
+            }
+            Self::NoSpace { required_bytes, .. } => {
+                parameters.required_bytes = Some(*required_bytes)
+            }
+            Self::EngineUnavailable { engine, .. } => parameters.engine = Some(engine.to_string()),
+            _ => {}
+        }
+        parameters
+    }
+}

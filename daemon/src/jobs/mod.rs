@@ -1,0 +1,1 @@
+//! Jobs: what one `io.imgcrypt` call does.

@@ -1,0 +1,3 @@
+//! Key material: read from passed descriptors into locked, zeroised memory.
+
+pub mod secret;

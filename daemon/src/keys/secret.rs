@@ -1,0 +1,1 @@
+//! Memory for secrets: locked (never swapped), excluded from core dumps, zeroised on drop.

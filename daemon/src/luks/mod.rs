@@ -1,0 +1,1 @@
+//! LUKS headers through libcryptsetup, formatted on daemon-owned memory, and the layout rule.

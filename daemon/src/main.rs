@@ -1,0 +1,3 @@
+//! `imgcryptd`: see the library documentation.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! The Varlink server: listening socket, connections, dispatch.

@@ -1,0 +1,1 @@
+//! Thin, audited wrappers around the system calls the rest of the daemon relies on.

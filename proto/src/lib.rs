@@ -1,0 +1,19 @@
+//! The contract between `imgcryptd` and its clients.
+//!
+//! Everything both sides must agree on lives here and nowhere else:
+//! - [`wire`]: Varlink framing (NUL-terminated JSON) with a frame-size cap,
+//! - [`fdpass`]: sending and receiving file descriptors with a message (SCM_RIGHTS),
+//! - [`varlink`]: the generic call/reply envelope and the `org.varlink.service` errors,
+//! - [`api`]: the `io.imgcrypt` interface: methods, parameters, replies and error names,
+//! - [`keyfile`]: what a valid key file is, and its fingerprint,
+//! - [`paths`]: where the daemon's socket lives.
+//!
+//! The daemon is the authority on every rule (it re-checks whatever a client sends); the client
+//! uses the same code to give an early, local error without a round trip.
+
+pub mod api;
+pub mod fdpass;
+pub mod keyfile;
+pub mod paths;
+pub mod varlink;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! End-to-end tests of `imgctl encrypt` through a real `imgcryptd` (filled in below).

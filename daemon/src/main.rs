@@ -1,3 +1,234 @@
-//! `imgcryptd`: see the library documentation.
+//! `imgcryptd`: the imgcrypt daemon. See the library documentation for the architecture and
+//! `docs/` for operators.
 
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use imgcrypt_proto::api::EngineChoice;
+use imgcrypt_proto::paths;
+use imgcryptd::engines::userspace::UserspaceEngine;
+use imgcryptd::engines::EngineSet;
+use imgcryptd::server::{self, listener, systemd, Mode, ServerConfig, ServerState};
+
+/// Encrypts virtual-machine disk images into LUKS images for local users.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Run as a per-user daemon: socket in $XDG_RUNTIME_DIR/imgcrypt, own user only,
+    /// userspace engine.
+    #[arg(long)]
+    user: bool,
+
+    /// Listen on this socket path instead of the default.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+
+    /// Engine for jobs that ask for `auto`.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    engine: EngineArg,
+
+    /// Exit after this many seconds without a client (0: never).
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    idle_timeout: u64,
+
+    /// Jobs that may run at once; further ones wait.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    max_jobs: usize,
+
+    /// Permission bits of a socket we bind ourselves (octal). Default: 0600 for --user; 0660
+    /// for the system daemon when --socket-group names a group, else 0600.
+    #[arg(long, value_name = "OCTAL", value_parser = parse_octal)]
+    socket_mode: Option<u32>,
+
+    /// Group that owns a socket we bind ourselves (the system daemon's users).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum EngineArg {
+    Auto,
+    Userspace,
+    Kernel,
+}
+
+impl From<EngineArg> for EngineChoice {
+    fn from(arg: EngineArg) -> Self {
+        match arg {
+            EngineArg::Auto => Self::Auto,
+            EngineArg::Userspace => Self::Userspace,
+            EngineArg::Kernel => Self::Kernel,
+        }
+    }
+}
+
+fn parse_octal(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("`{text}` is not an octal permission mode like 0660"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    // Before anything else: the environment is read and cleaned while single-threaded.
+    let activated = systemd::take_activated_listener();
+    init_logging();
+    harden_process();
+
+    match run(args, activated) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Result<(), String> {
+    let mode = if args.user { Mode::User } else { Mode::System };
+    let engine_choice: EngineChoice = if args.user {
+        EngineChoice::Userspace
+    } else {
+        args.engine.into()
+    };
+    let kernel =
+        Err("the kernel engine (loop device + dm-crypt) is not part of this version".to_string());
+    let engines = EngineSet::new(engine_choice, Arc::new(UserspaceEngine::new()), kernel)
+        .map_err(|e| e.to_string())?;
+
+    // Keep the bound socket (and its lock) alive for the whole run.
+    let (std_listener, _bound) = match activated {
+        Some(listener) => {
+            tracing::info!("using the socket passed by systemd");
+            (listener, None)
+        }
+        None => {
+            let path = socket_path(&args)?;
+            let access = socket_access(&args)?;
+            let bound = listener::bind(&path, access).map_err(|e| e.to_string())?;
+            tracing::info!(path = %path.display(), mode = format!("{:04o}", access.mode), "listening");
+            let listener = bound
+                .listener
+                .try_clone()
+                .map_err(|e| format!("duplicating the listener: {e}"))?;
+            (listener, Some(bound))
+        }
+    };
+
+    let config = ServerConfig {
+        mode,
+        idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
+        max_jobs: args.max_jobs,
+        ..ServerConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener = tokio::net::UnixListener::from_std(std_listener)
+            .map_err(|e| format!("registering the listener: {e}"))?;
+        let state = ServerState::new(engines, config);
+        systemd::notify("READY=1");
+        server::run(listener, state, shutdown_signal())
+            .await
+            .map_err(|e| format!("server failed: {e}"))?;
+        systemd::notify("STOPPING=1");
+        Ok(())
+    })
+}
+
+fn socket_path(args: &Args) -> Result<PathBuf, String> {
+    if let Some(path) = &args.socket {
+        return Ok(path.clone());
+    }
+    if args.user {
+        paths::user_socket().ok_or_else(|| {
+            "--user needs XDG_RUNTIME_DIR set to an absolute path (or pass --socket PATH)"
+                .to_string()
+        })
+    } else {
+        Ok(PathBuf::from(paths::SYSTEM_SOCKET))
+    }
+}
+
+fn socket_access(args: &Args) -> Result<listener::SocketAccess, String> {
+    let group = match &args.socket_group {
+        Some(name) => Some(
+            nix::unistd::Group::from_name(name)
+                .map_err(|e| format!("looking up group {name}: {e}"))?
+                .ok_or_else(|| format!("--socket-group: no group named {name}"))?
+                .gid
+                .as_raw(),
+        ),
+        None => None,
+    };
+    let mode = args.socket_mode.unwrap_or(match (args.user, group) {
+        (false, Some(_)) => 0o660,
+        _ => 0o600,
+    });
+    Ok(listener::SocketAccess {
+        mode,
+        group,
+        directory_mode: if args.user { 0o700 } else { 0o755 },
+    })
+}
+
+/// journald when systemd connected our stderr to the journal, plain stderr otherwise.
+fn init_logging() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+
+    let filter =
+        EnvFilter::try_from_env("IMGCRYPTD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let registry = tracing_subscriber::registry().with(filter);
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(journald) = tracing_journald::layer() {
+            registry.with(journald).init();
+            return;
+        }
+    }
+    registry
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+}
+
+/// Keeps key material out of core dumps.
+///
+/// `RLIMIT_CORE=0` always. As root we also become non-dumpable, which additionally blocks
+/// ptrace by anyone but root. A per-user daemon stays dumpable: non-dumpable would make
+/// `/proc/self/fd` inaccessible to ourselves, which libcryptsetup needs to open the header
+/// memfd, and the only user who could ptrace it is the one whose keys it holds.
+fn harden_process() {
+    if let Err(error) =
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+    {
+        tracing::warn!(%error, "could not disable core dumps");
+    }
+    if nix::unistd::geteuid().is_root() {
+        if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(%error, "could not make the process non-dumpable");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("could not install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -140,6 +140,8 @@ pub struct EncryptParameters {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// Waiting for another job to finish (the daemon runs a bounded number at once).
+    Queued,
     /// Creating the LUKS header (includes the PBKDF benchmark).
     Format,
     /// Encrypting and writing the payload.

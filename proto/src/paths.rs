@@ -2,6 +2,7 @@
 //!
 //! The system daemon (root, socket-activated by systemd) and a per-user daemon (`imgcryptd
 //! --user`) run the same code and differ only in where their socket is and who may connect.
+//! Both the daemon and the client call [`user_socket`], so they always agree.
 
 use std::path::PathBuf;
 
@@ -9,16 +10,27 @@ use std::path::PathBuf;
 pub const SYSTEM_SOCKET: &str = "/run/imgcrypt/io.imgcrypt";
 /// Environment variable naming the socket a client should use.
 pub const SOCKET_ENV: &str = "IMGCRYPT_SOCKET";
-/// Socket file name inside the per-user runtime directory.
+/// Directory of the per-user socket inside the user's runtime directory.
 const USER_SOCKET_DIR: &str = "imgcrypt";
+/// Socket file name.
 const SOCKET_NAME: &str = "io.imgcrypt";
 
-/// The per-user daemon's socket, `$XDG_RUNTIME_DIR/imgcrypt/io.imgcrypt`, if that variable is
-/// set to an absolute path (the XDG spec says to ignore a relative one).
+/// The per-user daemon's socket: `$XDG_RUNTIME_DIR/imgcrypt/io.imgcrypt`, or under
+/// `/run/user/UID` when the variable is unset (as after `su` or in some CI shells) and that
+/// directory exists. A relative `XDG_RUNTIME_DIR` is ignored, as the XDG spec requires.
 pub fn user_socket() -> Option<PathBuf> {
-    let runtime = std::env::var_os("XDG_RUNTIME_DIR")?;
-    let runtime = PathBuf::from(runtime);
-    runtime
-        .is_absolute()
-        .then(|| runtime.join(USER_SOCKET_DIR).join(SOCKET_NAME))
+    user_runtime_dir().map(|dir| dir.join(USER_SOCKET_DIR).join(SOCKET_NAME))
+}
+
+fn user_runtime_dir() -> Option<PathBuf> {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            dir.is_absolute().then_some(dir)
+        }
+        None => {
+            let dir = PathBuf::from(format!("/run/user/{}", nix::unistd::getuid()));
+            dir.is_dir().then_some(dir)
+        }
+    }
 }

@@ -47,3 +47,63 @@ pub trait Engine: Send + Sync {
     /// written.
     fn write_payload(&self, job: &PayloadJob<'_>) -> Result<u64>;
 }
+
+/// The engines this daemon can run, and what `auto` means here.
+pub struct EngineSet {
+    userspace: std::sync::Arc<dyn Engine>,
+    /// The kernel engine, or why it cannot run on this host.
+    kernel: std::result::Result<std::sync::Arc<dyn Engine>, String>,
+    /// What a job asking for `auto` gets.
+    auto: imgcrypt_proto::api::EngineChoice,
+}
+
+impl EngineSet {
+    /// Builds the set. `daemon_choice` is the daemon's `--engine`: `auto` prefers the kernel
+    /// engine where it can run; an explicit `kernel` that cannot run is an error now, at start-up,
+    /// rather than on every job.
+    pub fn new(
+        daemon_choice: imgcrypt_proto::api::EngineChoice,
+        userspace: std::sync::Arc<dyn Engine>,
+        kernel: std::result::Result<std::sync::Arc<dyn Engine>, String>,
+    ) -> Result<Self> {
+        use imgcrypt_proto::api::EngineChoice;
+        if let (EngineChoice::Kernel, Err(reason)) = (daemon_choice, &kernel) {
+            return Err(crate::Error::EngineUnavailable {
+                engine: "kernel",
+                reason: reason.clone(),
+            });
+        }
+        let auto = match daemon_choice {
+            EngineChoice::Auto if kernel.is_ok() => EngineChoice::Kernel,
+            EngineChoice::Auto => EngineChoice::Userspace,
+            explicit => explicit,
+        };
+        Ok(Self {
+            userspace,
+            kernel,
+            auto,
+        })
+    }
+
+    /// The engine for a job that asked for `choice`.
+    pub fn resolve(
+        &self,
+        choice: imgcrypt_proto::api::EngineChoice,
+    ) -> Result<std::sync::Arc<dyn Engine>> {
+        use imgcrypt_proto::api::EngineChoice;
+        let choice = match choice {
+            EngineChoice::Auto => self.auto,
+            explicit => explicit,
+        };
+        match choice {
+            EngineChoice::Kernel => match &self.kernel {
+                Ok(engine) => Ok(engine.clone()),
+                Err(reason) => Err(crate::Error::EngineUnavailable {
+                    engine: "kernel",
+                    reason: reason.clone(),
+                }),
+            },
+            _ => Ok(self.userspace.clone()),
+        }
+    }
+}

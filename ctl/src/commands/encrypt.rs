@@ -1,0 +1,203 @@
+//! `imgctl encrypt SRC -o OUT --key-file KEY`.
+//!
+//! The client does every `open` (with the user's own permissions) and hands the daemon three
+//! descriptors: the source read-only, `OUT.partial` read-write, and the key file read-only. The
+//! key's bytes never pass through imgctl's memory; the daemon reads and checks them.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use imgcrypt_proto::api::{
+    self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, Pbkdf, PbkdfKind,
+};
+use imgcrypt_proto::varlink::Call;
+
+use crate::connect;
+use crate::error::{CtlError, Result};
+use crate::output::Output;
+use crate::progress::Display;
+
+/// Options of `imgctl encrypt`.
+#[derive(Debug, clap::Args)]
+pub struct EncryptArgs {
+    /// Source disk image (RAW or VHD, detected by content).
+    pub source: PathBuf,
+    /// Where to write the LUKS image.
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    pub output: PathBuf,
+    /// Key file: its bytes are the LUKS passphrase (32–512 base64 characters, no newline).
+    #[arg(long, value_name = "KEY")]
+    pub key_file: Option<PathBuf>,
+    /// Write a LUKS1 header instead of LUKS2.
+    #[arg(long)]
+    pub luks1: bool,
+    /// Encryption sector size in bytes (4096 needs LUKS2).
+    #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_sector_size)]
+    pub sector_size: u32,
+    /// Key-derivation function of the keyslot.
+    #[arg(long, value_enum)]
+    pub pbkdf: Option<PbkdfArg>,
+    /// Target unlock time of the keyslot, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub iter_time: Option<u32>,
+    /// Fixed PBKDF iteration count (skips the benchmark).
+    #[arg(long, value_name = "N")]
+    pub pbkdf_iterations: Option<u32>,
+    /// Argon2 memory cost in KiB.
+    #[arg(long, value_name = "KIB")]
+    pub pbkdf_memory: Option<u32>,
+    /// Argon2 threads.
+    #[arg(long, value_name = "N")]
+    pub pbkdf_parallel: Option<u32>,
+    /// Engine: auto (kernel where dm-crypt is usable), userspace or kernel.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+    /// Replace OUT (or a stale OUT.partial) if it exists; required to write to a block device.
+    #[arg(long)]
+    pub force: bool,
+    /// Print progress and the summary as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--pbkdf` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum PbkdfArg {
+    /// Memory-hard (LUKS2 only).
+    Argon2id,
+    /// PBKDF2-SHA256.
+    Pbkdf2,
+}
+
+/// `--engine` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum EngineArg {
+    /// Kernel where possible, else userspace.
+    Auto,
+    /// AES-XTS in the daemon's process.
+    Userspace,
+    /// Loop device + dm-crypt.
+    Kernel,
+}
+
+/// Runs the command.
+pub fn run(args: EncryptArgs, socket: Option<PathBuf>) -> Result<()> {
+    let parameters_without_fds = parameters(&args)?;
+    let key_path = args
+        .key_file
+        .clone()
+        .ok_or_else(|| CtlError::Usage("no key given: pass --key-file FILE".to_string()))?;
+    let key = open_read_only(&key_path, "open the key file")?;
+    let source = open_read_only(&args.source, "open the source image")?;
+    let mut display = Display::new(args.json);
+    let output = Output::create(&args.output, args.force)?;
+
+    let mut client = connect::connect(socket.as_deref())?;
+    let call = Call {
+        method: api::ENCRYPT.to_string(),
+        parameters: Some(
+            serde_json::to_value(EncryptParameters {
+                source: 0,
+                output: 1,
+                key: 2,
+                ..parameters_without_fds
+            })
+            .expect("parameters serialise"),
+        ),
+        more: true,
+        oneway: false,
+        upgrade: false,
+    };
+    client.send(&call, &[source.as_fd(), output.file().as_fd(), key.as_fd()])?;
+    // The daemon holds its own copies now; ours are no longer needed.
+    drop(source);
+    drop(key);
+
+    loop {
+        let reply = client.receive()?;
+        if let Some(name) = reply.error {
+            let message = reply
+                .parameters
+                .as_ref()
+                .and_then(|p| p.get("message"))
+                .and_then(|m| m.as_str())
+                .unwrap_or("(no message)")
+                .to_string();
+            display.error(Some(&name), &message);
+            return Err(CtlError::Daemon { name, message });
+        }
+        let body: EncryptReply = serde_json::from_value(reply.parameters.unwrap_or_default())
+            .map_err(|e| CtlError::Protocol(format!("malformed Encrypt reply: {e}")))?;
+        if let Some(notice) = &body.notice {
+            display.notice(notice);
+        }
+        if let Some(progress) = &body.progress {
+            display.progress(progress);
+        }
+        if let Some(summary) = body.summary {
+            let final_path = output.commit()?;
+            display.summary(&args.source, &final_path, &summary);
+            return Ok(());
+        }
+        if !reply.continues {
+            return Err(CtlError::Protocol(
+                "the daemon ended the call without a summary".to_string(),
+            ));
+        }
+    }
+}
+
+/// Protocol parameters from the options, with the checks that need no daemon.
+fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
+    let luks_version = if args.luks1 {
+        LuksVersion::Luks1
+    } else {
+        LuksVersion::Luks2
+    };
+    if args.luks1 && args.sector_size != 512 {
+        return Err(CtlError::Usage(
+            "--sector-size 4096 needs LUKS2: drop --luks1 or use --sector-size 512".to_string(),
+        ));
+    }
+    let pbkdf = Pbkdf {
+        kind: args.pbkdf.map(|kind| match kind {
+            PbkdfArg::Argon2id => PbkdfKind::Argon2id,
+            PbkdfArg::Pbkdf2 => PbkdfKind::Pbkdf2,
+        }),
+        iter_time_ms: args.iter_time,
+        iterations: args.pbkdf_iterations,
+        memory_kib: args.pbkdf_memory,
+        parallel: args.pbkdf_parallel,
+    };
+    Ok(EncryptParameters {
+        source: 0,
+        output: 1,
+        key: 2,
+        luks_version,
+        sector_size: args.sector_size,
+        pbkdf: (pbkdf != Pbkdf::default()).then_some(pbkdf),
+        engine: match args.engine {
+            EngineArg::Auto => EngineChoice::Auto,
+            EngineArg::Userspace => EngineChoice::Userspace,
+            EngineArg::Kernel => EngineChoice::Kernel,
+        },
+    })
+}
+
+fn parse_sector_size(text: &str) -> std::result::Result<u32, String> {
+    match text {
+        "512" => Ok(512),
+        "4096" => Ok(4096),
+        _ => Err("the encryption sector size must be 512 or 4096".to_string()),
+    }
+}
+
+fn open_read_only(path: &std::path::Path, action: &str) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| CtlError::file(path, action, e))
+}

@@ -1,0 +1,3 @@
+//! One module per imgctl subcommand.
+
+pub mod encrypt;

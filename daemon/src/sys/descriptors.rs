@@ -1,0 +1,272 @@
+//! Checks on descriptors a client passed, before the daemon uses them.
+//!
+//! The daemon runs as root, so the kernel's permission checks happened when the *client* opened
+//! each file; the descriptor's access mode is the only record of what the client was allowed to
+//! do. We therefore act only within that mode: a source must be readable, an output must have
+//! been opened read-write, and nothing is ever reopened (no `/proc/self/fd/N`), which would let
+//! a read-only or `O_PATH` descriptor become a writable one.
+
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+
+use crate::error::Descriptor;
+use crate::{Error, Result};
+
+/// The kinds of file the daemon reads images from and writes them to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// A regular file.
+    Regular,
+    /// A block device.
+    BlockDevice,
+}
+
+/// A passed descriptor that passed its checks.
+#[derive(Debug)]
+pub struct CheckedFile {
+    /// The descriptor, as a `File` for positioned I/O.
+    pub file: File,
+    /// What it refers to.
+    pub kind: FileKind,
+}
+
+impl CheckedFile {
+    /// Whether two checked files are the same inode (the same file under any name).
+    pub fn same_file_as(&self, other: &CheckedFile) -> Result<bool> {
+        Ok(identity(&self.file)? == identity(&other.file)?)
+    }
+}
+
+/// A source image: readable, regular file or block device.
+pub fn check_source(fd: OwnedFd) -> Result<CheckedFile> {
+    let flags = status_flags(&fd, Descriptor::Source)?;
+    if !readable(flags) {
+        return Err(Error::bad_descriptor(
+            Descriptor::Source,
+            "not opened for reading: open the source image read-only (O_RDONLY)",
+        ));
+    }
+    let kind = image_kind(&fd, Descriptor::Source)?;
+    Ok(CheckedFile {
+        file: File::from(fd),
+        kind,
+    })
+}
+
+/// An output image: regular file or block device opened read-write, without `O_APPEND`.
+pub fn check_output(fd: OwnedFd) -> Result<CheckedFile> {
+    let flags = status_flags(&fd, Descriptor::Output)?;
+    if flags & OFlag::O_ACCMODE != OFlag::O_RDWR {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            "not opened read-write: the daemon writes only through a descriptor the client \
+             opened with O_RDWR; open the output read-write",
+        ));
+    }
+    if flags.contains(OFlag::O_APPEND) {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            "opened with O_APPEND, which would send every positioned write to the end of the \
+             file; open it without O_APPEND",
+        ));
+    }
+    let kind = image_kind(&fd, Descriptor::Output)?;
+    Ok(CheckedFile {
+        file: File::from(fd),
+        kind,
+    })
+}
+
+/// A key file: a readable regular file.
+pub fn check_key(fd: OwnedFd) -> Result<File> {
+    let flags = status_flags(&fd, Descriptor::Key)?;
+    if !readable(flags) {
+        return Err(Error::bad_descriptor(
+            Descriptor::Key,
+            "not opened for reading: open the key file read-only",
+        ));
+    }
+    let file = File::from(fd);
+    let metadata = file
+        .metadata()
+        .map_err(|e| Error::io("fstat on the key descriptor", e))?;
+    if !metadata.file_type().is_file() {
+        return Err(Error::bad_descriptor(
+            Descriptor::Key,
+            format!(
+                "is a {}, not a regular file: put the key in a file",
+                describe_type(&metadata)
+            ),
+        ));
+    }
+    Ok(file)
+}
+
+/// The descriptor's status flags. `O_PATH` descriptors grant no I/O at all and are refused
+/// here, before anything else looks at them.
+fn status_flags(fd: &OwnedFd, which: Descriptor) -> Result<OFlag> {
+    let bits = fcntl(fd.as_fd(), FcntlArg::F_GETFL)
+        .map_err(|e| Error::io(format!("fcntl(F_GETFL) on the {which} descriptor"), e))?;
+    let flags = OFlag::from_bits_retain(bits);
+    if flags.contains(OFlag::O_PATH) {
+        return Err(Error::bad_descriptor(
+            which,
+            "is an O_PATH descriptor, which grants no access to the file's contents",
+        ));
+    }
+    Ok(flags)
+}
+
+fn readable(flags: OFlag) -> bool {
+    let mode = flags & OFlag::O_ACCMODE;
+    mode == OFlag::O_RDONLY || mode == OFlag::O_RDWR
+}
+
+fn image_kind(fd: &OwnedFd, which: Descriptor) -> Result<FileKind> {
+    let metadata = File::from(fd.try_clone().map_err(|e| Error::io("dup", e))?)
+        .metadata()
+        .map_err(|e| Error::io(format!("fstat on the {which} descriptor"), e))?;
+    let file_type = metadata.file_type();
+    if file_type.is_file() {
+        Ok(FileKind::Regular)
+    } else if file_type.is_block_device() {
+        Ok(FileKind::BlockDevice)
+    } else {
+        Err(Error::bad_descriptor(
+            which,
+            format!(
+                "is a {}; images must be regular files or block devices",
+                describe_type(&metadata)
+            ),
+        ))
+    }
+}
+
+fn identity(file: &File) -> Result<(u64, u64)> {
+    let metadata = file.metadata().map_err(|e| Error::io("fstat", e))?;
+    Ok((metadata.dev(), metadata.ino()))
+}
+
+fn describe_type(metadata: &std::fs::Metadata) -> &'static str {
+    let file_type = metadata.file_type();
+    if file_type.is_dir() {
+        "directory"
+    } else if file_type.is_fifo() {
+        "pipe"
+    } else if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_symlink() {
+        "symbolic link"
+    } else {
+        "regular file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    fn open(path: &std::path::Path, options: &mut OpenOptions) -> OwnedFd {
+        OwnedFd::from(options.open(path).unwrap())
+    }
+
+    #[test]
+    fn read_only_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, b"").unwrap();
+        let err = check_output(open(&path, OpenOptions::new().read(true))).unwrap_err();
+        assert!(matches!(
+            err,
+            Error::BadDescriptor {
+                descriptor: Descriptor::Output,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("read-write"), "{err}");
+    }
+
+    #[test]
+    fn write_only_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let err =
+            check_output(open(&path, OpenOptions::new().write(true).create(true))).unwrap_err();
+        assert!(err.to_string().contains("read-write"), "{err}");
+    }
+
+    #[test]
+    fn append_output_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let fd = open(
+            &path,
+            OpenOptions::new().read(true).append(true).create(true),
+        );
+        let err = check_output(fd).unwrap_err();
+        assert!(err.to_string().contains("O_APPEND"), "{err}");
+    }
+
+    #[test]
+    fn read_write_regular_output_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let checked = check_output(open(
+            &path,
+            OpenOptions::new().read(true).write(true).create(true),
+        ))
+        .unwrap();
+        assert_eq!(checked.kind, FileKind::Regular);
+    }
+
+    #[test]
+    fn o_path_descriptor_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        std::fs::write(&path, b"data").unwrap();
+        let fd = open(
+            &path,
+            OpenOptions::new().read(true).custom_flags(libc::O_PATH),
+        );
+        let err = check_source(fd).unwrap_err();
+        assert!(err.to_string().contains("O_PATH"), "{err}");
+    }
+
+    #[test]
+    fn directory_source_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = check_source(open(dir.path(), OpenOptions::new().read(true))).unwrap_err();
+        assert!(err.to_string().contains("directory"), "{err}");
+    }
+
+    #[test]
+    fn pipe_key_is_refused_and_regular_key_accepted() {
+        let (reader, _writer) = nix::unistd::pipe().unwrap();
+        let err = check_key(reader).unwrap_err();
+        assert!(err.to_string().contains("pipe"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, b"k").unwrap();
+        assert!(check_key(open(&path, OpenOptions::new().read(true))).is_ok());
+    }
+
+    #[test]
+    fn same_file_under_two_descriptors_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, b"x").unwrap();
+        let a = check_source(open(&path, OpenOptions::new().read(true))).unwrap();
+        let b = check_output(open(&path, OpenOptions::new().read(true).write(true))).unwrap();
+        assert!(a.same_file_as(&b).unwrap());
+    }
+}

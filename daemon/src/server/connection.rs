@@ -333,6 +333,12 @@ impl Connection {
             ))
         });
         if client_gone {
+            match &result {
+                Ok(_) => tracing::info!(job = job_id, "job ended after its client left: finished"),
+                Err(error) => {
+                    tracing::info!(job = job_id, "job ended after its client left: {error}")
+                }
+            }
             return Err(Closed::Gone);
         }
         if streaming {

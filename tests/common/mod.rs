@@ -1,0 +1,366 @@
+//! Shared harness for the end-to-end tests: real binaries, real qemu-img, real cryptsetup.
+//!
+//! The binaries are the workspace's own builds (`cargo build --workspace` before the tests; the
+//! README's test command does it). Nothing here is simulated: if a tool is missing the test
+//! fails and says which.
+
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Cheap keyslot settings: the tests are about data, not about PBKDF cost.
+pub const CHEAP_PBKDF: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"];
+
+/// Directory holding imgcryptd and imgctl: `IMGCRYPT_BIN_DIR`, else the cargo profile directory
+/// this test binary was built into.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("IMGCRYPT_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("profile dir")
+        .to_path_buf()
+}
+
+/// Path of one of our binaries; panics with the fix if it was not built.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run `cargo build --workspace` first (or set IMGCRYPT_BIN_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command and returns its output; panics with stderr if it could not start.
+pub fn run(command: &mut Command) -> Output {
+    command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"))
+}
+
+/// Runs a command that must succeed.
+pub fn run_ok(command: &mut Command) -> Output {
+    let output = run(command);
+    assert!(
+        output.status.success(),
+        "{command:?} failed ({}):\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// A scratch directory on an O_DIRECT-capable filesystem (/var/tmp, never tmpfs).
+pub fn scratch() -> tempfile::TempDir {
+    let base = std::env::var_os("IMGCRYPT_TEST_DIR")
+        .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let dir = tempfile::Builder::new()
+        .prefix("imgcrypt-test-")
+        .tempdir_in(base)
+        .expect("scratch dir");
+    // Unprivileged test users must be able to reach files inside.
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Writes a valid key file (44 base64 characters, no newline) with mode 0600.
+pub fn write_key(path: &Path) {
+    use base64::Engine as _;
+    let mut bytes = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .unwrap();
+    fs::write(
+        path,
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    )
+    .unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// `qemu-img` with arguments; must succeed.
+pub fn qemu_img(args: &[&str]) -> Output {
+    run_ok(Command::new("qemu-img").args(args))
+}
+
+/// `qemu-io -c CMD FILE` with the format given; must succeed.
+pub fn qemu_io(format: &str, file: &Path, commands: &[&str]) {
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", format]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    command.arg(file);
+    run_ok(&mut command);
+}
+
+/// Source formats the tests make with qemu-img.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// Raw (sparse).
+    Raw,
+    /// VHD fixed.
+    VhdFixed,
+    /// VHD dynamic.
+    VhdDynamic,
+}
+
+/// Makes a source image of `size` with scattered data and holes, returns its path.
+pub fn make_source(dir: &Path, kind: SourceKind, size: &str) -> PathBuf {
+    let (name, format, options): (&str, &str, &[&str]) = match kind {
+        SourceKind::Raw => ("src.raw", "raw", &[]),
+        SourceKind::VhdFixed => ("src-fixed.vhd", "vpc", &["-o", "subformat=fixed"]),
+        SourceKind::VhdDynamic => ("src-dynamic.vhd", "vpc", &["-o", "subformat=dynamic"]),
+    };
+    let path = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", format];
+    args.extend_from_slice(options);
+    let path_str = path.to_str().unwrap().to_string();
+    args.push(&path_str);
+    args.push(size);
+    qemu_img(&args);
+    // Data at the start, in the middle of a block, across a block boundary, and near the end;
+    // holes in between.
+    qemu_io(
+        format,
+        &path,
+        &[
+            "write -P 0x11 0 64k",
+            "write -P 0x22 3M 5k",
+            "write -P 0x33 4095k 8k",
+            "write -P 0x44 9M 1M",
+        ],
+    );
+    path
+}
+
+/// The source's plaintext as qemu sees it.
+pub fn qemu_plaintext(source: &Path, out: &Path) {
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        source.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+}
+
+/// A running imgcryptd bound to a private socket, stopped on drop.
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    /// Its socket.
+    pub socket: PathBuf,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts imgcryptd on `dir/sock/io.imgcrypt` with `extra` arguments and waits for it.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let socket = dir.join("sock").join("io.imgcrypt");
+        let log = dir.join("imgcryptd.log");
+        let child = Command::new(binary("imgcryptd"))
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra)
+            .env("IMGCRYPTD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start imgcryptd");
+        let mut daemon = Self { child, socket, log };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("imgcryptd exited at start ({status}):\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("imgcryptd did not listen within 10 s:\n{}", self.log_text());
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// An imgctl command aimed at this daemon.
+    pub fn imgctl(&self) -> Command {
+        let mut command = Command::new(binary("imgctl"));
+        command.arg("--socket").arg(&self.socket);
+        command
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What `cryptsetup luksDump` says about an image's data segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuksFacts {
+    /// 1 or 2.
+    pub version: u32,
+    /// Cipher spec.
+    pub cipher: String,
+    /// Bytes.
+    pub data_offset: u64,
+    /// Bytes.
+    pub sector_size: u64,
+}
+
+/// Parses `cryptsetup luksDump IMAGE`.
+pub fn luks_dump(image: &Path) -> LuksFacts {
+    let output = run_ok(Command::new("cryptsetup").arg("luksDump").arg(image));
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let field = |name: &str| -> Option<String> {
+        text.lines().find_map(|line| {
+            line.trim()
+                .strip_prefix(name)
+                .map(|rest| rest.trim().to_string())
+        })
+    };
+    let version: u32 = field("Version:").expect("Version").parse().unwrap();
+    if version == 1 {
+        let cipher = format!(
+            "{}-{}",
+            field("Cipher name:").unwrap(),
+            field("Cipher mode:").unwrap()
+        );
+        let offset_sectors: u64 = field("Payload offset:").unwrap().parse().unwrap();
+        LuksFacts {
+            version,
+            cipher,
+            data_offset: offset_sectors * 512,
+            sector_size: 512,
+        }
+    } else {
+        let number =
+            |value: String| -> u64 { value.split_whitespace().next().unwrap().parse().unwrap() };
+        LuksFacts {
+            version,
+            cipher: field("cipher:").expect("cipher"),
+            data_offset: number(field("offset:").expect("offset")),
+            sector_size: number(field("sector:").expect("sector")),
+        }
+    }
+}
+
+/// Decrypts `image`'s payload with an implementation independent of ours and returns the
+/// plaintext path: the volume key from `cryptsetup luksDump --dump-volume-key`, the data from
+/// Python `cryptography`.
+pub fn independent_decrypt(image: &Path, key_file: &Path, dir: &Path) -> PathBuf {
+    let facts = luks_dump(image);
+    let volume_key = dir.join(format!(
+        "{}.vk",
+        image.file_name().unwrap().to_str().unwrap()
+    ));
+    let _ = fs::remove_file(&volume_key);
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksDump", "--dump-volume-key", "-q", "--volume-key-file"])
+            .arg(&volume_key)
+            .arg("--key-file")
+            .arg(key_file)
+            .arg(image),
+    );
+    let plaintext = dir.join(format!(
+        "{}.plain",
+        image.file_name().unwrap().to_str().unwrap()
+    ));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/luks_decrypt.py");
+    run_ok(
+        Command::new("python3")
+            .arg(script)
+            .arg(image)
+            .arg(&volume_key)
+            .arg(facts.data_offset.to_string())
+            .arg(facts.sector_size.to_string())
+            .arg(&plaintext),
+    );
+    plaintext
+}
+
+/// Asserts `plaintext` starts with exactly `expected`'s bytes and is zero after them.
+pub fn assert_plaintext_matches(plaintext: &Path, expected: &Path) {
+    let got = fs::read(plaintext).unwrap();
+    let want = fs::read(expected).unwrap();
+    assert!(
+        got.len() >= want.len(),
+        "decrypted payload ({} bytes) shorter than the source ({} bytes)",
+        got.len(),
+        want.len()
+    );
+    if let Some(at) = got.iter().zip(&want).position(|(a, b)| a != b) {
+        panic!("decrypted payload differs from the source at byte {at}");
+    }
+    if let Some(at) = got[want.len()..].iter().position(|&b| b != 0) {
+        panic!(
+            "padding after the source is not zero at byte {}",
+            want.len() + at
+        );
+    }
+}
+
+/// `cryptsetup open --test-passphrase --key-file KEY IMAGE`.
+pub fn test_passphrase(image: &Path, key_file: &Path) -> bool {
+    run(Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(key_file)
+        .arg(image))
+    .status
+    .success()
+}
+
+/// Writes `bytes` to a new file.
+pub fn write_file(path: &Path, bytes: &[u8]) {
+    let mut file = fs::File::create(path).unwrap();
+    file.write_all(bytes).unwrap();
+}
+
+/// stdout and stderr of an output, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}

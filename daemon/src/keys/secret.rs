@@ -282,6 +282,49 @@ mod tests {
         );
     }
 
+    /// Set for the child process of `refused_lock_still_works`.
+    const CHILD_ENV: &str = "IMGCRYPT_TEST_MEMLOCK_REFUSED";
+
+    /// The half of `refused_lock_still_works` that runs in the restricted child.
+    #[test]
+    #[ignore = "runs only inside refused_lock_still_works's child process"]
+    fn refused_lock_child() {
+        assert!(
+            std::env::var_os(CHILD_ENV).is_some(),
+            "run refused_lock_still_works instead"
+        );
+        let mut secret = SecretBytes::zeroed(4096).unwrap();
+        assert!(!secret.is_locked(), "RLIMIT_MEMLOCK 0 must refuse mlock");
+        secret.as_mut_bytes().fill(7);
+        assert!(secret.as_bytes().iter().all(|&b| b == 7));
+        let flags = vm_flags(secret.mapping.as_ptr() as usize);
+        assert!(flags.split_whitespace().any(|flag| flag == "dd"), "{flags}");
+    }
+
+    /// Without CAP_IPC_LOCK and with RLIMIT_MEMLOCK at 0, secrets still work (unlocked, still
+    /// excluded from dumps). Root ignores the limit, so the check runs in a child process that
+    /// drops the capability.
+    #[test]
+    fn refused_lock_still_works() {
+        let output = std::process::Command::new("setpriv")
+            .args(["--bounding-set", "-ipc_lock", "prlimit", "--memlock=0:0"])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "keys::secret::tests::refused_lock_child",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, "1")
+            .output()
+            .expect("setpriv and prlimit (util-linux) must be installed");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{output:?}"
+        );
+    }
+
     #[test]
     fn debug_redacts() {
         let mut secret = SecretBytes::zeroed(4).unwrap();

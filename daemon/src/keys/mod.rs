@@ -1,24 +1,214 @@
 //! Key material: read from passed descriptors into locked, zeroised memory.
-//! (interface stub; the real module lands from the keys-luks branch)
+//!
+//! The key file's bytes are the LUKS passphrase verbatim (as `cryptsetup --key-file` uses them);
+//! [`imgcrypt_proto::keyfile`] holds the rules it must follow, shared with the client.
 
 pub mod secret;
 
 use std::fs::File;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
-use crate::Result;
-use secret::SecretBytes;
+use imgcrypt_proto::keyfile::{self, KeyFileError, MAX_LEN};
+
+use crate::error::Descriptor;
+use crate::{Error, Result};
+pub use secret::SecretBytes;
 
 /// A validated key file.
+#[derive(Debug)]
 pub struct KeyFile {
-    /// The passphrase bytes.
+    /// The file's bytes: the LUKS passphrase.
     pub passphrase: SecretBytes,
-    /// Base64 SHA-256 of the bytes.
+    /// Base64 SHA-256 of the passphrase, to tell the user which key was used.
     pub fingerprint: String,
-    /// Warnings for the user.
+    /// Things the user should fix that do not stop the job, as text for them.
     pub warnings: Vec<String>,
 }
 
-/// Reads and validates a key file.
-pub fn read_key_file(_file: &File) -> Result<KeyFile> {
-    todo!()
+/// Reads and validates the key file behind a passed descriptor.
+///
+/// Reads with `pread` from offset 0, so the descriptor's shared offset (the client may hold the
+/// same open file) neither matters nor moves. Reads at most [`MAX_LEN`] + 1 bytes, straight into
+/// [`SecretBytes`]: a key never passes through the heap, and a huge file costs nothing. Only
+/// regular files are accepted: a pipe or terminal could block forever and cannot be re-read.
+pub fn read_key_file(file: &File) -> Result<KeyFile> {
+    let metadata = file
+        .metadata()
+        .map_err(|error| Error::io("reading the key file's status (fstat)", error))?;
+    if !metadata.file_type().is_file() {
+        return Err(Error::bad_descriptor(
+            Descriptor::Key,
+            format!(
+                "is {}, not a regular file: pass the key as a file \
+                 (a pipe such as `<(...)` or standard input cannot be used)",
+                describe_file_type(&metadata)
+            ),
+        ));
+    }
+
+    let mut buffer = SecretBytes::zeroed(MAX_LEN + 1)?;
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read_at(&mut buffer.as_mut_bytes()[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) if error.raw_os_error() == Some(libc::EBADF) => {
+                return Err(Error::bad_descriptor(
+                    Descriptor::Key,
+                    "is not open for reading: open the key file read-only",
+                ))
+            }
+            Err(error) => {
+                return Err(Error::io(
+                    format!("reading the key file at byte {filled}"),
+                    error,
+                ))
+            }
+        }
+    }
+    buffer.truncate(filled);
+
+    // We stop reading one byte past the limit; report the file's real size when it is larger.
+    if filled > MAX_LEN && metadata.len() > filled as u64 {
+        return Err(KeyFileError::TooLong {
+            len: metadata.len(),
+        }
+        .into());
+    }
+    keyfile::validate(buffer.as_bytes())?;
+
+    let mut warnings = Vec::new();
+    let mode = metadata.mode() & 0o7777;
+    if mode & 0o044 != 0 {
+        warnings.push(format!(
+            "key file is readable by group/others (mode {mode:04o}): chmod 600 it"
+        ));
+    }
+    Ok(KeyFile {
+        fingerprint: keyfile::fingerprint(buffer.as_bytes()),
+        passphrase: buffer,
+        warnings,
+    })
+}
+
+/// "a directory", "a pipe (FIFO)", … for messages.
+fn describe_file_type(metadata: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let file_type = metadata.file_type();
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a pipe (FIFO)"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::PermissionsExt;
+
+    const KEY: &[u8] = b"q83vEjRWeJq8zd7wESIzRFVmd4iZqrvM3e7/ABEiM0Q=";
+
+    fn key_file(content: &[u8], mode: u32) -> File {
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(content).unwrap();
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .unwrap();
+        file
+    }
+
+    #[test]
+    fn reads_a_valid_key_regardless_of_the_shared_offset() {
+        let mut file = key_file(KEY, 0o600);
+        // The client's write left the offset at the end; a `read` would see nothing.
+        assert_eq!(file.stream_position().unwrap(), KEY.len() as u64);
+        let key = read_key_file(&file).unwrap();
+        assert_eq!(key.passphrase.as_bytes(), KEY);
+        assert_eq!(key.fingerprint, keyfile::fingerprint(KEY));
+        assert!(key.warnings.is_empty(), "{:?}", key.warnings);
+        assert_eq!(file.stream_position().unwrap(), KEY.len() as u64);
+        file.seek(SeekFrom::Start(3)).unwrap();
+        assert_eq!(read_key_file(&file).unwrap().passphrase.as_bytes(), KEY);
+    }
+
+    #[test]
+    fn warns_when_others_can_read() {
+        let key = read_key_file(&key_file(KEY, 0o644)).unwrap();
+        assert_eq!(
+            key.warnings,
+            ["key file is readable by group/others (mode 0644): chmod 600 it"]
+        );
+        let key = read_key_file(&key_file(KEY, 0o640)).unwrap();
+        assert_eq!(key.warnings.len(), 1);
+        assert!(key.warnings[0].contains("0640"));
+    }
+
+    #[test]
+    fn rule_violations_become_key_file_errors() {
+        let mut with_newline = KEY.to_vec();
+        with_newline.push(b'\n');
+        let error = read_key_file(&key_file(&with_newline, 0o600)).unwrap_err();
+        assert!(
+            matches!(error, Error::KeyFile(KeyFileError::TrailingNewline)),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.varlink_parameters().rule.as_deref(),
+            Some("trailing-newline")
+        );
+        assert!(error
+            .to_string()
+            .starts_with("key file: ends with a newline"));
+    }
+
+    #[test]
+    fn a_huge_file_reports_its_real_size() {
+        let error = read_key_file(&key_file(&vec![b'A'; 100_000], 0o600)).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::KeyFile(KeyFileError::TooLong { len: 100_000 })
+            ),
+            "{error:?}"
+        );
+        // Just past the limit: the file was read whole, so the usual order of rules applies.
+        let mut just_past = vec![b'A'; MAX_LEN];
+        just_past.push(b'\n');
+        let error = read_key_file(&key_file(&just_past, 0o600)).unwrap_err();
+        assert!(matches!(
+            error,
+            Error::KeyFile(KeyFileError::TrailingNewline)
+        ));
+    }
+
+    #[test]
+    fn rejects_pipes_and_write_only_descriptors() {
+        let (reader, _writer) = nix::unistd::pipe().unwrap();
+        let error = read_key_file(&File::from(reader)).unwrap_err();
+        assert!(
+            matches!(&error, Error::BadDescriptor { descriptor: Descriptor::Key, message }
+                if message.contains("pipe")),
+            "{error:?}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, KEY).unwrap();
+        let write_only = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        let error = read_key_file(&write_only).unwrap_err();
+        assert!(
+            matches!(&error, Error::BadDescriptor { message, .. } if message.contains("not open for reading")),
+            "{error:?}"
+        );
+    }
 }

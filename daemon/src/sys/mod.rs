@@ -2,3 +2,4 @@
 
 pub mod blockdev;
 pub mod descriptors;
+pub mod memfd;

@@ -1,1 +1,3 @@
 //! Thin, audited wrappers around the system calls the rest of the daemon relies on.
+
+pub mod blockdev;

@@ -2,7 +2,7 @@
 //!
 //! A RAW image's virtual size is the file's (or block device's) size, whatever it is; it need
 //! not be a multiple of 512. A fixed VHD is the same mapping cut short before its footer, so
-//! [`super::vhd`] reuses [`RawImage::flat`] for it.
+//! [`super::vhd`] reuses the same reader for it.
 
 use std::fs::File;
 use std::ops::Range;

@@ -7,9 +7,11 @@
 //! by `block_size` bytes of data.
 //!
 //! The sector bitmap is ignored, as qemu ignores it: every sector of an allocated block is read
-//! from the block. Tools write the whole bitmap as "present" when they allocate a block, and a
-//! sector marked absent in a dynamic (parentless) disk reads as zeros only if the tool zeroed it,
-//! which they do; reading the bitmap would cost a read per block for no difference in practice.
+//! from the block. For a dynamic (parentless) disk a clear bit means "never written"; such a
+//! sector would differ from zeros only if its creator left garbage in a new block's data area
+//! (qemu sets every bit when it allocates, and a new block is normally zero-filled file space).
+//! Matching qemu keeps the output identical to what `qemu-img convert` produces, and saves a
+//! bitmap read per block.
 //!
 //! Everything the reader later trusts is checked at open: the header and BAT lie inside the
 //! file, every allocated block lies inside the file, and no two of footer copy, header, BAT and

@@ -1,1 +1,4 @@
 //! Thin, audited wrappers around the system calls the rest of the daemon relies on.
+
+pub mod aligned;
+pub mod direct_io;

@@ -121,7 +121,10 @@ mod tests {
             buffer[len - 1] = 0x5a;
             buffer.as_mut_slice()[0] ^= 0xff;
             assert_eq!((buffer[0], buffer[len - 1]), (0xff, 0x5a));
-            assert!(buffer[1..len - 1].iter().all(|&b| b == 0), "{len}: stray write");
+            assert!(
+                buffer[1..len - 1].iter().all(|&b| b == 0),
+                "{len}: stray write"
+            );
         }
     }
 

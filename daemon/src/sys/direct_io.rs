@@ -96,7 +96,9 @@ impl DirectIoGuard<'_> {
         }
         fcntl(self.file, FcntlArg::F_SETFL(self.original))
             .map(drop)
-            .map_err(|errno| Error::io("restoring descriptor flags after O_DIRECT (F_SETFL)", errno))
+            .map_err(|errno| {
+                Error::io("restoring descriptor flags after O_DIRECT (F_SETFL)", errno)
+            })
     }
 }
 

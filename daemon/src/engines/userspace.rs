@@ -88,7 +88,9 @@ impl UserspaceEngine {
             message,
         };
         if workers == 0 {
-            return Err(invalid("the userspace engine needs at least one worker".into()));
+            return Err(invalid(
+                "the userspace engine needs at least one worker".into(),
+            ));
         }
         if chunk_size == 0 || chunk_size % DIRECT_IO_ALIGNMENT != 0 {
             return Err(invalid(format!(
@@ -232,7 +234,9 @@ impl<'j, 'a> Copy<'j, 'a> {
         Self {
             job,
             cipher,
-            workers: engine.workers.min(usize::try_from(chunks).unwrap_or(usize::MAX)),
+            workers: engine
+                .workers
+                .min(usize::try_from(chunks).unwrap_or(usize::MAX)),
             chunk_size,
             chunks,
             next_chunk: AtomicU64::new(0),
@@ -459,7 +463,7 @@ mod tests {
         assert!(!is_sorted_and_disjoint(&[0..10, 5..20]));
         assert!(!is_sorted_and_disjoint(&[10..20, 0..5]));
         #[allow(clippy::reversed_empty_ranges)]
-        let reversed = [20..10];
+        let reversed = [0..5, 20..10];
         assert!(!is_sorted_and_disjoint(&reversed));
     }
 }

@@ -43,6 +43,13 @@ struct MemorySource {
 
 impl MemorySource {
     /// `size` bytes, with random data in `allocated` and zeros elsewhere.
+    fn fully_allocated(size: u64, rng: &mut Rng) -> Self {
+        let mut source = Self::new(size, Vec::new(), rng);
+        source.data = rng.bytes(size as usize);
+        source.allocated.push(0..size);
+        source
+    }
+
     fn new(size: u64, allocated: Vec<Range<u64>>, rng: &mut Rng) -> Self {
         let mut data = vec![0u8; size as usize];
         for range in &allocated {
@@ -128,16 +135,35 @@ struct Run {
     direct_during: Vec<bool>,
 }
 
-fn run(
-    engine: &UserspaceEngine,
-    source: &MemorySource,
-    output: &File,
+/// The job's numbers, and when (after how many progress calls) to cancel it.
+struct Spec<'k> {
     data_offset: u64,
     payload_size: u64,
     sector_size: u32,
-    key: &[u8],
+    key: &'k [u8],
     cancel_after: Option<usize>,
-) -> Run {
+}
+
+impl<'k> Spec<'k> {
+    fn new(data_offset: u64, payload_size: u64, sector_size: u32, key: &'k [u8]) -> Self {
+        Self {
+            data_offset,
+            payload_size,
+            sector_size,
+            key,
+            cancel_after: None,
+        }
+    }
+}
+
+fn run(engine: &UserspaceEngine, source: &MemorySource, output: &File, spec: &Spec<'_>) -> Run {
+    let Spec {
+        data_offset,
+        payload_size,
+        sector_size,
+        key,
+        cancel_after,
+    } = *spec;
     let progress = Mutex::new(Vec::new());
     let direct_during = Mutex::new(Vec::new());
     let cancel = AtomicBool::new(false);
@@ -197,11 +223,7 @@ fn encrypt_and_verify(dir: &Path, sector_size: u32, expect_direct: bool) {
         &engine,
         &source,
         &output,
-        data_offset,
-        payload_size,
-        sector_size,
-        &key,
-        None,
+        &Spec::new(data_offset, payload_size, sector_size, &key),
     );
     assert_eq!(seen.result.unwrap(), payload_size);
     assert_eq!(fdinfo_flags(&output), flags_before, "flags not restored");
@@ -274,7 +296,7 @@ fn filesystem_without_o_direct_falls_back_to_buffered_writes() {
 fn full_filesystem_is_no_space_with_the_size_needed() {
     let mount = ScratchMount::new("tmpfs", "size=1m");
     let mut rng = Rng::from_env_or_clock();
-    let source = MemorySource::new(3 * MIB, vec![0..3 * MIB], &mut rng);
+    let source = MemorySource::fully_allocated(3 * MIB, &mut rng);
     let output_file = tempfile::NamedTempFile::new_in(mount.path()).unwrap();
     let output = open_rw(output_file.path());
     let flags_before = fdinfo_flags(&output);
@@ -283,11 +305,7 @@ fn full_filesystem_is_no_space_with_the_size_needed() {
         &engine,
         &source,
         &output,
-        4096,
-        3 * MIB,
-        512,
-        &rng.bytes(64),
-        None,
+        &Spec::new(4096, 3 * MIB, 512, &rng.bytes(64)),
     );
     match seen.result {
         Err(Error::NoSpace {
@@ -305,7 +323,7 @@ fn full_filesystem_is_no_space_with_the_size_needed() {
 #[test]
 fn cancellation_stops_the_copy_and_restores_flags() {
     let mut rng = Rng::from_env_or_clock();
-    let source = MemorySource::new(8 * MIB, vec![0..8 * MIB], &mut rng);
+    let source = MemorySource::fully_allocated(8 * MIB, &mut rng);
     let output_file = filled_output(Path::new("/tmp"), 4096 + 8 * MIB);
     let output = open_rw(output_file.path());
     let flags_before = fdinfo_flags(&output);
@@ -314,11 +332,10 @@ fn cancellation_stops_the_copy_and_restores_flags() {
         &engine,
         &source,
         &output,
-        4096,
-        8 * MIB,
-        512,
-        &rng.bytes(64),
-        Some(2),
+        &Spec {
+            cancel_after: Some(2),
+            ..Spec::new(4096, 8 * MIB, 512, &rng.bytes(64))
+        },
     );
     assert!(
         matches!(seen.result, Err(Error::Cancelled)),
@@ -338,7 +355,7 @@ fn cancellation_stops_the_copy_and_restores_flags() {
 fn the_first_source_error_is_returned_and_the_others_stop() {
     let mut rng = Rng::from_env_or_clock();
     let chunk = 64 * 1024;
-    let mut source = MemorySource::new(8 * MIB, vec![0..8 * MIB], &mut rng);
+    let mut source = MemorySource::fully_allocated(8 * MIB, &mut rng);
     // Chunk 10 fails after 100 ms; meanwhile the other workers claim chunks 11 and 12, whose
     // reads fail at 400 ms with another error that must not replace the first.
     source.fail_at = Some(10 * chunk + 100);
@@ -351,11 +368,7 @@ fn the_first_source_error_is_returned_and_the_others_stop() {
         &engine,
         &source,
         &output,
-        4096,
-        8 * MIB,
-        512,
-        &rng.bytes(64),
-        None,
+        &Spec::new(4096, 8 * MIB, 512, &rng.bytes(64)),
     );
     match seen.result {
         Err(Error::CorruptImage { message, offset }) => {
@@ -374,7 +387,7 @@ fn the_first_source_error_is_returned_and_the_others_stop() {
 #[test]
 fn bad_jobs_are_refused_before_writing() {
     let mut rng = Rng::from_env_or_clock();
-    let source = MemorySource::new(MIB, vec![0..MIB], &mut rng);
+    let source = MemorySource::fully_allocated(MIB, &mut rng);
     let key = rng.bytes(64);
     let output_file = filled_output(Path::new("/tmp"), 8192 + 2 * MIB);
     let output = open_rw(output_file.path());
@@ -398,11 +411,7 @@ fn bad_jobs_are_refused_before_writing() {
             &engine,
             &source,
             &output,
-            data_offset,
-            payload_size,
-            sector_size,
-            key,
-            None,
+            &Spec::new(data_offset, payload_size, sector_size, key),
         );
         let error = seen.result.expect_err(what);
         match (what, &error) {
@@ -425,7 +434,7 @@ fn bad_jobs_are_refused_before_writing() {
 #[test]
 fn append_only_output_is_a_bad_descriptor() {
     let mut rng = Rng::from_env_or_clock();
-    let source = MemorySource::new(MIB, vec![0..MIB], &mut rng);
+    let source = MemorySource::fully_allocated(MIB, &mut rng);
     let output_file = filled_output(Path::new("/tmp"), 4096 + MIB);
     let output = OpenOptions::new()
         .append(true)
@@ -436,11 +445,7 @@ fn append_only_output_is_a_bad_descriptor() {
         &engine,
         &source,
         &output,
-        4096,
-        MIB,
-        512,
-        &rng.bytes(64),
-        None,
+        &Spec::new(4096, MIB, 512, &rng.bytes(64)),
     );
     assert!(
         matches!(

@@ -126,12 +126,6 @@ fn round_trip(kind: SourceKind, variant: Variant) {
     }
 }
 
-fn qemu_virtual_size(image: &Path) -> u64 {
-    let info = qemu_img(&["info", "--output=json", image.to_str().unwrap()]);
-    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    info["virtual-size"].as_u64().unwrap()
-}
-
 fn last_json_summary(stdout: &[u8]) -> serde_json::Value {
     let text = String::from_utf8_lossy(stdout);
     let line = text

@@ -145,15 +145,28 @@ pub fn make_source(dir: &Path, kind: SourceKind, size: &str) -> PathBuf {
     path
 }
 
+/// qemu's format name for a source we made. Always passed explicitly: without `-f vpc`, qemu
+/// probes a fixed VHD as raw and leaks its footer (the seed recipe's bug).
+pub fn qemu_format(source: &Path) -> &'static str {
+    if source.extension().is_some_and(|e| e == "vhd") {
+        "vpc"
+    } else {
+        "raw"
+    }
+}
+
 /// The source's plaintext as qemu sees it.
 pub fn qemu_plaintext(source: &Path, out: &Path) {
-    qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        source.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
+    let format = qemu_format(source);
+    qemu_img(&["convert", "-f", format, "-O", "raw", source.to_str().unwrap(), out.to_str().unwrap()]);
+}
+
+/// The source's virtual size as `qemu-img info` reports it.
+pub fn qemu_virtual_size(source: &Path) -> u64 {
+    let format = qemu_format(source);
+    let info = qemu_img(&["info", "-f", format, "--output=json", source.to_str().unwrap()]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    info["virtual-size"].as_u64().unwrap()
 }
 
 /// A running imgcryptd bound to a private socket, stopped on drop.

@@ -130,19 +130,39 @@ pub fn make_source(dir: &Path, kind: SourceKind, size: &str) -> PathBuf {
     args.push(&path_str);
     args.push(size);
     qemu_img(&args);
-    // Data at the start, in the middle of a block, across a block boundary, and near the end;
-    // holes in between.
-    qemu_io(
-        format,
-        &path,
-        &[
-            "write -P 0x11 0 64k",
-            "write -P 0x22 3M 5k",
-            "write -P 0x33 4095k 8k",
-            "write -P 0x44 9M 1M",
-        ],
-    );
+    // Data at the start, mid-block, across a 2 MiB VHD block boundary, and at the very end;
+    // holes in between. Offsets scale with the size so small images get the same shape.
+    let bytes = parse_size(size);
+    let block_boundary = (bytes / 2) & !((2 << 20) - 1);
+    let straddle = block_boundary.checked_sub(4096).unwrap_or(bytes / 2);
+    let writes = [
+        (0x11, 0, 64 << 10),
+        (0x22, bytes / 4 + 3 * 1024, 5 << 10),
+        (0x33, straddle, 8 << 10),
+        (0x44, bytes - (256 << 10) - 4096, 256 << 10),
+    ];
+    let commands: Vec<String> = writes
+        .iter()
+        .map(|(pattern, offset, length)| format!("write -P {pattern:#x} {offset} {length}"))
+        .collect();
+    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+    qemu_io(format, &path, &commands);
     path
+}
+
+/// Bytes in a qemu-style size ("12M", "4G", "1048576").
+pub fn parse_size(size: &str) -> u64 {
+    let (digits, unit) = match size.strip_suffix(['K', 'M', 'G']) {
+        Some(digits) => (digits, &size[digits.len()..]),
+        None => (size, ""),
+    };
+    let shift = match unit {
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => 0,
+    };
+    digits.parse::<u64>().expect("numeric size") << shift
 }
 
 /// qemu's format name for a source we made. Always passed explicitly: without `-f vpc`, qemu
@@ -158,13 +178,27 @@ pub fn qemu_format(source: &Path) -> &'static str {
 /// The source's plaintext as qemu sees it.
 pub fn qemu_plaintext(source: &Path, out: &Path) {
     let format = qemu_format(source);
-    qemu_img(&["convert", "-f", format, "-O", "raw", source.to_str().unwrap(), out.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        format,
+        "-O",
+        "raw",
+        source.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
 }
 
 /// The source's virtual size as `qemu-img info` reports it.
 pub fn qemu_virtual_size(source: &Path) -> u64 {
     let format = qemu_format(source);
-    let info = qemu_img(&["info", "-f", format, "--output=json", source.to_str().unwrap()]);
+    let info = qemu_img(&[
+        "info",
+        "-f",
+        format,
+        "--output=json",
+        source.to_str().unwrap(),
+    ]);
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     info["virtual-size"].as_u64().unwrap()
 }

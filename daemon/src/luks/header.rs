@@ -54,6 +54,16 @@ const ARGON2_MIN_ITERATIONS: u32 = 4;
 const ARGON2_MIN_MEMORY_KIB: u32 = 32;
 const ARGON2_MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
 
+// Upper bounds on keyslot cost. libcryptsetup serialises every call process-wide (the `mutex`
+// feature), so one client asking for an hour-long PBKDF would stall every other job's header.
+// These allow roughly 10-30x cryptsetup's defaults, far beyond any sensible unlock time.
+/// Longest benchmarked unlock time a client may ask for.
+const MAX_ITER_TIME_MS: u32 = 30_000;
+/// Most pbkdf2 iterations (cryptsetup's 2 s default is a few million here).
+const PBKDF2_MAX_ITERATIONS: u32 = 50_000_000;
+/// Most argon2id iterations (cryptsetup's 2 s default is 4 at up to 1 GiB).
+const ARGON2_MAX_ITERATIONS: u32 = 64;
+
 /// What header to make.
 ///
 /// Defaults follow cryptsetup (libcryptsetup 2.6's compiled-in defaults, read from the library
@@ -145,6 +155,29 @@ impl HeaderSpec {
             return Err(invalid(
                 "pbkdf.iter_time_ms",
                 "the target unlock time must be at least 1 ms (cryptsetup's default is 2000)",
+            ));
+        }
+        if let Some(ms) = pbkdf.iter_time_ms.filter(|&ms| ms > MAX_ITER_TIME_MS) {
+            return Err(invalid(
+                "pbkdf.iter_time_ms",
+                format!(
+                    "an unlock time of {ms} ms is more than this daemon allows \
+                     ({MAX_ITER_TIME_MS} ms); cryptsetup's default is 2000"
+                ),
+            ));
+        }
+        let max_iterations = match kind {
+            PbkdfKind::Pbkdf2 => PBKDF2_MAX_ITERATIONS,
+            PbkdfKind::Argon2id => ARGON2_MAX_ITERATIONS,
+        };
+        if let Some(iterations) = pbkdf.iterations.filter(|&i| i > max_iterations) {
+            return Err(invalid(
+                "pbkdf.iterations",
+                format!(
+                    "{iterations} iterations is more than this daemon allows for {} \
+                     ({max_iterations}); leave it to the benchmark (--iter-time)",
+                    kind_name(kind)
+                ),
             ));
         }
         match kind {
@@ -470,6 +503,14 @@ fn write_header(
     Ok((data_offset, cipher, key_size_bits, pbkdf))
 }
 
+/// The function's name as users write it.
+fn kind_name(kind: PbkdfKind) -> &'static str {
+    match kind {
+        PbkdfKind::Argon2id => "argon2id",
+        PbkdfKind::Pbkdf2 => "pbkdf2",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,6 +520,45 @@ mod tests {
             version,
             sector_size,
             pbkdf,
+        }
+    }
+
+    #[test]
+    fn refuses_keyslot_costs_that_would_stall_other_jobs() {
+        let too_slow = spec(
+            LuksVersion::Luks2,
+            512,
+            Pbkdf {
+                iter_time_ms: Some(MAX_ITER_TIME_MS + 1),
+                ..Pbkdf::default()
+            },
+        );
+        let (parameter, message) = parameter_of(&too_slow);
+        assert_eq!(parameter, "pbkdf.iter_time_ms");
+        assert!(
+            message.contains("more than this daemon allows"),
+            "{message}"
+        );
+
+        for (kind, limit) in [
+            (PbkdfKind::Pbkdf2, PBKDF2_MAX_ITERATIONS),
+            (PbkdfKind::Argon2id, ARGON2_MAX_ITERATIONS),
+        ] {
+            let at_limit = |iterations| {
+                spec(
+                    LuksVersion::Luks2,
+                    512,
+                    Pbkdf {
+                        kind: Some(kind),
+                        iterations: Some(iterations),
+                        ..Pbkdf::default()
+                    },
+                )
+            };
+            assert!(at_limit(limit).validate().is_ok());
+            let (parameter, message) = parameter_of(&at_limit(limit + 1));
+            assert_eq!(parameter, "pbkdf.iterations");
+            assert!(message.contains(kind_name(kind)), "{message}");
         }
     }
 

@@ -30,7 +30,9 @@
 //! All four produced identical ciphertext. OpenSSL wins with 4 KiB sectors but loses with 512,
 //! brings a C library and a second home for key material; the payload copy is bound by the
 //! output's write speed (~0.5 GB/s here), which one core of this loop exceeds four times over.
-//! So: pure Rust, `aes` 0.9. `daemon/examples/xts_throughput.rs` re-measures this module.
+//! So: pure Rust, `aes` 0.9. `daemon/examples/xts_throughput.rs` re-measures this module as
+//! built here; it gave 2.2 GB/s (512-byte sectors) and 3.0 GB/s (4096-byte sectors) encrypting
+//! a cached 4 MiB chunk, 2.0–2.6 GB/s streaming 256 MiB.
 
 use aes::cipher::array::Array;
 use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};

@@ -111,6 +111,7 @@ pub fn run(
     prepare_output(&output, output_size, header.data_offset)?;
 
     reporter.progress(Phase::Copy, 0, payload_size);
+    let copy_started = Instant::now();
     let progress = |done: u64| reporter.progress(Phase::Copy, done, payload_size);
     let payload_written = engine.write_payload(&PayloadJob {
         source: image.as_ref(),
@@ -123,6 +124,7 @@ pub fn run(
         cancel,
     })?;
     drop(volume_key);
+    let copy_elapsed = copy_started.elapsed();
 
     check_cancel(cancel)?;
     copy_header(&header.image, &output.file, header.data_offset)?;
@@ -146,7 +148,8 @@ pub fn run(
         key_fingerprint: key.fingerprint,
         pbkdf: header.pbkdf,
         engine: engine.kind(),
-        elapsed_ms: elapsed.as_millis().try_into().unwrap_or(u64::MAX),
+        elapsed_ms: millis(elapsed),
+        copy_ms: millis(copy_elapsed),
         bytes_written: header.data_offset + payload_written,
     };
     tracing::info!(
@@ -193,6 +196,10 @@ impl PassedDescriptors {
             )
         })
     }
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    duration.as_millis().try_into().unwrap_or(u64::MAX)
 }
 
 fn check_cancel(cancel: &AtomicBool) -> Result<()> {

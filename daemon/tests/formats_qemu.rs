@@ -15,7 +15,7 @@ use std::process::Command;
 
 use imgcrypt_proto::api::SourceFormat;
 use imgcryptd::formats::{self, SourceImage};
-use imgcryptd::sys::blockdev;
+use imgcryptd::sys::storage;
 use imgcryptd::Error;
 
 const MIB: u64 = 1 << 20;
@@ -647,7 +647,7 @@ fn root_block_device_sources_read_like_their_files() {
         let device = LoopDevice::attach(path);
         let opened = File::open(&device.0).unwrap();
         assert_eq!(
-            blockdev::size_of(&opened).unwrap(),
+            storage::size_of(&opened).unwrap(),
             std::fs::metadata(path).unwrap().len(),
             "BLKGETSIZE64 of {}",
             device.0.display()

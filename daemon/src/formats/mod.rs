@@ -22,7 +22,7 @@ use nix::errno::Errno;
 use nix::unistd::{lseek, Whence};
 
 use crate::error::Descriptor;
-use crate::sys::blockdev::{self, StorageKind};
+use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
 
 /// A disk image opened read-only through a descriptor the client passed.
@@ -49,14 +49,14 @@ pub trait SourceImage: Send + Sync + std::fmt::Debug {
 ///
 /// `file` must be a regular file or a block device open for reading.
 pub fn open(file: File) -> Result<Box<dyn SourceImage>> {
-    let kind = blockdev::storage_kind(&file)?;
+    let kind = storage::storage_kind(&file)?;
     if let StorageKind::Other(what) = kind {
         return Err(Error::bad_descriptor(
             Descriptor::Source,
-            format!("it is a {what}; pass a regular file or a block device opened for reading"),
+            format!("it is {what}; pass a regular file or a block device opened for reading"),
         ));
     }
-    let file_size = blockdev::size_of(&file)?;
+    let file_size = storage::size_of(&file)?;
     match vhd::detect(&file, file_size)? {
         vhd::Detected::Raw => Ok(Box::new(raw::RawImage::open(file, kind, file_size)?)),
         vhd::Detected::Vhd(found) => vhd::open(file, kind, file_size, found),

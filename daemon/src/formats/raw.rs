@@ -10,7 +10,7 @@ use std::ops::Range;
 use imgcrypt_proto::api::SourceFormat;
 
 use super::{check_request, data_ranges, read_exact_at, SourceImage};
-use crate::sys::blockdev::StorageKind;
+use crate::sys::storage::StorageKind;
 use crate::Result;
 
 /// A disk whose bytes are stored in order from offset 0 of the file.

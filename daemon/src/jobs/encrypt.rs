@@ -25,8 +25,8 @@ use crate::engines::{EngineSet, PayloadJob};
 use crate::error::Descriptor;
 use crate::keys::{self, secret::SecretBytes};
 use crate::luks::{self, layout, HeaderSpec, VOLUME_KEY_BYTES};
-use crate::sys::blockdev;
-use crate::sys::descriptors::{self, CheckedFile, FileKind};
+use crate::sys::descriptors::{self, CheckedFile};
+use crate::sys::storage::{self, StorageKind};
 use crate::{formats, Error, Result};
 
 use super::Reporter;
@@ -215,7 +215,7 @@ fn check_cancel(cancel: &AtomicBool) -> Result<()> {
 /// half-way never leaves the device looking like the LUKS volume it used to hold.
 fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) -> Result<()> {
     match output.kind {
-        FileKind::Regular => {
+        StorageKind::RegularFile => {
             output
                 .file
                 .set_len(output_size)
@@ -232,8 +232,9 @@ fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) -> R
                 )),
             }
         }
-        FileKind::BlockDevice => {
-            let available = blockdev::size_of(&output.file)?;
+        // `check_output` admits only regular files and block devices.
+        StorageKind::BlockDevice | StorageKind::Other(_) => {
+            let available = storage::size_of(&output.file)?;
             if available < output_size {
                 return Err(no_space(output_size, Some(available)));
             }

@@ -11,6 +11,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use imgcrypt_proto::keyfile::{self, KeyFileError, MAX_LEN};
 
 use crate::error::Descriptor;
+use crate::sys::storage::{storage_kind, StorageKind};
 use crate::{Error, Result};
 pub use secret::SecretBytes;
 
@@ -32,19 +33,20 @@ pub struct KeyFile {
 /// [`SecretBytes`]: a key never passes through the heap, and a huge file costs nothing. Only
 /// regular files are accepted: a pipe or terminal could block forever and cannot be re-read.
 pub fn read_key_file(file: &File) -> Result<KeyFile> {
-    let metadata = file
-        .metadata()
-        .map_err(|error| Error::io("reading the key file's status (fstat)", error))?;
-    if !metadata.file_type().is_file() {
+    let kind = storage_kind(file)?;
+    if kind != StorageKind::RegularFile {
         return Err(Error::bad_descriptor(
             Descriptor::Key,
             format!(
                 "is {}, not a regular file: pass the key as a file \
                  (a pipe such as `<(...)` or standard input cannot be used)",
-                describe_file_type(&metadata)
+                kind.description()
             ),
         ));
     }
+    let metadata = file
+        .metadata()
+        .map_err(|error| Error::io("reading the key file's status (fstat)", error))?;
 
     let mut buffer = SecretBytes::zeroed(MAX_LEN + 1)?;
     let mut filled = 0;
@@ -90,25 +92,6 @@ pub fn read_key_file(file: &File) -> Result<KeyFile> {
         passphrase: buffer,
         warnings,
     })
-}
-
-/// "a directory", "a pipe (FIFO)", … for messages.
-fn describe_file_type(metadata: &std::fs::Metadata) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
-    let file_type = metadata.file_type();
-    if file_type.is_dir() {
-        "a directory"
-    } else if file_type.is_fifo() {
-        "a pipe (FIFO)"
-    } else if file_type.is_char_device() {
-        "a character device"
-    } else if file_type.is_block_device() {
-        "a block device"
-    } else if file_type.is_socket() {
-        "a socket"
-    } else {
-        "not a regular file"
-    }
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ use self::dynamic::DynamicVhd;
 use self::footer::{DiskType, Footer, FooterCheck, FOOTER_SIZE};
 use super::raw::RawImage;
 use super::{read_exact_at, SourceImage};
-use crate::sys::blockdev::StorageKind;
+use crate::sys::storage::StorageKind;
 use crate::{Error, Result};
 
 /// What [`detect`] found.

@@ -30,8 +30,19 @@ pub enum StorageKind {
     RegularFile,
     /// A block device (disk, partition, loop device, logical volume).
     BlockDevice,
-    /// Anything else; the name says what it is, for messages ("directory", "FIFO", ...).
+    /// Anything else; the name says what it is, for messages ("a directory", "a pipe (FIFO)", ...).
     Other(&'static str),
+}
+
+impl StorageKind {
+    /// "a regular file", "a block device", "a pipe (FIFO)", …: for messages.
+    pub fn description(self) -> &'static str {
+        match self {
+            Self::RegularFile => "a regular file",
+            Self::BlockDevice => "a block device",
+            Self::Other(what) => what,
+        }
+    }
 }
 
 /// Classifies the descriptor with `fstat`.
@@ -45,15 +56,15 @@ pub fn storage_kind(file: &File) -> Result<StorageKind> {
     } else if file_type.is_block_device() {
         StorageKind::BlockDevice
     } else if file_type.is_dir() {
-        StorageKind::Other("directory")
+        StorageKind::Other("a directory")
     } else if file_type.is_fifo() {
-        StorageKind::Other("FIFO")
+        StorageKind::Other("a pipe (FIFO)")
     } else if file_type.is_socket() {
-        StorageKind::Other("socket")
+        StorageKind::Other("a socket")
     } else if file_type.is_char_device() {
-        StorageKind::Other("character device")
+        StorageKind::Other("a character device")
     } else {
-        StorageKind::Other("special file")
+        StorageKind::Other("a special file")
     })
 }
 
@@ -77,7 +88,7 @@ pub fn size_of(file: &File) -> Result<u64> {
             "size of descriptor",
             io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("it is a {what}; pass a regular file or a block device"),
+                format!("it is {what}; pass a regular file or a block device"),
             ),
         )),
     }
@@ -101,7 +112,10 @@ mod tests {
     #[test]
     fn directory_is_refused_with_what_it_is() {
         let dir = File::open("/tmp").unwrap();
-        assert_eq!(storage_kind(&dir).unwrap(), StorageKind::Other("directory"));
+        assert_eq!(
+            storage_kind(&dir).unwrap(),
+            StorageKind::Other("a directory")
+        );
         let error = size_of(&dir).unwrap_err();
         match &error {
             Error::Io { source, .. } => assert_eq!(source.kind(), io::ErrorKind::InvalidInput),
@@ -117,7 +131,7 @@ mod tests {
         let null = File::open("/dev/null").unwrap();
         assert_eq!(
             storage_kind(&null).unwrap(),
-            StorageKind::Other("character device")
+            StorageKind::Other("a character device")
         );
         assert!(size_of(&null)
             .unwrap_err()

@@ -13,6 +13,19 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A scratch directory holding a daemon, a source made by qemu-img, a valid key, and the output
+/// path. The directory comes first so it is dropped last, after the daemon has stopped.
+fn setup(kind: SourceKind, size: &str) -> (tempfile::TempDir, Daemon, PathBuf, PathBuf, PathBuf) {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let source = make_source(dir, kind, size);
+    let key = dir.join("k");
+    write_key(&key);
+    let output = dir.join("out.luks");
+    (scratch_dir, daemon, source, key, output)
+}
+
 fn partial_of(output: &Path) -> PathBuf {
     PathBuf::from(format!("{}.partial", output.display()))
 }
@@ -51,13 +64,7 @@ fn assert_fails_cleanly(command: &mut Command, output: &Path, needle: &str) -> S
 
 #[test]
 fn existing_output_is_kept_without_force_and_replaced_with_it() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::Raw, "2M");
-    let key = dir.join("k");
-    write_key(&key);
-    let output = dir.join("out.luks");
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(&output, b"keep me").unwrap();
 
     let result = run(&mut encrypt_command(&daemon, &source, &output, &key));
@@ -76,13 +83,7 @@ fn existing_output_is_kept_without_force_and_replaced_with_it() {
 
 #[test]
 fn stale_partial_file_is_reported_and_force_clears_it() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::Raw, "2M");
-    let key = dir.join("k");
-    write_key(&key);
-    let output = dir.join("out.luks");
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(partial_of(&output), b"left by a crash").unwrap();
 
     let result = run(&mut encrypt_command(&daemon, &source, &output, &key));
@@ -102,16 +103,10 @@ fn stale_partial_file_is_reported_and_force_clears_it() {
 
 #[test]
 fn key_file_with_trailing_newline_is_refused_with_the_fix() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::Raw, "2M");
-    let key = dir.join("k");
-    write_key(&key);
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     let mut bytes = fs::read(&key).unwrap();
     bytes.push(b'\n');
     fs::write(&key, bytes).unwrap();
-    let output = dir.join("out.luks");
     let stderr = assert_fails_cleanly(
         &mut encrypt_command(&daemon, &source, &output, &key),
         &output,
@@ -122,13 +117,8 @@ fn key_file_with_trailing_newline_is_refused_with_the_fix() {
 
 #[test]
 fn short_key_file_is_refused() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::Raw, "2M");
-    let key = dir.join("k");
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(&key, b"c2hvcnQ=").unwrap();
-    let output = dir.join("out.luks");
     assert_fails_cleanly(
         &mut encrypt_command(&daemon, &source, &output, &key),
         &output,
@@ -138,14 +128,8 @@ fn short_key_file_is_refused() {
 
 #[test]
 fn group_readable_key_file_gets_a_warning() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::Raw, "2M");
-    let key = dir.join("k");
-    write_key(&key);
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
-    let output = dir.join("out.luks");
     let result = run_ok(&mut encrypt_command(&daemon, &source, &output, &key));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(
@@ -156,17 +140,11 @@ fn group_readable_key_file_gets_a_warning() {
 
 #[test]
 fn corrupt_vhd_is_refused_and_nothing_is_written() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::VhdDynamic, "8M");
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::VhdDynamic, "8M");
     // Break the dynamic header's cookie ("cxsparse" at offset 512).
     let mut bytes = fs::read(&source).unwrap();
     bytes[512..520].copy_from_slice(b"garbage!");
     fs::write(&source, bytes).unwrap();
-    let key = dir.join("k");
-    write_key(&key);
-    let output = dir.join("out.luks");
     assert_fails_cleanly(
         &mut encrypt_command(&daemon, &source, &output, &key),
         &output,
@@ -176,10 +154,8 @@ fn corrupt_vhd_is_refused_and_nothing_is_written() {
 
 #[test]
 fn differencing_vhd_is_refused_with_advice() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let parent = make_source(dir, SourceKind::VhdDynamic, "8M");
+    let (scratch_dir, daemon, parent, key, output) = setup(SourceKind::VhdDynamic, "8M");
+    let dir = scratch_dir.path();
     let child = dir.join("child.vhd");
     // qemu-img cannot create differencing VHDs; turn a dynamic one into one by its disk type
     // (footer offset 60, copy at 0) and fix both checksums.
@@ -196,9 +172,6 @@ fn differencing_vhd_is_refused_with_advice() {
         bytes[start + 64..start + 68].copy_from_slice(&(!sum).to_be_bytes());
     }
     fs::write(&child, bytes).unwrap();
-    let key = dir.join("k");
-    write_key(&key);
-    let output = dir.join("out.luks");
     assert_fails_cleanly(
         &mut encrypt_command(&daemon, &child, &output, &key),
         &output,
@@ -208,13 +181,7 @@ fn differencing_vhd_is_refused_with_advice() {
 
 #[test]
 fn human_summary_names_the_essentials() {
-    let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let source = make_source(dir, SourceKind::VhdDynamic, "8M");
-    let key = dir.join("k");
-    write_key(&key);
-    let output = dir.join("out.luks");
+    let (_scratch, daemon, source, key, output) = setup(SourceKind::VhdDynamic, "8M");
     let result = run_ok(&mut encrypt_command(&daemon, &source, &output, &key));
     let stdout = String::from_utf8_lossy(&result.stdout);
     for label in [

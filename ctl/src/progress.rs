@@ -11,8 +11,8 @@ use serde_json::json;
 
 /// How to show a job.
 pub enum Display {
-    /// A live bar on stderr.
-    Terminal(Option<ProgressBar>),
+    /// A live bar on stderr, and the phase it shows.
+    Terminal(Option<(ProgressBar, Phase)>),
     /// One JSON object per line on stdout.
     Json,
     /// Only the final summary.
@@ -35,8 +35,15 @@ impl Display {
     pub fn progress(&mut self, progress: &Progress) {
         match self {
             Self::Json => json_line(json!({ "event": "progress", "progress": progress })),
-            Self::Terminal(bar) => {
-                let bar = bar.get_or_insert_with(new_bar);
+            Self::Terminal(state) => {
+                let (bar, phase) = state.get_or_insert_with(|| (new_bar(), progress.phase));
+                if *phase != progress.phase {
+                    // Rate and ETA are about this phase: the key derivation before the copy is
+                    // not I/O and must not drag the copy's rate down.
+                    bar.reset_elapsed();
+                    bar.reset_eta();
+                    *phase = progress.phase;
+                }
                 bar.set_message(phase_label(progress.phase));
                 if progress.bytes_total > 0 {
                     bar.set_length(progress.bytes_total);
@@ -51,7 +58,7 @@ impl Display {
     pub fn notice(&mut self, text: &str) {
         match self {
             Self::Json => json_line(json!({ "event": "notice", "message": text })),
-            Self::Terminal(Some(bar)) => bar.suspend(|| eprintln!("imgctl: warning: {text}")),
+            Self::Terminal(Some((bar, _))) => bar.suspend(|| eprintln!("imgctl: warning: {text}")),
             _ => eprintln!("imgctl: warning: {text}"),
         }
     }
@@ -79,7 +86,7 @@ impl Display {
     }
 
     fn clear(&mut self) {
-        if let Self::Terminal(Some(bar)) = self {
+        if let Self::Terminal(Some((bar, _))) = self {
             bar.finish_and_clear();
         }
     }

@@ -179,6 +179,10 @@ impl Footer {
     ///   `tap\0`, `CTXS`, `wa\0\0` = Azure, and unknown ones) use `current_size`;
     /// - a geometry of exactly 65535 × 16 × 255 means "does not fit in CHS": `current_size`.
     ///
+    /// Older qemu (7.2, Debian 12's) sizes *unknown* creators by geometry instead. We follow the
+    /// newer rule on purpose: for a disk from a tool qemu does not know, geometry can only
+    /// truncate it, while `current_size` is what the creator says the disk holds.
+    ///
     /// Where qemu silently rounds a `current_size` that is not a multiple of 512 down, this
     /// reader refuses it (the specification requires whole sectors, and dropping the tail would
     /// lose data), and sizes above the format's 2040 GiB limit are refused as qemu does.

@@ -107,7 +107,10 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
     };
     match &kernel {
         Ok(_) => tracing::info!("kernel engine (loop device + dm-crypt) available"),
-        Err(reason) if !args.user => tracing::info!("kernel engine unavailable: {reason}"),
+        // An explicit `--engine kernel` fails just below with the same reason.
+        Err(reason) if !args.user && engine_choice != EngineChoice::Kernel => {
+            tracing::info!("kernel engine unavailable: {reason}")
+        }
         Err(_) => {}
     }
     let sweep_devices = kernel.is_ok();

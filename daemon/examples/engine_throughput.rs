@@ -131,6 +131,7 @@ fn time_engine(engine: &UserspaceEngine, dir: &Path, payload_size: u64, sector_s
     let cancel = AtomicBool::new(false);
     let progress = |_: u64| {};
     let job = PayloadJob {
+        job_id: 1,
         source: &source,
         output: &output,
         data_offset,

@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use imgcrypt_proto::api::EngineChoice;
 use imgcrypt_proto::paths;
+use imgcryptd::engines::kernel::KernelEngine;
 use imgcryptd::engines::userspace::UserspaceEngine;
-use imgcryptd::engines::EngineSet;
+use imgcryptd::engines::{Engine, EngineSet};
 use imgcryptd::server::{self, listener, systemd, Mode, ServerConfig, ServerState};
 
 /// Encrypts virtual-machine disk images into LUKS images for local users.
@@ -95,8 +96,24 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
     } else {
         args.engine.into()
     };
-    let kernel =
-        Err("the kernel engine (loop device + dm-crypt) is not part of this version".to_string());
+    let kernel: Result<Arc<dyn Engine>, String> = if args.user {
+        Err(
+            "the per-user daemon (--user) runs only the userspace engine; ask the system daemon \
+             for the kernel engine"
+                .to_string(),
+        )
+    } else {
+        KernelEngine::probe().map(|engine| Arc::new(engine) as Arc<dyn Engine>)
+    };
+    match &kernel {
+        Ok(_) => tracing::info!("kernel engine (loop device + dm-crypt) available"),
+        // An explicit `--engine kernel` fails just below with the same reason.
+        Err(reason) if !args.user && engine_choice != EngineChoice::Kernel => {
+            tracing::info!("kernel engine unavailable: {reason}")
+        }
+        Err(_) => {}
+    }
+    let sweep_devices = kernel.is_ok();
     let engines = EngineSet::new(engine_choice, Arc::new(UserspaceEngine::new()), kernel)
         .map_err(|e| e.to_string())?;
 
@@ -118,6 +135,12 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
             (listener, Some(bound))
         }
     };
+
+    // Only now, holding the socket (and its lock): a second daemon that fails to bind must not
+    // sweep away the devices of the one serving.
+    if sweep_devices {
+        sweep_stale_devices();
+    }
 
     let config = ServerConfig {
         mode,
@@ -141,6 +164,30 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
         systemd::notify("STOPPING=1");
         Ok(())
     })
+}
+
+/// Removes the mappings and loop devices a crashed daemon left behind (each is logged by the
+/// sweep). A failure is logged, not fatal: jobs whose names collide with a leftover fail with
+/// their own clear error.
+fn sweep_stale_devices() {
+    match imgcryptd::devices::cleanup::sweep() {
+        Ok(report) if !report.failures.is_empty() => tracing::error!(
+            failures = ?report.failures,
+            "some devices left by an earlier daemon could not be removed; see docs/kernel-engine.md"
+        ),
+        Ok(report) if !(report.removed.is_empty() && report.deferred.is_empty()) => {
+            tracing::warn!(
+                removed = ?report.removed,
+                deferred = ?report.deferred,
+                loops_detached = ?report.loops_detached,
+                "removed devices left by an earlier daemon"
+            )
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::error!(%error, "could not look for devices left by an earlier daemon")
+        }
+    }
 }
 
 fn socket_path(args: &Args) -> Result<PathBuf, String> {

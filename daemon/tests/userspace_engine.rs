@@ -179,6 +179,7 @@ fn run(engine: &UserspaceEngine, source: &MemorySource, output: &File, spec: &Sp
         }
     };
     let job = PayloadJob {
+        job_id: 1,
         source,
         output,
         data_offset,

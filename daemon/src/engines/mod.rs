@@ -3,8 +3,9 @@
 //! The job formats the header and decides the layout; an engine only turns the source's
 //! plaintext into dm-crypt-compatible ciphertext at `data_offset..data_offset + payload_size` of
 //! the output. Two engines implement [`Engine`]: [`userspace`] (AES-XTS in this process, runs
-//! anywhere) and the kernel engine (loop device + dm-crypt, where the kernel has them).
+//! anywhere) and [`kernel`] (loop device + dm-crypt, where the kernel has them).
 
+pub mod kernel;
 pub mod userspace;
 pub mod xts;
 
@@ -18,6 +19,8 @@ use crate::Result;
 
 /// Everything an engine needs to write one payload.
 pub struct PayloadJob<'a> {
+    /// The job's identifier: names the kernel engine's devices and its log lines.
+    pub job_id: u64,
     /// Plaintext source.
     pub source: &'a dyn SourceImage,
     /// The output, already checked to be a writable regular file or block device of at least

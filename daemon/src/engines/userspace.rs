@@ -37,6 +37,7 @@
 //! workers meet afterwards are dropped. O_DIRECT is restored on the output on every path (a
 //! guard restores it on drop). Nothing is synced: the job does that.
 
+use std::fs::File;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -165,7 +166,15 @@ impl Engine for UserspaceEngine {
             payload_size = job.payload_size,
             "userspace engine copy starting"
         );
-        let copied = Copy::new(self, job, &cipher).run();
+        let copied = Copy::new(
+            self.workers,
+            self.chunk_size,
+            job,
+            Some(&cipher),
+            job.output,
+            job.data_offset,
+        )
+        .run();
         // Restore before reporting, and prefer the copy's error: it is the cause.
         let restored = direct.restore();
         copied?;
@@ -174,8 +183,8 @@ impl Engine for UserspaceEngine {
     }
 }
 
-/// Rejects a job whose geometry this engine would otherwise write wrongly.
-fn check_layout(job: &PayloadJob<'_>) -> Result<()> {
+/// Rejects a job whose geometry an engine would otherwise write wrongly.
+pub(crate) fn check_layout(job: &PayloadJob<'_>) -> Result<()> {
     let sector_size = job.sector_size as usize;
     if sector_size != IV_SECTOR_BYTES && sector_size != 4096 {
         return Err(Error::InvalidOption {
@@ -228,9 +237,16 @@ fn is_sorted_and_disjoint(ranges: &[Range<u64>]) -> bool {
 }
 
 /// One payload copy in progress, shared by its workers.
-struct Copy<'j, 'a> {
+///
+/// Both engines use it: the userspace engine encrypts each chunk (`cipher`) and writes it to the
+/// output at `data_offset`; the kernel engine passes no cipher and writes the plaintext to the
+/// dm-crypt device, which encrypts on the way to the output.
+pub(crate) struct Copy<'j, 'a> {
     job: &'j PayloadJob<'a>,
-    cipher: &'j XtsCipher,
+    cipher: Option<&'j XtsCipher>,
+    /// Where chunk `i` goes: `target_offset + i × chunk_size`.
+    target: &'j File,
+    target_offset: u64,
     workers: usize,
     chunk_size: u64,
     chunks: u64,
@@ -242,15 +258,25 @@ struct Copy<'j, 'a> {
 }
 
 impl<'j, 'a> Copy<'j, 'a> {
-    fn new(engine: &UserspaceEngine, job: &'j PayloadJob<'a>, cipher: &'j XtsCipher) -> Self {
-        let chunk_size = engine.chunk_size as u64;
+    /// A copy of `job`'s payload by at most `workers` threads, each holding one `chunk_size`
+    /// buffer (a non-zero multiple of [`DIRECT_IO_ALIGNMENT`]), into `target` at
+    /// `target_offset`.
+    pub(crate) fn new(
+        workers: usize,
+        chunk_size: usize,
+        job: &'j PayloadJob<'a>,
+        cipher: Option<&'j XtsCipher>,
+        target: &'j File,
+        target_offset: u64,
+    ) -> Self {
+        let chunk_size = chunk_size as u64;
         let chunks = job.payload_size.div_ceil(chunk_size);
         Self {
             job,
             cipher,
-            workers: engine
-                .workers
-                .min(usize::try_from(chunks).unwrap_or(usize::MAX)),
+            target,
+            target_offset,
+            workers: workers.min(usize::try_from(chunks).unwrap_or(usize::MAX)),
             chunk_size,
             chunks,
             next_chunk: AtomicU64::new(0),
@@ -260,7 +286,8 @@ impl<'j, 'a> Copy<'j, 'a> {
         }
     }
 
-    fn run(&self) -> Result<()> {
+    /// Copies the whole payload; the first error any worker met, or `Cancelled`.
+    pub(crate) fn run(&self) -> Result<()> {
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..self.workers)
                 .map(|_| scope.spawn(|| self.worker()))
@@ -323,12 +350,14 @@ impl<'j, 'a> Copy<'j, 'a> {
             let chunk = &mut buffer[..len];
 
             read_source(self.job.source, chunk, start)?;
-            self.cipher.encrypt_sectors(
-                chunk,
-                self.job.sector_size as usize,
-                start / IV_SECTOR_BYTES as u64,
-            )?;
-            write_all_at(self.job.output, chunk, self.job.data_offset + start)
+            if let Some(cipher) = self.cipher {
+                cipher.encrypt_sectors(
+                    chunk,
+                    self.job.sector_size as usize,
+                    start / IV_SECTOR_BYTES as u64,
+                )?;
+            }
+            write_all_at(self.target, chunk, self.target_offset + start)
                 .map_err(|error| self.output_context(error))?;
 
             let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);

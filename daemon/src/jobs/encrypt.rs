@@ -114,6 +114,7 @@ pub fn run(
     let copy_started = Instant::now();
     let progress = |done: u64| reporter.progress(Phase::Copy, done, payload_size);
     let payload_written = engine.write_payload(&PayloadJob {
+        job_id,
         source: image.as_ref(),
         output: &output.file,
         data_offset: header.data_offset,

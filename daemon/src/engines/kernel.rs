@@ -1,0 +1,312 @@
+//! The kernel engine: the payload goes through real dm-crypt.
+//!
+//! # Pipeline
+//!
+//! 1. The output descriptor is attached to a loop device (autoclear, direct I/O where the
+//!    kernel takes it), covering `0..data_offset + payload_size` of the output.
+//! 2. The volume key goes into this thread's kernel keyring as a `logon` key; a `crypt` table
+//!    matching the header (`aes-xts-plain64`, the data offset, the encryption sector size) that
+//!    names the key is loaded into a new device-mapper device `imgcrypt-<job>` (UUID
+//!    `IMGCRYPT-<job>`) with `DM_SECURE_DATA`, the device is resumed, and the key is revoked:
+//!    dm-crypt holds its own copy.
+//! 3. The plaintext is copied onto `/dev/dm-<minor>` with O_DIRECT by the same worker pool as
+//!    the userspace engine ([`Copy`]): every payload sector is written, holes of the source as
+//!    zeros, so the decrypted device equals the source followed by zeros. dm-crypt encrypts in
+//!    its own kernel threads, on every core.
+//! 4. The device is fsynced (dm-crypt passes the flush to the loop device, which syncs the
+//!    output), closed, the mapping removed, and the loop device detached.
+//!
+//! See the [`crate::devices`] modules for each step, and `docs/kernel-engine.md` for operators.
+//!
+//! # Teardown
+//!
+//! Each resource is a guard ([`AttachedLoop`], [`LogonKey`], [`Mapping`], the open device),
+//! declared in the order they are acquired, so Rust drops them in reverse: whatever stops the
+//! job — a full output (ENOSPC), an I/O error, a source read error, the cancel flag (a client
+//! gone, or SIGTERM, on which the server cancels every job), even a panic — closes the device,
+//! removes the mapping, and detaches the loop device. A daemon killed outright leaves the
+//! mapping behind; [`crate::devices::cleanup`] removes it at the next start.
+
+use std::sync::atomic::Ordering;
+
+use imgcrypt_proto::api::EngineKind;
+
+use crate::devices::availability::Probe;
+use crate::devices::keyring::LogonKey;
+use crate::devices::loop_device::{AttachedLoop, Detached};
+use crate::devices::mapper::{CryptTarget, Mapping, Removal};
+use crate::devices::names::JobDeviceNames;
+use crate::devices::node::BlockNode;
+use crate::engines::userspace::{check_layout, Copy, UserspaceEngine};
+use crate::engines::xts::VOLUME_KEY_BYTES;
+use crate::engines::{Engine, PayloadJob};
+use crate::{Error, Result};
+
+/// Loop device + dm-crypt, opened by ioctl.
+#[derive(Debug, Clone)]
+pub struct KernelEngine {
+    workers: usize,
+    chunk_size: usize,
+}
+
+impl KernelEngine {
+    /// The engine if it can run here, or every reason it cannot and what to do instead.
+    pub fn probe() -> std::result::Result<Self, String> {
+        Probe::of_this_process().verdict()?;
+        Ok(Self::unchecked())
+    }
+
+    /// The engine without checking the host; its first job fails if the host lacks what it
+    /// needs. The worker pool is the userspace engine's default (one worker per core plus one,
+    /// 4 MiB each): here the workers only read and write, so more would only add memory.
+    pub fn unchecked() -> Self {
+        let pool = UserspaceEngine::new();
+        Self {
+            workers: pool.workers(),
+            chunk_size: pool.chunk_size(),
+        }
+    }
+}
+
+impl Engine for KernelEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Kernel
+    }
+
+    fn write_payload(&self, job: &PayloadJob<'_>) -> Result<u64> {
+        check_layout(job)?;
+        if job.volume_key.len() != VOLUME_KEY_BYTES {
+            return Err(Error::io(
+                "preparing the dm-crypt key",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the volume key has {} bytes; aes-xts-plain64 with two AES-256 keys needs \
+                         {VOLUME_KEY_BYTES}",
+                        job.volume_key.len()
+                    ),
+                ),
+            ));
+        }
+        if job.payload_size == 0 {
+            return Ok(0);
+        }
+        if job.cancel.load(Ordering::SeqCst) {
+            return Err(Error::Cancelled);
+        }
+        let names = JobDeviceNames::for_job(job.job_id);
+
+        let backing =
+            AttachedLoop::attach(job.output, 0, job.data_offset + job.payload_size, true)?;
+        let mapping = map_payload(job, &names, &backing)?;
+        let device = mapping.open()?;
+        tracing::info!(
+            job = job.job_id,
+            mapper = %mapping.name(),
+            device = %device.path().display(),
+            loop_device = %backing.name(),
+            loop_direct_io = backing.is_direct_io(),
+            workers = self.workers,
+            chunk_size = self.chunk_size,
+            "kernel engine copy starting"
+        );
+
+        let copied = Copy::new(self.workers, self.chunk_size, job, None, device.file(), 0)
+            .run()
+            .map_err(|error| through_the_device(error, job.data_offset, &device))
+            .and_then(|()| {
+                device.file().sync_all().map_err(|e| {
+                    Error::io(
+                        format!("fsync on {} (the dm-crypt device)", device.path().display()),
+                        e,
+                    )
+                })
+            });
+
+        // Tear down in order whatever happened, then report the copy's error first: it is the
+        // cause, and a teardown failure after it is a consequence.
+        drop(device);
+        let removed = mapping.remove();
+        let detached = backing.detach();
+        copied?;
+        if removed? == Removal::Deferred {
+            tracing::warn!(
+                mapper = names.mapper_name(),
+                "the mapping was still busy; the kernel removes it when released"
+            );
+        }
+        if detached? == Detached::Pending {
+            tracing::warn!("the loop device was still held; autoclear detaches it when released");
+        }
+        Ok(job.payload_size)
+    }
+}
+
+/// Says that a write error happened on the dm-crypt device, whose offsets are payload offsets:
+/// the copy's messages name offsets in the device it writes, not in the output.
+fn through_the_device(error: Error, data_offset: u64, device: &BlockNode) -> Error {
+    let note = format!(
+        "through the dm-crypt device {}, whose offsets count from the payload at byte \
+         {data_offset} of the output",
+        device.path().display()
+    );
+    match error {
+        Error::NoSpace {
+            required_bytes,
+            message,
+        } => Error::NoSpace {
+            required_bytes,
+            message: format!("{message} ({note})"),
+        },
+        Error::Io { operation, source } => Error::Io {
+            operation: format!("{operation} ({note})"),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// Loads the key, maps dm-crypt over the loop device, and drops the key from the keyring.
+fn map_payload(
+    job: &PayloadJob<'_>,
+    names: &JobDeviceNames,
+    backing: &AttachedLoop<'_>,
+) -> Result<Mapping> {
+    let key = LogonKey::add_to_thread_keyring(names.key_description(), job.volume_key)?;
+    let target = CryptTarget::new(
+        job.payload_size,
+        &key.dm_crypt_reference(),
+        backing.device_number(),
+        job.data_offset,
+        job.sector_size,
+    )?;
+    // Same thread as the key: dm-crypt looks it up in this thread's keyring.
+    let mapping = Mapping::create(names, &target)?;
+    key.remove()?;
+    Ok(mapping)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::SourceImage;
+    use imgcrypt_proto::api::SourceFormat;
+    use std::ops::Range;
+    use std::sync::atomic::AtomicBool;
+
+    #[derive(Debug)]
+    struct ZeroSource(u64);
+
+    impl SourceImage for ZeroSource {
+        fn format(&self) -> SourceFormat {
+            SourceFormat::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.0
+        }
+        fn read_at(&self, buffer: &mut [u8], _offset: u64) -> Result<()> {
+            buffer.fill(0);
+            Ok(())
+        }
+        fn allocated_ranges(&self) -> &[Range<u64>] {
+            &[]
+        }
+    }
+
+    fn loop_devices_backed_by(path: &std::path::Path) -> Vec<String> {
+        let path = path.canonicalize().unwrap();
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with("loop"))
+            .filter(|name| {
+                crate::devices::loop_device::read_sysfs(name, "backing_file")
+                    .is_some_and(|backing| std::path::Path::new(&backing) == path)
+            })
+            .collect()
+    }
+
+    /// On this host (no device-mapper) the engine gets as far as the loop device and the key,
+    /// then fails at the mapping: the failure path must leave no loop device, no key and the
+    /// output's flags as they were. The VM suite proves the successful path and the other
+    /// failures on a kernel with dm-crypt.
+    #[test]
+    fn a_failed_mapping_leaves_no_loop_device_and_no_key() {
+        if std::path::Path::new("/sys/module/dm_mod").exists() {
+            return;
+        }
+        let output = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        output.as_file().set_len((16 << 20) + (4 << 20)).unwrap();
+        let flags_before = crate::sys::direct_io::status_flags(output.as_file()).unwrap();
+        let source = ZeroSource(4 << 20);
+        let cancel = AtomicBool::new(false);
+        let progress = |_: u64| {};
+        let key = [0x5au8; VOLUME_KEY_BYTES];
+        let job = PayloadJob {
+            job_id: 987_654,
+            source: &source,
+            output: output.as_file(),
+            data_offset: 16 << 20,
+            payload_size: 4 << 20,
+            sector_size: 4096,
+            volume_key: &key,
+            progress: &progress,
+            cancel: &cancel,
+        };
+        let error = KernelEngine::unchecked().write_payload(&job).unwrap_err();
+        assert!(error.to_string().contains("/dev/mapper/control"), "{error}");
+
+        assert!(
+            loop_devices_backed_by(output.path()).is_empty(),
+            "a loop device still backs the output"
+        );
+        // An unlinked key is garbage-collected by a kernel work item: give it a moment.
+        let started = std::time::Instant::now();
+        loop {
+            let proc_keys = std::fs::read_to_string("/proc/keys").unwrap();
+            if !proc_keys.contains("imgcrypt:job-987654") {
+                break;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(5),
+                "the key is still in a keyring: {proc_keys}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(
+            crate::sys::direct_io::status_flags(output.as_file()).unwrap(),
+            flags_before
+        );
+    }
+
+    #[test]
+    fn wrong_key_size_and_cancel_stop_before_any_device() {
+        let output = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        output.as_file().set_len(2 << 20).unwrap();
+        let source = ZeroSource(1 << 20);
+        let cancel = AtomicBool::new(false);
+        let progress = |_: u64| {};
+        let short_key = [1u8; 32];
+        let mut job = PayloadJob {
+            job_id: 1,
+            source: &source,
+            output: output.as_file(),
+            data_offset: 1 << 20,
+            payload_size: 1 << 20,
+            sector_size: 512,
+            volume_key: &short_key,
+            progress: &progress,
+            cancel: &cancel,
+        };
+        let engine = KernelEngine::unchecked();
+        let error = engine.write_payload(&job).unwrap_err();
+        assert!(error.to_string().contains("32 bytes"), "{error}");
+
+        let key = [1u8; VOLUME_KEY_BYTES];
+        job.volume_key = &key;
+        cancel.store(true, Ordering::SeqCst);
+        assert!(matches!(engine.write_payload(&job), Err(Error::Cancelled)));
+        assert!(loop_devices_backed_by(output.path()).is_empty());
+        assert_eq!(engine.kind(), EngineKind::Kernel);
+    }
+}

@@ -709,3 +709,55 @@ fn parse_console(
     let broken = (!problems.is_empty()).then(|| problems.join("; "));
     (results, broken)
 }
+
+// --- the harness's own reading of the console (no guest needed) ---------------------------
+
+#[test]
+fn harness_reads_results_behind_escape_codes_and_carriage_returns() {
+    let console = "c\x1b[?7l\x1b[2J\x1b[0mSeaBIOS\r\nBooting from ROM..\x1b[2JIMGCRYPT-BOOTED 6.5\r\n\
+                   [x] some output\r\n\
+                   IMGCRYPT-RESULT x PASS 1.25 ok\r\n\
+                   IMGCRYPT-RESULT y FAIL 0.50 /dev/vdb: the 4096 bytes after the source are not all zero\r\n\
+                   IMGCRYPT-DONE 2\r\n";
+    let (results, broken) = parse_console(console, &["x", "y"]);
+    assert_eq!(broken, None);
+    assert!(results["x"].passed);
+    assert_eq!(results["x"].seconds, "1.25");
+    assert!(!results["y"].passed);
+    assert_eq!(
+        results["y"].detail,
+        "/dev/vdb: the 4096 bytes after the source are not all zero"
+    );
+}
+
+#[test]
+fn harness_distrusts_a_run_without_done_or_with_wrong_or_extra_results() {
+    let cases = [
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\n",
+            "never printed IMGCRYPT-DONE",
+        ),
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-DONE 1\n",
+            "ran 1 checks, 2",
+        ),
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-DONE 2\n",
+            "two results for x",
+        ),
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-RESULT z PASS 1 ok\nIMGCRYPT-DONE 2\n",
+            "not asked for",
+        ),
+        (
+            "IMGCRYPT-RESULT x MAYBE 1 ok\nIMGCRYPT-DONE 2\n",
+            "malformed verdict",
+        ),
+        ("IMGCRYPT-FATAL insmod failed\n", "guest set-up failed"),
+    ];
+    for (console, needle) in cases {
+        let (_, broken) = parse_console(console, &["x", "y"]);
+        let broken = broken.unwrap_or_else(|| panic!("trusted a bad run:\n{console}"));
+        assert!(broken.contains(needle), "{broken:?} lacks {needle:?}");
+    }
+}

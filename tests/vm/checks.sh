@@ -168,11 +168,11 @@ daemon_ready() {
     [ -S "$SOCKET" ] && grep -q listening "$DAEMON_LOG"
 }
 
-# daemon_start [ARGS...]: a root imgcryptd with the kernel engine on $SOCKET, world-connectable.
+# daemon_start: a root imgcryptd with the kernel engine on $SOCKET, world-connectable.
 daemon_start() {
     DAEMON_STARTS=$((DAEMON_STARTS + 1))
     DAEMON_LOG=/tmp/imgcryptd.$DAEMON_STARTS.log
-    IMGCRYPTD_LOG=debug imgcryptd --socket "$SOCKET" --engine kernel --socket-mode 0666 "$@" \
+    IMGCRYPTD_LOG=debug imgcryptd --socket "$SOCKET" --engine kernel --socket-mode 0666 \
         >"$DAEMON_LOG" 2>&1 &
     DAEMON_PID=$!
     remember_pid "$DAEMON_PID"
@@ -262,7 +262,9 @@ check_userspace_output() {
     variant=$(echo "$1" | tr '-' '_')
     eval "serial=\$b_${variant}_serial vsize=\$b_${variant}_vsize sha=\$b_${variant}_sha256"
     eval "payload_size=\$b_${variant}_payload_size sector_size=\$b_${variant}_sector_size"
-    [ -n "$serial" ] && [ -n "$vsize" ] && [ -n "$sha" ] || fail "manifest has no entry for $1"
+    if [ -z "$serial" ] || [ -z "$vsize" ] || [ -z "$sha" ]; then
+        fail "manifest has no entry for $1"
+    fi
     disk=$(wait_for_disk "$serial" 10) || fail "no virtio disk with serial '$serial'"
     verify_luks "$disk" "vmcheck-$1" "$vsize" "$sha" "$payload_size" "$sector_size"
 }

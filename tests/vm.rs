@@ -45,7 +45,7 @@ const KERNEL_BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
 /// After IMGCRYPT-DONE the guest powers off at once; this only bounds a stuck poweroff.
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read latency of the slow disk (dm-delay) that holds the source of the mid-copy checks.
-const SLOW_DELAY_MS: u32 = 25;
+const SLOW_DELAY_MS: u32 = 50;
 
 /// Which guest boot a check runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -224,7 +224,9 @@ fn run_boot(boot: Boot) -> GuestRun {
         let kernel = timings.measure("kernel download+unpack (cached after the first)", || {
             kernel_tree()
         });
-        let initramfs = timings.measure("initramfs build", shared_initramfs);
+        let initramfs = timings.measure("initramfs build (once per test process)", || {
+            shared_initramfs(&kernel)
+        });
         let initramfs = match initramfs {
             Ok(path) => path.clone(),
             Err(why) => return Err(why.clone()),
@@ -335,12 +337,12 @@ fn vmlinuz(tree: &Path) -> PathBuf {
 }
 
 /// The initramfs, built once per test process from the binaries under test.
-fn shared_initramfs() -> &'static Result<PathBuf, String> {
+fn shared_initramfs(kernel: &Path) -> &'static Result<PathBuf, String> {
     static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     INITRAMFS.get_or_init(|| {
         let out = vm_dir().join("initramfs.cpio.gz");
         let output = run(Command::new(repository().join("tests/vm/build-initramfs"))
-            .arg(kernel_tree())
+            .arg(kernel)
             .arg(bin_dir())
             .arg(&out));
         if output.status.success() {

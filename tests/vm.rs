@@ -1,0 +1,765 @@
+//! The VM suite: imgcrypt against real dm-crypt, in a QEMU guest running Debian's stock kernel.
+//!
+//! This machine's kernel has no device-mapper, so the proofs that need one run in a guest
+//! (`tests/vm/`: `fetch-kernel`, `build-initramfs`, the guest's `init` and `checks.sh`). Every
+//! guest check is one test here, so `cargo test` counts and names it. Checks share a boot:
+//!
+//! - **userspace boot** (b): this host's imgctl/imgcryptd encrypt a dynamic VHD with data and
+//!   holes into LUKS2/512, LUKS2/4096 and LUKS1 with the userspace engine; the guest opens each
+//!   with real `cryptsetup open --key-file` and compares the decrypted device with the sha256 of
+//!   `qemu-img convert -O raw` of the source, computed here, and zeros after it.
+//! - **kernel boot** (a, c, d, teardown): imgcryptd runs as root in the guest with the kernel
+//!   engine: it encrypts a dynamic VHD; is killed with `kill -9` mid-copy and restarted; serves an
+//!   unprivileged user; and fails on ENOSPC or is stopped by SIGTERM mid-copy, each time leaving
+//!   no mapper and no loop device.
+//!
+//! The guest reports on its serial console (`IMGCRYPT-RESULT <check> PASS|FAIL <seconds>
+//! <detail>`, then `IMGCRYPT-DONE <n>`). A FAIL, a missing or unexpected result, a wrong count, a
+//! timeout or a guest that does not power off fails the test loudly with the whole console log,
+//! which is also kept in `target/vm/<boot>-console.log`.
+//!
+//! Run a subset with cargo's filter: `cargo test --test vm b_` (the userspace boot only) or
+//! `cargo test --test vm kernel_` (the kernel boot only). `IMGCRYPT_VM_KEEP=1` keeps the guest's
+//! disk images and prints where.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The guest runs on one host core per vCPU; two let the kernel engine copy on both.
+const GUEST_CPUS: &str = "2";
+const GUEST_MEMORY_MIB: &str = "1024";
+/// Whole-boot bounds: several times what a run takes on this machine's TCG (see the README in
+/// tests/vm), so a slow shared host does not fail the suite, and a hang still ends it.
+const USERSPACE_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const KERNEL_BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
+/// After IMGCRYPT-DONE the guest powers off at once; this only bounds a stuck poweroff.
+const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
+/// Read latency of the slow disk (dm-delay) that holds the source of the mid-copy checks.
+const SLOW_DELAY_MS: u32 = 50;
+
+/// Which guest boot a check runs in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Boot {
+    /// b: host-made userspace outputs opened by dm-crypt. Needs no daemon in the guest.
+    Userspace,
+    /// a, c, d, teardown: imgcryptd with the kernel engine in the guest.
+    Kernel,
+}
+
+impl Boot {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Userspace => "userspace",
+            Self::Kernel => "kernel",
+        }
+    }
+
+    /// The guest checks of this boot, in the order the guest runs them.
+    fn checks(self) -> &'static [&'static str] {
+        match self {
+            Self::Userspace => &["b-luks2-512", "b-luks2-4096", "b-luks1"],
+            Self::Kernel => &[
+                "a-kernel-encrypt",
+                "d-unprivileged",
+                "teardown-enospc",
+                "teardown-enospc-write",
+                "teardown-sigterm",
+                "c-kill9-restart",
+            ],
+        }
+    }
+
+    fn timeout(self) -> Duration {
+        match self {
+            Self::Userspace => USERSPACE_BOOT_TIMEOUT,
+            Self::Kernel => KERNEL_BOOT_TIMEOUT,
+        }
+    }
+
+    fn of_check(check: &str) -> Self {
+        [Self::Userspace, Self::Kernel]
+            .into_iter()
+            .find(|boot| boot.checks().contains(&check))
+            .unwrap_or_else(|| panic!("{check} is in no boot's list"))
+    }
+}
+
+/// One `IMGCRYPT-RESULT` line.
+#[derive(Debug, Clone)]
+struct CheckResult {
+    passed: bool,
+    seconds: String,
+    detail: String,
+}
+
+/// What one boot produced.
+struct GuestRun {
+    /// The serial console, whole.
+    console: String,
+    /// Why the run as a whole cannot be trusted (set-up failed, timeout, no IMGCRYPT-DONE, a
+    /// result count or name that does not match what was asked): every check of it fails.
+    broken: Option<String>,
+    results: HashMap<String, CheckResult>,
+    /// Host-side measurements, printed with every check's outcome.
+    timings: String,
+}
+
+/// One boot per kind per test process, shared by that boot's tests.
+fn guest_run(boot: Boot) -> &'static GuestRun {
+    static USERSPACE: OnceLock<GuestRun> = OnceLock::new();
+    static KERNEL: OnceLock<GuestRun> = OnceLock::new();
+    let cell = match boot {
+        Boot::Userspace => &USERSPACE,
+        Boot::Kernel => &KERNEL,
+    };
+    cell.get_or_init(|| run_boot(boot))
+}
+
+/// The assertion behind every test: the guest ran `check` and reported PASS.
+fn assert_guest_check(check: &str) {
+    let boot = Boot::of_check(check);
+    let run = guest_run(boot);
+    let log = || {
+        format!(
+            "\n{}\n===== guest console ({} boot) =====\n{}\n===== end of guest console =====",
+            run.timings,
+            boot.name(),
+            run.console
+        )
+    };
+    if let Some(why) = &run.broken {
+        panic!(
+            "VM check {check}: the {} boot failed: {why}{}",
+            boot.name(),
+            log()
+        );
+    }
+    match run.results.get(check) {
+        None => panic!("VM check {check}: the guest reported no result{}", log()),
+        Some(result) if !result.passed => panic!(
+            "VM check {check} FAILED in the guest after {} s: {}{}",
+            result.seconds,
+            result.detail,
+            log()
+        ),
+        Some(result) => println!(
+            "VM check {check}: PASS in {} s\n{}",
+            result.seconds, run.timings
+        ),
+    }
+}
+
+// --- b: the userspace engine is bit-identical to dm-crypt ----------------------------------
+
+#[test]
+fn b_userspace_luks2_512_output_opens_with_dm_crypt_and_equals_source() {
+    assert_guest_check("b-luks2-512");
+}
+
+#[test]
+fn b_userspace_luks2_4096_output_opens_with_dm_crypt_and_equals_source() {
+    assert_guest_check("b-luks2-4096");
+}
+
+#[test]
+fn b_userspace_luks1_output_opens_with_dm_crypt_and_equals_source() {
+    assert_guest_check("b-luks1");
+}
+
+// --- the kernel engine in the guest --------------------------------------------------------
+
+#[test]
+fn kernel_a_engine_encrypts_dynamic_vhd_that_dm_crypt_decrypts_to_source() {
+    assert_guest_check("a-kernel-encrypt");
+}
+
+#[test]
+fn kernel_c_kill9_mid_copy_then_restart_removes_stale_mapper_and_loop() {
+    assert_guest_check("c-kill9-restart");
+}
+
+#[test]
+fn kernel_d_unprivileged_user_encrypts_through_root_daemon() {
+    assert_guest_check("d-unprivileged");
+}
+
+#[test]
+fn kernel_teardown_after_enospc_reserving_output_on_tmpfs() {
+    assert_guest_check("teardown-enospc");
+}
+
+#[test]
+fn kernel_teardown_after_enospc_mid_copy() {
+    assert_guest_check("teardown-enospc-write");
+}
+
+#[test]
+fn kernel_teardown_after_sigterm_mid_copy() {
+    assert_guest_check("teardown-sigterm");
+}
+
+// --- running a boot ------------------------------------------------------------------------
+
+/// Runs one boot: prepares its disks, boots, collects the results. Never panics: a failure in
+/// the set-up becomes `broken`, so every test of the boot reports it (a panic inside the
+/// OnceLock would make the next test run the boot again).
+fn run_boot(boot: Boot) -> GuestRun {
+    // One guest at a time: two TCG guests on a 2-core host would slow each other into timeouts.
+    static ONE_GUEST: Mutex<()> = Mutex::new(());
+    let _guard = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+
+    let started = Instant::now();
+    let mut timings = Timings::default();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let kernel = timings.measure("kernel download+unpack (cached after the first)", || {
+            kernel_tree()
+        });
+        let initramfs = timings.measure("initramfs build (once per test process)", || {
+            shared_initramfs(&kernel)
+        });
+        let initramfs = match initramfs {
+            Ok(path) => path.clone(),
+            Err(why) => return Err(why.clone()),
+        };
+        let scratch = scratch();
+        let disks = timings.measure(
+            "host images (sources, outputs, guest disks)",
+            || match boot {
+                Boot::Userspace => userspace_disks(scratch.path()),
+                Boot::Kernel => kernel_disks(scratch.path()),
+            },
+        );
+        let run = boot_guest(boot, &kernel, &initramfs, &disks, &mut timings);
+        if std::env::var_os("IMGCRYPT_VM_KEEP").is_some() {
+            eprintln!(
+                "IMGCRYPT_VM_KEEP: guest disks kept in {}",
+                scratch.keep().display()
+            );
+        }
+        Ok(run)
+    }));
+    let mut run = match outcome {
+        Ok(Ok(run)) => run,
+        Ok(Err(why)) => GuestRun::broken(why),
+        Err(panic) => GuestRun::broken(format!("set-up failed: {}", panic_text(&panic))),
+    };
+    timings.record("total (this boot)", started.elapsed());
+    for check in boot.checks() {
+        if let Some(result) = run.results.get(*check) {
+            let _ = writeln!(timings.text, "  check {check}: {} s", result.seconds);
+        }
+    }
+    run.timings = format!("VM {} boot timings:\n{}", boot.name(), timings.text);
+    let _ = fs::write(
+        vm_dir().join(format!("{}-timings.txt", boot.name())),
+        &run.timings,
+    );
+    run
+}
+
+impl GuestRun {
+    fn broken(why: String) -> Self {
+        Self {
+            console: String::new(),
+            broken: Some(why),
+            results: HashMap::new(),
+            timings: String::new(),
+        }
+    }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+#[derive(Default)]
+struct Timings {
+    text: String,
+}
+
+impl Timings {
+    fn measure<T>(&mut self, what: &str, work: impl FnOnce() -> T) -> T {
+        let start = Instant::now();
+        let value = work();
+        self.record(what, start.elapsed());
+        value
+    }
+
+    fn record(&mut self, what: &str, elapsed: Duration) {
+        let _ = writeln!(self.text, "  {what}: {:.1} s", elapsed.as_secs_f64());
+    }
+}
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `target/vm`: the initramfs, console logs and timings (kept for CI artifacts).
+fn vm_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| repository().join("target"), PathBuf::from);
+    let dir = target.join("vm");
+    fs::create_dir_all(&dir).expect("create target/vm");
+    dir
+}
+
+/// Debian's kernel, from tests/vm/fetch-kernel's cache (it downloads only the first time).
+fn kernel_tree() -> PathBuf {
+    let output = run_ok(&mut Command::new(
+        repository().join("tests/vm/fetch-kernel"),
+    ));
+    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+fn vmlinuz(tree: &Path) -> PathBuf {
+    fs::read_dir(tree.join("boot"))
+        .expect("kernel tree has boot/")
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .unwrap_or_else(|| panic!("no boot/vmlinuz-* in {}", tree.display()))
+}
+
+/// The initramfs, built once per test process from the binaries under test.
+fn shared_initramfs(kernel: &Path) -> &'static Result<PathBuf, String> {
+    static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    INITRAMFS.get_or_init(|| {
+        let out = vm_dir().join("initramfs.cpio.gz");
+        let output = run(Command::new(repository().join("tests/vm/build-initramfs"))
+            .arg(kernel)
+            .arg(bin_dir())
+            .arg(&out));
+        if output.status.success() {
+            Ok(out)
+        } else {
+            Err(format!(
+                "tests/vm/build-initramfs failed: {}",
+                describe(&output)
+            ))
+        }
+    })
+}
+
+/// A virtio disk for the guest, found there by its serial number.
+struct Disk {
+    path: PathBuf,
+    serial: &'static str,
+    read_only: bool,
+}
+
+/// The variants of check b: guest check name, disk serial, imgctl arguments, sector size.
+const USERSPACE_VARIANTS: &[(&str, &str, &[&str], u64)] = &[
+    ("luks2-512", "luks2-512", &[], 512),
+    ("luks2-4096", "luks2-4096", &["--sector-size", "4096"], 4096),
+    ("luks1", "luks1", &["--luks1"], 512),
+];
+
+/// Check b's disks: the three outputs of this host's userspace engine, and the payload disk
+/// with the key and the manifest of what each must decrypt to.
+fn userspace_disks(dir: &Path) -> Vec<Disk> {
+    let payload = dir.join("payload");
+    fs::create_dir(&payload).unwrap();
+    let source = make_source(dir, SourceKind::VhdDynamic, "32M");
+    let key = payload.join("secret.dek");
+    write_key(&key);
+    let vsize = qemu_virtual_size(&source);
+    let sha256 = plaintext_sha256(&source, dir);
+
+    let mut manifest = String::from("KEY=/mnt/payload/secret.dek\n");
+    let mut disks = Vec::new();
+    let daemon = Daemon::start(dir, &["--engine", "userspace"]);
+    for (variant, serial, args, sector_size) in USERSPACE_VARIANTS {
+        let output = dir.join(format!("{variant}.luks"));
+        let result = run(daemon
+            .imgctl()
+            .arg("encrypt")
+            .arg(&source)
+            .arg("-o")
+            .arg(&output)
+            .arg("--key-file")
+            .arg(&key)
+            .args(*args)
+            .args(CHEAP_PBKDF)
+            .args(["--engine", "userspace", "--json"]));
+        assert!(
+            result.status.success(),
+            "imgctl ({variant}) failed: {}\ndaemon log:\n{}",
+            describe(&result),
+            daemon.log_text()
+        );
+        assert_eq!(
+            summary_field(&result.stdout, "engine"),
+            "userspace",
+            "the host outputs must come from the userspace engine"
+        );
+        // The decrypted device's size from cryptsetup's view of the header and the file size,
+        // not from anything our code reports.
+        let payload_size = fs::metadata(&output).unwrap().len() - luks_dump(&output).data_offset;
+        let var = variant.replace('-', "_");
+        let _ = writeln!(
+            manifest,
+            "b_{var}_serial={serial}\nb_{var}_vsize={vsize}\nb_{var}_sha256={sha256}\n\
+             b_{var}_payload_size={payload_size}\nb_{var}_sector_size={sector_size}"
+        );
+        disks.push(Disk {
+            path: output,
+            serial,
+            read_only: true,
+        });
+    }
+    fs::write(payload.join("manifest.sh"), manifest).unwrap();
+    disks.insert(
+        0,
+        Disk {
+            path: ext4_image(dir, "payload", &payload, "32M"),
+            serial: "payload",
+            read_only: false,
+        },
+    );
+    disks
+}
+
+/// The kernel boot's disks: a payload ext4 (sources, key, room for the outputs), a slow disk
+/// (a fully written source behind dm-delay in the guest), and a small ext2 (no fallocate, so
+/// ENOSPC arrives mid-copy).
+fn kernel_disks(dir: &Path) -> Vec<Disk> {
+    let payload = dir.join("payload");
+    let slow = dir.join("slow");
+    fs::create_dir(&payload).unwrap();
+    fs::create_dir(&slow).unwrap();
+    write_key(&payload.join("secret.dek"));
+    let mut manifest = format!("KEY=/mnt/payload/secret.dek\nSLOW_DELAY_MS={SLOW_DELAY_MS}\n");
+    for (name, size) in [("A", "32M"), ("D", "16M")] {
+        let made = dir.join(name);
+        fs::create_dir(&made).unwrap();
+        let source = make_source(&made, SourceKind::VhdDynamic, size);
+        let lower = name.to_lowercase();
+        let vsize = qemu_virtual_size(&source);
+        let sha256 = plaintext_sha256(&source, &made);
+        let target = payload.join(format!("{lower}.vhd"));
+        fs::rename(&source, &target).unwrap();
+        // Readable by the unprivileged user of check d.
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+        let _ = writeln!(
+            manifest,
+            "SOURCE_{name}=/mnt/payload/{lower}.vhd\n{name}_VSIZE={vsize}\n{name}_SHA256={sha256}"
+        );
+    }
+    // Every block allocated: the copy must read all of it through dm-delay.
+    let slow_source = slow.join("slow.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        slow_source.to_str().unwrap(),
+        "48M",
+    ]);
+    qemu_io("vpc", &slow_source, &["write -P 0x5a 0 47M"]);
+    manifest.push_str("SLOW_SOURCE=slow.vhd\n");
+    fs::write(payload.join("manifest.sh"), manifest).unwrap();
+
+    let small = dir.join("small-ext2.img");
+    run_ok(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext2"])
+            .arg(&small)
+            .arg("24M"),
+    );
+    vec![
+        Disk {
+            path: ext4_image(dir, "payload", &payload, "384M"),
+            serial: "payload",
+            read_only: false,
+        },
+        Disk {
+            path: ext4_image(dir, "slow", &slow, "64M"),
+            serial: "slow",
+            read_only: true,
+        },
+        Disk {
+            path: small,
+            serial: "small-ext2",
+            read_only: false,
+        },
+    ]
+}
+
+/// A sparse ext4 image holding `contents`, owned by root inside.
+fn ext4_image(dir: &Path, name: &str, contents: &Path, size: &str) -> PathBuf {
+    let image = dir.join(format!("{name}.ext4"));
+    run_ok(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d"])
+            .arg(contents)
+            .arg(&image)
+            .arg(size),
+    );
+    image
+}
+
+/// sha256 of the source's plaintext as qemu-img converts it: what the guest must decrypt.
+fn plaintext_sha256(source: &Path, dir: &Path) -> String {
+    let plain = dir.join("expected.raw");
+    qemu_plaintext(source, &plain);
+    let output = run_ok(Command::new("sha256sum").arg(&plain));
+    fs::remove_file(&plain).unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+/// A field of the summary in imgctl's `--json` output.
+fn summary_field(stdout: &[u8], field: &str) -> String {
+    let text = String::from_utf8_lossy(stdout);
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|event| event["event"] == "summary")
+        .and_then(|event| event["summary"][field].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no summary with {field} in:\n{text}"))
+}
+
+/// Boots the guest with `disks`, waits (bounded) for it to power off, and parses its console.
+fn boot_guest(
+    boot: Boot,
+    kernel: &Path,
+    initramfs: &Path,
+    disks: &[Disk],
+    timings: &mut Timings,
+) -> GuestRun {
+    let console_path = vm_dir().join(format!("{}-console.log", boot.name()));
+    let stderr_path = vm_dir().join(format!("{}-qemu-stderr.log", boot.name()));
+    let checks = boot.checks();
+    let append = format!(
+        "console=ttyS0 panic=-1 quiet imgcrypt_checks={}",
+        checks.join(",")
+    );
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-accel", "tcg", "-cpu", "max"])
+        .args(["-m", GUEST_MEMORY_MIB, "-smp", GUEST_CPUS])
+        .args(["-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(vmlinuz(kernel))
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", &append]);
+    for (index, disk) in disks.iter().enumerate() {
+        let read_only = if disk.read_only { ",readonly=on" } else { "" };
+        command.arg("-drive").arg(format!(
+            "file={},format=raw,if=none,id=disk{index}{read_only}",
+            disk.path.display()
+        ));
+        command.arg("-device").arg(format!(
+            "virtio-blk-pci,drive=disk{index},serial={}",
+            disk.serial
+        ));
+    }
+    let started = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&console_path).unwrap())
+        .stderr(fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64 (scripts/install-deps): {e}"));
+
+    // Poll the console file until the guest powers off or the deadline passes.
+    let deadline = started + boot.timeout();
+    let mut booted_at = None;
+    let mut done_at: Option<Instant> = None;
+    let mut failure = None;
+    loop {
+        let console = fs::read_to_string(&console_path).unwrap_or_default();
+        if booted_at.is_none() && console.contains("IMGCRYPT-BOOTED") {
+            booted_at = Some(started.elapsed());
+        }
+        if done_at.is_none() && console.contains("IMGCRYPT-DONE") {
+            done_at = Some(Instant::now());
+        }
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) => {}
+            Err(e) => {
+                failure = Some(format!("waiting for qemu: {e}"));
+                break;
+            }
+        }
+        if done_at.is_some_and(|at| at.elapsed() > POWEROFF_TIMEOUT) {
+            failure = Some(format!(
+                "the guest reported IMGCRYPT-DONE but did not power off within {} s",
+                POWEROFF_TIMEOUT.as_secs()
+            ));
+            break;
+        }
+        if Instant::now() > deadline {
+            failure = Some(format!(
+                "timeout: the guest did not finish within {} s",
+                boot.timeout().as_secs()
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if failure.is_some() {
+        let _ = child.kill();
+    }
+    let status = child.wait().ok();
+    timings.record("guest run (boot to power-off)", started.elapsed());
+    if let Some(booted) = booted_at {
+        timings.record("boot (qemu start to IMGCRYPT-BOOTED)", booted);
+    }
+
+    let mut console = fs::read_to_string(&console_path).unwrap_or_default();
+    let qemu_stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
+    if !qemu_stderr.trim().is_empty() {
+        let _ = write!(console, "\n----- qemu stderr -----\n{qemu_stderr}");
+    }
+    let _ = writeln!(
+        console,
+        "\n----- console saved in {}; qemu exit: {status:?} -----",
+        console_path.display()
+    );
+    let (results, mut broken) = parse_console(&console, checks);
+    if let Some(why) = failure {
+        broken = Some(why);
+    }
+    GuestRun {
+        console,
+        broken,
+        results,
+        timings: String::new(),
+    }
+}
+
+/// Reads the guest's report. The result map holds every well-formed result; the second value
+/// says what makes the run as a whole untrustworthy.
+fn parse_console(
+    console: &str,
+    expected: &[&str],
+) -> (HashMap<String, CheckResult>, Option<String>) {
+    let mut results = HashMap::new();
+    let mut problems = Vec::new();
+    let mut done = None;
+    for line in console.lines() {
+        // Markers may follow firmware escape codes on the same line.
+        let Some(at) = line.find("IMGCRYPT-") else {
+            continue;
+        };
+        let line = line[at..].trim_end_matches('\r');
+        let mut words = line.splitn(5, ' ');
+        match words.next() {
+            Some("IMGCRYPT-RESULT") => {
+                let (Some(name), Some(verdict), Some(seconds)) =
+                    (words.next(), words.next(), words.next())
+                else {
+                    problems.push(format!("malformed line: {line}"));
+                    continue;
+                };
+                let passed = match verdict {
+                    "PASS" => true,
+                    "FAIL" => false,
+                    _ => {
+                        problems.push(format!("malformed verdict: {line}"));
+                        continue;
+                    }
+                };
+                if !expected.contains(&name) {
+                    problems.push(format!("result for a check not asked for: {line}"));
+                }
+                let result = CheckResult {
+                    passed,
+                    seconds: seconds.to_string(),
+                    detail: words.next().unwrap_or("").to_string(),
+                };
+                if results.insert(name.to_string(), result).is_some() {
+                    problems.push(format!("two results for {name}"));
+                }
+            }
+            Some("IMGCRYPT-DONE") => done = words.next().map(str::to_string),
+            Some("IMGCRYPT-FATAL") => problems.push(format!("guest set-up failed: {line}")),
+            _ => {}
+        }
+    }
+    match done {
+        None => problems.push("the guest never printed IMGCRYPT-DONE".to_string()),
+        Some(count) if count != expected.len().to_string() => problems.push(format!(
+            "the guest ran {count} checks, {} were asked for",
+            expected.len()
+        )),
+        Some(_) => {}
+    }
+    let broken = (!problems.is_empty()).then(|| problems.join("; "));
+    (results, broken)
+}
+
+// --- the harness's own reading of the console (no guest needed) ---------------------------
+
+#[test]
+fn harness_reads_results_behind_escape_codes_and_carriage_returns() {
+    let console = "c\x1b[?7l\x1b[2J\x1b[0mSeaBIOS\r\nBooting from ROM..\x1b[2JIMGCRYPT-BOOTED 6.5\r\n\
+                   [x] some output\r\n\
+                   IMGCRYPT-RESULT x PASS 1.25 ok\r\n\
+                   IMGCRYPT-RESULT y FAIL 0.50 /dev/vdb: the 4096 bytes after the source are not all zero\r\n\
+                   IMGCRYPT-DONE 2\r\n";
+    let (results, broken) = parse_console(console, &["x", "y"]);
+    assert_eq!(broken, None);
+    assert!(results["x"].passed);
+    assert_eq!(results["x"].seconds, "1.25");
+    assert!(!results["y"].passed);
+    assert_eq!(
+        results["y"].detail,
+        "/dev/vdb: the 4096 bytes after the source are not all zero"
+    );
+}
+
+#[test]
+fn harness_distrusts_a_run_without_done_or_with_wrong_or_extra_results() {
+    let cases = [
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\n",
+            "never printed IMGCRYPT-DONE",
+        ),
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-DONE 1\n",
+            "ran 1 checks, 2",
+        ),
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-DONE 2\n",
+            "two results for x",
+        ),
+        (
+            "IMGCRYPT-RESULT x PASS 1 ok\nIMGCRYPT-RESULT z PASS 1 ok\nIMGCRYPT-DONE 2\n",
+            "not asked for",
+        ),
+        (
+            "IMGCRYPT-RESULT x MAYBE 1 ok\nIMGCRYPT-DONE 2\n",
+            "malformed verdict",
+        ),
+        ("IMGCRYPT-FATAL insmod failed\n", "guest set-up failed"),
+    ];
+    for (console, needle) in cases {
+        let (_, broken) = parse_console(console, &["x", "y"]);
+        let broken = broken.unwrap_or_else(|| panic!("trusted a bad run:\n{console}"));
+        assert!(broken.contains(needle), "{broken:?} lacks {needle:?}");
+    }
+}

@@ -1,0 +1,470 @@
+# The VM tests' guest checks (busybox sh), sourced by /init. Each check runs in its own subshell
+# and ends it with `fail REASON` on the first thing that is wrong; /init turns that into an
+# IMGCRYPT-RESULT line. The host wrote /mnt/payload/manifest.sh: the key, the sources and what
+# they must decrypt to (digests computed on the host from `qemu-img convert -O raw`).
+#
+# No sleeping as synchronisation: every wait polls a condition against a deadline.
+
+# The real util-linux tools by path: busybox sh runs its own applets of the same name first.
+SETPRIV=/usr/local/bin/setpriv
+LOSETUP=/usr/local/bin/losetup
+
+SOCKET=/run/imgcrypt-vm/io.imgcrypt
+PIDS=/run/imgcrypt-vm.pids
+# Cheap keyslots: the checks are about data and devices, not about PBKDF cost.
+CHEAP_PBKDF="--pbkdf pbkdf2 --pbkdf-iterations 1000"
+# Bounds for things that finish in seconds under TCG; a hang still ends the check.
+JOB_TIMEOUT=600
+
+fail() {
+    echo "FAIL-REASON: $*"
+    exit 1
+}
+
+# --- time -------------------------------------------------------------------------------------
+
+# Hundredths of a second since boot (/proc/uptime always has two decimals).
+uptime_centis() {
+    read -r up _ </proc/uptime
+    echo $((${up%.*} * 100 + 1${up#*.} - 100))
+}
+
+centis_to_seconds() {
+    printf '%d.%02d\n' $(($1 / 100)) $(($1 % 100))
+}
+
+uptime_seconds() {
+    centis_to_seconds "$(uptime_centis)"
+}
+
+# wait_until SECONDS COMMAND...: polls COMMAND every 50 ms until it succeeds (status 0) or the
+# deadline passes (status 1).
+wait_until() {
+    deadline=$(($(uptime_centis) + $1 * 100))
+    shift
+    until "$@"; do
+        [ "$(uptime_centis)" -lt "$deadline" ] || return 1
+        sleep 0.05
+    done
+}
+
+# --- processes --------------------------------------------------------------------------------
+
+# Running (not gone, not a zombie waiting to be reaped).
+proc_alive() {
+    [ -r "/proc/$1/stat" ] || return 1
+    state=$(sed 's/^.*) \(.\).*/\1/' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ]
+}
+
+proc_gone() {
+    ! proc_alive "$1"
+}
+
+# is_mounted DIR (busybox has no mountpoint).
+is_mounted() {
+    awk -v dir="$1" '$2 == dir { found = 1 } END { exit !found }' /proc/mounts
+}
+
+remember_pid() {
+    echo "$1" >>"$PIDS"
+}
+
+# --- disks and devices ------------------------------------------------------------------------
+
+disk_with_serial() {
+    for dir in /sys/block/vd*; do
+        [ -f "$dir/serial" ] || continue
+        if [ "$(cat "$dir/serial")" = "$1" ] && [ -b "/dev/${dir##*/}" ]; then
+            echo "/dev/${dir##*/}"
+            return 0
+        fi
+    done
+    return 1
+}
+
+# wait_for_disk SERIAL SECONDS: prints the virtio disk's device path.
+wait_for_disk() {
+    wait_until "$2" disk_with_serial "$1" >/dev/null && disk_with_serial "$1"
+}
+
+# Mapper names the daemon owns: its name prefix or its DM UUID prefix.
+imgcrypt_mappers() {
+    dmsetup info -c --noheadings --separator ' ' -o name,uuid 2>/dev/null |
+        awk '$1 ~ /^imgcrypt-/ || $2 ~ /^IMGCRYPT-/ { print $1 }'
+}
+
+# Loop devices whose backing file's path contains $1 (util-linux losetup; a deleted file shows
+# as "PATH (deleted)", so the partial file still matches).
+loops_on() {
+    "$LOSETUP" -a 2>/dev/null | grep -F "$1"
+}
+
+no_leftovers_for() {
+    [ -z "$(imgcrypt_mappers)" ] && [ -z "$(loops_on "$1")" ]
+}
+
+# assert_no_leftovers OUTPUT: no daemon mapper and no loop device on OUTPUT (or OUTPUT.partial),
+# allowing the kernel up to 10 s to finish an asynchronous loop detach.
+assert_no_leftovers() {
+    if ! wait_until 10 no_leftovers_for "$1"; then
+        echo "dmsetup ls:"
+        dmsetup ls
+        echo "losetup -a:"
+        "$LOSETUP" -a
+        fail "left behind: mappers [$(imgcrypt_mappers | tr '\n' ' ')] loops [$(loops_on "$1" | tr '\n' ' ')]"
+    fi
+}
+
+assert_no_output() {
+    [ ! -e "$1" ] || fail "$1 exists after a failed job"
+    [ ! -e "$1.partial" ] || fail "$1.partial exists after a failed job"
+}
+
+# /sys/block/dm-N of mapper $1.
+dm_sysfs() {
+    for dir in /sys/block/dm-*; do
+        [ "$(cat "$dir/dm/name" 2>/dev/null)" = "$1" ] && echo "$dir" && return 0
+    done
+    return 1
+}
+
+# The daemon is mid-copy: its mapper exists and has had sectors written, but not all of them.
+# Shell built-ins only: this runs every 50 ms, and each fork costs milliseconds under TCG.
+mid_copy() {
+    for dir in /sys/block/dm-*; do
+        read -r name <"$dir/dm/name" 2>/dev/null || continue
+        case $name in
+        imgcrypt-*) ;;
+        *) continue ;;
+        esac
+        read -r _ _ _ _ _ _ written _ <"$dir/stat" || continue
+        read -r total <"$dir/size" || continue
+        [ "$written" -gt 0 ] && [ "$written" -lt "$total" ] && return 0
+    done
+    return 1
+}
+
+# The slow disk: the host's ext4 image behind dm-delay, so every read of the source takes
+# SLOW_DELAY_MS and a copy lasts seconds whatever the emulation speed. Mounted read-only.
+mount_slow_source() {
+    is_mounted /mnt/slow && return 0
+    disk=$(wait_for_disk slow 10) || fail "no virtio disk with serial 'slow'"
+    if ! dmsetup info vmtest-slow >/dev/null 2>&1; then
+        sectors=$(blockdev --getsz "$disk")
+        dmsetup create vmtest-slow --table "0 $sectors delay $disk 0 $SLOW_DELAY_MS" ||
+            fail "cannot create the dm-delay device over $disk"
+    fi
+    # Without udev, libdevmapper leaves the /dev/mapper node to us.
+    dmsetup mknodes vmtest-slow
+    mkdir -p /mnt/slow
+    mount -t ext4 -o ro,noload /dev/mapper/vmtest-slow /mnt/slow ||
+        fail "cannot mount the slow disk"
+}
+
+# Nothing of the slow source in the page cache: the next job must read it through dm-delay.
+drop_caches() {
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+}
+
+# --- the daemon and the client ----------------------------------------------------------------
+
+DAEMON_STARTS=0
+
+daemon_ready() {
+    proc_alive "$DAEMON_PID" ||
+        fail "imgcryptd exited at start-up: $(tail -n 3 "$DAEMON_LOG" | tr '\n' ' ')"
+    [ -S "$SOCKET" ] && grep -q listening "$DAEMON_LOG"
+}
+
+# daemon_start: a root imgcryptd with the kernel engine on $SOCKET, world-connectable.
+daemon_start() {
+    DAEMON_STARTS=$((DAEMON_STARTS + 1))
+    DAEMON_LOG=/tmp/imgcryptd.$DAEMON_STARTS.log
+    IMGCRYPTD_LOG=debug imgcryptd --socket "$SOCKET" --engine kernel --socket-mode 0666 \
+        >"$DAEMON_LOG" 2>&1 &
+    DAEMON_PID=$!
+    remember_pid "$DAEMON_PID"
+    wait_until 60 daemon_ready || fail "imgcryptd did not listen within 60 s"
+    echo "imgcryptd $DAEMON_PID listening (log $DAEMON_LOG)"
+}
+
+show_daemon_log() {
+    echo "--- imgcryptd log $DAEMON_LOG:"
+    cat "$DAEMON_LOG"
+    echo "---"
+}
+
+# daemon_stop: SIGTERM and wait for it to exit.
+daemon_stop() {
+    kill -TERM "$DAEMON_PID" 2>/dev/null
+    wait_until 60 proc_gone "$DAEMON_PID" || fail "imgcryptd did not exit within 60 s of SIGTERM"
+    wait "$DAEMON_PID" 2>/dev/null
+    show_daemon_log
+}
+
+# encrypt SOURCE OUTPUT RESULT_PREFIX [ARGS...]: imgctl through the daemon, kernel engine, JSON
+# lines to RESULT_PREFIX.json, stderr to RESULT_PREFIX.err; returns imgctl's status.
+encrypt() {
+    source=$1 output=$2 result=$3
+    shift 3
+    # shellcheck disable=SC2086 # CHEAP_PBKDF is several words
+    timeout -s KILL "$JOB_TIMEOUT" imgctl --socket "$SOCKET" encrypt "$source" -o "$output" \
+        --key-file "$KEY" $CHEAP_PBKDF --engine kernel --json "$@" \
+        >"$result.json" 2>"$result.err"
+}
+
+show_result() {
+    echo "imgctl stdout:"
+    cat "$1.json"
+    echo "imgctl stderr:"
+    cat "$1.err"
+}
+
+# verify_luks IMAGE NAME VSIZE SHA256 [PAYLOAD_SIZE [SECTOR_SIZE]]: opens IMAGE with real
+# cryptsetup (dm-crypt) read-only; the decrypted device's first VSIZE bytes must hash to SHA256
+# and every byte after them must be zero. With PAYLOAD_SIZE the device must be that large, with
+# SECTOR_SIZE the crypt table must use it.
+verify_luks() {
+    image=$1 name=$2 vsize=$3 want=$4 payload_size=${5:-} sector_size=${6:-}
+    cryptsetup open --readonly --key-file "$KEY" "$image" "$name" ||
+        fail "cryptsetup open --key-file $KEY $image failed"
+    device=/dev/mapper/$name
+    table=$(dmsetup table "$name")
+    echo "dm table: $(echo "$table" | sed 's/ [0-9a-f:]\{20,\}/ <key>/')"
+    size=$(blockdev --getsize64 "$device")
+    problem=
+    case $table in
+    *" crypt aes-xts-plain64 "*) ;;
+    *) problem="not a crypt aes-xts-plain64 table" ;;
+    esac
+    if [ -n "$sector_size" ] && [ "$sector_size" != 512 ]; then
+        case $table in
+        *"sector_size:$sector_size"*) ;;
+        *) problem="dm-crypt table lacks sector_size:$sector_size" ;;
+        esac
+    fi
+    if [ -n "$payload_size" ] && [ "$size" != "$payload_size" ]; then
+        problem="decrypted device holds $size bytes, expected $payload_size"
+    fi
+    [ $((vsize % 512)) -eq 0 ] || problem="virtual size $vsize is not whole sectors"
+    [ "$size" -ge "$vsize" ] || problem="decrypted device ($size bytes) smaller than the source ($vsize)"
+    if [ -z "$problem" ]; then
+        got=$(head -c "$vsize" "$device" | sha256sum | cut -d' ' -f1)
+        rest=$((size - vsize))
+        tail_sum=$(dd if="$device" bs=512 skip=$((vsize / 512)) 2>/dev/null | sha256sum | cut -d' ' -f1)
+        zero_sum=$(head -c "$rest" /dev/zero | sha256sum | cut -d' ' -f1)
+        if [ "$got" != "$want" ]; then
+            problem="first $vsize decrypted bytes have sha256 $got, the source $want"
+        elif [ "$tail_sum" != "$zero_sum" ]; then
+            problem="the $rest bytes after the source are not all zero"
+        fi
+    fi
+    cryptsetup close "$name" || fail "cryptsetup close $name failed"
+    [ -z "$problem" ] || fail "$image: $problem"
+    echo "$image: $vsize bytes equal the source (sha256 $got), $rest zero bytes after"
+}
+
+# --- b: the userspace engine's outputs, made on the host, opened by dm-crypt -------------------
+
+check_userspace_output() {
+    variant=$(echo "$1" | tr '-' '_')
+    eval "serial=\$b_${variant}_serial vsize=\$b_${variant}_vsize sha=\$b_${variant}_sha256"
+    eval "payload_size=\$b_${variant}_payload_size sector_size=\$b_${variant}_sector_size"
+    if [ -z "$serial" ] || [ -z "$vsize" ] || [ -z "$sha" ]; then
+        fail "manifest has no entry for $1"
+    fi
+    disk=$(wait_for_disk "$serial" 10) || fail "no virtio disk with serial '$serial'"
+    verify_luks "$disk" "vmcheck-$1" "$vsize" "$sha" "$payload_size" "$sector_size"
+}
+
+# --- a: the kernel engine encrypts a dynamic VHD in the guest -----------------------------------
+
+check_kernel_encrypt() {
+    out=/mnt/payload/a.luks
+    daemon_start
+    if ! encrypt "$SOURCE_A" "$out" /tmp/a; then
+        show_result /tmp/a
+        show_daemon_log
+        fail "imgctl failed: $(tail -n 1 /tmp/a.err)"
+    fi
+    show_result /tmp/a
+    grep '"event":"summary"' /tmp/a.json | grep -q '"engine":"kernel"' ||
+        fail "the summary does not name engine kernel"
+    [ ! -e "$out.partial" ] || fail "$out.partial left after success"
+    assert_no_leftovers "$out"
+    daemon_stop
+    verify_luks "$out" vmcheck-a "$A_VSIZE" "$A_SHA256"
+}
+
+# --- c: kill -9 mid-copy, restart: the crash's mapper and loop are cleaned up -----------------
+
+check_kill9_restart() {
+    mount_slow_source
+    drop_caches
+    out=/mnt/payload/c.luks
+    daemon_start
+    encrypt "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/c &
+    client=$!
+    remember_pid "$client"
+    if ! wait_until 120 mid_copy; then
+        show_result /tmp/c
+        show_daemon_log
+        fail "never saw the kernel engine's mapper mid-copy within 120 s"
+    fi
+    mapper=$(imgcrypt_mappers | head -n 1)
+    echo "mid-copy: $mapper, $(awk '{ print $7 }' "$(dm_sysfs "$mapper")/stat") sectors written"
+    kill -9 "$DAEMON_PID"
+    wait_until 30 proc_gone "$DAEMON_PID" || fail "imgcryptd survived kill -9"
+    wait "$DAEMON_PID" 2>/dev/null
+    show_daemon_log
+    wait_until 60 proc_gone "$client" || fail "imgctl did not exit within 60 s of the daemon's death"
+    wait "$client" && fail "imgctl succeeded although its daemon was killed"
+    show_result /tmp/c
+
+    # The crash must really have left something, or the restart proves nothing.
+    imgcrypt_mappers | grep -qx "$mapper" ||
+        fail "precondition: $mapper was already gone after kill -9 (the copy ended first?)"
+    loop=$(dmsetup deps -o devname "$mapper" | sed -n 's/.*(\(loop[0-9]*\)).*/\1/p')
+    [ -n "$loop" ] || fail "precondition: no loop device under $mapper after kill -9"
+    echo "after kill -9: $mapper on $("$LOSETUP" "/dev/$loop")"
+    [ -n "$(loops_on "$out")" ] || fail "precondition: /dev/$loop is not attached to $out"
+
+    daemon_start
+    assert_no_leftovers "$out"
+    "$LOSETUP" "/dev/$loop" >/dev/null 2>&1 && fail "/dev/$loop is still attached after the restart"
+    [ ! -e "$out" ] || fail "$out exists after the killed job"
+    grep -q "$mapper" "$DAEMON_LOG" || fail "the restarted daemon did not log removing $mapper"
+    daemon_stop
+    # imgctl removes its partial file when the daemon dies (docs/user-guide.md, "What is written").
+    [ ! -e "$out.partial" ] || fail "$out.partial remains after the killed job"
+}
+
+# --- d: an unprivileged user through the root daemon --------------------------------------------
+
+check_unprivileged() {
+    dir=/mnt/payload/d-out
+    mkdir -p "$dir"
+    chown 1000:1000 "$dir"
+    cp "$KEY" "$dir/key"
+    chown 1000:1000 "$dir/key"
+    chmod 0600 "$dir/key"
+    out=$dir/d.luks
+    daemon_start
+    # shellcheck disable=SC2086
+    if ! timeout -s KILL "$JOB_TIMEOUT" "$SETPRIV" --reuid=1000 --regid=1000 --clear-groups \
+        imgctl --socket "$SOCKET" encrypt "$SOURCE_D" -o "$out" --key-file "$dir/key" \
+        $CHEAP_PBKDF --engine kernel --json >/tmp/d.json 2>/tmp/d.err; then
+        show_result /tmp/d
+        show_daemon_log
+        fail "imgctl as uid 1000 failed: $(tail -n 1 /tmp/d.err)"
+    fi
+    show_result /tmp/d
+    grep '"event":"summary"' /tmp/d.json | grep -q '"engine":"kernel"' ||
+        fail "the summary does not name engine kernel"
+    owner=$(stat -c %u:%g "$out")
+    [ "$owner" = 1000:1000 ] || fail "$out is owned by $owner, not by the user who ran imgctl"
+    assert_no_leftovers "$out"
+    daemon_stop
+    verify_luks "$out" vmcheck-d "$D_VSIZE" "$D_SHA256"
+}
+
+# --- teardown on failure ------------------------------------------------------------------------
+
+# expect_failure STATUS RESULT_PREFIX OUTPUT: the job just run failed and left no mapper, loop
+# device or file.
+expect_failure() {
+    status=$1 result=$2 out=$3
+    show_result "$result"
+    [ "$status" -ne 0 ] || fail "imgctl succeeded where it must fail"
+    assert_no_leftovers "$out"
+    assert_no_output "$out"
+}
+
+# Output on a tmpfs too small for it: fails when the space is reserved (tmpfs has fallocate).
+check_teardown_enospc() {
+    mkdir -p /mnt/small
+    mount -t tmpfs -o size=8m tmpfs /mnt/small || fail "cannot mount a tmpfs"
+    out=/mnt/small/e.luks
+    daemon_start
+    encrypt "$SOURCE_A" "$out" /tmp/e
+    status=$?
+    # Checked while the daemon still runs: its shutdown must not be what cleans up.
+    expect_failure "$status" /tmp/e "$out"
+    daemon_stop
+    grep -qi 'space' /tmp/e.err || fail "the error does not say the output is out of space"
+    umount /mnt/small
+}
+
+# Output on a small ext2: no fallocate there, so ENOSPC arrives in the middle of the copy,
+# through the loop device and dm-crypt.
+check_teardown_enospc_write() {
+    disk=$(wait_for_disk small-ext2 10) || fail "no virtio disk with serial 'small-ext2'"
+    mkdir -p /mnt/ext2
+    mount -t ext2 "$disk" /mnt/ext2 || fail "cannot mount the ext2 disk"
+    out=/mnt/ext2/w.luks
+    daemon_start
+    encrypt "$SOURCE_A" "$out" /tmp/w
+    status=$?
+    # Checked while the daemon still runs: its shutdown must not be what cleans up.
+    expect_failure "$status" /tmp/w "$out"
+    daemon_stop
+    umount /mnt/ext2
+}
+
+# SIGTERM to the daemon mid-copy cancels the job and tears down before the daemon exits.
+check_teardown_sigterm() {
+    mount_slow_source
+    drop_caches
+    out=/mnt/payload/t.luks
+    daemon_start
+    encrypt "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/t &
+    client=$!
+    remember_pid "$client"
+    if ! wait_until 120 mid_copy; then
+        show_result /tmp/t
+        show_daemon_log
+        fail "never saw the kernel engine's mapper mid-copy within 120 s"
+    fi
+    echo "mid-copy: $(imgcrypt_mappers | head -n 1); sending SIGTERM"
+    kill -TERM "$DAEMON_PID"
+    wait_until 120 proc_gone "$DAEMON_PID" || fail "imgcryptd did not exit within 120 s of SIGTERM"
+    wait "$DAEMON_PID" 2>/dev/null
+    show_daemon_log
+    wait_until 60 proc_gone "$client" || fail "imgctl did not exit within 60 s"
+    wait "$client"
+    expect_failure $? /tmp/t "$out"
+}
+
+# --- dispatch -----------------------------------------------------------------------------------
+
+run_check() {
+    case $1 in
+    b-luks2-512 | b-luks2-4096 | b-luks1) check_userspace_output "${1#b-}" ;;
+    a-kernel-encrypt) check_kernel_encrypt ;;
+    c-kill9-restart) check_kill9_restart ;;
+    d-unprivileged) check_unprivileged ;;
+    teardown-enospc) check_teardown_enospc ;;
+    teardown-enospc-write) check_teardown_enospc_write ;;
+    teardown-sigterm) check_teardown_sigterm ;;
+    *) fail "no such check: $1" ;;
+    esac
+}
+
+# Between checks: nothing a failed check started may disturb the next one.
+cleanup_after_check() {
+    if [ -f "$PIDS" ]; then
+        while read -r pid; do
+            kill -9 "$pid" 2>/dev/null
+        done <"$PIDS"
+        rm -f "$PIDS"
+    fi
+    for name in $(dmsetup ls 2>/dev/null | awk '$1 ~ /^vmcheck-/ { print $1 }'); do
+        cryptsetup close "$name" 2>/dev/null
+    done
+    for dir in /mnt/small /mnt/ext2; do
+        is_mounted "$dir" && umount -l "$dir"
+    done
+    return 0
+}

@@ -30,19 +30,6 @@ fn partial_of(output: &Path) -> PathBuf {
     PathBuf::from(format!("{}.partial", output.display()))
 }
 
-fn encrypt_command(daemon: &Daemon, source: &Path, output: &Path, key: &Path) -> Command {
-    let mut command = daemon.imgctl();
-    command
-        .arg("encrypt")
-        .arg(source)
-        .arg("-o")
-        .arg(output)
-        .arg("--key-file")
-        .arg(key)
-        .args(CHEAP_PBKDF);
-    command
-}
-
 /// Asserts failure with `needle` in stderr, and that neither the output nor its partial exist.
 fn assert_fails_cleanly(command: &mut Command, output: &Path, needle: &str) -> String {
     let result = run(command);
@@ -67,7 +54,7 @@ fn existing_output_is_kept_without_force_and_replaced_with_it() {
     let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(&output, b"keep me").unwrap();
 
-    let result = run(&mut encrypt_command(&daemon, &source, &output, &key));
+    let result = run(&mut daemon.encrypt(&source, &output, &key));
     assert!(!result.status.success());
     assert!(
         String::from_utf8_lossy(&result.stderr).contains("pass --force"),
@@ -77,7 +64,7 @@ fn existing_output_is_kept_without_force_and_replaced_with_it() {
     assert_eq!(fs::read(&output).unwrap(), b"keep me");
     assert!(!partial_of(&output).exists());
 
-    run_ok(encrypt_command(&daemon, &source, &output, &key).arg("--force"));
+    run_ok(daemon.encrypt(&source, &output, &key).arg("--force"));
     assert!(test_passphrase(&output, &key));
 }
 
@@ -86,7 +73,7 @@ fn stale_partial_file_is_reported_and_force_clears_it() {
     let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(partial_of(&output), b"left by a crash").unwrap();
 
-    let result = run(&mut encrypt_command(&daemon, &source, &output, &key));
+    let result = run(&mut daemon.encrypt(&source, &output, &key));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success());
     assert!(stderr.contains("interrupted run"), "{}", describe(&result));
@@ -96,7 +83,7 @@ fn stale_partial_file_is_reported_and_force_clears_it() {
         "not ours to delete"
     );
 
-    run_ok(encrypt_command(&daemon, &source, &output, &key).arg("--force"));
+    run_ok(daemon.encrypt(&source, &output, &key).arg("--force"));
     assert!(output.exists());
     assert!(!partial_of(&output).exists());
 }
@@ -108,7 +95,7 @@ fn key_file_with_trailing_newline_is_refused_with_the_fix() {
     bytes.push(b'\n');
     fs::write(&key, bytes).unwrap();
     let stderr = assert_fails_cleanly(
-        &mut encrypt_command(&daemon, &source, &output, &key),
+        &mut daemon.encrypt(&source, &output, &key),
         &output,
         "echo -n",
     );
@@ -119,18 +106,14 @@ fn key_file_with_trailing_newline_is_refused_with_the_fix() {
 fn short_key_file_is_refused() {
     let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(&key, b"c2hvcnQ=").unwrap();
-    assert_fails_cleanly(
-        &mut encrypt_command(&daemon, &source, &output, &key),
-        &output,
-        "32",
-    );
+    assert_fails_cleanly(&mut daemon.encrypt(&source, &output, &key), &output, "32");
 }
 
 #[test]
 fn group_readable_key_file_gets_a_warning() {
     let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
-    let result = run_ok(&mut encrypt_command(&daemon, &source, &output, &key));
+    let result = run_ok(&mut daemon.encrypt(&source, &output, &key));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(
         stderr.contains("warning") && stderr.contains("chmod 600"),
@@ -146,7 +129,7 @@ fn corrupt_vhd_is_refused_and_nothing_is_written() {
     bytes[512..520].copy_from_slice(b"garbage!");
     fs::write(&source, bytes).unwrap();
     assert_fails_cleanly(
-        &mut encrypt_command(&daemon, &source, &output, &key),
+        &mut daemon.encrypt(&source, &output, &key),
         &output,
         "corrupt",
     );
@@ -173,7 +156,7 @@ fn differencing_vhd_is_refused_with_advice() {
     }
     fs::write(&child, bytes).unwrap();
     assert_fails_cleanly(
-        &mut encrypt_command(&daemon, &child, &output, &key),
+        &mut daemon.encrypt(&child, &output, &key),
         &output,
         "merge it with its parent first",
     );
@@ -182,7 +165,7 @@ fn differencing_vhd_is_refused_with_advice() {
 #[test]
 fn human_summary_names_the_essentials() {
     let (_scratch, daemon, source, key, output) = setup(SourceKind::VhdDynamic, "8M");
-    let result = run_ok(&mut encrypt_command(&daemon, &source, &output, &key));
+    let result = run_ok(&mut daemon.encrypt(&source, &output, &key));
     let stdout = String::from_utf8_lossy(&result.stdout);
     for label in [
         "output",
@@ -229,7 +212,8 @@ fn interrupt_removes_the_partial_file_and_cancels_the_job() {
     let key = dir.join("k");
     write_key(&key);
     let output = dir.join("out.luks");
-    let mut child = encrypt_command(&daemon, &source, &output, &key)
+    let mut child = daemon
+        .encrypt(&source, &output, &key)
         .arg("--json")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -43,15 +43,8 @@ fn round_trip(kind: SourceKind, variant: Variant) {
 
     let daemon = Daemon::start(dir, &[]);
     let result = run(daemon
-        .imgctl()
-        .arg("encrypt")
-        .arg(&source)
-        .arg("-o")
-        .arg(&output)
-        .arg("--key-file")
-        .arg(&key)
+        .encrypt(&source, &output, &key)
         .args(variant.args())
-        .args(CHEAP_PBKDF)
         .arg("--json"));
     assert!(
         result.status.success(),

@@ -258,6 +258,21 @@ impl Daemon {
         command
     }
 
+    /// `imgctl encrypt SOURCE -o OUTPUT --key-file KEY` aimed at this daemon, with cheap keyslot
+    /// settings; callers add options.
+    pub fn encrypt(&self, source: &Path, output: &Path, key: &Path) -> Command {
+        let mut command = self.imgctl();
+        command
+            .arg("encrypt")
+            .arg(source)
+            .arg("-o")
+            .arg(output)
+            .arg("--key-file")
+            .arg(key)
+            .args(CHEAP_PBKDF);
+        command
+    }
+
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -592,8 +592,6 @@ check_teardown_cancel() {
     *"left: finished"*) fail "precondition: the copy finished before the daemon cancelled it" ;;
     *) fail "the job ended otherwise than by cancellation: $ended" ;;
     esac
-    grep -q 'client went away; cancelling' "$DAEMON_LOG" ||
-        fail "the daemon did not log noticing the hang-up"
     # Checked while the daemon still runs: its shutdown must not be what cleans up.
     proc_alive "$DAEMON_PID" || fail "imgcryptd died when its client was killed"
     assert_job_devices_gone "$DAEMON_LOG"

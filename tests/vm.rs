@@ -10,7 +10,8 @@
 //!   `qemu-img convert -O raw` of the source, computed here, and zeros after it.
 //! - **kernel boot** (a, c, d, teardown): imgcryptd runs as root in the guest with the kernel
 //!   engine: it encrypts a dynamic VHD; is killed with `kill -9` mid-copy and restarted; serves an
-//!   unprivileged user; and fails on ENOSPC or is stopped by SIGTERM mid-copy, each time leaving
+//!   unprivileged user; and fails on ENOSPC, on EIO from the output device, on a source read
+//!   error, when imgctl is killed mid-copy, or when SIGTERM stops it mid-copy, each time leaving
 //!   no mapper and no loop device.
 //!
 //! The guest reports on its serial console (`IMGCRYPT-RESULT <check> PASS|FAIL <seconds>
@@ -46,6 +47,8 @@ const KERNEL_BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
 const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read latency of the slow disk (dm-delay) that holds the source of the mid-copy checks.
 const SLOW_DELAY_MS: u32 = 50;
+/// The blank disk under the guest's failing devices (tests/vm/checks.sh, `scratch_device`).
+const SCRATCH_DISK_BYTES: u64 = 96 << 20;
 
 /// Which guest boot a check runs in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,6 +76,9 @@ impl Boot {
                 "d-unprivileged",
                 "teardown-enospc",
                 "teardown-enospc-write",
+                "teardown-eio",
+                "teardown-source-error",
+                "teardown-cancel",
                 "teardown-sigterm",
                 "c-kill9-restart",
             ],
@@ -201,6 +207,21 @@ fn kernel_teardown_after_enospc_reserving_output_on_tmpfs() {
 #[test]
 fn kernel_teardown_after_enospc_mid_copy() {
     assert_guest_check("teardown-enospc-write");
+}
+
+#[test]
+fn kernel_teardown_after_eio_from_output_device() {
+    assert_guest_check("teardown-eio");
+}
+
+#[test]
+fn kernel_teardown_after_source_read_error() {
+    assert_guest_check("teardown-source-error");
+}
+
+#[test]
+fn kernel_teardown_after_client_killed_mid_copy_and_daemon_still_serves() {
+    assert_guest_check("teardown-cancel");
 }
 
 #[test]
@@ -436,8 +457,9 @@ fn userspace_disks(dir: &Path) -> Vec<Disk> {
 }
 
 /// The kernel boot's disks: a payload ext4 (sources, key, room for the outputs), a slow disk
-/// (a fully written source behind dm-delay in the guest), and a small ext2 (no fallocate, so
-/// ENOSPC arrives mid-copy).
+/// (a fully written source behind dm-delay in the guest), a small ext2 (no fallocate, so
+/// ENOSPC arrives mid-copy), and a blank scratch disk the guest maps with dm `linear` and
+/// `error` segments (an output and a source that fail with EIO part-way).
 fn kernel_disks(dir: &Path) -> Vec<Disk> {
     let payload = dir.join("payload");
     let slow = dir.join("slow");
@@ -484,6 +506,11 @@ fn kernel_disks(dir: &Path) -> Vec<Disk> {
             .arg(&small)
             .arg("24M"),
     );
+    // Sparse: the guest uses 0..32 MiB (the failing output) and 64..88 MiB (the failing source).
+    let scratch = dir.join("scratch.img");
+    fs::File::create(&scratch)
+        .and_then(|file| file.set_len(SCRATCH_DISK_BYTES))
+        .expect("create the scratch disk");
     vec![
         Disk {
             path: ext4_image(dir, "payload", &payload, "384M"),
@@ -498,6 +525,11 @@ fn kernel_disks(dir: &Path) -> Vec<Disk> {
         Disk {
             path: small,
             serial: "small-ext2",
+            read_only: false,
+        },
+        Disk {
+            path: scratch,
+            serial: "scratch",
             read_only: false,
         },
     ]

@@ -437,6 +437,183 @@ check_teardown_sigterm() {
     expect_failure $? /tmp/t "$out"
 }
 
+# --- teardown on I/O errors and when the client goes away ---------------------------------------
+
+# job_devices LOG: "MAPPER LOOP" of the last copy the kernel engine started ("kernel engine copy
+# starting ... mapper=imgcrypt-N ... loop_device=loopM"), or nothing if none started.
+job_devices() {
+    sed -n 's/.*kernel engine copy starting.* mapper=\([^ ]*\) .*loop_device=\(loop[0-9]*\).*/\1 \2/p' \
+        "$1" | tail -n 1
+}
+
+# The devices a job used: the mapper is gone and the loop device is detached.
+job_devices_gone() {
+    ! dmsetup info "$1" >/dev/null 2>&1 && ! "$LOSETUP" "/dev/$2" >/dev/null 2>&1
+}
+
+# assert_job_devices_gone LOG: the devices the last copy in LOG started with existed (else the
+# check proves nothing) and are gone now, allowing 10 s for an asynchronous loop detach.
+assert_job_devices_gone() {
+    devices=$(job_devices "$1")
+    [ -n "$devices" ] ||
+        fail "precondition: the kernel engine never started a copy, so there was nothing to tear down"
+    mapper=${devices% *} loop=${devices#* }
+    echo "the job ran on mapper $mapper over /dev/$loop"
+    if ! wait_until 10 job_devices_gone "$mapper" "$loop"; then
+        dmsetup ls
+        "$LOSETUP" -a
+        fail "the job's devices remain: mapper $mapper or /dev/$loop ($("$LOSETUP" "/dev/$loop" 2>&1))"
+    fi
+}
+
+# scratch_device NAME TABLE: device-mapper device /dev/mapper/NAME over the scratch disk; TABLE
+# says @DISK@ for the disk's path.
+scratch_device() {
+    disk=$(wait_for_disk scratch 10) || fail "no virtio disk with serial 'scratch'"
+    printf '%s\n' "$2" | sed "s|@DISK@|$disk|g" | dmsetup create "$1" ||
+        fail "cannot create $1 over $disk"
+    dmsetup mknodes "$1"
+    echo "$1: $(dmsetup table "$1" | tr '\n' ';')"
+}
+
+# Nobody holds device-mapper device $1 open: no loop device, no process.
+not_open() {
+    [ "$(dmsetup info -c --noheadings -o open "$1" 2>/dev/null | tr -d ' ')" = 0 ]
+}
+
+# remove_scratch_device NAME: it must be free (not_open, within 10 s) and removable.
+remove_scratch_device() {
+    if ! wait_until 10 not_open "$1"; then
+        "$LOSETUP" -a
+        fail "$1 is still open: $(dmsetup info -c -o name,open "$1" | tail -n 1)"
+    fi
+    dmsetup remove "$1" || fail "cannot remove $1"
+}
+
+# The OUTPUT is a block device whose tail fails with EIO: 32 MiB of the scratch disk, then 32 MiB
+# of dm `error`. Source a needs 49 MiB (a 16 MiB LUKS2 header, 33 MiB of payload), so the header
+# and the first 16 MiB of payload land, and the copy then meets EIO through dm-crypt and the loop
+# device the engine attaches to the output device.
+check_teardown_eio() {
+    scratch_device vmtest-eio "0 65536 linear @DISK@ 0
+65536 65536 error"
+    out=/dev/mapper/vmtest-eio
+    daemon_start
+    encrypt "$SOURCE_A" "$out" /tmp/i --force
+    status=$?
+    show_result /tmp/i
+    [ "$status" -ne 0 ] || fail "imgctl succeeded writing to a device that fails with EIO"
+    # Checked while the daemon still runs: its shutdown must not be what cleans up.
+    assert_job_devices_gone "$DAEMON_LOG"
+    assert_no_leftovers "$out"
+    proc_alive "$DAEMON_PID" || fail "imgcryptd died after the I/O error"
+    daemon_stop
+    grep -q '"error":"io.imgcrypt.IoError"' /tmp/i.json || fail "the job did not fail with IoError"
+    grep -qi 'input/output error' /tmp/i.err || fail "the error does not say it is an I/O error"
+    # The message counts payload offsets (it says so); the first failing one is at 16 MiB (the
+    # output's 32 MiB), and none is past the 33 MiB payload.
+    assert_error_offset_within /tmp/i.err 16777216 34603008
+    remove_scratch_device vmtest-eio
+}
+
+# The SOURCE is a block device with an `error` segment in the middle: a 24 MiB RAW image whose
+# bytes 8..12 MiB fail with EIO (its start and end read fine, so the format probe succeeds and
+# the copy is what meets the error).
+check_teardown_source_error() {
+    scratch_device vmtest-badsrc "0 16384 linear @DISK@ 131072
+16384 8192 error
+24576 24576 linear @DISK@ 155648"
+    source=/dev/mapper/vmtest-badsrc
+    out=/mnt/payload/s.luks
+    daemon_start
+    encrypt "$source" "$out" /tmp/s
+    status=$?
+    # Checked while the daemon still runs: its shutdown must not be what cleans up.
+    expect_failure "$status" /tmp/s "$out"
+    assert_job_devices_gone "$DAEMON_LOG"
+    proc_alive "$DAEMON_PID" || fail "imgcryptd died after the read error"
+    daemon_stop
+    grep -q '"error":"io.imgcrypt.IoError"' /tmp/s.json || fail "the job did not fail with IoError"
+    grep -qi 'input/output error' /tmp/s.err || fail "the error does not say it is an I/O error"
+    grep -qi 'read' /tmp/s.err || fail "the error does not say reading the source failed"
+    # Only bytes 8..12 MiB of the source fail: the message must say where.
+    assert_error_offset_within /tmp/s.err 8388608 12582912
+    remove_scratch_device vmtest-badsrc
+}
+
+# assert_error_offset_within ERR_FILE LOW HIGH: the error message names "at offset N" with
+# LOW <= N < HIGH.
+assert_error_offset_within() {
+    offset=$(sed -n 's/.* at offset \([0-9]*\).*/\1/p' "$1" | head -n 1)
+    [ -n "$offset" ] || fail "the error names no offset: $(cat "$1")"
+    if [ "$offset" -lt "$2" ] || [ "$offset" -ge "$3" ]; then
+        fail "the error names offset $offset, outside the failing range $2..$3"
+    fi
+}
+
+# The client that asked, as the daemon saw it (SO_PEERCRED): "encrypt requested ... pid=Some(P)".
+job_client_pid() {
+    sed -n 's/.*encrypt requested .*pid=Some(\([0-9]*\)).*/\1/p' "$DAEMON_LOG" | tail -n 1
+}
+
+job_ended_without_client() {
+    grep -q 'job ended after its client left' "$DAEMON_LOG"
+}
+
+# SIGKILL to imgctl mid-copy: the daemon sees the hang-up, cancels, tears down, and serves the
+# next job.
+check_teardown_cancel() {
+    mount_slow_source
+    drop_caches
+    out=/mnt/payload/k.luks
+    daemon_start
+    encrypt "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/k &
+    client=$!
+    remember_pid "$client"
+    if ! wait_until 120 mid_copy; then
+        show_result /tmp/k
+        show_daemon_log
+        fail "never saw the kernel engine's mapper mid-copy within 120 s"
+    fi
+    imgctl_pid=$(job_client_pid)
+    [ -n "$imgctl_pid" ] || fail "the daemon's log names no client pid"
+    echo "mid-copy: $(imgcrypt_mappers | head -n 1); kill -9 imgctl ($imgctl_pid)"
+    kill -9 "$imgctl_pid" || fail "cannot kill imgctl $imgctl_pid"
+    wait_until 30 proc_gone "$client" || fail "imgctl survived kill -9"
+    wait "$client" && fail "imgctl succeeded although it was killed"
+    if ! wait_until 60 job_ended_without_client; then
+        show_daemon_log
+        fail "the daemon did not end the job within 60 s of its client's death"
+    fi
+    ended=$(grep 'job ended after its client left' "$DAEMON_LOG")
+    echo "daemon: $ended"
+    case $ended in
+    *"left: cancelled"*) ;;
+    *"left: finished"*) fail "precondition: the copy finished before the daemon cancelled it" ;;
+    *) fail "the job ended otherwise than by cancellation: $ended" ;;
+    esac
+    # Checked while the daemon still runs: its shutdown must not be what cleans up.
+    proc_alive "$DAEMON_PID" || fail "imgcryptd died when its client was killed"
+    assert_job_devices_gone "$DAEMON_LOG"
+    assert_no_leftovers "$out"
+    [ ! -e "$out" ] || fail "$out exists after the cancelled job"
+    # Only imgctl removes its partial file, and it was killed; the daemon holds no path to it.
+    rm -f "$out.partial"
+
+    # Still serving: a small job on the same daemon succeeds and decrypts to its source.
+    next=/mnt/payload/k2.luks
+    if ! encrypt "$SOURCE_D" "$next" /tmp/k2; then
+        show_result /tmp/k2
+        show_daemon_log
+        fail "the daemon's next job failed: $(tail -n 1 /tmp/k2.err)"
+    fi
+    grep '"event":"summary"' /tmp/k2.json | grep -q '"engine":"kernel"' ||
+        fail "the next job's summary does not name engine kernel"
+    assert_no_leftovers "$next"
+    daemon_stop
+    verify_luks "$next" vmcheck-k2 "$D_VSIZE" "$D_SHA256"
+}
+
 # --- dispatch -----------------------------------------------------------------------------------
 
 run_check() {
@@ -448,6 +625,9 @@ run_check() {
     teardown-enospc) check_teardown_enospc ;;
     teardown-enospc-write) check_teardown_enospc_write ;;
     teardown-sigterm) check_teardown_sigterm ;;
+    teardown-eio) check_teardown_eio ;;
+    teardown-source-error) check_teardown_source_error ;;
+    teardown-cancel) check_teardown_cancel ;;
     *) fail "no such check: $1" ;;
     esac
 }
@@ -465,6 +645,9 @@ cleanup_after_check() {
     done
     for dir in /mnt/small /mnt/ext2; do
         is_mounted "$dir" && umount -l "$dir"
+    done
+    for name in vmtest-eio vmtest-badsrc; do
+        dmsetup info "$name" >/dev/null 2>&1 && dmsetup remove "$name"
     done
     return 0
 }

@@ -36,7 +36,6 @@ use crate::devices::keyring::LogonKey;
 use crate::devices::loop_device::{AttachedLoop, Detached};
 use crate::devices::mapper::{CryptTarget, Mapping, Removal};
 use crate::devices::names::JobDeviceNames;
-use crate::devices::node::BlockNode;
 use crate::engines::userspace::{check_layout, Copy, UserspaceEngine};
 use crate::engines::xts::VOLUME_KEY_BYTES;
 use crate::engines::{Engine, PayloadJob};
@@ -111,9 +110,15 @@ impl Engine for KernelEngine {
             "kernel engine copy starting"
         );
 
+        let note = format!(
+            "through the dm-crypt device {}, whose offsets count from the payload at byte {} of \
+             the output",
+            device.path().display(),
+            job.data_offset
+        );
         let copied = Copy::new(self.workers, self.chunk_size, job, None, device.file(), 0)
+            .describing_target(note)
             .run()
-            .map_err(|error| through_the_device(error, job.data_offset, &device))
             .and_then(|()| {
                 device.file().sync_all().map_err(|e| {
                     Error::io(
@@ -139,30 +144,6 @@ impl Engine for KernelEngine {
             tracing::warn!("the loop device was still held; autoclear detaches it when released");
         }
         Ok(job.payload_size)
-    }
-}
-
-/// Says that a write error happened on the dm-crypt device, whose offsets are payload offsets:
-/// the copy's messages name offsets in the device it writes, not in the output.
-fn through_the_device(error: Error, data_offset: u64, device: &BlockNode) -> Error {
-    let note = format!(
-        "through the dm-crypt device {}, whose offsets count from the payload at byte \
-         {data_offset} of the output",
-        device.path().display()
-    );
-    match error {
-        Error::NoSpace {
-            required_bytes,
-            message,
-        } => Error::NoSpace {
-            required_bytes,
-            message: format!("{message} ({note})"),
-        },
-        Error::Io { operation, source } => Error::Io {
-            operation: format!("{operation} ({note})"),
-            source,
-        },
-        other => other,
     }
 }
 

@@ -255,6 +255,8 @@ pub(crate) struct Copy<'j, 'a> {
     first_error: Mutex<Option<Error>>,
     /// Bytes written so far; the lock also keeps `progress` calls in increasing order.
     written: Mutex<u64>,
+    /// What the target is, when it is not the output itself (the kernel engine's dm device).
+    target_note: Option<String>,
 }
 
 impl<'j, 'a> Copy<'j, 'a> {
@@ -283,7 +285,15 @@ impl<'j, 'a> Copy<'j, 'a> {
             stop: AtomicBool::new(false),
             first_error: Mutex::new(None),
             written: Mutex::new(0),
+            target_note: None,
         }
+    }
+
+    /// Adds `note` (what the target is, how its offsets relate to the output) to every write
+    /// error, for targets that are not the output itself.
+    pub(crate) fn describing_target(mut self, note: String) -> Self {
+        self.target_note = Some(note);
+        self
     }
 
     /// Copies the whole payload; the first error any worker met, or `Cancelled`.
@@ -349,7 +359,7 @@ impl<'j, 'a> Copy<'j, 'a> {
             let len = self.chunk_size.min(self.job.payload_size - start) as usize;
             let chunk = &mut buffer[..len];
 
-            read_source(self.job.source, chunk, start)?;
+            read_source(self.job.source, chunk, start).map_err(source_context)?;
             if let Some(cipher) = self.cipher {
                 cipher.encrypt_sectors(
                     chunk,
@@ -368,16 +378,20 @@ impl<'j, 'a> Copy<'j, 'a> {
 
     /// Says which descriptor a write error concerns, and how much the output needs in total.
     fn output_context(&self, error: Error) -> Error {
+        let note = self
+            .target_note
+            .as_ref()
+            .map_or(String::new(), |note| format!(" ({note})"));
         match error {
             Error::NoSpace { message, .. } => Error::NoSpace {
                 required_bytes: self.job.data_offset + self.job.payload_size,
                 message: format!(
-                    "{message} (the encrypted image needs {} bytes in all)",
+                    "{message} (the encrypted image needs {} bytes in all){note}",
                     self.job.data_offset + self.job.payload_size
                 ),
             },
             Error::Io { operation, source } => Error::Io {
-                operation: format!("output: {operation}"),
+                operation: format!("output: {operation}{note}"),
                 source,
             },
             other => other,
@@ -397,6 +411,20 @@ impl Drop for StopOnPanic<'_> {
 
 /// Fills `chunk` with the source's bytes at payload offset `start`: reads only the allocated
 /// ranges and zero-fills the gaps and anything past the source's end.
+/// Says that a read error concerns the source, and what to check: it is never the output's fault.
+fn source_context(error: Error) -> Error {
+    match error {
+        Error::Io { operation, source } => Error::Io {
+            operation: format!(
+                "source image: {operation} (the disk or file holding the source failed to read: \
+                 check it, e.g. with `dmesg`, or copy the image elsewhere)"
+            ),
+            source,
+        },
+        other => other,
+    }
+}
+
 fn read_source(source: &dyn SourceImage, chunk: &mut [u8], start: u64) -> Result<()> {
     let end = start + chunk.len() as u64;
     let readable_end = end.min(source.virtual_size());
@@ -456,6 +484,28 @@ mod tests {
         fn allocated_ranges(&self) -> &[Range<u64>] {
             &self.allocated
         }
+    }
+
+    #[test]
+    fn source_read_errors_name_the_source_not_the_output() {
+        let io = source_context(Error::io(
+            "read 4096 bytes of disk data at offset 8388608",
+            std::io::Error::from_raw_os_error(libc::EIO),
+        ));
+        let text = io.to_string();
+        assert!(text.starts_with("source image: read 4096 bytes"), "{text}");
+        assert!(
+            text.contains("dmesg") && !text.contains("output:"),
+            "{text}"
+        );
+        let corrupt = source_context(Error::corrupt("truncated", Some(7)));
+        assert!(matches!(
+            corrupt,
+            Error::CorruptImage {
+                offset: Some(7),
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -291,8 +291,7 @@ impl Connection {
                 Some(notice) = reports.notices.recv(), if streaming && !client_gone => {
                     let reply = Reply::partial(EncryptReply { notice: Some(notice), ..Default::default() });
                     if self.send(&reply).await.is_err() {
-                        client_gone = true;
-                        cancel.store(true, Ordering::Relaxed);
+                        client_gone = client_left(job_id, peer, &cancel, "a reply could not be sent");
                     }
                 }
                 Ok(()) = reports.progress.changed(), if streaming && !client_gone => {
@@ -305,16 +304,12 @@ impl Connection {
                         last_progress = Some((Instant::now(), progress.phase));
                         let reply = Reply::partial(EncryptReply { progress: Some(progress), ..Default::default() });
                         if self.send(&reply).await.is_err() {
-                            client_gone = true;
-                            cancel.store(true, Ordering::Relaxed);
+                            client_gone = client_left(job_id, peer, &cancel, "a reply could not be sent");
                         }
                     }
                 }
-                gone = self.wait_for_hangup(), if !client_gone => {
-                    let _ = gone;
-                    tracing::info!(job = job_id, uid = peer.uid, "client went away; cancelling");
-                    client_gone = true;
-                    cancel.store(true, Ordering::Relaxed);
+                _ = self.wait_for_hangup(), if !client_gone => {
+                    client_gone = client_left(job_id, peer, &cancel, "its connection closed");
                 }
                 _ = stop.changed(), if !stopping => {
                     tracing::info!(job = job_id, "daemon stopping; cancelling");
@@ -385,6 +380,14 @@ impl Connection {
             }
         }
     }
+}
+
+/// Cancels a job whose client is gone, however that was noticed, and says so in the log.
+/// Returns `true`, the new value of the connection's `client_gone`.
+fn client_left(job_id: u64, peer: Peer, cancel: &AtomicBool, how: &str) -> bool {
+    tracing::info!(job = job_id, uid = peer.uid, pid = ?peer.pid, "client went away ({how}); cancelling");
+    cancel.store(true, Ordering::Relaxed);
+    true
 }
 
 /// Parses a call's parameters, or builds the `InvalidParameter` reply.

@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod connect;
 mod error;
+mod keyring;
 mod output;
 mod progress;
 
@@ -23,6 +24,11 @@ struct Cli {
     #[arg(long, global = true, value_name = "PATH")]
     socket: Option<PathBuf>,
 
+    /// Key ring naming key files (default: $XDG_CONFIG_HOME/imgcrypt/keys.toml, i.e.
+    /// ~/.config/imgcrypt/keys.toml); must exist when given.
+    #[arg(long, global = true, value_name = "FILE")]
+    keyring: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -31,13 +37,20 @@ struct Cli {
 enum Command {
     /// Encrypt a RAW or VHD image into a LUKS image.
     Encrypt(commands::encrypt::EncryptArgs),
+    /// Generate keys and show their fingerprints.
+    Key(commands::key::KeyArgs),
 }
 
 fn main() -> ExitCode {
     output::install_interrupt_cleanup();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Encrypt(args) => commands::encrypt::run(args, cli.socket),
+        Command::Encrypt(args) => commands::encrypt::run(
+            args,
+            cli.socket,
+            &keyring::RingLocation::from_environment(cli.keyring),
+        ),
+        Command::Key(args) => commands::key::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

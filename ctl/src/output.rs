@@ -195,6 +195,30 @@ impl Drop for PartialFile {
     }
 }
 
+/// Creates a new file with `create` while the interrupt handler is held off, and registers it to
+/// be removed if we are interrupted before [`keep_on_interrupt`]. Holding the lock across the
+/// creation means an interrupt either comes first (nothing was created) or finds the file
+/// registered; a failed creation registers nothing, so an existing file is never removed.
+pub fn create_removed_on_interrupt<T>(
+    path: &Path,
+    create: impl FnOnce() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let created = create()?;
+    *pending = Some(path.to_path_buf());
+    Ok(created)
+}
+
+/// Ends the registration made by [`create_removed_on_interrupt`]; with `remove`, removes the
+/// file first (under the same lock, so the interrupt handler never races the removal).
+pub fn keep_on_interrupt(path: &Path, remove: bool) {
+    let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if remove {
+        let _ = std::fs::remove_file(path);
+    }
+    *pending = None;
+}
+
 fn forget_pending() {
     *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) = None;
 }

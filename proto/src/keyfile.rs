@@ -28,8 +28,8 @@ pub const MIN_LEN: usize = 32;
 pub const MAX_LEN: usize = 512;
 
 /// How to make a good key, quoted by the messages that send the user back to square one.
-const GENERATE_HINT: &str =
-    "generate one with `head -c 32 /dev/urandom | base64 -w0 > key` (then `chmod 600 key`)";
+const GENERATE_HINT: &str = "generate one with `imgctl key generate -o key` \
+     (or `head -c 32 /dev/urandom | base64 -w0 > key; chmod 600 key`)";
 
 /// A broken key-file rule. Messages never quote key bytes; they give offsets and lengths only.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -322,7 +322,15 @@ mod tests {
 
     #[test]
     fn empty() {
-        expect(b"", "empty", &["is empty", "head -c 32 /dev/urandom"]);
+        expect(
+            b"",
+            "empty",
+            &[
+                "is empty",
+                "imgctl key generate -o key",
+                "head -c 32 /dev/urandom",
+            ],
+        );
     }
 
     #[test]

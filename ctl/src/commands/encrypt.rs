@@ -1,4 +1,5 @@
-//! `imgctl encrypt SRC -o OUT --key-file KEY`.
+//! `imgctl encrypt SRC -o OUT [--key-file KEY]`; without `--key-file`, the key ring's
+//! `encryption_key`, and with neither an error (never an unencrypted output).
 //!
 //! The client does every `open` (with the user's own permissions) and hands the daemon three
 //! descriptors: the source read-only, `OUT.partial` read-write, and the key file read-only. The
@@ -16,6 +17,7 @@ use imgcrypt_proto::varlink::Call;
 
 use crate::connect;
 use crate::error::{CtlError, Result};
+use crate::keyring::{self, RingLocation};
 use crate::output::Output;
 use crate::progress::Display;
 
@@ -28,6 +30,7 @@ pub struct EncryptArgs {
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: PathBuf,
     /// Key file: its bytes are the LUKS passphrase (32–512 base64 characters, no newline).
+    /// Default: the key ring's encryption_key.
     #[arg(long, value_name = "KEY")]
     pub key_file: Option<PathBuf>,
     /// Write a LUKS1 header instead of LUKS2.
@@ -83,12 +86,12 @@ pub enum EngineArg {
 }
 
 /// Runs the command.
-pub fn run(args: EncryptArgs, socket: Option<PathBuf>) -> Result<()> {
+pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
     let parameters_without_fds = parameters(&args)?;
-    let key_path = args
-        .key_file
-        .clone()
-        .ok_or_else(|| CtlError::Usage("no key given: pass --key-file FILE".to_string()))?;
+    let (key_path, ring_warnings) = keyring::encryption_key(args.key_file.clone(), ring)?;
+    for warning in &ring_warnings {
+        eprintln!("imgctl: warning: {warning}");
+    }
     let key = open_read_only(&key_path, "open the key file")?;
     let source = open_read_only(&args.source, "open the source image")?;
     let mut display = Display::new(args.json);

@@ -1,3 +1,4 @@
 //! One module per imgctl subcommand.
 
 pub mod encrypt;
+pub mod key;

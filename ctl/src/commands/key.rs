@@ -203,8 +203,9 @@ mod tests {
     fn generated_key_is_44_base64_chars_mode_0600_and_valid_even_with_umask_0() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
-        // umask is process-wide; this is the only test in the crate that creates files with a
-        // mode of its own, and 0 is the umask that would widen a careless mode.
+        // umask is process-wide, so other tests may briefly see it too: 0 only widens modes
+        // nobody here relies on being narrow. (A restrictive umask, which would break
+        // concurrent tests, is checked in a separate process by tests/keys.rs.)
         let old = nix::sys::stat::umask(Mode::empty());
         let result = generate(&path);
         nix::sys::stat::umask(old);

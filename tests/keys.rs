@@ -1,0 +1,199 @@
+//! Keys as a user meets them: `imgctl key generate` and `key fingerprint` through the real
+//! binary, and `encrypt` taking its key from a key ring, checked by cryptsetup itself.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// `sha256sum FILE` as base64, computed by coreutils and xxd, not by us.
+fn coreutils_fingerprint(path: &Path) -> String {
+    let output = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("sha256sum \"$1\" | cut -d' ' -f1 | xxd -r -p | base64 -w0")
+            .arg("sh")
+            .arg(path),
+    );
+    format!("sha256:{}", String::from_utf8(output.stdout).unwrap())
+}
+
+fn stdout_line(output: &std::process::Output) -> String {
+    String::from_utf8(output.stdout.clone())
+        .unwrap()
+        .trim_end()
+        .to_string()
+}
+
+#[test]
+fn generated_key_fingerprint_and_ring_encrypt_open_with_cryptsetup() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let source = make_source(dir, SourceKind::Raw, "2M");
+
+    // Kept in a subdirectory and named relatively, to show the ring resolves it beside itself.
+    fs::create_dir(dir.join("keys")).unwrap();
+    let key = dir.join("keys").join("current.key");
+    let generated = run_ok(daemon.imgctl().args(["key", "generate", "-o"]).arg(&key));
+    let printed = stdout_line(&generated);
+    assert_eq!(printed, coreutils_fingerprint(&key));
+    let bytes = fs::read(&key).unwrap();
+    assert_eq!(bytes.len(), 44);
+    assert!(
+        !String::from_utf8_lossy(&generated.stdout).contains(std::str::from_utf8(&bytes).unwrap()),
+        "key bytes printed"
+    );
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
+
+    let fingerprint = run_ok(daemon.imgctl().args(["key", "fingerprint"]).arg(&key));
+    assert_eq!(stdout_line(&fingerprint), printed);
+
+    // Generating again over it is refused and the key is unchanged.
+    let again = run(daemon.imgctl().args(["key", "generate", "-o"]).arg(&key));
+    assert!(!again.status.success(), "{}", describe(&again));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already exists"),
+        "{}",
+        describe(&again)
+    );
+    assert_eq!(fs::read(&key).unwrap(), bytes);
+
+    let ring = dir.join("keys.toml");
+    fs::write(
+        &ring,
+        "encryption_key = \"keys/current.key\"\ndecryption_key1 = \"keys/current.key\"\n\
+         decryption_key3 = \"keys/lost.key\"\n",
+    )
+    .unwrap();
+    let output = dir.join("out.luks");
+    let encrypted = run_ok(
+        daemon
+            .imgctl()
+            .arg("--keyring")
+            .arg(&ring)
+            .arg("encrypt")
+            .arg(&source)
+            .arg("-o")
+            .arg(&output)
+            .args(CHEAP_PBKDF),
+    );
+    let stdout = String::from_utf8_lossy(&encrypted.stdout);
+    assert!(
+        stdout.contains(&printed),
+        "summary lacks {printed}: {stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&encrypted.stderr);
+    assert!(
+        stderr.contains("decryption_key3 ignored: decryption_key2 is missing"),
+        "{stderr}"
+    );
+    assert!(test_passphrase(&output, &key));
+    let other = dir.join("other.key");
+    write_key(&other);
+    assert!(!test_passphrase(&output, &other), "any key opens it?");
+}
+
+#[test]
+fn encrypt_with_no_key_anywhere_fails_and_leaves_nothing() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let source = make_source(dir, SourceKind::Raw, "2M");
+    let output = dir.join("out.luks");
+    let config = dir.join("config");
+    let before: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+
+    // No --key-file, and the default ring (under an empty XDG_CONFIG_HOME) does not exist.
+    let result = run(daemon
+        .imgctl()
+        .env("XDG_CONFIG_HOME", &config)
+        .arg("encrypt")
+        .arg(&source)
+        .arg("-o")
+        .arg(&output)
+        .args(CHEAP_PBKDF));
+    assert!(!result.status.success(), "{}", describe(&result));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    let expected = format!(
+        "no key: pass --key-file FILE or set encryption_key in {}",
+        config.join("imgcrypt/keys.toml").display()
+    );
+    assert!(stderr.contains(&expected), "{}", describe(&result));
+    let after: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(before, after, "files appeared");
+
+    // A ring without encryption_key is no key either; a missing explicit ring is an error.
+    let ring = dir.join("old-only.toml");
+    fs::write(&ring, "decryption_key1 = \"old.key\"\n").unwrap();
+    for ring in [ring.clone(), dir.join("missing.toml")] {
+        let result = run(daemon
+            .imgctl()
+            .arg("--keyring")
+            .arg(&ring)
+            .arg("encrypt")
+            .arg(&source)
+            .arg("-o")
+            .arg(&output)
+            .args(CHEAP_PBKDF));
+        assert!(!result.status.success(), "{}", describe(&result));
+        assert!(
+            String::from_utf8_lossy(&result.stderr).contains(&ring.display().to_string()),
+            "{}",
+            describe(&result)
+        );
+        assert!(!output.exists());
+        assert!(!dir.join("out.luks.partial").exists());
+    }
+}
+
+#[test]
+fn restrictive_umask_still_gives_an_owner_readable_0600_key() {
+    let scratch_dir = scratch();
+    let key = scratch_dir.path().join("k");
+    // Umask 0277 would leave mode 0400 if imgctl trusted the mode given at creation.
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("umask 277 && exec \"$0\" key generate -o \"$1\"")
+            .arg(binary("imgctl"))
+            .arg(&key),
+    );
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o7777,
+        0o600
+    );
+}
+
+#[test]
+fn fingerprint_of_a_bad_key_names_the_rule() {
+    let scratch_dir = scratch();
+    let key = scratch_dir.path().join("k");
+    write_key(&key);
+    let mut bytes = fs::read(&key).unwrap();
+    bytes.push(b'\n');
+    fs::write(&key, &bytes).unwrap();
+    let result = run(Command::new(binary("imgctl"))
+        .args(["key", "fingerprint"])
+        .arg(&key));
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("ends with a newline"), "{stderr}");
+    assert!(
+        !stderr.contains(std::str::from_utf8(&bytes[..44]).unwrap()),
+        "key bytes in the message"
+    );
+}

@@ -407,17 +407,11 @@ fn userspace_disks(dir: &Path) -> Vec<Disk> {
     let daemon = Daemon::start(dir, &["--engine", "userspace"]);
     for (variant, serial, args, sector_size) in USERSPACE_VARIANTS {
         let output = dir.join(format!("{variant}.luks"));
-        let result = run(daemon
-            .imgctl()
-            .arg("encrypt")
-            .arg(&source)
-            .arg("-o")
-            .arg(&output)
-            .arg("--key-file")
-            .arg(&key)
-            .args(*args)
-            .args(CHEAP_PBKDF)
-            .args(["--engine", "userspace", "--json"]));
+        let result = run(daemon.encrypt(&source, &output, &key).args(*args).args([
+            "--engine",
+            "userspace",
+            "--json",
+        ]));
         assert!(
             result.status.success(),
             "imgctl ({variant}) failed: {}\ndaemon log:\n{}",

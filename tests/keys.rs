@@ -74,17 +74,7 @@ fn generated_key_fingerprint_and_ring_encrypt_open_with_cryptsetup() {
     )
     .unwrap();
     let output = dir.join("out.luks");
-    let encrypted = run_ok(
-        daemon
-            .imgctl()
-            .arg("--keyring")
-            .arg(&ring)
-            .arg("encrypt")
-            .arg(&source)
-            .arg("-o")
-            .arg(&output)
-            .args(CHEAP_PBKDF),
-    );
+    let encrypted = run_ok(&mut encrypt_with_ring(&daemon, &ring, &source, &output));
     let stdout = String::from_utf8_lossy(&encrypted.stdout);
     assert!(
         stdout.contains(&printed),
@@ -140,15 +130,7 @@ fn encrypt_with_no_key_anywhere_fails_and_leaves_nothing() {
     let ring = dir.join("old-only.toml");
     fs::write(&ring, "decryption_key1 = \"old.key\"\n").unwrap();
     for ring in [ring.clone(), dir.join("missing.toml")] {
-        let result = run(daemon
-            .imgctl()
-            .arg("--keyring")
-            .arg(&ring)
-            .arg("encrypt")
-            .arg(&source)
-            .arg("-o")
-            .arg(&output)
-            .args(CHEAP_PBKDF));
+        let result = run(&mut encrypt_with_ring(&daemon, &ring, &source, &output));
         assert!(!result.status.success(), "{}", describe(&result));
         assert!(
             String::from_utf8_lossy(&result.stderr).contains(&ring.display().to_string()),
@@ -196,4 +178,18 @@ fn fingerprint_of_a_bad_key_names_the_rule() {
         !stderr.contains(std::str::from_utf8(&bytes[..44]).unwrap()),
         "key bytes in the message"
     );
+}
+
+/// `imgctl --keyring RING encrypt SOURCE -o OUTPUT`: the key comes from the ring, not a flag.
+fn encrypt_with_ring(daemon: &Daemon, ring: &Path, source: &Path, output: &Path) -> Command {
+    let mut command = daemon.imgctl();
+    command
+        .arg("--keyring")
+        .arg(ring)
+        .arg("encrypt")
+        .arg(source)
+        .arg("-o")
+        .arg(output)
+        .args(CHEAP_PBKDF);
+    command
 }

@@ -298,21 +298,27 @@ check_kernel_encrypt() {
     verify_luks "$out" vmcheck-a "$A_VSIZE" "$A_SHA256"
 }
 
-# --- c: kill -9 mid-copy, restart: the crash's mapper and loop are cleaned up -----------------
-
-check_kill9_restart() {
+# Encrypts the slow (dm-delay) source into $1 in the background, its output going to $2; sets
+# $client to that imgctl's pid and returns once the kernel engine's mapper is mid-copy.
+start_slow_encrypt() {
     mount_slow_source
     drop_caches
-    out=/mnt/payload/c.luks
     daemon_start
-    encrypt "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/c &
+    encrypt "/mnt/slow/$SLOW_SOURCE" "$1" "$2" &
     client=$!
     remember_pid "$client"
     if ! wait_until 120 mid_copy; then
-        show_result /tmp/c
+        show_result "$2"
         show_daemon_log
         fail "never saw the kernel engine's mapper mid-copy within 120 s"
     fi
+}
+
+# --- c: kill -9 mid-copy, restart: the crash's mapper and loop are cleaned up -----------------
+
+check_kill9_restart() {
+    out=/mnt/payload/c.luks
+    start_slow_encrypt "$out" /tmp/c
     mapper=$(imgcrypt_mappers | head -n 1)
     echo "mid-copy: $mapper, $(awk '{ print $7 }' "$(dm_sysfs "$mapper")/stat") sectors written"
     kill -9 "$DAEMON_PID"
@@ -415,18 +421,8 @@ check_teardown_enospc_write() {
 
 # SIGTERM to the daemon mid-copy cancels the job and tears down before the daemon exits.
 check_teardown_sigterm() {
-    mount_slow_source
-    drop_caches
     out=/mnt/payload/t.luks
-    daemon_start
-    encrypt "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/t &
-    client=$!
-    remember_pid "$client"
-    if ! wait_until 120 mid_copy; then
-        show_result /tmp/t
-        show_daemon_log
-        fail "never saw the kernel engine's mapper mid-copy within 120 s"
-    fi
+    start_slow_encrypt "$out" /tmp/t
     echo "mid-copy: $(imgcrypt_mappers | head -n 1); sending SIGTERM"
     kill -TERM "$DAEMON_PID"
     wait_until 120 proc_gone "$DAEMON_PID" || fail "imgcryptd did not exit within 120 s of SIGTERM"
@@ -563,18 +559,8 @@ job_ended_without_client() {
 # SIGKILL to imgctl mid-copy: the daemon sees the hang-up, cancels, tears down, and serves the
 # next job.
 check_teardown_cancel() {
-    mount_slow_source
-    drop_caches
     out=/mnt/payload/k.luks
-    daemon_start
-    encrypt "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/k &
-    client=$!
-    remember_pid "$client"
-    if ! wait_until 120 mid_copy; then
-        show_result /tmp/k
-        show_daemon_log
-        fail "never saw the kernel engine's mapper mid-copy within 120 s"
-    fi
+    start_slow_encrypt "$out" /tmp/k
     imgctl_pid=$(job_client_pid)
     [ -n "$imgctl_pid" ] || fail "the daemon's log names no client pid"
     echo "mid-copy: $(imgcrypt_mappers | head -n 1); kill -9 imgctl ($imgctl_pid)"

@@ -87,7 +87,7 @@ fn encrypt_parameters() -> serde_json::Value {
     serde_json::to_value(EncryptParameters {
         source: 0,
         output: 1,
-        key: 2,
+        key: Some(2),
         luks_version: LuksVersion::Luks2,
         sector_size: 512,
         pbkdf: Some(Pbkdf {
@@ -261,7 +261,9 @@ fn oversized_message_is_refused_while_other_clients_are_served() {
 fn too_many_descriptors_are_refused() {
     let dir = scratch();
     let daemon = Daemon::start(dir.path(), &[]);
-    let files: Vec<_> = (0..20).map(|_| tempfile::tempfile().unwrap()).collect();
+    let files: Vec<_> = (0..=imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE)
+        .map(|_| tempfile::tempfile().unwrap())
+        .collect();
     let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
     let mut client = RawClient::connect(&daemon.socket);
     client.call(varlink::GET_INFO, json!({}), &fds, false);

@@ -109,8 +109,11 @@ fn phase_label(phase: Phase) -> &'static str {
     match phase {
         Phase::Queued => "queued",
         Phase::Format => "formatting",
-        Phase::Copy => "encrypting",
+        Phase::Copy => "copying",
         Phase::Sync => "syncing",
+        Phase::Unlock => "unlocking",
+        Phase::Keyslots => "keyslots",
+        Phase::Hash => "hashing",
     }
 }
 

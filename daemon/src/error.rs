@@ -19,6 +19,8 @@ pub enum Descriptor {
     Output,
     /// The key file.
     Key,
+    /// An existing LUKS image (inspected, decrypted, verified or rewritten).
+    Image,
 }
 
 impl Descriptor {
@@ -28,6 +30,7 @@ impl Descriptor {
             Self::Source => "source",
             Self::Output => "output",
             Self::Key => "key",
+            Self::Image => "image",
         }
     }
 }
@@ -120,6 +123,21 @@ pub enum Error {
     #[error("{0}")]
     PermissionDenied(String),
 
+    /// No candidate key opens the image.
+    #[error("{message}")]
+    WrongKey {
+        /// Which keys were tried, which fingerprints the image carries, and what to do.
+        message: String,
+        /// Fingerprints of the keys tried, in order.
+        tried: Vec<String>,
+        /// Fingerprints the image's `imgcrypt-key` tokens carry.
+        carried: Vec<String>,
+    },
+
+    /// The call needs a key, none was passed, and the daemon has no key ring to fall back on.
+    #[error("{0}")]
+    NoKey(String),
+
     /// The client went away or the daemon is shutting down.
     #[error("cancelled")]
     Cancelled,
@@ -163,6 +181,8 @@ impl Error {
             Self::Luks { .. } => errors::LUKS_ERROR,
             Self::Io { .. } | Self::Cancelled => errors::IO_ERROR,
             Self::PermissionDenied(_) => errors::PERMISSION_DENIED,
+            Self::WrongKey { .. } => errors::WRONG_KEY,
+            Self::NoKey(_) => errors::NO_KEY,
         }
     }
 
@@ -182,6 +202,10 @@ impl Error {
                 parameters.required_bytes = Some(*required_bytes)
             }
             Self::EngineUnavailable { engine, .. } => parameters.engine = Some(engine.to_string()),
+            Self::WrongKey { tried, carried, .. } => {
+                parameters.tried = Some(tried.clone());
+                parameters.carried = Some(carried.clone());
+            }
             _ => {}
         }
         parameters

@@ -12,6 +12,14 @@ pub const INTERFACE: &str = "io.imgcrypt";
 pub const INTERFACE_DESCRIPTION: &str = include_str!("../../docs/io.imgcrypt.varlink");
 /// `io.imgcrypt.Encrypt`.
 pub const ENCRYPT: &str = "io.imgcrypt.Encrypt";
+/// `io.imgcrypt.Inspect`.
+pub const INSPECT: &str = "io.imgcrypt.Inspect";
+/// `io.imgcrypt.Decrypt`.
+pub const DECRYPT: &str = "io.imgcrypt.Decrypt";
+/// `io.imgcrypt.Verify`.
+pub const VERIFY: &str = "io.imgcrypt.Verify";
+/// `io.imgcrypt.Rewrite`.
+pub const REWRITE: &str = "io.imgcrypt.Rewrite";
 
 /// Error names of `io.imgcrypt`, one per kind of failure a client may want to match.
 pub mod errors {
@@ -37,6 +45,10 @@ pub mod errors {
     pub const PERMISSION_DENIED: &str = "io.imgcrypt.PermissionDenied";
     /// Malformed, oversized or out-of-protocol message.
     pub const PROTOCOL_ERROR: &str = "io.imgcrypt.ProtocolError";
+    /// No key passed (or in the daemon's ring) opens the image.
+    pub const WRONG_KEY: &str = "io.imgcrypt.WrongKey";
+    /// The call needs a key and none was passed, and the daemon has no key ring to fall back on.
+    pub const NO_KEY: &str = "io.imgcrypt.NoKey";
 }
 
 /// LUKS on-disk format version.
@@ -114,6 +126,16 @@ pub struct Pbkdf {
     pub parallel: Option<u32>,
 }
 
+/// A key file passed with a call: its descriptor and the name the user knows it by.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRef {
+    /// Index of the key-file descriptor among those passed with the call.
+    pub fd: u32,
+    /// How the user names it in messages: `encryption_key`, `decryption_key3`, `--key-file`.
+    pub name: String,
+}
+
 /// Parameters of `io.imgcrypt.Encrypt`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -122,8 +144,9 @@ pub struct EncryptParameters {
     pub source: u32,
     /// Index of the output descriptor.
     pub output: u32,
-    /// Index of the key-file descriptor.
-    pub key: u32,
+    /// Index of the key-file descriptor; absent: the daemon's own key ring's `encryption_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<u32>,
     /// Header format.
     pub luks_version: LuksVersion,
     /// Encryption sector size in bytes.
@@ -148,6 +171,12 @@ pub enum Phase {
     Copy,
     /// Flushing to stable storage.
     Sync,
+    /// Deriving a keyslot key from a passphrase to unlock an image (one PBKDF run per try).
+    Unlock,
+    /// Adding or removing keyslots (header-only key rotation).
+    Keyslots,
+    /// Reading and hashing the decrypted payload (`Verify`).
+    Hash,
 }
 
 /// A progress report.
@@ -171,6 +200,8 @@ pub enum SourceFormat {
     VhdFixed,
     /// VHD with a block allocation table.
     VhdDynamic,
+    /// A LUKS image's decrypted payload (what `Decrypt`, `Verify` and re-encryption read).
+    Luks,
 }
 
 impl SourceFormat {
@@ -180,6 +211,7 @@ impl SourceFormat {
             Self::Raw => "raw",
             Self::VhdFixed => "VHD (fixed)",
             Self::VhdDynamic => "VHD (dynamic)",
+            Self::Luks => "LUKS",
         }
     }
 }
@@ -233,6 +265,298 @@ pub struct EncryptReply {
     pub summary: Option<Summary>,
 }
 
+/// How an image was unlocked.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnlockMethod {
+    /// The key's fingerprint matched an `imgcrypt-key` token: one key derivation, no trials.
+    Token,
+    /// The image carries no token for the key (LUKS1, or made by plain cryptsetup): keys were
+    /// tried in ring order, each costing a key derivation.
+    Trial,
+}
+
+/// Which key opened an image, and how.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Unlocked {
+    /// The key's name as the client gave it (`encryption_key`, `decryption_key2`, `--key-file`,
+    /// or `daemon:` plus the name in the daemon's ring).
+    pub key_name: String,
+    /// Base64 SHA-256 of the key file's bytes.
+    pub fingerprint: String,
+    /// Keyslot it opened.
+    pub keyslot: u32,
+    /// Matched by token or found by trial.
+    pub method: UnlockMethod,
+    /// Key derivations run, the successful one included.
+    pub attempts: u32,
+}
+
+/// One active keyslot of an image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyslotInfo {
+    /// Keyslot number.
+    pub keyslot: u32,
+    /// Key derivation, e.g. `argon2id` or `pbkdf2-sha256`.
+    pub pbkdf: String,
+    /// Fingerprint from the keyslot's `imgcrypt-key` token; absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    /// Name of the passed key whose fingerprint matches, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matching_key: Option<String>,
+}
+
+/// What a LUKS image's header says, read without unlocking it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// LUKS1 or LUKS2.
+    pub luks_version: LuksVersion,
+    /// The header's UUID.
+    pub uuid: String,
+    /// Cipher specification, e.g. `aes-xts-plain64`.
+    pub cipher: String,
+    /// Volume key size in bits.
+    pub key_size_bits: u32,
+    /// Encryption sector size in bytes.
+    pub sector_size: u32,
+    /// Byte offset of the encrypted payload.
+    pub data_offset: u64,
+    /// Encrypted payload bytes (image size minus data offset).
+    pub payload_size: u64,
+    /// Size of the whole image.
+    pub image_size: u64,
+    /// Active keyslots, by number.
+    pub keyslots: Vec<KeyslotInfo>,
+}
+
+/// Parameters of `io.imgcrypt.Inspect`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InspectParameters {
+    /// Index of the image descriptor (readable).
+    pub image: u32,
+    /// Keys to match against the image's fingerprints (read and hashed, never tried).
+    #[serde(default)]
+    pub keys: Vec<KeyRef>,
+}
+
+/// Reply of `io.imgcrypt.Inspect`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct InspectReply {
+    /// The header's contents.
+    pub image: ImageInfo,
+}
+
+/// Parameters of `io.imgcrypt.Decrypt`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DecryptParameters {
+    /// Index of the LUKS image descriptor (readable).
+    pub image: u32,
+    /// Index of the output descriptor (read-write regular file or block device).
+    pub output: u32,
+    /// Candidate keys in ring order; empty: the daemon's own ring.
+    #[serde(default)]
+    pub keys: Vec<KeyRef>,
+}
+
+/// What `Decrypt` produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DecryptSummary {
+    /// Which key opened the image.
+    pub unlocked: Unlocked,
+    /// Plaintext bytes written (the whole payload).
+    pub payload_size: u64,
+    /// Wall time of the whole job.
+    pub elapsed_ms: u64,
+    /// Wall time of the copy alone.
+    pub copy_ms: u64,
+}
+
+/// One reply of `io.imgcrypt.Decrypt`: exactly one field is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DecryptReply {
+    /// A progress report (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Something the user should know (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// The result (final reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decrypted: Option<DecryptSummary>,
+}
+
+/// Parameters of `io.imgcrypt.Verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyParameters {
+    /// Index of the LUKS image descriptor (readable).
+    pub image: u32,
+    /// Index of a source image (RAW or VHD) to compare the plaintext with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<u32>,
+    /// Candidate keys in ring order; empty: the daemon's own ring.
+    #[serde(default)]
+    pub keys: Vec<KeyRef>,
+}
+
+/// How the plaintext compares with a source image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceComparison {
+    /// The source's format, detected by content.
+    pub source_format: SourceFormat,
+    /// The source's virtual size.
+    pub virtual_size: u64,
+    /// Whether the plaintext is the source's disk followed by zeros to the payload's end.
+    pub matches: bool,
+    /// Offset of the first differing byte (in the plaintext), when they differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_difference: Option<u64>,
+}
+
+/// What `Verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifySummary {
+    /// Which key opened the image.
+    pub unlocked: Unlocked,
+    /// Plaintext bytes hashed (the whole payload).
+    pub payload_size: u64,
+    /// Lower-case hex SHA-256 of the whole decrypted payload.
+    pub plaintext_sha256: String,
+    /// The comparison with `source`, when one was passed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceComparison>,
+    /// Wall time of the whole job.
+    pub elapsed_ms: u64,
+}
+
+/// One reply of `io.imgcrypt.Verify`: exactly one field is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VerifyReply {
+    /// A progress report (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Something the user should know (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// The result (final reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifySummary>,
+}
+
+/// Parameters of `io.imgcrypt.Rewrite`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteParameters {
+    /// Index of the LUKS image descriptor: read-write for a header-only rotation, readable for
+    /// a re-encryption (which writes `reencrypt_output`).
+    pub image: u32,
+    /// Candidate keys to unlock with, in ring order; empty: the daemon's own ring.
+    #[serde(default)]
+    pub keys: Vec<KeyRef>,
+    /// The key the image is rotated to; absent: the daemon's ring's `encryption_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<KeyRef>,
+    /// Re-encryption: index of the read-write descriptor of the new image (`IMAGE.reencrypt.partial`:
+    /// empty to start, or a previous run's file to resume). Absent: header-only rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reencrypt_output: Option<u32>,
+    /// Key derivation of the new keyslot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pbkdf: Option<Pbkdf>,
+}
+
+/// A keyslot removed by a rotation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemovedKeyslot {
+    /// Its number.
+    pub keyslot: u32,
+    /// The fingerprint its token carried, if it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+}
+
+/// What `Rewrite` did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RewriteSummary {
+    /// Which key opened the image.
+    pub unlocked: Unlocked,
+    /// Fingerprint of the key the image now opens with.
+    pub fingerprint: String,
+    /// Keyslot of the new key.
+    pub keyslot: u32,
+    /// False when the key already had a keyslot (a rerun after an interruption).
+    pub keyslot_added: bool,
+    /// Keyslots removed.
+    pub removed: Vec<RemovedKeyslot>,
+    /// True for `--reencrypt`: a new volume key, every sector rewritten.
+    pub reencrypted: bool,
+    /// Payload offset a re-encryption resumed from (0 for a fresh start).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
+    /// Wall time of the whole job.
+    pub elapsed_ms: u64,
+}
+
+/// One reply of `io.imgcrypt.Rewrite`: exactly one field is set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RewriteReply {
+    /// A progress report (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Something the user should know (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// The result (final reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewritten: Option<RewriteSummary>,
+}
+
+/// Replies streamed by a job: progress and notices, then one result.
+pub trait StreamedReply: Serialize + Default {
+    /// The final result.
+    type Done;
+    /// A partial reply carrying progress.
+    fn progress(progress: Progress) -> Self;
+    /// A partial reply carrying a notice.
+    fn notice(text: String) -> Self;
+    /// The final reply.
+    fn done(done: Self::Done) -> Self;
+}
+
+macro_rules! streamed_reply {
+    ($reply:ty, $field:ident, $done:ty) => {
+        impl StreamedReply for $reply {
+            type Done = $done;
+            fn progress(progress: Progress) -> Self {
+                Self {
+                    progress: Some(progress),
+                    ..Self::default()
+                }
+            }
+            fn notice(text: String) -> Self {
+                Self {
+                    notice: Some(text),
+                    ..Self::default()
+                }
+            }
+            fn done(done: $done) -> Self {
+                Self {
+                    $field: Some(done),
+                    ..Self::default()
+                }
+            }
+        }
+    };
+}
+
+streamed_reply!(EncryptReply, summary, Summary);
+streamed_reply!(DecryptReply, decrypted, DecryptSummary);
+streamed_reply!(VerifyReply, verified, VerifySummary);
+streamed_reply!(RewriteReply, rewritten, RewriteSummary);
+
 /// Parameters of every `io.imgcrypt` error: a message for people, plus what a program matches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorParameters {
@@ -256,6 +580,12 @@ pub struct ErrorParameters {
     /// The engine asked for (`EngineUnavailable`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
+    /// Fingerprints of the keys tried (`WrongKey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tried: Option<Vec<String>>,
+    /// Fingerprints the image's tokens carry (`WrongKey`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<Vec<String>>,
 }
 
 impl ErrorParameters {
@@ -280,7 +610,7 @@ mod tests {
             serde_json::to_value(EncryptParameters {
                 source: 0,
                 output: 1,
-                key: 2,
+                key: Some(2),
                 luks_version: LuksVersion::Luks2,
                 sector_size: 512,
                 pbkdf: Some(Pbkdf {

@@ -10,8 +10,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 
-/// Most descriptors one message may carry. A call needs three.
-pub const MAX_FDS_PER_MESSAGE: usize = 8;
+/// Most descriptors one message may carry: a call needs at most an image, an output, a source
+/// and a full key ring (one encryption key and 100 decryption keys), so 104.
+pub const MAX_FDS_PER_MESSAGE: usize = 104;
 
 /// The kernel's own cap on descriptors in one `sendmsg` (`SCM_MAX_FD`). The control buffer is
 /// sized for it so the kernel never truncates: on truncation nix hides the descriptors that did

@@ -104,7 +104,7 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
             serde_json::to_value(EncryptParameters {
                 source: 0,
                 output: 1,
-                key: 2,
+                key: Some(2),
                 ..parameters_without_fds
             })
             .expect("parameters serialise"),
@@ -177,7 +177,7 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
     Ok(EncryptParameters {
         source: 0,
         output: 1,
-        key: 2,
+        key: Some(2),
         luks_version,
         sector_size: args.sector_size,
         pbkdf: (pbkdf != Pbkdf::default()).then_some(pbkdf),

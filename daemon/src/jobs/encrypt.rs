@@ -66,7 +66,14 @@ pub fn run(
     let mut passed = PassedDescriptors::new(request.descriptors);
     let source = descriptors::check_source(passed.take(Descriptor::Source, parameters.source)?)?;
     let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
-    let key = descriptors::check_key(passed.take(Descriptor::Key, parameters.key)?)?;
+    let key_index = parameters.key.ok_or_else(|| {
+        Error::NoKey(
+            "no key was passed and this daemon has no key ring: pass --key-file FILE or set \
+             encryption_key in your key ring"
+                .to_string(),
+        )
+    })?;
+    let key = descriptors::check_key(passed.take(Descriptor::Key, key_index)?)?;
     if source.same_file_as(&output)? {
         return Err(Error::bad_descriptor(
             Descriptor::Output,

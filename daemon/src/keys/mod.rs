@@ -26,6 +26,16 @@ pub struct KeyFile {
     pub warnings: Vec<String>,
 }
 
+/// A key offered to unlock an image, with the name the user knows it by (`encryption_key`,
+/// `decryption_key2`, `--key-file`, `daemon:encryption_key`), for messages.
+#[derive(Debug)]
+pub struct CandidateKey {
+    /// How the user names it.
+    pub name: String,
+    /// The key itself.
+    pub key: KeyFile,
+}
+
 /// Reads and validates the key file behind a passed descriptor.
 ///
 /// Reads with `pread` from offset 0, so the descriptor's shared offset (the client may hold the

@@ -216,15 +216,27 @@ pub struct Daemon {
 impl Daemon {
     /// Starts imgcryptd on `dir/sock/io.imgcrypt` with `extra` arguments and waits for it.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(dir, extra, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (e.g. the debug builds' crash hook
+    /// `IMGCRYPTD_CRASH_AT`). The log is appended to, so a restarted daemon keeps the old lines.
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let socket = dir.join("sock").join("io.imgcrypt");
         let log = dir.join("imgcryptd.log");
+        let log_file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(binary("imgcryptd"))
             .arg("--socket")
             .arg(&socket)
             .args(extra)
+            .envs(env.iter().copied())
             .env("IMGCRYPTD_LOG", "debug")
             .stdin(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("start imgcryptd");
         let mut daemon = Self { child, socket, log };

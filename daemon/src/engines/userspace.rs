@@ -137,6 +137,50 @@ impl UserspaceEngine {
     pub fn chunk_size(&self) -> usize {
         self.chunk_size
     }
+
+    /// Writes payload bytes `range` of `job` to the output at `data_offset + offset`, encrypted
+    /// with the job's volume key when `encrypt` is set and as read otherwise (decryption, where
+    /// the source itself decrypts). Re-encryption runs this range by range to checkpoint; the
+    /// IVs follow payload offsets, so ranges may be written in any order and any number of times.
+    ///
+    /// `range` must lie within the payload and start on a chunk boundary's multiple of the
+    /// sector size; nothing is synced.
+    pub fn copy_range(&self, job: &PayloadJob<'_>, encrypt: bool, range: Range<u64>) -> Result<()> {
+        let cipher = if encrypt {
+            Some(XtsCipher::new(job.volume_key)?)
+        } else {
+            None
+        };
+        if range.end > job.payload_size || range.start > range.end {
+            return Err(Error::io(
+                "copying part of a payload",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "range {range:?} is outside the {}-byte payload",
+                        job.payload_size
+                    ),
+                ),
+            ));
+        }
+        if range.is_empty() {
+            return Ok(());
+        }
+        let direct = enable_direct_io(job.output)?;
+        let copied = Copy::new(
+            self.workers,
+            self.chunk_size,
+            job,
+            cipher.as_ref(),
+            job.output,
+            job.data_offset,
+        )
+        .within(range)
+        .run();
+        let restored = direct.restore();
+        copied?;
+        restored
+    }
 }
 
 impl Engine for UserspaceEngine {
@@ -249,6 +293,9 @@ pub(crate) struct Copy<'j, 'a> {
     target_offset: u64,
     workers: usize,
     chunk_size: u64,
+    /// Payload bytes `first..end` are copied, in `chunks` chunks.
+    first: u64,
+    end: u64,
     chunks: u64,
     next_chunk: AtomicU64,
     stop: AtomicBool,
@@ -280,6 +327,8 @@ impl<'j, 'a> Copy<'j, 'a> {
             target_offset,
             workers: workers.min(usize::try_from(chunks).unwrap_or(usize::MAX)),
             chunk_size,
+            first: 0,
+            end: job.payload_size,
             chunks,
             next_chunk: AtomicU64::new(0),
             stop: AtomicBool::new(false),
@@ -287,6 +336,18 @@ impl<'j, 'a> Copy<'j, 'a> {
             written: Mutex::new(0),
             target_note: None,
         }
+    }
+
+    /// Copies only payload bytes `range` (within the payload).
+    pub(crate) fn within(mut self, range: Range<u64>) -> Self {
+        self.chunks = (range.end - range.start).div_ceil(self.chunk_size);
+        self.workers = self
+            .workers
+            .min(usize::try_from(self.chunks).unwrap_or(usize::MAX))
+            .max(1);
+        self.first = range.start;
+        self.end = range.end;
+        self
     }
 
     /// Adds `note` (what the target is, how its offsets relate to the output) to every write
@@ -355,8 +416,8 @@ impl<'j, 'a> Copy<'j, 'a> {
             if index >= self.chunks {
                 return Ok(());
             }
-            let start = index * self.chunk_size;
-            let len = self.chunk_size.min(self.job.payload_size - start) as usize;
+            let start = self.first + index * self.chunk_size;
+            let len = self.chunk_size.min(self.end - start) as usize;
             let chunk = &mut buffer[..len];
 
             read_source(self.job.source, chunk, start).map_err(source_context)?;

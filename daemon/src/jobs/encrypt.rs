@@ -12,16 +12,15 @@
 //!    client give the file its final name.
 
 use std::fs::File;
-use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use imgcrypt_proto::api::{EncryptParameters, Phase, Summary};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
-use crate::engines::{EngineSet, PayloadJob};
+use crate::engines::PayloadJob;
 use crate::error::Descriptor;
 use crate::keys::{self, secret::SecretBytes};
 use crate::luks::{self, layout, HeaderSpec, VOLUME_KEY_BYTES};
@@ -29,31 +28,19 @@ use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::{self, StorageKind};
 use crate::{formats, Error, Result};
 
-use super::Reporter;
+use super::{millis, Job};
+use crate::server::ServerState;
 
 /// Chunk used to copy the header from daemon memory into the output.
 const HEADER_COPY_CHUNK: usize = 1 << 20;
 
-/// One encryption request as it arrived: parameters plus the descriptors passed with it.
-pub struct EncryptRequest {
-    /// Identifies the job in logs.
-    pub job_id: u64,
-    /// The call's parameters.
-    pub parameters: EncryptParameters,
-    /// Descriptors passed with the call, in order; parameters index into this.
-    pub descriptors: Vec<OwnedFd>,
-}
-
 /// Runs the job to completion on the calling (blocking) thread.
-pub fn run(
-    request: EncryptRequest,
-    engines: &EngineSet,
-    reporter: &Reporter,
-    cancel: &AtomicBool,
-) -> Result<Summary> {
+pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summary> {
     let started = Instant::now();
-    let job_id = request.job_id;
-    let parameters = &request.parameters;
+    let job_id = job.id;
+    let parameters = job.parameters.clone();
+    let reporter = &job.reporter;
+    let cancel: &AtomicBool = &job.cancel;
 
     let header_spec = HeaderSpec {
         version: parameters.luks_version,
@@ -61,9 +48,9 @@ pub fn run(
         pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
     };
     header_spec.validate()?;
-    let engine = engines.resolve(parameters.engine)?;
+    let engine = state.engines.resolve(parameters.engine)?;
 
-    let mut passed = PassedDescriptors::new(request.descriptors);
+    let passed = &mut job.descriptors;
     let source = descriptors::check_source(passed.take(Descriptor::Source, parameters.source)?)?;
     let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
     let key_index = parameters.key.ok_or_else(|| {
@@ -107,14 +94,14 @@ pub fn run(
         "encrypting"
     );
 
-    check_cancel(cancel)?;
+    job.check_cancel()?;
     reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
     let header = luks::format_header(&header_spec, &volume_key, &key.passphrase)?;
     let output_size = layout::output_size(header.data_offset, virtual_size)?;
     let payload_size = output_size - header.data_offset;
 
-    check_cancel(cancel)?;
+    job.check_cancel()?;
     prepare_output(&output, output_size, header.data_offset)?;
 
     reporter.progress(Phase::Copy, 0, payload_size);
@@ -134,7 +121,7 @@ pub fn run(
     drop(volume_key);
     let copy_elapsed = copy_started.elapsed();
 
-    check_cancel(cancel)?;
+    job.check_cancel()?;
     copy_header(&header.image, &output.file, header.data_offset)?;
     reporter.progress(Phase::Sync, payload_size, payload_size);
     output
@@ -171,57 +158,10 @@ pub fn run(
     Ok(summary)
 }
 
-/// The descriptors of one call, each of which may be used once.
-struct PassedDescriptors {
-    slots: Vec<Option<OwnedFd>>,
-}
-
-impl PassedDescriptors {
-    fn new(descriptors: Vec<OwnedFd>) -> Self {
-        Self {
-            slots: descriptors.into_iter().map(Some).collect(),
-        }
-    }
-
-    fn take(&mut self, which: Descriptor, index: u32) -> Result<OwnedFd> {
-        let count = self.slots.len();
-        let slot = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.slots.get_mut(i))
-            .ok_or_else(|| {
-                Error::bad_descriptor(
-                    which,
-                    format!(
-                        "index {index} does not name a passed descriptor ({count} were passed \
-                         with the call)"
-                    ),
-                )
-            })?;
-        slot.take().ok_or_else(|| {
-            Error::bad_descriptor(
-                which,
-                format!("index {index} was already used for another role"),
-            )
-        })
-    }
-}
-
-fn millis(duration: std::time::Duration) -> u64 {
-    duration.as_millis().try_into().unwrap_or(u64::MAX)
-}
-
-fn check_cancel(cancel: &AtomicBool) -> Result<()> {
-    if cancel.load(Ordering::Relaxed) {
-        Err(Error::Cancelled)
-    } else {
-        Ok(())
-    }
-}
-
 /// Makes the output exactly `output_size` bytes with all of it reserved, or reports that it
 /// cannot hold the image. A block device's old header area is zeroed first, so a job that fails
 /// half-way never leaves the device looking like the LUKS volume it used to hold.
-fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) -> Result<()> {
+pub(super) fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) -> Result<()> {
     match output.kind {
         StorageKind::RegularFile => {
             output
@@ -280,7 +220,7 @@ fn no_space(required: u64, device_size: Option<u64>) -> Error {
 }
 
 /// Copies the formatted header (`0..data_offset` of the daemon's memfd) into the output.
-fn copy_header(header: &File, output: &File, data_offset: u64) -> Result<()> {
+pub(super) fn copy_header(header: &File, output: &File, data_offset: u64) -> Result<()> {
     let mut buffer = vec![0u8; HEADER_COPY_CHUNK];
     let mut offset = 0;
     while offset < data_offset {

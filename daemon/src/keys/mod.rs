@@ -26,6 +26,21 @@ pub struct KeyFile {
     pub warnings: Vec<String>,
 }
 
+impl KeyFile {
+    /// A second copy in its own locked memory, for a job that hands one key to two users.
+    pub fn duplicate(&self) -> Result<Self> {
+        let mut passphrase = SecretBytes::zeroed(self.passphrase.len())?;
+        passphrase
+            .as_mut_bytes()
+            .copy_from_slice(self.passphrase.as_bytes());
+        Ok(Self {
+            passphrase,
+            fingerprint: self.fingerprint.clone(),
+            warnings: Vec::new(),
+        })
+    }
+}
+
 /// A key offered to unlock an image, with the name the user knows it by (`encryption_key`,
 /// `decryption_key2`, `--key-file`, `daemon:encryption_key`), for messages.
 #[derive(Debug)]

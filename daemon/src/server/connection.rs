@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use imgcrypt_proto::api::{self, EncryptParameters, EncryptReply, ErrorParameters, Phase};
+use imgcrypt_proto::api::{
+    self, DecryptReply, EncryptReply, ErrorParameters, Phase, RewriteReply, StreamedReply,
+    VerifyReply,
+};
 use imgcrypt_proto::fdpass::{recv_with_fds, MAX_FDS_PER_MESSAGE};
 use imgcrypt_proto::varlink::{
     self, Call, InterfaceDescription, InterfaceQuery, Reply, ServiceInfo,
@@ -27,7 +30,7 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::{Mode, ServerState};
-use crate::jobs::{self, encrypt::EncryptRequest, Reporter};
+use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors, Reporter};
 
 /// Least time between two progress replies: enough for a smooth bar, cheap for the socket.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -225,7 +228,27 @@ impl Connection {
                 Ok(query) => interface_description(&query.interface),
                 Err(reply) => reply,
             },
-            api::ENCRYPT => return self.encrypt(call, fds, state, stop).await,
+            api::ENCRYPT => {
+                return self
+                    .job::<_, EncryptReply>(call, fds, state, stop, jobs::encrypt::run)
+                    .await
+            }
+            api::INSPECT => return self.job::<_, InspectOnly>(call, fds, state, stop, jobs::inspect::run).await,
+            api::DECRYPT => {
+                return self
+                    .job::<_, DecryptReply>(call, fds, state, stop, jobs::decrypt::run)
+                    .await
+            }
+            api::VERIFY => {
+                return self
+                    .job::<_, VerifyReply>(call, fds, state, stop, jobs::verify::run)
+                    .await
+            }
+            api::REWRITE => {
+                return self
+                    .job::<_, RewriteReply>(call, fds, state, stop, jobs::rewrite::run)
+                    .await
+            }
             other => unknown_method(other),
         };
         if call.oneway {
@@ -234,22 +257,59 @@ impl Connection {
         self.send(&reply).await
     }
 
-    /// Runs an encryption job, streaming its progress when the caller asked for `more`.
-    async fn encrypt(
+    /// Parses a job call's parameters and runs it with [`Self::run_job`].
+    async fn job<P, R>(
         &mut self,
         call: Call,
         fds: Vec<OwnedFd>,
         state: &Arc<ServerState>,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), Closed> {
-        let parameters: EncryptParameters = match parameters(&call) {
+        work: fn(Job<P>, &ServerState) -> crate::Result<R::Done>,
+    ) -> Result<(), Closed>
+    where
+        P: DeserializeOwned + Send + 'static,
+        R: StreamedReply,
+        R::Done: Send + 'static,
+    {
+        let parameters: P = match parameters(&call) {
             Ok(parameters) => parameters,
             Err(reply) => return self.send(&reply).await,
         };
         let job_id = jobs::next_job_id();
         let peer = self.peer;
-        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "encrypt requested");
-        let streaming = call.more;
+        tracing::info!(job = job_id, method = %call.method, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "job requested");
+        self.run_job::<R>(call.more, job_id, state, stop, move |state, reporter, cancel| {
+            let job = Job {
+                id: job_id,
+                caller_uid: peer.uid,
+                parameters,
+                descriptors: PassedDescriptors::new(fds),
+                reporter: reporter.clone(),
+                cancel: cancel.clone(),
+            };
+            work(job, state)
+        })
+        .await
+    }
+
+    /// Runs a job on a blocking thread once a job slot is free, streaming its progress and
+    /// notices when the caller asked for `more`, and cancelling it when the client leaves or the
+    /// daemon stops.
+    async fn run_job<R>(
+        &mut self,
+        streaming: bool,
+        job_id: u64,
+        state: &Arc<ServerState>,
+        stop: &mut watch::Receiver<bool>,
+        work: impl FnOnce(&ServerState, &Reporter, &Arc<AtomicBool>) -> crate::Result<R::Done>
+            + Send
+            + 'static,
+    ) -> Result<(), Closed>
+    where
+        R: StreamedReply,
+        R::Done: Send + 'static,
+    {
+        let peer = self.peer;
         let cancel = Arc::new(AtomicBool::new(false));
         let (reporter, mut reports) = Reporter::channel();
 
@@ -258,7 +318,7 @@ impl Connection {
             Ok(permit) => permit,
             Err(_) => {
                 if streaming {
-                    self.send(&Reply::partial(queued_reply())).await?;
+                    self.send(&Reply::partial(R::progress(queued()))).await?;
                 }
                 tokio::select! {
                     permit = state.job_slots.acquire() => permit.expect("semaphore never closed"),
@@ -271,14 +331,7 @@ impl Connection {
         let job = {
             let state = state.clone();
             let cancel = cancel.clone();
-            let request = EncryptRequest {
-                job_id,
-                parameters,
-                descriptors: fds,
-            };
-            tokio::task::spawn_blocking(move || {
-                jobs::encrypt::run(request, &state.engines, &reporter, &cancel)
-            })
+            tokio::task::spawn_blocking(move || work(&state, &reporter, &cancel))
         };
         tokio::pin!(job);
 
@@ -289,8 +342,7 @@ impl Connection {
             tokio::select! {
                 result = &mut job => break result,
                 Some(notice) = reports.notices.recv(), if streaming && !client_gone => {
-                    let reply = Reply::partial(EncryptReply { notice: Some(notice), ..Default::default() });
-                    if self.send(&reply).await.is_err() {
+                    if self.send(&Reply::partial(R::notice(notice))).await.is_err() {
                         client_gone = client_left(job_id, peer, &cancel, "a reply could not be sent");
                     }
                 }
@@ -302,8 +354,7 @@ impl Connection {
                     };
                     if due {
                         last_progress = Some((Instant::now(), progress.phase));
-                        let reply = Reply::partial(EncryptReply { progress: Some(progress), ..Default::default() });
-                        if self.send(&reply).await.is_err() {
+                        if self.send(&Reply::partial(R::progress(progress))).await.is_err() {
                             client_gone = client_left(job_id, peer, &cancel, "a reply could not be sent");
                         }
                     }
@@ -338,18 +389,11 @@ impl Connection {
         }
         if streaming {
             while let Ok(notice) = reports.notices.try_recv() {
-                self.send(&Reply::partial(EncryptReply {
-                    notice: Some(notice),
-                    ..Default::default()
-                }))
-                .await?;
+                self.send(&Reply::partial(R::notice(notice))).await?;
             }
         }
         let reply = match result {
-            Ok(summary) => Reply::ok(EncryptReply {
-                summary: Some(summary),
-                ..Default::default()
-            }),
+            Ok(done) => Reply::ok(R::done(done)),
             Err(error) => {
                 tracing::warn!(
                     job = job_id,
@@ -407,14 +451,11 @@ fn parameters<T: DeserializeOwned>(call: &Call) -> Result<T, Reply> {
     })
 }
 
-fn queued_reply() -> EncryptReply {
-    EncryptReply {
-        progress: Some(api::Progress {
-            phase: Phase::Queued,
-            bytes_done: 0,
-            bytes_total: 0,
-        }),
-        ..Default::default()
+fn queued() -> api::Progress {
+    api::Progress {
+        phase: Phase::Queued,
+        bytes_done: 0,
+        bytes_total: 0,
     }
 }
 

@@ -34,37 +34,51 @@ impl CheckedFile {
 
 /// A source image: readable, regular file or block device.
 pub fn check_source(fd: OwnedFd) -> Result<CheckedFile> {
-    let flags = status_flags(&fd, Descriptor::Source)?;
-    if !readable(flags) {
-        return Err(Error::bad_descriptor(
-            Descriptor::Source,
-            "not opened for reading: open the source image read-only (O_RDONLY)",
-        ));
-    }
-    let file = File::from(fd);
-    let kind = image_kind(&file, Descriptor::Source)?;
-    Ok(CheckedFile { file, kind })
+    check_readable_image(fd, Descriptor::Source)
 }
 
 /// An output image: regular file or block device opened read-write, without `O_APPEND`.
 pub fn check_output(fd: OwnedFd) -> Result<CheckedFile> {
-    let flags = status_flags(&fd, Descriptor::Output)?;
+    check_writable_image(fd, Descriptor::Output)
+}
+
+/// An image the daemon only reads (`which` names its role in messages): readable, regular file
+/// or block device.
+pub fn check_readable_image(fd: OwnedFd, which: Descriptor) -> Result<CheckedFile> {
+    let flags = status_flags(&fd, which)?;
+    if !readable(flags) {
+        return Err(Error::bad_descriptor(
+            which,
+            format!("not opened for reading: open the {which} image read-only (O_RDONLY)"),
+        ));
+    }
+    let file = File::from(fd);
+    let kind = image_kind(&file, which)?;
+    Ok(CheckedFile { file, kind })
+}
+
+/// An image the daemon writes (`which` names its role): regular file or block device opened
+/// read-write, without `O_APPEND`.
+pub fn check_writable_image(fd: OwnedFd, which: Descriptor) -> Result<CheckedFile> {
+    let flags = status_flags(&fd, which)?;
     if flags & OFlag::O_ACCMODE != OFlag::O_RDWR {
         return Err(Error::bad_descriptor(
-            Descriptor::Output,
-            "not opened read-write: the daemon writes only through a descriptor the client \
-             opened with O_RDWR; open the output read-write",
+            which,
+            format!(
+                "not opened read-write: the daemon writes only through a descriptor the client \
+                 opened with O_RDWR; open the {which} read-write"
+            ),
         ));
     }
     if flags.contains(OFlag::O_APPEND) {
         return Err(Error::bad_descriptor(
-            Descriptor::Output,
+            which,
             "opened with O_APPEND, which would send every positioned write to the end of the \
              file; open it without O_APPEND",
         ));
     }
     let file = File::from(fd);
-    let kind = image_kind(&file, Descriptor::Output)?;
+    let kind = image_kind(&file, which)?;
     Ok(CheckedFile { file, kind })
 }
 

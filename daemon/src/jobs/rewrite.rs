@@ -1,0 +1,441 @@
+//! `io.imgcrypt.Rewrite`: rotate an image to the key ring's `encryption_key`.
+//!
+//! # Header only (the default)
+//!
+//! The volume key stays; only keyslots change, in an order that never leaves the image without
+//! a keyslot some ring key opens:
+//! 1. unlock with a candidate key (by fingerprint, else by trial);
+//! 2. add a keyslot (and `imgcrypt-key` token) for the new key on the daemon's header copy and
+//!    commit it (new key material first, then the primary header, then the secondary, each
+//!    synced): the image now opens with the old key and the new one;
+//! 3. read the header back from the image and open the new keyslot with the new key, so nothing
+//!    is removed on the strength of a write that did not land;
+//! 4. remove every other keyslot and its token and commit (headers first, then the wipe of the
+//!    old key material).
+//!
+//! A rerun after an interruption finds the new key's keyslot (it is a candidate too) and
+//! finishes step 4.
+//!
+//! # Full re-encryption (`reencrypt_output`)
+//!
+//! Header-only rotation does not help against someone who kept a copy of the old header and the
+//! old key: the volume key is unchanged. Re-encryption makes a new volume key and rewrites every
+//! sector, out of place: the client passes `IMAGE.reencrypt.partial`, the daemon formats a new
+//! header there (same LUKS version and sector size, one keyslot for the new key) and copies the
+//! payload, decrypting with the old volume key and encrypting with the new, range by range.
+//! After each range is synced, a checkpoint record past the end of the new image says how far
+//! it got; a rerun with the same partial file resumes there. The record is cut off once the
+//! copy is complete and synced, and the client renames the file over the image. The source
+//! image is only read, so it stays valid until that rename.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+
+use imgcrypt_proto::api::{Phase, RemovedKeyslot, RewriteParameters, RewriteSummary};
+use serde::{Deserialize, Serialize};
+
+use crate::engines::userspace::UserspaceEngine;
+use crate::engines::PayloadJob;
+use crate::error::Descriptor;
+use crate::keys::{CandidateKey, SecretBytes};
+use crate::luks::{self, crash, Change, HeaderSpec, LuksImage, LuksPayload, VOLUME_KEY_BYTES};
+use crate::server::ServerState;
+use crate::sys::descriptors::{self, CheckedFile};
+use crate::sys::storage::StorageKind;
+use crate::{Error, Result};
+
+use super::encrypt::{copy_header, prepare_output};
+use super::unlock::{self, JobKeys, Purpose};
+use super::{millis, Job};
+
+/// Payload bytes re-encrypted between two checkpoints: small enough that an interruption loses
+/// little work, large enough that the sync after each costs little.
+const CHECKPOINT_INTERVAL: u64 = 256 << 20;
+
+/// Size of the checkpoint record appended past the new image's end while re-encrypting.
+const CHECKPOINT_RECORD_BYTES: u64 = 4096;
+
+/// Identifies a checkpoint record.
+const CHECKPOINT_MAGIC: &str = "imgcrypt-reencrypt-checkpoint";
+
+/// Runs the job.
+pub fn run(mut job: Job<RewriteParameters>, state: &ServerState) -> Result<RewriteSummary> {
+    let parameters = job.parameters.clone();
+    match parameters.reencrypt_output {
+        None => rotate_header(job, state),
+        Some(output) => {
+            let image = descriptors::check_readable_image(
+                job.descriptors.take(Descriptor::Image, parameters.image)?,
+                Descriptor::Image,
+            )?;
+            let output = descriptors::check_writable_image(
+                job.descriptors.take(Descriptor::Output, output)?,
+                Descriptor::Output,
+            )?;
+            reencrypt(job, state, image, output)
+        }
+    }
+}
+
+fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result<RewriteSummary> {
+    let started = Instant::now();
+    let parameters = job.parameters.clone();
+    let image = descriptors::check_writable_image(
+        job.descriptors.take(Descriptor::Image, parameters.image)?,
+        Descriptor::Image,
+    )?;
+    let keys = unlock::collect(
+        &mut job,
+        state,
+        &parameters.keys,
+        parameters.encryption_key.as_ref(),
+        Purpose::Other,
+    )?;
+    let new_key = keys.encryption_key()?;
+    let image = unlock::lock_image(image.file, true)?;
+    let (mut luks, volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
+    job.check_cancel()?;
+    job.reporter.progress(Phase::Keyslots, 0, 0);
+
+    let existing = existing_keyslot(&luks, &keys, &unlocked);
+    let (keyslot, keyslot_added) = match existing {
+        Some(keyslot) => {
+            job.notice(format!(
+                "keyslot {keyslot} already opens with {} (an earlier rotation was interrupted?): \
+                 removing the other keyslots",
+                new_key.name
+            ));
+            (keyslot, false)
+        }
+        None => {
+            let pbkdf = parameters.pbkdf.clone().unwrap_or_default();
+            let keyslot = luks.add_keyslot(&volume_key, new_key, &pbkdf)?;
+            luks.commit(&image, Change::Added)?;
+            tracing::info!(job = job.id, keyslot, fingerprint = %new_key.key.fingerprint, "keyslot added and synced");
+            (keyslot, true)
+        }
+    };
+    confirm_new_keyslot(&image, new_key, keyslot, &volume_key)?;
+
+    let mut removed = Vec::new();
+    for slot in luks.keyslots() {
+        if slot.keyslot != keyslot {
+            let fingerprint = luks.remove_keyslot(slot.keyslot)?;
+            removed.push(RemovedKeyslot {
+                keyslot: slot.keyslot,
+                fingerprint,
+            });
+        }
+    }
+    if !removed.is_empty() {
+        luks.commit(&image, Change::Removed)?;
+    }
+    tracing::info!(job = job.id, keyslot, removed = removed.len(), "header-only rotation done");
+    Ok(RewriteSummary {
+        unlocked,
+        fingerprint: new_key.key.fingerprint.clone(),
+        keyslot,
+        keyslot_added,
+        removed,
+        reencrypted: false,
+        resumed_from: None,
+        elapsed_ms: millis(started.elapsed()),
+    })
+}
+
+/// The keyslot the new key already opens, if any: its token says so, or it is the very key the
+/// image was just unlocked with.
+fn existing_keyslot(
+    luks: &LuksImage,
+    keys: &JobKeys,
+    unlocked: &imgcrypt_proto::api::Unlocked,
+) -> Option<u32> {
+    let new_key = keys.encryption_key().ok()?;
+    if unlocked.fingerprint == new_key.key.fingerprint {
+        return Some(unlocked.keyslot);
+    }
+    luks.keyslots()
+        .into_iter()
+        .find(|slot| slot.fingerprint.as_deref() == Some(new_key.key.fingerprint.as_str()))
+        .map(|slot| slot.keyslot)
+}
+
+/// Reads the header back from the image and opens `keyslot` with the new key, proving the
+/// committed keyslot works before any other is removed.
+fn confirm_new_keyslot(
+    image: &File,
+    new_key: &CandidateKey,
+    keyslot: u32,
+    volume_key: &SecretBytes,
+) -> Result<()> {
+    let written = LuksImage::read(image)?;
+    let only_new = [CandidateKey {
+        name: new_key.name.clone(),
+        key: new_key.key.duplicate()?,
+    }];
+    let (reopened, unlocked) = written.unlock(&only_new, &|_| {})?;
+    if unlocked.keyslot != keyslot || reopened.as_bytes() != volume_key.as_bytes() {
+        return Err(Error::Luks {
+            operation: "confirming the new keyslot",
+            message: format!(
+                "the header read back from the image opens keyslot {} instead of {keyslot} \
+                 with the new key; nothing was removed, and the old keys still open the image",
+                unlocked.keyslot
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The record that makes a re-encryption resumable, kept just past the new image's end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Checkpoint {
+    magic: String,
+    /// UUID of the image being re-encrypted.
+    source_uuid: String,
+    /// Fingerprint of the key the new image opens with.
+    key_sha256: String,
+    /// The payload's size.
+    payload_size: u64,
+    /// Payload bytes re-encrypted and synced.
+    done: u64,
+}
+
+impl Checkpoint {
+    fn write(&self, output: &File, at: u64) -> Result<()> {
+        let mut record = serde_json::to_vec(self).expect("a checkpoint serialises");
+        record.resize(CHECKPOINT_RECORD_BYTES as usize, 0);
+        output
+            .write_all_at(&record, at)
+            .map_err(|e| Error::io(format!("writing the re-encryption checkpoint at {at}"), e))?;
+        output
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync after the re-encryption checkpoint", e))
+    }
+
+    fn read(output: &File, at: u64) -> Option<Self> {
+        let mut record = vec![0u8; CHECKPOINT_RECORD_BYTES as usize];
+        output.read_exact_at(&mut record, at).ok()?;
+        let end = record.iter().position(|&b| b == 0).unwrap_or(record.len());
+        let checkpoint: Self = serde_json::from_slice(&record[..end]).ok()?;
+        (checkpoint.magic == CHECKPOINT_MAGIC).then_some(checkpoint)
+    }
+}
+
+fn reencrypt(
+    mut job: Job<RewriteParameters>,
+    state: &ServerState,
+    image: CheckedFile,
+    output: CheckedFile,
+) -> Result<RewriteSummary> {
+    let started = Instant::now();
+    let parameters = job.parameters.clone();
+    if output.kind != StorageKind::RegularFile {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            "re-encryption writes a new image file beside the old one and renames it over \
+             the image; a block device cannot be re-encrypted in place here: copy the image to \
+             a file first",
+        ));
+    }
+    if image.same_file_as(&output)? {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            "is the image itself: re-encryption writes a new file (IMAGE.reencrypt.partial)",
+        ));
+    }
+    let keys = unlock::collect(
+        &mut job,
+        state,
+        &parameters.keys,
+        parameters.encryption_key.as_ref(),
+        Purpose::Other,
+    )?;
+    let new_key = keys.encryption_key()?;
+    let image = unlock::lock_image(image.file, false)?;
+    let output_file = unlock::lock_image(output.file, true)?;
+    let output = CheckedFile {
+        file: output_file
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the output descriptor", e))?,
+        kind: output.kind,
+    };
+    let (luks, old_volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
+    let payload_size = luks.payload_size();
+    let sector_size = luks.sector_size();
+    let source_uuid = luks.uuid().to_string();
+    let old_payload = LuksPayload::new(
+        image
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the image descriptor", e))?,
+        luks.data_offset(),
+        payload_size,
+        sector_size,
+        &old_volume_key,
+    )?;
+    drop(old_volume_key);
+
+    let existing_size = output
+        .file
+        .metadata()
+        .map_err(|e| Error::io("fstat on the re-encryption output", e))?
+        .len();
+    let (new_volume_key, data_offset, resumed_from) = if existing_size == 0 {
+        job.reporter.progress(Phase::Format, 0, 0);
+        let new_volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
+        let spec = HeaderSpec {
+            version: luks.version(),
+            sector_size,
+            pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
+        };
+        let header = luks::format_header(
+            &spec,
+            &new_volume_key,
+            &new_key.key.passphrase,
+            &new_key.key.fingerprint,
+        )?;
+        let output_size = header.data_offset + payload_size;
+        prepare_output(
+            &output,
+            output_size + CHECKPOINT_RECORD_BYTES,
+            header.data_offset,
+        )?;
+        copy_header(&header.image, &output.file, header.data_offset)?;
+        Checkpoint {
+            magic: CHECKPOINT_MAGIC.to_string(),
+            source_uuid: source_uuid.clone(),
+            key_sha256: new_key.key.fingerprint.clone(),
+            payload_size,
+            done: 0,
+        }
+        .write(&output.file, output_size)?;
+        (new_volume_key, header.data_offset, None)
+    } else {
+        let (new_volume_key, data_offset, done) =
+            resume_point(&job, &output.file, existing_size, new_key, &source_uuid, payload_size)?;
+        (new_volume_key, data_offset, Some(done))
+    };
+    drop(luks);
+
+    let output_size = data_offset + payload_size;
+    let mut done = resumed_from.unwrap_or(0);
+    let engine = UserspaceEngine::new();
+    job.reporter.progress(Phase::Copy, done, payload_size);
+    while done < payload_size {
+        job.check_cancel()?;
+        let end = (done + CHECKPOINT_INTERVAL).min(payload_size);
+        let base = done;
+        let progress = |written: u64| job.reporter.progress(Phase::Copy, base + written, payload_size);
+        engine.copy_range(
+            &PayloadJob {
+                job_id: job.id,
+                source: &old_payload,
+                output: &output.file,
+                data_offset,
+                payload_size,
+                sector_size,
+                volume_key: new_volume_key.as_bytes(),
+                progress: &progress,
+                cancel: &job.cancel,
+            },
+            true,
+            done..end,
+        )?;
+        output
+            .file
+            .sync_data()
+            .map_err(|e| Error::io("fdatasync on the re-encrypted image", e))?;
+        Checkpoint {
+            magic: CHECKPOINT_MAGIC.to_string(),
+            source_uuid: source_uuid.clone(),
+            key_sha256: new_key.key.fingerprint.clone(),
+            payload_size,
+            done: end,
+        }
+        .write(&output.file, output_size)?;
+        done = end;
+        crash::point("reencrypt:checkpoint");
+    }
+    drop(new_volume_key);
+
+    job.reporter.progress(Phase::Sync, payload_size, payload_size);
+    output
+        .file
+        .set_len(output_size)
+        .map_err(|e| Error::io("cutting the checkpoint record off the new image", e))?;
+    output
+        .file
+        .sync_all()
+        .map_err(|e| Error::io("fsync on the re-encrypted image", e))?;
+    tracing::info!(job = job.id, payload_size, ?resumed_from, "re-encrypted");
+    Ok(RewriteSummary {
+        unlocked,
+        fingerprint: new_key.key.fingerprint.clone(),
+        keyslot: 0,
+        keyslot_added: true,
+        removed: Vec::new(),
+        reencrypted: true,
+        resumed_from,
+        elapsed_ms: millis(started.elapsed()),
+    })
+}
+
+/// Checks that `output` is an interrupted re-encryption of this image to this key and returns
+/// its volume key, data offset and how far it got.
+fn resume_point(
+    job: &Job<RewriteParameters>,
+    output: &File,
+    existing_size: u64,
+    new_key: &CandidateKey,
+    source_uuid: &str,
+    payload_size: u64,
+) -> Result<(SecretBytes, u64, u64)> {
+    let not_ours = |why: String| {
+        Error::bad_descriptor(
+            Descriptor::Output,
+            format!(
+                "the existing IMAGE.reencrypt.partial cannot be resumed: {why}; delete it to start \
+                 the re-encryption over"
+            ),
+        )
+    };
+    let partial = LuksImage::read(output).map_err(|e| not_ours(format!("its header: {e}")))?;
+    let data_offset = partial.data_offset();
+    let output_size = data_offset + payload_size;
+    if existing_size == output_size {
+        return Err(not_ours(
+            "it is complete but carries no checkpoint (the previous run finished; if it reported \
+             success, the rename over the image was interrupted: rename it yourself)"
+                .to_string(),
+        ));
+    }
+    let checkpoint = Checkpoint::read(output, output_size)
+        .ok_or_else(|| not_ours("it carries no readable checkpoint".to_string()))?;
+    if checkpoint.source_uuid != source_uuid || checkpoint.payload_size != payload_size {
+        return Err(not_ours(format!(
+            "it is a re-encryption of another image (UUID {})",
+            checkpoint.source_uuid
+        )));
+    }
+    if checkpoint.key_sha256 != new_key.key.fingerprint {
+        return Err(not_ours(format!(
+            "it was started with another encryption key (sha256:{}), not {} (sha256:{})",
+            checkpoint.key_sha256, new_key.name, new_key.key.fingerprint
+        )));
+    }
+    if checkpoint.done > payload_size {
+        return Err(not_ours("its checkpoint is past the payload's end".to_string()));
+    }
+    job.reporter.progress(Phase::Unlock, 0, 0);
+    let only_new = [CandidateKey {
+        name: new_key.name.clone(),
+        key: new_key.key.duplicate()?,
+    }];
+    let (volume_key, _) = partial.unlock(&only_new, &|_| {})?;
+    job.notice(format!(
+        "resuming the re-encryption at {} of {payload_size} bytes",
+        checkpoint.done
+    ));
+    Ok((volume_key, data_offset, checkpoint.done))
+}

@@ -1,0 +1,188 @@
+//! The keys a job may unlock an image with: the ones the client passed, else the daemon's own
+//! key ring; plus the shared steps every unlocking job takes (lock the image, read its header,
+//! open it).
+//!
+//! Key descriptors are read once each even when a call names one descriptor in two roles (the
+//! new `encryption_key` of a rotation is also an unlock candidate, so a rerun after an
+//! interruption opens the image with it at no extra cost).
+
+use std::collections::HashMap;
+use std::fs::File;
+
+use imgcrypt_proto::api::{KeyRef, Phase, Unlocked};
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::error::Descriptor;
+use crate::keys::{self, CandidateKey, SecretBytes};
+use crate::luks::LuksImage;
+use crate::server::ServerState;
+use crate::sys::descriptors;
+use crate::{Error, Result};
+
+use super::Job;
+
+/// What the keys will be used for: decrypting hands out plaintext, so the daemon's own ring
+/// serves it only to root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Reading the header only, or checking, or rotating: the caller never sees plaintext.
+    Other,
+    /// Writing the plaintext to the caller.
+    Decrypt,
+}
+
+/// The keys of one job.
+#[derive(Debug)]
+pub struct JobKeys {
+    /// Candidates in ring order (the client's order, or the daemon ring's).
+    pub candidates: Vec<CandidateKey>,
+    /// Index in `candidates` of the key a rotation moves to, when the call has one.
+    pub encryption: Option<usize>,
+    /// Whether these came from the daemon's ring rather than the client.
+    pub from_daemon_ring: bool,
+}
+
+impl JobKeys {
+    /// The key a rotation moves to, or the error saying how to name one.
+    pub fn encryption_key(&self) -> Result<&CandidateKey> {
+        self.encryption
+            .map(|index| &self.candidates[index])
+            .ok_or_else(|| {
+                Error::NoKey(
+                    "no key to rotate to: set encryption_key in your key ring (imgctl key \
+                     generate -o FILE makes one)"
+                        .to_string(),
+                )
+            })
+    }
+}
+
+/// Reads the keys `refs` (and `encryption`) names from the call's descriptors; with none, the
+/// daemon ring's keys when it has a ring and `purpose` allows it.
+pub fn collect<P>(
+    job: &mut Job<P>,
+    state: &ServerState,
+    refs: &[KeyRef],
+    encryption: Option<&KeyRef>,
+    purpose: Purpose,
+) -> Result<JobKeys> {
+    if refs.is_empty() && encryption.is_none() {
+        return from_daemon_ring(job, state, purpose);
+    }
+    let mut candidates = Vec::new();
+    let mut by_descriptor: HashMap<u32, usize> = HashMap::new();
+    for key_ref in refs.iter().chain(encryption) {
+        if by_descriptor.contains_key(&key_ref.fd) {
+            continue;
+        }
+        let file = descriptors::check_key(job.descriptors.take(Descriptor::Key, key_ref.fd)?)?;
+        let key = keys::read_key_file(&file).map_err(|error| name_key(error, &key_ref.name))?;
+        for warning in &key.warnings {
+            job.notice(format!("{}: {warning}", key_ref.name));
+        }
+        by_descriptor.insert(key_ref.fd, candidates.len());
+        candidates.push(CandidateKey {
+            name: key_ref.name.clone(),
+            key,
+        });
+    }
+    Ok(JobKeys {
+        encryption: encryption.map(|key_ref| by_descriptor[&key_ref.fd]),
+        candidates,
+        from_daemon_ring: false,
+    })
+}
+
+/// Says which key a key-file error is about.
+fn name_key(error: Error, name: &str) -> Error {
+    match error {
+        Error::BadDescriptor { descriptor, message } => Error::BadDescriptor {
+            descriptor,
+            message: format!("{name}: {message}"),
+        },
+        Error::Io { operation, source } => Error::Io {
+            operation: format!("{name}: {operation}"),
+            source,
+        },
+        other => other,
+    }
+}
+
+fn from_daemon_ring<P>(job: &Job<P>, state: &ServerState, purpose: Purpose) -> Result<JobKeys> {
+    let Some(ring) = state.ring.as_ref() else {
+        return Err(Error::NoKey(
+            "no key was passed and this daemon has no key ring: pass --key-file FILE, or list \
+             your keys in your key ring (~/.config/imgcrypt/keys.toml)"
+                .to_string(),
+        ));
+    };
+    if purpose == Purpose::Decrypt && !crate::keys::ring::may_decrypt_with(job.caller_uid) {
+        return Err(Error::PermissionDenied(format!(
+            "the daemon's key ring does not decrypt for uid {}: only root may get plaintext \
+             with the daemon's keys; pass your own key with --key-file",
+            job.caller_uid
+        )));
+    }
+    let candidates = ring.candidates()?;
+    if candidates.is_empty() {
+        return Err(Error::NoKey(format!(
+            "no key was passed and the daemon's key ring ({}) lists none",
+            ring.describe()
+        )));
+    }
+    let encryption = candidates
+        .iter()
+        .position(|candidate| candidate.name == "daemon:encryption_key");
+    tracing::info!(job = job.id, ring = %ring.describe(), keys = candidates.len(), "using the daemon's key ring");
+    Ok(JobKeys {
+        candidates,
+        encryption,
+        from_daemon_ring: true,
+    })
+}
+
+/// Takes a shared (`exclusive == false`) or exclusive `flock` on the image for the job's
+/// lifetime, so two jobs never rewrite one image at once and nothing reads a header while it is
+/// rewritten. Another holder is an immediate error, never a wait.
+pub fn lock_image(file: File, exclusive: bool) -> Result<Flock<File>> {
+    let how = if exclusive {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    Flock::lock(file, how).map_err(|(_, errno)| {
+        if errno == nix::errno::Errno::EWOULDBLOCK {
+            Error::io(
+                "locking the image: another imgcrypt job (or a program holding a flock on it) \
+                 is using it; try again when it has finished",
+                errno,
+            )
+        } else {
+            Error::io("locking the image (flock)", errno)
+        }
+    })
+}
+
+/// Reads the image's header and opens it with the first key that fits, reporting the unlock
+/// phase and passing libcryptsetup's trial notices on to the user.
+pub fn open_image<P>(
+    job: &Job<P>,
+    image: &File,
+    keys: &JobKeys,
+) -> Result<(LuksImage, SecretBytes, Unlocked)> {
+    let luks = LuksImage::read(image)?;
+    luks.check_cipher_supported()?;
+    job.check_cancel()?;
+    job.reporter.progress(Phase::Unlock, 0, 0);
+    let (volume_key, unlocked) = luks.unlock(&keys.candidates, &|text| job.notice(text))?;
+    tracing::info!(
+        job = job.id,
+        key = %unlocked.key_name,
+        fingerprint = %unlocked.fingerprint,
+        keyslot = unlocked.keyslot,
+        method = ?unlocked.method,
+        attempts = unlocked.attempts,
+        "unlocked"
+    );
+    Ok((luks, volume_key, unlocked))
+}

@@ -1,0 +1,164 @@
+//! `imgctl inspect`, `decrypt` and `verify` through the real binaries, against what cryptsetup
+//! and qemu-img say about the same images.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn sha256sum(path: &Path) -> String {
+    let output = run_ok(Command::new("sha256sum").arg(path));
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn decrypt_writes_the_plaintext_and_verify_hashes_and_compares_it() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let key = dir.join("k");
+    write_key(&key);
+    for (kind, extra) in [
+        (SourceKind::VhdDynamic, &[][..]),
+        (SourceKind::VhdFixed, &["--luks1"][..]),
+        (SourceKind::Raw, &["--sector-size", "4096"][..]),
+    ] {
+        let source = make_source(dir, kind, "6M");
+        let image = dir.join("image.luks");
+        let _ = fs::remove_file(&image);
+        run_ok(daemon.encrypt(&source, &image, &key).args(extra));
+        let raw = dir.join("expected.raw");
+        qemu_plaintext(&source, &raw);
+
+        let plain = dir.join("plain.raw");
+        let _ = fs::remove_file(&plain);
+        let output = run(daemon
+            .imgctl()
+            .arg("decrypt")
+            .arg(&image)
+            .arg("-o")
+            .arg(&plain)
+            .arg("--key-file")
+            .arg(&key));
+        assert!(output.status.success(), "{kind:?}: {}", describe(&output));
+        assert!(!dir.join("plain.raw.partial").exists());
+        assert_plaintext_matches(&plain, &raw);
+        let facts = luks_dump(&image);
+        assert_eq!(
+            fs::metadata(&plain).unwrap().len(),
+            fs::metadata(&image).unwrap().len() - facts.data_offset,
+            "the whole payload is written"
+        );
+
+        let verified = run(daemon
+            .imgctl()
+            .arg("verify")
+            .arg(&image)
+            .arg("--source")
+            .arg(&source)
+            .arg("--key-file")
+            .arg(&key));
+        assert!(verified.status.success(), "{kind:?}: {}", describe(&verified));
+        let stdout = String::from_utf8_lossy(&verified.stdout);
+        assert!(stdout.contains(&sha256sum(&plain)), "{kind:?}: {stdout}");
+    }
+}
+
+#[test]
+fn verify_reports_where_a_different_source_differs() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let key = dir.join("k");
+    write_key(&key);
+    let source = make_source(dir, SourceKind::Raw, "4M");
+    let image = dir.join("image.luks");
+    run_ok(&mut daemon.encrypt(&source, &image, &key));
+    let changed = dir.join("changed.raw");
+    fs::copy(&source, &changed).unwrap();
+    qemu_io("raw", &changed, &["write -P 0x77 1234944 512"]);
+    let expected = fs::read(&source).unwrap();
+    let first = (1234944..1234944 + 512)
+        .find(|&at| expected[at] != 0x77)
+        .unwrap();
+
+    let output = run(daemon
+        .imgctl()
+        .arg("verify")
+        .arg(&image)
+        .arg("--source")
+        .arg(&changed)
+        .arg("--key-file")
+        .arg(&key));
+    assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(text.contains(&first.to_string()), "offset {first} not named: {text}");
+}
+
+#[test]
+fn inspect_reads_the_header_without_a_key_and_agrees_with_cryptsetup() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let key = dir.join("k");
+    write_key(&key);
+    let source = make_source(dir, SourceKind::VhdDynamic, "3M");
+    let image = dir.join("image.luks");
+    run_ok(daemon.encrypt(&source, &image, &key).args(["--sector-size", "4096"]));
+
+    let output = run_ok(daemon.imgctl().args(["inspect", "--json"]).arg(&image));
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+    let uuid = run_ok(Command::new("cryptsetup").arg("luksUUID").arg(&image));
+    assert_eq!(info["uuid"], String::from_utf8_lossy(&uuid.stdout).trim());
+    let facts = luks_dump(&image);
+    assert_eq!(info["luks_version"], "luks2");
+    assert_eq!(info["cipher"], facts.cipher);
+    assert_eq!(info["sector_size"], facts.sector_size);
+    assert_eq!(info["data_offset"], facts.data_offset);
+    assert_eq!(
+        info["payload_size"],
+        fs::metadata(&image).unwrap().len() - facts.data_offset
+    );
+    assert_eq!(info["keyslots"].as_array().unwrap().len(), 1);
+    assert!(info["keyslots"][0]["matching_key"].is_null(), "{info}");
+
+    // With the key, inspect says which one matches; the human form names the facts too.
+    let output = run_ok(
+        daemon
+            .imgctl()
+            .arg("inspect")
+            .arg(&image)
+            .arg("--key-file")
+            .arg(&key),
+    );
+    let text = String::from_utf8_lossy(&output.stdout);
+    for fact in [
+        "LUKS2".to_string(),
+        facts.data_offset.to_string(),
+        "4096".to_string(),
+        "--key-file".to_string(),
+    ] {
+        assert!(text.contains(&fact), "{fact} missing: {text}");
+    }
+
+    // Not a LUKS image: a clear error.
+    let output = run(daemon.imgctl().arg("inspect").arg(&source));
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not a LUKS image"),
+        "{}",
+        describe(&output)
+    );
+}

@@ -97,7 +97,7 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
     job.check_cancel()?;
     reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
-    let header = luks::format_header(&header_spec, &volume_key, &key.passphrase)?;
+    let header = luks::format_header(&header_spec, &volume_key, &key.passphrase, &key.fingerprint)?;
     let output_size = layout::output_size(header.data_offset, virtual_size)?;
     let payload_size = output_size - header.data_offset;
 

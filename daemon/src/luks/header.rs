@@ -27,7 +27,7 @@ use libcryptsetup_rs::{
     CryptParamsLuks2Ref, CryptPbkdfType, CryptSettingsHandle, Either,
 };
 
-use super::{clear_errors, libcryptsetup_error, route_libcryptsetup_logs};
+use super::{clear_errors, libcryptsetup_error, route_libcryptsetup_logs, token};
 use crate::keys::SecretBytes;
 use crate::sys::memfd;
 use crate::{Error, Result};
@@ -238,7 +238,9 @@ impl HeaderSpec {
     }
 
     /// libcryptsetup's default settings for our version with the caller's choices applied.
-    fn pbkdf_settings(&self) -> Result<CryptPbkdfType> {
+    ///
+    /// Shared with keyslots added to existing images ([`super::LuksImage::add_keyslot`]).
+    pub(crate) fn pbkdf_settings(&self) -> Result<CryptPbkdfType> {
         let kind = self.pbkdf_kind();
         let luks_type = match (self.version, kind) {
             (LuksVersion::Luks1, _) | (_, PbkdfKind::Pbkdf2) => LuksType::Luks1,
@@ -297,6 +299,10 @@ pub struct FormattedHeader {
 
 /// Formats a LUKS header with `volume_key` and one keyslot opened by `passphrase`.
 ///
+/// For LUKS2 the keyslot also gets an `imgcrypt-key` token carrying `fingerprint` (the key
+/// file's, see [`super::token`]), so decrypting later finds the keyslot without trials. LUKS1
+/// has no tokens and ignores it.
+///
 /// # Threads
 ///
 /// Call this from a thread that may block: with benchmarking (the default) it takes about the
@@ -310,6 +316,7 @@ pub fn format_header(
     spec: &HeaderSpec,
     volume_key: &SecretBytes,
     passphrase: &SecretBytes,
+    fingerprint: &str,
 ) -> Result<FormattedHeader> {
     spec.validate()?;
     if volume_key.len() != VOLUME_KEY_BYTES {
@@ -332,7 +339,7 @@ pub fn format_header(
     let started = std::time::Instant::now();
     let mut device = CryptInit::init(&memfd::proc_path(&image))
         .map_err(|error| libcryptsetup_error("opening the in-memory header device", error))?;
-    let written = write_header(&mut device, spec, volume_key, passphrase);
+    let written = write_header(&mut device, spec, volume_key, passphrase, fingerprint);
     drop(device);
     let (data_offset, cipher, key_size_bits, pbkdf) = written?;
     tracing::debug!(
@@ -370,6 +377,7 @@ fn write_header(
     spec: &HeaderSpec,
     volume_key: &SecretBytes,
     passphrase: &SecretBytes,
+    fingerprint: &str,
 ) -> Result<(u64, String, u32, String)> {
     // Set before formatting, as the cryptsetup CLI does: LUKS1 takes the keyslot KDF only from
     // here, and LUKS2 keeps it when formatting without its own.
@@ -432,6 +440,9 @@ fn write_header(
             CryptVolumeKey::empty(),
         )
         .map_err(|error| libcryptsetup_error("adding the keyslot", error))?;
+    if spec.version == LuksVersion::Luks2 {
+        token::add(device, keyslot, fingerprint)?;
+    }
 
     let sector_size = libcryptsetup_rs::get_sector_size(Some(device));
     if u32::try_from(sector_size).ok() != Some(spec.sector_size) {
@@ -473,6 +484,15 @@ fn write_header(
         .keyslot_handle()
         .get_pbkdf(keyslot)
         .map_err(|error| libcryptsetup_error("reading the keyslot's PBKDF", error))?;
+    let benchmarked_ms =
+        (!settings.flags.contains(CryptPbkdf::NO_BENCHMARK)).then_some(settings.time_ms);
+    let pbkdf = describe_pbkdf(&stored, benchmarked_ms);
+    Ok((data_offset, cipher, key_size_bits, pbkdf))
+}
+
+/// A keyslot's key derivation as users read it: `pbkdf2-sha256 (1000 iterations)` or
+/// `argon2id (4 iterations, 32 KiB, 1 thread)`, with the benchmark target when there was one.
+pub(crate) fn describe_pbkdf(stored: &CryptPbkdfType, benchmarked_ms: Option<u32>) -> String {
     let mut pbkdf = match stored.type_ {
         CryptKdf::Pbkdf2 => format!(
             "pbkdf2-{} ({} iterations",
@@ -496,11 +516,11 @@ fn write_header(
             }
         ),
     };
-    if !settings.flags.contains(CryptPbkdf::NO_BENCHMARK) {
-        pbkdf.push_str(&format!("; benchmarked for {} ms", settings.time_ms));
+    if let Some(ms) = benchmarked_ms {
+        pbkdf.push_str(&format!("; benchmarked for {ms} ms"));
     }
     pbkdf.push(')');
-    Ok((data_offset, cipher, key_size_bits, pbkdf))
+    pbkdf
 }
 
 /// The function's name as users write it.
@@ -514,6 +534,80 @@ fn kind_name(kind: PbkdfKind) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fingerprint (SHA-256 of the empty string) for headers whose key file does not matter.
+    const FINGERPRINT: &str = "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=";
+
+    /// Copies a formatted header into a named file the cryptsetup CLI can read.
+    fn header_file(header: &FormattedHeader) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        let mut source = &header.image;
+        std::io::Seek::rewind(&mut source).unwrap();
+        std::io::copy(&mut source, file.as_file_mut()).unwrap();
+        file
+    }
+
+    fn fast_spec(version: LuksVersion) -> HeaderSpec {
+        spec(
+            version,
+            512,
+            Pbkdf {
+                kind: Some(PbkdfKind::Pbkdf2),
+                iterations: Some(1000),
+                ..Pbkdf::default()
+            },
+        )
+    }
+
+    #[test]
+    fn luks2_headers_carry_the_key_fingerprint_token() {
+        let volume_key = SecretBytes::random(VOLUME_KEY_BYTES).unwrap();
+        let passphrase = SecretBytes::random(44).unwrap();
+        let fingerprint = imgcrypt_proto::keyfile::fingerprint(passphrase.as_bytes());
+        let header = format_header(
+            &fast_spec(LuksVersion::Luks2),
+            &volume_key,
+            &passphrase,
+            &fingerprint,
+        )
+        .unwrap();
+        let file = header_file(&header);
+        let output = std::process::Command::new("cryptsetup")
+            .args(["token", "export", "--token-id", "0"])
+            .arg(file.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let token: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        assert_eq!(
+            token,
+            serde_json::json!({
+                "type": "imgcrypt-key",
+                "keyslots": ["0"],
+                "key_sha256": fingerprint,
+            })
+        );
+
+        // LUKS1 has nowhere to put it, and formatting still works.
+        let luks1 = format_header(
+            &fast_spec(LuksVersion::Luks1),
+            &volume_key,
+            &passphrase,
+            &fingerprint,
+        )
+        .unwrap();
+        let output = std::process::Command::new("cryptsetup")
+            .args(["luksDump"])
+            .arg(header_file(&luks1).path())
+            .output()
+            .unwrap();
+        let dump = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            dump.lines()
+                .any(|line| line.starts_with("Version:") && line.trim_end().ends_with('1')),
+            "{dump}"
+        );
+    }
 
     fn spec(version: LuksVersion, sector_size: u32, pbkdf: Pbkdf) -> HeaderSpec {
         HeaderSpec {
@@ -721,7 +815,8 @@ mod tests {
     fn rejects_a_wrong_volume_key_length() {
         let short = SecretBytes::random(32).unwrap();
         let passphrase = SecretBytes::random(44).unwrap();
-        let error = format_header(&HeaderSpec::default(), &short, &passphrase).unwrap_err();
+        let error =
+            format_header(&HeaderSpec::default(), &short, &passphrase, FINGERPRINT).unwrap_err();
         assert!(matches!(error, Error::Luks { .. }), "{error:?}");
     }
 }

@@ -3,6 +3,13 @@
 //! - [`header`]: builds a LUKS1/LUKS2 header with one keyslot in a memfd, never touching a
 //!   client's descriptor; the job copies it to the output afterwards.
 //! - [`layout`]: how big the output is for a given header and source.
+//! - [`token`]: the `imgcrypt-key` LUKS2 token that names the key file of a keyslot.
+//! - [`image`]: an existing image's header, read from a passed descriptor into a daemon-owned
+//!   memfd copy; keyslot edits happen on the copy and are written back in a crash-safe order.
+//! - [`unlock`]: which candidate key opens an image, by token first and by trial only where the
+//!   image carries no fingerprint.
+//! - [`payload`]: the decrypted payload of an image as a [`crate::formats::SourceImage`].
+//! - [`crash`]: kill points for the write-back's crash tests.
 //!
 //! libcryptsetup writes its messages through a process-wide callback; this module routes them
 //! to `tracing` under the target [`LOG_TARGET`] and keeps the errors of the current thread so a
@@ -10,8 +17,13 @@
 //! libcryptsetup never puts passphrases or volume keys in its messages (its debug output carries
 //! header metadata, which is public), so routing them is safe.
 
+pub mod crash;
 pub mod header;
+pub mod image;
 pub mod layout;
+pub mod payload;
+pub mod token;
+pub mod unlock;
 
 use std::cell::RefCell;
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -22,7 +34,9 @@ use libcryptsetup_rs::LibcryptErr;
 
 use crate::Error;
 pub use header::{format_header, FormattedHeader, HeaderSpec, VOLUME_KEY_BYTES};
+pub use image::{Change, Keyslot, LuksImage};
 pub use layout::{output_size, payload_size};
+pub use payload::LuksPayload;
 
 /// `tracing` target of libcryptsetup's own messages (filter with
 /// `RUST_LOG=imgcryptd::libcryptsetup=debug`).

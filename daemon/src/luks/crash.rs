@@ -1,0 +1,39 @@
+//! Crash points for testing that header write-back survives a kill at every step.
+//!
+//! With `debug_assertions` (test and debug builds), [`point`] kills the whole process with
+//! `SIGKILL` — no unwinding, no destructors, exactly what `kill -9` or a power cut leaves —
+//! when the environment variable [`ENV`] names the point reached. Release builds compile it to
+//! nothing. The variable is read once per process.
+//!
+//! Points fired by [`super::LuksImage::commit`], each after its step's writes are synced:
+//!
+//! | point                 | what is on the image when it fires                                |
+//! |-----------------------|-------------------------------------------------------------------|
+//! | `added:keyslots`      | new key material in the keyslot area; headers still the old ones  |
+//! | `added:primary-torn`  | first half of the primary header's changes (LUKS2 only)           |
+//! | `added:primary`       | the new primary header (LUKS1: the new phdr; the add is durable)  |
+//! | `added:secondary`     | the new secondary header too (LUKS2 only; the add is complete)    |
+//! | `removed:primary-torn`| first half of the primary header's changes (LUKS2 only)           |
+//! | `removed:primary`     | the new primary header (LUKS1: the phdr; the removal is durable)  |
+//! | `removed:secondary`   | the new secondary header too (LUKS2 only)                         |
+//! | `removed:keyslots`    | the removed keyslot's key material wiped (the removal is complete)|
+
+/// The environment variable naming the crash point.
+pub const ENV: &str = "IMGCRYPTD_CRASH_AT";
+
+/// Kills the process with `SIGKILL` if [`ENV`] equals `name` (debug builds only).
+#[cfg(debug_assertions)]
+pub fn point(name: &str) {
+    static TARGET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let target = TARGET.get_or_init(|| std::env::var(ENV).ok());
+    if target.as_deref() == Some(name) {
+        tracing::warn!("{ENV}={name}: killing the daemon with SIGKILL");
+        // SIGKILL cannot be caught or ignored, so raise does not return.
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Does nothing: crash points exist in debug builds only.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn point(_name: &str) {}

@@ -233,11 +233,12 @@ fn read_keys(ring: &Keyring, entries: &[(String, &Path)]) -> Result<Vec<Candidat
         .map(|(name, path)| {
             let what = format!("key file {name} of {}", ring.path.display());
             let (file, _) = open_trusted(path, &what)?;
-            let key = read_key_file(&file).map_err(|error| {
+            let mut key = read_key_file(&file).map_err(|error| {
                 Error::NoKey(format!("daemon {what}: {}: {error}", path.display()))
             })?;
+            // For the operator, not the client: logged here, never sent with a job's replies.
             // read_key_file's own warning covers "readable by others" for key files.
-            for warning in &key.warnings {
+            for warning in std::mem::take(&mut key.warnings) {
                 tracing::warn!("daemon {what}: {}: {warning}", path.display());
             }
             Ok(CandidateKey {

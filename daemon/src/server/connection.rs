@@ -277,7 +277,13 @@ impl Connection {
                 descriptors: fds,
             };
             tokio::task::spawn_blocking(move || {
-                jobs::encrypt::run(request, &state.engines, &reporter, &cancel)
+                jobs::encrypt::run(
+                    request,
+                    &state.engines,
+                    state.config.key_ring.as_deref(),
+                    &reporter,
+                    &cancel,
+                )
             })
         };
         tokio::pin!(job);

@@ -220,8 +220,11 @@ fn read_ring(location: &RingLocation) -> Result<Keyring> {
     let (file, warning) = open_trusted(path, "key ring")?;
     let ring = Keyring::read(file, path)
         .map_err(|error| Error::NoKey(format!("daemon key ring {error}")))?;
-    for warning in warning.iter().chain(&ring.warnings) {
-        tracing::warn!("daemon key ring: {warning}");
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
+    }
+    for warning in &ring.warnings {
+        tracing::warn!("daemon key ring {warning}");
     }
     Ok(ring)
 }
@@ -301,7 +304,7 @@ fn open_trusted(path: &Path, what: &str) -> Result<(File, Option<String>)> {
     }
     let warning = (mode & 0o004 != 0).then(|| {
         format!(
-            "{what} {} is readable by others (mode {mode:04o}): chmod 600 {}",
+            "daemon {what} {} is readable by others (mode {mode:04o}): chmod 600 {}",
             path.display(),
             path.display()
         )

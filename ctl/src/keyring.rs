@@ -1,36 +1,19 @@
-//! The client's key ring: a TOML file naming key files, in the manner of gsutil's
-//! customer-supplied keys.
+//! The client's key ring: which ring file imgctl reads, and how its failures are reported.
 //!
-//! ```toml
-//! encryption_key = "keys/current.key"
-//! decryption_key1 = "keys/old.key"
-//! decryption_key2 = "/srv/keys/older.key"
-//! ```
-//!
-//! `--keyring FILE`, else `$XDG_CONFIG_HOME/imgcrypt/keys.toml` (default `~/.config`). Decryption
-//! keys are numbered from 1 without gaps, at most 100; keys after a gap are ignored with a warning
-//! naming them (gsutil's rule: a gap is most likely a key deleted by mistake, and guessing past it
-//! would hide that). Unknown keys are errors, since a misspelt `encryption_key` would otherwise
-//! silently leave no key. Relative paths resolve against the ring file's directory, so a ring and
-//! its keys can move together.
+//! `--keyring FILE`, else `$XDG_CONFIG_HOME/imgcrypt/keys.toml` (default `~/.config`). The format
+//! and its rules (gsutil's numbering, relative paths beside the ring) live in
+//! [`imgcrypt_proto::keyring`], shared with the daemon's own ring; this module only finds and
+//! reads the file and maps its errors to [`CtlError`].
 //!
 //! The ring holds paths only, never key bytes.
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+pub use imgcrypt_proto::keyring::Keyring;
+use imgcrypt_proto::keyring::{RingError, RingErrorKind, ENCRYPTION_KEY};
 
 use crate::error::{CtlError, Result};
-
-/// Most decryption keys a ring may name (`decryption_key1` … `decryption_key100`).
-pub const MAX_DECRYPTION_KEYS: u32 = 100;
-
-/// A ring file larger than this is refused: it names at most 101 paths.
-const MAX_RING_BYTES: u64 = 1 << 20;
-
-const ENCRYPTION_KEY: &str = "encryption_key";
-const DECRYPTION_KEY_PREFIX: &str = "decryption_key";
 
 /// Where the ring comes from: an explicit `--keyring` must exist, the default need not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,174 +83,22 @@ impl RingLocation {
             Err(error) => return Err(CtlError::file(path, "open the key ring", error)),
             Ok(file) => file,
         };
-        let mut text = String::new();
-        file.take(MAX_RING_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| CtlError::file(path, "read the key ring (is it UTF-8 text?)", e))?;
-        if text.len() as u64 > MAX_RING_BYTES {
-            return Err(ring_error(
-                path,
-                format!("is larger than {MAX_RING_BYTES} bytes: a key ring only names key files"),
-            ));
-        }
-        Keyring::parse(&text, path).map(Some)
+        Ok(Some(Keyring::read(file, path)?))
     }
 }
 
-/// A parsed key ring: absolute (or ring-relative, resolved) paths of key files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Keyring {
-    /// The ring file.
-    pub path: PathBuf,
-    /// `encryption_key`: what new images and rotations use.
-    pub encryption_key: Option<PathBuf>,
-    /// `decryption_key1`, `decryption_key2`, … up to the first gap, in order.
-    pub decryption_keys: Vec<PathBuf>,
-    /// What the user should fix that does not stop the command (ignored keys).
-    pub warnings: Vec<String>,
-}
-
-impl Keyring {
-    /// Parses the text of the ring at `path` (used for messages and to resolve relative paths).
-    pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ring_error(path, format!("is not valid TOML: {e}")))?;
-        let base = path.parent().unwrap_or(Path::new(""));
-        let resolve = |name: &str, value: &toml::Value| -> Result<PathBuf> {
-            let text = value.as_str().ok_or_else(|| {
-                ring_error(
-                    path,
-                    format!("{name} must be a string naming a key file, e.g. {name} = \"key\""),
-                )
-            })?;
-            if text.is_empty() {
-                return Err(ring_error(
-                    path,
-                    format!("{name} is empty: name a key file"),
-                ));
+impl From<RingError> for CtlError {
+    /// A ring's own error names its file; a read failure gets the usual hints.
+    fn from(error: RingError) -> Self {
+        match error.kind {
+            RingErrorKind::Read(io) => {
+                CtlError::file(error.path, "read the key ring (is it UTF-8 text?)", io)
             }
-            Ok(base.join(text))
-        };
-
-        let mut encryption_key = None;
-        let mut numbered = BTreeMap::new();
-        let mut unknown = Vec::new();
-        let mut out_of_range = Vec::new();
-        for (name, value) in &table {
-            if name == ENCRYPTION_KEY {
-                encryption_key = Some(resolve(name, value)?);
-            } else if let Some(number) = decryption_key_number(name) {
-                if (1..=MAX_DECRYPTION_KEYS).contains(&number) {
-                    numbered.insert(number, resolve(name, value)?);
-                } else {
-                    out_of_range.push(name.as_str());
-                }
-            } else {
-                unknown.push(name.as_str());
-            }
+            kind => CtlError::File {
+                path: error.path,
+                message: kind.to_string(),
+            },
         }
-        if !unknown.is_empty() {
-            return Err(ring_error(
-                path,
-                format!(
-                    "unknown key{} {}: a key ring holds only {ENCRYPTION_KEY} and \
-                     {DECRYPTION_KEY_PREFIX}1 … {DECRYPTION_KEY_PREFIX}{MAX_DECRYPTION_KEYS}",
-                    if unknown.len() == 1 { "" } else { "s" },
-                    unknown.join(", ")
-                ),
-            ));
-        }
-        if !out_of_range.is_empty() {
-            return Err(ring_error(
-                path,
-                format!(
-                    "{}: decryption keys are numbered {DECRYPTION_KEY_PREFIX}1 to \
-                     {DECRYPTION_KEY_PREFIX}{MAX_DECRYPTION_KEYS} (at most \
-                     {MAX_DECRYPTION_KEYS}, no leading zeros)",
-                    out_of_range.join(", ")
-                ),
-            ));
-        }
-
-        let mut decryption_keys = Vec::new();
-        let mut warnings = Vec::new();
-        let first_gap = (1..).find(|n| !numbered.contains_key(n)).unwrap_or(1);
-        let ignored: Vec<u32> = numbered.range(first_gap..).map(|(&n, _)| n).collect();
-        for number in 1..first_gap {
-            if let Some(key) = numbered.remove(&number) {
-                decryption_keys.push(key);
-            }
-        }
-        if let Some(&last_ignored) = ignored.last() {
-            let names: Vec<String> = ignored
-                .iter()
-                .map(|n| format!("{DECRYPTION_KEY_PREFIX}{n}"))
-                .collect();
-            let missing = missing_ranges(&ignored, first_gap, last_ignored);
-            warnings.push(format!(
-                "{}: {} ignored: {} {} missing (numbering must have no gaps)",
-                path.display(),
-                names.join(", "),
-                missing.join(", "),
-                if missing.len() == 1 && !missing[0].contains("..") {
-                    "is"
-                } else {
-                    "are"
-                }
-            ));
-        }
-        Ok(Self {
-            path: path.to_path_buf(),
-            encryption_key,
-            decryption_keys,
-            warnings,
-        })
-    }
-}
-
-/// The number of a `decryption_keyN` name; `None` for anything else, including leading zeros
-/// (`decryption_key01` would otherwise alias `decryption_key1`).
-fn decryption_key_number(name: &str) -> Option<u32> {
-    let digits = name.strip_prefix(DECRYPTION_KEY_PREFIX)?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    if digits.starts_with('0') {
-        // Out of range rather than unknown, so the message explains the numbering.
-        return Some(0);
-    }
-    // More digits than fit are simply out of range.
-    Some(digits.parse().unwrap_or(u32::MAX))
-}
-
-/// The missing numbers from `from` to `to`, as `decryption_keyA..B` ranges.
-fn missing_ranges(present: &[u32], from: u32, to: u32) -> Vec<String> {
-    let mut ranges = Vec::new();
-    let mut start = None;
-    for n in from..=to + 1 {
-        let missing = n <= to && !present.contains(&n);
-        match (missing, start) {
-            (true, None) => start = Some(n),
-            (false, Some(first)) => {
-                let last = n - 1;
-                ranges.push(if first == last {
-                    format!("{DECRYPTION_KEY_PREFIX}{first}")
-                } else {
-                    format!("{DECRYPTION_KEY_PREFIX}{first}..{last}")
-                });
-                start = None;
-            }
-            _ => {}
-        }
-    }
-    ranges
-}
-
-fn ring_error(path: &Path, message: String) -> CtlError {
-    CtlError::File {
-        path: path.to_path_buf(),
-        message,
     }
 }
 
@@ -304,127 +135,30 @@ pub fn encryption_key(
 mod tests {
     use super::*;
 
-    fn ring(text: &str) -> Result<Keyring> {
-        Keyring::parse(text, Path::new("/etc/ring/keys.toml"))
-    }
-
-    fn decryption_lines(numbers: impl IntoIterator<Item = u32>) -> String {
-        numbers
-            .into_iter()
-            .map(|n| format!("decryption_key{n} = \"/k/{n}\"\n"))
-            .collect()
-    }
-
     #[test]
-    fn full_ring_in_order_with_relative_paths_resolved() {
-        let parsed = ring(
-            "encryption_key = \"current.key\"\n\
-             decryption_key2 = \"/abs/two\"\n\
-             decryption_key1 = \"old/one\"\n",
-        )
-        .unwrap();
-        assert_eq!(
-            parsed.encryption_key,
-            Some(PathBuf::from("/etc/ring/current.key"))
+    fn ring_errors_name_the_file_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        std::fs::write(&path, "encrypton_key = \"a\"\n").unwrap();
+        let error = RingLocation::Explicit(path.clone()).load().unwrap_err();
+        assert!(
+            matches!(&error, CtlError::File { path: p, .. } if p == &path),
+            "{error:?}"
         );
         assert_eq!(
-            parsed.decryption_keys,
-            vec![
-                PathBuf::from("/etc/ring/old/one"),
-                PathBuf::from("/abs/two")
-            ]
+            error.to_string(),
+            format!(
+                "{}: unknown key encrypton_key: a key ring holds only encryption_key and \
+                 decryption_key1 … decryption_key100",
+                path.display()
+            )
         );
-        assert!(parsed.warnings.is_empty());
-    }
-
-    #[test]
-    fn relative_ring_path_resolves_relative_keys_beside_it() {
-        let parsed = Keyring::parse("encryption_key = \"k\"", Path::new("conf/keys.toml")).unwrap();
-        assert_eq!(parsed.encryption_key, Some(PathBuf::from("conf/k")));
-        let bare = Keyring::parse("encryption_key = \"k\"", Path::new("keys.toml")).unwrap();
-        assert_eq!(bare.encryption_key, Some(PathBuf::from("k")));
-    }
-
-    #[test]
-    fn gap_ignores_later_keys_and_names_them() {
-        let mut text = decryption_lines([1]);
-        text += &decryption_lines([9, 10]);
-        let parsed = ring(&text).unwrap();
-        assert_eq!(parsed.decryption_keys, vec![PathBuf::from("/k/1")]);
-        assert_eq!(
-            parsed.warnings,
-            vec![
-                "/etc/ring/keys.toml: decryption_key9, decryption_key10 ignored: \
-                 decryption_key2..8 are missing (numbering must have no gaps)"
-                    .to_string()
-            ]
-        );
-    }
-
-    #[test]
-    fn gap_warning_lists_every_missing_range() {
-        let parsed = ring(&decryption_lines([1, 2, 4, 6, 7])).unwrap();
-        assert_eq!(parsed.decryption_keys.len(), 2);
-        let warning = &parsed.warnings[0];
+        std::fs::write(&path, b"encryption_key = \"\xff\"").unwrap();
+        let error = RingLocation::Explicit(path).load().unwrap_err().to_string();
         assert!(
-            warning.contains("decryption_key4, decryption_key6, decryption_key7 ignored"),
-            "{warning}"
-        );
-        assert!(
-            warning.contains("decryption_key3, decryption_key5 are missing"),
-            "{warning}"
-        );
-        let single = ring(&decryption_lines([2])).unwrap();
-        assert!(single.decryption_keys.is_empty());
-        assert!(
-            single.warnings[0].contains("decryption_key2 ignored: decryption_key1 is missing"),
-            "{:?}",
-            single.warnings
-        );
-    }
-
-    #[test]
-    fn hundred_keys_accepted_more_refused() {
-        let parsed = ring(&decryption_lines(1..=100)).unwrap();
-        assert_eq!(parsed.decryption_keys.len(), 100);
-        assert_eq!(parsed.decryption_keys[99], PathBuf::from("/k/100"));
-        assert!(parsed.warnings.is_empty());
-
-        let error = ring(&decryption_lines(1..=101)).unwrap_err().to_string();
-        assert!(
-            error.contains("decryption_key101") && error.contains("at most 100"),
+            error.contains("cannot read the key ring (is it UTF-8 text?)"),
             "{error}"
         );
-        for name in [
-            "decryption_key0",
-            "decryption_key007",
-            "decryption_key99999999999",
-        ] {
-            let error = ring(&format!("{name} = \"k\"")).unwrap_err().to_string();
-            assert!(error.contains(name), "{error}");
-        }
-    }
-
-    #[test]
-    fn unknown_keys_are_errors_naming_them() {
-        let error = ring("encryption_key = \"a\"\nencrypton_key = \"b\"\ndecryption_keyX = \"c\"")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            error.contains("unknown keys decryption_keyX, encrypton_key"),
-            "{error}"
-        );
-        assert!(error.starts_with("/etc/ring/keys.toml: "), "{error}");
-    }
-
-    #[test]
-    fn values_must_be_non_empty_strings_and_syntax_errors_say_toml() {
-        let error = ring("encryption_key = 5").unwrap_err().to_string();
-        assert!(error.contains("must be a string"), "{error}");
-        let error = ring("decryption_key1 = \"\"").unwrap_err().to_string();
-        assert!(error.contains("decryption_key1 is empty"), "{error}");
-        let error = ring("encryption_key = ").unwrap_err().to_string();
-        assert!(error.contains("not valid TOML"), "{error}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `imgcryptd`: the imgcrypt daemon. See the library documentation for the architecture and
 //! `docs/` for operators.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use imgcrypt_proto::paths;
 use imgcryptd::engines::kernel::KernelEngine;
 use imgcryptd::engines::userspace::UserspaceEngine;
 use imgcryptd::engines::{Engine, EngineSet};
+use imgcryptd::keys::ring::{self, DaemonRing};
 use imgcryptd::server::{self, listener, systemd, Mode, ServerConfig, ServerState};
 
 /// Encrypts virtual-machine disk images into LUKS images for local users.
@@ -47,6 +48,12 @@ struct Args {
     /// Group that owns a socket we bind ourselves (the system daemon's users).
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
+
+    /// The daemon's key ring, used when a client passes no key. Default for the system daemon:
+    /// the systemd credential keys.toml, else /etc/imgcrypt/keys.toml if it exists; the per-user
+    /// daemon has none unless given.
+    #[arg(long, value_name = "PATH")]
+    keyring: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -114,6 +121,7 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
         Err(_) => {}
     }
     let sweep_devices = kernel.is_ok();
+    let key_ring = load_key_ring(args.keyring.as_deref(), mode)?;
     let engines = EngineSet::new(engine_choice, Arc::new(UserspaceEngine::new()), kernel)
         .map_err(|e| e.to_string())?;
 
@@ -146,6 +154,7 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
         mode,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         max_jobs: args.max_jobs,
+        key_ring,
         ..ServerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -164,6 +173,19 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
         systemd::notify("STOPPING=1");
         Ok(())
     })
+}
+
+/// Finds and validates the daemon's key ring: a broken ring stops start-up with its message.
+fn load_key_ring(explicit: Option<&Path>, mode: Mode) -> Result<Option<Arc<DaemonRing>>, String> {
+    let Some(location) =
+        ring::locate_from_environment(explicit, mode).map_err(|e| e.to_string())?
+    else {
+        tracing::info!("no key ring: clients must pass a key");
+        return Ok(None);
+    };
+    let ring = DaemonRing::load(location).map_err(|e| e.to_string())?;
+    tracing::info!("key ring: {}", ring.describe());
+    Ok(Some(Arc::new(ring)))
 }
 
 /// Removes the mappings and loop devices a crashed daemon left behind (each is logged by the

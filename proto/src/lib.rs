@@ -6,6 +6,7 @@
 //! - [`varlink`]: the generic call/reply envelope and the `org.varlink.service` errors,
 //! - [`api`]: the `io.imgcrypt` interface: methods, parameters, replies and error names,
 //! - [`keyfile`]: what a valid key file is, and its fingerprint,
+//! - [`keyring`]: the key ring format (which key files a ring names, gsutil's numbering rules),
 //! - [`paths`]: where the daemon's socket lives.
 //!
 //! The daemon is the authority on every rule (it re-checks whatever a client sends); the client
@@ -14,6 +15,7 @@
 pub mod api;
 pub mod fdpass;
 pub mod keyfile;
+pub mod keyring;
 pub mod paths;
 pub mod varlink;
 pub mod wire;

@@ -438,3 +438,47 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// One Varlink call over a fresh connection, with `fds` passed alongside, as imgctl would make
+/// it but without imgctl's own checks. Asks for `more` and returns the final reply (partial ones
+/// are skipped). Panics if the daemon hangs up first or is silent for 60 s.
+pub fn varlink_call(
+    socket: &Path,
+    method: &str,
+    parameters: serde_json::Value,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> imgcrypt_proto::varlink::Reply {
+    use imgcrypt_proto::varlink::{Call, Reply};
+    use imgcrypt_proto::wire::{self, FrameDecoder, MAX_FRAME_LEN};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let call = Call {
+        method: method.to_string(),
+        parameters: Some(parameters),
+        more: true,
+        oneway: false,
+        upgrade: false,
+    };
+    imgcrypt_proto::fdpass::send_with_fds(stream.as_fd(), &wire::encode(&call), fds).unwrap();
+    let mut decoder = FrameDecoder::new(4 * MAX_FRAME_LEN);
+    let mut buffer = [0u8; 4096];
+    loop {
+        while let Some(frame) = decoder.next_frame().unwrap() {
+            let reply: Reply = serde_json::from_slice(&frame).unwrap();
+            if !reply.continues {
+                return reply;
+            }
+        }
+        let n = stream.read(&mut buffer).unwrap();
+        assert!(
+            n > 0,
+            "imgcryptd closed the connection before the final reply"
+        );
+        decoder.extend(&buffer[..n]);
+    }
+}

@@ -22,7 +22,8 @@ use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::engines::PayloadJob;
 use crate::error::Descriptor;
-use crate::keys::{self, secret::SecretBytes};
+use crate::keys::ring;
+use crate::keys::{self, secret::SecretBytes, CandidateKey};
 use crate::luks::{self, layout, HeaderSpec, VOLUME_KEY_BYTES};
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::{self, StorageKind};
@@ -53,14 +54,12 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
     let passed = &mut job.descriptors;
     let source = descriptors::check_source(passed.take(Descriptor::Source, parameters.source)?)?;
     let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
-    let key_index = parameters.key.ok_or_else(|| {
-        Error::NoKey(
-            "no key was passed and this daemon has no key ring: pass --key-file FILE or set \
-             encryption_key in your key ring"
-                .to_string(),
-        )
-    })?;
-    let key = descriptors::check_key(passed.take(Descriptor::Key, key_index)?)?;
+    let passed_key = match parameters.key {
+        Some(index) => Some(descriptors::check_key(
+            passed.take(Descriptor::Key, index)?,
+        )?),
+        None => None,
+    };
     if source.same_file_as(&output)? {
         return Err(Error::bad_descriptor(
             Descriptor::Output,
@@ -68,11 +67,22 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
         ));
     }
 
-    let key = keys::read_key_file(&key)?;
+    // No key passed: the daemon ring's, re-read now so a rotated key is used without a restart.
+    let CandidateKey {
+        name: key_name,
+        key,
+    } = match passed_key {
+        Some(file) => CandidateKey {
+            name: "passed key".to_string(),
+            key: keys::read_key_file(&file)?,
+        },
+        None => ring::encryption_key_for_job(state.config.key_ring.as_deref())?,
+    };
     for warning in &key.warnings {
         tracing::warn!(job = job_id, "{warning}");
         reporter.notice(warning.clone());
     }
+    tracing::info!(job = job_id, key = %key_name, fingerprint = %key.fingerprint, "key");
 
     let source_kind = source.kind;
     let image = formats::open(source.file)?;

@@ -119,14 +119,18 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
     confirm_new_keyslot(&image, new_key, keyslot, &volume_key)?;
 
     let mut removed = Vec::new();
-    for slot in luks.keyslots() {
-        if slot.keyslot != keyslot {
-            let fingerprint = luks.remove_keyslot(slot.keyslot)?;
-            removed.push(RemovedKeyslot {
-                keyslot: slot.keyslot,
-                fingerprint,
-            });
-        }
+    let others: Vec<u32> = luks
+        .keyslots()
+        .iter()
+        .map(|slot| slot.keyslot)
+        .filter(|&slot| slot != keyslot)
+        .collect();
+    for slot in others {
+        let fingerprint = luks.remove_keyslot(slot)?;
+        removed.push(RemovedKeyslot {
+            keyslot: slot,
+            fingerprint,
+        });
     }
     if !removed.is_empty() {
         luks.commit(&image, Change::Removed)?;

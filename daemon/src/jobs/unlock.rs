@@ -109,7 +109,7 @@ fn name_key(error: Error, name: &str) -> Error {
 }
 
 fn from_daemon_ring<P>(job: &Job<P>, state: &ServerState, purpose: Purpose) -> Result<JobKeys> {
-    let Some(ring) = state.ring.as_ref() else {
+    let Some(ring) = state.config.key_ring.as_ref() else {
         return Err(Error::NoKey(
             "no key was passed and this daemon has no key ring: pass --key-file FILE, or list \
              your keys in your key ring (~/.config/imgcrypt/keys.toml)"

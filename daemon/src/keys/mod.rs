@@ -1,8 +1,10 @@
 //! Key material: read from passed descriptors into locked, zeroised memory.
 //!
 //! The key file's bytes are the LUKS passphrase verbatim (as `cryptsetup --key-file` uses them);
-//! [`imgcrypt_proto::keyfile`] holds the rules it must follow, shared with the client.
+//! [`imgcrypt_proto::keyfile`] holds the rules it must follow, shared with the client. [`ring`] is
+//! the daemon's own key ring, used when a client passes no key.
 
+pub mod ring;
 pub mod secret;
 
 use std::fs::File;

@@ -18,6 +18,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::engines::EngineSet;
+use crate::keys::ring::DaemonRing;
 
 /// Who the daemon serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +41,8 @@ pub struct ServerConfig {
     pub max_jobs: usize,
     /// How long shutdown waits for running jobs to cancel and tear down.
     pub shutdown_grace: Duration,
+    /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
+    pub key_ring: Option<Arc<DaemonRing>>,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +52,7 @@ impl Default for ServerConfig {
             idle_timeout: None,
             max_jobs: 4,
             shutdown_grace: Duration::from_secs(30),
+            key_ring: None,
         }
     }
 }

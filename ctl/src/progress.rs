@@ -5,7 +5,10 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use imgcrypt_proto::api::{Phase, Progress, Summary};
+use imgcrypt_proto::api::{
+    DecryptSummary, ImageInfo, Phase, Progress, RewriteSummary, Summary, UnlockMethod, Unlocked,
+    VerifySummary,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -63,17 +66,35 @@ impl Display {
         }
     }
 
-    /// Ends the bar and prints the summary.
-    pub fn summary(&mut self, source: &Path, output: &Path, summary: &Summary) {
-        self.clear();
+    /// Tells the user something that is not a warning (e.g. that a job resumes).
+    pub fn info(&mut self, text: &str) {
         match self {
-            Self::Json => json_line(json!({
+            Self::Json => json_line(json!({ "event": "info", "message": text })),
+            Self::Terminal(Some((bar, _))) => bar.suspend(|| eprintln!("imgctl: {text}")),
+            _ => eprintln!("imgctl: {text}"),
+        }
+    }
+
+    /// Ends the bar and prints the encryption summary.
+    pub fn summary(&mut self, source: &Path, output: &Path, summary: &Summary) {
+        self.finish(
+            json!({
                 "event": "summary",
                 "source": source,
                 "output": output,
                 "summary": summary,
-            })),
-            _ => print!("{}", render_summary(source, output, summary)),
+            }),
+            &render_summary(source, output, summary),
+        );
+    }
+
+    /// Ends the bar and prints a job's result: `event` as a JSON line with `--json`, else
+    /// `text` (which ends with a newline).
+    pub fn finish(&mut self, event: serde_json::Value, text: &str) {
+        self.clear();
+        match self {
+            Self::Json => json_line(event),
+            _ => print!("{text}"),
         }
     }
 
@@ -125,14 +146,10 @@ fn json_line(value: serde_json::Value) {
 
 /// The human summary, one fact per line.
 pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
-    let seconds = s.elapsed_ms as f64 / 1000.0;
-    let copy_seconds = s.copy_ms as f64 / 1000.0;
+    let total_seconds = seconds(s.elapsed_ms);
+    let copy_seconds = seconds(s.copy_ms);
     // Over the copy alone: the key derivation's deliberate slowness is not I/O speed.
-    let throughput = if s.copy_ms > 0 {
-        format!("{}/s", human_bytes(s.payload_size as f64 / copy_seconds))
-    } else {
-        "-".to_string()
-    };
+    let throughput = throughput(s.payload_size, s.copy_ms);
     let rows = [
         ("output", output.display().to_string()),
         (
@@ -156,14 +173,213 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
         ("key fingerprint", format!("sha256:{}", s.key_fingerprint)),
         ("key derivation", s.pbkdf.clone()),
         ("engine", format!("{:?}", s.engine).to_lowercase()),
-        ("time", format!("{seconds:.2} s (copy {copy_seconds:.2} s)")),
+        (
+            "time",
+            format!("{total_seconds:.2} s (copy {copy_seconds:.2} s)"),
+        ),
         ("throughput", throughput),
     ];
     let mut text = String::from("Encrypted image written.\n");
-    for (label, value) in rows {
-        text.push_str(&format!("  {label:<16} {value}\n"));
+    push_rows(&mut text, rows);
+    text
+}
+
+/// What `inspect` shows: the header's facts, then one line per keyslot.
+pub fn render_inspect(image: &Path, info: &ImageInfo) -> String {
+    let mut text = format!("LUKS image {}\n", image.display());
+    let rows = [
+        ("LUKS version", info.luks_version.display_name().to_string()),
+        ("UUID", info.uuid.clone()),
+        (
+            "cipher",
+            format!("{} ({}-bit key)", info.cipher, info.key_size_bits),
+        ),
+        ("sector size", format!("{} bytes", info.sector_size)),
+        ("data offset", sized(info.data_offset)),
+        ("payload size", sized(info.payload_size)),
+        ("image size", sized(info.image_size)),
+    ];
+    push_rows(&mut text, rows);
+    if info.keyslots.is_empty() {
+        push_rows(
+            &mut text,
+            [(
+                "keyslots",
+                "none active: no key opens this image".to_string(),
+            )],
+        );
+    }
+    for slot in &info.keyslots {
+        let fingerprint = match &slot.fingerprint {
+            Some(fingerprint) => format!("sha256:{fingerprint}"),
+            None => "no fingerprint (LUKS1 or made without imgcrypt: keys are tried in ring \
+                     order)"
+                .to_string(),
+        };
+        let matching = match (&slot.matching_key, &slot.fingerprint) {
+            (Some(name), _) => format!(", matches {name}"),
+            (None, Some(_)) => ", matches none of the keys given".to_string(),
+            (None, None) => String::new(),
+        };
+        push_rows(
+            &mut text,
+            [(
+                format!("keyslot {}", slot.keyslot).as_str(),
+                format!("{}, {fingerprint}{matching}", slot.pbkdf),
+            )],
+        );
     }
     text
+}
+
+/// What `decrypt` shows when the plaintext is in place.
+pub fn render_decrypt(image: &Path, output: &Path, s: &DecryptSummary) -> String {
+    let mut text = String::from("Decrypted image written.\n");
+    push_rows(
+        &mut text,
+        [
+            ("output", output.display().to_string()),
+            ("image", image.display().to_string()),
+            ("unlocked with", render_unlocked(&s.unlocked)),
+            ("payload size", sized(s.payload_size)),
+            (
+                "time",
+                format!(
+                    "{:.2} s (copy {:.2} s)",
+                    seconds(s.elapsed_ms),
+                    seconds(s.copy_ms)
+                ),
+            ),
+            ("throughput", throughput(s.payload_size, s.copy_ms)),
+        ],
+    );
+    text
+}
+
+/// What `verify` shows: the plaintext's hash first (the line scripts look for), then the
+/// comparison with the source when there is one.
+pub fn render_verify(image: &Path, source: Option<&Path>, s: &VerifySummary) -> String {
+    let mut text = format!("plaintext sha256: {}\n", s.plaintext_sha256);
+    let mut rows = vec![
+        ("image", image.display().to_string()),
+        ("unlocked with", render_unlocked(&s.unlocked)),
+        ("payload size", sized(s.payload_size)),
+    ];
+    if let Some(comparison) = &s.source {
+        let name = source.map_or_else(|| "source".to_string(), |p| p.display().to_string());
+        rows.push((
+            "source",
+            format!(
+                "{name} ({}, {})",
+                comparison.source_format.display_name(),
+                sized(comparison.virtual_size)
+            ),
+        ));
+        rows.push((
+            "comparison",
+            if comparison.matches {
+                "matches: the plaintext is the source's disk (then zeros to the payload's end)"
+                    .to_string()
+            } else {
+                match comparison.first_difference {
+                    Some(offset) => format!("DIFFERS from byte {offset} ({offset:#x}) on"),
+                    None => "DIFFERS".to_string(),
+                }
+            },
+        ));
+    }
+    rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
+    push_rows(&mut text, rows);
+    text
+}
+
+/// What `rewrite -k` shows: which key opened the image and what changed in it.
+pub fn render_rewrite(image: &Path, s: &RewriteSummary) -> String {
+    let mut text = String::from(if s.reencrypted {
+        "Image re-encrypted and rotated to the new key.\n"
+    } else {
+        "Image rotated to the new key (header only).\n"
+    });
+    let new_key = format!(
+        "sha256:{} in keyslot {}{}",
+        s.fingerprint,
+        s.keyslot,
+        if s.keyslot_added {
+            " (added)"
+        } else {
+            " (it was already there: an earlier run added it)"
+        }
+    );
+    let removed = if s.removed.is_empty() {
+        "none".to_string()
+    } else {
+        s.removed
+            .iter()
+            .map(|slot| match &slot.fingerprint {
+                Some(fingerprint) => format!("keyslot {} (sha256:{fingerprint})", slot.keyslot),
+                None => format!("keyslot {} (no fingerprint)", slot.keyslot),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut rows = vec![
+        ("image", image.display().to_string()),
+        ("unlocked with", render_unlocked(&s.unlocked)),
+        ("new key", new_key),
+        ("removed", removed),
+        (
+            "payload",
+            if s.reencrypted {
+                "re-encrypted (new volume key)".to_string()
+            } else {
+                "unchanged (same volume key: rewrite -k --reencrypt also replaces it)".to_string()
+            },
+        ),
+    ];
+    if let Some(offset) = s.resumed_from.filter(|&offset| offset > 0) {
+        rows.push(("resumed from", format!("payload byte {offset}")));
+    }
+    rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
+    push_rows(&mut text, rows);
+    text
+}
+
+/// Which key opened an image and what it cost.
+pub fn render_unlocked(u: &Unlocked) -> String {
+    let derivations = if u.attempts == 1 {
+        "1 key derivation".to_string()
+    } else {
+        format!("{} key derivations", u.attempts)
+    };
+    let method = match u.method {
+        UnlockMethod::Token => format!("matched by fingerprint, {derivations}"),
+        UnlockMethod::Trial => {
+            format!("found by trial in ring order, {derivations}: the image carries no fingerprint")
+        }
+    };
+    format!(
+        "{} (sha256:{}), keyslot {} ({method})",
+        u.key_name, u.fingerprint, u.keyslot
+    )
+}
+
+fn push_rows<L: AsRef<str>>(text: &mut String, rows: impl IntoIterator<Item = (L, String)>) {
+    for (label, value) in rows {
+        text.push_str(&format!("  {:<16} {value}\n", label.as_ref()));
+    }
+}
+
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// Bytes per second over `ms`, or `-` when too quick to measure.
+fn throughput(bytes: u64, ms: u64) -> String {
+    if ms > 0 {
+        format!("{}/s", human_bytes(bytes as f64 / seconds(ms)))
+    } else {
+        "-".to_string()
+    }
 }
 
 fn sized(bytes: u64) -> String {

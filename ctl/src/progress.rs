@@ -404,7 +404,9 @@ fn human_bytes(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imgcrypt_proto::api::{EngineKind, LuksVersion, SourceFormat};
+    use imgcrypt_proto::api::{
+        EngineKind, KeyslotInfo, LuksVersion, RemovedKeyslot, SourceComparison, SourceFormat,
+    };
 
     #[test]
     fn summary_names_every_fact() {
@@ -438,6 +440,200 @@ mod tests {
             "userspace",
             "2.00 s (copy 1.00 s)",
             "10.0 MiB/s",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    fn unlocked(method: UnlockMethod, attempts: u32) -> Unlocked {
+        Unlocked {
+            key_name: "decryption_key2".into(),
+            fingerprint: "old+fp=".into(),
+            keyslot: 3,
+            method,
+            attempts,
+        }
+    }
+
+    #[test]
+    fn inspect_shows_header_facts_and_each_keyslot() {
+        let info = ImageInfo {
+            luks_version: LuksVersion::Luks2,
+            uuid: "0b6f7c38-1c2d-4c43-9b5e-4f1f3a0e9d11".into(),
+            cipher: "aes-xts-plain64".into(),
+            key_size_bits: 512,
+            sector_size: 4096,
+            data_offset: 16 << 20,
+            payload_size: 3 << 20,
+            image_size: 19 << 20,
+            keyslots: vec![
+                KeyslotInfo {
+                    keyslot: 0,
+                    pbkdf: "argon2id".into(),
+                    fingerprint: Some("AAA=".into()),
+                    matching_key: Some("decryption_key2".into()),
+                },
+                KeyslotInfo {
+                    keyslot: 1,
+                    pbkdf: "pbkdf2-sha256".into(),
+                    fingerprint: None,
+                    matching_key: None,
+                },
+                KeyslotInfo {
+                    keyslot: 2,
+                    pbkdf: "argon2id".into(),
+                    fingerprint: Some("BBB=".into()),
+                    matching_key: None,
+                },
+            ],
+        };
+        let text = render_inspect(Path::new("d.luks"), &info);
+        for expected in [
+            "d.luks",
+            "LUKS2",
+            "0b6f7c38-1c2d-4c43-9b5e-4f1f3a0e9d11",
+            "aes-xts-plain64 (512-bit key)",
+            "4096 bytes",
+            "16777216 bytes (16.0 MiB)",
+            "3145728 bytes (3.0 MiB)",
+            "19922944 bytes (19.0 MiB)",
+            "keyslot 0        argon2id, sha256:AAA=, matches decryption_key2",
+            "keyslot 1        pbkdf2-sha256, no fingerprint (LUKS1 or made without imgcrypt: \
+             keys are tried in ring order)",
+            "keyslot 2        argon2id, sha256:BBB=, matches none of the keys given",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        let empty = render_inspect(
+            Path::new("d.luks"),
+            &ImageInfo {
+                keyslots: vec![],
+                ..info
+            },
+        );
+        assert!(empty.contains("none active"), "{empty}");
+    }
+
+    #[test]
+    fn unlocked_says_which_key_and_how() {
+        let token = render_unlocked(&unlocked(UnlockMethod::Token, 1));
+        assert_eq!(
+            token,
+            "decryption_key2 (sha256:old+fp=), keyslot 3 (matched by fingerprint, 1 key \
+             derivation)"
+        );
+        let trial = render_unlocked(&unlocked(UnlockMethod::Trial, 3));
+        assert!(
+            trial.contains("found by trial in ring order, 3 key derivations"),
+            "{trial}"
+        );
+    }
+
+    #[test]
+    fn decrypt_summary_names_every_fact() {
+        let summary = DecryptSummary {
+            unlocked: unlocked(UnlockMethod::Token, 1),
+            payload_size: 8 << 20,
+            elapsed_ms: 3000,
+            copy_ms: 2000,
+        };
+        let text = render_decrypt(Path::new("d.luks"), Path::new("d.raw"), &summary);
+        for expected in [
+            "d.raw",
+            "d.luks",
+            "decryption_key2 (sha256:old+fp=), keyslot 3",
+            "8388608 bytes (8.0 MiB)",
+            "3.00 s (copy 2.00 s)",
+            "4.0 MiB/s",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn verify_prints_the_hash_first_and_the_comparison() {
+        let hash = "0123456789abcdef".repeat(4);
+        let mut summary = VerifySummary {
+            unlocked: unlocked(UnlockMethod::Trial, 2),
+            payload_size: 1 << 20,
+            plaintext_sha256: hash.clone(),
+            source: None,
+            elapsed_ms: 1500,
+        };
+        let text = render_verify(Path::new("d.luks"), None, &summary);
+        assert!(
+            text.starts_with(&format!("plaintext sha256: {hash}\n")),
+            "{text}"
+        );
+        assert!(!text.contains("comparison"), "{text}");
+
+        summary.source = Some(SourceComparison {
+            source_format: SourceFormat::VhdFixed,
+            virtual_size: 1000,
+            matches: false,
+            first_difference: Some(513),
+        });
+        let text = render_verify(Path::new("d.luks"), Some(Path::new("s.vhd")), &summary);
+        for expected in [
+            "s.vhd (VHD (fixed), 1000 bytes",
+            "DIFFERS from byte 513 (0x201) on",
+            "1.50 s",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        summary.source.as_mut().unwrap().matches = true;
+        summary.source.as_mut().unwrap().first_difference = None;
+        let text = render_verify(Path::new("d.luks"), Some(Path::new("s.vhd")), &summary);
+        assert!(
+            text.contains("matches: the plaintext is the source's disk"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rewrite_summary_says_what_changed() {
+        let mut summary = RewriteSummary {
+            unlocked: unlocked(UnlockMethod::Token, 1),
+            fingerprint: "new+fp=".into(),
+            keyslot: 4,
+            keyslot_added: true,
+            removed: vec![
+                RemovedKeyslot {
+                    keyslot: 3,
+                    fingerprint: Some("old+fp=".into()),
+                },
+                RemovedKeyslot {
+                    keyslot: 0,
+                    fingerprint: None,
+                },
+            ],
+            reencrypted: false,
+            resumed_from: None,
+            elapsed_ms: 700,
+        };
+        let text = render_rewrite(Path::new("d.luks"), &summary);
+        for expected in [
+            "header only",
+            "d.luks",
+            "decryption_key2 (sha256:old+fp=), keyslot 3",
+            "sha256:new+fp= in keyslot 4 (added)",
+            "keyslot 3 (sha256:old+fp=), keyslot 0 (no fingerprint)",
+            "unchanged (same volume key",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(!text.contains("resumed"), "{text}");
+
+        summary.reencrypted = true;
+        summary.keyslot_added = false;
+        summary.removed.clear();
+        summary.resumed_from = Some(1 << 20);
+        let text = render_rewrite(Path::new("d.luks"), &summary);
+        for expected in [
+            "re-encrypted (new volume key)",
+            "already there",
+            "removed          none",
+            "resumed from     payload byte 1048576",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -10,6 +10,8 @@ mod error;
 mod keyring;
 mod output;
 mod progress;
+#[cfg(test)]
+mod test_peer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -440,7 +440,13 @@ mod tests {
         let resumed = ReencryptOutput::open(&image).unwrap();
         assert!(resumed.resumed());
         assert_eq!(std::fs::read(&path).unwrap(), b"half");
-        // A resumed file is kept even when empty: the previous run made it.
+        assert!(resumed.abandon().is_some());
+        assert!(path.exists());
+
+        // A resumed file is kept even when empty: this run did not make it.
+        std::fs::write(&path, b"").unwrap();
+        let resumed = ReencryptOutput::open(&image).unwrap();
+        assert!(resumed.resumed());
         assert!(resumed.abandon().is_some());
         assert!(path.exists());
     }

@@ -68,3 +68,101 @@ pub fn run(args: DecryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::CtlError;
+    use crate::test_peer::{self, Peer};
+    use imgcrypt_proto::api::{errors, DecryptSummary, KeyRef, Phase, Progress, StreamedReply};
+    use imgcrypt_proto::varlink::Reply;
+    use std::io::Write;
+
+    fn args(dir: &std::path::Path) -> DecryptArgs {
+        DecryptArgs {
+            image: dir.join("d.luks"),
+            output: dir.join("d.raw"),
+            key_file: None,
+            force: false,
+            json: false,
+        }
+    }
+
+    #[test]
+    fn passes_image_output_and_ring_keys_and_renames_when_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, new_key, old_key) = test_peer::ring(dir.path());
+        std::fs::write(dir.path().join("d.luks"), "luks").unwrap();
+        let expected = [
+            test_peer::identity_of(&dir.path().join("d.luks")),
+            test_peer::identity_of(&new_key),
+            test_peer::identity_of(&old_key),
+        ];
+        let peer = Peer::serve(move |_, fds| {
+            assert_eq!(fds.len(), 4);
+            assert_eq!(test_peer::identity(&fds[0]), expected[0]);
+            assert_eq!(test_peer::identity(&fds[2]), expected[1]);
+            assert_eq!(test_peer::identity(&fds[3]), expected[2]);
+            std::fs::File::from(fds.into_iter().nth(1).unwrap())
+                .write_all(b"plaintext")
+                .unwrap();
+            vec![
+                Reply::partial(DecryptReply::progress(Progress {
+                    phase: Phase::Copy,
+                    bytes_done: 1,
+                    bytes_total: 9,
+                })),
+                Reply::partial(DecryptReply::notice("a notice".into())),
+                Reply::ok(DecryptReply::done(DecryptSummary {
+                    unlocked: test_peer::unlocked(),
+                    payload_size: 9,
+                    elapsed_ms: 1,
+                    copy_ms: 1,
+                })),
+            ]
+        });
+        run(args(dir.path()), Some(peer.socket.clone()), &ring).unwrap();
+        let parameters: DecryptParameters = test_peer::parameters(&peer.call());
+        assert_eq!((parameters.image, parameters.output), (0, 1));
+        assert_eq!(
+            parameters.keys,
+            vec![
+                KeyRef {
+                    fd: 2,
+                    name: "encryption_key".into()
+                },
+                KeyRef {
+                    fd: 3,
+                    name: "decryption_key1".into()
+                }
+            ]
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("d.raw")).unwrap(),
+            b"plaintext"
+        );
+        assert!(!dir.path().join("d.raw.partial").exists());
+    }
+
+    #[test]
+    fn wrong_key_leaves_no_output_and_keeps_the_daemons_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, _, _) = test_peer::ring(dir.path());
+        std::fs::write(dir.path().join("d.luks"), "luks").unwrap();
+        let peer = Peer::serve(|_, _| {
+            vec![test_peer::error_reply(
+                errors::WRONG_KEY,
+                "no key opens d.luks: tried sha256:a=, the image carries sha256:b=",
+            )]
+        });
+        let error = run(args(dir.path()), Some(peer.socket.clone()), &ring).unwrap_err();
+        peer.call();
+        match &error {
+            CtlError::Daemon { name, .. } => assert_eq!(name, errors::WRONG_KEY),
+            other => panic!("{other:?}"),
+        }
+        assert!(error.to_string().contains("tried sha256:a="), "{error}");
+        assert!(!dir.path().join("d.raw").exists());
+        assert!(!dir.path().join("d.raw.partial").exists());
+    }
+}

@@ -49,3 +49,57 @@ pub fn run(args: InspectArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_peer::{self, Peer};
+    use imgcrypt_proto::api::{ImageInfo, KeyRef, LuksVersion};
+    use imgcrypt_proto::varlink::Reply;
+
+    #[test]
+    fn one_call_with_the_image_and_the_ring_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, _, old_key) = test_peer::ring(dir.path());
+        let image = dir.path().join("d.luks");
+        std::fs::write(&image, "luks").unwrap();
+        let expected = [
+            test_peer::identity_of(&image),
+            test_peer::identity_of(&old_key),
+        ];
+        let peer = Peer::serve(move |call, fds| {
+            assert!(!call.more, "Inspect answers once");
+            assert_eq!(fds.len(), 3);
+            assert_eq!(test_peer::identity(&fds[0]), expected[0]);
+            assert_eq!(test_peer::identity(&fds[2]), expected[1]);
+            vec![Reply::ok(InspectReply {
+                image: ImageInfo {
+                    luks_version: LuksVersion::Luks1,
+                    uuid: "u".into(),
+                    cipher: "aes-xts-plain64".into(),
+                    key_size_bits: 256,
+                    sector_size: 512,
+                    data_offset: 4096,
+                    payload_size: 1 << 20,
+                    image_size: (1 << 20) + 4096,
+                    keyslots: vec![],
+                },
+            })]
+        });
+        let args = InspectArgs {
+            image,
+            key_file: None,
+            json: true,
+        };
+        run(args, Some(peer.socket.clone()), &ring).unwrap();
+        let parameters: InspectParameters = test_peer::parameters(&peer.call());
+        assert_eq!(parameters.image, 0);
+        assert_eq!(
+            parameters.keys[1],
+            KeyRef {
+                fd: 2,
+                name: "decryption_key1".into()
+            }
+        );
+    }
+}

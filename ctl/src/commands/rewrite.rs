@@ -144,3 +144,159 @@ fn finish(args: &RewriteArgs, summary: &api::RewriteSummary, display: &mut Displ
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::reencrypt_partial_path;
+    use crate::test_peer::{self, Peer};
+    use imgcrypt_proto::api::{errors, RewriteSummary, StreamedReply};
+    use imgcrypt_proto::varlink::Reply;
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use std::path::Path;
+
+    fn args(image: &Path, reencrypt: bool, key_file: Option<PathBuf>) -> RewriteArgs {
+        RewriteArgs {
+            rotate: true,
+            image: image.to_path_buf(),
+            reencrypt,
+            key_file,
+            pbkdf: PbkdfArgs::default(),
+            json: false,
+        }
+    }
+
+    fn done(reencrypted: bool) -> Reply {
+        Reply::ok(RewriteReply::done(RewriteSummary {
+            unlocked: test_peer::unlocked(),
+            fingerprint: "new=".into(),
+            keyslot: 2,
+            keyslot_added: true,
+            removed: vec![],
+            reencrypted,
+            resumed_from: None,
+            elapsed_ms: 1,
+        }))
+    }
+
+    fn access_mode(fd: &OwnedFd) -> OFlag {
+        let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL).unwrap());
+        flags & OFlag::O_ACCMODE
+    }
+
+    #[test]
+    fn header_only_passes_the_image_read_write_and_the_new_key_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, new_key, old_key) = test_peer::ring(dir.path());
+        let image = dir.path().join("d.luks");
+        std::fs::write(&image, "luks").unwrap();
+        let expected = [
+            test_peer::identity_of(&old_key),
+            test_peer::identity_of(&new_key),
+        ];
+        let peer = Peer::serve(move |_, fds| {
+            // Image, then --key-file OLD, then the new key.
+            assert_eq!(fds.len(), 3);
+            assert_eq!(access_mode(&fds[0]), OFlag::O_RDWR);
+            assert_eq!(test_peer::identity(&fds[1]), expected[0]);
+            assert_eq!(test_peer::identity(&fds[2]), expected[1]);
+            vec![done(false)]
+        });
+        run(
+            args(&image, false, Some(old_key)),
+            Some(peer.socket.clone()),
+            &ring,
+        )
+        .unwrap();
+        let parameters: RewriteParameters = test_peer::parameters(&peer.call());
+        assert_eq!(parameters.reencrypt_output, None);
+        assert_eq!(
+            parameters.encryption_key,
+            Some(KeyRef {
+                fd: 2,
+                name: "encryption_key".into()
+            })
+        );
+        assert_eq!(parameters.keys.len(), 2);
+        assert_eq!(parameters.keys[1].fd, 2);
+        assert!(!reencrypt_partial_path(&image).exists());
+    }
+
+    #[test]
+    fn reencryption_replaces_the_image_only_when_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, _, _) = test_peer::ring(dir.path());
+        let image = dir.path().join("d.luks");
+        std::fs::write(&image, "old image").unwrap();
+        let peer = Peer::serve(|_, fds| {
+            assert_eq!(access_mode(&fds[0]), OFlag::O_RDONLY);
+            assert_eq!(access_mode(&fds[1]), OFlag::O_RDWR);
+            let mut new_image = std::fs::File::from(fds.into_iter().nth(1).unwrap());
+            new_image.write_all(b"new image").unwrap();
+            vec![done(true)]
+        });
+        run(args(&image, true, None), Some(peer.socket.clone()), &ring).unwrap();
+        let parameters: RewriteParameters = test_peer::parameters(&peer.call());
+        assert_eq!(parameters.reencrypt_output, Some(1));
+        // Ring order: encryption_key (also the new key) then decryption_key1, after fds 0 and 1.
+        assert_eq!(parameters.keys[0].fd, 2);
+        assert_eq!(parameters.encryption_key.map(|k| k.fd), Some(2));
+        assert_eq!(std::fs::read(&image).unwrap(), b"new image");
+        assert!(!reencrypt_partial_path(&image).exists());
+    }
+
+    #[test]
+    fn failed_reencryption_keeps_the_partial_and_the_next_run_resumes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, _, _) = test_peer::ring(dir.path());
+        let image = dir.path().join("d.luks");
+        std::fs::write(&image, "old image").unwrap();
+        let peer = Peer::serve(|_, fds| {
+            let mut new_image = std::fs::File::from(fds.into_iter().nth(1).unwrap());
+            new_image.write_all(b"half").unwrap();
+            vec![test_peer::error_reply(errors::IO_ERROR, "disk full")]
+        });
+        let error = run(args(&image, true, None), Some(peer.socket.clone()), &ring).unwrap_err();
+        peer.call();
+        assert!(error.to_string().contains("disk full"), "{error}");
+        let partial = reencrypt_partial_path(&image);
+        assert_eq!(std::fs::read(&partial).unwrap(), b"half");
+        assert_eq!(std::fs::read(&image).unwrap(), b"old image");
+
+        // The rerun hands the daemon the same file, untruncated.
+        let peer = Peer::serve(|_, fds| {
+            let mut new_image = std::fs::File::from(fds.into_iter().nth(1).unwrap());
+            let mut seen = Vec::new();
+            new_image.read_to_end(&mut seen).unwrap();
+            assert_eq!(seen, b"half");
+            new_image.write_all(b" and the rest").unwrap();
+            vec![done(true)]
+        });
+        run(args(&image, true, None), Some(peer.socket.clone()), &ring).unwrap();
+        peer.call();
+        assert_eq!(std::fs::read(&image).unwrap(), b"half and the rest");
+        assert!(!partial.exists());
+    }
+
+    #[test]
+    fn a_ring_without_encryption_key_is_refused_before_anything_is_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring_path = dir.path().join("keys.toml");
+        std::fs::write(&ring_path, "decryption_key1 = \"old.key\"\n").unwrap();
+        let image = dir.path().join("d.luks");
+        std::fs::write(&image, "old image").unwrap();
+        let error = run(
+            args(&image, true, None),
+            Some(dir.path().join("no-daemon")),
+            &RingLocation::Explicit(ring_path),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().contains("has no encryption_key"),
+            "{error}"
+        );
+        assert!(!reencrypt_partial_path(&image).exists());
+    }
+}

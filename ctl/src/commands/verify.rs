@@ -149,4 +149,55 @@ mod tests {
         assert!(matches!(error, CtlError::Protocol(_)), "{error}");
         assert_eq!(error.exit_code(), 1);
     }
+
+    #[test]
+    fn passes_the_source_second_and_a_difference_exits_one() {
+        use crate::test_peer::{self, Peer};
+        use imgcrypt_proto::api::{KeyRef, StreamedReply};
+        use imgcrypt_proto::varlink::Reply;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, new_key, _) = test_peer::ring(dir.path());
+        let image = dir.path().join("d.luks");
+        let source = dir.path().join("s.raw");
+        std::fs::write(&image, "luks").unwrap();
+        std::fs::write(&source, "raw").unwrap();
+        let expected = [
+            test_peer::identity_of(&image),
+            test_peer::identity_of(&source),
+            test_peer::identity_of(&new_key),
+        ];
+        let peer = Peer::serve(move |_, fds| {
+            assert_eq!(fds.len(), 3);
+            for (fd, identity) in fds.iter().zip(expected) {
+                assert_eq!(test_peer::identity(fd), identity);
+            }
+            vec![Reply::ok(VerifyReply::done(VerifySummary {
+                unlocked: test_peer::unlocked(),
+                ..summary(compared(false, Some(7)))
+            }))]
+        });
+        let error = run(
+            VerifyArgs {
+                image,
+                source: Some(source),
+                key_file: Some(new_key),
+                json: false,
+            },
+            Some(peer.socket.clone()),
+            &ring,
+        )
+        .unwrap_err();
+        assert!(matches!(error, CtlError::SourceDiffers(_)), "{error}");
+        assert!(error.to_string().contains("byte 7"), "{error}");
+        let parameters: VerifyParameters = test_peer::parameters(&peer.call());
+        assert_eq!(parameters.source, Some(1));
+        assert_eq!(
+            parameters.keys,
+            vec![KeyRef {
+                fd: 2,
+                name: "--key-file".into()
+            }]
+        );
+    }
 }

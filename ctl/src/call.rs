@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use imgcrypt_proto::api::{KeyRef, Progress, StreamedReply};
-use imgcrypt_proto::varlink::{Call, Reply};
+use imgcrypt_proto::varlink::{self, Call, Reply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -182,16 +182,28 @@ fn new_call(method: &str, parameters: &impl Serialize, more: bool) -> Call {
     }
 }
 
-/// The daemon's error, if the reply is one.
+/// The daemon's error, if the reply is one. io.imgcrypt errors carry a message for people;
+/// Varlink's own (org.varlink.service.*) carry only data, so those are described here.
 fn daemon_error(reply: &Reply) -> Option<CtlError> {
     let name = reply.error.clone()?;
-    let message = reply
-        .parameters
-        .as_ref()
+    let parameters = reply.parameters.as_ref();
+    let message = match parameters
         .and_then(|p| p.get("message"))
         .and_then(|m| m.as_str())
-        .unwrap_or("(no message)")
-        .to_string();
+    {
+        Some(message) => message.to_string(),
+        None if name == varlink::errors::METHOD_NOT_FOUND => format!(
+            "imgcryptd does not know {}: it is older than imgctl; update or restart it",
+            parameters
+                .and_then(|p| p.get("method"))
+                .and_then(|m| m.as_str())
+                .unwrap_or("this method")
+        ),
+        None => format!(
+            "imgcryptd answered {name} {}",
+            parameters.map_or_else(|| "{}".to_string(), |p| p.to_string())
+        ),
+    };
     Some(CtlError::Daemon { name, message })
 }
 
@@ -326,6 +338,30 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn varlink_errors_without_a_message_are_described() {
+        let reply: Reply = serde_json::from_value(serde_json::json!({
+            "error": "org.varlink.service.MethodNotFound",
+            "parameters": {"method": "io.imgcrypt.Inspect"}
+        }))
+        .unwrap();
+        let message = daemon_error(&reply).unwrap().to_string();
+        assert!(
+            message.contains("does not know io.imgcrypt.Inspect") && message.contains("older"),
+            "{message}"
+        );
+        let reply: Reply = serde_json::from_value(serde_json::json!({
+            "error": "org.varlink.service.InvalidParameter",
+            "parameters": {"parameter": "keys"}
+        }))
+        .unwrap();
+        let message = daemon_error(&reply).unwrap().to_string();
+        assert!(
+            message.contains("InvalidParameter") && message.contains("\"keys\""),
+            "{message}"
+        );
     }
 
     #[test]

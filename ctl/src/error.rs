@@ -34,6 +34,10 @@ pub enum CtlError {
     /// The conversation with the daemon broke.
     #[error("talking to imgcryptd: {0}")]
     Protocol(String),
+
+    /// `verify --source`: the image decrypted, but its plaintext is not the source's disk.
+    #[error("{0}")]
+    SourceDiffers(String),
 }
 
 impl CtlError {
@@ -50,11 +54,16 @@ impl CtlError {
         }
     }
 
-    /// The process exit status for this error.
+    /// The process exit status for this error: 2 for a usage error, 1 for everything else
+    /// (a source that differs included, as `cmp` and `diff` report a difference).
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) => 2,
-            _ => 1,
+            Self::File { .. }
+            | Self::Connect(_)
+            | Self::Daemon { .. }
+            | Self::Protocol(_)
+            | Self::SourceDiffers(_) => 1,
         }
     }
 }

@@ -246,3 +246,259 @@ mod tests {
         assert!(error.contains("larger than"), "{error}");
     }
 }
+
+/// The name a `--key-file` candidate goes by in messages and in the daemon's replies.
+pub const KEY_FILE_NAME: &str = "--key-file";
+
+/// A key file offered to the daemon: the name the user knows it by, and its path.
+pub type Candidate = (String, PathBuf);
+
+/// The keys to unlock an image with, in the order the daemon tries them: `--key-file` alone when
+/// given (it overrides the ring), else the ring's `encryption_key` then `decryption_key1` … in
+/// ring order. A file named twice (gsutil allows a key to be both the encryption key and a
+/// decryption key) is offered once, under its first name. No ring and no `--key-file` gives no
+/// candidates: the daemon then falls back on its own ring, or answers `NoKey`.
+/// Returns the candidates and the ring's warnings for the caller to show.
+pub fn unlock_candidates(
+    key_file: Option<PathBuf>,
+    ring: &RingLocation,
+) -> Result<(Vec<Candidate>, Vec<String>)> {
+    // As in `encryption_key`: an explicit ring is read even when --key-file makes it
+    // unnecessary, so a mistyped --keyring is reported.
+    let loaded = match (&key_file, ring) {
+        (Some(_), RingLocation::Default(_) | RingLocation::Unknown) => None,
+        _ => ring.load()?,
+    };
+    let warnings = loaded
+        .as_ref()
+        .map(|r| r.warnings.clone())
+        .unwrap_or_default();
+    if let Some(path) = key_file {
+        return Ok((vec![(KEY_FILE_NAME.to_string(), path)], warnings));
+    }
+    Ok((
+        loaded.as_ref().map(ring_order).unwrap_or_default(),
+        warnings,
+    ))
+}
+
+/// Keys for `rewrite -k`: which to unlock with, and which to rotate to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotationKeys {
+    /// Keys to unlock with, in the order the daemon tries them; each path once.
+    pub candidates: Vec<Candidate>,
+    /// The ring's `encryption_key`, which the image is rotated to; `None` when there is no ring
+    /// (the daemon's own ring then supplies it).
+    pub new_key: Option<PathBuf>,
+    /// The ring's warnings, for the caller to show.
+    pub warnings: Vec<String>,
+}
+
+/// The keys of a rotation. The new key is always the ring's `encryption_key` (`--key-file`
+/// names the OLD key, as gsutil's `rewrite -k` takes the new key from the configuration): a ring
+/// without one is an error before anything is opened. With `--key-file OLD` the candidates are
+/// OLD then the new key (so a rerun after an interruption, when only the new key may still open
+/// the image, succeeds); otherwise the ring order of [`unlock_candidates`].
+pub fn rotation_keys(key_file: Option<PathBuf>, location: &RingLocation) -> Result<RotationKeys> {
+    let ring = location.load()?;
+    let Some(ring) = ring else {
+        let candidates = key_file
+            .map(|path| vec![(KEY_FILE_NAME.to_string(), path)])
+            .unwrap_or_default();
+        return Ok(RotationKeys {
+            candidates,
+            new_key: None,
+            warnings: Vec::new(),
+        });
+    };
+    let Some(new_key) = ring.encryption_key.clone() else {
+        return Err(CtlError::Usage(format!(
+            "{} has no {ENCRYPTION_KEY}: rewrite -k rotates images to it; add \
+             {ENCRYPTION_KEY} = \"NEW.key\" (make one with `imgctl key generate -o NEW.key`)",
+            ring.path.display()
+        )));
+    };
+    let candidates = match key_file {
+        Some(old) => dedup_by_path([
+            (KEY_FILE_NAME.to_string(), old),
+            (ENCRYPTION_KEY.to_string(), new_key.clone()),
+        ]),
+        None => ring_order(&ring),
+    };
+    Ok(RotationKeys {
+        candidates,
+        new_key: Some(new_key),
+        warnings: ring.warnings,
+    })
+}
+
+/// `encryption_key` then `decryption_key1` … , each path once under its first name.
+fn ring_order(ring: &Keyring) -> Vec<Candidate> {
+    let encryption = ring
+        .encryption_key
+        .iter()
+        .map(|path| (ENCRYPTION_KEY.to_string(), path.clone()));
+    // decryption_keys holds decryption_key1 … in order, without gaps.
+    let decryption = ring
+        .decryption_keys
+        .iter()
+        .enumerate()
+        .map(|(index, path)| {
+            (
+                format!("{DECRYPTION_KEY_PREFIX}{}", index + 1),
+                path.clone(),
+            )
+        });
+    dedup_by_path(encryption.chain(decryption))
+}
+
+fn dedup_by_path(candidates: impl IntoIterator<Item = Candidate>) -> Vec<Candidate> {
+    let mut kept: Vec<Candidate> = Vec::new();
+    for (name, path) in candidates {
+        if !kept.iter().any(|(_, seen)| *seen == path) {
+            kept.push((name, path));
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod candidate_tests {
+    use super::*;
+
+    fn ring_file(dir: &Path, text: &str) -> RingLocation {
+        let path = dir.join("keys.toml");
+        std::fs::write(&path, text).unwrap();
+        RingLocation::Explicit(path)
+    }
+
+    fn names(candidates: &[Candidate]) -> Vec<&str> {
+        candidates.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    #[test]
+    fn ring_order_is_encryption_key_then_decryption_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = ring_file(
+            dir.path(),
+            "decryption_key2 = \"two\"\nencryption_key = \"new\"\ndecryption_key1 = \"one\"\n",
+        );
+        let (candidates, warnings) = unlock_candidates(None, &location).unwrap();
+        assert!(warnings.is_empty());
+        assert_eq!(
+            candidates,
+            vec![
+                ("encryption_key".to_string(), dir.path().join("new")),
+                ("decryption_key1".to_string(), dir.path().join("one")),
+                ("decryption_key2".to_string(), dir.path().join("two")),
+            ]
+        );
+    }
+
+    #[test]
+    fn key_file_overrides_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = ring_file(
+            dir.path(),
+            "encryption_key = \"new\"\ndecryption_key1 = \"a\"",
+        );
+        let (candidates, _) = unlock_candidates(Some("/k/mine".into()), &location).unwrap();
+        assert_eq!(
+            candidates,
+            vec![("--key-file".to_string(), PathBuf::from("/k/mine"))]
+        );
+        // A missing explicit ring is still reported, as encrypt does.
+        let missing = RingLocation::Explicit(dir.path().join("nope.toml"));
+        assert!(unlock_candidates(Some("/k/mine".into()), &missing).is_err());
+    }
+
+    #[test]
+    fn a_key_named_twice_is_offered_once_under_its_first_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = ring_file(
+            dir.path(),
+            "encryption_key = \"same\"\ndecryption_key1 = \"same\"\ndecryption_key2 = \"old\"\n\
+             decryption_key3 = \"old\"\n",
+        );
+        let (candidates, _) = unlock_candidates(None, &location).unwrap();
+        assert_eq!(names(&candidates), ["encryption_key", "decryption_key2"]);
+        assert_eq!(candidates[1].1, dir.path().join("old"));
+    }
+
+    #[test]
+    fn no_ring_and_no_key_file_gives_no_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = RingLocation::Default(dir.path().join("keys.toml"));
+        assert_eq!(unlock_candidates(None, &absent).unwrap(), (vec![], vec![]));
+        assert_eq!(
+            unlock_candidates(None, &RingLocation::Unknown).unwrap(),
+            (vec![], vec![])
+        );
+    }
+
+    #[test]
+    fn ring_warnings_are_passed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = ring_file(
+            dir.path(),
+            "decryption_key1 = \"a\"\ndecryption_key3 = \"c\"",
+        );
+        let (candidates, warnings) = unlock_candidates(None, &location).unwrap();
+        assert_eq!(names(&candidates), ["decryption_key1"]);
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("decryption_key3 ignored"),
+            "{warnings:?}"
+        );
+    }
+
+    #[test]
+    fn rotation_takes_the_new_key_from_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = ring_file(
+            dir.path(),
+            "encryption_key = \"new\"\ndecryption_key1 = \"old\"",
+        );
+        let keys = rotation_keys(None, &location).unwrap();
+        assert_eq!(keys.new_key, Some(dir.path().join("new")));
+        assert_eq!(
+            names(&keys.candidates),
+            ["encryption_key", "decryption_key1"]
+        );
+
+        let keys = rotation_keys(Some("/k/old".into()), &location).unwrap();
+        assert_eq!(
+            keys.candidates,
+            vec![
+                ("--key-file".to_string(), PathBuf::from("/k/old")),
+                ("encryption_key".to_string(), dir.path().join("new")),
+            ]
+        );
+
+        // --key-file naming the new key itself: one candidate.
+        let keys = rotation_keys(Some(dir.path().join("new")), &location).unwrap();
+        assert_eq!(names(&keys.candidates), ["--key-file"]);
+    }
+
+    #[test]
+    fn rotation_without_a_new_key_in_the_ring_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let location = ring_file(dir.path(), "decryption_key1 = \"old\"");
+        let error = rotation_keys(Some("/k/old".into()), &location).unwrap_err();
+        assert!(matches!(error, CtlError::Usage(_)));
+        assert!(
+            error.to_string().contains("has no encryption_key"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn rotation_without_a_ring_leaves_the_new_key_to_the_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = RingLocation::Default(dir.path().join("keys.toml"));
+        let keys = rotation_keys(Some("/k/old".into()), &absent).unwrap();
+        assert_eq!(keys.new_key, None);
+        assert_eq!(names(&keys.candidates), ["--key-file"]);
+        assert!(rotation_keys(None, &absent).unwrap().candidates.is_empty());
+    }
+}

@@ -2,6 +2,7 @@
 //! passes descriptors to the daemon, shows progress, and gives the output its final name only
 //! once the daemon reports it durable.
 
+mod call;
 mod client;
 mod commands;
 mod connect;
@@ -9,6 +10,8 @@ mod error;
 mod keyring;
 mod output;
 mod progress;
+#[cfg(test)]
+mod test_peer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,18 +42,28 @@ enum Command {
     Encrypt(commands::encrypt::EncryptArgs),
     /// Generate keys and show their fingerprints.
     Key(commands::key::KeyArgs),
+    /// Show a LUKS image's header: version, cipher, keyslots and which key matches each.
+    Inspect(commands::inspect::InspectArgs),
+    /// Write the plaintext disk of a LUKS image.
+    Decrypt(commands::decrypt::DecryptArgs),
+    /// Decrypt and hash a LUKS image's payload; with --source, compare it with a source image.
+    Verify(commands::verify::VerifyArgs),
+    /// Rotate a LUKS image to the key ring's encryption_key (-k), optionally re-encrypting it.
+    Rewrite(commands::rewrite::RewriteArgs),
 }
 
 fn main() -> ExitCode {
     output::install_interrupt_cleanup();
     let cli = Cli::parse();
+    let ring = keyring::RingLocation::from_environment(cli.keyring);
+    let socket = cli.socket;
     let result = match cli.command {
-        Command::Encrypt(args) => commands::encrypt::run(
-            args,
-            cli.socket,
-            &keyring::RingLocation::from_environment(cli.keyring),
-        ),
+        Command::Encrypt(args) => commands::encrypt::run(args, socket, &ring),
         Command::Key(args) => commands::key::run(args),
+        Command::Inspect(args) => commands::inspect::run(args, socket, &ring),
+        Command::Decrypt(args) => commands::decrypt::run(args, socket, &ring),
+        Command::Verify(args) => commands::verify::run(args, socket, &ring),
+        Command::Rewrite(args) => commands::rewrite::run(args, socket, &ring),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,5 +71,108 @@ fn main() -> ExitCode {
             eprintln!("imgctl: {error}");
             ExitCode::from(error.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("imgctl").chain(args.iter().copied()))
+            .map(|c| c.command)
+    }
+
+    #[test]
+    fn inspect_takes_an_image_key_file_and_json() {
+        let Command::Inspect(args) =
+            parse(&["inspect", "d.luks", "--key-file", "k", "--json"]).unwrap()
+        else {
+            panic!("not inspect")
+        };
+        assert_eq!(args.image, Path::new("d.luks"));
+        assert_eq!(args.key_file.as_deref(), Some(Path::new("k")));
+        assert!(args.json);
+        assert!(parse(&["inspect"]).is_err());
+    }
+
+    #[test]
+    fn decrypt_needs_an_output() {
+        let Command::Decrypt(args) =
+            parse(&["decrypt", "d.luks", "-o", "d.raw", "--force"]).unwrap()
+        else {
+            panic!("not decrypt")
+        };
+        assert_eq!(args.output, Path::new("d.raw"));
+        assert!(args.force && !args.json && args.key_file.is_none());
+        assert!(parse(&["decrypt", "d.luks"]).is_err());
+    }
+
+    #[test]
+    fn verify_source_is_optional() {
+        let Command::Verify(args) = parse(&["verify", "d.luks"]).unwrap() else {
+            panic!("not verify")
+        };
+        assert!(args.source.is_none());
+        let Command::Verify(args) = parse(&["verify", "d.luks", "--source", "s.vhd"]).unwrap()
+        else {
+            panic!("not verify")
+        };
+        assert_eq!(args.source.as_deref(), Some(Path::new("s.vhd")));
+    }
+
+    #[test]
+    fn rewrite_parses_k_reencrypt_and_the_shared_pbkdf_options() {
+        let Command::Rewrite(args) = parse(&[
+            "rewrite",
+            "-k",
+            "d.luks",
+            "--reencrypt",
+            "--key-file",
+            "old.key",
+            "--pbkdf",
+            "pbkdf2",
+            "--pbkdf-iterations",
+            "1000",
+        ])
+        .unwrap() else {
+            panic!("not rewrite")
+        };
+        assert!(args.rotate && args.reencrypt);
+        assert_eq!(args.key_file.as_deref(), Some(Path::new("old.key")));
+        let pbkdf = args.pbkdf.to_protocol().unwrap();
+        assert_eq!(pbkdf.kind, Some(imgcrypt_proto::api::PbkdfKind::Pbkdf2));
+        assert_eq!(pbkdf.iterations, Some(1000));
+
+        let Command::Rewrite(args) = parse(&["rewrite", "-k", "d.luks"]).unwrap() else {
+            panic!("not rewrite")
+        };
+        assert!(!args.reencrypt);
+        assert_eq!(args.pbkdf.to_protocol(), None);
+    }
+
+    #[test]
+    fn rewrite_without_k_is_a_usage_error_saying_so() {
+        let Command::Rewrite(args) = parse(&["rewrite", "d.luks"]).unwrap() else {
+            panic!("not rewrite")
+        };
+        assert!(!args.rotate);
+        // Refused before any file, ring or daemon is touched: the paths here do not exist.
+        let error = commands::rewrite::run(
+            args,
+            Some("/nonexistent/socket".into()),
+            &keyring::RingLocation::Explicit("/nonexistent/keys.toml".into()),
+        )
+        .unwrap_err();
+        assert_eq!(error.to_string(), commands::rewrite::NEEDS_K);
+        assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn keyring_is_global() {
+        let cli =
+            Cli::try_parse_from(["imgctl", "verify", "d.luks", "--keyring", "r.toml"]).unwrap();
+        assert_eq!(cli.keyring.as_deref(), Some(Path::new("r.toml")));
     }
 }

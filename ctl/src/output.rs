@@ -2,6 +2,9 @@
 //! made the data durable, and removed on any failure or interruption, so nothing half-written
 //! ever sits under the final name.
 //!
+//! A re-encryption's new image is the exception: `IMAGE.reencrypt.partial` is kept on failure or
+//! interruption, because the daemon resumes it on the next run ([`ReencryptOutput`]).
+//!
 //! Interruption is handled by a signal thread (SIGINT, SIGTERM, SIGHUP are blocked in every
 //! other thread and waited for there), which can take the same lock as the rename: either the
 //! rename happened and the signal finds nothing to remove, or the partial file is removed and the
@@ -16,8 +19,15 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::error::{CtlError, Result};
 
-/// The partial file the signal thread must remove if we are interrupted.
-static PENDING_PARTIAL: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// What the signal thread must do about a partial file if we are interrupted.
+static PENDING_PARTIAL: Mutex<Option<OnInterrupt>> = Mutex::new(None);
+
+enum OnInterrupt {
+    /// Remove the file: nothing can use it.
+    Remove(PathBuf),
+    /// Keep the file (it can be resumed) and tell the user so.
+    Keep(String),
+}
 
 /// Blocks the termination signals in this thread (and every thread it starts) and starts the
 /// thread that handles them. Call first thing in `main`.
@@ -32,9 +42,13 @@ pub fn install_interrupt_cleanup() {
     std::thread::spawn(move || {
         let Ok(signal) = signals.wait() else { return };
         let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(path) = pending.take() {
-            let _ = std::fs::remove_file(&path);
-            eprintln!("\nimgctl: interrupted; removed {}", path.display());
+        match pending.take() {
+            Some(OnInterrupt::Remove(path)) => {
+                let _ = std::fs::remove_file(&path);
+                eprintln!("\nimgctl: interrupted; removed {}", path.display());
+            }
+            Some(OnInterrupt::Keep(message)) => eprintln!("\nimgctl: {message}"),
+            None => {}
         }
         // 128 + signal number, as shells report it.
         std::process::exit(128 + signal as i32);
@@ -134,7 +148,8 @@ impl PartialFile {
                 .open(&partial_path)
         };
         // Register before creating, so an interrupt between the two still cleans up.
-        *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(partial_path.clone());
+        *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(OnInterrupt::Remove(partial_path.clone()));
         let file = match open() {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && force => {
                 std::fs::remove_file(&partial_path).map_err(|e| {
@@ -173,14 +188,7 @@ impl PartialFile {
         *pending = None;
         self.committed = true;
         drop(pending);
-        // Make the rename itself durable.
-        let directory = match self.final_path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if let Ok(dir) = File::open(&directory) {
-            let _ = dir.sync_all();
-        }
+        sync_directory_of(&self.final_path);
         Ok(self.final_path.clone())
     }
 }
@@ -205,7 +213,7 @@ pub fn create_removed_on_interrupt<T>(
 ) -> std::io::Result<T> {
     let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
     let created = create()?;
-    *pending = Some(path.to_path_buf());
+    *pending = Some(OnInterrupt::Remove(path.to_path_buf()));
     Ok(created)
 }
 
@@ -221,4 +229,255 @@ pub fn keep_on_interrupt(path: &Path, remove: bool) {
 
 fn forget_pending() {
     *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) = None;
+}
+
+/// Makes a rename in `path`'s directory durable. Best effort: the data itself is already synced,
+/// and a directory that cannot be opened for reading still took the rename.
+fn sync_directory_of(path: &Path) {
+    let directory = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if let Ok(dir) = File::open(&directory) {
+        let _ = dir.sync_all();
+    }
+}
+
+/// Suffix of the new image a re-encryption writes beside the old one.
+pub const REENCRYPT_SUFFIX: &str = ".reencrypt.partial";
+
+/// `IMAGE.reencrypt.partial`.
+pub fn reencrypt_partial_path(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(REENCRYPT_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// The new image of `rewrite -k --reencrypt`: `IMAGE.reencrypt.partial`, renamed over `IMAGE`
+/// only once the daemon reports it durable. Unlike [`PartialFile`] it is kept on failure and on
+/// interruption, since the daemon resumes a previous run's file.
+pub struct ReencryptOutput {
+    file: File,
+    partial_path: PathBuf,
+    image: PathBuf,
+    /// A previous run's file, opened to be resumed.
+    resumed: bool,
+}
+
+impl ReencryptOutput {
+    /// Opens a previous run's `IMAGE.reencrypt.partial` without truncating it, or creates it
+    /// (exclusively, mode 0600 less the umask). `image` must be a regular file, since the result
+    /// replaces it by rename.
+    pub fn open(image: &Path) -> Result<Self> {
+        let metadata = std::fs::symlink_metadata(image)
+            .map_err(|e| CtlError::file(image, "examine the image", e))?;
+        if !metadata.file_type().is_file() {
+            return Err(CtlError::File {
+                path: image.to_path_buf(),
+                message: "is not a regular file: --reencrypt writes a new image beside it and                           renames it over the old one; name the image file itself (not a link                           or a device), or rotate the header only (without --reencrypt)"
+                    .to_string(),
+            });
+        }
+        let partial_path = reencrypt_partial_path(image);
+        let mut options = OpenOptions::new();
+        options
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW);
+        let (file, resumed) = match options
+            .clone()
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial_path)
+        {
+            Ok(file) => (file, false),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let file = options.open(&partial_path).map_err(|e| {
+                    CtlError::file(&partial_path, "open the interrupted re-encryption", e)
+                })?;
+                let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+                if !is_file {
+                    return Err(CtlError::File {
+                        path: partial_path,
+                        message: "exists and is not a regular file: remove it".to_string(),
+                    });
+                }
+                (file, true)
+            }
+            Err(e) => return Err(CtlError::file(&partial_path, "create the new image", e)),
+        };
+        *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(OnInterrupt::Keep(
+            format!("interrupted: {}", resume_advice(&partial_path)),
+        ));
+        Ok(Self {
+            file,
+            partial_path,
+            image: image.to_path_buf(),
+            resumed,
+        })
+    }
+
+    /// The descriptor the daemon writes the new image to.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// `IMAGE.reencrypt.partial`.
+    pub fn path(&self) -> &Path {
+        &self.partial_path
+    }
+
+    /// Whether a previous run's file is being resumed.
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Replaces the image with the new one; called only after the daemon reported it durable.
+    /// The new image gets the old one's permission bits, syncs, is renamed over it, and the
+    /// rename is synced, so `IMAGE` is at every moment either the old image or the whole new one.
+    pub fn commit(self) -> Result<PathBuf> {
+        let permissions = std::fs::metadata(&self.image)
+            .map_err(|e| CtlError::file(&self.image, "examine the image", e))?
+            .permissions();
+        self.file
+            .set_permissions(permissions)
+            .map_err(|e| CtlError::file(&self.partial_path, "copy the image's permissions", e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| CtlError::file(&self.partial_path, "sync the new image", e))?;
+        let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+        std::fs::rename(&self.partial_path, &self.image).map_err(|e| {
+            CtlError::file(
+                &self.image,
+                &format!(
+                    "replace the image with the finished {} (it is complete: rename it over                      the image yourself)",
+                    self.partial_path.display()
+                ),
+                e,
+            )
+        })?;
+        *pending = None;
+        drop(pending);
+        sync_directory_of(&self.image);
+        Ok(self.image.clone())
+    }
+
+    /// After a failure: keeps the file for the next run and returns what to tell the user, or
+    /// removes it when this run created it and nothing was written (there is nothing to resume).
+    pub fn abandon(self) -> Option<String> {
+        let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+        *pending = None;
+        let empty = self.file.metadata().map(|m| m.len() == 0).unwrap_or(false);
+        if !self.resumed && empty && std::fs::remove_file(&self.partial_path).is_ok() {
+            return None;
+        }
+        Some(format!(
+            "{} is kept: {}",
+            self.partial_path.display(),
+            resume_advice(&self.partial_path)
+        ))
+    }
+}
+
+fn resume_advice(partial: &Path) -> String {
+    format!(
+        "run the same command again to resume from {}, or delete it to start over",
+        partial.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn reencrypt_partial_sits_beside_the_image() {
+        assert_eq!(
+            reencrypt_partial_path(Path::new("/imgs/disk.luks")),
+            PathBuf::from("/imgs/disk.luks.reencrypt.partial")
+        );
+        assert_eq!(
+            reencrypt_partial_path(Path::new("disk")),
+            PathBuf::from("disk.reencrypt.partial")
+        );
+    }
+
+    #[test]
+    fn fresh_partial_is_private_and_an_empty_one_is_removed_on_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.luks");
+        std::fs::write(&image, b"old").unwrap();
+        let output = ReencryptOutput::open(&image).unwrap();
+        assert!(!output.resumed());
+        let path = output.path().to_path_buf();
+        assert_eq!(path, dir.path().join("disk.luks.reencrypt.partial"));
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+        // Nothing written: nothing to resume, so nothing is left.
+        assert_eq!(output.abandon(), None);
+        assert!(!path.exists());
+        assert_eq!(std::fs::read(&image).unwrap(), b"old");
+    }
+
+    #[test]
+    fn partial_with_progress_is_kept_on_failure_and_resumed_untruncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.luks");
+        std::fs::write(&image, b"old").unwrap();
+        let mut output = ReencryptOutput::open(&image).unwrap();
+        let path = output.path().to_path_buf();
+        output.file.write_all(b"half").unwrap();
+        let note = output.abandon().unwrap();
+        assert!(
+            note.contains("run the same command again to resume from")
+                && note.contains("disk.luks.reencrypt.partial"),
+            "{note}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"half");
+
+        let resumed = ReencryptOutput::open(&image).unwrap();
+        assert!(resumed.resumed());
+        assert_eq!(std::fs::read(&path).unwrap(), b"half");
+        assert!(resumed.abandon().is_some());
+        assert!(path.exists());
+
+        // A resumed file is kept even when empty: this run did not make it.
+        std::fs::write(&path, b"").unwrap();
+        let resumed = ReencryptOutput::open(&image).unwrap();
+        assert!(resumed.resumed());
+        assert!(resumed.abandon().is_some());
+        assert!(path.exists());
+    }
+
+    #[test]
+    fn commit_replaces_the_image_keeping_its_permissions() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.luks");
+        std::fs::write(&image, b"old").unwrap();
+        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let mut output = ReencryptOutput::open(&image).unwrap();
+        let path = output.path().to_path_buf();
+        output.file.write_all(b"new image").unwrap();
+        assert_eq!(output.commit().unwrap(), image);
+        assert_eq!(std::fs::read(&image).unwrap(), b"new image");
+        assert!(!path.exists());
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o640);
+    }
+
+    #[test]
+    fn reencryption_needs_a_regular_image_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.luks");
+        std::fs::write(&image, b"old").unwrap();
+        let link = dir.path().join("link.luks");
+        std::os::unix::fs::symlink(&image, &link).unwrap();
+        let error = ReencryptOutput::open(&link).err().unwrap().to_string();
+        assert!(error.contains("not a regular file"), "{error}");
+        assert!(!reencrypt_partial_path(&link).exists());
+        assert!(ReencryptOutput::open(dir.path()).is_err());
+        assert!(ReencryptOutput::open(&dir.path().join("absent")).is_err());
+    }
 }

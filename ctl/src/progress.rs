@@ -5,7 +5,10 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use imgcrypt_proto::api::{Phase, Progress, Summary};
+use imgcrypt_proto::api::{
+    DecryptSummary, ImageInfo, Phase, Progress, RewriteSummary, Summary, UnlockMethod, Unlocked,
+    VerifySummary,
+};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
@@ -63,17 +66,35 @@ impl Display {
         }
     }
 
-    /// Ends the bar and prints the summary.
-    pub fn summary(&mut self, source: &Path, output: &Path, summary: &Summary) {
-        self.clear();
+    /// Tells the user something that is not a warning (e.g. that a job resumes).
+    pub fn info(&mut self, text: &str) {
         match self {
-            Self::Json => json_line(json!({
+            Self::Json => json_line(json!({ "event": "info", "message": text })),
+            Self::Terminal(Some((bar, _))) => bar.suspend(|| eprintln!("imgctl: {text}")),
+            _ => eprintln!("imgctl: {text}"),
+        }
+    }
+
+    /// Ends the bar and prints the encryption summary.
+    pub fn summary(&mut self, source: &Path, output: &Path, summary: &Summary) {
+        self.finish(
+            json!({
                 "event": "summary",
                 "source": source,
                 "output": output,
                 "summary": summary,
-            })),
-            _ => print!("{}", render_summary(source, output, summary)),
+            }),
+            &render_summary(source, output, summary),
+        );
+    }
+
+    /// Ends the bar and prints a job's result: `event` as a JSON line with `--json`, else
+    /// `text` (which ends with a newline).
+    pub fn finish(&mut self, event: serde_json::Value, text: &str) {
+        self.clear();
+        match self {
+            Self::Json => json_line(event),
+            _ => print!("{text}"),
         }
     }
 
@@ -125,14 +146,10 @@ fn json_line(value: serde_json::Value) {
 
 /// The human summary, one fact per line.
 pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
-    let seconds = s.elapsed_ms as f64 / 1000.0;
-    let copy_seconds = s.copy_ms as f64 / 1000.0;
+    let total_seconds = seconds(s.elapsed_ms);
+    let copy_seconds = seconds(s.copy_ms);
     // Over the copy alone: the key derivation's deliberate slowness is not I/O speed.
-    let throughput = if s.copy_ms > 0 {
-        format!("{}/s", human_bytes(s.payload_size as f64 / copy_seconds))
-    } else {
-        "-".to_string()
-    };
+    let throughput = throughput(s.payload_size, s.copy_ms);
     let rows = [
         ("output", output.display().to_string()),
         (
@@ -156,14 +173,213 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
         ("key fingerprint", format!("sha256:{}", s.key_fingerprint)),
         ("key derivation", s.pbkdf.clone()),
         ("engine", format!("{:?}", s.engine).to_lowercase()),
-        ("time", format!("{seconds:.2} s (copy {copy_seconds:.2} s)")),
+        (
+            "time",
+            format!("{total_seconds:.2} s (copy {copy_seconds:.2} s)"),
+        ),
         ("throughput", throughput),
     ];
     let mut text = String::from("Encrypted image written.\n");
-    for (label, value) in rows {
-        text.push_str(&format!("  {label:<16} {value}\n"));
+    push_rows(&mut text, rows);
+    text
+}
+
+/// What `inspect` shows: the header's facts, then one line per keyslot.
+pub fn render_inspect(image: &Path, info: &ImageInfo) -> String {
+    let mut text = format!("LUKS image {}\n", image.display());
+    let rows = [
+        ("LUKS version", info.luks_version.display_name().to_string()),
+        ("UUID", info.uuid.clone()),
+        (
+            "cipher",
+            format!("{} ({}-bit key)", info.cipher, info.key_size_bits),
+        ),
+        ("sector size", format!("{} bytes", info.sector_size)),
+        ("data offset", sized(info.data_offset)),
+        ("payload size", sized(info.payload_size)),
+        ("image size", sized(info.image_size)),
+    ];
+    push_rows(&mut text, rows);
+    if info.keyslots.is_empty() {
+        push_rows(
+            &mut text,
+            [(
+                "keyslots",
+                "none active: no key opens this image".to_string(),
+            )],
+        );
+    }
+    for slot in &info.keyslots {
+        let fingerprint = match &slot.fingerprint {
+            Some(fingerprint) => format!("sha256:{fingerprint}"),
+            None => "no fingerprint (LUKS1 or made without imgcrypt: keys are tried in ring \
+                     order)"
+                .to_string(),
+        };
+        let matching = match (&slot.matching_key, &slot.fingerprint) {
+            (Some(name), _) => format!(", matches {name}"),
+            (None, Some(_)) => ", matches none of the keys given".to_string(),
+            (None, None) => String::new(),
+        };
+        push_rows(
+            &mut text,
+            [(
+                format!("keyslot {}", slot.keyslot).as_str(),
+                format!("{}, {fingerprint}{matching}", slot.pbkdf),
+            )],
+        );
     }
     text
+}
+
+/// What `decrypt` shows when the plaintext is in place.
+pub fn render_decrypt(image: &Path, output: &Path, s: &DecryptSummary) -> String {
+    let mut text = String::from("Decrypted image written.\n");
+    push_rows(
+        &mut text,
+        [
+            ("output", output.display().to_string()),
+            ("image", image.display().to_string()),
+            ("unlocked with", render_unlocked(&s.unlocked)),
+            ("payload size", sized(s.payload_size)),
+            (
+                "time",
+                format!(
+                    "{:.2} s (copy {:.2} s)",
+                    seconds(s.elapsed_ms),
+                    seconds(s.copy_ms)
+                ),
+            ),
+            ("throughput", throughput(s.payload_size, s.copy_ms)),
+        ],
+    );
+    text
+}
+
+/// What `verify` shows: the plaintext's hash first (the line scripts look for), then the
+/// comparison with the source when there is one.
+pub fn render_verify(image: &Path, source: Option<&Path>, s: &VerifySummary) -> String {
+    let mut text = format!("plaintext sha256: {}\n", s.plaintext_sha256);
+    let mut rows = vec![
+        ("image", image.display().to_string()),
+        ("unlocked with", render_unlocked(&s.unlocked)),
+        ("payload size", sized(s.payload_size)),
+    ];
+    if let Some(comparison) = &s.source {
+        let name = source.map_or_else(|| "source".to_string(), |p| p.display().to_string());
+        rows.push((
+            "source",
+            format!(
+                "{name} ({}, {})",
+                comparison.source_format.display_name(),
+                sized(comparison.virtual_size)
+            ),
+        ));
+        rows.push((
+            "comparison",
+            if comparison.matches {
+                "matches: the plaintext is the source's disk (then zeros to the payload's end)"
+                    .to_string()
+            } else {
+                match comparison.first_difference {
+                    Some(offset) => format!("DIFFERS from byte {offset} ({offset:#x}) on"),
+                    None => "DIFFERS".to_string(),
+                }
+            },
+        ));
+    }
+    rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
+    push_rows(&mut text, rows);
+    text
+}
+
+/// What `rewrite -k` shows: which key opened the image and what changed in it.
+pub fn render_rewrite(image: &Path, s: &RewriteSummary) -> String {
+    let mut text = String::from(if s.reencrypted {
+        "Image re-encrypted and rotated to the new key.\n"
+    } else {
+        "Image rotated to the new key (header only).\n"
+    });
+    let new_key = format!(
+        "sha256:{} in keyslot {}{}",
+        s.fingerprint,
+        s.keyslot,
+        if s.keyslot_added {
+            " (added)"
+        } else {
+            " (it was already there: an earlier run added it)"
+        }
+    );
+    let removed = if s.removed.is_empty() {
+        "none".to_string()
+    } else {
+        s.removed
+            .iter()
+            .map(|slot| match &slot.fingerprint {
+                Some(fingerprint) => format!("keyslot {} (sha256:{fingerprint})", slot.keyslot),
+                None => format!("keyslot {} (no fingerprint)", slot.keyslot),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut rows = vec![
+        ("image", image.display().to_string()),
+        ("unlocked with", render_unlocked(&s.unlocked)),
+        ("new key", new_key),
+        ("removed", removed),
+        (
+            "payload",
+            if s.reencrypted {
+                "re-encrypted (new volume key)".to_string()
+            } else {
+                "unchanged (same volume key: rewrite -k --reencrypt also replaces it)".to_string()
+            },
+        ),
+    ];
+    if let Some(offset) = s.resumed_from.filter(|&offset| offset > 0) {
+        rows.push(("resumed from", format!("payload byte {offset}")));
+    }
+    rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
+    push_rows(&mut text, rows);
+    text
+}
+
+/// Which key opened an image and what it cost.
+pub fn render_unlocked(u: &Unlocked) -> String {
+    let derivations = if u.attempts == 1 {
+        "1 key derivation".to_string()
+    } else {
+        format!("{} key derivations", u.attempts)
+    };
+    let method = match u.method {
+        UnlockMethod::Token => format!("matched by fingerprint, {derivations}"),
+        UnlockMethod::Trial => {
+            format!("found by trial in ring order, {derivations}: the image carries no fingerprint")
+        }
+    };
+    format!(
+        "{} (sha256:{}), keyslot {} ({method})",
+        u.key_name, u.fingerprint, u.keyslot
+    )
+}
+
+fn push_rows<L: AsRef<str>>(text: &mut String, rows: impl IntoIterator<Item = (L, String)>) {
+    for (label, value) in rows {
+        text.push_str(&format!("  {:<16} {value}\n", label.as_ref()));
+    }
+}
+
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+/// Bytes per second over `ms`, or `-` when too quick to measure.
+fn throughput(bytes: u64, ms: u64) -> String {
+    if ms > 0 {
+        format!("{}/s", human_bytes(bytes as f64 / seconds(ms)))
+    } else {
+        "-".to_string()
+    }
 }
 
 fn sized(bytes: u64) -> String {
@@ -188,7 +404,9 @@ fn human_bytes(bytes: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imgcrypt_proto::api::{EngineKind, LuksVersion, SourceFormat};
+    use imgcrypt_proto::api::{
+        EngineKind, KeyslotInfo, LuksVersion, RemovedKeyslot, SourceComparison, SourceFormat,
+    };
 
     #[test]
     fn summary_names_every_fact() {
@@ -222,6 +440,200 @@ mod tests {
             "userspace",
             "2.00 s (copy 1.00 s)",
             "10.0 MiB/s",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    fn unlocked(method: UnlockMethod, attempts: u32) -> Unlocked {
+        Unlocked {
+            key_name: "decryption_key2".into(),
+            fingerprint: "old+fp=".into(),
+            keyslot: 3,
+            method,
+            attempts,
+        }
+    }
+
+    #[test]
+    fn inspect_shows_header_facts_and_each_keyslot() {
+        let info = ImageInfo {
+            luks_version: LuksVersion::Luks2,
+            uuid: "0b6f7c38-1c2d-4c43-9b5e-4f1f3a0e9d11".into(),
+            cipher: "aes-xts-plain64".into(),
+            key_size_bits: 512,
+            sector_size: 4096,
+            data_offset: 16 << 20,
+            payload_size: 3 << 20,
+            image_size: 19 << 20,
+            keyslots: vec![
+                KeyslotInfo {
+                    keyslot: 0,
+                    pbkdf: "argon2id".into(),
+                    fingerprint: Some("AAA=".into()),
+                    matching_key: Some("decryption_key2".into()),
+                },
+                KeyslotInfo {
+                    keyslot: 1,
+                    pbkdf: "pbkdf2-sha256".into(),
+                    fingerprint: None,
+                    matching_key: None,
+                },
+                KeyslotInfo {
+                    keyslot: 2,
+                    pbkdf: "argon2id".into(),
+                    fingerprint: Some("BBB=".into()),
+                    matching_key: None,
+                },
+            ],
+        };
+        let text = render_inspect(Path::new("d.luks"), &info);
+        for expected in [
+            "d.luks",
+            "LUKS2",
+            "0b6f7c38-1c2d-4c43-9b5e-4f1f3a0e9d11",
+            "aes-xts-plain64 (512-bit key)",
+            "4096 bytes",
+            "16777216 bytes (16.0 MiB)",
+            "3145728 bytes (3.0 MiB)",
+            "19922944 bytes (19.0 MiB)",
+            "keyslot 0        argon2id, sha256:AAA=, matches decryption_key2",
+            "keyslot 1        pbkdf2-sha256, no fingerprint (LUKS1 or made without imgcrypt: \
+             keys are tried in ring order)",
+            "keyslot 2        argon2id, sha256:BBB=, matches none of the keys given",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        let empty = render_inspect(
+            Path::new("d.luks"),
+            &ImageInfo {
+                keyslots: vec![],
+                ..info
+            },
+        );
+        assert!(empty.contains("none active"), "{empty}");
+    }
+
+    #[test]
+    fn unlocked_says_which_key_and_how() {
+        let token = render_unlocked(&unlocked(UnlockMethod::Token, 1));
+        assert_eq!(
+            token,
+            "decryption_key2 (sha256:old+fp=), keyslot 3 (matched by fingerprint, 1 key \
+             derivation)"
+        );
+        let trial = render_unlocked(&unlocked(UnlockMethod::Trial, 3));
+        assert!(
+            trial.contains("found by trial in ring order, 3 key derivations"),
+            "{trial}"
+        );
+    }
+
+    #[test]
+    fn decrypt_summary_names_every_fact() {
+        let summary = DecryptSummary {
+            unlocked: unlocked(UnlockMethod::Token, 1),
+            payload_size: 8 << 20,
+            elapsed_ms: 3000,
+            copy_ms: 2000,
+        };
+        let text = render_decrypt(Path::new("d.luks"), Path::new("d.raw"), &summary);
+        for expected in [
+            "d.raw",
+            "d.luks",
+            "decryption_key2 (sha256:old+fp=), keyslot 3",
+            "8388608 bytes (8.0 MiB)",
+            "3.00 s (copy 2.00 s)",
+            "4.0 MiB/s",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn verify_prints_the_hash_first_and_the_comparison() {
+        let hash = "0123456789abcdef".repeat(4);
+        let mut summary = VerifySummary {
+            unlocked: unlocked(UnlockMethod::Trial, 2),
+            payload_size: 1 << 20,
+            plaintext_sha256: hash.clone(),
+            source: None,
+            elapsed_ms: 1500,
+        };
+        let text = render_verify(Path::new("d.luks"), None, &summary);
+        assert!(
+            text.starts_with(&format!("plaintext sha256: {hash}\n")),
+            "{text}"
+        );
+        assert!(!text.contains("comparison"), "{text}");
+
+        summary.source = Some(SourceComparison {
+            source_format: SourceFormat::VhdFixed,
+            virtual_size: 1000,
+            matches: false,
+            first_difference: Some(513),
+        });
+        let text = render_verify(Path::new("d.luks"), Some(Path::new("s.vhd")), &summary);
+        for expected in [
+            "s.vhd (VHD (fixed), 1000 bytes",
+            "DIFFERS from byte 513 (0x201) on",
+            "1.50 s",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        summary.source.as_mut().unwrap().matches = true;
+        summary.source.as_mut().unwrap().first_difference = None;
+        let text = render_verify(Path::new("d.luks"), Some(Path::new("s.vhd")), &summary);
+        assert!(
+            text.contains("matches: the plaintext is the source's disk"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rewrite_summary_says_what_changed() {
+        let mut summary = RewriteSummary {
+            unlocked: unlocked(UnlockMethod::Token, 1),
+            fingerprint: "new+fp=".into(),
+            keyslot: 4,
+            keyslot_added: true,
+            removed: vec![
+                RemovedKeyslot {
+                    keyslot: 3,
+                    fingerprint: Some("old+fp=".into()),
+                },
+                RemovedKeyslot {
+                    keyslot: 0,
+                    fingerprint: None,
+                },
+            ],
+            reencrypted: false,
+            resumed_from: None,
+            elapsed_ms: 700,
+        };
+        let text = render_rewrite(Path::new("d.luks"), &summary);
+        for expected in [
+            "header only",
+            "d.luks",
+            "decryption_key2 (sha256:old+fp=), keyslot 3",
+            "sha256:new+fp= in keyslot 4 (added)",
+            "keyslot 3 (sha256:old+fp=), keyslot 0 (no fingerprint)",
+            "unchanged (same volume key",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(!text.contains("resumed"), "{text}");
+
+        summary.reencrypted = true;
+        summary.keyslot_added = false;
+        summary.removed.clear();
+        summary.resumed_from = Some(1 << 20);
+        let text = render_rewrite(Path::new("d.luks"), &summary);
+        for expected in [
+            "re-encrypted (new volume key)",
+            "already there",
+            "removed          none",
+            "resumed from     payload byte 1048576",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

@@ -5,16 +5,14 @@
 //! descriptors: the source read-only, `OUT.partial` read-write, and the key file read-only. The
 //! key's bytes never pass through imgctl's memory; the daemon reads and checks them.
 
-use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use imgcrypt_proto::api::{
     self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, Pbkdf, PbkdfKind,
 };
-use imgcrypt_proto::varlink::Call;
 
+use crate::call;
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::keyring::{self, RingLocation};
@@ -39,6 +37,23 @@ pub struct EncryptArgs {
     /// Encryption sector size in bytes (4096 needs LUKS2).
     #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = parse_sector_size)]
     pub sector_size: u32,
+    /// Key derivation of the keyslot.
+    #[command(flatten)]
+    pub pbkdf: PbkdfArgs,
+    /// Engine: auto (kernel where dm-crypt is usable), userspace or kernel.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    pub engine: EngineArg,
+    /// Replace OUT (or a stale OUT.partial) if it exists; required to write to a block device.
+    #[arg(long)]
+    pub force: bool,
+    /// Print progress and the summary as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Key-derivation options of a new keyslot, shared by `encrypt` and `rewrite -k`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PbkdfArgs {
     /// Key-derivation function of the keyslot.
     #[arg(long, value_enum)]
     pub pbkdf: Option<PbkdfArg>,
@@ -54,15 +69,23 @@ pub struct EncryptArgs {
     /// Argon2 threads.
     #[arg(long, value_name = "N")]
     pub pbkdf_parallel: Option<u32>,
-    /// Engine: auto (kernel where dm-crypt is usable), userspace or kernel.
-    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
-    pub engine: EngineArg,
-    /// Replace OUT (or a stale OUT.partial) if it exists; required to write to a block device.
-    #[arg(long)]
-    pub force: bool,
-    /// Print progress and the summary as JSON lines on stdout.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl PbkdfArgs {
+    /// The protocol's settings; `None` when every option is left to the daemon's defaults.
+    pub fn to_protocol(&self) -> Option<Pbkdf> {
+        let pbkdf = Pbkdf {
+            kind: self.pbkdf.map(|kind| match kind {
+                PbkdfArg::Argon2id => PbkdfKind::Argon2id,
+                PbkdfArg::Pbkdf2 => PbkdfKind::Pbkdf2,
+            }),
+            iter_time_ms: self.iter_time,
+            iterations: self.pbkdf_iterations,
+            memory_kib: self.pbkdf_memory,
+            parallel: self.pbkdf_parallel,
+        };
+        (pbkdf != Pbkdf::default()).then_some(pbkdf)
+    }
 }
 
 /// `--pbkdf` values.
@@ -87,69 +110,25 @@ pub enum EngineArg {
 
 /// Runs the command.
 pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
-    let parameters_without_fds = parameters(&args)?;
+    let parameters = parameters(&args)?;
     let (key_path, ring_warnings) = keyring::encryption_key(args.key_file.clone(), ring)?;
-    for warning in &ring_warnings {
-        eprintln!("imgctl: warning: {warning}");
-    }
-    let key = open_read_only(&key_path, "open the key file")?;
-    let source = open_read_only(&args.source, "open the source image")?;
+    call::warn_all(&ring_warnings);
+    let key = call::open_read_only(&key_path, "open the key file")?;
+    let source = call::open_read_only(&args.source, "open the source image")?;
     let mut display = Display::new(args.json);
     let output = Output::create(&args.output, args.force)?;
 
     let mut client = connect::connect(socket.as_deref())?;
-    let call = Call {
-        method: api::ENCRYPT.to_string(),
-        parameters: Some(
-            serde_json::to_value(EncryptParameters {
-                source: 0,
-                output: 1,
-                key: Some(2),
-                ..parameters_without_fds
-            })
-            .expect("parameters serialise"),
-        ),
-        more: true,
-        oneway: false,
-        upgrade: false,
-    };
-    client.send(&call, &[source.as_fd(), output.file().as_fd(), key.as_fd()])?;
-    // The daemon holds its own copies now; ours are no longer needed.
-    drop(source);
-    drop(key);
-
-    loop {
-        let reply = client.receive()?;
-        if let Some(name) = reply.error {
-            let message = reply
-                .parameters
-                .as_ref()
-                .and_then(|p| p.get("message"))
-                .and_then(|m| m.as_str())
-                .unwrap_or("(no message)")
-                .to_string();
-            display.error(Some(&name), &message);
-            return Err(CtlError::Daemon { name, message });
-        }
-        let body: EncryptReply = serde_json::from_value(reply.parameters.unwrap_or_default())
-            .map_err(|e| CtlError::Protocol(format!("malformed Encrypt reply: {e}")))?;
-        if let Some(notice) = &body.notice {
-            display.notice(notice);
-        }
-        if let Some(progress) = &body.progress {
-            display.progress(progress);
-        }
-        if let Some(summary) = body.summary {
-            let final_path = output.commit()?;
-            display.summary(&args.source, &final_path, &summary);
-            return Ok(());
-        }
-        if !reply.continues {
-            return Err(CtlError::Protocol(
-                "the daemon ended the call without a summary".to_string(),
-            ));
-        }
-    }
+    let summary = call::run_job::<EncryptReply>(
+        &mut client,
+        api::ENCRYPT,
+        &parameters,
+        &[source.as_fd(), output.file().as_fd(), key.as_fd()],
+        &mut display,
+    )?;
+    let final_path = output.commit()?;
+    display.summary(&args.source, &final_path, &summary);
+    Ok(())
 }
 
 /// Protocol parameters from the options, with the checks that need no daemon.
@@ -164,23 +143,14 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
             "--sector-size 4096 needs LUKS2: drop --luks1 or use --sector-size 512".to_string(),
         ));
     }
-    let pbkdf = Pbkdf {
-        kind: args.pbkdf.map(|kind| match kind {
-            PbkdfArg::Argon2id => PbkdfKind::Argon2id,
-            PbkdfArg::Pbkdf2 => PbkdfKind::Pbkdf2,
-        }),
-        iter_time_ms: args.iter_time,
-        iterations: args.pbkdf_iterations,
-        memory_kib: args.pbkdf_memory,
-        parallel: args.pbkdf_parallel,
-    };
+    // The descriptors' order in the call: source, output, key.
     Ok(EncryptParameters {
         source: 0,
         output: 1,
         key: Some(2),
         luks_version,
         sector_size: args.sector_size,
-        pbkdf: (pbkdf != Pbkdf::default()).then_some(pbkdf),
+        pbkdf: args.pbkdf.to_protocol(),
         engine: match args.engine {
             EngineArg::Auto => EngineChoice::Auto,
             EngineArg::Userspace => EngineChoice::Userspace,
@@ -195,12 +165,4 @@ fn parse_sector_size(text: &str) -> std::result::Result<u32, String> {
         "4096" => Ok(4096),
         _ => Err("the encryption sector size must be 512 or 4096".to_string()),
     }
-}
-
-fn open_read_only(path: &std::path::Path, action: &str) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| CtlError::file(path, action, e))
 }

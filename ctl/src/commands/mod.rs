@@ -1,4 +1,8 @@
 //! One module per imgctl subcommand.
 
+pub mod decrypt;
 pub mod encrypt;
+pub mod inspect;
 pub mod key;
+pub mod rewrite;
+pub mod verify;

@@ -1,0 +1,203 @@
+//! `imgctl verify IMAGE [--source SRC] [--key-file K] [--json]`: the daemon unlocks the image,
+//! decrypts and hashes its whole payload, and with `--source` compares it with a RAW or VHD
+//! image. Exit status 0: verified (and matching); 1: the source differs, or any other failure.
+
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+
+use imgcrypt_proto::api::{self, VerifyParameters, VerifyReply, VerifySummary};
+use serde_json::json;
+
+use crate::call;
+use crate::connect;
+use crate::error::{CtlError, Result};
+use crate::keyring::RingLocation;
+use crate::progress::{self, Display};
+
+/// Options of `imgctl verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The LUKS image (file or block device).
+    pub image: PathBuf,
+    /// A source image (RAW or VHD) the plaintext must equal.
+    #[arg(long, value_name = "SRC")]
+    pub source: Option<PathBuf>,
+    /// The key file that opens the image (default: the ring's keys, matched by fingerprint).
+    #[arg(long, value_name = "KEY")]
+    pub key_file: Option<PathBuf>,
+    /// Print progress and the summary as JSON lines on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command.
+pub fn run(args: VerifyArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
+    // Descriptors: 0 the image, 1 the source if any, then the keys.
+    let image = call::open_read_only(&args.image, "open the image")?;
+    let source = args
+        .source
+        .as_deref()
+        .map(|path| call::open_read_only(path, "open the source image"))
+        .transpose()?;
+    let first_key_fd = 1 + u32::from(source.is_some());
+    let keys = call::open_unlock_keys(args.key_file, ring, first_key_fd)?;
+    let fds: Vec<_> = std::iter::once(image.as_fd())
+        .chain(source.as_ref().map(|file| file.as_fd()))
+        .chain(keys.fds())
+        .collect();
+
+    let mut display = Display::new(args.json);
+    let mut client = connect::connect(socket.as_deref())?;
+    let parameters = VerifyParameters {
+        image: 0,
+        source: source.is_some().then_some(1),
+        keys: keys.refs.clone(),
+    };
+    let summary =
+        call::run_job::<VerifyReply>(&mut client, api::VERIFY, &parameters, &fds, &mut display)?;
+    display.finish(
+        json!({
+            "event": "summary",
+            "image": args.image,
+            "source": args.source,
+            "summary": summary,
+        }),
+        &progress::render_verify(&args.image, args.source.as_deref(), &summary),
+    );
+    verdict(&summary, args.source.as_deref())
+}
+
+/// The command's outcome: success unless a source was given and the plaintext is not it.
+pub fn verdict(summary: &VerifySummary, source: Option<&Path>) -> Result<()> {
+    let Some(source) = source else {
+        return Ok(());
+    };
+    let Some(comparison) = &summary.source else {
+        return Err(CtlError::Protocol(format!(
+            "the daemon did not compare the image with {}",
+            source.display()
+        )));
+    };
+    if comparison.matches {
+        return Ok(());
+    }
+    let place = match comparison.first_difference {
+        Some(offset) => format!(" from byte {offset} ({offset:#x}) on"),
+        None => String::new(),
+    };
+    Err(CtlError::SourceDiffers(format!(
+        "the image's plaintext differs from {}{place}: it is not that disk (or not all of it)",
+        source.display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgcrypt_proto::api::{SourceComparison, SourceFormat, UnlockMethod, Unlocked};
+
+    fn summary(source: Option<SourceComparison>) -> VerifySummary {
+        VerifySummary {
+            unlocked: Unlocked {
+                key_name: "encryption_key".into(),
+                fingerprint: "fp=".into(),
+                keyslot: 0,
+                method: UnlockMethod::Token,
+                attempts: 1,
+            },
+            payload_size: 2 << 20,
+            plaintext_sha256: "ab".repeat(32),
+            source,
+            elapsed_ms: 10,
+        }
+    }
+
+    fn compared(matches: bool, first_difference: Option<u64>) -> Option<SourceComparison> {
+        Some(SourceComparison {
+            source_format: SourceFormat::Raw,
+            virtual_size: 1 << 20,
+            matches,
+            first_difference,
+        })
+    }
+
+    #[test]
+    fn verified_without_source_and_matching_source_exit_zero() {
+        assert!(verdict(&summary(None), None).is_ok());
+        assert!(verdict(&summary(compared(true, None)), Some(Path::new("src.raw"))).is_ok());
+    }
+
+    #[test]
+    fn differing_source_exits_one_saying_where() {
+        let error = verdict(
+            &summary(compared(false, Some(4096))),
+            Some(Path::new("src.raw")),
+        )
+        .unwrap_err();
+        assert!(matches!(error, CtlError::SourceDiffers(_)));
+        assert_eq!(error.exit_code(), 1);
+        let message = error.to_string();
+        assert!(
+            message.contains("src.raw") && message.contains("byte 4096 (0x1000)"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_missing_comparison_is_not_taken_for_a_match() {
+        let error = verdict(&summary(None), Some(Path::new("src.raw"))).unwrap_err();
+        assert!(matches!(error, CtlError::Protocol(_)), "{error}");
+        assert_eq!(error.exit_code(), 1);
+    }
+
+    #[test]
+    fn passes_the_source_second_and_a_difference_exits_one() {
+        use crate::test_peer::{self, Peer};
+        use imgcrypt_proto::api::{KeyRef, StreamedReply};
+        use imgcrypt_proto::varlink::Reply;
+
+        let dir = tempfile::tempdir().unwrap();
+        let (ring, new_key, _) = test_peer::ring(dir.path());
+        let image = dir.path().join("d.luks");
+        let source = dir.path().join("s.raw");
+        std::fs::write(&image, "luks").unwrap();
+        std::fs::write(&source, "raw").unwrap();
+        let expected = [
+            test_peer::identity_of(&image),
+            test_peer::identity_of(&source),
+            test_peer::identity_of(&new_key),
+        ];
+        let peer = Peer::serve(move |_, fds| {
+            assert_eq!(fds.len(), 3);
+            for (fd, identity) in fds.iter().zip(expected) {
+                assert_eq!(test_peer::identity(fd), identity);
+            }
+            vec![Reply::ok(VerifyReply::done(VerifySummary {
+                unlocked: test_peer::unlocked(),
+                ..summary(compared(false, Some(7)))
+            }))]
+        });
+        let error = run(
+            VerifyArgs {
+                image,
+                source: Some(source),
+                key_file: Some(new_key),
+                json: false,
+            },
+            Some(peer.socket.clone()),
+            &ring,
+        )
+        .unwrap_err();
+        assert!(matches!(error, CtlError::SourceDiffers(_)), "{error}");
+        assert!(error.to_string().contains("byte 7"), "{error}");
+        let parameters: VerifyParameters = test_peer::parameters(&peer.call());
+        assert_eq!(parameters.source, Some(1));
+        assert_eq!(
+            parameters.keys,
+            vec![KeyRef {
+                fd: 2,
+                name: "--key-file".into()
+            }]
+        );
+    }
+}

@@ -345,7 +345,7 @@ fn ring_order(ring: &Keyring) -> Vec<Candidate> {
         .enumerate()
         .map(|(index, path)| {
             (
-                format!("{DECRYPTION_KEY_PREFIX}{}", index + 1),
+                format!("{}{}", imgcrypt_proto::keyring::DECRYPTION_KEY_PREFIX, index + 1),
                 path.clone(),
             )
         });
@@ -365,6 +365,7 @@ fn dedup_by_path(candidates: impl IntoIterator<Item = Candidate>) -> Vec<Candida
 #[cfg(test)]
 mod candidate_tests {
     use super::*;
+    use std::path::Path;
 
     fn ring_file(dir: &Path, text: &str) -> RingLocation {
         let path = dir.join("keys.toml");

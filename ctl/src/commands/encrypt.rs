@@ -110,22 +110,43 @@ pub enum EngineArg {
 
 /// Runs the command.
 pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
-    let parameters = parameters(&args)?;
-    let (key_path, ring_warnings) = keyring::encryption_key(args.key_file.clone(), ring)?;
-    call::warn_all(&ring_warnings);
-    let key = call::open_read_only(&key_path, "open the key file")?;
+    let mut parameters = parameters(&args)?;
+    // Without a key of our own the daemon's key ring (an operator's) may have one; if it has
+    // none either, the user gets our advice, never an unencrypted output.
+    let (key, no_key_advice) = match keyring::encryption_key(args.key_file.clone(), ring) {
+        Ok((key_path, ring_warnings)) => {
+            call::warn_all(&ring_warnings);
+            (
+                Some(call::open_read_only(&key_path, "open the key file")?),
+                None,
+            )
+        }
+        Err(CtlError::Usage(advice)) if args.key_file.is_none() => {
+            parameters.key = None;
+            (None, Some(advice))
+        }
+        Err(error) => return Err(error),
+    };
     let source = call::open_read_only(&args.source, "open the source image")?;
     let mut display = Display::new(args.json);
     let output = Output::create(&args.output, args.force)?;
 
     let mut client = connect::connect(socket.as_deref())?;
+    let mut fds = vec![source.as_fd(), output.file().as_fd()];
+    fds.extend(key.as_ref().map(|key| key.as_fd()));
     let summary = call::run_job::<EncryptReply>(
         &mut client,
         api::ENCRYPT,
         &parameters,
-        &[source.as_fd(), output.file().as_fd(), key.as_fd()],
+        &fds,
         &mut display,
-    )?;
+    )
+    .map_err(|error| match (error, no_key_advice) {
+        (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
+            CtlError::Usage(format!("{advice} (the daemon has no key ring of its own either)"))
+        }
+        (error, _) => error,
+    })?;
     let final_path = output.commit()?;
     display.summary(&args.source, &final_path, &summary);
     Ok(())

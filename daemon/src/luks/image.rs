@@ -564,6 +564,9 @@ impl Writer<'_> {
     }
 }
 
+/// `(start, end)` byte ranges of the header region.
+type ByteRanges = Vec<(u64, u64)>;
+
 /// Aligned [`WRITE_BLOCK`]s of `start..end` where `old` and `new` differ, joined into ranges.
 fn changed_blocks(old: &[u8], new: &[u8], start: u64, end: u64) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -583,7 +586,7 @@ fn changed_blocks(old: &[u8], new: &[u8], start: u64, end: u64) -> Vec<(u64, u64
 }
 
 /// `ranges` cut where half of their bytes lie before (the torn-write crash point's half).
-fn split_in_half(ranges: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+fn split_in_half(ranges: &[(u64, u64)]) -> (ByteRanges, ByteRanges) {
     let total: u64 = ranges.iter().map(|(start, end)| end - start).sum();
     let mut left = total / 2;
     let (mut first, mut rest) = (Vec::new(), Vec::new());

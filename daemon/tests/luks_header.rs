@@ -76,7 +76,13 @@ fn format_to_file(spec: &HeaderSpec) -> Formatted {
     assert!(key_file.warnings.is_empty(), "{:?}", key_file.warnings);
 
     let volume_key = SecretBytes::random(VOLUME_KEY_BYTES).unwrap();
-    let header = format_header(spec, &volume_key, &key_file.passphrase).unwrap();
+    let header = format_header(
+        spec,
+        &volume_key,
+        &key_file.passphrase,
+        &key_file.fingerprint,
+    )
+    .unwrap();
     assert_eq!(
         header.image.metadata().unwrap().len(),
         header.data_offset,
@@ -322,6 +328,7 @@ fn luks1_4096_is_refused_before_libcryptsetup() {
         },
         &volume_key,
         &passphrase,
+        "47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=",
     )
     .unwrap_err();
     assert_eq!(

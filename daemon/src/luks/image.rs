@@ -352,6 +352,17 @@ impl LuksImage {
     }
 
     fn write_back(&mut self, image: &File, change: Change, stop_after: Option<&str>) -> Result<()> {
+        // The diff is against what we read: if something else changed the header since, our
+        // blocks could mix two edits into a header neither intended.
+        let mut on_disk = vec![0u8; self.original.len()];
+        read_image(image, &mut on_disk, 0, "LUKS header region")?;
+        if on_disk != self.original {
+            return Err(Error::Luks {
+                operation: "writing the header back",
+                message: "the image's header changed since it was read (another program edited                           it?): nothing was written; run the command again"
+                    .to_string(),
+            });
+        }
         let mut current = vec![0u8; self.original.len()];
         self.copy
             .read_exact_at(&mut current, 0)
@@ -437,12 +448,10 @@ impl LuksImage {
         clear_errors();
         let mut device = CryptInit::init(&memfd::proc_path(&self.copy))
             .map_err(|error| libcryptsetup_error("opening the in-memory header copy", error))?;
-        // The copy is a private memfd: no other process can see it, so libcryptsetup's
-        // metadata lock (a lock file under /run/cryptsetup, root-only) protects nothing.
-        device
-            .settings_handle()
-            .metadata_locking(false)
-            .map_err(|error| libcryptsetup_error("disabling metadata locking", error))?;
+        // Metadata locking stays on: for a regular file such as this memfd libcryptsetup takes
+        // an flock on the file itself, not a lock file under the root-only /run/cryptsetup, so
+        // it works unprivileged (tested with setpriv as nobody). Turning it off would be
+        // process-wide and irreversible (crypt_metadata_locking ignores its device argument).
         let format = match self.version {
             LuksVersion::Luks1 => EncryptionFormat::Luks1,
             LuksVersion::Luks2 => EncryptionFormat::Luks2,
@@ -564,6 +573,9 @@ impl Writer<'_> {
     }
 }
 
+/// `(start, end)` byte ranges of the header region.
+type ByteRanges = Vec<(u64, u64)>;
+
 /// Aligned [`WRITE_BLOCK`]s of `start..end` where `old` and `new` differ, joined into ranges.
 fn changed_blocks(old: &[u8], new: &[u8], start: u64, end: u64) -> Vec<(u64, u64)> {
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -583,7 +595,7 @@ fn changed_blocks(old: &[u8], new: &[u8], start: u64, end: u64) -> Vec<(u64, u64
 }
 
 /// `ranges` cut where half of their bytes lie before (the torn-write crash point's half).
-fn split_in_half(ranges: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+fn split_in_half(ranges: &[(u64, u64)]) -> (ByteRanges, ByteRanges) {
     let total: u64 = ranges.iter().map(|(start, end)| end - start).sum();
     let mut left = total / 2;
     let (mut first, mut rest) = (Vec::new(), Vec::new());
@@ -1279,6 +1291,35 @@ mod tests {
     }
 
     #[test]
+    fn a_header_changed_behind_our_back_is_not_overwritten() {
+        let (image, _) = image_with_key_a("luks2");
+        let file = read_write(&image);
+        let mut luks = LuksImage::read(&file).unwrap();
+        add_key_b(&mut luks);
+        // Someone else adds a keyslot meanwhile.
+        let a = key_file(KEY_A);
+        let c = key_file(b"third-key");
+        cryptsetup(
+            &[
+                "luksAddKey",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                a.path().to_str().unwrap(),
+                image.path().to_str().unwrap(),
+            ],
+            c.path(),
+        );
+        let error = luks.commit(&file, Change::Added).unwrap_err();
+        assert!(matches!(error, Error::Luks { .. }), "{error:?}");
+        assert!(opens(image.path(), b"third-key"));
+        assert!(!opens(image.path(), KEY_B));
+    }
+
+    #[test]
     fn an_image_opened_read_only_cannot_be_committed() {
         let (image, _) = image_with_key_a("luks2");
         let read_only = File::open(image.path()).unwrap();
@@ -1411,6 +1452,33 @@ mod tests {
             assert_eq!(opens(image.path(), KEY_A), a_opens, "{point}");
             assert_eq!(opens(image.path(), KEY_B), b_opens, "{point}");
         }
+    }
+
+    /// libcryptsetup's metadata locking on the memfd copy needs no privilege (no lock file
+    /// under the root-only /run/cryptsetup): reading, editing and committing work as `nobody`.
+    #[test]
+    fn works_without_privileges() {
+        let output = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "luks::image::tests::added_and_removed_keyslots_reach_the_image",
+                "--test-threads=1",
+            ])
+            .current_dir("/tmp")
+            .output()
+            .expect("setpriv (util-linux) must be installed");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "{output:?}"
+        );
     }
 
     #[test]

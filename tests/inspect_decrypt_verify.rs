@@ -65,7 +65,11 @@ fn decrypt_writes_the_plaintext_and_verify_hashes_and_compares_it() {
             .arg(&source)
             .arg("--key-file")
             .arg(&key));
-        assert!(verified.status.success(), "{kind:?}: {}", describe(&verified));
+        assert!(
+            verified.status.success(),
+            "{kind:?}: {}",
+            describe(&verified)
+        );
         let stdout = String::from_utf8_lossy(&verified.stdout);
         assert!(stdout.contains(&sha256sum(&plain)), "{kind:?}: {stdout}");
     }
@@ -103,7 +107,10 @@ fn verify_reports_where_a_different_source_differs() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(text.contains(&first.to_string()), "offset {first} not named: {text}");
+    assert!(
+        text.contains(&first.to_string()),
+        "offset {first} not named: {text}"
+    );
 }
 
 #[test]
@@ -115,7 +122,11 @@ fn inspect_reads_the_header_without_a_key_and_agrees_with_cryptsetup() {
     write_key(&key);
     let source = make_source(dir, SourceKind::VhdDynamic, "3M");
     let image = dir.join("image.luks");
-    run_ok(daemon.encrypt(&source, &image, &key).args(["--sector-size", "4096"]));
+    run_ok(
+        daemon
+            .encrypt(&source, &image, &key)
+            .args(["--sector-size", "4096"]),
+    );
 
     let output = run_ok(daemon.imgctl().args(["inspect", "--json"]).arg(&image));
     let info: serde_json::Value = serde_json::from_slice(&output.stdout)

@@ -106,14 +106,27 @@ fn header_only_rotation_keeps_the_payload_and_swaps_the_keys() {
         let before = payload_bytes(&image, facts.data_offset);
 
         let output = run(&mut rewrite(&daemon, &keys.ring, &image));
-        assert!(output.status.success(), "luks1={luks1}: {}", describe(&output));
+        assert!(
+            output.status.success(),
+            "luks1={luks1}: {}",
+            describe(&output)
+        );
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(text.contains(&fingerprint(&keys.new)), "{text}");
 
-        assert!(!test_passphrase(&image, &keys.old), "old key still opens (luks1={luks1})");
-        assert!(test_passphrase(&image, &keys.new), "new key does not open (luks1={luks1})");
+        assert!(
+            !test_passphrase(&image, &keys.old),
+            "old key still opens (luks1={luks1})"
+        );
+        assert!(
+            test_passphrase(&image, &keys.new),
+            "new key does not open (luks1={luks1})"
+        );
         assert_eq!(luks_dump(&image), facts, "header geometry changed");
-        assert!(payload_bytes(&image, facts.data_offset) == before, "payload bytes changed");
+        assert!(
+            payload_bytes(&image, facts.data_offset) == before,
+            "payload bytes changed"
+        );
         assert_plaintext_matches(&independent_decrypt(&image, &keys.new, dir), &{
             let raw = dir.join("source.raw");
             qemu_plaintext(&source, &raw);
@@ -122,7 +135,11 @@ fn header_only_rotation_keeps_the_payload_and_swaps_the_keys() {
 
         let log = daemon.log_text();
         // LUKS2 images imgcrypt made carry the old key's fingerprint: found without trials.
-        let expected_method = if luks1 { "method=Trial" } else { "method=Token" };
+        let expected_method = if luks1 {
+            "method=Trial"
+        } else {
+            "method=Token"
+        };
         assert!(log.contains(expected_method), "luks1={luks1}: {log}");
 
         // The rotated image's fingerprint is the new key's, and inspect says the ring matches.
@@ -183,8 +200,7 @@ fn a_kill_at_each_step_of_a_rotation_leaves_an_image_a_ring_key_opens() {
             let image = dir.join(format!("{}.luks", point.replace(':', "-")));
             fs::copy(&pristine, &image).unwrap();
             {
-                let mut daemon =
-                    Daemon::start_with_env(dir, &[], &[("IMGCRYPTD_CRASH_AT", point)]);
+                let mut daemon = Daemon::start_with_env(dir, &[], &[("IMGCRYPTD_CRASH_AT", point)]);
                 let output = run(&mut rewrite(&daemon, &keys.ring, &image));
                 assert!(!output.status.success(), "{point}: {}", describe(&output));
                 assert!(
@@ -195,21 +211,43 @@ fn a_kill_at_each_step_of_a_rotation_leaves_an_image_a_ring_key_opens() {
             }
             let old_opens = test_passphrase(&image, &keys.old);
             let new_opens = test_passphrase(&image, &keys.new);
-            assert!(old_opens || new_opens, "luks1={luks1} {point}: no ring key opens the image");
+            assert!(
+                old_opens || new_opens,
+                "luks1={luks1} {point}: no ring key opens the image"
+            );
             if new_key_durable {
-                assert!(new_opens, "luks1={luks1} {point}: the new keyslot was durable but does not open");
+                assert!(
+                    new_opens,
+                    "luks1={luks1} {point}: the new keyslot was durable but does not open"
+                );
             } else {
                 assert!(old_opens, "luks1={luks1} {point}: the old key stopped opening before the new one was durable");
             }
-            assert!(payload_bytes(&image, data_offset) == payload, "{point}: payload changed");
+            assert!(
+                payload_bytes(&image, data_offset) == payload,
+                "{point}: payload changed"
+            );
 
             // Running the same command again finishes the rotation.
             let daemon = Daemon::start(dir, &[]);
             let output = run(&mut rewrite(&daemon, &keys.ring, &image));
-            assert!(output.status.success(), "{point} rerun: {}", describe(&output));
-            assert!(!test_passphrase(&image, &keys.old), "{point}: old key opens after the rerun");
-            assert!(test_passphrase(&image, &keys.new), "{point}: new key fails after the rerun");
-            assert!(payload_bytes(&image, data_offset) == payload, "{point}: payload changed");
+            assert!(
+                output.status.success(),
+                "{point} rerun: {}",
+                describe(&output)
+            );
+            assert!(
+                !test_passphrase(&image, &keys.old),
+                "{point}: old key opens after the rerun"
+            );
+            assert!(
+                test_passphrase(&image, &keys.new),
+                "{point}: new key fails after the rerun"
+            );
+            assert!(
+                payload_bytes(&image, data_offset) == payload,
+                "{point}: payload changed"
+            );
             fs::remove_file(&image).unwrap();
         }
     }
@@ -224,7 +262,11 @@ fn a_wrong_key_is_refused_without_trials_and_names_the_fingerprints() {
     let (_, image) = encrypted_image(&daemon, dir, &keys.old, &[]);
     let before = fs::read(&image).unwrap();
     let ring = dir.join("wrong.toml");
-    fs::write(&ring, "encryption_key = \"new.key\"\ndecryption_key1 = \"other.key\"\n").unwrap();
+    fs::write(
+        &ring,
+        "encryption_key = \"new.key\"\ndecryption_key1 = \"other.key\"\n",
+    )
+    .unwrap();
 
     for command in [
         vec!["verify"],
@@ -239,16 +281,32 @@ fn a_wrong_key_is_refused_without_trials_and_names_the_fingerprints() {
             .args(&command[..1])
             .args(&command[1..])
             .arg(&image));
-        assert!(!output.status.success(), "{command:?}: {}", describe(&output));
+        assert!(
+            !output.status.success(),
+            "{command:?}: {}",
+            describe(&output)
+        );
         let stderr = String::from_utf8_lossy(&output.stderr);
         for tried in [&keys.new, &keys.other] {
-            assert!(stderr.contains(&fingerprint(tried)), "{command:?}: {stderr}");
+            assert!(
+                stderr.contains(&fingerprint(tried)),
+                "{command:?}: {stderr}"
+            );
         }
-        assert!(stderr.contains(&fingerprint(&keys.old)), "carried fingerprint missing: {stderr}");
+        assert!(
+            stderr.contains(&fingerprint(&keys.old)),
+            "carried fingerprint missing: {stderr}"
+        );
         assert!(!dir.join("plain.raw").exists() && !dir.join("plain.raw.partial").exists());
     }
-    assert!(fs::read(&image).unwrap() == before, "a failed unlock changed the image");
-    assert!(!daemon.log_text().contains("method=Trial"), "keys were tried through the PBKDF");
+    assert!(
+        fs::read(&image).unwrap() == before,
+        "a failed unlock changed the image"
+    );
+    assert!(
+        !daemon.log_text().contains("method=Trial"),
+        "keys were tried through the PBKDF"
+    );
 }
 
 #[test]
@@ -264,11 +322,13 @@ fn plain_cryptsetup_images_are_opened_by_trial_in_ring_order() {
     let file = fs::OpenOptions::new().write(true).open(&image).unwrap();
     file.set_len(32 << 20).unwrap();
     drop(file);
-    run_ok(Command::new("cryptsetup")
-        .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2"])
-        .args(["--pbkdf-force-iterations", "1000", "--key-file"])
-        .arg(&keys.old)
-        .arg(&image));
+    run_ok(
+        Command::new("cryptsetup")
+            .args(["luksFormat", "-q", "--type", "luks2", "--pbkdf", "pbkdf2"])
+            .args(["--pbkdf-force-iterations", "1000", "--key-file"])
+            .arg(&keys.old)
+            .arg(&image),
+    );
 
     let output = run_ok(
         daemon
@@ -281,7 +341,11 @@ fn plain_cryptsetup_images_are_opened_by_trial_in_ring_order() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("ring order"), "{}", describe(&output));
     // encryption_key, decryption_key1 (other) and decryption_key2 (old): three derivations.
-    assert!(daemon.log_text().contains("attempts=3"), "{}", daemon.log_text());
+    assert!(
+        daemon.log_text().contains("attempts=3"),
+        "{}",
+        daemon.log_text()
+    );
 
     run_ok(&mut rewrite(&daemon, &keys.ring, &image));
     assert!(test_passphrase(&image, &keys.new));
@@ -311,11 +375,19 @@ fn keys_after_a_gap_in_the_ring_are_ignored_with_a_warning() {
         "encryption_key = \"new.key\"\ndecryption_key1 = \"other.key\"\ndecryption_key3 = \"old.key\"\n",
     )
     .unwrap();
-    let output = run(daemon.imgctl().arg("--keyring").arg(&ring).arg("verify").arg(&image));
+    let output = run(daemon
+        .imgctl()
+        .arg("--keyring")
+        .arg(&ring)
+        .arg("verify")
+        .arg(&image));
     assert!(!output.status.success(), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("decryption_key3"), "{stderr}");
-    assert!(!stderr.contains(&format!("tried {}", fingerprint(&keys.old))), "{stderr}");
+    assert!(
+        !stderr.contains(&format!("tried {}", fingerprint(&keys.old))),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -343,7 +415,10 @@ fn reencryption_changes_the_volume_key_and_every_sector_but_not_the_plaintext() 
         .zip(after.chunks(4096))
         .filter(|(a, b)| a == b)
         .count();
-    assert_eq!(unchanged, 0, "{unchanged} sectors kept their old ciphertext");
+    assert_eq!(
+        unchanged, 0,
+        "{unchanged} sectors kept their old ciphertext"
+    );
     let raw = dir.join("source.raw");
     qemu_plaintext(&source, &raw);
     assert_plaintext_matches(&independent_decrypt(&image, &keys.new, dir), &raw);
@@ -359,7 +434,15 @@ fn an_interrupted_reencryption_resumes_from_its_checkpoint() {
     let file = fs::File::create(&source).unwrap();
     file.set_len(600 << 20).unwrap();
     drop(file);
-    qemu_io("raw", &source, &["write -P 0x5a 0 1M", "write -P 0xa5 300M 1M", "write -P 0x3c 599M 1M"]);
+    qemu_io(
+        "raw",
+        &source,
+        &[
+            "write -P 0x5a 0 1M",
+            "write -P 0xa5 300M 1M",
+            "write -P 0x3c 599M 1M",
+        ],
+    );
     let image = dir.join("image.luks");
     {
         let daemon = Daemon::start(dir, &[]);
@@ -379,13 +462,22 @@ fn an_interrupted_reencryption_resumes_from_its_checkpoint() {
         );
     }
     assert!(dir.join("image.luks.reencrypt.partial").exists());
-    assert!(fs::read(&image).unwrap() == before, "the image changed before the rename");
+    assert!(
+        fs::read(&image).unwrap() == before,
+        "the image changed before the rename"
+    );
     assert!(test_passphrase(&image, &keys.old));
 
     let daemon = Daemon::start(dir, &[]);
     let output = run(rewrite(&daemon, &keys.ring, &image).arg("--reencrypt"));
     assert!(output.status.success(), "{}", describe(&output));
-    assert!(daemon.log_text().contains("resuming the re-encryption at 268435456"), "{}", daemon.log_text());
+    assert!(
+        daemon
+            .log_text()
+            .contains("resuming the re-encryption at 268435456"),
+        "{}",
+        daemon.log_text()
+    );
     assert!(!dir.join("image.luks.reencrypt.partial").exists());
     assert!(test_passphrase(&image, &keys.new));
     assert!(!test_passphrase(&image, &keys.old));

@@ -345,7 +345,11 @@ fn ring_order(ring: &Keyring) -> Vec<Candidate> {
         .enumerate()
         .map(|(index, path)| {
             (
-                format!("{}{}", imgcrypt_proto::keyring::DECRYPTION_KEY_PREFIX, index + 1),
+                format!(
+                    "{}{}",
+                    imgcrypt_proto::keyring::DECRYPTION_KEY_PREFIX,
+                    index + 1
+                ),
                 path.clone(),
             )
         });

@@ -49,14 +49,14 @@ pub enum Error {
     KeyFile(#[from] KeyFileError),
 
     /// The source is in a format (or variant) this version does not read.
-    #[error("source image: {message}")]
+    #[error("{message}")]
     UnsupportedImage {
         /// What it is and what to do instead.
         message: String,
     },
 
     /// The source image is damaged or inconsistent.
-    #[error("source image is corrupt: {message}")]
+    #[error("image is corrupt: {message}")]
     CorruptImage {
         /// What is wrong, in the format's own terms.
         message: String,

@@ -134,19 +134,16 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     let mut client = connect::connect(socket.as_deref())?;
     let mut fds = vec![source.as_fd(), output.file().as_fd()];
     fds.extend(key.as_ref().map(|key| key.as_fd()));
-    let summary = call::run_job::<EncryptReply>(
-        &mut client,
-        api::ENCRYPT,
-        &parameters,
-        &fds,
-        &mut display,
-    )
-    .map_err(|error| match (error, no_key_advice) {
-        (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
-            CtlError::Usage(format!("{advice} (the daemon has no key ring of its own either)"))
-        }
-        (error, _) => error,
-    })?;
+    let summary =
+        call::run_job::<EncryptReply>(&mut client, api::ENCRYPT, &parameters, &fds, &mut display)
+            .map_err(|error| match (error, no_key_advice) {
+            (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
+                CtlError::Usage(format!(
+                    "{advice} (the daemon has no key ring of its own either)"
+                ))
+            }
+            (error, _) => error,
+        })?;
     let final_path = output.commit()?;
     display.summary(&args.source, &final_path, &summary);
     Ok(())

@@ -31,7 +31,8 @@ pub fn run(mut job: Job<DecryptParameters>, state: &ServerState) -> Result<Decry
         Descriptor::Image,
     )?;
     let output = descriptors::check_writable_image(
-        job.descriptors.take(Descriptor::Output, parameters.output)?,
+        job.descriptors
+            .take(Descriptor::Output, parameters.output)?,
         Descriptor::Output,
     )?;
     if image.same_file_as(&output)? {
@@ -81,7 +82,8 @@ pub fn run(mut job: Job<DecryptParameters>, state: &ServerState) -> Result<Decry
     drop(volume_key);
 
     job.check_cancel()?;
-    job.reporter.progress(Phase::Sync, payload_size, payload_size);
+    job.reporter
+        .progress(Phase::Sync, payload_size, payload_size);
     output
         .file
         .sync_data()

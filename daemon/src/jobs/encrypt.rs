@@ -171,7 +171,11 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
 /// Makes the output exactly `output_size` bytes with all of it reserved, or reports that it
 /// cannot hold the image. A block device's old header area is zeroed first, so a job that fails
 /// half-way never leaves the device looking like the LUKS volume it used to hold.
-pub(super) fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) -> Result<()> {
+pub(super) fn prepare_output(
+    output: &CheckedFile,
+    output_size: u64,
+    data_offset: u64,
+) -> Result<()> {
     match output.kind {
         StorageKind::RegularFile => {
             output

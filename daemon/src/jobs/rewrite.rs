@@ -135,7 +135,12 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
     if !removed.is_empty() {
         luks.commit(&image, Change::Removed)?;
     }
-    tracing::info!(job = job.id, keyslot, removed = removed.len(), "header-only rotation done");
+    tracing::info!(
+        job = job.id,
+        keyslot,
+        removed = removed.len(),
+        "header-only rotation done"
+    );
     Ok(RewriteSummary {
         unlocked,
         fingerprint: new_key.key.fingerprint.clone(),
@@ -159,10 +164,7 @@ fn existing_keyslot(
     if unlocked.fingerprint == new_key.key.fingerprint {
         return Some(unlocked.keyslot);
     }
-    luks.keyslots()
-        .into_iter()
-        .find(|slot| slot.fingerprint.as_deref() == Some(new_key.key.fingerprint.as_str()))
-        .map(|slot| slot.keyslot)
+    luks.keyslot_of(&new_key.key.fingerprint)
 }
 
 /// Reads the header back from the image and opens `keyslot` with the new key, proving the
@@ -316,8 +318,14 @@ fn reencrypt(
         .write(&output.file, output_size)?;
         (new_volume_key, header.data_offset, None)
     } else {
-        let (new_volume_key, data_offset, done) =
-            resume_point(&job, &output.file, existing_size, new_key, &source_uuid, payload_size)?;
+        let (new_volume_key, data_offset, done) = resume_point(
+            &job,
+            &output.file,
+            existing_size,
+            new_key,
+            &source_uuid,
+            payload_size,
+        )?;
         (new_volume_key, data_offset, Some(done))
     };
     drop(luks);
@@ -330,7 +338,10 @@ fn reencrypt(
         job.check_cancel()?;
         let end = (done + CHECKPOINT_INTERVAL).min(payload_size);
         let base = done;
-        let progress = |written: u64| job.reporter.progress(Phase::Copy, base + written, payload_size);
+        let progress = |written: u64| {
+            job.reporter
+                .progress(Phase::Copy, base + written, payload_size)
+        };
         engine.copy_range(
             &PayloadJob {
                 job_id: job.id,
@@ -363,7 +374,8 @@ fn reencrypt(
     }
     drop(new_volume_key);
 
-    job.reporter.progress(Phase::Sync, payload_size, payload_size);
+    job.reporter
+        .progress(Phase::Sync, payload_size, payload_size);
     output
         .file
         .set_len(output_size)
@@ -429,7 +441,9 @@ fn resume_point(
         )));
     }
     if checkpoint.done > payload_size {
-        return Err(not_ours("its checkpoint is past the payload's end".to_string()));
+        return Err(not_ours(
+            "its checkpoint is past the payload's end".to_string(),
+        ));
     }
     job.reporter.progress(Phase::Unlock, 0, 0);
     let only_new = [CandidateKey {

@@ -96,7 +96,10 @@ pub fn collect<P>(
 /// Says which key a key-file error is about.
 fn name_key(error: Error, name: &str) -> Error {
     match error {
-        Error::BadDescriptor { descriptor, message } => Error::BadDescriptor {
+        Error::BadDescriptor {
+            descriptor,
+            message,
+        } => Error::BadDescriptor {
             descriptor,
             message: format!("{name}: {message}"),
         },

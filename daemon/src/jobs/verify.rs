@@ -56,7 +56,9 @@ pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<Verify
     drop(volume_key);
     drop(luks);
 
-    let mut comparison = source.as_deref().map(|source| Comparison::new(source, payload_size));
+    let mut comparison = source
+        .as_deref()
+        .map(|source| Comparison::new(source, payload_size));
     let mut hasher = Sha256::new();
     let mut plaintext = AlignedBuffer::new(CHUNK)?;
     let mut expected = comparison
@@ -139,7 +141,9 @@ impl<'s> Comparison<'s> {
     }
 
     fn finish(self) -> SourceComparison {
-        debug_assert!(self.first_difference.is_none_or(|at| at <= self.payload_size));
+        debug_assert!(self
+            .first_difference
+            .is_none_or(|at| at <= self.payload_size));
         SourceComparison {
             source_format: self.source.format(),
             virtual_size: self.source.virtual_size(),

@@ -233,7 +233,11 @@ impl Connection {
                     .job::<_, EncryptReply>(call, fds, state, stop, jobs::encrypt::run)
                     .await
             }
-            api::INSPECT => return self.job::<_, InspectOnly>(call, fds, state, stop, jobs::inspect::run).await,
+            api::INSPECT => {
+                return self
+                    .job::<_, InspectOnly>(call, fds, state, stop, jobs::inspect::run)
+                    .await
+            }
             api::DECRYPT => {
                 return self
                     .job::<_, DecryptReply>(call, fds, state, stop, jobs::decrypt::run)
@@ -278,17 +282,23 @@ impl Connection {
         let job_id = jobs::next_job_id();
         let peer = self.peer;
         tracing::info!(job = job_id, method = %call.method, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "job requested");
-        self.run_job::<R>(call.more, job_id, state, stop, move |state, reporter, cancel| {
-            let job = Job {
-                id: job_id,
-                caller_uid: peer.uid,
-                parameters,
-                descriptors: PassedDescriptors::new(fds),
-                reporter: reporter.clone(),
-                cancel: cancel.clone(),
-            };
-            work(job, state)
-        })
+        self.run_job::<R>(
+            call.more,
+            job_id,
+            state,
+            stop,
+            move |state, reporter, cancel| {
+                let job = Job {
+                    id: job_id,
+                    caller_uid: peer.uid,
+                    parameters,
+                    descriptors: PassedDescriptors::new(fds),
+                    reporter: reporter.clone(),
+                    cancel: cancel.clone(),
+                };
+                work(job, state)
+            },
+        )
         .await
     }
 

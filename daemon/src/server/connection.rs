@@ -281,7 +281,14 @@ impl Connection {
         };
         let job_id = jobs::next_job_id();
         let peer = self.peer;
-        tracing::info!(job = job_id, method = %call.method, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "job requested");
+        // "encrypt requested", "rewrite requested", ...: operators grep for these.
+        let what = call
+            .method
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_lowercase();
+        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "{what} requested");
         self.run_job::<R>(
             call.more,
             job_id,

@@ -59,18 +59,6 @@ fn summary_fingerprint(reply: &Reply) -> String {
         .key_fingerprint
 }
 
-/// `sha256sum FILE` as base64, by coreutils, not by our code.
-fn coreutils_fingerprint(path: &Path) -> String {
-    let output = run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg("sha256sum \"$1\" | cut -d' ' -f1 | xxd -r -p | base64 -w0")
-            .arg("sh")
-            .arg(path),
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
 fn write_ring(path: &Path, text: &str) {
     fs::write(path, text).unwrap();
     fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();

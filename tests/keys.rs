@@ -10,18 +10,6 @@ use std::process::Command;
 
 use common::*;
 
-/// `sha256sum FILE` as base64, computed by coreutils and xxd, not by us.
-fn coreutils_fingerprint(path: &Path) -> String {
-    let output = run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg("sha256sum \"$1\" | cut -d' ' -f1 | xxd -r -p | base64 -w0")
-            .arg("sh")
-            .arg(path),
-    );
-    format!("sha256:{}", String::from_utf8(output.stdout).unwrap())
-}
-
 fn stdout_line(output: &std::process::Output) -> String {
     String::from_utf8(output.stdout.clone())
         .unwrap()
@@ -41,7 +29,7 @@ fn generated_key_fingerprint_and_ring_encrypt_open_with_cryptsetup() {
     let key = dir.join("keys").join("current.key");
     let generated = run_ok(daemon.imgctl().args(["key", "generate", "-o"]).arg(&key));
     let printed = stdout_line(&generated);
-    assert_eq!(printed, coreutils_fingerprint(&key));
+    assert_eq!(printed, format!("sha256:{}", coreutils_fingerprint(&key)));
     let bytes = fs::read(&key).unwrap();
     assert_eq!(bytes.len(), 44);
     assert!(

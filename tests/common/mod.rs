@@ -482,3 +482,15 @@ pub fn varlink_call(
         decoder.extend(&buffer[..n]);
     }
 }
+
+/// A key file's fingerprint (base64 of its SHA-256) computed by coreutils, not by our code.
+pub fn coreutils_fingerprint(path: &Path) -> String {
+    let output = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("sha256sum \"$1\" | cut -d' ' -f1 | xxd -r -p | base64 -w0")
+            .arg("sh")
+            .arg(path),
+    );
+    String::from_utf8(output.stdout).unwrap()
+}

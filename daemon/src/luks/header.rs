@@ -463,15 +463,7 @@ fn write_header(
             operation: "format",
             message: "data offset overflows".to_string(),
         })?;
-    let cipher = format!(
-        "{}-{}",
-        status
-            .get_cipher()
-            .map_err(|error| libcryptsetup_error("reading the cipher", error))?,
-        status
-            .get_cipher_mode()
-            .map_err(|error| libcryptsetup_error("reading the cipher mode", error))?
-    );
+    let cipher = super::cipher_spec(&mut status)?;
     let key_size_bits = u32::try_from(status.get_volume_key_size())
         .ok()
         .and_then(|bytes| bytes.checked_mul(8))

@@ -483,15 +483,7 @@ impl LuksImage {
             .get_uuid()
             .map_err(|error| libcryptsetup_error("reading the UUID", error))?
             .to_string();
-        let cipher = format!(
-            "{}-{}",
-            status
-                .get_cipher()
-                .map_err(|error| libcryptsetup_error("reading the cipher", error))?,
-            status
-                .get_cipher_mode()
-                .map_err(|error| libcryptsetup_error("reading the cipher mode", error))?
-        );
+        let cipher = super::cipher_spec(&mut status)?;
         let key_size_bits = u32::try_from(status.get_volume_key_size())
             .unwrap_or(0)
             .saturating_mul(8);

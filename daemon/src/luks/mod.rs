@@ -90,6 +90,22 @@ pub fn libcryptsetup_error(operation: &'static str, error: LibcryptErr) -> Error
     Error::Luks { operation, message }
 }
 
+/// The cipher specification of a loaded or formatted device, as cryptsetup writes it
+/// (`aes-xts-plain64`).
+pub(crate) fn cipher_spec(
+    status: &mut libcryptsetup_rs::CryptDeviceStatusHandle<'_>,
+) -> crate::Result<String> {
+    Ok(format!(
+        "{}-{}",
+        status
+            .get_cipher()
+            .map_err(|error| libcryptsetup_error("reading the cipher", error))?,
+        status
+            .get_cipher_mode()
+            .map_err(|error| libcryptsetup_error("reading the cipher mode", error))?
+    ))
+}
+
 /// libcryptsetup's log callback. Runs synchronously on the thread that called into
 /// libcryptsetup, which is why the thread-local error list works.
 unsafe extern "C" fn log_to_tracing(level: c_int, message: *const c_char, _: *mut c_void) {

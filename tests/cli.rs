@@ -261,29 +261,10 @@ fn interrupt_removes_the_partial_file_and_cancels_the_job() {
     }
 }
 
-/// The user the unprivileged tests run as, created if needed.
-fn test_user() -> (u32, u32) {
-    const NAME: &str = "imgcrypt-test";
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test creates a user and must run as root"
-    );
-    if nix::unistd::User::from_name(NAME).unwrap().is_none() {
-        run_ok(Command::new("useradd").args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            NAME,
-        ]));
-    }
-    let user = nix::unistd::User::from_name(NAME).unwrap().unwrap();
-    (user.uid.as_raw(), user.gid.as_raw())
-}
-
 #[test]
 fn unprivileged_user_encrypts_through_the_root_daemon() {
-    let (uid, gid) = test_user();
+    let user = test_user(TEST_USER);
+    let uid = user.uid;
     let dir = scratch();
     let dir = dir.path();
     let daemon = Daemon::start(dir, &["--socket-mode", "0666"]);
@@ -292,27 +273,14 @@ fn unprivileged_user_encrypts_through_the_root_daemon() {
     let source = make_source(&work, SourceKind::VhdDynamic, "8M");
     let key = work.join("k");
     write_key(&key);
-    for path in [&work, &source, &key] {
-        std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
-    }
+    user.own(&[&work, &source, &key]);
     // A root-only file the user must not be able to have encrypted through the daemon.
     let secret = dir.join("root-only.raw");
     fs::write(&secret, vec![7u8; 1 << 20]).unwrap();
     fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
 
-    let as_user = |args: &[&std::ffi::OsStr]| {
-        let mut command = Command::new("setpriv");
-        command
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={gid}"))
-            .arg("--clear-groups")
-            .arg(binary("imgctl"))
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .args(args)
-            .args(CHEAP_PBKDF);
-        run(&mut command)
-    };
+    let as_user =
+        |args: &[&std::ffi::OsStr]| run(user.imgctl(&daemon).args(args).args(CHEAP_PBKDF));
     let output = work.join("out.luks");
     let result = as_user(&[
         "encrypt".as_ref(),

@@ -494,3 +494,108 @@ pub fn coreutils_fingerprint(path: &Path) -> String {
     );
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// The user the single-user unprivileged tests run as.
+pub const TEST_USER: &str = "imgcrypt-test";
+/// Two users for the hostile-user tests: the victim owns an image, the attacker tries to get at it.
+pub const VICTIM_USER: &str = "imgcrypt-victim";
+/// See [`VICTIM_USER`].
+pub const ATTACKER_USER: &str = "imgcrypt-attacker";
+
+/// An unprivileged system user created by the tests.
+#[derive(Debug, Clone, Copy)]
+pub struct TestUser {
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid.
+    pub gid: u32,
+}
+
+impl TestUser {
+    /// `program` run as this user with no supplementary groups (util-linux `setpriv` by path:
+    /// busybox's applet lacks the options).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("/usr/bin/setpriv");
+        command
+            .arg(format!("--reuid={}", self.uid))
+            .arg(format!("--regid={}", self.gid))
+            .arg("--clear-groups")
+            .arg(program);
+        command
+    }
+
+    /// imgctl run as this user against `daemon`.
+    pub fn imgctl(&self, daemon: &Daemon) -> Command {
+        let mut command = self.command(binary("imgctl"));
+        command.arg("--socket").arg(&daemon.socket);
+        command
+    }
+
+    /// Gives `paths` to this user (owner and group).
+    pub fn own(&self, paths: &[&Path]) {
+        for path in paths {
+            std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).unwrap();
+        }
+    }
+
+    /// Runs `body` in a thread whose real, effective and saved uid and gid are this user's, so
+    /// a test can open sockets and files with the user's own rights without a helper binary.
+    /// Only the thread changes (raw `setresuid`, not glibc's process-wide wrapper).
+    pub fn in_thread<T: Send + 'static>(&self, body: impl FnOnce() -> T + Send + 'static) -> T {
+        let (uid, gid) = (self.uid, self.gid);
+        std::thread::spawn(move || {
+            // SAFETY: raw system calls that change only the calling thread's credentials; the
+            // arguments are plain integers and the results are checked.
+            unsafe {
+                assert_eq!(libc_setgroups_none(), 0, "setgroups");
+                assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+                assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+            }
+            body()
+        })
+        .join()
+        .expect("test thread panicked")
+    }
+}
+
+/// Drops the calling thread's supplementary groups (raw system call: thread-local).
+///
+/// # Safety
+/// Plain system call with no pointers.
+unsafe fn libc_setgroups_none() -> libc::c_long {
+    // SAFETY: a zero-length list with a null pointer is valid for setgroups.
+    unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) }
+}
+
+/// The unprivileged user `name`, created (system user, no home, no shell) if it does not exist.
+pub fn test_user(name: &str) -> TestUser {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates a user and must run as root"
+    );
+    if nix::unistd::User::from_name(name).unwrap().is_none() {
+        let output = run(Command::new("useradd").args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ]));
+        // Tests run in parallel: another may have created it first (useradd exits 9).
+        assert!(
+            output.status.success() || output.status.code() == Some(9),
+            "useradd {name}: {}",
+            describe(&output)
+        );
+    }
+    let user = nix::unistd::User::from_name(name).unwrap().unwrap();
+    TestUser {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+    }
+}
+
+/// The victim and the attacker of the hostile-user tests.
+pub fn two_users() -> (TestUser, TestUser) {
+    (test_user(VICTIM_USER), test_user(ATTACKER_USER))
+}

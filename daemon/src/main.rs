@@ -40,6 +40,33 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 4)]
     max_jobs: usize,
 
+    /// Jobs of one user that may run at once (at most --max-jobs).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    max_jobs_per_user: usize,
+
+    /// Jobs of one user that may wait for a slot; one more is refused with TooManyJobs
+    /// (root is exempt).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    max_queued_per_user: usize,
+
+    /// Connections of all users together. Default: 256, lowered to what the descriptor limit
+    /// holds at 112 descriptors a connection.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Connections of one user (root is exempt).
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    max_connections_per_user: usize,
+
+    /// Close a connection with no call in progress after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    idle_connection_timeout: u64,
+
+    /// Refuse a message whose terminating NUL has not arrived this many seconds after its
+    /// first byte, and close the connection.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    frame_timeout: u64,
+
     /// Permission bits of a socket we bind ourselves (octal). Default: 0600 for --user; 0660
     /// for the system daemon when --socket-group names a group, else 0600.
     #[arg(long, value_name = "OCTAL", value_parser = parse_octal)]
@@ -86,8 +113,9 @@ fn main() -> ExitCode {
     let activated = systemd::take_activated_listener();
     init_logging();
     harden_process();
+    let descriptor_limit = raise_descriptor_limit();
 
-    match run(args, activated) {
+    match run(args, activated, descriptor_limit) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
@@ -96,7 +124,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Result<(), String> {
+fn run(
+    args: Args,
+    activated: Option<std::os::unix::net::UnixListener>,
+    descriptor_limit: u64,
+) -> Result<(), String> {
     let mode = if args.user { Mode::User } else { Mode::System };
     let engine_choice: EngineChoice = if args.user {
         EngineChoice::Userspace
@@ -154,6 +186,9 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
         mode,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
         max_jobs: args.max_jobs,
+        max_jobs_per_uid: args.max_jobs_per_user,
+        max_queued_per_uid: args.max_queued_per_user,
+        connections: connection_limits(&args, descriptor_limit),
         key_ring,
         ..ServerConfig::default()
     };
@@ -173,6 +208,72 @@ fn run(args: Args, activated: Option<std::os::unix::net::UnixListener>) -> Resul
         systemd::notify("STOPPING=1");
         Ok(())
     })
+}
+
+/// The connection caps and timeouts, the overall cap fitted to the descriptor limit.
+fn connection_limits(args: &Args, descriptor_limit: u64) -> server::ConnectionLimits {
+    let fitting = server::connections_fitting(descriptor_limit, args.max_jobs);
+    let max_total = match args.max_connections {
+        Some(explicit) => {
+            if explicit > fitting {
+                tracing::warn!(
+                    "--max-connections {explicit} does not fit the descriptor limit \
+                     {descriptor_limit} ({fitting} do): a descriptor flood could fill the \
+                     table; raise LimitNOFILE or lower --max-connections"
+                );
+            }
+            explicit.max(1)
+        }
+        None => server::DEFAULT_MAX_CONNECTIONS.min(fitting),
+    };
+    let limits = server::ConnectionLimits {
+        max_total,
+        max_per_uid: args.max_connections_per_user.max(1),
+        idle_timeout: Duration::from_secs(args.idle_connection_timeout),
+        frame_timeout: Duration::from_secs(args.frame_timeout),
+    };
+    tracing::info!(
+        max_connections = limits.max_total,
+        max_connections_per_user = limits.max_per_uid,
+        idle_connection_timeout_s = args.idle_connection_timeout,
+        frame_timeout_s = args.frame_timeout,
+        "connection limits"
+    );
+    limits
+}
+
+/// Raises the soft descriptor limit to the hard one: connections and jobs need far more than
+/// the usual 1024 (the caps are sized from the result). Returns the soft limit in force.
+fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(error) => {
+            tracing::warn!(%error, "could not read RLIMIT_NOFILE; assuming 1024");
+            return 1024;
+        }
+    };
+    if soft >= hard {
+        tracing::info!(
+            limit = soft,
+            "descriptor limit (RLIMIT_NOFILE) already at its maximum"
+        );
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+        Ok(()) => {
+            tracing::info!(
+                from = soft,
+                to = hard,
+                "raised the descriptor limit (RLIMIT_NOFILE)"
+            );
+            hard
+        }
+        Err(error) => {
+            tracing::warn!(%error, limit = soft, "could not raise the descriptor limit (RLIMIT_NOFILE)");
+            soft
+        }
+    }
 }
 
 /// Finds and validates the daemon's key ring: a broken ring stops start-up with its message.

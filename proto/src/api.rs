@@ -49,6 +49,10 @@ pub mod errors {
     pub const WRONG_KEY: &str = "io.imgcrypt.WrongKey";
     /// The call needs a key and none was passed, and the daemon has no key ring to fall back on.
     pub const NO_KEY: &str = "io.imgcrypt.NoKey";
+    /// The caller already has as many jobs waiting as the daemon allows one user.
+    pub const TOO_MANY_JOBS: &str = "io.imgcrypt.TooManyJobs";
+    /// The daemon holds as many connections as it allows (one user's, or everyone's).
+    pub const TOO_MANY_CONNECTIONS: &str = "io.imgcrypt.TooManyConnections";
 }
 
 /// LUKS on-disk format version.
@@ -586,6 +590,9 @@ pub struct ErrorParameters {
     /// Fingerprints the image's tokens carry (`WrongKey`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carried: Option<Vec<String>>,
+    /// The limit that was reached (`TooManyJobs`, `TooManyConnections`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 impl ErrorParameters {
@@ -674,6 +681,8 @@ mod tests {
             errors::IO_ERROR,
             errors::PERMISSION_DENIED,
             errors::PROTOCOL_ERROR,
+            errors::TOO_MANY_JOBS,
+            errors::TOO_MANY_CONNECTIONS,
         ] {
             let short = error.strip_prefix("io.imgcrypt.").unwrap();
             assert!(

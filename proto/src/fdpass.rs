@@ -5,18 +5,19 @@
 //! Every receive uses `MSG_CMSG_CLOEXEC` so a descriptor can never leak into a child process
 //! between its arrival and our first chance to mark it.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+use nix::libc;
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
 /// Most descriptors one message may carry: a call needs at most an image, an output, a source
 /// and a full key ring (one encryption key and 100 decryption keys), so 104.
 pub const MAX_FDS_PER_MESSAGE: usize = 104;
 
 /// The kernel's own cap on descriptors in one `sendmsg` (`SCM_MAX_FD`). The control buffer is
-/// sized for it so the kernel never truncates: on truncation nix hides the descriptors that did
-/// arrive, and they would leak. We take ownership of all of them and refuse the excess.
+/// sized for it so a short buffer never truncates; we take ownership of all of them and refuse
+/// the excess. (A full descriptor table still truncates: see [`recv_with_fds`].)
 const KERNEL_MAX_FDS: usize = 253;
 
 /// Sends all of `data`, attaching `fds` to its first byte.
@@ -54,44 +55,106 @@ pub fn send_with_fds(
 /// One `recvmsg` into `buffer`; descriptors that came with the bytes are appended to `fds`.
 ///
 /// Returns the number of bytes read (0 at end of stream). `WouldBlock` is passed through for
-/// non-blocking sockets. More than [`MAX_FDS_PER_MESSAGE`] descriptors is an error; all of them
-/// are closed before it returns.
+/// non-blocking sockets. Every descriptor the kernel installed is owned before anything can
+/// fail, so none can leak on any path. Two cases are `InvalidData` errors, with every
+/// descriptor of the message closed before return:
+/// - more than [`MAX_FDS_PER_MESSAGE`] descriptors;
+/// - a truncated control message (`MSG_CTRUNC`): the kernel stops installing descriptors when
+///   our table is full (`RLIMIT_NOFILE`), installs the ones that fit and drops the rest, so the
+///   call can never be served as sent.
+///
+/// The control messages are walked with the C macros rather than nix's parser: on truncation
+/// nix refuses the whole buffer (`ENOBUFS`) without closing the descriptors it holds.
 pub fn recv_with_fds(
     socket: BorrowedFd<'_>,
     buffer: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
-    let mut control = nix::cmsg_space!([RawFd; KERNEL_MAX_FDS]);
-    let mut iov = [IoSliceMut::new(buffer)];
-    let message = loop {
-        match recvmsg::<UnixAddr>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut control),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(nix::errno::Errno::EINTR) => continue,
-            other => break other.map_err(io::Error::from)?,
+    let fd_bytes = KERNEL_MAX_FDS * std::mem::size_of::<RawFd>();
+    // SAFETY: CMSG_SPACE is pure arithmetic on its argument.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes as u32) } as usize;
+    // u64 elements: the buffer must be aligned for `cmsghdr` (size_t-aligned).
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buffer.as_mut_ptr().cast(),
+        iov_len: buffer.len(),
+    };
+    // SAFETY: msghdr is a plain C struct for which all-zero is a valid (empty) value.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = space as _;
+    let bytes = loop {
+        // SAFETY: `header` points at `iov` (covering `buffer`) and `control`, all alive and
+        // exclusively borrowed for the call; the kernel writes within the given lengths.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
         }
     };
+
     let first_new = fds.len();
-    for cmsg in message.cmsgs().map_err(io::Error::from)? {
-        if let ControlMessageOwned::ScmRights(received) = cmsg {
-            for raw in received {
-                // SAFETY: the kernel just installed `raw` in our table for this message and
-                // nothing else refers to it; taking ownership here guarantees it is closed.
-                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-            }
-        }
+    take_descriptors(&header, fds);
+    let received = fds.len() - first_new;
+    if header.msg_flags & libc::MSG_CTRUNC != 0 {
+        fds.truncate(first_new);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the descriptors sent with this message were cut off (MSG_CTRUNC: the \
+                 receiver's descriptor table is full); the {received} that arrived were closed; \
+                 retry later"
+            ),
+        ));
     }
-    if fds.len() - first_new > MAX_FDS_PER_MESSAGE {
+    if received > MAX_FDS_PER_MESSAGE {
         fds.truncate(first_new);
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             format!("more than {MAX_FDS_PER_MESSAGE} descriptors sent with one message"),
         ));
     }
-    Ok(message.bytes)
+    Ok(bytes)
+}
+
+/// Takes ownership of every descriptor in the `SCM_RIGHTS` messages of `header`'s control
+/// buffer, as far as the kernel filled it (`msg_controllen`, `cmsg_len`).
+// The lengths are `size_t` on glibc and `socklen_t` elsewhere, so the casts are needed there.
+#[allow(clippy::unnecessary_cast)]
+fn take_descriptors(header: &libc::msghdr, fds: &mut Vec<OwnedFd>) {
+    let control_start = header.msg_control as usize;
+    let control_end = control_start + header.msg_controllen as usize;
+    // SAFETY: `header` was filled by recvmsg; the macros only do bounds-checked pointer
+    // arithmetic within its control buffer.
+    let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(header) };
+    while !cmsg.is_null() {
+        // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return a properly aligned header lying within the
+        // control buffer, or null.
+        let (level, kind, length) =
+            unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+        if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            // SAFETY: as above; CMSG_DATA points just past the header.
+            let data = unsafe { libc::CMSG_DATA(cmsg) } as usize;
+            // Never trust a length beyond what the kernel says it wrote.
+            let end = (cmsg as usize + length as usize).min(control_end);
+            let count = end.saturating_sub(data) / std::mem::size_of::<RawFd>();
+            for index in 0..count {
+                // SAFETY: `data + index * 4` lies within the control buffer (bounded by `end`);
+                // read_unaligned because CMSG_DATA only guarantees the header's alignment.
+                let raw = unsafe { (data as *const RawFd).add(index).read_unaligned() };
+                // SAFETY: the kernel just installed `raw` in our table for this message and
+                // nothing else refers to it; owning it here guarantees it is closed.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+        // SAFETY: `cmsg` is a header of this buffer; CMSG_NXTHDR bounds-checks the next one.
+        cmsg = unsafe { libc::CMSG_NXTHDR(header, cmsg) };
+    }
 }
 
 #[cfg(test)]

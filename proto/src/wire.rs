@@ -13,9 +13,17 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Why a frame could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
-    /// More than `limit` bytes arrived without a terminating NUL.
-    #[error("message exceeds the {limit}-byte limit without a terminating NUL")]
+    /// More than `limit` bytes arrived and none of them was the terminating NUL.
+    #[error("more than {limit} bytes arrived without a terminating NUL (the frame limit)")]
+    Unterminated {
+        /// The cap in force.
+        limit: usize,
+    },
+    /// A NUL-terminated frame longer than `limit` bytes.
+    #[error("message of {length} bytes exceeds the {limit}-byte frame limit")]
     TooLarge {
+        /// Length of the frame, NUL excluded.
+        length: usize,
         /// The cap in force.
         limit: usize,
     },
@@ -56,7 +64,10 @@ impl FrameDecoder {
             Some(relative) => {
                 let end = self.scanned + relative;
                 if end > self.limit {
-                    return Err(FrameError::TooLarge { limit: self.limit });
+                    return Err(FrameError::TooLarge {
+                        length: end,
+                        limit: self.limit,
+                    });
                 }
                 let mut frame: Vec<u8> = self.buffer.drain(..=end).collect();
                 frame.pop();
@@ -66,7 +77,7 @@ impl FrameDecoder {
             None => {
                 self.scanned = self.buffer.len();
                 if self.buffer.len() > self.limit {
-                    Err(FrameError::TooLarge { limit: self.limit })
+                    Err(FrameError::Unterminated { limit: self.limit })
                 } else {
                     Ok(None)
                 }
@@ -104,14 +115,25 @@ mod tests {
     fn refuses_oversized_frame_without_nul() {
         let mut decoder = FrameDecoder::new(8);
         decoder.extend(b"123456789");
-        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge { limit: 8 }));
+        let error = decoder.next_frame().unwrap_err();
+        assert_eq!(error, FrameError::Unterminated { limit: 8 });
+        assert!(error.to_string().contains("without a terminating NUL"));
     }
 
     #[test]
     fn refuses_oversized_frame_with_nul() {
         let mut decoder = FrameDecoder::new(4);
         decoder.extend(b"123456\0");
-        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge { limit: 4 }));
+        let error = decoder.next_frame().unwrap_err();
+        assert_eq!(
+            error,
+            FrameError::TooLarge {
+                length: 6,
+                limit: 4
+            }
+        );
+        // A NUL was sent: the message must not claim otherwise.
+        assert!(!error.to_string().contains("NUL"), "{error}");
     }
 
     #[test]

@@ -7,8 +7,18 @@
 //!
 //! While a job runs the connection keeps reading: end of stream means the client is gone (it was
 //! interrupted or killed), and the job is cancelled rather than left writing into a file nobody
-//! will rename.
+//! will rename. Calls that arrive meanwhile (pipelined) are kept, without their descriptors, and
+//! answered in order after the job's final reply, as Varlink requires: `GetInfo` and
+//! `GetInterfaceDescription` normally, a second job call with an error (one job per
+//! connection). At most [`MAX_PIPELINED`] may wait.
+//!
+//! Time limits (`ConnectionLimits`): a connection with no call in progress is closed after the
+//! idle timeout; a frame whose terminating NUL has not come within the frame timeout of its
+//! first byte is refused and the connection closed, so unfinished frames cannot pin
+//! descriptors. `oneway` calls get no reply (the Varlink rule); a `oneway` job call is not run
+//! at all, since nobody would hear how it ended.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,18 +34,31 @@ use imgcrypt_proto::varlink::{
 };
 use imgcrypt_proto::wire::{self, FrameDecoder, FrameError, MAX_FRAME_LEN};
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use super::{Mode, ServerState};
+use super::scheduler::{Admission, QueueFull};
+use super::{ConnectionLimits, ConnectionRefused, Mode, ServerState};
 use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors, Reporter};
 
 /// Least time between two progress replies: enough for a smooth bar, cheap for the socket.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
 /// A client that does not read its replies for this long is treated as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Calls that may wait behind a running job; one more breaks the protocol and closes the
+/// connection. Each is at most one frame (`MAX_FRAME_LEN`), so this bounds the memory one
+/// connection can pin.
+pub(super) const MAX_PIPELINED: usize = 8;
+/// Methods that run a job.
+const JOB_METHODS: [&str; 5] = [
+    api::ENCRYPT,
+    api::INSPECT,
+    api::DECRYPT,
+    api::VERIFY,
+    api::REWRITE,
+];
 
 /// Who is on the other end, from SO_PEERCRED (the kernel's word, not the client's).
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +74,17 @@ enum Closed {
     Gone,
     /// The daemon is shutting down.
     Stopping,
+    /// The client broke the protocol: this message goes to it as a `ProtocolError`, then the
+    /// connection closes. (Sending is left to the top of the connection, so every read stays
+    /// cancel-safe.)
+    Broken(String),
+}
+
+/// A call that arrived while a job was running on its connection.
+struct Pipelined {
+    frame: Vec<u8>,
+    /// The job that was running.
+    during_job: u64,
 }
 
 struct Connection {
@@ -58,6 +92,8 @@ struct Connection {
     decoder: FrameDecoder,
     /// Descriptors received but not yet attached to a message.
     pending_fds: Vec<OwnedFd>,
+    /// Calls waiting to be answered after the running job, in arrival order.
+    pipelined: VecDeque<Pipelined>,
     peer: Peer,
 }
 
@@ -82,6 +118,7 @@ pub(super) async fn serve(
         stream,
         decoder: FrameDecoder::new(MAX_FRAME_LEN),
         pending_fds: Vec::new(),
+        pipelined: VecDeque::new(),
         peer,
     };
     tracing::debug!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "client connected");
@@ -95,20 +132,41 @@ pub(super) async fn serve(
         let _ = connection.send(&reply).await;
         return;
     }
+    // Held until the connection ends: it is what the connection caps count.
+    let _slot = match state.admit_connection(peer.uid) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            connection.refuse(refused).await;
+            return;
+        }
+    };
 
     loop {
-        let next = tokio::select! {
-            next = connection.next_call() => next,
-            _ = stop.changed() => return,
+        let next = match connection.pipelined.pop_front() {
+            Some(call) => Ok(Some((call.frame, Vec::new(), Some(call.during_job)))),
+            None => tokio::select! {
+                next = connection.next_call(&state.config.connections) => {
+                    next.map(|message| message.map(|(frame, fds)| (frame, fds, None)))
+                }
+                _ = stop.changed() => return,
+            },
         };
-        let (frame, fds) = match next {
-            Ok(Some(message)) => message,
-            Ok(None) | Err(Closed::Gone) | Err(Closed::Stopping) => return,
+        let result = match next {
+            Ok(Some((frame, fds, during_job))) => {
+                connection
+                    .handle(&frame, fds, during_job, &state, &mut stop)
+                    .await
+            }
+            Ok(None) => return,
+            Err(closed) => Err(closed),
         };
-        if let Err(Closed::Gone | Closed::Stopping) =
-            connection.handle(&frame, fds, &state, &mut stop).await
-        {
-            return;
+        match result {
+            Ok(()) => {}
+            Err(Closed::Broken(message)) => {
+                connection.send_protocol_error(&message).await;
+                return;
+            }
+            Err(Closed::Gone | Closed::Stopping) => return,
         }
     }
 }
@@ -129,28 +187,96 @@ fn authorize(state: &ServerState, peer: Peer) -> Result<(), String> {
 }
 
 impl Connection {
+    /// Tells a client over a connection cap which one and what to do, then lets it go.
+    async fn refuse(&mut self, refused: ConnectionRefused) {
+        let peer = self.peer;
+        let (limit, message) = match refused {
+            ConnectionRefused::Total(limit) => (
+                limit,
+                format!(
+                    "imgcryptd already holds {limit} connections, its limit for all users \
+                     together (--max-connections); retry in a moment"
+                ),
+            ),
+            ConnectionRefused::PerUid(limit) => (
+                limit,
+                format!(
+                    "uid {} already holds {limit} connections to imgcryptd, the limit for one \
+                     user (--max-connections-per-user); close connections you no longer use \
+                     (every running imgctl holds one) or retry when one of your jobs has ended",
+                    peer.uid
+                ),
+            ),
+        };
+        tracing::warn!(uid = peer.uid, pid = ?peer.pid, limit, "refusing connection: {message}");
+        let mut parameters = ErrorParameters::message(message);
+        parameters.limit = Some(limit as u64);
+        let _ = self
+            .send(&Reply::error(api::errors::TOO_MANY_CONNECTIONS, parameters))
+            .await;
+    }
+
     /// The next complete frame and the descriptors that came with it; `None` at end of stream.
-    async fn next_call(&mut self) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, Closed> {
+    /// Closes an idle connection and refuses a frame not finished in time (see the module
+    /// documentation).
+    async fn next_call(
+        &mut self,
+        limits: &ConnectionLimits,
+    ) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>, Closed> {
+        let peer = self.peer;
+        let idle_deadline = tokio::time::Instant::now() + limits.idle_timeout;
+        let mut frame_deadline = None;
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(frame)) => return Ok(Some((frame, std::mem::take(&mut self.pending_fds)))),
                 Ok(None) => {}
-                Err(error) => {
-                    self.protocol_error(&error).await;
+                Err(error) => return Err(self.protocol_error(&error)),
+            }
+            if self.decoder.has_partial_frame() || !self.pending_fds.is_empty() {
+                frame_deadline
+                    .get_or_insert_with(|| tokio::time::Instant::now() + limits.frame_timeout);
+            }
+            match tokio::time::timeout_at(frame_deadline.unwrap_or(idle_deadline), self.fill())
+                .await
+            {
+                Ok(read) => {
+                    if read? == 0 {
+                        return Ok(None);
+                    }
+                }
+                Err(_) if frame_deadline.is_some() => {
+                    let seconds = limits.frame_timeout.as_secs();
+                    tracing::warn!(
+                        uid = peer.uid,
+                        pid = ?peer.pid,
+                        descriptors = self.pending_fds.len(),
+                        "closing connection: a message without its terminating NUL for {seconds} s"
+                    );
+                    return Err(Closed::Broken(format!(
+                        "the message's terminating NUL did not arrive within {seconds} s of its \
+                         first byte (imgcryptd --frame-timeout); send each call whole"
+                    )));
+                }
+                Err(_) => {
+                    tracing::info!(
+                        uid = peer.uid,
+                        pid = ?peer.pid,
+                        "closing connection idle for {} s (--idle-connection-timeout)",
+                        limits.idle_timeout.as_secs()
+                    );
                     return Err(Closed::Gone);
                 }
-            }
-            if self.fill().await? == 0 {
-                return Ok(None);
             }
         }
     }
 
     /// Reads once from the socket into the decoder. Cancel-safe: the only await is the
     /// readiness wait; once the socket is readable, the read and its bookkeeping finish in
-    /// the same poll.
+    /// the same poll. Descriptors over the limit or cut off by the kernel are already closed
+    /// when this returns [`Closed::Broken`].
     async fn fill(&mut self) -> Result<usize, Closed> {
         let mut buffer = [0u8; 16 * 1024];
+        let peer = self.peer;
         loop {
             self.stream.readable().await.map_err(|_| Closed::Gone)?;
             let stream = &self.stream;
@@ -161,28 +287,33 @@ impl Connection {
                 Ok(n) => {
                     if self.pending_fds.len() > MAX_FDS_PER_MESSAGE {
                         self.pending_fds.clear();
-                        let error = "too many descriptors without a message to carry them";
-                        self.send_protocol_error(error).await;
-                        return Err(Closed::Gone);
+                        let error = format!(
+                            "more than {MAX_FDS_PER_MESSAGE} descriptors without a message to \
+                             carry them"
+                        );
+                        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "closing connection: {error}");
+                        return Err(Closed::Broken(error));
                     }
                     self.decoder.extend(&buffer[..n]);
                     return Ok(n);
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(uid = peer.uid, pid = ?peer.pid, %error, "closing connection");
+                    return Err(Closed::Broken(error.to_string()));
+                }
                 Err(error) => {
-                    tracing::debug!(%error, uid = self.peer.uid, "read failed");
-                    if error.kind() == std::io::ErrorKind::InvalidData {
-                        self.send_protocol_error(&error.to_string()).await;
-                    }
+                    tracing::debug!(%error, uid = peer.uid, "read failed");
                     return Err(Closed::Gone);
                 }
             }
         }
     }
 
-    async fn protocol_error(&mut self, error: &FrameError) {
+    /// Logs a framing error and turns it into the [`Closed::Broken`] that reports it.
+    fn protocol_error(&self, error: &FrameError) -> Closed {
         tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, %error, "closing connection");
-        self.send_protocol_error(&error.to_string()).await;
+        Closed::Broken(error.to_string())
     }
 
     async fn send_protocol_error(&mut self, message: &str) {
@@ -201,11 +332,12 @@ impl Connection {
         }
     }
 
-    /// Dispatches one call.
+    /// Dispatches one call; `during_job` is set for a call that was pipelined behind that job.
     async fn handle(
         &mut self,
         frame: &[u8],
         fds: Vec<OwnedFd>,
+        during_job: Option<u64>,
         state: &Arc<ServerState>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Closed> {
@@ -222,6 +354,34 @@ impl Connection {
             }
         };
         tracing::debug!(method = %call.method, uid = self.peer.uid, pid = ?self.peer.pid, "call");
+        let peer = self.peer;
+        if JOB_METHODS.contains(&call.method.as_str()) {
+            if call.oneway {
+                drop(fds);
+                tracing::warn!(
+                    uid = peer.uid,
+                    pid = ?peer.pid,
+                    method = %call.method,
+                    "oneway job call not run: nobody would hear its outcome (no reply sent)"
+                );
+                return Ok(());
+            }
+            if let Some(job) = during_job {
+                tracing::warn!(uid = peer.uid, pid = ?peer.pid, method = %call.method, job,
+                    "refused a job call pipelined behind a running job");
+                let message = format!(
+                    "this {} call arrived while job {job} was running on the same connection; a \
+                     connection runs one job at a time: wait for the final reply before the \
+                     next job call, or open another connection",
+                    call.method
+                );
+                let reply = Reply::error(
+                    api::errors::PROTOCOL_ERROR,
+                    ErrorParameters::message(message),
+                );
+                return self.send(&reply).await;
+            }
+        }
         let reply = match call.method.as_str() {
             varlink::GET_INFO => Reply::ok(service_info()),
             varlink::GET_INTERFACE_DESCRIPTION => match parameters::<InterfaceQuery>(&call) {
@@ -331,19 +491,42 @@ impl Connection {
         let (reporter, mut reports) = Reporter::channel();
 
         // Wait for a job slot, telling the client it is queued, and noticing if it leaves.
-        let permit = match state.job_slots.try_acquire() {
-            Ok(permit) => permit,
-            Err(_) => {
+        let permit = match state.scheduler.admit(peer.uid) {
+            Ok(Admission::Running(permit)) => permit,
+            Ok(Admission::Queued(queued)) => {
+                tracing::info!(job = job_id, uid = peer.uid, "job queued");
                 if streaming {
-                    self.send(&Reply::partial(R::progress(queued()))).await?;
+                    self.send(&Reply::partial(R::progress(queued_progress())))
+                        .await?;
                 }
                 tokio::select! {
-                    permit = state.job_slots.acquire() => permit.expect("semaphore never closed"),
-                    result = self.wait_for_hangup() => return result,
+                    permit = queued.start() => permit,
+                    result = self.watch_client(job_id) => {
+                        tracing::info!(job = job_id, uid = peer.uid, "client went away while queued; job left the queue");
+                        return result;
+                    }
                     _ = stop.changed() => return Err(Closed::Stopping),
                 }
             }
+            Err(QueueFull { limit }) => {
+                tracing::warn!(
+                    job = job_id,
+                    uid = peer.uid,
+                    limit,
+                    "job refused: the uid already has {limit} jobs queued"
+                );
+                let mut parameters = ErrorParameters::message(format!(
+                    "you already have {limit} jobs waiting for a slot, the most one user may \
+                     queue (imgcryptd --max-queued-per-user); wait for one of them to finish, \
+                     then call again"
+                ));
+                parameters.limit = Some(limit as u64);
+                return self
+                    .send(&Reply::error(api::errors::TOO_MANY_JOBS, parameters))
+                    .await;
+            }
         };
+        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, "job started");
 
         let job = {
             let state = state.clone();
@@ -353,6 +536,7 @@ impl Connection {
         tokio::pin!(job);
 
         let mut client_gone = false;
+        let mut broken = None;
         let mut stopping = false;
         let mut last_progress: Option<(Instant, Phase)> = None;
         let outcome = loop {
@@ -376,8 +560,11 @@ impl Connection {
                         }
                     }
                 }
-                _ = self.wait_for_hangup(), if !client_gone => {
-                    client_gone = client_left(job_id, peer, &cancel, "its connection closed");
+                result = self.watch_client(job_id), if !client_gone => {
+                    if let Err(Closed::Broken(message)) = result {
+                        broken = Some(message);
+                    }
+                    client_gone = client_left(job_id, peer, &cancel, "its connection closed or broke the protocol");
                 }
                 _ = stop.changed(), if !stopping => {
                     tracing::info!(job = job_id, "daemon stopping; cancelling");
@@ -402,7 +589,7 @@ impl Connection {
                     tracing::info!(job = job_id, "job ended after its client left: {error}")
                 }
             }
-            return Err(Closed::Gone);
+            return Err(broken.map_or(Closed::Gone, Closed::Broken));
         }
         if streaming {
             while let Ok(notice) = reports.notices.try_recv() {
@@ -429,15 +616,35 @@ impl Connection {
         }
     }
 
-    /// Resolves when the client closes its end (or breaks the protocol) while a job runs.
-    /// Bytes a client sends meanwhile are buffered for after the job.
-    async fn wait_for_hangup(&mut self) -> Result<(), Closed> {
+    /// Resolves when the client closes its end (or breaks the protocol) while its job is
+    /// queued or runs. Calls completed meanwhile are kept for after the job (see the module
+    /// documentation); their descriptors are closed at once, as no call answered then can use
+    /// them. Cancel-safe: nothing is awaited between a read and its bookkeeping.
+    async fn watch_client(&mut self, job_id: u64) -> Result<(), Closed> {
         loop {
             if self.fill().await? == 0 {
                 return Err(Closed::Gone);
             }
-            if self.decoder.next_frame().is_err() {
-                return Err(Closed::Gone);
+            loop {
+                match self.decoder.next_frame() {
+                    Ok(Some(frame)) => {
+                        self.pending_fds.clear();
+                        if self.pipelined.len() >= MAX_PIPELINED {
+                            let message = format!(
+                                "more than {MAX_PIPELINED} calls sent while job {job_id} runs on \
+                                 this connection; wait for replies before sending more"
+                            );
+                            tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, "closing connection: {message}");
+                            return Err(Closed::Broken(message));
+                        }
+                        self.pipelined.push_back(Pipelined {
+                            frame,
+                            during_job: job_id,
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(error) => return Err(self.protocol_error(&error)),
+                }
             }
         }
     }
@@ -451,24 +658,105 @@ fn client_left(job_id: u64, peer: Peer, cancel: &AtomicBool, how: &str) -> bool 
     true
 }
 
-/// Parses a call's parameters, or builds the `InvalidParameter` reply.
+/// Parses a call's parameters, or builds the `InvalidParameter` reply. The reply names the
+/// field at fault (`pbkdf.kind`) and what was expected, and never repeats the value sent: it
+/// could be large, or a secret pasted into the wrong field.
 fn parameters<T: DeserializeOwned>(call: &Call) -> Result<T, Reply> {
     let value = call.parameters.clone().unwrap_or_else(|| json!({}));
-    serde_json::from_value(value).map_err(|error| {
-        let text = error.to_string();
-        let parameter = text
-            .split('`')
-            .nth(1)
-            .unwrap_or("parameters")
-            .to_string();
-        Reply::error(
-            varlink::errors::INVALID_PARAMETER,
-            json!({ "parameter": parameter, "message": format!("invalid parameters for {}: {text}", call.method) }),
-        )
-    })
+    let error = match serde_json::from_value::<T>(value.clone()) {
+        Ok(parameters) => return Ok(parameters),
+        Err(error) => error.to_string(),
+    };
+    let (parameter, problem) = describe_parameter_error::<T>(&value, &error);
+    Err(Reply::error(
+        varlink::errors::INVALID_PARAMETER,
+        json!({
+            "parameter": parameter,
+            "message": format!("invalid parameters for {}: `{parameter}`: {problem}", call.method),
+        }),
+    ))
 }
 
-fn queued() -> api::Progress {
+/// Most field paths tried when looking for the one at fault: each try re-parses the call, and
+/// a call can be 64 KiB.
+const MAX_FIELDS_TRIED: usize = 64;
+
+/// The field at fault and what is wrong with it, from serde's `error` text for `value`.
+fn describe_parameter_error<T: DeserializeOwned>(value: &Value, error: &str) -> (String, String) {
+    // serde names a missing field by our own field name, never by anything the client sent.
+    if let Some(field) = error
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        return (field.to_string(), "missing".to_string());
+    }
+    let problem = match error.split_once(", expected ") {
+        // What follows "expected" is ours: a type, or the list of accepted spellings.
+        Some((what, expected)) if what.starts_with("unknown field") => {
+            format!("unknown field, expected one of {expected}")
+        }
+        Some((_, expected)) => format!("expected {expected}"),
+        None => "invalid value".to_string(),
+    };
+    let parameter = field_at_fault::<T>(value, error).unwrap_or_else(|| "parameters".to_string());
+    (parameter, problem)
+}
+
+/// The deepest field whose removal changes the parse error: that field's value (or the field
+/// itself, if unknown) is what the parser choked on. Fields with names that are not plain
+/// identifiers are never reported.
+fn field_at_fault<T: DeserializeOwned>(value: &Value, error: &str) -> Option<String> {
+    let mut paths = Vec::new();
+    collect_field_paths(value, &mut Vec::new(), &mut paths);
+    let mut found: Option<Vec<String>> = None;
+    for path in paths.into_iter().take(MAX_FIELDS_TRIED) {
+        let mut without = value.clone();
+        remove_path(&mut without, &path);
+        let changed = match serde_json::from_value::<T>(without) {
+            Ok(_) => true,
+            Err(other) => other.to_string() != error,
+        };
+        if changed && found.as_ref().is_none_or(|best| path.len() > best.len()) {
+            found = Some(path);
+        }
+    }
+    found.map(|path| path.join("."))
+}
+
+fn collect_field_paths(value: &Value, prefix: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
+    if let Value::Object(map) = value {
+        for (key, inner) in map {
+            let plain = !key.is_empty()
+                && key.len() <= 64
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !plain {
+                continue;
+            }
+            prefix.push(key.clone());
+            out.push(prefix.clone());
+            collect_field_paths(inner, prefix, out);
+            prefix.pop();
+        }
+    }
+}
+
+fn remove_path(value: &mut Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut current = value;
+    for key in parents {
+        match current.get_mut(key) {
+            Some(inner) => current = inner,
+            None => return,
+        }
+    }
+    if let Value::Object(map) = current {
+        map.remove(last);
+    }
+}
+
+fn queued_progress() -> api::Progress {
     api::Progress {
         phase: Phase::Queued,
         bytes_done: 0,

@@ -4,18 +4,27 @@
 //! the per-user daemon (binds its own socket) and tests all share one entry point. Each
 //! connection is a task; each job runs on a blocking thread, so many long streaming calls are
 //! served at once and a slow or hostile client only ever holds up its own connection.
+//!
+//! What one client can hold is bounded: connections per uid and overall ([`ConnectionLimits`],
+//! counted here), descriptors per connection (`imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE`),
+//! the time an idle connection or a half-sent frame may stay open (`connection`), and job
+//! slots shared fairly between uids ([`scheduler`]).
 
 mod connection;
 pub mod listener;
+pub mod scheduler;
 pub mod systemd;
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::UnixListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
+
+use scheduler::{Scheduler, SchedulerLimits};
 
 use crate::engines::EngineSet;
 use crate::keys::ring::DaemonRing;
@@ -39,6 +48,12 @@ pub struct ServerConfig {
     pub idle_timeout: Option<Duration>,
     /// Jobs that may run at once; more wait in a queue and say so.
     pub max_jobs: usize,
+    /// Jobs of one uid that may run at once.
+    pub max_jobs_per_uid: usize,
+    /// Jobs of one uid that may wait for a slot; one more is refused (root is exempt).
+    pub max_queued_per_uid: usize,
+    /// Connection caps and timeouts.
+    pub connections: ConnectionLimits,
     /// How long shutdown waits for running jobs to cancel and tear down.
     pub shutdown_grace: Duration,
     /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
@@ -51,10 +66,60 @@ impl Default for ServerConfig {
             mode: Mode::System,
             idle_timeout: None,
             max_jobs: 4,
+            max_jobs_per_uid: 2,
+            max_queued_per_uid: 8,
+            connections: ConnectionLimits::default(),
             shutdown_grace: Duration::from_secs(30),
             key_ring: None,
         }
     }
+}
+
+/// How many connections the daemon holds and how long an unused one may stay.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections of all users together.
+    pub max_total: usize,
+    /// Connections of one uid (root is exempt).
+    pub max_per_uid: usize,
+    /// A connection with no call in progress and no job running is closed after this long.
+    pub idle_timeout: Duration,
+    /// A frame (or descriptors) whose terminating NUL has not arrived this long after its
+    /// first byte is refused and the connection closed.
+    pub frame_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_total: DEFAULT_MAX_CONNECTIONS,
+            max_per_uid: 16,
+            idle_timeout: Duration::from_secs(120),
+            frame_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Default cap on connections of all users.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+
+/// Descriptors one connection can hold: its socket and the most one message may carry while
+/// the frame is unfinished, plus slack for the short moment a job holds both a message's
+/// descriptors and ones it opened.
+pub const DESCRIPTORS_PER_CONNECTION: u64 = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64 + 8;
+
+/// Descriptors kept free of connections: the daemon's own (listener, runtime, logging), each
+/// running job's (devices, engine threads, temporary files), and the up to 253 a single
+/// `recvmsg` may install before the excess over 104 is refused, once per runtime thread.
+pub fn reserved_descriptors(max_jobs: usize) -> u64 {
+    64 + 32 * max_jobs as u64 + 2 * 253
+}
+
+/// The largest overall connection cap whose descriptors fit `descriptor_limit` next to
+/// [`reserved_descriptors`] (at least 2, so root and one user can still connect).
+pub fn connections_fitting(descriptor_limit: u64, max_jobs: usize) -> usize {
+    let room = descriptor_limit.saturating_sub(reserved_descriptors(max_jobs));
+    (room / DESCRIPTORS_PER_CONNECTION).max(2) as usize
 }
 
 /// Everything connections share.
@@ -63,18 +128,127 @@ pub struct ServerState {
     pub engines: EngineSet,
     /// Settings.
     pub config: ServerConfig,
-    /// Bounds concurrent jobs.
-    job_slots: Semaphore,
+    /// Job slots, shared fairly between uids.
+    scheduler: Arc<Scheduler>,
+    /// Open connections, counted for the caps.
+    connections: Arc<Mutex<ConnectionCounts>>,
 }
 
 impl ServerState {
     /// Shared state for [`run`].
     pub fn new(engines: EngineSet, config: ServerConfig) -> Arc<Self> {
+        let scheduler = Scheduler::new(SchedulerLimits {
+            max_jobs: config.max_jobs,
+            max_running_per_uid: config.max_jobs_per_uid,
+            max_queued_per_uid: config.max_queued_per_uid,
+        });
         Arc::new(Self {
             engines,
-            job_slots: Semaphore::new(config.max_jobs.max(1)),
+            scheduler,
+            connections: Arc::default(),
             config,
         })
+    }
+
+    /// Counts a new connection of `uid`, or says which cap it would exceed.
+    fn admit_connection(&self, uid: u32) -> Result<ConnectionSlot, ConnectionRefused> {
+        let limits = &self.config.connections;
+        let mut counts = self
+            .connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let own = counts.by_uid.get(&uid).copied().unwrap_or(0);
+        if counts.total >= limits.max_total {
+            return Err(ConnectionRefused::Total(limits.max_total));
+        }
+        if uid != 0 && own >= limits.max_per_uid {
+            return Err(ConnectionRefused::PerUid(limits.max_per_uid));
+        }
+        counts.total += 1;
+        *counts.by_uid.entry(uid).or_default() += 1;
+        Ok(ConnectionSlot {
+            counts: self.connections.clone(),
+            uid,
+        })
+    }
+}
+
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    total: usize,
+    by_uid: HashMap<u32, usize>,
+}
+
+/// Which connection cap a new connection hit, with its value.
+#[derive(Debug, Clone, Copy)]
+enum ConnectionRefused {
+    Total(usize),
+    PerUid(usize),
+}
+
+/// One counted connection; uncounted on drop.
+struct ConnectionSlot {
+    counts: Arc<Mutex<ConnectionCounts>>,
+    uid: u32,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        counts.total -= 1;
+        if let Some(own) = counts.by_uid.get_mut(&self.uid) {
+            *own -= 1;
+            if *own == 0 {
+                counts.by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Pause after a failed `accept`: the failure (a full descriptor table, most likely) persists
+/// until a connection closes, and retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Logs failed accepts at most once every few seconds, with how many there were, so a full
+/// descriptor table does not also flood the journal.
+#[derive(Default)]
+struct AcceptFailures {
+    since_last_log: u64,
+    last_log: Option<Instant>,
+}
+
+impl AcceptFailures {
+    const LOG_EVERY: Duration = Duration::from_secs(5);
+
+    fn failed(&mut self, error: &std::io::Error) {
+        self.since_last_log += 1;
+        if self
+            .last_log
+            .is_none_or(|at| at.elapsed() >= Self::LOG_EVERY)
+        {
+            tracing::warn!(
+                %error,
+                failures = self.since_last_log,
+                "accept failed; still serving open connections and retrying every {} ms",
+                ACCEPT_BACKOFF.as_millis()
+            );
+            self.since_last_log = 0;
+            self.last_log = Some(Instant::now());
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.last_log.is_some() {
+            tracing::info!(
+                failures_since_last_report = self.since_last_log,
+                "accepting connections again"
+            );
+            self.since_last_log = 0;
+            self.last_log = None;
+        }
     }
 }
 
@@ -88,6 +262,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
+    let mut accept_failures = AcceptFailures::default();
     tokio::pin!(shutdown);
 
     loop {
@@ -110,12 +285,15 @@ pub async fn run(
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    accept_failures.recovered();
                     connections.spawn(connection::serve(stream, state.clone(), stop_rx.clone()));
                 }
                 Err(error) => {
-                    // EMFILE and friends: back off instead of spinning, keep serving.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // EMFILE and friends: back off instead of spinning and keep serving; the
+                    // connections already open are tasks of their own and go on meanwhile.
+                    // The pending connection stays in the backlog and is retried.
+                    accept_failures.failed(&error);
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

@@ -4,84 +4,17 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use common::raw_client::RawClient;
 use common::*;
 use imgcrypt_proto::api::{self, EncryptParameters, EngineChoice, LuksVersion, Pbkdf, PbkdfKind};
-use imgcrypt_proto::fdpass::send_with_fds;
-use imgcrypt_proto::varlink::{self, Call, Reply};
-use imgcrypt_proto::wire::{self, FrameDecoder, MAX_FRAME_LEN};
+use imgcrypt_proto::varlink;
+use imgcrypt_proto::wire::MAX_FRAME_LEN;
 use serde_json::json;
-
-struct RawClient {
-    stream: UnixStream,
-    decoder: FrameDecoder,
-}
-
-impl RawClient {
-    fn connect(socket: &Path) -> Self {
-        let stream = UnixStream::connect(socket).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        Self {
-            stream,
-            decoder: FrameDecoder::new(4 * MAX_FRAME_LEN),
-        }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn call(
-        &mut self,
-        method: &str,
-        parameters: serde_json::Value,
-        fds: &[std::os::fd::BorrowedFd<'_>],
-        more: bool,
-    ) {
-        let call = Call {
-            method: method.to_string(),
-            parameters: Some(parameters),
-            more,
-            oneway: false,
-            upgrade: false,
-        };
-        send_with_fds(self.stream.as_fd(), &wire::encode(&call), fds).unwrap();
-    }
-
-    /// The next reply, or None at end of stream.
-    fn reply(&mut self) -> Option<Reply> {
-        let mut buffer = [0u8; 4096];
-        loop {
-            if let Some(frame) = self.decoder.next_frame().unwrap() {
-                return Some(serde_json::from_slice(&frame).unwrap());
-            }
-            let n = self.stream.read(&mut buffer).unwrap();
-            if n == 0 {
-                return None;
-            }
-            self.decoder.extend(&buffer[..n]);
-        }
-    }
-
-    /// Replies until the final one.
-    fn final_reply(&mut self) -> Reply {
-        loop {
-            let reply = self
-                .reply()
-                .expect("connection closed before the final reply");
-            if !reply.continues {
-                return reply;
-            }
-        }
-    }
-}
 
 fn encrypt_parameters() -> serde_json::Value {
     serde_json::to_value(EncryptParameters {

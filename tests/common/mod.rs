@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod raw_client;
+
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -222,6 +224,13 @@ impl Daemon {
     /// [`Daemon::start`] with extra environment variables (e.g. the debug builds' crash hook
     /// `IMGCRYPTD_CRASH_AT`). The log is appended to, so a restarted daemon keeps the old lines.
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_under(dir, &[], extra, env)
+    }
+
+    /// [`Daemon::start_with_env`] run through `wrapper` (a program and its arguments that
+    /// executes the rest of its command line, such as `prlimit --nofile=1024:20000 --`); the
+    /// child's pid is then still the daemon's.
+    pub fn start_under(dir: &Path, wrapper: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Self {
         let socket = dir.join("sock").join("io.imgcrypt");
         let log = dir.join("imgcryptd.log");
         let log_file = fs::OpenOptions::new()
@@ -229,7 +238,15 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(binary("imgcryptd"))
+        let mut command = match wrapper.split_first() {
+            Some((program, arguments)) => {
+                let mut command = Command::new(program);
+                command.args(arguments).arg(binary("imgcryptd"));
+                command
+            }
+            None => Command::new(binary("imgcryptd")),
+        };
+        let child = command
             .arg("--socket")
             .arg(&socket)
             .args(extra)
@@ -283,6 +300,13 @@ impl Daemon {
             .arg(key)
             .args(CHEAP_PBKDF);
         command
+    }
+
+    /// How many descriptors the daemon has open now (`/proc/PID/fd`).
+    pub fn open_descriptors(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
     }
 
     /// Whether the process is still running.

@@ -622,9 +622,7 @@ impl Connection {
     /// them. Cancel-safe: nothing is awaited between a read and its bookkeeping.
     async fn watch_client(&mut self, job_id: u64) -> Result<(), Closed> {
         loop {
-            if self.fill().await? == 0 {
-                return Err(Closed::Gone);
-            }
+            // Frames may already be buffered: read in the same chunk as the job's own call.
             loop {
                 match self.decoder.next_frame() {
                     Ok(Some(frame)) => {
@@ -645,6 +643,9 @@ impl Connection {
                     Ok(None) => break,
                     Err(error) => return Err(self.protocol_error(&error)),
                 }
+            }
+            if self.fill().await? == 0 {
+                return Err(Closed::Gone);
             }
         }
     }

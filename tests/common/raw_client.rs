@@ -1,0 +1,128 @@
+//! A hand-rolled Varlink client, so tests can send what imgctl never would: wrong descriptors,
+//! malformed, pipelined, oneway and unfinished messages.
+
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use imgcrypt_proto::fdpass::send_with_fds;
+use imgcrypt_proto::varlink::{Call, Reply};
+use imgcrypt_proto::wire::{self, FrameDecoder, MAX_FRAME_LEN};
+
+/// One connection to the daemon.
+pub struct RawClient {
+    /// The socket.
+    pub stream: UnixStream,
+    decoder: FrameDecoder,
+}
+
+impl RawClient {
+    /// Connects to `socket`; reads time out after 30 s.
+    pub fn connect(socket: &Path) -> Self {
+        Self::from_stream(UnixStream::connect(socket).unwrap())
+    }
+
+    /// Wraps a connected stream (made by a test user's thread, say).
+    pub fn from_stream(stream: UnixStream) -> Self {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Self {
+            stream,
+            decoder: FrameDecoder::new(4 * MAX_FRAME_LEN),
+        }
+    }
+
+    /// Writes `bytes` as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends a call with `fds` attached.
+    pub fn call(
+        &mut self,
+        method: &str,
+        parameters: serde_json::Value,
+        fds: &[BorrowedFd<'_>],
+        more: bool,
+    ) {
+        self.send_call(
+            &Call {
+                method: method.to_string(),
+                parameters: Some(parameters),
+                more,
+                oneway: false,
+                upgrade: false,
+            },
+            fds,
+        );
+    }
+
+    /// Sends any call envelope with `fds` attached.
+    pub fn send_call(&mut self, call: &Call, fds: &[BorrowedFd<'_>]) {
+        send_with_fds(self.stream.as_fd(), &wire::encode(call), fds).unwrap();
+    }
+
+    /// The next reply, or None at end of stream. Panics on a read timeout.
+    pub fn reply(&mut self) -> Option<Reply> {
+        let mut buffer = [0u8; 4096];
+        loop {
+            if let Some(frame) = self.decoder.next_frame().unwrap() {
+                return Some(serde_json::from_slice(&frame).unwrap());
+            }
+            let n = match self.stream.read(&mut buffer) {
+                Ok(n) => n,
+                // The daemon closed with unread data of ours in its buffer.
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => 0,
+                Err(error) => panic!("reading a reply: {error}"),
+            };
+            if n == 0 {
+                return None;
+            }
+            self.decoder.extend(&buffer[..n]);
+        }
+    }
+
+    /// A reply the daemon sends without being asked (a refusal right after connecting), if one
+    /// comes within `wait`.
+    pub fn unsolicited_reply(&mut self, wait: Duration) -> Option<Reply> {
+        self.stream.set_read_timeout(Some(wait)).unwrap();
+        let mut buffer = [0u8; 4096];
+        let reply = loop {
+            if let Some(frame) = self.decoder.next_frame().unwrap() {
+                break Some(serde_json::from_slice(&frame).unwrap());
+            }
+            match self.stream.read(&mut buffer) {
+                Ok(0) => break None,
+                Ok(n) => self.decoder.extend(&buffer[..n]),
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break None
+                }
+                Err(error) => panic!("reading: {error}"),
+            }
+        };
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        reply
+    }
+
+    /// Replies until the final one.
+    pub fn final_reply(&mut self) -> Reply {
+        loop {
+            let reply = self
+                .reply()
+                .expect("connection closed before the final reply");
+            if !reply.continues {
+                return reply;
+            }
+        }
+    }
+}

@@ -14,28 +14,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::raw_client::cheap_encrypt_parameters;
 use common::*;
-use imgcrypt_proto::api::{
-    self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, Pbkdf, PbkdfKind,
-};
+use imgcrypt_proto::api::{self, EncryptReply};
 use imgcrypt_proto::varlink::Reply;
 
 /// Encrypt `source` into the existing file `output` with no key passed: descriptors 0 and 1.
 fn encrypt_without_key(daemon: &Daemon, source: &Path, output: &Path) -> Reply {
-    let parameters = serde_json::to_value(EncryptParameters {
-        source: 0,
-        output: 1,
-        key: None,
-        luks_version: LuksVersion::Luks2,
-        sector_size: 512,
-        pbkdf: Some(Pbkdf {
-            kind: Some(PbkdfKind::Pbkdf2),
-            iterations: Some(1000),
-            ..Pbkdf::default()
-        }),
-        engine: EngineChoice::Auto,
-    })
-    .unwrap();
+    let parameters = cheap_encrypt_parameters(None);
     let source = fs::File::open(source).unwrap();
     let output = fs::OpenOptions::new()
         .read(true)

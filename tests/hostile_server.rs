@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::raw_client::RawClient;
+use common::raw_client::{cheap_encrypt_parameters, RawClient};
 use common::*;
-use imgcrypt_proto::api::{self, EncryptParameters, EngineChoice, LuksVersion, Pbkdf, PbkdfKind};
+use imgcrypt_proto::api;
 use imgcrypt_proto::fdpass::{send_with_fds, MAX_FDS_PER_MESSAGE};
 use imgcrypt_proto::varlink::{self, Call, Reply};
 use imgcrypt_proto::wire::MAX_FRAME_LEN;
@@ -23,6 +23,13 @@ use serde_json::json;
 
 /// The start of a call whose terminating NUL never comes.
 const UNFINISHED: &[u8] = br#"{"method":"io.imgcrypt.Encrypt","parameters":{"#;
+
+/// A root daemon every test user may connect to, with `extra` flags.
+fn shared_daemon(dir: &Path, extra: &[&str]) -> Daemon {
+    let mut arguments = vec!["--socket-mode", "0666"];
+    arguments.extend_from_slice(extra);
+    Daemon::start(dir, &arguments)
+}
 
 /// A connection made by `user` (SO_PEERCRED is taken at connect time).
 fn connect_as(user: TestUser, socket: &Path) -> RawClient {
@@ -139,15 +146,8 @@ fn encrypt_as(
     key: &Path,
 ) -> Command {
     let mut command = user.imgctl(daemon);
-    command
-        .arg("encrypt")
-        .arg(source)
-        .arg("-o")
-        .arg(output)
-        .arg("--key-file")
-        .arg(key)
-        .args(CHEAP_PBKDF)
-        .stdin(Stdio::null());
+    encrypt_arguments(&mut command, source, output, key);
+    command.stdin(Stdio::null());
     command
 }
 
@@ -155,27 +155,6 @@ fn encrypt_as(
 fn sparse_source(path: &Path, user: TestUser, size: u64) {
     File::create(path).unwrap().set_len(size).unwrap();
     user.own(&[path]);
-}
-
-fn encrypt_parameters(pbkdf_kind: serde_json::Value) -> serde_json::Value {
-    let mut parameters = serde_json::to_value(EncryptParameters {
-        source: 0,
-        output: 1,
-        key: Some(2),
-        luks_version: LuksVersion::Luks2,
-        sector_size: 512,
-        pbkdf: Some(Pbkdf {
-            kind: Some(PbkdfKind::Pbkdf2),
-            iterations: Some(1000),
-            ..Pbkdf::default()
-        }),
-        engine: EngineChoice::Auto,
-    })
-    .unwrap();
-    if !pbkdf_kind.is_null() {
-        parameters["pbkdf"]["kind"] = pbkdf_kind;
-    }
-    parameters
 }
 
 fn read_write(path: &Path) -> File {
@@ -328,16 +307,9 @@ fn descriptors_cut_off_at_a_full_table_are_closed_and_accept_recovers() {
 fn hoarding_connections_hits_the_caps_and_the_victim_still_gets_in() {
     let (victim, attacker) = two_users();
     let dir = scratch();
-    let daemon = Daemon::start(
+    let daemon = shared_daemon(
         dir.path(),
-        &[
-            "--socket-mode",
-            "0666",
-            "--max-connections",
-            "6",
-            "--max-connections-per-user",
-            "3",
-        ],
+        &["--max-connections", "6", "--max-connections-per-user", "3"],
     );
     // The slowloris of the review: 20 connections kept open.
     let mut held = Vec::new();
@@ -406,16 +378,9 @@ fn hoarding_connections_hits_the_caps_and_the_victim_still_gets_in() {
 fn half_sent_frames_and_idle_connections_are_closed() {
     let (victim, attacker) = two_users();
     let dir = scratch();
-    let daemon = Daemon::start(
+    let daemon = shared_daemon(
         dir.path(),
-        &[
-            "--socket-mode",
-            "0666",
-            "--frame-timeout",
-            "1",
-            "--idle-connection-timeout",
-            "3",
-        ],
+        &["--frame-timeout", "1", "--idle-connection-timeout", "3"],
     );
     assert_get_info_answered(&get_info_as(victim, &daemon.socket).0);
     let baseline = settled_descriptors(&daemon);
@@ -495,11 +460,9 @@ fn one_user_queueing_many_jobs_cannot_push_another_users_job_behind_them() {
     let (victim, attacker) = two_users();
     let dir = scratch();
     let dir = dir.path();
-    let daemon = Daemon::start(
+    let daemon = shared_daemon(
         dir,
         &[
-            "--socket-mode",
-            "0666",
             "--max-jobs",
             "1",
             "--max-jobs-per-user",
@@ -622,18 +585,12 @@ fn running_encrypt(
     let mut client = connect_as(user, &daemon.socket);
     client.call(
         api::ENCRYPT,
-        encrypt_parameters(json!(null)),
+        cheap_encrypt_parameters(Some(2)),
         &[source.as_fd(), output.as_fd(), key.as_fd()],
         true,
     );
-    loop {
-        let reply = client.reply().expect("progress");
-        assert_eq!(reply.error, None, "{reply:?}");
-        let progress = &reply.parameters.unwrap()["progress"];
-        if progress["phase"] == "copy" && progress["bytes_done"].as_u64().unwrap_or(0) > 0 {
-            return client;
-        }
-    }
+    client.wait_for_copy();
+    client
 }
 
 #[test]
@@ -641,7 +598,7 @@ fn calls_pipelined_behind_a_running_job_are_answered_in_order() {
     let (_, attacker) = two_users();
     let dir = scratch();
     let dir = dir.path();
-    let daemon = Daemon::start(dir, &["--socket-mode", "0666"]);
+    let daemon = shared_daemon(dir, &[]);
     let (home, source, key) = user_files(dir, attacker, "attacker", "1M");
     let mut client = running_encrypt(attacker, &daemon, &home, &key, 192 << 20);
 
@@ -660,7 +617,7 @@ fn calls_pipelined_behind_a_running_job_are_answered_in_order() {
     );
     client.call(
         api::ENCRYPT,
-        encrypt_parameters(json!(null)),
+        cheap_encrypt_parameters(Some(2)),
         &[source.as_fd(), output.as_fd(), key_file.as_fd()],
         true,
     );
@@ -694,7 +651,7 @@ fn oneway_encrypt_runs_no_job_and_gets_no_reply() {
     let (_, attacker) = two_users();
     let dir = scratch();
     let dir = dir.path();
-    let daemon = Daemon::start(dir, &["--socket-mode", "0666"]);
+    let daemon = shared_daemon(dir, &[]);
     let (home, source, key) = user_files(dir, attacker, "attacker", "4M");
     let output_path = home.join("out.luks");
     let (source, output, key) = (
@@ -706,7 +663,7 @@ fn oneway_encrypt_runs_no_job_and_gets_no_reply() {
     client.send_call(
         &Call {
             method: api::ENCRYPT.to_string(),
-            parameters: Some(encrypt_parameters(json!(null))),
+            parameters: Some(cheap_encrypt_parameters(Some(2))),
             more: false,
             oneway: true,
             upgrade: false,
@@ -735,11 +692,13 @@ fn oneway_encrypt_runs_no_job_and_gets_no_reply() {
 fn invalid_parameter_names_the_field_never_the_value() {
     let (_, attacker) = two_users();
     let dir = scratch();
-    let daemon = Daemon::start(dir.path(), &["--socket-mode", "0666"]);
+    let daemon = shared_daemon(dir.path(), &[]);
     let mut client = connect_as(attacker, &daemon.socket);
 
     let secret = "hunter2-pasted-into-the-wrong-field";
-    client.call(api::ENCRYPT, encrypt_parameters(json!(secret)), &[], false);
+    let mut parameters = cheap_encrypt_parameters(Some(2));
+    parameters["pbkdf"]["kind"] = json!(secret);
+    client.call(api::ENCRYPT, parameters, &[], false);
     let reply = client.final_reply();
     assert_eq!(
         reply.error.as_deref(),
@@ -756,7 +715,7 @@ fn invalid_parameter_names_the_field_never_the_value() {
         "the value must not be echoed: {text}"
     );
 
-    let mut parameters = encrypt_parameters(json!(null));
+    let mut parameters = cheap_encrypt_parameters(Some(2));
     parameters["source"] = json!(secret);
     client.call(api::ENCRYPT, parameters, &[], false);
     let reply = client.final_reply();
@@ -773,7 +732,7 @@ fn invalid_parameter_names_the_field_never_the_value() {
 fn oversized_frame_with_its_nul_is_not_called_unterminated() {
     let (_, attacker) = two_users();
     let dir = scratch();
-    let daemon = Daemon::start(dir.path(), &["--socket-mode", "0666"]);
+    let daemon = shared_daemon(dir.path(), &[]);
 
     // Exactly the limit first (still acceptable), then the excess with its NUL, so the daemon
     // sees the NUL in the read that crosses the limit.

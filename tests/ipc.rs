@@ -9,29 +9,12 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
-use common::raw_client::RawClient;
+use common::raw_client::{cheap_encrypt_parameters, RawClient};
 use common::*;
-use imgcrypt_proto::api::{self, EncryptParameters, EngineChoice, LuksVersion, Pbkdf, PbkdfKind};
+use imgcrypt_proto::api;
 use imgcrypt_proto::varlink;
 use imgcrypt_proto::wire::MAX_FRAME_LEN;
 use serde_json::json;
-
-fn encrypt_parameters() -> serde_json::Value {
-    serde_json::to_value(EncryptParameters {
-        source: 0,
-        output: 1,
-        key: Some(2),
-        luks_version: LuksVersion::Luks2,
-        sector_size: 512,
-        pbkdf: Some(Pbkdf {
-            kind: Some(PbkdfKind::Pbkdf2),
-            iterations: Some(1000),
-            ..Pbkdf::default()
-        }),
-        engine: EngineChoice::Auto,
-    })
-    .unwrap()
-}
 
 #[test]
 fn get_info_and_interface_description() {
@@ -99,7 +82,7 @@ fn read_only_output_descriptor_is_refused_and_file_untouched() {
     let mut client = RawClient::connect(&daemon.socket);
     client.call(
         api::ENCRYPT,
-        encrypt_parameters(),
+        cheap_encrypt_parameters(Some(2)),
         &[source.as_fd(), output.as_fd(), key.as_fd()],
         true,
     );
@@ -127,7 +110,7 @@ fn missing_descriptors_are_a_clear_error() {
     let dir = scratch();
     let daemon = Daemon::start(dir.path(), &[]);
     let mut client = RawClient::connect(&daemon.socket);
-    client.call(api::ENCRYPT, encrypt_parameters(), &[], false);
+    client.call(api::ENCRYPT, cheap_encrypt_parameters(Some(2)), &[], false);
     let reply = client.final_reply();
     assert_eq!(reply.error.as_deref(), Some(api::errors::BAD_DESCRIPTOR));
     let message = reply.parameters.unwrap()["message"]
@@ -238,19 +221,12 @@ fn client_disconnect_cancels_the_job_and_daemon_keeps_serving() {
     let mut client = RawClient::connect(&daemon.socket);
     client.call(
         api::ENCRYPT,
-        encrypt_parameters(),
+        cheap_encrypt_parameters(Some(2)),
         &[source.as_fd(), output.as_fd(), key.as_fd()],
         true,
     );
     // Wait until the copy is under way, then hang up.
-    loop {
-        let reply = client.reply().expect("progress");
-        assert_eq!(reply.error, None, "{reply:?}");
-        let progress = &reply.parameters.unwrap()["progress"];
-        if progress["phase"] == "copy" && progress["bytes_done"].as_u64().unwrap_or(0) > 0 {
-            break;
-        }
-    }
+    client.wait_for_copy();
     drop(client);
 
     // The job must end early, by cancellation, not run on to completion.

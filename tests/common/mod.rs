@@ -291,14 +291,7 @@ impl Daemon {
     /// settings; callers add options.
     pub fn encrypt(&self, source: &Path, output: &Path, key: &Path) -> Command {
         let mut command = self.imgctl();
-        command
-            .arg("encrypt")
-            .arg(source)
-            .arg("-o")
-            .arg(output)
-            .arg("--key-file")
-            .arg(key)
-            .args(CHEAP_PBKDF);
+        encrypt_arguments(&mut command, source, output, key);
         command
     }
 
@@ -329,6 +322,19 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Appends `encrypt SOURCE -o OUTPUT --key-file KEY` and cheap keyslot settings to an imgctl
+/// command.
+pub fn encrypt_arguments(command: &mut Command, source: &Path, output: &Path, key: &Path) {
+    command
+        .arg("encrypt")
+        .arg(source)
+        .arg("-o")
+        .arg(output)
+        .arg("--key-file")
+        .arg(key)
+        .args(CHEAP_PBKDF);
 }
 
 /// What `cryptsetup luksDump` says about an image's data segment.

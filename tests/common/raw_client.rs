@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use imgcrypt_proto::api::{EncryptParameters, EngineChoice, LuksVersion, Pbkdf, PbkdfKind};
 use imgcrypt_proto::fdpass::send_with_fds;
 use imgcrypt_proto::varlink::{Call, Reply};
 use imgcrypt_proto::wire::{self, FrameDecoder, MAX_FRAME_LEN};
@@ -114,6 +115,18 @@ impl RawClient {
         reply
     }
 
+    /// Reads a streaming job's replies until its copy is under way (some bytes done).
+    pub fn wait_for_copy(&mut self) {
+        loop {
+            let reply = self.reply().expect("progress");
+            assert_eq!(reply.error, None, "{reply:?}");
+            let progress = &reply.parameters.unwrap()["progress"];
+            if progress["phase"] == "copy" && progress["bytes_done"].as_u64().unwrap_or(0) > 0 {
+                return;
+            }
+        }
+    }
+
     /// Replies until the final one.
     pub fn final_reply(&mut self) -> Reply {
         loop {
@@ -125,4 +138,23 @@ impl RawClient {
             }
         }
     }
+}
+
+/// Encrypt parameters with a cheap keyslot: source descriptor 0, output 1, and the key at
+/// `key` (`None`: the daemon's ring).
+pub fn cheap_encrypt_parameters(key: Option<u32>) -> serde_json::Value {
+    serde_json::to_value(EncryptParameters {
+        source: 0,
+        output: 1,
+        key,
+        luks_version: LuksVersion::Luks2,
+        sector_size: 512,
+        pbkdf: Some(Pbkdf {
+            kind: Some(PbkdfKind::Pbkdf2),
+            iterations: Some(1000),
+            ..Pbkdf::default()
+        }),
+        engine: EngineChoice::Auto,
+    })
+    .unwrap()
 }

@@ -583,12 +583,7 @@ fn running_encrypt(
         File::open(key).unwrap(),
     );
     let mut client = connect_as(user, &daemon.socket);
-    client.call(
-        api::ENCRYPT,
-        cheap_encrypt_parameters(Some(2)),
-        &[source.as_fd(), output.as_fd(), key.as_fd()],
-        true,
-    );
+    client.encrypt(&source, &output, &key);
     client.wait_for_copy();
     client
 }
@@ -615,12 +610,7 @@ fn calls_pipelined_behind_a_running_job_are_answered_in_order() {
         read_write(&second_output),
         File::open(&key).unwrap(),
     );
-    client.call(
-        api::ENCRYPT,
-        cheap_encrypt_parameters(Some(2)),
-        &[source.as_fd(), output.as_fd(), key_file.as_fd()],
-        true,
-    );
+    client.encrypt(&source, &output, &key_file);
 
     let job = client.final_reply();
     assert_eq!(job.error, None, "the running job finishes: {job:?}");

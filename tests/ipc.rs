@@ -80,12 +80,7 @@ fn read_only_output_descriptor_is_refused_and_file_untouched() {
     let output = fs::File::open(&output_path).unwrap(); // read-only
     let key = fs::File::open(&key).unwrap();
     let mut client = RawClient::connect(&daemon.socket);
-    client.call(
-        api::ENCRYPT,
-        cheap_encrypt_parameters(Some(2)),
-        &[source.as_fd(), output.as_fd(), key.as_fd()],
-        true,
-    );
+    client.encrypt(&source, &output, &key);
     let reply = client.final_reply();
     assert_eq!(
         reply.error.as_deref(),
@@ -219,12 +214,7 @@ fn client_disconnect_cancels_the_job_and_daemon_keeps_serving() {
     let key = fs::File::open(&key).unwrap();
 
     let mut client = RawClient::connect(&daemon.socket);
-    client.call(
-        api::ENCRYPT,
-        cheap_encrypt_parameters(Some(2)),
-        &[source.as_fd(), output.as_fd(), key.as_fd()],
-        true,
-    );
+    client.encrypt(&source, &output, &key);
     // Wait until the copy is under way, then hang up.
     client.wait_for_copy();
     drop(client);

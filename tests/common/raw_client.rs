@@ -61,6 +61,17 @@ impl RawClient {
         );
     }
 
+    /// Sends a streaming Encrypt of `source` into `output` with the key file `key`, cheap
+    /// keyslot (descriptors in that order).
+    pub fn encrypt(&mut self, source: &impl AsFd, output: &impl AsFd, key: &impl AsFd) {
+        self.call(
+            imgcrypt_proto::api::ENCRYPT,
+            cheap_encrypt_parameters(Some(2)),
+            &[source.as_fd(), output.as_fd(), key.as_fd()],
+            true,
+        );
+    }
+
     /// Sends any call envelope with `fds` attached.
     pub fn send_call(&mut self, call: &Call, fds: &[BorrowedFd<'_>]) {
         send_with_fds(self.stream.as_fd(), &wire::encode(call), fds).unwrap();

@@ -316,7 +316,7 @@ fn hoarding_connections_hits_the_caps_and_the_victim_still_gets_in() {
     let mut refused = 0;
     for _ in 0..20 {
         let mut client = connect_as(attacker, &daemon.socket);
-        match client.unsolicited_reply(Duration::from_millis(500)) {
+        match client.unsolicited_reply(Duration::from_millis(1500)) {
             None => {
                 client.call(varlink::GET_INFO, json!({}), &[], false);
                 assert_get_info_answered(&client.final_reply());

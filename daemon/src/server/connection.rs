@@ -694,7 +694,7 @@ fn describe_parameter_error<T: DeserializeOwned>(value: &Value, error: &str) -> 
     let problem = match error.split_once(", expected ") {
         // What follows "expected" is ours: a type, or the list of accepted spellings.
         Some((what, expected)) if what.starts_with("unknown field") => {
-            format!("unknown field, expected one of {expected}")
+            format!("unknown field, expected {expected}")
         }
         Some((_, expected)) => format!("expected {expected}"),
         None => "invalid value".to_string(),
@@ -808,5 +808,57 @@ fn unknown_method(method: &str) -> Reply {
             varlink::errors::INTERFACE_NOT_FOUND,
             json!({ "interface": interface }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgcrypt_proto::api::EncryptParameters;
+
+    fn fault(parameters: Value) -> (String, String) {
+        let error = serde_json::from_value::<EncryptParameters>(parameters.clone())
+            .unwrap_err()
+            .to_string();
+        describe_parameter_error::<EncryptParameters>(&parameters, &error)
+    }
+
+    fn valid() -> Value {
+        json!({"source": 0, "output": 1, "key": 2, "luks_version": "luks2", "sector_size": 512,
+               "pbkdf": {"kind": "pbkdf2", "iterations": 1000}})
+    }
+
+    #[test]
+    fn names_the_nested_field_and_never_the_value() {
+        let mut parameters = valid();
+        parameters["pbkdf"]["kind"] = json!("s3cret");
+        let (parameter, problem) = fault(parameters);
+        assert_eq!(parameter, "pbkdf.kind");
+        assert!(problem.starts_with("expected"), "{problem}");
+        assert!(!problem.contains("s3cret"), "{problem}");
+    }
+
+    #[test]
+    fn wrong_type_and_missing_and_unknown_fields() {
+        let mut parameters = valid();
+        parameters["sector_size"] = json!("s3cret");
+        let (parameter, problem) = fault(parameters);
+        assert_eq!(parameter, "sector_size");
+        assert!(!problem.contains("s3cret"), "{problem}");
+
+        let mut parameters = valid();
+        parameters.as_object_mut().unwrap().remove("output");
+        assert_eq!(fault(parameters), ("output".into(), "missing".into()));
+
+        let mut parameters = valid();
+        parameters["bogus"] = json!(1);
+        assert_eq!(fault(parameters).0, "bogus");
+
+        // A field name that is not a plain identifier is never echoed either.
+        let mut parameters = valid();
+        parameters["s3cret value"] = json!(1);
+        assert_eq!(fault(parameters).0, "parameters");
+
+        assert_eq!(fault(json!("s3cret")).0, "parameters");
     }
 }

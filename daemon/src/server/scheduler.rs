@@ -202,9 +202,10 @@ impl Inner {
     }
 
     fn finish(&mut self, uid: u32) {
-        self.running -= 1;
+        // Saturating: a miscount must never panic the daemon (it would only lend a slot).
+        self.running = self.running.saturating_sub(1);
         if let Some(count) = self.running_by_uid.get_mut(&uid) {
-            *count -= 1;
+            *count = count.saturating_sub(1);
             if *count == 0 {
                 self.running_by_uid.remove(&uid);
             }

@@ -226,9 +226,19 @@ fn connection_limits(args: &Args, descriptor_limit: u64) -> server::ConnectionLi
         }
         None => server::DEFAULT_MAX_CONNECTIONS.min(fitting),
     };
+    // One user must never be able to take every connection.
+    let mut max_per_uid = args.max_connections_per_user.max(1);
+    if max_per_uid >= max_total && max_total > 1 {
+        max_per_uid = max_total / 2;
+        tracing::warn!(
+            "--max-connections-per-user {} lowered to {max_per_uid}: half of the {max_total} \
+             connections in all, so other users can still connect",
+            args.max_connections_per_user
+        );
+    }
     let limits = server::ConnectionLimits {
         max_total,
-        max_per_uid: args.max_connections_per_user.max(1),
+        max_per_uid,
         idle_timeout: Duration::from_secs(args.idle_connection_timeout),
         frame_timeout: Duration::from_secs(args.frame_timeout),
     };

@@ -109,10 +109,11 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 pub const DESCRIPTORS_PER_CONNECTION: u64 = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64 + 8;
 
 /// Descriptors kept free of connections: the daemon's own (listener, runtime, logging), each
-/// running job's (devices, engine threads, temporary files), and the up to 253 a single
-/// `recvmsg` may install before the excess over 104 is refused, once per runtime thread.
+/// running job's (devices, engine threads, temporary files), and the excess over 104 of the up
+/// to 253 a single `recvmsg` may install before it is refused, once per runtime thread (2).
 pub fn reserved_descriptors(max_jobs: usize) -> u64 {
-    64 + 32 * max_jobs as u64 + 2 * 253
+    let excess_per_read = 253 - imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64;
+    64 + 32 * max_jobs as u64 + 2 * excess_per_read
 }
 
 /// The largest overall connection cap whose descriptors fit `descriptor_limit` next to

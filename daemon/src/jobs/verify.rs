@@ -40,7 +40,7 @@ pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<Verify
         }
         None => None,
     };
-    let keys = unlock::collect(&mut job, state, &parameters.keys, None, Purpose::Other)?;
+    let keys = unlock::collect(&mut job, state, &parameters.keys, None, Purpose::Verify)?;
     let image = unlock::lock_image(image.file, false)?;
     let (luks, volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
     let payload_size = luks.payload_size();

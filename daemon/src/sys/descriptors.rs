@@ -96,12 +96,9 @@ fn refuse_set_id(file: &File, which: Descriptor) -> Result<()> {
         .metadata()
         .map_err(|e| Error::io(format!("fstat on the {which} descriptor"), e))?
         .mode();
-    let set_id = mode & u32::from(libc::S_ISUID | libc::S_ISGID);
+    let set_id = mode & (libc::S_ISUID | libc::S_ISGID);
     if set_id != 0 {
-        let bits = match (
-            mode & u32::from(libc::S_ISUID) != 0,
-            mode & u32::from(libc::S_ISGID) != 0,
-        ) {
+        let bits = match (mode & libc::S_ISUID != 0, mode & libc::S_ISGID != 0) {
             (true, true) => "set-user-ID and set-group-ID bits",
             (true, false) => "set-user-ID bit",
             _ => "set-group-ID bit",

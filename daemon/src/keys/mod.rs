@@ -159,7 +159,6 @@ fn read_key_file_then(file: &File, between: impl FnOnce()) -> Result<KeyFile> {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
-    use std::os::unix::fs::FileExt as _;
     use std::os::unix::fs::PermissionsExt;
 
     const KEY: &[u8] = b"q83vEjRWeJq8zd7wESIzRFVmd4iZqrvM3e7/ABEiM0Q=";

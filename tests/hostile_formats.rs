@@ -34,28 +34,83 @@ fn corpus_dir() -> PathBuf {
     dir
 }
 
-/// A daemon the test users can reach.
-fn daemon(dir: &Path) -> Daemon {
-    Daemon::start(dir, &["--socket-mode", "0666"])
+/// What every test here starts from: a daemon the test users can reach, the attacker, a
+/// directory the attacker owns and the attacker's key file in it.
+struct Bench {
+    attacker: TestUser,
+    daemon: Daemon,
+    work: PathBuf,
+    key: PathBuf,
+    _scratch: tempfile::TempDir,
 }
 
-/// A directory inside `dir` owned by `user`, for the user's sources, key and outputs.
-fn user_dir(dir: &Path, user: &TestUser) -> PathBuf {
-    let work = dir.join("work");
-    fs::create_dir(&work).unwrap();
-    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
-    user.own(&[&work]);
-    work
+impl Bench {
+    fn new() -> Self {
+        let (_, attacker) = two_users();
+        let scratch = scratch();
+        let daemon = Daemon::start(scratch.path(), &["--socket-mode", "0666"]);
+        let work = scratch.path().join("work");
+        fs::create_dir(&work).unwrap();
+        fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+        attacker.own(&[&work]);
+        let key = work.join("user.key");
+        write_key(&key);
+        attacker.own(&[&key]);
+        Self {
+            attacker,
+            daemon,
+            work,
+            key,
+            _scratch: scratch,
+        }
+    }
+
+    /// `imgctl encrypt SOURCE -o OUT` as the attacker with the attacker's key.
+    fn encrypt(&self, source: &Path, out: &Path) -> Attempt {
+        encrypt_as(&self.attacker, &self.daemon, source, out, &self.key)
+    }
+
+    /// [`Bench::encrypt`] of a file handed to the attacker, which must succeed.
+    fn encrypt_ok(&self, source: &Path, out: &Path) -> Attempt {
+        hand_over(&self.attacker, source);
+        let attempt = self.encrypt(source, out);
+        assert!(
+            attempt.output.status.success(),
+            "{}: {}",
+            source.display(),
+            describe(&attempt.output)
+        );
+        attempt
+    }
+
+    fn refused(&self, source: &Path, format: &str) {
+        assert_refused(&self.attacker, &self.daemon, source, &self.key, format);
+    }
+
+    /// Decrypts `out` independently, compares it with qemu's reading of `source` as
+    /// `qemu_format`, and removes the files made on the way.
+    fn assert_plaintext_like_qemu(&self, out: &Path, qemu_format: &str, source: &Path) {
+        let name = out.file_name().unwrap().to_string_lossy();
+        let expected = self.work.join(format!("{name}.qemu.raw"));
+        qemu_plaintext_as(qemu_format, source, &expected);
+        let plaintext = independent_decrypt(out, &self.key, &self.work);
+        assert_plaintext_matches(&plaintext, &expected);
+        for file in [out, &expected, &plaintext] {
+            fs::remove_file(file).unwrap();
+        }
+    }
+
+    /// The error message of an encrypt of `source` that must fail.
+    fn error_message(&self, source: &Path) -> String {
+        let attempt = self.encrypt(source, &self.work.join("x.luks"));
+        let error = attempt
+            .event("error")
+            .unwrap_or_else(|| panic!("{}", describe(&attempt.output)));
+        error["message"].as_str().unwrap().to_string()
+    }
 }
 
-/// A key file owned by `user`.
-fn user_key(work: &Path, user: &TestUser) -> PathBuf {
-    let key = work.join("user.key");
-    write_key(&key);
-    user.own(&[&key]);
-    key
-}
-
+/// What one `imgctl encrypt --json` run by a user said.
 /// What one `imgctl encrypt --json` run by a user said.
 struct Attempt {
     output: Output,
@@ -100,9 +155,9 @@ fn hand_over(user: &TestUser, path: &Path) {
     fs::set_permissions(path, fs::Permissions::from_mode(0o644)).unwrap();
 }
 
-/// Runs an encrypt of `source` as `user` that must be refused with `UnsupportedImage` naming
-/// `format` (qemu-img's name, matched case-insensitively, and the `format` error parameter is
-/// not checked here: imgctl prints the message), writing nothing: no OUT, no OUT.partial.
+/// Runs an encrypt of `source` as `user` that must be refused with `UnsupportedImage` whose
+/// message says what the file is and names `format` (matched case-insensitively), writing
+/// nothing: no OUT, no OUT.partial, no other file.
 #[track_caller]
 fn assert_refused(user: &TestUser, daemon: &Daemon, source: &Path, key: &Path, format: &str) {
     let work = source.parent().unwrap();
@@ -144,81 +199,59 @@ fn assert_refused(user: &TestUser, daemon: &Daemon, source: &Path, key: &Path, f
     );
 }
 
-/// Runs an encrypt of `source` (read by qemu as `qemu_format`) as `user` that must succeed with
-/// `summary_format` and a plaintext equal to qemu's.
-#[track_caller]
-fn assert_encrypts(
-    user: &TestUser,
-    daemon: &Daemon,
-    source: &Path,
-    qemu_format: &str,
-    key: &Path,
-    summary_format: &str,
-) {
-    let work = source.parent().unwrap();
-    hand_over(user, source);
-    let name = source.file_name().unwrap().to_string_lossy().into_owned();
-    let out = work.join(format!("{name}.luks"));
-    let attempt = encrypt_as(user, daemon, source, &out, key);
-    assert!(
-        attempt.output.status.success(),
-        "{name}: {}",
-        describe(&attempt.output)
-    );
-    let summary = &attempt.event("summary").expect("summary")["summary"];
-    assert_eq!(
-        summary["source_format"], summary_format,
-        "{name}: {summary}"
-    );
-    let expected = work.join(format!("{name}.qemu.raw"));
-    qemu_img(&[
-        "convert",
-        "-f",
-        qemu_format,
-        "-O",
-        "raw",
-        source.to_str().unwrap(),
-        expected.to_str().unwrap(),
-    ]);
-    let plaintext = independent_decrypt(&out, key, work);
-    assert_plaintext_matches(&plaintext, &expected);
-    for file in [&out, &expected, &plaintext] {
-        fs::remove_file(file).unwrap();
+impl Bench {
+    /// Encrypts `source` (read by qemu as `qemu_format`), which must succeed with
+    /// `summary_format` and a plaintext equal to qemu's.
+    #[track_caller]
+    fn assert_encrypts(&self, source: &Path, qemu_format: &str, summary_format: &str) {
+        let name = source.file_name().unwrap().to_string_lossy().into_owned();
+        let out = self.work.join(format!("{name}.luks"));
+        let attempt = self.encrypt_ok(source, &out);
+        let summary = &attempt.event("summary").expect("summary")["summary"];
+        assert_eq!(
+            summary["source_format"], summary_format,
+            "{name}: {summary}"
+        );
+        self.assert_plaintext_like_qemu(&out, qemu_format, source);
+    }
+
+    /// For a VHD too large to encrypt here: the daemon must get as far as sizing the output,
+    /// which it does only after reading the source as a VHD, and size it from qemu's virtual
+    /// size.
+    #[track_caller]
+    fn assert_read_but_too_large(&self, source: &Path) {
+        hand_over(&self.attacker, source);
+        let name = source.file_name().unwrap().to_string_lossy().into_owned();
+        let before = entries(&self.work);
+        let attempt = self.encrypt(source, &self.work.join(format!("{name}.luks")));
+        let error = attempt
+            .event("error")
+            .unwrap_or_else(|| panic!("{name}: {}", describe(&attempt.output)));
+        assert_eq!(error["error"], "io.imgcrypt.NoSpace", "{name}: {error}");
+        let message = error["message"].as_str().unwrap();
+        let required: u64 = message
+            .split_once("needs ")
+            .and_then(|(_, rest)| rest.split(' ').next())
+            .and_then(|number| number.parse().ok())
+            .unwrap_or_else(|| panic!("{name}: no size in {message}"));
+        let payload = qemu_virtual_size(source).next_multiple_of(1 << 20);
+        let header = required - payload;
+        assert!(
+            (1 << 20..=32 << 20).contains(&header),
+            "{name}: output of {required} bytes for a {payload}-byte payload"
+        );
+        assert_eq!(entries(&self.work), before, "{name}: left something behind");
+    }
+
+    /// A raw disk with data at several places (the tests' usual pattern).
+    fn data_disk(&self) -> PathBuf {
+        make_source(&self.work, SourceKind::Raw, "8M")
     }
 }
 
 /// Corpus disks larger than this (the 127 GiB Hyper-V and Virtual PC samples) are not written
 /// out: the daemon refuses an output the file system cannot hold.
 const LARGEST_ENCRYPTED: u64 = 4 << 30;
-
-/// For a VHD too large to encrypt here: the daemon must get as far as sizing the output, which
-/// it does only after reading the source as a VHD, and size it from qemu's virtual size.
-#[track_caller]
-fn assert_read_but_too_large(user: &TestUser, daemon: &Daemon, source: &Path, key: &Path) {
-    let work = source.parent().unwrap();
-    hand_over(user, source);
-    let name = source.file_name().unwrap().to_string_lossy().into_owned();
-    let out = work.join(format!("{name}.luks"));
-    let before = entries(work);
-    let attempt = encrypt_as(user, daemon, source, &out, key);
-    let error = attempt
-        .event("error")
-        .unwrap_or_else(|| panic!("{name}: {}", describe(&attempt.output)));
-    assert_eq!(error["error"], "io.imgcrypt.NoSpace", "{name}: {error}");
-    let message = error["message"].as_str().unwrap();
-    let required: u64 = message
-        .split_once("needs ")
-        .and_then(|(_, rest)| rest.split(' ').next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("{name}: no size in {message}"));
-    let payload = qemu_virtual_size(source).next_multiple_of(1 << 20);
-    let header = required - payload;
-    assert!(
-        (1 << 20..=32 << 20).contains(&header),
-        "{name}: output of {required} bytes for a {payload}-byte payload"
-    );
-    assert_eq!(entries(work), before, "{name}: left something behind");
-}
 
 /// The corpus file `name` (`X.bz2`) decompressed into `work` as `X`.
 fn unpack(corpus: &Path, name: &str, work: &Path) -> PathBuf {
@@ -236,11 +269,7 @@ fn unpack(corpus: &Path, name: &str, work: &Path) -> PathBuf {
 #[test]
 fn every_corpus_image_is_refused_by_name_or_encrypted_like_qemu_reads_it() {
     let corpus = corpus_dir();
-    let (_, attacker) = two_users();
-    let scratch_dir = scratch();
-    let daemon = daemon(scratch_dir.path());
-    let work = user_dir(scratch_dir.path(), &attacker);
-    let key = user_key(&work, &attacker);
+    let bench = Bench::new();
     let mut names: Vec<String> = fs::read_dir(&corpus)
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -248,9 +277,8 @@ fn every_corpus_image_is_refused_by_name_or_encrypted_like_qemu_reads_it() {
         .collect();
     names.sort();
     assert!(!names.is_empty(), "no *.bz2 in {}", corpus.display());
-    let mut seen = Vec::new();
     for name in &names {
-        let source = unpack(&corpus, name, &work);
+        let source = unpack(&corpus, name, &bench.work);
         let stem = source.file_name().unwrap().to_string_lossy().into_owned();
         // What each sample is, from the corpus' own naming; an image of a kind not listed
         // here fails the test until someone says what imgcrypt must do with it.
@@ -268,55 +296,54 @@ fn every_corpus_image_is_refused_by_name_or_encrypted_like_qemu_reads_it() {
             _ => None,
         };
         match refused_as {
-            Some(format) => assert_refused(&attacker, &daemon, &source, &key, format),
+            Some(format) => bench.refused(&source, format),
             None if stem.ends_with(".vhd") && qemu_virtual_size(&source) > LARGEST_ENCRYPTED => {
-                assert_read_but_too_large(&attacker, &daemon, &source, &key)
+                bench.assert_read_but_too_large(&source)
             }
-            None if stem.ends_with(".vhd") => {
-                assert_encrypts(&attacker, &daemon, &source, "vpc", &key, "vhd-dynamic")
-            }
-            None if stem.ends_with(".raw") => {
-                assert_encrypts(&attacker, &daemon, &source, "raw", &key, "raw")
-            }
+            None if stem.ends_with(".vhd") => bench.assert_encrypts(&source, "vpc", "vhd-dynamic"),
+            None if stem.ends_with(".raw") => bench.assert_encrypts(&source, "raw", "raw"),
             None if stem == "afl5.img" => {
                 // A fuzzed VHD (qemu's iotest 'afl5'): refused as a damaged VHD, never read
-                // as raw.
-                let out = work.join("afl5.luks");
-                hand_over(&attacker, &source);
-                let attempt = encrypt_as(&attacker, &daemon, &source, &out, &key);
-                assert!(
-                    !attempt.output.status.success(),
-                    "{}",
-                    describe(&attempt.output)
-                );
-                let error = attempt.event("error").expect("error event");
-                let message = error["message"].as_str().unwrap();
+                // as raw, and nothing left behind.
+                hand_over(&bench.attacker, &source);
+                let before = entries(&bench.work);
+                let message = bench.error_message(&source);
                 assert!(message.contains("VHD"), "{message}");
-                assert!(!out.exists() && !work.join("afl5.luks.partial").exists());
+                assert_eq!(entries(&bench.work), before);
             }
             None => panic!("corpus image {stem}: no expectation written for it"),
         }
-        seen.push(stem);
         fs::remove_file(&source).unwrap();
     }
-    assert!(seen.len() >= 10, "only {seen:?}");
-}
-
-/// A raw disk with data at several places (the tests' usual pattern), in `work`.
-fn data_disk(work: &Path) -> PathBuf {
-    make_source(work, SourceKind::Raw, "8M")
+    assert!(names.len() >= 10, "only {names:?}");
 }
 
 #[test]
 fn every_format_qemu_img_writes_is_refused_by_name_or_read_like_qemu() {
-    let (_, attacker) = two_users();
-    let scratch_dir = scratch();
-    let daemon = daemon(scratch_dir.path());
-    let work = user_dir(scratch_dir.path(), &attacker);
-    let key = user_key(&work, &attacker);
-    let data = data_disk(&work);
+    let bench = Bench::new();
+    let data = bench.data_disk();
+    let data = data.to_str().unwrap();
     let secret = ["--object", "secret,id=sec0,data=not-a-real-secret"];
-    // (file name, qemu format, creation options, format named in the refusal)
+    // Made empty (`create`) and with data (`convert`); the option list is for both.
+    let make = |path: &Path, format: &str, options: &[&str], with_data: bool| {
+        let path = path.to_str().unwrap();
+        let mut args = if with_data {
+            vec!["convert", "-q", "-f", "raw", "-O", format]
+        } else {
+            vec!["create", "-q", "-f", format]
+        };
+        if format == "luks" {
+            args.extend(secret);
+        }
+        args.extend(options);
+        args.extend(if with_data {
+            [data, path]
+        } else {
+            [path, "8M"]
+        });
+        qemu_img(&args);
+    };
+    // (file name, qemu format, creation options, words of the refusal)
     let refused: [(&str, &str, &[&str], &str); 10] = [
         ("img.qcow2", "qcow2", &[], "qcow2"),
         ("v2.qcow2", "qcow2", &["-o", "compat=0.10"], "qcow2"),
@@ -341,27 +368,15 @@ fn every_format_qemu_img_writes_is_refused_by_name_or_read_like_qemu() {
     ];
     for (name, format, options, named) in refused {
         for with_data in [false, true] {
-            let path = work.join(format!("{}{name}", if with_data { "data-" } else { "" }));
-            let mut args: Vec<&str> = Vec::new();
-            if format == "luks" {
-                args.extend(secret);
-            }
-            let path_str = path.to_str().unwrap();
-            if with_data {
-                args.splice(0..0, ["convert", "-q", "-f", "raw", "-O", format]);
-                args.extend(options);
-                args.extend([data.to_str().unwrap(), path_str]);
-            } else {
-                args.splice(0..0, ["create", "-q", "-f", format]);
-                args.extend(options);
-                args.extend([path_str, "8M"]);
-            }
-            qemu_img(&args);
-            assert_refused(&attacker, &daemon, &path, &key, named);
+            let path = bench.work.join(format!("{with_data}-{name}"));
+            make(&path, format, options, with_data);
+            bench.refused(&path, named);
             if format == "qcow" {
-                let message = encrypt_as(&attacker, &daemon, &path, &work.join("x"), &key);
-                let text = message.event("error").unwrap()["message"].to_string();
-                assert!(!text.contains("qcow2"), "qcow v1 called qcow2: {text}");
+                let message = bench.error_message(&path);
+                assert!(
+                    !message.contains("qcow2"),
+                    "qcow v1 called qcow2: {message}"
+                );
             }
             fs::remove_file(&path).unwrap();
         }
@@ -369,59 +384,27 @@ fn every_format_qemu_img_writes_is_refused_by_name_or_read_like_qemu() {
 
     // Multi-file VMDKs: the descriptor is refused; a sparse extent is refused; a flat extent
     // is raw data and reads like the disk qemu sees through the descriptor.
-    for subformat in [
-        "monolithicFlat",
-        "twoGbMaxExtentSparse",
-        "twoGbMaxExtentFlat",
+    for (subformat, extent_suffix) in [
+        ("monolithicFlat", "-flat.vmdk"),
+        ("twoGbMaxExtentSparse", "-s001.vmdk"),
+        ("twoGbMaxExtentFlat", "-f001.vmdk"),
     ] {
-        let descriptor = work.join(format!("{subformat}.vmdk"));
-        qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
+        let descriptor = bench.work.join(format!("{subformat}.vmdk"));
+        make(
+            &descriptor,
             "vmdk",
-            "-o",
-            &format!("subformat={subformat}"),
-            data.to_str().unwrap(),
-            descriptor.to_str().unwrap(),
-        ]);
-        assert_refused(&attacker, &daemon, &descriptor, &key, "vmdk descriptor");
-        let extent_suffix = match subformat {
-            "monolithicFlat" => "-flat.vmdk",
-            "twoGbMaxExtentSparse" => "-s001.vmdk",
-            _ => "-f001.vmdk",
-        };
-        let extent = work.join(format!("{subformat}{extent_suffix}"));
+            &["-o", &format!("subformat={subformat}")],
+            true,
+        );
+        bench.refused(&descriptor, "vmdk descriptor");
+        let extent = bench.work.join(format!("{subformat}{extent_suffix}"));
         assert!(extent.is_file(), "qemu-img made no {}", extent.display());
         if subformat == "twoGbMaxExtentSparse" {
-            assert_refused(&attacker, &daemon, &extent, &key, "vmdk");
+            bench.refused(&extent, "vmdk");
         } else {
-            // The extent's plaintext must be what qemu reads through the descriptor.
-            hand_over(&attacker, &extent);
-            let out = work.join("flat.luks");
-            let attempt = encrypt_as(&attacker, &daemon, &extent, &out, &key);
-            assert!(
-                attempt.output.status.success(),
-                "{}",
-                describe(&attempt.output)
-            );
-            let expected = work.join("flat.qemu.raw");
-            qemu_img(&[
-                "convert",
-                "-f",
-                "vmdk",
-                "-O",
-                "raw",
-                descriptor.to_str().unwrap(),
-                expected.to_str().unwrap(),
-            ]);
-            let plaintext = independent_decrypt(&out, &key, &work);
-            assert_plaintext_matches(&plaintext, &expected);
-            for file in [&out, &expected, &plaintext] {
-                fs::remove_file(file).unwrap();
-            }
+            let out = bench.work.join("flat.luks");
+            bench.encrypt_ok(&extent, &out);
+            bench.assert_plaintext_like_qemu(&out, "vmdk", &descriptor);
         }
         fs::remove_file(&descriptor).unwrap();
         fs::remove_file(&extent).unwrap();
@@ -429,28 +412,14 @@ fn every_format_qemu_img_writes_is_refused_by_name_or_read_like_qemu() {
 
     // What imgcrypt reads keeps working: raw, fixed and dynamic VHD, empty and with data.
     for (name, format, options, summary) in [
-        ("img.raw", "raw", None, "raw"),
-        ("dynamic.vhd", "vpc", None, "vhd-dynamic"),
-        ("fixed.vhd", "vpc", Some("subformat=fixed"), "vhd-fixed"),
+        ("img.raw", "raw", &[][..], "raw"),
+        ("dynamic.vhd", "vpc", &[], "vhd-dynamic"),
+        ("fixed.vhd", "vpc", &["-o", "subformat=fixed"], "vhd-fixed"),
     ] {
         for with_data in [false, true] {
-            let path = work.join(format!("{}{name}", if with_data { "data-" } else { "" }));
-            let path_str = path.to_str().unwrap();
-            let mut args = if with_data {
-                vec!["convert", "-q", "-f", "raw", "-O", format]
-            } else {
-                vec!["create", "-q", "-f", format]
-            };
-            if let Some(options) = options {
-                args.extend(["-o", options]);
-            }
-            if with_data {
-                args.extend([data.to_str().unwrap(), path_str]);
-            } else {
-                args.extend([path_str, "8M"]);
-            }
-            qemu_img(&args);
-            assert_encrypts(&attacker, &daemon, &path, format, &key, summary);
+            let path = bench.work.join(format!("{with_data}-{name}"));
+            make(&path, format, options, with_data);
+            bench.assert_encrypts(&path, format, summary);
             fs::remove_file(&path).unwrap();
         }
     }
@@ -458,23 +427,19 @@ fn every_format_qemu_img_writes_is_refused_by_name_or_read_like_qemu() {
 
 #[test]
 fn luks_images_are_refused_as_already_encrypted() {
-    let (_, attacker) = two_users();
-    let scratch_dir = scratch();
-    let daemon = daemon(scratch_dir.path());
-    let work = user_dir(scratch_dir.path(), &attacker);
-    let key = user_key(&work, &attacker);
+    let bench = Bench::new();
     for luks_type in ["luks1", "luks2"] {
-        let image = work.join(format!("{luks_type}.img"));
+        let image = bench.work.join(format!("{luks_type}.img"));
         fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
         run_ok(
             Command::new("cryptsetup")
                 .args(["luksFormat", "-q", "--type", luks_type])
                 .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
                 .arg("--key-file")
-                .arg(&key)
+                .arg(&bench.key)
                 .arg(&image),
         );
-        assert_refused(&attacker, &daemon, &image, &key, "already a luks");
+        bench.refused(&image, &format!("already a {luks_type} image"));
         if luks_type == "luks2" {
             // Primary header wiped: the secondary one at 16 KiB still makes it LUKS.
             fs::OpenOptions::new()
@@ -483,53 +448,35 @@ fn luks_images_are_refused_as_already_encrypted() {
                 .unwrap()
                 .write_all_at(&[0u8; 4096], 0)
                 .unwrap();
-            assert_refused(&attacker, &daemon, &image, &key, "secondary header");
+            bench.refused(&image, "secondary header at offset 16384");
         }
     }
     // imgcrypt's own output, fed back in.
-    let disk = data_disk(&work);
-    hand_over(&attacker, &disk);
-    let encrypted = work.join("once.luks");
-    let attempt = encrypt_as(&attacker, &daemon, &disk, &encrypted, &key);
-    assert!(
-        attempt.output.status.success(),
-        "{}",
-        describe(&attempt.output)
-    );
-    assert_refused(
-        &attacker,
-        &daemon,
-        &encrypted,
-        &key,
-        "already a luks2 image",
-    );
+    let encrypted = bench.work.join("once.luks");
+    bench.encrypt_ok(&bench.data_disk(), &encrypted);
+    bench.refused(&encrypted, "already a luks2 image");
 }
 
 #[test]
 fn compressed_and_archived_disks_are_refused_with_the_unpacking_command() {
-    let (_, attacker) = two_users();
-    let scratch_dir = scratch();
-    let daemon = daemon(scratch_dir.path());
-    let work = user_dir(scratch_dir.path(), &attacker);
-    let key = user_key(&work, &attacker);
-    let disk = data_disk(&work);
+    let bench = Bench::new();
+    let disk = bench.data_disk();
     for (program, suffix, command) in [
         ("gzip", "gz", "gunzip -k"),
         ("bzip2", "bz2", "bunzip2 -k"),
         ("xz", "xz", "unxz -k"),
         ("zstd", "zst", "unzstd"),
     ] {
-        let packed = work.join(format!("src.raw.{suffix}"));
+        let packed = bench.work.join(format!("src.raw.{suffix}"));
         run_ok(Command::new(program).args(["-k", "-q", "-f"]).arg(&disk));
         assert!(packed.is_file(), "{program} made no {}", packed.display());
-        assert_refused(&attacker, &daemon, &packed, &key, program);
-        let message = encrypt_as(&attacker, &daemon, &packed, &work.join("x"), &key);
-        let text = message.event("error").unwrap()["message"].to_string();
-        assert!(text.contains(command), "{program}: {text}");
+        bench.refused(&packed, program);
+        let message = bench.error_message(&packed);
+        assert!(message.contains(command), "{program}: {message}");
         fs::remove_file(&packed).unwrap();
     }
     // An OVA: a tar of the descriptor and a streamOptimized VMDK.
-    let vmdk = work.join("disk1.vmdk");
+    let vmdk = bench.work.join("disk1.vmdk");
     qemu_img(&[
         "convert",
         "-q",
@@ -543,19 +490,19 @@ fn compressed_and_archived_disks_are_refused_with_the_unpacking_command() {
         vmdk.to_str().unwrap(),
     ]);
     write_file(
-        &work.join("appliance.ovf"),
+        &bench.work.join("appliance.ovf"),
         b"<?xml version=\"1.0\"?><Envelope/>\n",
     );
-    let ova = work.join("appliance.ova");
+    let ova = bench.work.join("appliance.ova");
     run_ok(
         Command::new("tar")
             .arg("-C")
-            .arg(&work)
+            .arg(&bench.work)
             .arg("-cf")
             .arg(&ova)
             .args(["appliance.ovf", "disk1.vmdk"]),
     );
-    assert_refused(&attacker, &daemon, &ova, &key, "tar archive");
+    bench.refused(&ova, "tar archive");
 }
 
 // --- issue 8, finding 4: attacker-sized tables ---------------------------------------------
@@ -634,21 +581,14 @@ const PEAK_GROWTH_LIMIT_KIB: u64 = 64 * 1024;
 
 #[test]
 fn sparse_vhd_claiming_a_huge_table_leaves_the_daemons_memory_bounded() {
-    let (_, attacker) = two_users();
-    let scratch_dir = scratch();
-    let daemon = daemon(scratch_dir.path());
-    let work = user_dir(scratch_dir.path(), &attacker);
-    let key = user_key(&work, &attacker);
+    let bench = Bench::new();
     // A first ordinary job, so the copy buffers are in the baseline.
-    let disk = data_disk(&work);
-    hand_over(&attacker, &disk);
-    let warm = encrypt_as(&attacker, &daemon, &disk, &work.join("warm.luks"), &key);
-    assert!(warm.output.status.success(), "{}", describe(&warm.output));
-    let baseline = peak_rss_kib(&daemon);
+    bench.encrypt_ok(&bench.data_disk(), &bench.work.join("warm.luks"));
+    let baseline = peak_rss_kib(&bench.daemon);
 
     // The review's image: 2^28 entries (a 1 GiB table of zeros) for 128 GiB in 512-byte
     // blocks, 8 KiB on disk. It took the daemon to 9.4 GB before "footer copy overlaps block 0".
-    let huge = work.join("bat-2-28.vhd");
+    let huge = bench.work.join("bat-2-28.vhd");
     crafted_vhd(
         &huge,
         b"qem2",
@@ -659,21 +599,15 @@ fn sparse_vhd_claiming_a_huge_table_leaves_the_daemons_memory_bounded() {
         0,
     );
     assert!(fs::metadata(&huge).unwrap().len() > 1 << 30);
-    hand_over(&attacker, &huge);
-    let out = work.join("huge.luks");
-    let attempt = encrypt_as(&attacker, &daemon, &huge, &out, &key);
-    assert!(
-        !attempt.output.status.success(),
-        "{}",
-        describe(&attempt.output)
-    );
-    let message = attempt.event("error").expect("error event")["message"].to_string();
+    hand_over(&bench.attacker, &huge);
+    let before = entries(&bench.work);
+    let message = bench.error_message(&huge);
     assert!(
         message.contains("268435456 block allocation table entries"),
         "{message}"
     );
-    assert!(!out.exists() && !work.join("huge.luks.partial").exists());
-    let after_huge = peak_rss_kib(&daemon);
+    assert_eq!(entries(&bench.work), before);
+    let after_huge = peak_rss_kib(&bench.daemon);
     assert!(
         after_huge < baseline + PEAK_GROWTH_LIMIT_KIB,
         "peak memory grew from {baseline} KiB to {after_huge} KiB"
@@ -681,7 +615,7 @@ fn sparse_vhd_claiming_a_huge_table_leaves_the_daemons_memory_bounded() {
 
     // A 1 MiB disk (by geometry) whose header claims 2040 GiB of 512-byte blocks: a 16 GiB
     // table in a sparse file. Only the 2048 entries the disk needs are read; it encrypts.
-    let claiming = work.join("claims-16g.vhd");
+    let claiming = bench.work.join("claims-16g.vhd");
     let entries = 0xff00_0000u32;
     crafted_vhd(
         &claiming,
@@ -692,63 +626,50 @@ fn sparse_vhd_claiming_a_huge_table_leaves_the_daemons_memory_bounded() {
         entries,
         2048,
     );
-    hand_over(&attacker, &claiming);
-    let out = work.join("claiming.luks");
-    let attempt = encrypt_as(&attacker, &daemon, &claiming, &out, &key);
-    assert!(
-        attempt.output.status.success(),
-        "{}",
-        describe(&attempt.output)
-    );
+    let out = bench.work.join("claiming.luks");
+    let attempt = bench.encrypt_ok(&claiming, &out);
     let summary = &attempt.event("summary").unwrap()["summary"];
     assert_eq!(summary["virtual_size"], 1 << 20, "{summary}");
-    let plaintext = independent_decrypt(&out, &key, &work);
+    let plaintext = independent_decrypt(&out, &bench.key, &bench.work);
     assert!(fs::read(&plaintext).unwrap().iter().all(|&b| b == 0));
-    let after_claiming = peak_rss_kib(&daemon);
+    let after_claiming = peak_rss_kib(&bench.daemon);
     assert!(
         after_claiming < baseline + PEAK_GROWTH_LIMIT_KIB,
         "peak memory grew from {baseline} KiB to {after_claiming} KiB"
     );
-    println!("daemon VmHWM: {baseline} KiB after a normal job, {after_huge} KiB after the 2^28 table, {after_claiming} KiB after the 16 GiB claim");
+    println!(
+        "daemon VmHWM: {baseline} KiB after a normal job, {after_huge} KiB after the 2^28 \
+         table, {after_claiming} KiB after the 16 GiB claim"
+    );
 }
 
 // --- verify --source with a longer source ---------------------------------------------------
 
 #[test]
 fn verify_with_a_longer_source_reports_where_the_bytes_differ() {
-    let (_, attacker) = two_users();
-    let scratch_dir = scratch();
-    let daemon = daemon(scratch_dir.path());
-    let work = user_dir(scratch_dir.path(), &attacker);
-    let key = user_key(&work, &attacker);
-    let disk = data_disk(&work);
-    hand_over(&attacker, &disk);
-    let image = work.join("disk.luks");
-    let attempt = encrypt_as(&attacker, &daemon, &disk, &image, &key);
-    assert!(
-        attempt.output.status.success(),
-        "{}",
-        describe(&attempt.output)
-    );
+    let bench = Bench::new();
+    let disk = bench.data_disk();
+    let image = bench.work.join("disk.luks");
+    bench.encrypt_ok(&disk, &image);
     let payload = 8u64 << 20;
-
     let verify = |source: &Path| {
-        hand_over(&attacker, source);
-        run(attacker
-            .imgctl(&daemon)
+        hand_over(&bench.attacker, source);
+        run(bench
+            .attacker
+            .imgctl(&bench.daemon)
             .arg("verify")
             .arg(&image)
             .arg("--source")
             .arg(source)
             .arg("--key-file")
-            .arg(&key))
+            .arg(&bench.key))
     };
     // Longer by 1 MiB and different at byte 1000 (inside the data written at 0): the old code
     // answered "differs from byte 8388608 on" without comparing a byte.
     let mut content = fs::read(&disk).unwrap();
     content.extend(std::iter::repeat_n(0u8, 1 << 20));
     content[1000] ^= 0xff;
-    let longer_different = work.join("longer-different.raw");
+    let longer_different = bench.work.join("longer-different.raw");
     fs::write(&longer_different, &content).unwrap();
     let output = verify(&longer_different);
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
@@ -758,7 +679,7 @@ fn verify_with_a_longer_source_reports_where_the_bytes_differ() {
 
     // Longer, and equal over the whole payload: said as such.
     content[1000] ^= 0xff;
-    let longer_same = work.join("longer-same.raw");
+    let longer_same = bench.work.join("longer-same.raw");
     fs::write(&longer_same, &content[..payload as usize + 4096]).unwrap();
     let output = verify(&longer_same);
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));

@@ -177,7 +177,11 @@ pub fn qemu_format(source: &Path) -> &'static str {
 
 /// The source's plaintext as qemu sees it.
 pub fn qemu_plaintext(source: &Path, out: &Path) {
-    let format = qemu_format(source);
+    qemu_plaintext_as(qemu_format(source), source, out);
+}
+
+/// The plaintext of `source` read by qemu as `format`.
+pub fn qemu_plaintext_as(format: &str, source: &Path, out: &Path) {
     qemu_img(&[
         "convert",
         "-f",

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use imgcrypt_proto::api::{
-    DecryptSummary, ImageInfo, Phase, Progress, RewriteSummary, Summary, UnlockMethod, Unlocked,
-    VerifySummary,
+    DecryptSummary, ImageInfo, Phase, Progress, RewriteSummary, SourceComparison, Summary,
+    UnlockMethod, Unlocked, VerifySummary,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -281,16 +281,57 @@ pub fn render_verify(image: &Path, source: Option<&Path>, s: &VerifySummary) -> 
                 "matches: the plaintext is the source's disk (then zeros to the payload's end)"
                     .to_string()
             } else {
-                match comparison.first_difference {
-                    Some(offset) => format!("DIFFERS from byte {offset} ({offset:#x}) on"),
-                    None => "DIFFERS".to_string(),
-                }
+                let place = Difference::of(s.payload_size, comparison).map(Difference::tail);
+                format!("DIFFERS{}", place.unwrap_or_default())
             },
         ));
     }
     rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
     push_rows(&mut text, rows);
     text
+}
+
+/// Where a verified image's plaintext and its source part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Difference {
+    /// At this byte.
+    At(u64),
+    /// The whole payload matched, but the source has `extra` more bytes than the image holds.
+    SourceLonger {
+        /// Bytes of the source past the payload.
+        extra: u64,
+        /// The payload size: bytes that matched.
+        matching: u64,
+    },
+}
+
+impl Difference {
+    /// Reads the daemon's answer: a first difference at the payload's end of a source larger
+    /// than the payload is the source being longer.
+    pub fn of(payload_size: u64, comparison: &SourceComparison) -> Option<Self> {
+        let offset = comparison.first_difference?;
+        Some(
+            if offset == payload_size && comparison.virtual_size > payload_size {
+                Self::SourceLonger {
+                    extra: comparison.virtual_size - payload_size,
+                    matching: payload_size,
+                }
+            } else {
+                Self::At(offset)
+            },
+        )
+    }
+
+    /// The words after "DIFFERS" or "differs from SOURCE", with their leading separator.
+    pub fn tail(self) -> String {
+        match self {
+            Self::At(offset) => format!(" from byte {offset} ({offset:#x}) on"),
+            Self::SourceLonger { extra, matching } => format!(
+                ": the source is {extra} bytes longer than the image holds; the first \
+                 {matching} bytes match"
+            ),
+        }
+    }
 }
 
 /// What `rewrite -k` shows: which key opened the image and what changed in it.
@@ -588,6 +629,19 @@ mod tests {
             text.contains("matches: the plaintext is the source's disk"),
             "{text}"
         );
+
+        // A source longer than the payload whose first payload-size bytes match.
+        let comparison = summary.source.as_mut().unwrap();
+        comparison.matches = false;
+        comparison.virtual_size = summary.payload_size + 4096;
+        comparison.first_difference = Some(summary.payload_size);
+        let text = render_verify(Path::new("d.luks"), Some(Path::new("s.vhd")), &summary);
+        let expected = format!(
+            "DIFFERS: the source is 4096 bytes longer than the image holds; the first {} bytes \
+             match",
+            summary.payload_size
+        );
+        assert!(text.contains(&expected), "missing {expected:?} in\n{text}");
     }
 
     #[test]

@@ -55,6 +55,16 @@ pub enum Error {
         message: String,
     },
 
+    /// The source is in a container format imgcrypt recognises but does not read (qcow2, VMDK,
+    /// an existing LUKS image, a gzip file...): refused rather than encrypted as a raw disk.
+    #[error("{message}")]
+    UnsupportedFormat {
+        /// Short name of the format (qemu-img's, or the compressor's): `qcow2`, `luks`, `gzip`.
+        format: &'static str,
+        /// What it is and the command that turns it into something imgcrypt reads.
+        message: String,
+    },
+
     /// The source image is damaged or inconsistent.
     #[error("image is corrupt: {message}")]
     CorruptImage {
@@ -172,7 +182,9 @@ impl Error {
     pub fn varlink_name(&self) -> &'static str {
         match self {
             Self::KeyFile(_) => errors::INVALID_KEY_FILE,
-            Self::UnsupportedImage { .. } => errors::UNSUPPORTED_IMAGE,
+            Self::UnsupportedImage { .. } | Self::UnsupportedFormat { .. } => {
+                errors::UNSUPPORTED_IMAGE
+            }
             Self::CorruptImage { .. } => errors::CORRUPT_IMAGE,
             Self::BadDescriptor { .. } => errors::BAD_DESCRIPTOR,
             Self::InvalidOption { .. } => errors::INVALID_OPTION,
@@ -191,6 +203,7 @@ impl Error {
         let mut parameters = ErrorParameters::message(self.to_string());
         match self {
             Self::KeyFile(error) => parameters.rule = Some(error.rule().to_string()),
+            Self::UnsupportedFormat { format, .. } => parameters.format = Some(format.to_string()),
             Self::CorruptImage { offset, .. } => parameters.offset = *offset,
             Self::BadDescriptor { descriptor, .. } => {
                 parameters.descriptor = Some(descriptor.name().to_string())

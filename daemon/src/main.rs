@@ -182,6 +182,13 @@ fn run(
         sweep_stale_devices();
     }
 
+    // After binding (which may chown the socket to its group) and before the runtime starts
+    // its threads, which inherit the reduced sets.
+    let retained = imgcryptd::sys::capabilities::drop_unneeded().map_err(|e| {
+        format!("{e}; refusing to serve with capabilities the daemon does not need")
+    })?;
+    tracing::info!(kept = ?retained.effective, dropped = retained.dropped, "capabilities reduced");
+
     let config = ServerConfig {
         mode,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),

@@ -1,4 +1,5 @@
-//! The source readers against images made by the real `qemu-img` and `qemu-io`.
+//! The source readers against images made by the real `qemu-img` and `qemu-io`, and the
+//! refusal of every other format qemu-img writes.
 //!
 //! Every expectation comes from qemu: the virtual size from `qemu-img info --output=json`, the
 //! guest's bytes from `qemu-img convert -O raw`, the allocated blocks from `qemu-img map`. The
@@ -672,5 +673,49 @@ fn root_block_device_sources_read_like_their_files() {
         assert_eq!(image.format(), expected_format, "{}", path.display());
         assert_eq!(image.virtual_size(), qemu_virtual_size(path, format));
         assert_reads_like(image.as_ref(), &qemu_to_raw(path, format));
+    }
+}
+
+/// Every other format the installed qemu-img writes is refused as what it is, never read as a
+/// raw disk: the error kind carries qemu's format name, which the Varlink error passes on.
+#[test]
+fn every_other_format_qemu_img_writes_is_refused_by_its_name() {
+    let dir = scratch();
+    let secret = "secret,id=sec0,data=not-a-real-secret";
+    let cases: [(&str, &[&str], &str); 11] = [
+        ("qcow2", &[], "qcow2"),
+        ("qcow2", &["compat=0.10"], "qcow2"),
+        ("qcow", &[], "qcow"),
+        ("vmdk", &[], "vmdk"),
+        ("vmdk", &["subformat=streamOptimized"], "vmdk"),
+        ("vmdk", &["subformat=monolithicFlat"], "vmdk"),
+        ("vhdx", &[], "vhdx"),
+        ("vdi", &[], "vdi"),
+        ("parallels", &[], "parallels"),
+        ("qed", &[], "qed"),
+        ("luks", &["key-secret=sec0", "iter-time=10"], "luks"),
+    ];
+    for (index, (format, options, name)) in cases.into_iter().enumerate() {
+        let path = dir.path().join(format!("{index}.{format}"));
+        let joined = options.join(",");
+        let mut args = vec!["create", "-q", "-f", format, "--object", secret];
+        if !options.is_empty() {
+            args.extend(["-o", &joined]);
+        }
+        args.extend([path_str(&path), "4M"]);
+        run("qemu-img", &args);
+        let error = formats::open(File::open(&path).unwrap()).unwrap_err();
+        let parameters = error.varlink_parameters();
+        match error {
+            Error::UnsupportedFormat {
+                format: got,
+                message,
+            } => {
+                assert_eq!(got, name, "{format} {options:?}: {message}");
+                assert!(message.to_lowercase().contains(name), "{message}");
+            }
+            other => panic!("{format} {options:?}: expected UnsupportedFormat, got {other:?}"),
+        }
+        assert_eq!(parameters.format.as_deref(), Some(name));
     }
 }

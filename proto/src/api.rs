@@ -590,6 +590,10 @@ pub struct ErrorParameters {
     /// Fingerprints the image's tokens carry (`WrongKey`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carried: Option<Vec<String>>,
+    /// The container format recognised and not read, e.g. `qcow2`, `luks`, `gzip`
+    /// (`UnsupportedImage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
     /// The limit that was reached (`TooManyJobs`, `TooManyConnections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,

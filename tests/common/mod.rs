@@ -179,7 +179,11 @@ pub fn qemu_format(source: &Path) -> &'static str {
 
 /// The source's plaintext as qemu sees it.
 pub fn qemu_plaintext(source: &Path, out: &Path) {
-    let format = qemu_format(source);
+    qemu_plaintext_as(qemu_format(source), source, out);
+}
+
+/// The plaintext of `source` read by qemu as `format`.
+pub fn qemu_plaintext_as(format: &str, source: &Path, out: &Path) {
     qemu_img(&[
         "convert",
         "-f",
@@ -603,7 +607,10 @@ pub fn test_user(name: &str) -> TestUser {
         nix::unistd::geteuid().is_root(),
         "this test creates a user and must run as root"
     );
-    if nix::unistd::User::from_name(name).unwrap().is_none() {
+    // Tests run in parallel: another may be creating it (useradd exits 10 while /etc/passwd is
+    // locked) or have created it first (exit 9).
+    let mut attempts = 0;
+    while nix::unistd::User::from_name(name).unwrap().is_none() {
         let output = run(Command::new("useradd").args([
             "--system",
             "--no-create-home",
@@ -611,12 +618,12 @@ pub fn test_user(name: &str) -> TestUser {
             "/usr/sbin/nologin",
             name,
         ]));
-        // Tests run in parallel: another may have created it first (useradd exits 9).
-        assert!(
-            output.status.success() || output.status.code() == Some(9),
-            "useradd {name}: {}",
-            describe(&output)
-        );
+        attempts += 1;
+        match output.status.code() {
+            Some(0 | 9) => {}
+            Some(10) if attempts < 100 => std::thread::sleep(Duration::from_millis(50)),
+            _ => panic!("useradd {name}: {}", describe(&output)),
+        }
     }
     let user = nix::unistd::User::from_name(name).unwrap().unwrap();
     TestUser {

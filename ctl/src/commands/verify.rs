@@ -81,10 +81,9 @@ pub fn verdict(summary: &VerifySummary, source: Option<&Path>) -> Result<()> {
     if comparison.matches {
         return Ok(());
     }
-    let place = match comparison.first_difference {
-        Some(offset) => format!(" from byte {offset} ({offset:#x}) on"),
-        None => String::new(),
-    };
+    let place = progress::Difference::of(summary.payload_size, comparison)
+        .map(progress::Difference::tail)
+        .unwrap_or_default();
     Err(CtlError::SourceDiffers(format!(
         "the image's plaintext differs from {}{place}: it is not that disk (or not all of it)",
         source.display()

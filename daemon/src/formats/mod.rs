@@ -3,12 +3,20 @@
 //! Every format answers the same three questions through [`SourceImage`]: how big is the disk
 //! the guest sees, what bytes are at an offset (holes read as zeros), and which ranges hold data.
 //!
-//! Detection ([`open`]) looks only at the last 512 bytes and the first 512 bytes; the rule that
-//! decides between RAW and VHD is written out in [`vhd`]'s module documentation. In short: a
-//! `conectix` footer at the end (or, for a dynamic disk, its copy at the start) makes the file a
-//! VHD; a footer-like structure that fails its checksum is a corrupt VHD, never a raw disk,
-//! because reading it as raw would hand the guest the VHD's metadata as disk content.
+//! Detection ([`open`]) first applies the VHD rule, written out in [`vhd`]'s module
+//! documentation, to the last 512 bytes and the first 512 bytes. In short: a `conectix` footer
+//! at the end (or, for a dynamic disk, its copy at the start) makes the file a VHD; a
+//! footer-like structure that fails its checksum is a corrupt VHD, never a raw disk, because
+//! reading it as raw would hand the guest the VHD's metadata as disk content. A file that is not
+//! a VHD is then checked for every other container signature qemu-img knows, LUKS, and common
+//! compressors and archives ([`foreign`]); a match is refused with
+//! [`Error::UnsupportedFormat`], naming the format and how to convert it. RAW is what remains.
+//!
+//! Every reader keeps its metadata memory bounded whatever the input says (the bound is stated
+//! in its module documentation): tables are sized by what the virtual size needs, checked
+//! against a fixed limit before anything is allocated.
 
+pub mod foreign;
 pub mod raw;
 pub mod vhd;
 
@@ -58,7 +66,13 @@ pub fn open(file: File) -> Result<Box<dyn SourceImage>> {
     }
     let file_size = storage::size_of(&file)?;
     match vhd::detect(&file, file_size)? {
-        vhd::Detected::Raw => Ok(Box::new(raw::RawImage::open(file, kind, file_size)?)),
+        vhd::Detected::Raw => {
+            if let Some(found) = foreign::detect(&file, file_size)? {
+                tracing::info!(format = found.name(), "source refused: a format not read");
+                return Err(found.refusal());
+            }
+            Ok(Box::new(raw::RawImage::open(file, kind, file_size)?))
+        }
         vhd::Detected::Vhd(found) => vhd::open(file, kind, file_size, found),
     }
 }

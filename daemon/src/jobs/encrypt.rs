@@ -51,21 +51,17 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
     header_spec.validate()?;
     let engine = state.engines.resolve(parameters.engine)?;
 
+    // The output last, so a refusal to write over another of the call's files names its role
+    // (`PassedDescriptors::take` refuses an output that is the source or the key).
     let passed = &mut job.descriptors;
     let source = descriptors::check_source(passed.take(Descriptor::Source, parameters.source)?)?;
-    let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
     let passed_key = match parameters.key {
         Some(index) => Some(descriptors::check_key(
             passed.take(Descriptor::Key, index)?,
         )?),
         None => None,
     };
-    if source.same_file_as(&output)? {
-        return Err(Error::bad_descriptor(
-            Descriptor::Output,
-            "is the same file as the source: write the encrypted image to a new file",
-        ));
-    }
+    let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
 
     // No key passed: the daemon ring's, re-read now so a rotated key is used without a restart.
     let CandidateKey {

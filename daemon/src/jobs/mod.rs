@@ -57,41 +57,99 @@ impl<P> Job<P> {
 }
 
 /// The descriptors of one call. An image, output or source may be used once; a key descriptor
-/// may be named by several roles (the new encryption key is also an unlock candidate).
+/// may be named by several roles (the new `encryption_key` of a rotation is also an unlock
+/// candidate).
+///
+/// A descriptor the client opened read-write is one the daemon may write through, so it must
+/// not be the same file as any other descriptor of the call: otherwise a key file, a source or
+/// an image passed beside it would be overwritten by the job (a key passed as its own output
+/// would be destroyed by the image written over it). [`PassedDescriptors::take`] refuses that
+/// whatever the role, so no job can forget the check.
 pub struct PassedDescriptors {
     slots: Vec<Option<OwnedFd>>,
+    /// `(st_dev, st_ino)` of each descriptor as passed; `None` where `fstat` failed (the
+    /// descriptor's own checks report that when it is used).
+    identities: Vec<Option<(u64, u64)>>,
+    /// The role each descriptor was taken for, for messages.
+    roles: Vec<Option<Descriptor>>,
 }
 
 impl PassedDescriptors {
     /// Wraps the descriptors that came with a call, in order.
     pub fn new(descriptors: Vec<OwnedFd>) -> Self {
+        let identities = descriptors.iter().map(identity).collect();
+        let roles = vec![None; descriptors.len()];
         Self {
             slots: descriptors.into_iter().map(Some).collect(),
+            identities,
+            roles,
         }
     }
 
     /// Takes descriptor `index` for the role `which`.
     pub fn take(&mut self, which: Descriptor, index: u32) -> Result<OwnedFd> {
         let count = self.slots.len();
-        let slot = usize::try_from(index)
-            .ok()
-            .and_then(|i| self.slots.get_mut(i))
-            .ok_or_else(|| {
-                Error::bad_descriptor(
-                    which,
-                    format!(
-                        "index {index} does not name a passed descriptor ({count} were passed \
-                         with the call)"
-                    ),
-                )
-            })?;
-        slot.take().ok_or_else(|| {
+        let position = usize::try_from(index).ok().filter(|&i| i < count);
+        let Some(position) = position else {
+            return Err(Error::bad_descriptor(
+                which,
+                format!(
+                    "index {index} does not name a passed descriptor ({count} were passed \
+                     with the call)"
+                ),
+            ));
+        };
+        let fd = self.slots[position].take().ok_or_else(|| {
             Error::bad_descriptor(
                 which,
                 format!("index {index} was already used for another role"),
             )
-        })
+        })?;
+        self.roles[position] = Some(which);
+        if is_read_write(&fd) {
+            self.refuse_shared_file(which, position)?;
+        }
+        Ok(fd)
     }
+
+    /// Fails when descriptor `position` (written through, as `which`) is the same file as
+    /// another descriptor of the call.
+    fn refuse_shared_file(&self, which: Descriptor, position: usize) -> Result<()> {
+        let Some(own) = self.identities[position] else {
+            return Ok(());
+        };
+        let Some(other) = (0..self.identities.len())
+            .find(|&other| other != position && self.identities[other] == Some(own))
+        else {
+            return Ok(());
+        };
+        let named = match self.roles[other] {
+            Some(role) => format!("the {role} (descriptor {other})"),
+            None => format!("descriptor {other}"),
+        };
+        Err(Error::bad_descriptor(
+            which,
+            format!(
+                "is the same file as {named} passed with the call: the daemon writes through \
+                 the {which} and would overwrite it; give the {which} a file of its own"
+            ),
+        ))
+    }
+}
+
+/// `(st_dev, st_ino)` of a descriptor.
+fn identity(fd: &OwnedFd) -> Option<(u64, u64)> {
+    nix::sys::stat::fstat(fd)
+        .ok()
+        .map(|stat| (stat.st_dev, stat.st_ino))
+}
+
+/// Whether the client opened the descriptor read-write (the daemon may write through it).
+fn is_read_write(fd: &OwnedFd) -> bool {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    fcntl(fd, FcntlArg::F_GETFL)
+        .map(|bits| OFlag::from_bits_retain(bits) & OFlag::O_ACCMODE == OFlag::O_RDWR)
+        .unwrap_or(false)
 }
 
 /// Milliseconds, saturating.
@@ -160,5 +218,75 @@ impl Reporter {
         // The receiver is gone only when the connection is gone, and then the job is being
         // cancelled anyway.
         let _ = self.notices.send(text.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::OpenOptions;
+
+    fn open(path: &std::path::Path, write: bool) -> OwnedFd {
+        OwnedFd::from(
+            OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(path)
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_written_descriptor_may_not_be_another_of_the_calls_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        let other = dir.path().join("other");
+        std::fs::write(&key, b"k").unwrap();
+        std::fs::write(&other, b"o").unwrap();
+
+        // The key, then the same file again as a read-write output.
+        let mut passed = PassedDescriptors::new(vec![open(&key, false), open(&key, true)]);
+        passed.take(Descriptor::Key, 0).unwrap();
+        let error = passed.take(Descriptor::Output, 1).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            matches!(
+                error,
+                Error::BadDescriptor {
+                    descriptor: Descriptor::Output,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+        assert!(message.contains("the key (descriptor 0)"), "{message}");
+
+        // Taken the other way round, before the key's role is known: named by index.
+        let mut passed = PassedDescriptors::new(vec![open(&key, false), open(&key, true)]);
+        let message = passed.take(Descriptor::Output, 1).unwrap_err().to_string();
+        assert!(message.contains("descriptor 0 passed"), "{message}");
+
+        // The same file twice read-only (two key roles) is fine, and so is a distinct output.
+        let mut passed = PassedDescriptors::new(vec![
+            open(&key, false),
+            open(&key, false),
+            open(&other, true),
+        ]);
+        passed.take(Descriptor::Key, 0).unwrap();
+        passed.take(Descriptor::Key, 1).unwrap();
+        passed.take(Descriptor::Output, 2).unwrap();
+    }
+
+    #[test]
+    fn out_of_range_and_reused_indices_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"x").unwrap();
+        let mut passed = PassedDescriptors::new(vec![open(&path, false)]);
+        let message = passed.take(Descriptor::Source, 3).unwrap_err().to_string();
+        assert!(message.contains("1 were passed"), "{message}");
+        passed.take(Descriptor::Source, 0).unwrap();
+        let message = passed.take(Descriptor::Key, 0).unwrap_err().to_string();
+        assert!(message.contains("already used"), "{message}");
     }
 }

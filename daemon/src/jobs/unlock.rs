@@ -21,14 +21,35 @@ use crate::{Error, Result};
 
 use super::Job;
 
-/// What the keys will be used for: decrypting hands out plaintext, so the daemon's own ring
-/// serves it only to root.
+/// What the keys will be used for. Anything a caller learns that depends on the plaintext —
+/// the plaintext itself, its hash, or where it differs from a guess — is as good as decrypting
+/// (a guessed source compared a byte at a time recovers the plaintext), so the daemon's own ring
+/// serves those purposes only to the callers allowed to decrypt with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
-    /// Reading the header only, or checking, or rotating: the caller never sees plaintext.
+    /// Reading the header only, or rotating: the caller never sees anything derived from the
+    /// plaintext.
     Other,
+    /// Hashing the plaintext and comparing it with a source: the answer depends on the
+    /// plaintext.
+    Verify,
     /// Writing the plaintext to the caller.
     Decrypt,
+}
+
+impl Purpose {
+    /// Whether the caller's answer depends on the plaintext.
+    pub fn reveals_plaintext(self) -> bool {
+        matches!(self, Self::Verify | Self::Decrypt)
+    }
+
+    /// What the daemon's ring refuses to do for most callers, for messages.
+    fn refused_action(self) -> &'static str {
+        match self {
+            Self::Decrypt => "decrypt",
+            _ => "hash or compare plaintext",
+        }
+    }
 }
 
 /// The keys of one job.
@@ -119,11 +140,13 @@ fn from_daemon_ring<P>(job: &Job<P>, state: &ServerState, purpose: Purpose) -> R
                 .to_string(),
         ));
     };
-    if purpose == Purpose::Decrypt && !crate::keys::ring::may_decrypt_with(job.caller_uid) {
+    if purpose.reveals_plaintext() && !crate::keys::ring::may_decrypt_with(job.caller_uid) {
         return Err(Error::PermissionDenied(format!(
-            "the daemon's key ring does not decrypt for uid {}: only root may get plaintext \
-             with the daemon's keys; pass your own key with --key-file",
-            job.caller_uid
+            "the daemon's key ring does not {action} for uid {uid}: only root may get plaintext, \
+             or answers that depend on it, with the daemon's keys; pass your own key with \
+             --key-file",
+            action = purpose.refused_action(),
+            uid = job.caller_uid
         )));
     }
     let candidates = ring.candidates()?;

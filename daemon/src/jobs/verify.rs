@@ -3,7 +3,8 @@
 //! One sequential pass: SHA-256 is sequential by nature, and one thread decrypts (AES-NI) and
 //! hashes faster than the disks here read. With a source, its guest bytes (any format the
 //! encrypt path reads) followed by zeros are compared with the plaintext as it streams past;
-//! the first differing offset is reported.
+//! the first differing offset is reported (the payload's size when the payload matches a source
+//! that is longer than it).
 
 use std::time::Instant;
 
@@ -40,7 +41,7 @@ pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<Verify
         }
         None => None,
     };
-    let keys = unlock::collect(&mut job, state, &parameters.keys, None, Purpose::Other)?;
+    let keys = unlock::collect(&mut job, state, &parameters.keys, None, Purpose::Verify)?;
     let image = unlock::lock_image(image.file, false)?;
     let (luks, volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
     let payload_size = luks.payload_size();
@@ -98,6 +99,11 @@ pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<Verify
 }
 
 /// A source image compared chunk by chunk with the plaintext.
+///
+/// The plaintext is compared with the source's bytes followed by zeros. A source larger than the
+/// payload is compared over the payload's length like any other, so a difference inside it is
+/// reported where it is; if there is none, the first difference is the payload's end, where the
+/// source has bytes the image cannot hold (a client tells the two apart with `virtual_size`).
 struct Comparison<'s> {
     source: &'s dyn SourceImage,
     payload_size: u64,
@@ -106,12 +112,10 @@ struct Comparison<'s> {
 
 impl<'s> Comparison<'s> {
     fn new(source: &'s dyn SourceImage, payload_size: u64) -> Self {
-        // A source larger than the payload cannot have been encrypted into it whole.
-        let first_difference = (source.virtual_size() > payload_size).then_some(payload_size);
         Self {
             source,
             payload_size,
-            first_difference,
+            first_difference: None,
         }
     }
 
@@ -141,14 +145,17 @@ impl<'s> Comparison<'s> {
     }
 
     fn finish(self) -> SourceComparison {
-        debug_assert!(self
+        let virtual_size = self.source.virtual_size();
+        // The whole payload matched, but the source goes on past it.
+        let first_difference = self
             .first_difference
-            .is_none_or(|at| at <= self.payload_size));
+            .or((virtual_size > self.payload_size).then_some(self.payload_size));
+        debug_assert!(first_difference.is_none_or(|at| at <= self.payload_size));
         SourceComparison {
             source_format: self.source.format(),
-            virtual_size: self.source.virtual_size(),
-            matches: self.first_difference.is_none(),
-            first_difference: self.first_difference,
+            virtual_size,
+            matches: first_difference.is_none(),
+            first_difference,
         }
     }
 }
@@ -156,4 +163,94 @@ impl<'s> Comparison<'s> {
 /// Lower-case hex, as `sha256sum` prints it.
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Range;
+
+    use imgcrypt_proto::api::SourceFormat;
+
+    use super::*;
+
+    /// A source held in memory.
+    #[derive(Debug)]
+    struct Bytes(Vec<u8>, Vec<Range<u64>>);
+
+    impl Bytes {
+        fn new(bytes: Vec<u8>) -> Self {
+            let whole = 0..bytes.len() as u64;
+            Self(bytes, vec![whole])
+        }
+    }
+
+    impl SourceImage for Bytes {
+        fn format(&self) -> SourceFormat {
+            SourceFormat::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&self, buffer: &mut [u8], offset: u64) -> Result<()> {
+            let start = offset as usize;
+            buffer.copy_from_slice(&self.0[start..start + buffer.len()]);
+            Ok(())
+        }
+        fn allocated_ranges(&self) -> &[Range<u64>] {
+            &self.1
+        }
+    }
+
+    /// Compares `plaintext` with `source` in steps of `step` bytes, as `run` does.
+    fn compare(plaintext: &[u8], source: &Bytes, step: usize) -> SourceComparison {
+        let mut comparison = Comparison::new(source, plaintext.len() as u64);
+        let mut expected = vec![0u8; step];
+        for (index, chunk) in plaintext.chunks(step).enumerate() {
+            comparison
+                .compare(chunk, &mut expected[..chunk.len()], (index * step) as u64)
+                .unwrap();
+        }
+        comparison.finish()
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 + 1).collect()
+    }
+
+    #[test]
+    fn a_longer_source_is_reported_where_its_bytes_differ() {
+        // The review's case: the source is larger than the payload and differs early; the old
+        // code said "differs from the payload size on" without comparing anything.
+        let plaintext = pattern(8192);
+        let mut source = pattern(12288);
+        source[1000] ^= 0xff;
+        let result = compare(&plaintext, &Bytes::new(source), 4096);
+        assert!(!result.matches);
+        assert_eq!(result.first_difference, Some(1000));
+        assert_eq!(result.virtual_size, 12288);
+    }
+
+    #[test]
+    fn a_longer_source_that_matches_the_payload_differs_at_the_payload_end() {
+        let plaintext = pattern(8192);
+        let result = compare(&plaintext, &Bytes::new(pattern(8192 + 1)), 4096);
+        assert!(!result.matches);
+        assert_eq!(result.first_difference, Some(8192));
+    }
+
+    #[test]
+    fn a_shorter_source_is_compared_then_zeros() {
+        let mut plaintext = pattern(5000);
+        plaintext.resize(8192, 0);
+        let result = compare(&plaintext, &Bytes::new(pattern(5000)), 4096);
+        assert!(result.matches, "{result:?}");
+        assert_eq!(result.first_difference, None);
+
+        plaintext[7000] = 1;
+        let result = compare(&plaintext, &Bytes::new(pattern(5000)), 4096);
+        assert_eq!(result.first_difference, Some(7000));
+
+        let result = compare(&pattern(8192), &Bytes::new(pattern(8192)), 4096);
+        assert!(result.matches);
+    }
 }

@@ -4,6 +4,7 @@
 //! [`imgcrypt_proto::keyfile`] holds the rules it must follow, shared with the client. [`ring`] is
 //! the daemon's own key ring, used when a client passes no key.
 
+pub mod fingerprint;
 pub mod ring;
 pub mod secret;
 
@@ -60,6 +61,28 @@ pub struct CandidateKey {
 /// [`SecretBytes`]: a key never passes through the heap, and a huge file costs nothing. Only
 /// regular files are accepted: a pipe or terminal could block forever and cannot be re-read.
 pub fn read_key_file(file: &File) -> Result<KeyFile> {
+    read_key_file_then(file, || {})
+}
+
+/// What must not change while a key file is read: a rewrite (truncate, write) changes at least
+/// one of these, and a file that changed while we read it may have given us a prefix of the
+/// old key, of the new one, or a mix — each of which could pass the key-file rules and become
+/// a passphrase nobody holds.
+fn stable_identity(metadata: &std::fs::Metadata) -> [i64; 7] {
+    [
+        metadata.dev() as i64,
+        metadata.ino() as i64,
+        metadata.size() as i64,
+        metadata.mtime(),
+        metadata.mtime_nsec(),
+        metadata.ctime(),
+        metadata.ctime_nsec(),
+    ]
+}
+
+/// [`read_key_file`], running `between` after the bytes are read and before the file is checked
+/// for changes (tests change the file there).
+fn read_key_file_then(file: &File, between: impl FnOnce()) -> Result<KeyFile> {
     let kind = storage_kind(file)?;
     if kind != StorageKind::RegularFile {
         return Err(Error::bad_descriptor(
@@ -97,6 +120,17 @@ pub fn read_key_file(file: &File) -> Result<KeyFile> {
         }
     }
     buffer.truncate(filled);
+    between();
+    let after = file
+        .metadata()
+        .map_err(|error| Error::io("reading the key file's status again (fstat)", error))?;
+    if stable_identity(&after) != stable_identity(&metadata) {
+        return Err(Error::bad_descriptor(
+            Descriptor::Key,
+            "changed while the daemon read it (rewritten or truncated meanwhile): write key \
+             files under a temporary name and rename them into place, then try again",
+        ));
+    }
 
     // We stop reading one byte past the limit; report the file's real size when it is larger.
     if filled > MAX_LEN && metadata.len() > filled as u64 {
@@ -115,7 +149,7 @@ pub fn read_key_file(file: &File) -> Result<KeyFile> {
         ));
     }
     Ok(KeyFile {
-        fingerprint: keyfile::fingerprint(buffer.as_bytes()),
+        fingerprint: fingerprint::fingerprint(buffer.as_bytes())?,
         passphrase: buffer,
         warnings,
     })
@@ -149,6 +183,43 @@ mod tests {
         assert_eq!(file.stream_position().unwrap(), KEY.len() as u64);
         file.seek(SeekFrom::Start(3)).unwrap();
         assert_eq!(read_key_file(&file).unwrap().passphrase.as_bytes(), KEY);
+    }
+
+    #[test]
+    fn a_key_file_rewritten_while_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, KEY).unwrap();
+        let file = File::open(&path).unwrap();
+        // Rewritten after our read: truncated to a 32-character prefix, itself a valid key.
+        let error = read_key_file_then(&file, || {
+            std::fs::write(&path, &KEY[..32]).unwrap();
+        })
+        .unwrap_err();
+        assert!(
+            matches!(&error, Error::BadDescriptor { descriptor: Descriptor::Key, message }
+                if message.contains("changed while the daemon read it")),
+            "{error:?}"
+        );
+        // Rewritten in place with the same length and other bytes: the times tell.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let error = read_key_file_then(&file, || {
+            let other = b"AAAAEjRWeJq8zd7wESIzRFVmd4iZqrvM3e7/ABEiM0Q=";
+            std::fs::write(&path, &other[..32]).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .write_all_at(&KEY[..32], 0)
+                .unwrap();
+        })
+        .unwrap_err();
+        assert!(error.to_string().contains("changed while"), "{error}");
+        // Left alone, the same descriptor reads fine.
+        assert_eq!(
+            read_key_file(&file).unwrap().passphrase.as_bytes(),
+            &KEY[..32]
+        );
     }
 
     #[test]

@@ -79,7 +79,40 @@ pub fn check_writable_image(fd: OwnedFd, which: Descriptor) -> Result<CheckedFil
     }
     let file = File::from(fd);
     let kind = image_kind(&file, which)?;
+    refuse_set_id(&file, which)?;
     Ok(CheckedFile { file, kind })
+}
+
+/// Refuses a set-user-ID or set-group-ID file as something the daemon writes.
+///
+/// The daemon writes as root. The kernel clears set-id bits on a write only when the writer
+/// lacks `CAP_FSETID` (dropped at start-up, see `sys::capabilities`), and a group member who
+/// may write a `root:group 4775` program must never get root's content into it: whoever can
+/// write such a file could otherwise have a program of their choice (a decrypted image they
+/// crafted) run with its owner's rights. No real output is set-id (imgctl creates
+/// `OUT.partial` with mode 0600), so refusing costs nothing.
+fn refuse_set_id(file: &File, which: Descriptor) -> Result<()> {
+    let mode = file
+        .metadata()
+        .map_err(|e| Error::io(format!("fstat on the {which} descriptor"), e))?
+        .mode();
+    let set_id = mode & (libc::S_ISUID | libc::S_ISGID);
+    if set_id != 0 {
+        let bits = match (mode & libc::S_ISUID != 0, mode & libc::S_ISGID != 0) {
+            (true, true) => "set-user-ID and set-group-ID bits",
+            (true, false) => "set-user-ID bit",
+            _ => "set-group-ID bit",
+        };
+        return Err(Error::bad_descriptor(
+            which,
+            format!(
+                "has the {bits} (mode {:04o}): the daemon will not write into a file that runs \
+                 with its owner's rights; write to a new file, or `chmod ug-s` it first",
+                mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// A key file descriptor: readable. Its type and contents are the key reader's business
@@ -222,6 +255,45 @@ mod tests {
             }
         ));
         assert!(check_key(open(&path, OpenOptions::new().read(true))).is_ok());
+    }
+
+    #[test]
+    fn set_id_outputs_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        for (mode, words) in [
+            (0o4775, "set-user-ID bit (mode 4775)"),
+            (0o2775, "set-group-ID bit (mode 2775)"),
+            (0o6755, "set-user-ID and set-group-ID bits (mode 6755)"),
+        ] {
+            let path = dir.path().join(format!("out{mode:o}"));
+            std::fs::write(&path, b"#!/bin/sh\n").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let err =
+                check_output(open(&path, OpenOptions::new().read(true).write(true))).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::BadDescriptor {
+                        descriptor: Descriptor::Output,
+                        ..
+                    }
+                ),
+                "{err:?}"
+            );
+            assert!(err.to_string().contains(words), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), b"#!/bin/sh\n");
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+                mode,
+                "the refusal changes nothing"
+            );
+        }
+        // Executable without set-id bits is an ordinary file to write.
+        let path = dir.path().join("plain");
+        std::fs::write(&path, b"").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o775)).unwrap();
+        check_output(open(&path, OpenOptions::new().read(true).write(true))).unwrap();
     }
 
     #[test]

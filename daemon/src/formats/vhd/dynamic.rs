@@ -15,8 +15,19 @@
 //!
 //! Everything the reader later trusts is checked at open: the header and BAT lie inside the
 //! file, every allocated block lies inside the file, and no two of footer copy, header, BAT and
-//! blocks overlap. The BAT is read only after its claimed size was checked against the file, so
-//! the memory it takes is bounded by the file's size.
+//! blocks overlap. Each entry is checked as the BAT streams in, so a bad table fails at its
+//! first bad entry (blocks overlapping one another are found once the table is in).
+//!
+//! # Memory
+//!
+//! Only the entries the virtual size needs (`ceil(size / block_size)`) are read, whatever
+//! `max_table_entries` claims, and they are never more than [`MAX_BAT_ENTRIES`] (2²²): that is
+//! checked before anything is allocated. So metadata memory is bounded whatever the input: at
+//! most 16 MiB for the table, 16 MiB more while the blocks are checked for overlaps (a sorted
+//! copy of the allocated entries), 1 MiB of read buffer, and 8 MiB for the allocated ranges
+//! (exact up to 2²⁰ entries, joined across holes of up to 4 MiB above), so under 41 MiB at the
+//! peak of an open. A disk of the format's maximum size, 2040 GiB, in the 2 MiB blocks every
+//! known tool makes, needs 1 044 480 entries: 4 MiB of table.
 
 use std::fs::File;
 use std::ops::Range;
@@ -48,6 +59,18 @@ const UNALLOCATED: u32 = 0xFFFF_FFFF;
 /// BAT entries are converted in pieces of this many bytes, so reading the table needs no second
 /// full-size buffer.
 const BAT_READ_CHUNK: usize = 1 << 20;
+
+/// Most BAT entries a disk may need: 16 MiB of table. Enough for the largest VHD (2040 GiB) in
+/// blocks of 512 KiB or more, and for any block size up to 4 GiB of disk per KiB of block.
+pub const MAX_BAT_ENTRIES: u64 = 1 << 22;
+
+/// Tables up to this many entries get exact allocated ranges: at most 2¹⁹ ranges (8 MiB).
+const EXACT_RANGES_UP_TO: u64 = 1 << 20;
+
+/// Above [`EXACT_RANGES_UP_TO`] entries, allocated ranges are joined across holes of up to this
+/// many bytes, which keeps them under 2040 GiB / 4 MiB = 522 240 ranges (8 MiB). Reading a
+/// joined hole costs a memset: unallocated blocks are zero-filled without I/O.
+const LARGE_TABLE_JOIN_GAP: u64 = 4 << 20;
 
 /// An open dynamic VHD.
 #[derive(Debug)]
@@ -136,21 +159,30 @@ impl DynamicVhd {
 
         let entries = u64::from(be_u32(&header, MAX_TABLE_ENTRIES_AT));
         let needed = virtual_size.div_ceil(block_size);
-        let described = virtual_size.max(footer.current_size).div_ceil(block_size);
-        if entries < needed || entries > described {
+        if entries < needed {
             return Err(corrupt(format!(
-                "max_table_entries {entries} does not match the disk size: {virtual_size} bytes \
-                 in blocks of {block_size} need {needed}{}",
-                if described > needed {
-                    format!(" (up to {described} for the footer's current size)")
-                } else {
-                    String::new()
-                }
+                "max_table_entries {entries} is too small for the disk: {virtual_size} bytes in \
+                 blocks of {block_size} need {needed}"
             )));
         }
+        // Checked before anything is allocated: the table kept in memory is this long.
+        if needed > MAX_BAT_ENTRIES {
+            return Err(Error::UnsupportedImage {
+                message: format!(
+                    "dynamic VHD header at offset {header_offset}: a {virtual_size}-byte disk in \
+                     blocks of {block_size} bytes needs {needed} block allocation table entries, \
+                     more than the {MAX_BAT_ENTRIES} this reader holds (enough for the largest \
+                     VHD in blocks of 512 KiB or more); rewrite it with 2 MiB blocks first: \
+                     `qemu-img convert -f vpc -O vpc SOURCE NEW.vhd`"
+                ),
+            });
+        }
 
+        // Entries past `needed` (a table declared larger than the disk, as Virtual PC does when
+        // its geometry rounds the disk down) map no guest byte: they are neither read nor
+        // checked, and the table's area in the file is the part that is read.
         let table_offset = be_u64(&header, TABLE_OFFSET_AT);
-        let table_bytes = entries * 4;
+        let table_bytes = needed * 4;
         let table_fits = table_offset
             .checked_add(table_bytes)
             .is_some_and(|end| end <= data_end);
@@ -160,7 +192,7 @@ impl DynamicVhd {
                  past the file's {data_end} bytes of data (truncated or damaged file)"
             )));
         }
-        let mut areas: Vec<(Range<u64>, Area)> = vec![
+        let metadata = [
             (0..FOOTER_SIZE as u64, Area::FooterCopy),
             (
                 header_offset..header_offset + HEADER_SIZE as u64,
@@ -170,48 +202,33 @@ impl DynamicVhd {
         ];
         // Metadata first, so a misplaced table is reported as such rather than through the
         // nonsense entries read from wherever it points.
-        check_no_overlap(areas.clone(), header_offset, table_offset)?;
-        let full_table = read_table(&file, table_offset, entries)?;
+        check_metadata_overlap(&metadata, header_offset)?;
+        let layout = Layout {
+            metadata,
+            table_offset,
+            block_span: bitmap_size + block_size,
+            data_end,
+        };
+        let bat = read_table(&file, &layout, needed)?;
+        layout.check_blocks_disjoint(&bat)?;
 
-        let block_span = bitmap_size + block_size;
-        for (index, &entry) in (0u64..).zip(&full_table) {
-            if entry == UNALLOCATED {
-                continue;
-            }
-            let start = u64::from(entry) * 512;
-            // Cannot overflow: below 2^41 + 2^32 + 2^31.
-            let end = start + block_span;
-            if end > data_end {
-                let entry_offset = table_offset + index * 4;
-                return Err(Error::corrupt(
-                    format!(
-                        "VHD block allocation table entry {index} (at offset {entry_offset}) \
-                         places block {index} at {start}..{end}, past the file's {data_end} \
-                         bytes of data (truncated or damaged file)"
-                    ),
-                    Some(entry_offset),
-                ));
-            }
-            areas.push((start..end, Area::Block { index }));
-        }
-        check_no_overlap(areas, header_offset, table_offset)?;
-
-        let mut bat = full_table;
-        // `needed <= entries`, which was the length read.
-        bat.truncate(needed as usize);
-        bat.shrink_to_fit();
+        let join_gap = if needed <= EXACT_RANGES_UP_TO {
+            0
+        } else {
+            LARGE_TABLE_JOIN_GAP
+        };
         let mut allocated = Vec::new();
         for (index, &entry) in (0u64..).zip(&bat) {
             if entry != UNALLOCATED {
                 let start = index * block_size;
-                // Exact: the list is bounded by the BAT, itself bounded by the file's size.
                 push_merged(
                     &mut allocated,
                     start..(start + block_size).min(virtual_size),
-                    0,
+                    join_gap,
                 );
             }
         }
+        allocated.shrink_to_fit();
         Ok(Self {
             file,
             virtual_size,
@@ -223,45 +240,134 @@ impl DynamicVhd {
     }
 }
 
-/// Reads `entries` big-endian BAT entries at `table_offset`. The caller has checked that they
-/// lie inside the file, which bounds the allocation.
-fn read_table(file: &File, table_offset: u64, entries: u64) -> Result<Vec<u32>> {
+/// Where a dynamic disk's structures are, for checking each BAT entry against them.
+struct Layout {
+    /// Footer copy, header and the part of the BAT that is read.
+    metadata: [(Range<u64>, Area); 3],
+    table_offset: u64,
+    /// Bytes each block takes in the file: its sector bitmap and its data.
+    block_span: u64,
+    /// Blocks must end at or before this (the footer at the end, or the end of the file).
+    data_end: u64,
+}
+
+impl Layout {
+    /// File offset of BAT entry `index`, which a bad block is reported at.
+    fn entry_offset(&self, index: u64) -> u64 {
+        self.table_offset + index * 4
+    }
+
+    fn block(&self, entry: u32) -> Range<u64> {
+        let start = u64::from(entry) * 512;
+        // Cannot overflow: below 2^41 + 2^32 + 2^31.
+        start..start + self.block_span
+    }
+
+    /// Checks allocated entry `index` on its own: its block lies inside the file's data and
+    /// off the metadata. (Entries count 512-byte sectors, so every block is sector-aligned by
+    /// construction; the specification asks for no coarser alignment, and qemu for none.)
+    fn check_entry(&self, index: u64, entry: u32) -> Result<()> {
+        let block = self.block(entry);
+        let entry_offset = self.entry_offset(index);
+        if block.end > self.data_end {
+            return Err(Error::corrupt(
+                format!(
+                    "VHD block allocation table entry {index} (at offset {entry_offset}) \
+                     places block {index} at {}..{}, past the file's {} bytes of data \
+                     (truncated or damaged file)",
+                    block.start, block.end, self.data_end
+                ),
+                Some(entry_offset),
+            ));
+        }
+        for (area, what) in &self.metadata {
+            if block.start < area.end && area.start < block.end {
+                return Err(Error::corrupt(
+                    format!(
+                        "dynamic VHD: {} overlaps {} (damaged block allocation table or header)",
+                        describe(area, *what),
+                        describe(&block, Area::Block { index })
+                    ),
+                    Some(entry_offset),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses two allocated blocks that share a byte.
+    ///
+    /// Sorts a copy of the allocated entries (4 bytes each, so at most as large as `bat`
+    /// itself) rather than a list of ranges with their indices; only when an overlap is found
+    /// is the BAT scanned again to name the two entries.
+    fn check_blocks_disjoint(&self, bat: &[u32]) -> Result<()> {
+        let mut starts: Vec<u32> = bat
+            .iter()
+            .copied()
+            .filter(|&entry| entry != UNALLOCATED)
+            .collect();
+        starts.sort_unstable();
+        let clash = starts
+            .windows(2)
+            .find(|pair| self.block(pair[0]).end > self.block(pair[1]).start)
+            .map(|pair| (pair[0], pair[1]));
+        drop(starts);
+        let Some((lower, upper)) = clash else {
+            return Ok(());
+        };
+        // Cannot fail: both values were taken from the table (equal values twice over).
+        let first = bat.iter().position(|&entry| entry == lower).unwrap_or(0);
+        let second = bat
+            .iter()
+            .enumerate()
+            .position(|(index, &entry)| entry == upper && index != first)
+            .unwrap_or(0);
+        let (first, second) = (first as u64, second as u64);
+        Err(Error::corrupt(
+            format!(
+                "dynamic VHD: {} overlaps {} (damaged block allocation table or header)",
+                describe(&self.block(lower), Area::Block { index: first }),
+                describe(&self.block(upper), Area::Block { index: second })
+            ),
+            // Of two entries, the later one is blamed: the earlier one was there first.
+            Some(self.entry_offset(first.max(second))),
+        ))
+    }
+}
+
+/// Reads the first `entries` big-endian BAT entries, `BAT_READ_CHUNK` bytes at a time, checking
+/// each allocated one as it arrives, so a bad table fails at its first bad entry. The caller
+/// has checked `entries` against [`MAX_BAT_ENTRIES`] and the file, which bounds the allocation.
+fn read_table(file: &File, layout: &Layout, entries: u64) -> Result<Vec<u32>> {
     let total_bytes = entries * 4;
-    let capacity = usize::try_from(entries).map_err(|_| {
-        Error::corrupt(
-            format!("block allocation table of {entries} entries is too large to read"),
-            Some(table_offset),
-        )
-    })?;
-    let mut table = Vec::with_capacity(capacity);
+    // `entries <= MAX_BAT_ENTRIES`, so these conversions are exact.
+    let mut table = Vec::with_capacity(entries as usize);
     let mut chunk = vec![0u8; BAT_READ_CHUNK.min(total_bytes as usize)];
     let mut done = 0u64;
     while done < total_bytes {
         let length = (total_bytes - done).min(chunk.len() as u64) as usize;
         let piece = &mut chunk[..length];
-        read_exact_at(file, piece, table_offset + done, "block allocation table")?;
-        table.extend(
-            piece
-                .chunks_exact(4)
-                .map(|entry| u32::from_be_bytes([entry[0], entry[1], entry[2], entry[3]])),
-        );
+        read_exact_at(
+            file,
+            piece,
+            layout.table_offset + done,
+            "block allocation table",
+        )?;
+        for raw in piece.chunks_exact(4) {
+            let entry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+            if entry != UNALLOCATED {
+                layout.check_entry(table.len() as u64, entry)?;
+            }
+            table.push(entry);
+        }
         done += length as u64;
     }
     Ok(table)
 }
 
-/// Refuses any two areas of the file that share a byte.
-fn check_no_overlap(
-    mut areas: Vec<(Range<u64>, Area)>,
-    header_offset: u64,
-    table_offset: u64,
-) -> Result<()> {
-    // An empty area (a BAT of no entries) holds no byte; left in, it could sit between two
-    // overlapping areas after sorting and hide them from the neighbour check.
-    areas.retain(|(range, _)| !range.is_empty());
-    // Stable, so of two blocks at the same place the later BAT entry is blamed.
-    areas.sort_by_key(|(range, _)| (range.start, range.end));
-    let describe = |range: &Range<u64>, area: Area| match area {
+/// How an area is named in messages.
+fn describe(range: &Range<u64>, area: Area) -> String {
+    match area {
         Area::FooterCopy => format!("the footer copy at 0..{}", range.end),
         Area::Header => format!("the dynamic disk header at {}..{}", range.start, range.end),
         Area::Bat => format!(
@@ -269,29 +375,33 @@ fn check_no_overlap(
             range.start, range.end
         ),
         Area::Block { index } => format!("block {index} at {}..{}", range.start, range.end),
-    };
-    // The structure whose pointer is wrong: a block's BAT entry, else the header.
-    let blame = |area: Area| match area {
-        Area::Block { index } => table_offset + index * 4,
-        _ => header_offset,
-    };
-    for pair in areas.windows(2) {
-        let ((first, first_area), (second, second_area)) = (&pair[0], &pair[1]);
-        // Sorted by start, any overlap shows between neighbours.
-        if second.start < first.end {
-            let culprit = match (first_area, second_area) {
-                (_, Area::Block { .. }) => *second_area,
-                (Area::Block { .. }, _) => *first_area,
-                _ => *second_area,
-            };
-            return Err(Error::corrupt(
-                format!(
-                    "dynamic VHD: {} overlaps {} (damaged block allocation table or header)",
-                    describe(first, *first_area),
-                    describe(second, *second_area)
-                ),
-                Some(blame(culprit)),
-            ));
+    }
+}
+
+/// Refuses two of footer copy, header and BAT that share a byte; the header, which holds the
+/// table's offset, is blamed.
+fn check_metadata_overlap(metadata: &[(Range<u64>, Area); 3], header_offset: u64) -> Result<()> {
+    for (i, (first, first_area)) in metadata.iter().enumerate() {
+        for (second, second_area) in &metadata[i + 1..] {
+            // An empty area (a BAT of no entries) holds no byte.
+            if first.is_empty() || second.is_empty() {
+                continue;
+            }
+            if first.start < second.end && second.start < first.end {
+                let (a, b) = if first.start <= second.start {
+                    ((first, *first_area), (second, *second_area))
+                } else {
+                    ((second, *second_area), (first, *first_area))
+                };
+                return Err(Error::corrupt(
+                    format!(
+                        "dynamic VHD: {} overlaps {} (damaged block allocation table or header)",
+                        describe(a.0, a.1),
+                        describe(b.0, b.1)
+                    ),
+                    Some(header_offset),
+                ));
+            }
         }
     }
     Ok(())

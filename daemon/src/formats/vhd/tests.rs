@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use imgcrypt_proto::api::SourceFormat;
 
+use super::dynamic::MAX_BAT_ENTRIES;
 use super::footer::build::{footer, reseal, AT_CHECKSUM, AT_CURRENT_SIZE, AT_DATA_OFFSET};
 use super::footer::{build::AT_DISK_TYPE, checksum, FOOTER_SIZE, MAX_VIRTUAL_SIZE};
 use crate::formats::{open, SourceImage};
@@ -519,14 +520,29 @@ fn block_size_not_a_power_of_two_or_zero_is_corrupt() {
 }
 
 #[test]
-fn max_table_entries_inconsistent_with_the_size_is_corrupt() {
-    for bad in [0u32, 9, 11, u32::MAX] {
+fn max_table_entries_too_small_for_the_size_is_corrupt() {
+    for bad in [0u32, 9] {
         let mut built = sample();
         built.set_header_u32(HEADER_ENTRIES_AT, bad);
         assert_corrupt(
             built.open(),
             HEADER_AT,
             &["max_table_entries", &bad.to_string(), "need 10"],
+        );
+    }
+}
+
+#[test]
+fn max_table_entries_larger_than_the_size_needs_reads_only_the_needed_ones() {
+    // qemu accepts a table declared larger than the disk; only the first 10 entries map guest
+    // bytes. The declared table (up to 16 GiB) reaches far past this small file: not read.
+    for large in [11u32, 1 << 28, u32::MAX] {
+        let mut built = sample();
+        built.set_header_u32(HEADER_ENTRIES_AT, large);
+        let image = built.open().unwrap_or_else(|e| panic!("{large}: {e}"));
+        assert_eq!(
+            read_all(image.as_ref()),
+            built.expected(image.virtual_size())
         );
     }
 }
@@ -552,13 +568,20 @@ fn bat_overlapping_the_header_is_corrupt() {
 }
 
 #[test]
-fn more_entries_than_the_file_holds_is_refused_before_allocating() {
-    // A 2040 GiB disk in 512-byte blocks would need a 16 GiB table; the file is tiny.
+fn more_entries_than_the_reader_holds_is_refused_before_allocating() {
+    // A 2040 GiB disk in 512-byte blocks would need a 16 GiB table.
     let mut built = sample();
     built.set_footer_u64(AT_CURRENT_SIZE, MAX_VIRTUAL_SIZE);
     built.set_header_u32(HEADER_BLOCK_SIZE_AT, 512);
     built.set_header_u32(HEADER_ENTRIES_AT, (MAX_VIRTUAL_SIZE / 512) as u32);
-    assert_corrupt(built.open(), HEADER_AT, &["block allocation table", "past"]);
+    assert_unsupported(
+        built.open(),
+        &[
+            "4278190080 block allocation table entries",
+            &MAX_BAT_ENTRIES.to_string(),
+            "qemu-img convert",
+        ],
+    );
 }
 
 // --- block allocation table -------------------------------------------------------------------
@@ -637,7 +660,7 @@ fn truncated_dynamic_vhd_is_corrupt() {
 }
 
 #[test]
-fn entries_unused_by_the_virtual_size_are_still_checked_and_then_ignored() {
+fn entries_unused_by_the_virtual_size_are_ignored() {
     // Virtual PC geometry makes the disk smaller than current_size: 2 blocks of 2 MiB hold the
     // 2 .. 4 MiB current size, the geometry 4 × 4 × 17 covers only the first 139 264 bytes.
     let mut spec = Dynamic::new(4 << 20, 2 << 20, &[1]);
@@ -650,9 +673,10 @@ fn entries_unused_by_the_virtual_size_are_still_checked_and_then_ignored() {
     assert!(image.allocated_ranges().is_empty());
     assert!(read_all(image.as_ref()).iter().all(|&b| b == 0));
 
-    let mut broken = spec.build();
-    broken.set_entry(1, 0xFFFF_FFF0);
-    assert_corrupt(broken.open(), TABLE_AT + 4, &["entry 1"]);
+    // Entry 1 maps no guest byte, so it is not read: not even a wild value matters.
+    let mut wild = spec.build();
+    wild.set_entry(1, 0xFFFF_FFF0);
+    assert!(wild.open().is_ok());
 }
 
 #[test]
@@ -680,4 +704,172 @@ fn no_panic_on_any_single_byte_damage_of_the_metadata() {
     }
     // Damage to a footer alone is survived through the other one, so some images open.
     assert!(opened > 0);
+}
+
+// --- attacker-sized tables (issue 8, finding 4) -----------------------------------------------
+
+/// Names the file [`open_named_file_and_report_peak_memory`] opens in a child process.
+const CHILD_IMAGE_ENV: &str = "IMGCRYPTD_TEST_VHD_MEMORY_IMAGE";
+
+/// Address space the child may use: an allocation sized by the attacker's table (1 GiB and up)
+/// fails there instead of eating the machine's memory.
+const CHILD_ADDRESS_SPACE: u64 = 1 << 30;
+
+/// Peak resident memory allowed for the whole child, test harness included.
+const CHILD_PEAK_LIMIT_KIB: i64 = 64 * 1024;
+
+/// Not a test of its own: [`open_in_a_child`] runs this test binary on it, with the file to open
+/// in the environment, so the peak memory measured is that of one `open`.
+#[test]
+#[ignore = "run in a child process by the attacker-sized table tests"]
+fn open_named_file_and_report_peak_memory() {
+    use nix::sys::resource::{setrlimit, Resource};
+    let Some(path) = std::env::var_os(CHILD_IMAGE_ENV) else {
+        return;
+    };
+    setrlimit(
+        Resource::RLIMIT_AS,
+        CHILD_ADDRESS_SPACE,
+        CHILD_ADDRESS_SPACE,
+    )
+    .unwrap();
+    let outcome = match open(File::open(path).unwrap()) {
+        Ok(image) => format!("opened {} bytes", image.virtual_size()),
+        Err(error) => format!("error {error}"),
+    };
+    // VmHWM, not getrusage's ru_maxrss: that one carries the parent's peak across fork and exec.
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let peak = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().strip_suffix("kB"))
+        .unwrap()
+        .trim()
+        .to_string();
+    println!("CHILD-OUTCOME: {outcome}");
+    println!("CHILD-PEAK-KIB: {peak}");
+}
+
+/// Opens `file` in a child process; returns what `open` said and the child's peak RSS in KiB.
+fn open_in_a_child(file: &tempfile::NamedTempFile) -> (String, i64) {
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "formats::vhd::tests::open_named_file_and_report_peak_memory",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_IMAGE_ENV, file.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let field = |name: &str| {
+        stdout
+            .lines()
+            // libtest prints the test's name on the same line, before the output.
+            .find_map(|line| line.split_once(name).map(|(_, value)| value))
+            .map(str::to_string)
+    };
+    let (Some(outcome), Some(peak)) = (field("CHILD-OUTCOME: "), field("CHILD-PEAK-KIB: ")) else {
+        panic!(
+            "the child opening the image died ({}), an unbounded allocation?\nstdout: {stdout}\n\
+             stderr: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    let peak = peak.parse().unwrap();
+    println!("peak RSS of the child: {peak} KiB ({outcome})");
+    (outcome, peak)
+}
+
+/// A sparse dynamic VHD: footer copy, header at 512, a table of `entries` at 1536 whose first
+/// `unallocated` entries are `0xFFFFFFFF` and the rest zeros (a hole), and the footer. Only
+/// a few KiB are written, whatever the table's size.
+fn sparse_dynamic(
+    creator: &[u8; 4],
+    current_size: u64,
+    geometry: (u16, u8, u8),
+    block_size: u32,
+    entries: u32,
+    unallocated: u64,
+) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    let foot = footer(3, creator, current_size, geometry, HEADER_AT);
+    let end = TABLE_AT + u64::from(entries) * 4;
+    file.as_file().set_len(end + FOOTER_SIZE as u64).unwrap();
+    file.as_file().write_all_at(&foot, 0).unwrap();
+    file.as_file().write_all_at(&foot, end).unwrap();
+    let mut header = vec![0u8; 1024];
+    header[..8].copy_from_slice(b"cxsparse");
+    header[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+    put_u64(&mut header, HEADER_TABLE_OFFSET_AT, TABLE_AT);
+    put_u32(&mut header, HEADER_VERSION_AT, 0x0001_0000);
+    put_u32(&mut header, HEADER_ENTRIES_AT, entries);
+    put_u32(&mut header, HEADER_BLOCK_SIZE_AT, block_size);
+    let sum = checksum(&header, HEADER_CHECKSUM_AT);
+    put_u32(&mut header, HEADER_CHECKSUM_AT, sum);
+    file.as_file().write_all_at(&header, HEADER_AT).unwrap();
+    let mut written = 0;
+    while written < unallocated * 4 {
+        let piece = (unallocated * 4 - written).min(1 << 20) as usize;
+        file.as_file()
+            .write_all_at(&vec![0xff; piece], TABLE_AT + written)
+            .unwrap();
+        written += piece as u64;
+    }
+    file
+}
+
+#[test]
+fn bat_of_2_pow_28_entries_in_a_sparse_8_kib_file_is_refused_in_bounded_memory() {
+    // The review's image: 128 GiB in 512-byte blocks, a 1 GiB table of zeros (every block at
+    // sector 0, over the footer copy). It drove the daemon to 9.4 GB before the error.
+    let file = sparse_dynamic(b"qem2", (1 << 28) * 512, (65535, 16, 255), 512, 1 << 28, 0);
+    let (outcome, peak) = open_in_a_child(&file);
+    assert!(
+        outcome.contains("268435456 block allocation table entries")
+            && outcome.contains(&MAX_BAT_ENTRIES.to_string()),
+        "{outcome}"
+    );
+    assert!(
+        peak < CHILD_PEAK_LIMIT_KIB,
+        "peak RSS {peak} KiB: {outcome}"
+    );
+}
+
+#[test]
+fn one_mib_disk_claiming_a_16_gib_table_reads_8_kib_of_it() {
+    // Sized by its geometry (32 × 4 × 16 sectors = 1 MiB), with a current size of 2040 GiB and
+    // a table declared for all of it in 512-byte blocks: 16 GiB, in a sparse file. The 2048
+    // entries the disk needs are unallocated; nothing else may be read.
+    let entries = (MAX_VIRTUAL_SIZE / 512) as u32;
+    let file = sparse_dynamic(b"qemu", MAX_VIRTUAL_SIZE, (32, 4, 16), 512, entries, 2048);
+    let (outcome, peak) = open_in_a_child(&file);
+    assert_eq!(outcome, "opened 1048576 bytes");
+    assert!(peak < CHILD_PEAK_LIMIT_KIB, "peak RSS {peak} KiB");
+}
+
+#[test]
+fn table_at_the_entry_limit_fails_at_its_first_bad_entry_in_bounded_memory() {
+    // 2^22 entries (the most a disk may need: 16 MiB of table) of zeros, in a sparse file: the
+    // first entry puts block 0 over the footer copy, and the error must come from it without
+    // the rest of the table being read or any per-block list being built.
+    let entries = MAX_BAT_ENTRIES as u32;
+    let file = sparse_dynamic(
+        b"qem2",
+        MAX_BAT_ENTRIES * 512,
+        (65535, 16, 255),
+        512,
+        entries,
+        0,
+    );
+    let (outcome, peak) = open_in_a_child(&file);
+    assert!(
+        outcome.contains("footer copy") && outcome.contains("block 0 at"),
+        "{outcome}"
+    );
+    // Reading the table is not needed to fail: well under the 16 MiB a full read would touch.
+    assert!(peak < 24 * 1024, "peak RSS {peak} KiB: {outcome}");
 }

@@ -6,6 +6,7 @@
 
 pub mod ring;
 pub mod secret;
+pub mod strength;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};

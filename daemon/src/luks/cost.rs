@@ -107,6 +107,9 @@ impl Kdf {
     }
 }
 
+/// A volume-key digest's pbkdf2: (hash, iterations).
+pub type DigestCheck = (String, u64);
+
 /// What opening one keyslot costs: its KDF, its anti-forensic stripes and the digest check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyslotCost {
@@ -118,8 +121,8 @@ pub struct KeyslotCost {
     pub key_bytes: u64,
     /// Anti-forensic stripes.
     pub stripes: u64,
-    /// The volume-key digest's pbkdf2 (hash, iterations) checked after the derivation.
-    pub digest: Option<(String, u64)>,
+    /// The volume-key digest's pbkdf2 checked after the derivation.
+    pub digest: Option<DigestCheck>,
 }
 
 fn pbkdf2_ms(hash: &str, iterations: u64, key_bytes: u64) -> u64 {
@@ -544,7 +547,7 @@ fn number(value: Option<&Value>) -> Option<u64> {
 }
 
 fn luks2_keyslots(metadata: &Value) -> Vec<(u32, KeyslotCost)> {
-    let digests: Vec<(Vec<String>, Option<(String, u64)>)> = metadata
+    let digests: Vec<(Vec<String>, DigestCheck)> = metadata
         .get("digests")
         .and_then(Value::as_object)
         .map(|digests| {
@@ -563,11 +566,11 @@ fn luks2_keyslots(metadata: &Value) -> Vec<(u32, KeyslotCost)> {
                     let hash = digest.get("hash").and_then(Value::as_str);
                     let iterations = number(digest.get("iterations"));
                     let pbkdf2 = match (digest.get("type").and_then(Value::as_str), hash) {
+                        // Missing iterations: assume the worst so it is refused.
                         (Some("pbkdf2"), Some(hash)) => {
-                            // Missing iterations: assume the worst so it is refused.
-                            Some((hash.to_string(), iterations.unwrap_or(u64::MAX)))
+                            (hash.to_string(), iterations.unwrap_or(u64::MAX))
                         }
-                        _ => Some(("unknown digest".to_string(), u64::MAX)),
+                        _ => ("unknown digest".to_string(), u64::MAX),
                     };
                     (keyslots, pbkdf2)
                 })
@@ -611,7 +614,7 @@ fn luks2_keyslots(metadata: &Value) -> Vec<(u32, KeyslotCost)> {
             let digest = digests
                 .iter()
                 .filter(|(slots, _)| slots.iter().any(|slot| slot == id))
-                .filter_map(|(_, digest)| digest.clone())
+                .map(|(_, digest)| digest.clone())
                 .max_by_key(|(hash, iterations)| pbkdf2_ms(hash, *iterations, 32));
             let af = keyslot.get("af");
             Some((

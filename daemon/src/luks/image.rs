@@ -588,7 +588,6 @@ impl LuksImage {
         let key_size_bits = u32::try_from(status.get_volume_key_size())
             .unwrap_or(0)
             .saturating_mul(8);
-        let iv_offset = status.get_iv_offset();
         let sector_size =
             u32::try_from(libcryptsetup_rs::get_sector_size(Some(&mut device))).unwrap_or(0);
 
@@ -599,19 +598,6 @@ impl LuksImage {
         let max_keyslots = CryptKeyslotHandle::max_keyslots(format)
             .map_err(|error| libcryptsetup_error("reading the keyslot count", error))?;
         let facts = cost::read_facts(&self.copy, self.version, self.image_size)?;
-        if let Some(segment) = facts.segments.first() {
-            if segment.iv_tweak != iv_offset && segment.count == 1 {
-                return Err(Error::corrupt(
-                    format!(
-                        "the LUKS2 header's segment 0 reads as iv_tweak {} but libcryptsetup \
-                         says {iv_offset}: the header is damaged; check it with `cryptsetup \
-                         luksDump`",
-                        segment.iv_tweak
-                    ),
-                    Some(0),
-                ));
-            }
-        }
         let tokens = token::list(&mut device, self.version == LuksVersion::Luks2);
         let mut keyslots = Vec::new();
         let mut unbound = Vec::new();
@@ -1111,6 +1097,7 @@ mod tests {
     use crate::luks::unlock::Unlocking;
     use imgcrypt_proto::api::PbkdfKind;
     use std::io::Write;
+    use std::process::Command;
 
     /// Generated keys (`imgctl key generate`), so headers carry their `imgcrypt-key` tokens.
     const KEY_A: &[u8] = b"8KiOclVIE2tldMbFc5uayeoiL2V/1P0aKhiNNyZZujE=";
@@ -1642,5 +1629,100 @@ mod tests {
             (vec![(0, 4096)], vec![(8192, 12288)])
         );
         assert_eq!(split_in_half(&[(0, 100)]), (vec![(0, 50)], vec![(50, 100)]));
+    }
+
+    #[test]
+    fn inspect_shows_argon2i_and_unbound_keyslots() {
+        // Keyslot 0 argon2i (libcryptsetup-rs cannot convert its PBKDF); keyslot 1 unbound.
+        let image = cryptsetup_image(
+            "luks2",
+            KEY_A,
+            20,
+            &[
+                "--pbkdf",
+                "argon2i",
+                "--pbkdf-force-iterations",
+                "4",
+                "--pbkdf-memory",
+                "32",
+            ],
+        );
+        let key_b = key_file(KEY_B);
+        let output = Command::new("cryptsetup")
+            .args([
+                "luksAddKey",
+                "--batch-mode",
+                "--unbound",
+                "--key-size",
+                "512",
+            ])
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .arg(image.path())
+            .arg(key_b.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let info = luks.info(&[]);
+        assert_eq!(info.keyslots.len(), 2, "{info:?}");
+        assert_eq!(info.keyslots[0].keyslot, 0);
+        assert!(
+            info.keyslots[0]
+                .pbkdf
+                .starts_with("argon2i (4 iterations, 32 KiB, "),
+            "{:?}",
+            info.keyslots[0]
+        );
+        assert_eq!(info.keyslots[1].keyslot, 1);
+        assert!(
+            info.keyslots[1]
+                .pbkdf
+                .starts_with("pbkdf2-sha256 (1000 iterations)")
+                && info.keyslots[1].pbkdf.contains("unbound"),
+            "{:?}",
+            info.keyslots[1]
+        );
+        // The unbound keyslot holds no volume key: it is never a candidate for unlocking.
+        assert_eq!(luks.keyslots().len(), 1);
+        assert_eq!(luks.unbound_keyslots()[0].keyslot, 1);
+        let error = luks
+            .unlock(&[candidate("b", KEY_B)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap_err();
+        assert!(matches!(error, Error::WrongKey { .. }), "{error:?}");
+        luks.unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
+    }
+
+    #[test]
+    fn segment_size_is_honoured_and_iv_tweak_refused() {
+        let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let whole = luks.payload_size();
+        assert_eq!(whole, (20 << 20) - luks.data_offset());
+
+        edit_header(image.path(), &[r#"segments.0.size="4194304""#]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        assert_eq!(luks.payload_size(), 4 << 20);
+        luks.check_payload_supported().unwrap();
+
+        // Past the image's end: libcryptsetup itself refuses to load it (and our payload check
+        // would call it truncated).
+        edit_header(image.path(), &[r#"segments.0.size="1000000000""#]);
+        assert!(LuksImage::read(image.as_file()).is_err());
+
+        edit_header(
+            image.path(),
+            &[r#"segments.0.size="dynamic""#, r#"segments.0.iv_tweak="8""#],
+        );
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        assert_eq!(luks.payload_size(), whole);
+        let error = luks.check_payload_supported().unwrap_err();
+        assert!(
+            matches!(&error, Error::UnsupportedImage { message } if message.contains("iv_tweak 8") && message.contains("cryptsetup")),
+            "{error:?}"
+        );
+        // Header work does not read the payload: the keys still open it.
+        luks.unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
     }
 }

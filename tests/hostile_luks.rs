@@ -149,6 +149,9 @@ fn derivations(daemon: &Daemon) -> usize {
         + log.matches("Trying to open LUKS2 keyslot").count()
 }
 
+/// A method, its parameters and the files to open for it.
+type Call<'a> = (&'static str, Value, Vec<(&'a Path, Open)>);
+
 /// The calls an attacker makes on `image` opened by `key` (descriptors: image, key[, output or
 /// new key]); each must be refused naming keyslot 0 without a derivation.
 fn attack_every_job(attacker: &TestUser, daemon: &Daemon, dir: &Path, image: &Path, key: &Path) {
@@ -157,7 +160,7 @@ fn attack_every_job(attacker: &TestUser, daemon: &Daemon, dir: &Path, image: &Pa
     fs::File::create(&output).unwrap();
     attacker.own(&[&output]);
     let before = derivations(daemon);
-    let calls: [(&str, Value, Vec<(&Path, Open)>); 4] = [
+    let calls: [Call<'_>; 4] = [
         (
             api::VERIFY,
             json!({"image": 0, "keys": [key_ref(1, "--key-file")]}),

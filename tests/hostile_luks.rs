@@ -43,20 +43,33 @@ fn key_for(user: &TestUser, path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-/// A `kind` (luks1/luks2) image at `path` made by `cryptsetup luksFormat` with `key` and cheap
-/// pbkdf2 plus `extra`, owned by `user`.
-fn cryptsetup_image(user: &TestUser, path: &Path, kind: &str, key: &Path, extra: &[&str]) {
+/// A 20 MiB image at `path` made by `cryptsetup luksFormat --key-file KEY` with `args`, owned
+/// by `user`.
+fn luks_format(user: &TestUser, path: &Path, key: &Path, args: &[&str]) {
     fs::File::create(path).unwrap().set_len(20 << 20).unwrap();
     run_ok(
         Command::new("cryptsetup")
-            .args(["luksFormat", "--batch-mode", "--type", kind])
-            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
-            .args(extra)
+            .args(["luksFormat", "--batch-mode"])
+            .args(args)
             .arg("--key-file")
             .arg(key)
             .arg(path),
     );
     user.own(&[path]);
+}
+
+/// [`luks_format`] of a `kind` (luks1/luks2) image with cheap pbkdf2 plus `extra`.
+fn cryptsetup_image(user: &TestUser, path: &Path, kind: &str, key: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "--type",
+        kind,
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "1000",
+    ];
+    args.extend_from_slice(extra);
+    luks_format(user, path, key, &args);
 }
 
 /// Edits the header with tests/support/luks_edit.py (LUKS2 JSON with checksums fixed, or LUKS1
@@ -330,16 +343,15 @@ fn a_trial_stops_when_its_client_hangs_up() {
     // One keyslot whose derivation takes about 1.8 s here (within the caps), no token, and 8
     // wrong keys: 8 derivations, about 15 s, if the trial ignored the hang-up.
     let image = dir.join("slow.luks");
-    fs::File::create(&image).unwrap().set_len(20 << 20).unwrap();
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "--batch-mode", "--type", "luks2"])
-            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "2000000"])
-            .arg("--key-file")
-            .arg(&key)
-            .arg(&image),
-    );
-    attacker.own(&[&image]);
+    let slow = [
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "pbkdf2",
+        "--pbkdf-force-iterations",
+        "2000000",
+    ];
+    luks_format(&attacker, &image, &key, &slow);
     let wrong: Vec<PathBuf> = (0..8)
         .map(|i| key_for(&attacker, &dir.join(format!("wrong{i}.key"))))
         .collect();
@@ -535,19 +547,16 @@ fn a_non_root_rewrite_of_a_ring_keyed_copy_cannot_choose_its_pbkdf() {
 
     // The victim's image, encrypted with the ring's key, readable by others.
     let victim_image = dir.join("victim.luks");
-    fs::File::create(&victim_image)
-        .unwrap()
-        .set_len(20 << 20)
-        .unwrap();
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "--batch-mode", "--type", "luks2"])
-            .args(["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4"])
-            .args(["--pbkdf-memory", "65536", "--key-file"])
-            .arg(&ring_key)
-            .arg(&victim_image),
-    );
-    victim.own(&[&victim_image]);
+    let argon2id = [
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "argon2id",
+        "--pbkdf-force-iterations",
+        "4",
+    ];
+    let args = [&argon2id[..], &["--pbkdf-memory", "65536"]].concat();
+    luks_format(&victim, &victim_image, &ring_key, &args);
     fs::set_permissions(&victim_image, fs::Permissions::from_mode(0o644)).unwrap();
 
     // The attacker's copy, re-keyed through Rewrite to a cheap PBKDF with the ring's keys.
@@ -588,14 +597,19 @@ fn inspect_lists_argon2i_and_unbound_keyslots() {
     let key = key_for(&attacker, &dir.join("attacker.key"));
     let other = key_for(&attacker, &dir.join("unbound.key"));
     let image = dir.join("argon2i.luks");
-    fs::File::create(&image).unwrap().set_len(20 << 20).unwrap();
-    run_ok(
-        Command::new("cryptsetup")
-            .args(["luksFormat", "--batch-mode", "--type", "luks2"])
-            .args(["--pbkdf", "argon2i", "--pbkdf-force-iterations", "4"])
-            .args(["--pbkdf-memory", "32", "--key-file"])
-            .arg(&key)
-            .arg(&image),
+    let argon2i = [
+        "--type",
+        "luks2",
+        "--pbkdf",
+        "argon2i",
+        "--pbkdf-force-iterations",
+        "4",
+    ];
+    luks_format(
+        &attacker,
+        &image,
+        &key,
+        &[&argon2i[..], &["--pbkdf-memory", "32"]].concat(),
     );
     run_ok(
         Command::new("cryptsetup")

@@ -1020,6 +1020,26 @@ pub(crate) mod testing {
         image
     }
 
+    /// `cryptsetup luksAddKey` with cheap pbkdf2: a keyslot for `new` on the image at `path`,
+    /// opened with `old`.
+    pub fn cryptsetup_add_key(path: &Path, old: &[u8], new: &[u8]) {
+        let (old, new) = (key_file(old), key_file(new));
+        cryptsetup(
+            &[
+                "luksAddKey",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                old.path().to_str().unwrap(),
+                path.to_str().unwrap(),
+            ],
+            new.path(),
+        );
+    }
+
     /// Whether `cryptsetup open --test-passphrase` accepts `key` for the image at `path`.
     pub fn opens(path: &Path, key: &[u8]) -> bool {
         let key = key_file(key);
@@ -1427,22 +1447,7 @@ mod tests {
         let mut luks = LuksImage::read(&file).unwrap();
         add_key_b(&mut luks);
         // Someone else adds a keyslot meanwhile.
-        let a = key_file(KEY_A);
-        let c = key_file(b"third-key");
-        cryptsetup(
-            &[
-                "luksAddKey",
-                "--batch-mode",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--key-file",
-                a.path().to_str().unwrap(),
-                image.path().to_str().unwrap(),
-            ],
-            c.path(),
-        );
+        cryptsetup_add_key(image.path(), KEY_A, b"third-key");
         let error = luks.commit(&file, Change::Added).unwrap_err();
         assert!(matches!(error, Error::Luks { .. }), "{error:?}");
         assert!(opens(image.path(), b"third-key"));

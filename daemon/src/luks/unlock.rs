@@ -659,23 +659,7 @@ mod tests {
     fn an_over_cap_keyslot_is_skipped_and_named_while_the_others_are_tried() {
         // Keyslot 0: key A, cheap. Keyslot 1: key B, then edited to 100 M iterations.
         let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
-        let key_a = key_file(KEY_A);
-        let key_b = key_file(KEY_B);
-        cryptsetup(
-            &[
-                "luksAddKey",
-                "--batch-mode",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--key-file",
-                key_a.path().to_str().unwrap(),
-                "--new-keyfile",
-                key_b.path().to_str().unwrap(),
-            ],
-            image.path(),
-        );
+        cryptsetup_add_key(image.path(), KEY_A, KEY_B);
         edit_header(image.path(), &["keyslots.1.kdf.iterations=100000000"]);
         let luks = LuksImage::read(image.as_file()).unwrap();
         let (volume_key, unlocked) = luks

@@ -6,6 +6,9 @@ copies (e.g. `keyslots.0.kdf.iterations=4294967295`, `segments.0.iv_tweak="8"`) 
 each copy's SHA-256 checksum, so cryptsetup accepts the result. A value of `null` deletes.
 LUKS1: `luks_edit.py IMAGE luks1.keyslot.N.iterations=V` or `luks1.digest_iterations=V` patches
 the phdr (it has no checksum).
+
+`--secondary-only` edits only the LUKS2 secondary copy; `--break-primary` then spoils the
+primary's checksum, so libcryptsetup falls back to the (edited) secondary.
 """
 import hashlib
 import json
@@ -26,11 +29,11 @@ def set_path(doc, path, value):
         doc[last] = value
 
 
-def edit_luks2(f, edits):
+def edit_luks2(f, edits, offsets_wanted):
     f.seek(0)
     primary = f.read(16)
     hdr_size = struct.unpack(">Q", primary[8:16])[0]
-    for offset in (0, hdr_size):
+    for offset in [o for o in (0, hdr_size) if offsets_wanted(o, hdr_size)]:
         f.seek(offset)
         header = bytearray(f.read(hdr_size))
         assert header[:6] in (b"LUKS\xba\xbe", b"SKUL\xba\xbe"), header[:6]
@@ -61,8 +64,18 @@ def edit_luks1(f, edits):
         f.write(struct.pack(">I", int(value)))
 
 
+def break_primary(f):
+    f.seek(CSUM_OFFSET)
+    first = f.read(1)
+    f.seek(CSUM_OFFSET)
+    f.write(bytes([first[0] ^ 0xFF]))
+
+
 def main():
-    image, *assignments = sys.argv[1:]
+    args = sys.argv[1:]
+    secondary_only = "--secondary-only" in args
+    spoil_primary = "--break-primary" in args
+    image, *assignments = [a for a in args if a not in ("--secondary-only", "--break-primary")]
     edits = []
     for assignment in assignments:
         path, _, value = assignment.partition("=")
@@ -70,7 +83,9 @@ def main():
     with open(image, "r+b") as f:
         version = struct.unpack(">H", f.read(8)[6:8])[0]
         if version == 2:
-            edit_luks2(f, edits)
+            edit_luks2(f, edits, lambda o, size: o == size or not secondary_only)
+            if spoil_primary:
+                break_primary(f)
         else:
             edit_luks1(f, edits)
 

@@ -601,6 +601,14 @@ mod tests {
                 r#"keyslots.0.kdf={"type":"argon2id","time":4294967295,"memory":4194304,"cpus":4,"salt":"GUhnD2Rimni10iWp3G5bv/57RpwHUgn28oObyAXGquc="}"#,
             ][..],
             &["digests.0.iterations=4294967295"][..],
+            // Only the secondary copy is hostile, and the primary's checksum is spoilt so that
+            // libcryptsetup uses the secondary (and repairs the daemon's copy from it): the
+            // check sees what libcryptsetup derives, not the primary the image started with.
+            &[
+                "--secondary-only",
+                "--break-primary",
+                "keyslots.0.kdf.iterations=4294967295",
+            ][..],
         ] {
             let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
             edit_header(image.path(), edit);

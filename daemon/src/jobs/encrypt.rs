@@ -16,14 +16,15 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use imgcrypt_proto::api::{EncryptParameters, Phase, Summary};
+use imgcrypt_proto::api::{EncryptParameters, LuksVersion, Phase, Summary};
 use nix::errno::Errno;
 use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::engines::PayloadJob;
 use crate::error::Descriptor;
 use crate::keys::ring;
-use crate::keys::{self, secret::SecretBytes, CandidateKey};
+use crate::keys::{self, secret::SecretBytes, strength, CandidateKey};
+use crate::luks::cost::KdfCaps;
 use crate::luks::{self, layout, HeaderSpec, VOLUME_KEY_BYTES};
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::{self, StorageKind};
@@ -49,6 +50,9 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
         pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
     };
     header_spec.validate()?;
+    // Non-root callers get tighter caps on what one derivation of their keyslot may cost.
+    let caps = KdfCaps::for_caller(job.caller_uid);
+    caps.check_request(&header_spec)?;
     let engine = state.engines.resolve(parameters.engine)?;
 
     // The output last, so a refusal to write over another of the call's files names its role
@@ -104,6 +108,13 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
     reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
     let header = luks::format_header(&header_spec, &volume_key, &key.passphrase, &key.fingerprint)?;
+    caps.check_created(&header.cost)?;
+    if !header.fingerprint_stored && parameters.luks_version == LuksVersion::Luks2 {
+        if let Some(text) = strength::notice(&key_name, key.passphrase.as_bytes())? {
+            tracing::warn!(job = job_id, "{text}");
+            reporter.notice(text);
+        }
+    }
     let output_size = layout::output_size(header.data_offset, virtual_size)?;
     let payload_size = output_size - header.data_offset;
 

@@ -32,13 +32,17 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
-use imgcrypt_proto::api::{Phase, RemovedKeyslot, RewriteParameters, RewriteSummary};
+use imgcrypt_proto::api::{
+    LuksVersion, Pbkdf, Phase, RemovedKeyslot, RewriteParameters, RewriteSummary,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::engines::userspace::UserspaceEngine;
 use crate::engines::PayloadJob;
 use crate::error::Descriptor;
-use crate::keys::{CandidateKey, SecretBytes};
+use crate::keys::{strength, CandidateKey, SecretBytes};
+use crate::luks::cost::KdfCaps;
+use crate::luks::unlock::Unlocking;
 use crate::luks::{self, crash, Change, HeaderSpec, LuksImage, LuksPayload, VOLUME_KEY_BYTES};
 use crate::server::ServerState;
 use crate::sys::descriptors::{self, CheckedFile};
@@ -93,8 +97,11 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
         Purpose::Other,
     )?;
     let new_key = keys.encryption_key()?;
+    let pbkdf = chosen_pbkdf(&job, &keys)?;
+    let caps = unlock::caps(&job);
     let image = unlock::lock_image(image.file, true)?;
-    let (mut luks, volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
+    // Header only: no payload is decrypted, so any cipher libcryptsetup reads will do.
+    let (mut luks, volume_key, unlocked) = unlock::open_header(&job, &image, &keys)?;
     job.check_cancel()?;
     job.reporter.progress(Phase::Keyslots, 0, 0);
 
@@ -109,14 +116,24 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
             (keyslot, false)
         }
         None => {
-            let pbkdf = parameters.pbkdf.clone().unwrap_or_default();
+            caps.check_request(&HeaderSpec {
+                version: luks.version(),
+                pbkdf: pbkdf.clone(),
+                ..HeaderSpec::default()
+            })?;
             let keyslot = luks.add_keyslot(&volume_key, new_key, &pbkdf)?;
+            // Checked before the commit: a keyslot the caller could not open again never
+            // reaches the image.
+            if let Some(cost) = luks.keyslot_cost(keyslot) {
+                caps.check_created(cost)?;
+            }
+            weak_key_notice(&job, new_key, luks.version())?;
             luks.commit(&image, Change::Added)?;
             tracing::info!(job = job.id, keyslot, fingerprint = %new_key.key.fingerprint, "keyslot added and synced");
             (keyslot, true)
         }
     };
-    confirm_new_keyslot(&image, new_key, keyslot, &volume_key)?;
+    confirm_new_keyslot(&image, new_key, keyslot, &volume_key, caps)?;
 
     let mut removed = Vec::new();
     let others: Vec<u32> = luks
@@ -153,6 +170,45 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
     })
 }
 
+/// The PBKDF for the new keyslot: the caller's choice, or the daemon's defaults.
+///
+/// A keyslot for the daemon ring's key protects plaintext only root may read
+/// ([`crate::keys::ring::may_decrypt_with`]); a non-root caller choosing its PBKDF could make it
+/// cheap (a copy of another user's ring-keyed image re-keyed to pbkdf2 with 1000 iterations
+/// turns every later check of a guess into microseconds). So for such a caller the daemon's
+/// defaults apply and an explicit choice is refused.
+fn chosen_pbkdf(job: &Job<RewriteParameters>, keys: &JobKeys) -> Result<Pbkdf> {
+    let chosen = job.parameters.pbkdf.clone();
+    if keys.from_daemon_ring
+        && chosen.is_some()
+        && !crate::keys::ring::may_decrypt_with(job.caller_uid)
+    {
+        return Err(Error::PermissionDenied(format!(
+            "uid {} may not choose the key derivation of a keyslot for the daemon's key ring: \
+             only root may; leave out the PBKDF options (--pbkdf, --iter-time, \
+             --pbkdf-iterations, --pbkdf-memory, --pbkdf-parallel) and the daemon's defaults \
+             apply, or rotate to your own key with --key-file",
+            job.caller_uid
+        )));
+    }
+    Ok(chosen.unwrap_or_default())
+}
+
+/// Tells the user when the new key gets no `imgcrypt-key` fingerprint because it does not look
+/// generated ([`crate::keys::strength`]); LUKS1 has no tokens at all.
+fn weak_key_notice(
+    job: &Job<RewriteParameters>,
+    new_key: &CandidateKey,
+    version: LuksVersion,
+) -> Result<()> {
+    if version == LuksVersion::Luks2 {
+        if let Some(text) = strength::notice(&new_key.name, new_key.key.passphrase.as_bytes())? {
+            job.notice(text);
+        }
+    }
+    Ok(())
+}
+
 /// The keyslot the new key already opens, if any: its token says so, or it is the very key the
 /// image was just unlocked with.
 fn existing_keyslot(
@@ -174,13 +230,14 @@ fn confirm_new_keyslot(
     new_key: &CandidateKey,
     keyslot: u32,
     volume_key: &SecretBytes,
+    caps: &'static KdfCaps,
 ) -> Result<()> {
     let written = LuksImage::read(image)?;
     let only_new = [CandidateKey {
         name: new_key.name.clone(),
         key: new_key.key.duplicate()?,
     }];
-    let (reopened, unlocked) = written.unlock(&only_new, &|_| {})?;
+    let (reopened, unlocked) = written.unlock(&only_new, &Unlocking::quiet(caps))?;
     if unlocked.keyslot != keyslot || reopened.as_bytes() != volume_key.as_bytes() {
         return Err(Error::Luks {
             operation: "confirming the new keyslot",
@@ -259,6 +316,8 @@ fn reencrypt(
         Purpose::Other,
     )?;
     let new_key = keys.encryption_key()?;
+    let pbkdf = chosen_pbkdf(&job, &keys)?;
+    let caps = unlock::caps(&job);
     let image = unlock::lock_image(image.file, false)?;
     let output_file = unlock::lock_image(output.file, true)?;
     let output = CheckedFile {
@@ -293,14 +352,17 @@ fn reencrypt(
         let spec = HeaderSpec {
             version: luks.version(),
             sector_size,
-            pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
+            pbkdf,
         };
+        caps.check_request(&spec)?;
         let header = luks::format_header(
             &spec,
             &new_volume_key,
             &new_key.key.passphrase,
             &new_key.key.fingerprint,
         )?;
+        caps.check_created(&header.cost)?;
+        weak_key_notice(&job, new_key, luks.version())?;
         let output_size = header.data_offset + payload_size;
         prepare_output(
             &output,
@@ -325,6 +387,7 @@ fn reencrypt(
             new_key,
             &source_uuid,
             payload_size,
+            caps,
         )?;
         (new_volume_key, data_offset, Some(done))
     };
@@ -406,6 +469,7 @@ fn resume_point(
     new_key: &CandidateKey,
     source_uuid: &str,
     payload_size: u64,
+    caps: &'static KdfCaps,
 ) -> Result<(SecretBytes, u64, u64)> {
     let not_ours = |why: String| {
         Error::bad_descriptor(
@@ -450,7 +514,15 @@ fn resume_point(
         name: new_key.name.clone(),
         key: new_key.key.duplicate()?,
     }];
-    let (volume_key, _) = partial.unlock(&only_new, &|_| {})?;
+    // The partial file is the client's: its keyslot gets the same caps as any image's.
+    let (volume_key, _) = partial.unlock(
+        &only_new,
+        &Unlocking {
+            caps,
+            notice: &|_| {},
+            cancelled: &|| job.check_cancel().is_err(),
+        },
+    )?;
     job.notice(format!(
         "resuming the re-encryption at {} of {payload_size} bytes",
         checkpoint.done

@@ -14,6 +14,8 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::Descriptor;
 use crate::keys::{self, CandidateKey, SecretBytes};
+use crate::luks::cost::KdfCaps;
+use crate::luks::unlock::Unlocking;
 use crate::luks::LuksImage;
 use crate::server::ServerState;
 use crate::sys::descriptors;
@@ -189,18 +191,49 @@ pub fn lock_image(file: File, exclusive: bool) -> Result<Flock<File>> {
     })
 }
 
-/// Reads the image's header and opens it with the first key that fits, reporting the unlock
-/// phase and passing libcryptsetup's trial notices on to the user.
+/// Reads the image's header and opens it with the first key that fits, for a job that decrypts
+/// the payload (decrypt, verify, re-encrypt): images whose payload imgcrypt cannot read are
+/// refused before any key derivation.
 pub fn open_image<P>(
     job: &Job<P>,
     image: &File,
     keys: &JobKeys,
 ) -> Result<(LuksImage, SecretBytes, Unlocked)> {
     let luks = LuksImage::read(image)?;
-    luks.check_cipher_supported()?;
+    luks.check_payload_supported()?;
+    unlock_image(job, luks, keys)
+}
+
+/// [`open_image`] for a job that changes only keyslots (header-only rotation): any cipher
+/// libcryptsetup reads will do, since no payload is decrypted.
+pub fn open_header<P>(
+    job: &Job<P>,
+    image: &File,
+    keys: &JobKeys,
+) -> Result<(LuksImage, SecretBytes, Unlocked)> {
+    unlock_image(job, LuksImage::read(image)?, keys)
+}
+
+/// The caller's derivation caps ([`KdfCaps::for_caller`]) for a job.
+pub fn caps<P>(job: &Job<P>) -> &'static KdfCaps {
+    KdfCaps::for_caller(job.caller_uid)
+}
+
+/// Opens `luks` under the caller's caps, reporting the unlock phase, passing trial notices on,
+/// and stopping between derivations once the job is cancelled (the client hung up).
+fn unlock_image<P>(
+    job: &Job<P>,
+    luks: LuksImage,
+    keys: &JobKeys,
+) -> Result<(LuksImage, SecretBytes, Unlocked)> {
     job.check_cancel()?;
     job.reporter.progress(Phase::Unlock, 0, 0);
-    let (volume_key, unlocked) = luks.unlock(&keys.candidates, &|text| job.notice(text))?;
+    let how = Unlocking {
+        caps: caps(job),
+        notice: &|text| job.notice(text),
+        cancelled: &|| job.check_cancel().is_err(),
+    };
+    let (volume_key, unlocked) = luks.unlock(&keys.candidates, &how)?;
     tracing::info!(
         job = job.id,
         key = %unlocked.key_name,

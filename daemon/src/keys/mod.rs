@@ -7,6 +7,7 @@
 pub mod fingerprint;
 pub mod ring;
 pub mod secret;
+pub mod strength;
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};

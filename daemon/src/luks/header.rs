@@ -27,6 +27,7 @@ use libcryptsetup_rs::{
     CryptParamsLuks2Ref, CryptPbkdfType, CryptSettingsHandle, Either,
 };
 
+use super::cost::KeyslotCost;
 use super::{clear_errors, libcryptsetup_error, route_libcryptsetup_logs, token};
 use crate::keys::SecretBytes;
 use crate::sys::memfd;
@@ -57,8 +58,9 @@ const ARGON2_MAX_MEMORY_KIB: u32 = 4 * 1024 * 1024;
 // Upper bounds on keyslot cost. libcryptsetup serialises every call process-wide (the `mutex`
 // feature), so one client asking for an hour-long PBKDF would stall every other job's header.
 // These allow roughly 10-30x cryptsetup's defaults, far beyond any sensible unlock time.
-/// Longest benchmarked unlock time a client may ask for.
-const MAX_ITER_TIME_MS: u32 = 30_000;
+/// Longest benchmarked unlock time any client may ask for (root's cap; non-root callers get
+/// less, see [`super::cost`]).
+const MAX_ITER_TIME_MS: u32 = super::cost::ROOT_CAPS.max_iter_time_ms;
 /// Most pbkdf2 iterations (cryptsetup's 2 s default is a few million here).
 const PBKDF2_MAX_ITERATIONS: u32 = 50_000_000;
 /// Most argon2id iterations (cryptsetup's 2 s default is 4 at up to 1 GiB).
@@ -295,13 +297,19 @@ pub struct FormattedHeader {
     /// The keyslot's key derivation as stored, e.g. `argon2id (5 iterations, 1048576 KiB,
     /// 2 threads; benchmarked for 2000 ms)` or `pbkdf2-sha256 (1000 iterations)`.
     pub pbkdf: String,
+    /// What opening the keyslot costs, for the caller's caps ([`super::cost::KdfCaps`]).
+    pub cost: KeyslotCost,
+    /// Whether the header carries the key's `imgcrypt-key` fingerprint (LUKS2, and only for a
+    /// key that looks generated: [`crate::keys::strength`]).
+    pub fingerprint_stored: bool,
 }
 
 /// Formats a LUKS header with `volume_key` and one keyslot opened by `passphrase`.
 ///
 /// For LUKS2 the keyslot also gets an `imgcrypt-key` token carrying `fingerprint` (the key
-/// file's, see [`super::token`]), so decrypting later finds the keyslot without trials. LUKS1
-/// has no tokens and ignores it.
+/// file's, see [`super::token`]), so decrypting later finds the keyslot without trials, unless
+/// the key does not look generated ([`crate::keys::strength`]). LUKS1 has no tokens and ignores
+/// it.
 ///
 /// # Threads
 ///
@@ -341,7 +349,7 @@ pub fn format_header(
         .map_err(|error| libcryptsetup_error("opening the in-memory header device", error))?;
     let written = write_header(&mut device, spec, volume_key, passphrase, fingerprint);
     drop(device);
-    let (data_offset, cipher, key_size_bits, pbkdf) = written?;
+    let (data_offset, cipher, key_size_bits, pbkdf, fingerprint_stored) = written?;
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         data_offset,
@@ -362,23 +370,35 @@ pub fn format_header(
     image
         .set_len(data_offset)
         .map_err(|error| Error::io("trimming the in-memory LUKS header", error))?;
+    let cost = super::cost::read_facts(&image, spec.version, data_offset)?
+        .keyslots
+        .into_values()
+        .next()
+        .and_then(|copies| copies.into_iter().next())
+        .ok_or_else(|| Error::Luks {
+            operation: "format",
+            message: "the new header describes no keyslot".to_string(),
+        })?;
     Ok(FormattedHeader {
         image,
         data_offset,
         cipher,
         key_size_bits,
         pbkdf,
+        cost,
+        fingerprint_stored,
     })
 }
 
-/// The libcryptsetup part of [`format_header`]: data offset, cipher, key bits, PBKDF text.
+/// The libcryptsetup part of [`format_header`]: data offset, cipher, key bits, PBKDF text,
+/// whether the fingerprint token was written.
 fn write_header(
     device: &mut CryptDevice,
     spec: &HeaderSpec,
     volume_key: &SecretBytes,
     passphrase: &SecretBytes,
     fingerprint: &str,
-) -> Result<(u64, String, u32, String)> {
+) -> Result<(u64, String, u32, String, bool)> {
     // Set before formatting, as the cryptsetup CLI does: LUKS1 takes the keyslot KDF only from
     // here, and LUKS2 keeps it when formatting without its own.
     let settings = spec.pbkdf_settings()?;
@@ -440,7 +460,9 @@ fn write_header(
             CryptVolumeKey::empty(),
         )
         .map_err(|error| libcryptsetup_error("adding the keyslot", error))?;
-    if spec.version == LuksVersion::Luks2 {
+    let fingerprint_stored = spec.version == LuksVersion::Luks2
+        && crate::keys::strength::may_store_fingerprint(passphrase.as_bytes())?;
+    if fingerprint_stored {
         token::add(device, keyslot, fingerprint)?;
     }
 
@@ -479,7 +501,13 @@ fn write_header(
     let benchmarked_ms =
         (!settings.flags.contains(CryptPbkdf::NO_BENCHMARK)).then_some(settings.time_ms);
     let pbkdf = describe_pbkdf(&stored, benchmarked_ms);
-    Ok((data_offset, cipher, key_size_bits, pbkdf))
+    Ok((
+        data_offset,
+        cipher,
+        key_size_bits,
+        pbkdf,
+        fingerprint_stored,
+    ))
 }
 
 /// A keyslot's key derivation as users read it: `pbkdf2-sha256 (1000 iterations)` or

@@ -35,10 +35,11 @@ use libcryptsetup_rs::consts::vals::{EncryptionFormat, KeyslotInfo as SlotStatus
 use libcryptsetup_rs::{CryptDevice, CryptInit, CryptKeyslotHandle, CryptParamsLuks2Ref, Either};
 use serde_json::Value;
 
-use super::header::{describe_pbkdf, HeaderSpec};
+use super::cost::{self, HeaderFacts, KdfCaps};
+use super::header::HeaderSpec;
 use super::{clear_errors, crash, libcryptsetup_error, route_libcryptsetup_logs, token};
 use crate::error::Descriptor;
-use crate::keys::{CandidateKey, SecretBytes};
+use crate::keys::{strength, CandidateKey, SecretBytes};
 use crate::sys::memfd;
 use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
@@ -109,6 +110,11 @@ pub struct LuksImage {
     key_size_bits: u32,
     sector_size: u32,
     keyslots: Vec<Keyslot>,
+    /// Keyslots bound to no data segment (`cryptsetup luksAddKey --unbound`): they hold some
+    /// other key, never the volume key, so nothing unlocks or removes them.
+    unbound: Vec<Keyslot>,
+    /// Keyslot costs and segments of every header copy, read by us, not libcryptsetup.
+    facts: HeaderFacts,
 }
 
 /// What the on-disk structures say, before libcryptsetup looks.
@@ -154,6 +160,8 @@ impl LuksImage {
             key_size_bits: 0,
             sector_size: 0,
             keyslots: Vec::new(),
+            unbound: Vec::new(),
+            facts: HeaderFacts::default(),
         };
         luks.refresh()?;
         Ok(luks)
@@ -194,9 +202,33 @@ impl LuksImage {
         self.image_size
     }
 
-    /// Encrypted payload bytes: the image size minus the data offset.
+    /// Encrypted payload bytes: a LUKS2 segment's fixed `size`, else (`dynamic`, LUKS1) the
+    /// image size minus the data offset. [`Self::check_payload_supported`] refuses a fixed size
+    /// the image cannot hold.
     pub fn payload_size(&self) -> u64 {
-        self.image_size - self.data_offset
+        let available = self.image_size - self.data_offset;
+        match self.facts.segments.first().and_then(|segment| segment.size) {
+            Some(size) => size.min(available),
+            None => available,
+        }
+    }
+
+    /// Why keyslot `keyslot` must not be derived under `caps` (see [`super::cost`]), or None.
+    pub fn keyslot_refusal(&self, keyslot: u32, caps: &KdfCaps) -> Option<String> {
+        self.facts.refusal(keyslot, caps)
+    }
+
+    /// The cost of `keyslot` as the primary header states it.
+    pub fn keyslot_cost(&self, keyslot: u32) -> Option<&cost::KeyslotCost> {
+        self.facts
+            .keyslots
+            .get(&keyslot)
+            .and_then(|copies| copies.first())
+    }
+
+    /// Keyslots bound to no data segment.
+    pub fn unbound_keyslots(&self) -> &[Keyslot] {
+        &self.unbound
     }
 
     /// Active keyslots, by number.
@@ -212,19 +244,86 @@ impl LuksImage {
             .map(|slot| slot.keyslot)
     }
 
-    /// Refuses images whose payload the userspace engine cannot decrypt.
-    pub fn check_cipher_supported(&self) -> Result<()> {
-        if self.cipher == SUPPORTED_CIPHER && self.key_size_bits == SUPPORTED_KEY_BITS {
-            return Ok(());
+    /// Refuses images whose payload the userspace engine cannot decrypt: another cipher, or a
+    /// LUKS2 data segment it would read wrongly (several segments, an IV tweak, integrity, a
+    /// fixed size past the image's end). Only jobs that decrypt the payload call this; header
+    /// edits work on any image libcryptsetup reads.
+    pub fn check_payload_supported(&self) -> Result<()> {
+        if self.cipher != SUPPORTED_CIPHER || self.key_size_bits != SUPPORTED_KEY_BITS {
+            return Err(self.unsupported_cipher());
         }
-        Err(Error::UnsupportedImage {
+        let refuse = |message: String| {
+            Err(Error::UnsupportedImage {
+                message: format!(
+                    "{message}; imgcrypt does not decrypt such a payload: open this image with                      cryptsetup instead"
+                ),
+            })
+        };
+        let mut copies = self.facts.segments.iter();
+        let Some(first) = copies.next() else {
+            return Ok(()); // LUKS1: one implicit segment, no tweak, no size.
+        };
+        if copies.any(|other| other != first) {
+            return refuse(
+                "the LUKS2 header copies describe the data segment differently (a damaged or \
+                 edited header?)"
+                    .to_string(),
+            );
+        }
+        if first.count != 1 {
+            return refuse(format!(
+                "the LUKS2 header has {} data segments (a `cryptsetup reencrypt` in progress?): \
+                 finish it with `cryptsetup reencrypt --resume-only`",
+                first.count
+            ));
+        }
+        if first.kind != "crypt" {
+            return refuse(format!(
+                "LUKS2 segment 0 is of type {:?}, not crypt",
+                first.kind
+            ));
+        }
+        if first.integrity {
+            return refuse("LUKS2 segment 0 uses authenticated encryption (integrity)".to_string());
+        }
+        if first.iv_tweak != 0 {
+            return refuse(format!(
+                "LUKS2 segment 0 has iv_tweak {} (its IVs start at sector {} instead of 0)",
+                first.iv_tweak, first.iv_tweak
+            ));
+        }
+        if let Some(size) = first.size {
+            let available = self.image_size - self.data_offset;
+            if size > available {
+                return Err(Error::corrupt(
+                    format!(
+                        "truncated: LUKS2 segment 0 holds {size} bytes from byte {} but the \
+                         image has only {available} after it; obtain a complete copy",
+                        self.data_offset
+                    ),
+                    Some(self.image_size),
+                ));
+            }
+            if size == 0 || size % u64::from(self.sector_size.max(512)) != 0 {
+                return refuse(format!(
+                    "LUKS2 segment 0 has a size of {size} bytes, not a positive whole number of \
+                     {}-byte sectors",
+                    self.sector_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn unsupported_cipher(&self) -> Error {
+        Error::UnsupportedImage {
             message: format!(
                 "the LUKS image is encrypted with {} and a {}-bit key; imgcrypt decrypts only \
                  {SUPPORTED_CIPHER} with a {SUPPORTED_KEY_BITS}-bit key (what it and cryptsetup \
                  make by default): open this image with cryptsetup instead",
                 self.cipher, self.key_size_bits
             ),
-        })
+        }
     }
 
     /// The header as the protocol reports it; `keys` are matched by fingerprint, never tried.
@@ -241,6 +340,7 @@ impl LuksImage {
             keyslots: self
                 .keyslots
                 .iter()
+                .chain(&self.unbound)
                 .map(|slot| KeyslotInfo {
                     keyslot: slot.keyslot,
                     pbkdf: slot.pbkdf.clone(),
@@ -256,7 +356,7 @@ impl LuksImage {
     }
 
     /// Adds a keyslot for `key` holding `volume_key` to the copy (LUKS2: with its
-    /// `imgcrypt-key` token); returns its number. Nothing reaches the image before
+    /// `imgcrypt-key` token if the key looks generated); returns its number. Nothing reaches the image before
     /// [`Self::commit`] with [`Change::Added`].
     ///
     /// `pbkdf` follows the rules of new images ([`HeaderSpec`]): LUKS1 takes pbkdf2 only.
@@ -289,7 +389,8 @@ impl LuksImage {
                     CryptVolumeKey::empty(),
                 )
                 .map_err(|error| libcryptsetup_error("adding a keyslot", error))?;
-            if is_luks2 {
+            // A key that does not look generated gets no fingerprint: see keys::strength.
+            if is_luks2 && strength::may_store_fingerprint(key.key.passphrase.as_bytes())? {
                 token::add(&mut device, keyslot, &key.key.fingerprint)?;
             }
             Ok(keyslot)
@@ -496,24 +597,38 @@ impl LuksImage {
         };
         let max_keyslots = CryptKeyslotHandle::max_keyslots(format)
             .map_err(|error| libcryptsetup_error("reading the keyslot count", error))?;
+        let facts = cost::read_facts(&self.copy, self.version, self.image_size)?;
         let tokens = token::list(&mut device, self.version == LuksVersion::Luks2);
         let mut keyslots = Vec::new();
+        let mut unbound = Vec::new();
         for keyslot in 0..max_keyslots {
-            let mut handle = device.keyslot_handle();
-            match handle.status(keyslot) {
-                Ok(SlotStatus::Active | SlotStatus::ActiveLast) => {}
-                _ => continue,
+            // The KDF text comes from our own parse: libcryptsetup-rs cannot convert every
+            // keyslot's PBKDF (argon2i failed with "Failed to perform the specified
+            // conversion"), and the cost checks use the same parse.
+            let pbkdf = || {
+                facts
+                    .describe(keyslot)
+                    .unwrap_or_else(|| "unknown key derivation".to_string())
+            };
+            match device.keyslot_handle().status(keyslot) {
+                Ok(SlotStatus::Active | SlotStatus::ActiveLast) => keyslots.push(Keyslot {
+                    keyslot,
+                    pbkdf: pbkdf(),
+                    fingerprint: tokens.get(&keyslot).cloned(),
+                }),
+                Ok(SlotStatus::Unbound) => unbound.push(Keyslot {
+                    keyslot,
+                    pbkdf: format!(
+                        "{}; unbound: bound to no data segment, it holds no key to this image",
+                        pbkdf()
+                    ),
+                    fingerprint: tokens.get(&keyslot).cloned(),
+                }),
+                _ => {}
             }
-            let pbkdf = handle
-                .get_pbkdf(keyslot)
-                .map(|stored| describe_pbkdf(&stored, None))
-                .map_err(|error| libcryptsetup_error("reading a keyslot's PBKDF", error))?;
-            keyslots.push(Keyslot {
-                keyslot,
-                pbkdf,
-                fingerprint: tokens.get(&keyslot).cloned(),
-            });
         }
+        self.facts = facts;
+        self.unbound = unbound;
         self.uuid = uuid;
         self.cipher = cipher;
         self.key_size_bits = key_size_bits;
@@ -905,6 +1020,26 @@ pub(crate) mod testing {
         image
     }
 
+    /// `cryptsetup luksAddKey` with cheap pbkdf2: a keyslot for `new` on the image at `path`,
+    /// opened with `old`.
+    pub fn cryptsetup_add_key(path: &Path, old: &[u8], new: &[u8]) {
+        let (old, new) = (key_file(old), key_file(new));
+        cryptsetup(
+            &[
+                "luksAddKey",
+                "--batch-mode",
+                "--pbkdf",
+                "pbkdf2",
+                "--pbkdf-force-iterations",
+                "1000",
+                "--key-file",
+                old.path().to_str().unwrap(),
+                path.to_str().unwrap(),
+            ],
+            new.path(),
+        );
+    }
+
     /// Whether `cryptsetup open --test-passphrase` accepts `key` for the image at `path`.
     pub fn opens(path: &Path, key: &[u8]) -> bool {
         let key = key_file(key);
@@ -928,6 +1063,22 @@ pub(crate) mod testing {
         let copy = NamedTempFile::new_in("/tmp").unwrap();
         std::fs::copy(image.path(), copy.path()).unwrap();
         copy
+    }
+
+    /// Edits the LUKS header of `path` with `tests/support/luks_edit.py` (fields of the LUKS2
+    /// JSON in both copies, checksums fixed; or LUKS1 phdr fields), as a hostile user would.
+    pub fn edit_header(path: &Path, assignments: &[&str]) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/support/luks_edit.py");
+        let output = Command::new("python3")
+            .arg(script)
+            .arg(path)
+            .args(assignments)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "luks_edit {assignments:?}: {output:?}"
+        );
     }
 
     /// Runs `body` with libcryptsetup's debug log captured (this thread only); returns the
@@ -962,11 +1113,15 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
+    use crate::luks::cost::ROOT_CAPS;
+    use crate::luks::unlock::Unlocking;
     use imgcrypt_proto::api::PbkdfKind;
     use std::io::Write;
+    use std::process::Command;
 
-    const KEY_A: &[u8] = b"first-key-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const KEY_B: &[u8] = b"second-key-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    /// Generated keys (`imgctl key generate`), so headers carry their `imgcrypt-key` tokens.
+    const KEY_A: &[u8] = b"8KiOclVIE2tldMbFc5uayeoiL2V/1P0aKhiNNyZZujE=";
+    const KEY_B: &[u8] = b"IvVY4Ngoxq5KPUjj/b60K8B5xohGgq6TNVN+2ISVQCk=";
 
     fn cheap_pbkdf() -> Pbkdf {
         Pbkdf {
@@ -1013,7 +1168,7 @@ mod tests {
             assert_eq!(luks.cipher(), "aes-xts-plain64");
             assert_eq!(luks.key_size_bits(), 512);
             assert_eq!(luks.image_size(), 20 << 20);
-            luks.check_cipher_supported().unwrap();
+            luks.check_payload_supported().unwrap();
             assert_eq!(luks.keyslots().len(), 1);
             assert_eq!(luks.keyslots()[0].keyslot, 0);
             assert_eq!(luks.keyslots()[0].fingerprint, None);
@@ -1195,7 +1350,10 @@ mod tests {
 
     fn add_key_b(luks: &mut LuksImage) -> u32 {
         let (volume_key, _) = luks
-            .unlock(&[candidate("encryption_key", KEY_A)], &|_| {})
+            .unlock(
+                &[candidate("encryption_key", KEY_A)],
+                &Unlocking::quiet(&ROOT_CAPS),
+            )
             .unwrap();
         luks.add_keyslot(&volume_key, &candidate("new", KEY_B), &cheap_pbkdf())
             .unwrap()
@@ -1289,22 +1447,7 @@ mod tests {
         let mut luks = LuksImage::read(&file).unwrap();
         add_key_b(&mut luks);
         // Someone else adds a keyslot meanwhile.
-        let a = key_file(KEY_A);
-        let c = key_file(b"third-key");
-        cryptsetup(
-            &[
-                "luksAddKey",
-                "--batch-mode",
-                "--pbkdf",
-                "pbkdf2",
-                "--pbkdf-force-iterations",
-                "1000",
-                "--key-file",
-                a.path().to_str().unwrap(),
-                image.path().to_str().unwrap(),
-            ],
-            c.path(),
-        );
+        cryptsetup_add_key(image.path(), KEY_A, b"third-key");
         let error = luks.commit(&file, Change::Added).unwrap_err();
         assert!(matches!(error, Error::Luks { .. }), "{error:?}");
         assert!(opens(image.path(), b"third-key"));
@@ -1491,5 +1634,100 @@ mod tests {
             (vec![(0, 4096)], vec![(8192, 12288)])
         );
         assert_eq!(split_in_half(&[(0, 100)]), (vec![(0, 50)], vec![(50, 100)]));
+    }
+
+    #[test]
+    fn inspect_shows_argon2i_and_unbound_keyslots() {
+        // Keyslot 0 argon2i (libcryptsetup-rs cannot convert its PBKDF); keyslot 1 unbound.
+        let image = cryptsetup_image(
+            "luks2",
+            KEY_A,
+            20,
+            &[
+                "--pbkdf",
+                "argon2i",
+                "--pbkdf-force-iterations",
+                "4",
+                "--pbkdf-memory",
+                "32",
+            ],
+        );
+        let key_b = key_file(KEY_B);
+        let output = Command::new("cryptsetup")
+            .args([
+                "luksAddKey",
+                "--batch-mode",
+                "--unbound",
+                "--key-size",
+                "512",
+            ])
+            .args(["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"])
+            .arg(image.path())
+            .arg(key_b.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let info = luks.info(&[]);
+        assert_eq!(info.keyslots.len(), 2, "{info:?}");
+        assert_eq!(info.keyslots[0].keyslot, 0);
+        assert!(
+            info.keyslots[0]
+                .pbkdf
+                .starts_with("argon2i (4 iterations, 32 KiB, "),
+            "{:?}",
+            info.keyslots[0]
+        );
+        assert_eq!(info.keyslots[1].keyslot, 1);
+        assert!(
+            info.keyslots[1]
+                .pbkdf
+                .starts_with("pbkdf2-sha256 (1000 iterations)")
+                && info.keyslots[1].pbkdf.contains("unbound"),
+            "{:?}",
+            info.keyslots[1]
+        );
+        // The unbound keyslot holds no volume key: it is never a candidate for unlocking.
+        assert_eq!(luks.keyslots().len(), 1);
+        assert_eq!(luks.unbound_keyslots()[0].keyslot, 1);
+        let error = luks
+            .unlock(&[candidate("b", KEY_B)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap_err();
+        assert!(matches!(error, Error::WrongKey { .. }), "{error:?}");
+        luks.unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
+    }
+
+    #[test]
+    fn segment_size_is_honoured_and_iv_tweak_refused() {
+        let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let whole = luks.payload_size();
+        assert_eq!(whole, (20 << 20) - luks.data_offset());
+
+        edit_header(image.path(), &[r#"segments.0.size="4194304""#]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        assert_eq!(luks.payload_size(), 4 << 20);
+        luks.check_payload_supported().unwrap();
+
+        // Past the image's end: libcryptsetup itself refuses to load it (and our payload check
+        // would call it truncated).
+        edit_header(image.path(), &[r#"segments.0.size="1000000000""#]);
+        assert!(LuksImage::read(image.as_file()).is_err());
+
+        edit_header(
+            image.path(),
+            &[r#"segments.0.size="dynamic""#, r#"segments.0.iv_tweak="8""#],
+        );
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        assert_eq!(luks.payload_size(), whole);
+        let error = luks.check_payload_supported().unwrap_err();
+        assert!(
+            matches!(&error, Error::UnsupportedImage { message } if message.contains("iv_tweak 8") && message.contains("cryptsetup")),
+            "{error:?}"
+        );
+        // Header work does not read the payload: the keys still open it.
+        luks.unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
     }
 }

@@ -9,6 +9,8 @@
 //! - [`unlock`]: which candidate key opens an image, by token first and by trial only where the
 //!   image carries no fingerprint.
 //! - [`payload`]: the decrypted payload of an image as a [`crate::formats::SourceImage`].
+//! - [`cost`]: what deriving a keyslot costs, and the caps a keyslot must fit before it is
+//!   derived.
 //! - [`crash`]: kill points for the write-back's crash tests.
 //!
 //! libcryptsetup writes its messages through a process-wide callback; this module routes them
@@ -17,6 +19,7 @@
 //! libcryptsetup never puts passphrases or volume keys in its messages (its debug output carries
 //! header metadata, which is public), so routing them is safe.
 
+pub mod cost;
 pub mod crash;
 pub mod header;
 pub mod image;

@@ -124,7 +124,9 @@ impl SourceImage for LuksPayload {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::luks::cost::ROOT_CAPS;
     use crate::luks::image::testing::*;
+    use crate::luks::unlock::Unlocking;
     use crate::luks::LuksImage;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
@@ -165,7 +167,9 @@ sys.stdout.buffer.write(bytes(out))
         for extra in [&[][..], &["--sector-size", "4096"][..]] {
             let image = cryptsetup_image("luks2", KEY, 20, extra);
             let luks = LuksImage::read(image.as_file()).unwrap();
-            let (volume_key, _) = luks.unlock(&[candidate("k", KEY)], &|_| {}).unwrap();
+            let (volume_key, _) = luks
+                .unlock(&[candidate("k", KEY)], &Unlocking::quiet(&ROOT_CAPS))
+                .unwrap();
             let plaintext: Vec<u8> = (0..luks.payload_size())
                 .map(|i| (i % 253) as u8 ^ (i >> 12) as u8)
                 .collect();
@@ -215,7 +219,9 @@ sys.stdout.buffer.write(bytes(out))
     fn a_truncated_payload_is_a_corrupt_image() {
         let image = cryptsetup_image("luks2", KEY, 20, &[]);
         let luks = LuksImage::read(image.as_file()).unwrap();
-        let (volume_key, _) = luks.unlock(&[candidate("k", KEY)], &|_| {}).unwrap();
+        let (volume_key, _) = luks
+            .unlock(&[candidate("k", KEY)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
         let payload = LuksPayload::new(
             image.reopen().unwrap(),
             luks.data_offset(),

@@ -15,24 +15,57 @@
 use imgcrypt_proto::api::{UnlockMethod, Unlocked};
 use libcryptsetup_rs::{CryptDevice, LibcryptErr};
 
+use super::cost::KdfCaps;
 use super::image::LuksImage;
 use super::{clear_errors, libcryptsetup_error};
 use crate::keys::{CandidateKey, SecretBytes};
 use crate::{Error, Result};
 
+/// How an unlock may run: the caller's derivation caps, where its notices go, and whether its
+/// job was cancelled (checked before every derivation, so a client that hangs up mid-trial
+/// stops the trials).
+pub struct Unlocking<'a> {
+    /// The caps every keyslot must fit before it is derived.
+    pub caps: &'a KdfCaps,
+    /// Text for the user when trials (slow) are about to run.
+    pub notice: &'a dyn Fn(String),
+    /// True once the job is cancelled.
+    pub cancelled: &'a dyn Fn() -> bool,
+}
+
+fn no_notice(_: String) {}
+fn never_cancelled() -> bool {
+    false
+}
+
+impl Unlocking<'static> {
+    /// Under `caps`, with no notices and no cancellation: for the daemon's own checks of a
+    /// keyslot it has just written.
+    pub fn quiet(caps: &'static KdfCaps) -> Self {
+        Self {
+            caps,
+            notice: &no_notice,
+            cancelled: &never_cancelled,
+        }
+    }
+}
+
 impl LuksImage {
     /// Finds the candidate that opens the image and returns the volume key with how it was
-    /// found. `notice` receives text for the user when trials (slow) are about to run.
+    /// found.
     ///
-    /// Fails with [`Error::WrongKey`] when no candidate opens it, [`Error::NoKey`] when there
-    /// are no candidates, and [`Error::UnsupportedImage`] when the cipher is not one imgcrypt
-    /// decrypts.
+    /// No keyslot is derived whose cost is over `how.caps`: a token-matched one is refused, a
+    /// trial skips it and names it if nothing opens. Fails with [`Error::WrongKey`] when no
+    /// candidate opens it, [`Error::NoKey`] when there are no candidates,
+    /// [`Error::UnsupportedImage`] when the keyslot to open (or every keyslot that could be
+    /// tried) is over the caps, and [`Error::Cancelled`] when the job was cancelled between
+    /// derivations. Whether imgcrypt can decrypt the payload is not checked here
+    /// ([`Self::check_payload_supported`]): header-only jobs open any cipher.
     pub fn unlock(
         &self,
         candidates: &[CandidateKey],
-        notice: &dyn Fn(String),
+        how: &Unlocking<'_>,
     ) -> Result<(SecretBytes, Unlocked)> {
-        self.check_cipher_supported()?;
         if candidates.is_empty() {
             return Err(Error::NoKey(
                 "no key was offered to open the LUKS image: pass --key-file FILE or add the \
@@ -42,11 +75,28 @@ impl LuksImage {
         }
         let key_bytes = (self.key_size_bits() / 8) as usize;
         let mut device = self.open_device()?;
+        let cancel_point = || {
+            if (how.cancelled)() {
+                Err(Error::Cancelled)
+            } else {
+                Ok(())
+            }
+        };
 
         for candidate in candidates {
             let Some(keyslot) = self.keyslot_of(&candidate.key.fingerprint) else {
                 continue;
             };
+            if let Some(why) = self.keyslot_refusal(keyslot, how.caps) {
+                tracing::warn!(keyslot, "not deriving: {why}");
+                return Err(Error::UnsupportedImage {
+                    message: format!(
+                        "key {} matches the imgcrypt-key token of keyslot {keyslot}, but {why}",
+                        candidate.name
+                    ),
+                });
+            }
+            cancel_point()?;
             return match open_keyslot(&mut device, keyslot, candidate, key_bytes)? {
                 Some(volume_key) => Ok((
                     volume_key,
@@ -81,16 +131,41 @@ impl LuksImage {
                 ),
             ));
         }
+        let mut skipped = Vec::new();
+        let mut triable = Vec::new();
+        for &keyslot in &untokened {
+            match self.keyslot_refusal(keyslot, how.caps) {
+                Some(why) => {
+                    tracing::warn!(keyslot, "not deriving: {why}");
+                    skipped.push(why);
+                }
+                None => triable.push(keyslot),
+            }
+        }
+        if triable.is_empty() {
+            return Err(Error::UnsupportedImage {
+                message: format!(
+                    "no keyslot of this image can be tried (no key derivation was run): {}",
+                    skipped.join("; ")
+                ),
+            });
+        }
 
-        notice(format!(
+        (how.notice)(format!(
             "the image carries no imgcrypt-key fingerprint for keyslot(s) {}: trying {} key(s) \
-             in ring order; each try costs a key derivation",
-            list(&untokened),
-            candidates.len()
+             in ring order; each try costs a key derivation{}",
+            list(&triable),
+            candidates.len(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" (skipping: {})", skipped.join("; "))
+            }
         ));
         let mut attempts = 0u32;
         for candidate in candidates {
-            for &keyslot in &untokened {
+            for &keyslot in &triable {
+                cancel_point()?;
                 attempts += 1;
                 if let Some(volume_key) = open_keyslot(&mut device, keyslot, candidate, key_bytes)?
                 {
@@ -101,15 +176,18 @@ impl LuksImage {
                 }
             }
         }
-        Err(self.wrong_key(
-            &all,
-            format!(
-                "none of the {} key(s) offered opens keyslot(s) {} ({attempts} key derivations \
-                 run)",
-                candidates.len(),
-                list(&untokened)
-            ),
-        ))
+        let tried = format!(
+            "none of the {} key(s) offered opens keyslot(s) {} ({attempts} key derivations run)",
+            candidates.len(),
+            list(&triable)
+        );
+        if !skipped.is_empty() {
+            // The right key may be in a keyslot that was not tried: not a plain wrong key.
+            return Err(Error::UnsupportedImage {
+                message: format!("{tried}; not tried: {}", skipped.join("; ")),
+            });
+        }
+        Err(self.wrong_key(&all, tried))
     }
 
     /// A [`Error::WrongKey`] naming what was tried and what the image carries.
@@ -210,6 +288,7 @@ fn open_keyslot(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::luks::cost::{NON_ROOT_CAPS, ROOT_CAPS};
     use crate::luks::image::testing::*;
     use crate::luks::{format_header, Change, HeaderSpec, VOLUME_KEY_BYTES};
     use imgcrypt_proto::api::{LuksVersion, Pbkdf, PbkdfKind};
@@ -218,8 +297,9 @@ mod tests {
     use std::os::unix::fs::FileExt;
     use std::time::Instant;
 
-    const KEY_A: &[u8] = b"first-key-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-    const KEY_B: &[u8] = b"second-key-bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    /// Generated keys (`imgctl key generate`), so headers carry their `imgcrypt-key` tokens.
+    const KEY_A: &[u8] = b"8KiOclVIE2tldMbFc5uayeoiL2V/1P0aKhiNNyZZujE=";
+    const KEY_B: &[u8] = b"IvVY4Ngoxq5KPUjj/b60K8B5xohGgq6TNVN+2ISVQCk=";
 
     fn others() -> Vec<CandidateKey> {
         (1..=3)
@@ -295,7 +375,9 @@ mod tests {
         let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
         let file = read_write(&image);
         let mut luks = LuksImage::read(&file).unwrap();
-        let (volume_key, _) = luks.unlock(&[candidate("a", KEY_A)], &|_| {}).unwrap();
+        let (volume_key, _) = luks
+            .unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
         let cheap = Pbkdf {
             kind: Some(PbkdfKind::Pbkdf2),
             iterations: Some(1000),
@@ -310,8 +392,15 @@ mod tests {
         candidates.push(candidate("decryption_key4", KEY_B));
         let notices = RefCell::new(Vec::new());
         let ((volume_key, unlocked), derivations) = counting_key_derivations(|| {
-            luks.unlock(&candidates, &|notice| notices.borrow_mut().push(notice))
-                .unwrap()
+            luks.unlock(
+                &candidates,
+                &Unlocking {
+                    caps: &ROOT_CAPS,
+                    notice: &|notice| notices.borrow_mut().push(notice),
+                    cancelled: &|| false,
+                },
+            )
+            .unwrap()
         });
         assert_eq!(
             unlocked,
@@ -342,14 +431,18 @@ mod tests {
         let image = imgcrypt_image(KEY_A, slow);
         let luks = LuksImage::read(image.as_file()).unwrap();
         let started = Instant::now();
-        let (_, unlocked) = luks.unlock(&[candidate("a", KEY_A)], &|_| {}).unwrap();
+        let (_, unlocked) = luks
+            .unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
         let one_derivation = started.elapsed();
         assert_eq!(unlocked.method, UnlockMethod::Token);
 
         let candidates = others();
         let started = Instant::now();
-        let (error, derivations) =
-            counting_key_derivations(|| luks.unlock(&candidates, &|_| {}).unwrap_err());
+        let (error, derivations) = counting_key_derivations(|| {
+            luks.unlock(&candidates, &Unlocking::quiet(&ROOT_CAPS))
+                .unwrap_err()
+        });
         let refused_in = started.elapsed();
         eprintln!("one key derivation {one_derivation:?}; refusal {refused_in:?}");
         assert_eq!(derivations, 0);
@@ -391,7 +484,14 @@ mod tests {
             candidates.insert(2, candidate("decryption_key9", KEY_A));
             let notices = RefCell::new(Vec::new());
             let (volume_key, unlocked) = luks
-                .unlock(&candidates, &|notice| notices.borrow_mut().push(notice))
+                .unlock(
+                    &candidates,
+                    &Unlocking {
+                        caps: &ROOT_CAPS,
+                        notice: &|notice| notices.borrow_mut().push(notice),
+                        cancelled: &|| false,
+                    },
+                )
                 .unwrap();
             assert_eq!(
                 unlocked,
@@ -411,7 +511,9 @@ mod tests {
             assert!(notices[0].contains("trying 4 key(s)"), "{}", notices[0]);
 
             let wrong = others();
-            let error = luks.unlock(&wrong, &|_| {}).unwrap_err();
+            let error = luks
+                .unlock(&wrong, &Unlocking::quiet(&ROOT_CAPS))
+                .unwrap_err();
             let Error::WrongKey {
                 message,
                 tried,
@@ -441,7 +543,10 @@ mod tests {
         let luks = LuksImage::read(&file).unwrap();
         assert_eq!(luks.keyslot_of(&fingerprint(KEY_B)), Some(0));
         let error = luks
-            .unlock(&[candidate("b", KEY_B), candidate("a", KEY_A)], &|_| {})
+            .unlock(
+                &[candidate("b", KEY_B), candidate("a", KEY_A)],
+                &Unlocking::quiet(&ROOT_CAPS),
+            )
             .unwrap_err();
         match error {
             Error::WrongKey { message, .. } => {
@@ -455,11 +560,16 @@ mod tests {
     fn no_candidates_is_no_key() {
         let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
         let luks = LuksImage::read(image.as_file()).unwrap();
-        assert!(matches!(luks.unlock(&[], &|_| {}), Err(Error::NoKey(_))));
+        assert!(matches!(
+            luks.unlock(&[], &Unlocking::quiet(&ROOT_CAPS)),
+            Err(Error::NoKey(_))
+        ));
     }
 
     #[test]
-    fn other_ciphers_are_refused_before_any_key_is_tried() {
+    fn other_ciphers_open_for_header_work_and_are_refused_for_the_payload() {
+        // Header-only rotation decrypts nothing, so unlocking does not care about the cipher;
+        // the payload readers check it (check_payload_supported).
         let image = cryptsetup_image(
             "luks2",
             KEY_A,
@@ -469,11 +579,137 @@ mod tests {
         let luks = LuksImage::read(image.as_file()).unwrap();
         assert_eq!(luks.cipher(), "aes-cbc-essiv:sha256");
         assert_eq!(luks.key_size_bits(), 256);
-        match luks.unlock(&[candidate("a", KEY_A)], &|_| {}).unwrap_err() {
+        let (volume_key, _) = luks
+            .unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap();
+        assert_eq!(volume_key.as_bytes(), cryptsetup_volume_key(&image, KEY_A));
+        match luks.check_payload_supported().unwrap_err() {
             Error::UnsupportedImage { message } => {
                 assert!(message.contains("aes-cbc-essiv:sha256"), "{message}")
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_keyslot_over_the_cap_is_never_derived() {
+        // Trial path (no token), LUKS2: 4294967295 pbkdf2 iterations, or argon2id 2^32-1 passes
+        // over 4 GiB. Either derivation would run for hours; the refusal comes with none run.
+        for edit in [
+            &["keyslots.0.kdf.iterations=4294967295"][..],
+            &[
+                r#"keyslots.0.kdf={"type":"argon2id","time":4294967295,"memory":4194304,"cpus":4,"salt":"GUhnD2Rimni10iWp3G5bv/57RpwHUgn28oObyAXGquc="}"#,
+            ][..],
+            &["digests.0.iterations=4294967295"][..],
+            // Only the secondary copy is hostile, and the primary's checksum is spoilt so that
+            // libcryptsetup uses the secondary (and repairs the daemon's copy from it): the
+            // check sees what libcryptsetup derives, not the primary the image started with.
+            &[
+                "--secondary-only",
+                "--break-primary",
+                "keyslots.0.kdf.iterations=4294967295",
+            ][..],
+        ] {
+            let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
+            edit_header(image.path(), edit);
+            let luks = LuksImage::read(image.as_file()).unwrap();
+            let (error, derivations) = counting_key_derivations(|| {
+                luks.unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&NON_ROOT_CAPS))
+                    .unwrap_err()
+            });
+            assert_eq!(derivations, 0, "{edit:?}");
+            let Error::UnsupportedImage { message } = error else {
+                panic!("{error:?}")
+            };
+            assert!(message.contains("keyslot 0"), "{message}");
+            assert!(message.contains("no key derivation was run"), "{message}");
+            assert!(message.contains("luksConvertKey"), "{message}");
+        }
+
+        // Token path: the token names the keyslot, and it is still not derived.
+        let cheap = Pbkdf {
+            kind: Some(PbkdfKind::Pbkdf2),
+            iterations: Some(1000),
+            ..Pbkdf::default()
+        };
+        let image = imgcrypt_image(KEY_A, cheap);
+        edit_header(image.path(), &["keyslots.0.kdf.iterations=100000000"]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let (error, derivations) = counting_key_derivations(|| {
+            luks.unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&NON_ROOT_CAPS))
+                .unwrap_err()
+        });
+        assert_eq!(derivations, 0);
+        let Error::UnsupportedImage { message } = error else {
+            panic!("{error:?}")
+        };
+        assert!(message.contains("token of keyslot 0"), "{message}");
+        assert!(message.contains("100000000 iterations"), "{message}");
+        assert!(message.contains("non-root callers"), "{message}");
+
+        // LUKS1: the phdr's iteration field. 4294967295 iterations take about an hour here, so
+        // returning at all shows it was not derived.
+        let image = cryptsetup_image("luks1", KEY_A, 20, &[]);
+        edit_header(image.path(), &["luks1.keyslot.0.iterations=4294967295"]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let started = Instant::now();
+        let error = luks
+            .unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&ROOT_CAPS))
+            .unwrap_err();
+        assert!(started.elapsed().as_secs() < 5, "{:?}", started.elapsed());
+        assert!(
+            matches!(&error, Error::UnsupportedImage { message } if message.contains("4294967295 iterations")),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn an_over_cap_keyslot_is_skipped_and_named_while_the_others_are_tried() {
+        // Keyslot 0: key A, cheap. Keyslot 1: key B, then edited to 100 M iterations.
+        let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
+        cryptsetup_add_key(image.path(), KEY_A, KEY_B);
+        edit_header(image.path(), &["keyslots.1.kdf.iterations=100000000"]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let (volume_key, unlocked) = luks
+            .unlock(&[candidate("a", KEY_A)], &Unlocking::quiet(&NON_ROOT_CAPS))
+            .unwrap();
+        assert_eq!(unlocked.keyslot, 0);
+        assert_eq!(volume_key.as_bytes(), cryptsetup_volume_key(&image, KEY_A));
+        let (error, derivations) = counting_key_derivations(|| {
+            luks.unlock(&[candidate("b", KEY_B)], &Unlocking::quiet(&NON_ROOT_CAPS))
+                .unwrap_err()
+        });
+        assert_eq!(derivations, 1, "only keyslot 0 is tried");
+        let Error::UnsupportedImage { message } = error else {
+            panic!("{error:?}")
+        };
+        assert!(
+            message.contains("opens keyslot(s) 0 (1 key derivations"),
+            "{message}"
+        );
+        assert!(message.contains("not tried: keyslot 1"), "{message}");
+        // Root's caps are wider, but not that wide.
+        assert!(luks.keyslot_refusal(1, &ROOT_CAPS).is_some());
+        assert!(luks.keyslot_refusal(0, &NON_ROOT_CAPS).is_none());
+    }
+
+    #[test]
+    fn a_cancelled_trial_stops_before_the_next_key_derivation() {
+        let image = cryptsetup_image("luks2", KEY_A, 20, &[]);
+        let luks = LuksImage::read(image.as_file()).unwrap();
+        let asked = std::cell::Cell::new(0);
+        // Cancelled right after the first derivation (the client hung up during it).
+        let cancelled = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 1
+        };
+        let how = Unlocking {
+            caps: &ROOT_CAPS,
+            notice: &|_| {},
+            cancelled: &cancelled,
+        };
+        let (result, derivations) = counting_key_derivations(|| luks.unlock(&others(), &how));
+        assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+        assert_eq!(derivations, 1);
     }
 }

@@ -17,19 +17,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use common::*;
-use imgcrypt_proto::api::{
-    self, DecryptParameters, EncryptParameters, EngineChoice, KeyRef, LuksVersion, Pbkdf,
-    PbkdfKind, VerifyParameters,
-};
+use imgcrypt_proto::api::{self, DecryptParameters, KeyRef, VerifyParameters};
 use imgcrypt_proto::varlink::Reply;
-
-fn cheap_pbkdf() -> Option<Pbkdf> {
-    Some(Pbkdf {
-        kind: Some(PbkdfKind::Pbkdf2),
-        iterations: Some(1000),
-        ..Pbkdf::default()
-    })
-}
 
 /// A root daemon anyone may connect to, with a key ring whose encryption key is `dir/ring.key`.
 fn daemon_with_ring(dir: &Path) -> Daemon {
@@ -61,16 +50,7 @@ fn victim_image(daemon: &Daemon, victim: TestUser, dir: &Path) -> (PathBuf, Path
     let socket = daemon.socket.clone();
     let (source, output) = (plaintext.clone(), image.clone());
     let reply = victim.in_thread(move || {
-        let parameters = serde_json::to_value(EncryptParameters {
-            source: 0,
-            output: 1,
-            key: None,
-            luks_version: LuksVersion::Luks2,
-            sector_size: 512,
-            pbkdf: cheap_pbkdf(),
-            engine: EngineChoice::Auto,
-        })
-        .unwrap();
+        let parameters = raw_client::cheap_encrypt_parameters(None);
         let source = fs::File::open(source).unwrap();
         let output = fs::OpenOptions::new()
             .read(true)
@@ -294,16 +274,7 @@ fn a_key_passed_again_as_the_output_is_not_overwritten() {
             .write(true)
             .open(&key_in)
             .unwrap();
-        let parameters = serde_json::to_value(EncryptParameters {
-            source: 0,
-            output: 1,
-            key: Some(2),
-            luks_version: LuksVersion::Luks2,
-            sector_size: 512,
-            pbkdf: cheap_pbkdf(),
-            engine: EngineChoice::Auto,
-        })
-        .unwrap();
+        let parameters = raw_client::cheap_encrypt_parameters(Some(2));
         varlink_call(
             &socket,
             api::ENCRYPT,

@@ -136,7 +136,7 @@ fn corrupt_vhd_is_refused_and_nothing_is_written() {
 }
 
 #[test]
-fn differencing_vhd_is_refused_with_advice() {
+fn differencing_vhd_naming_no_parent_is_refused_with_advice() {
     let (scratch_dir, daemon, parent, key, output) = setup(SourceKind::VhdDynamic, "8M");
     let dir = scratch_dir.path();
     let child = dir.join("child.vhd");
@@ -158,7 +158,7 @@ fn differencing_vhd_is_refused_with_advice() {
     assert_fails_cleanly(
         &mut daemon.encrypt(&child, &output, &key),
         &output,
-        "merge it with its parent first",
+        "names no parent",
     );
 }
 

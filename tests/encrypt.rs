@@ -119,16 +119,6 @@ fn round_trip(kind: SourceKind, variant: Variant) {
     }
 }
 
-fn last_json_summary(stdout: &[u8]) -> serde_json::Value {
-    let text = String::from_utf8_lossy(stdout);
-    let line = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["event"] == "summary")
-        .unwrap_or_else(|| panic!("no summary line in:\n{text}"));
-    line["summary"].clone()
-}
-
 #[test]
 fn raw_to_luks2_512() {
     round_trip(SourceKind::Raw, Variant::Luks2Sector512);

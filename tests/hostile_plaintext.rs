@@ -20,20 +20,6 @@ use common::*;
 use imgcrypt_proto::api::{self, DecryptParameters, KeyRef, VerifyParameters};
 use imgcrypt_proto::varlink::Reply;
 
-/// A root daemon anyone may connect to, with a key ring whose encryption key is `dir/ring.key`.
-fn daemon_with_ring(dir: &Path) -> Daemon {
-    let keys = dir.join("ring");
-    fs::create_dir(&keys).unwrap();
-    write_key(&keys.join("ring.key"));
-    let ring = dir.join("keys.toml");
-    fs::write(&ring, "encryption_key = \"ring/ring.key\"\n").unwrap();
-    fs::set_permissions(&ring, fs::Permissions::from_mode(0o600)).unwrap();
-    Daemon::start(
-        dir,
-        &["--socket-mode", "0666", "--keyring", ring.to_str().unwrap()],
-    )
-}
-
 /// The victim's image, encrypted by the daemon with its ring key (no key passed) and left
 /// world-readable, as images on a shared build host often are; returns it and its plaintext.
 fn victim_image(daemon: &Daemon, victim: TestUser, dir: &Path) -> (PathBuf, PathBuf) {
@@ -78,6 +64,7 @@ fn verify_with_ring(socket: &Path, image: &Path, guess: Option<&Path>) -> Reply 
     let parameters = serde_json::to_value(VerifyParameters {
         image: 0,
         source: guess.as_ref().map(|_| 1),
+        source_companions: Vec::new(),
         keys: Vec::new(),
     })
     .unwrap();

@@ -163,13 +163,55 @@ fn inspect_reads_the_header_without_a_key_and_agrees_with_cryptsetup() {
     ] {
         assert!(text.contains(&fact), "{fact} missing: {text}");
     }
+}
 
-    // Not a LUKS image: a clear error.
-    let output = run(daemon.imgctl().arg("inspect").arg(&source));
-    assert!(!output.status.success());
+/// `inspect` on a source (not an encrypted image) says what an encryption would read, with
+/// sizes that agree with qemu-img; a container format imgcrypt does not read is refused by name.
+#[test]
+fn inspect_of_a_source_shows_its_format_and_sizes() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let vhd = make_source(dir, SourceKind::VhdDynamic, "7M");
+    let output = run_ok(daemon.imgctl().args(["inspect", "--json"]).arg(&vhd));
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
+    assert_eq!(info["format"], "vhd-dynamic", "{info}");
+    assert_eq!(
+        info["virtual_size"].as_u64().unwrap(),
+        qemu_virtual_size(&vhd)
+    );
+    assert_eq!(
+        info["file_size"].as_u64().unwrap(),
+        std::fs::metadata(&vhd).unwrap().len()
+    );
+    assert_eq!(info["allocation_unit"].as_u64(), Some(2 << 20), "{info}");
+    let allocated = info["allocated_bytes"].as_u64().unwrap();
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("not a LUKS image"),
-        "{}",
-        describe(&output)
+        allocated > 0 && allocated <= info["virtual_size"].as_u64().unwrap(),
+        "{info}"
+    );
+
+    // A sparse raw file: nothing allocated, all of it virtual.
+    let raw = dir.join("holes.raw");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let output = run_ok(daemon.imgctl().arg("inspect").arg(&raw));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("(raw, not encrypted)"), "{text}");
+    assert!(text.contains("67108864 bytes (64.0 MiB)"), "{text}");
+    assert!(text.contains("allocated        0 bytes"), "{text}");
+
+    // A container imgcrypt does not read: refused by name, with the conversion to run.
+    let vmdk = dir.join("disk.vmdk");
+    qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "8M"]);
+    let output = run(daemon.imgctl().arg("inspect").arg(&vmdk));
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("VMDK") && stderr.contains("qemu-img convert"),
+        "{stderr}"
     );
 }

@@ -9,12 +9,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use imgcrypt_proto::api::{KeyRef, Progress, StreamedReply};
+use imgcrypt_proto::api::{self, KeyRef, Progress, StreamedReply};
 use imgcrypt_proto::varlink::{self, Call, Reply};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::client::Client;
+use crate::companions::NeedFile;
 use crate::error::{CtlError, Result};
 use crate::keyring::{self, Candidate, RingLocation};
 use crate::progress::Display;
@@ -204,6 +205,25 @@ fn daemon_error(reply: &Reply) -> Option<CtlError> {
             parameters.map_or_else(|| "{}".to_string(), |p| p.to_string())
         ),
     };
+    if name == api::errors::NEED_FILE {
+        let field = |key: &str| parameters.and_then(|p| p.get(key));
+        let candidates =
+            field("candidates").and_then(|c| serde_json::from_value::<Vec<String>>(c.clone()).ok());
+        let referenced_by = field("referenced_by")
+            .and_then(|r| r.as_u64())
+            .and_then(|r| u32::try_from(r).ok());
+        if let (Some(candidates), Some(referenced_by)) = (candidates, referenced_by) {
+            return Some(CtlError::NeedFile(NeedFile {
+                message,
+                referenced_by,
+                relation: field("relation")
+                    .and_then(|r| r.as_str())
+                    .unwrap_or("file")
+                    .to_string(),
+                candidates,
+            }));
+        }
+    }
     Some(CtlError::Daemon { name, message })
 }
 

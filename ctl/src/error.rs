@@ -35,6 +35,11 @@ pub enum CtlError {
     #[error("talking to imgcryptd: {0}")]
     Protocol(String),
 
+    /// The daemon needs a file the source references (`io.imgcrypt.NeedFile`); resolved by
+    /// [`crate::companions::with_companions`], shown only if a caller does not resolve it.
+    #[error("{}", .0.message)]
+    NeedFile(crate::companions::NeedFile),
+
     /// `verify --source`: the image decrypted, but its plaintext is not the source's disk.
     #[error("{0}")]
     SourceDiffers(String),
@@ -63,6 +68,7 @@ impl CtlError {
             | Self::Connect(_)
             | Self::Daemon { .. }
             | Self::Protocol(_)
+            | Self::NeedFile(_)
             | Self::SourceDiffers(_) => 1,
         }
     }

@@ -5,11 +5,13 @@
 mod call;
 mod client;
 mod commands;
+mod companions;
 mod connect;
 mod error;
 mod keyring;
 mod output;
 mod progress;
+mod targets;
 #[cfg(test)]
 mod test_peer;
 
@@ -38,7 +40,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Encrypt a RAW or VHD image into a LUKS image.
+    /// Encrypt a RAW, VHD, VHDX or qcow2 image into an encrypted image.
     Encrypt(commands::encrypt::EncryptArgs),
     /// Generate keys and show their fingerprints.
     Key(commands::key::KeyArgs),

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use imgcrypt_proto::api::{
-    DecryptSummary, ImageInfo, Phase, Progress, RewriteSummary, SourceComparison, Summary,
-    UnlockMethod, Unlocked, VerifySummary,
+    DecryptSummary, ImageInfo, OutputFormat, Phase, Progress, RewriteSummary, SourceComparison,
+    SourceInfo, Summary, UnlockMethod, Unlocked, VerifySummary,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -76,15 +76,23 @@ impl Display {
     }
 
     /// Ends the bar and prints the encryption summary.
-    pub fn summary(&mut self, source: &Path, output: &Path, summary: &Summary) {
+    pub fn summary(&mut self, source: &Path, output: &Path, summary: &Summary, next: &[String]) {
+        let mut text = render_summary(source, output, summary);
+        if !next.is_empty() {
+            text.push_str("Next steps:\n");
+            for (number, step) in next.iter().enumerate() {
+                text.push_str(&format!("  {}. {step}\n", number + 1));
+            }
+        }
         self.finish(
             json!({
                 "event": "summary",
                 "source": source,
                 "output": output,
                 "summary": summary,
+                "next_steps": next,
             }),
-            &render_summary(source, output, summary),
+            &text,
         );
     }
 
@@ -130,6 +138,7 @@ fn phase_label(phase: Phase) -> &'static str {
     match phase {
         Phase::Queued => "queued",
         Phase::Format => "formatting",
+        Phase::Scan => "scanning for data",
         Phase::Copy => "copying",
         Phase::Sync => "syncing",
         Phase::Unlock => "unlocking",
@@ -149,8 +158,13 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
     let total_seconds = seconds(s.elapsed_ms);
     let copy_seconds = seconds(s.copy_ms);
     // Over the copy alone: the key derivation's deliberate slowness is not I/O speed.
-    let throughput = throughput(s.payload_size, s.copy_ms);
-    let rows = [
+    let copied = if s.output_format == OutputFormat::Luks {
+        s.payload_size
+    } else {
+        s.allocated_bytes
+    };
+    let throughput = throughput(copied, s.copy_ms);
+    let mut rows: Vec<(&str, String)> = vec![
         ("output", output.display().to_string()),
         (
             "source",
@@ -161,38 +175,136 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
                 sized(s.virtual_size)
             ),
         ),
-        ("LUKS version", s.luks_version.display_name().to_string()),
-        (
-            "cipher",
-            format!("{} ({}-bit key)", s.cipher, s.key_size_bits),
-        ),
-        ("sector size", format!("{} bytes", s.sector_size)),
-        ("data offset", sized(s.data_offset)),
-        ("payload size", sized(s.payload_size)),
-        ("output size", sized(s.output_size)),
-        ("key fingerprint", format!("sha256:{}", s.key_fingerprint)),
-        ("key derivation", s.pbkdf.clone()),
-        ("engine", format!("{:?}", s.engine).to_lowercase()),
-        (
-            "time",
-            format!("{total_seconds:.2} s (copy {copy_seconds:.2} s)"),
-        ),
-        ("throughput", throughput),
+        ("format", s.output_format.display_name().to_string()),
     ];
+    if let Some(target) = s.target {
+        rows.push((
+            "target",
+            format!("{} (its import rules were checked)", target.display_name()),
+        ));
+    }
+    if s.output_format != OutputFormat::Luks && s.output_virtual_size != s.virtual_size {
+        rows.push((
+            "virtual size",
+            format!(
+                "{} (the source's, rounded up to the container's unit; the rest reads as zeros)",
+                sized(s.output_virtual_size)
+            ),
+        ));
+    }
+    if let Some(version) = s.luks_version {
+        rows.push(("LUKS version", version.display_name().to_string()));
+    }
+    rows.push((
+        "cipher",
+        format!("{} ({}-bit key)", s.cipher, s.key_size_bits),
+    ));
+    rows.push(("sector size", format!("{} bytes", s.sector_size)));
+    if s.output_format == OutputFormat::Luks {
+        rows.push(("data offset", sized(s.data_offset)));
+        rows.push(("payload size", sized(s.payload_size)));
+    } else {
+        rows.push((
+            "data stored",
+            format!(
+                "{} (only what the source uses; the rest stays unallocated)",
+                sized(s.allocated_bytes)
+            ),
+        ));
+    }
+    rows.push(("output size", sized(s.output_size)));
+    rows.push(("key fingerprint", format!("sha256:{}", s.key_fingerprint)));
+    if let Some(hash) = &s.vhd_key_hash {
+        rows.push(("vhd key hash", hash.clone()));
+    }
+    rows.push(("key derivation", s.pbkdf.clone()));
+    rows.push(("engine", format!("{:?}", s.engine).to_lowercase()));
+    rows.push((
+        "time",
+        format!("{total_seconds:.2} s (copy {copy_seconds:.2} s)"),
+    ));
+    rows.push(("throughput", throughput));
     let mut text = String::from("Encrypted image written.\n");
+    push_rows(&mut text, rows);
+    text
+}
+
+/// What `inspect` shows of a source image: what an encryption would read.
+pub fn render_source(image: &Path, source: &SourceInfo) -> String {
+    let mut text = format!(
+        "Source image {} ({}, not encrypted)\n",
+        image.display(),
+        source.format.display_name()
+    );
+    let mut rows = vec![
+        ("virtual size", sized(source.virtual_size)),
+        ("file size", sized(source.file_size)),
+        (
+            "allocated",
+            format!(
+                "{} (at most; the rest reads as zeros and is never read)",
+                sized(source.allocated_bytes)
+            ),
+        ),
+    ];
+    if let Some(unit) = source.allocation_unit {
+        rows.push(("allocation unit", sized(unit)));
+    }
+    for layer in &source.backing_chain {
+        rows.push((
+            "backed by",
+            format!(
+                "{} ({}, {})",
+                layer.name,
+                layer.format.display_name(),
+                sized(layer.virtual_size)
+            ),
+        ));
+    }
     push_rows(&mut text, rows);
     text
 }
 
 /// What `inspect` shows: the header's facts, then one line per keyslot.
 pub fn render_inspect(image: &Path, info: &ImageInfo) -> String {
-    let mut text = format!("LUKS image {}\n", image.display());
+    let mut text = match info.format {
+        OutputFormat::Luks => format!("LUKS image {}\n", image.display()),
+        format => format!("Image {} ({})\n", image.display(), format.display_name()),
+    };
+    let mut facts: Vec<(&str, String)> = Vec::new();
+    if let Some(version) = info.luks_version {
+        facts.push(("LUKS version", version.display_name().to_string()));
+    }
+    if let Some(size) = info.virtual_size {
+        facts.push(("virtual size", sized(size)));
+    }
+    if let Some(bytes) = info.allocated_bytes {
+        facts.push(("data stored", sized(bytes)));
+    }
+    if let Some(key) = &info.vhd_key {
+        facts.push(("key hash", key.hash.clone()));
+        facts.push(("key nonce", key.nonce.clone()));
+        facts.push((
+            "matching key",
+            key.matching_key
+                .clone()
+                .unwrap_or_else(|| "none of the keys given".to_string()),
+        ));
+    }
+    push_rows(&mut text, facts);
     let rows = [
-        ("LUKS version", info.luks_version.display_name().to_string()),
         ("UUID", info.uuid.clone()),
         (
             "cipher",
-            format!("{} ({}-bit key)", info.cipher, info.key_size_bits),
+            if info.key_size_bits == 0 {
+                // A VHD records no key size: the key's length (32 or 64 bytes) decides.
+                format!(
+                    "{} (AES-128 or AES-256: the key's size decides)",
+                    info.cipher
+                )
+            } else {
+                format!("{} ({}-bit key)", info.cipher, info.key_size_bits)
+            },
         ),
         ("sector size", format!("{} bytes", info.sector_size)),
         ("data offset", sized(info.data_offset)),
@@ -200,7 +312,8 @@ pub fn render_inspect(image: &Path, info: &ImageInfo) -> String {
         ("image size", sized(info.image_size)),
     ];
     push_rows(&mut text, rows);
-    if info.keyslots.is_empty() {
+    // A vhd-util VHD has no keyslots: its key hash (above) is what a key is matched against.
+    if info.keyslots.is_empty() && info.vhd_key.is_none() {
         push_rows(
             &mut text,
             [(
@@ -387,6 +500,13 @@ pub fn render_rewrite(image: &Path, s: &RewriteSummary) -> String {
 
 /// Which key opened an image and what it cost.
 pub fn render_unlocked(u: &Unlocked) -> String {
+    // A vhd-util VHD has no keyslots and no key derivation: the daemon compared key hashes.
+    if u.method == UnlockMethod::Token && u.attempts == 0 {
+        return format!(
+            "{} (sha256:{}), its decoded key matching the VHD's key hash",
+            u.key_name, u.fingerprint
+        );
+    }
     let derivations = if u.attempts == 1 {
         "1 key derivation".to_string()
     } else {
@@ -450,11 +570,40 @@ mod tests {
     };
 
     #[test]
+    fn a_source_shows_its_format_sizes_and_allocation_unit() {
+        let source = SourceInfo {
+            format: SourceFormat::VhdDynamic,
+            virtual_size: 4 << 30,
+            file_size: 9 << 20,
+            allocated_bytes: 8 << 20,
+            allocation_unit: Some(2 << 20),
+            backing_chain: vec![imgcrypt_proto::api::BackingLayer {
+                name: "../base.raw".into(),
+                format: SourceFormat::Raw,
+                virtual_size: 4 << 30,
+            }],
+        };
+        let text = render_source(Path::new("disk.vhd"), &source);
+        for expected in [
+            "disk.vhd (VHD (dynamic), not encrypted)",
+            "4294967296 bytes (4.0 GiB)",
+            "9437184 bytes (9.0 MiB)",
+            "8388608 bytes (8.0 MiB) (at most",
+            "allocation unit  2097152 bytes (2.0 MiB)",
+            "backed by        ../base.raw (raw, 4294967296 bytes (4.0 GiB))",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+    }
+
+    #[test]
     fn summary_names_every_fact() {
         let summary = Summary {
             source_format: SourceFormat::VhdDynamic,
             virtual_size: 10 << 20,
-            luks_version: LuksVersion::Luks2,
+            output_format: OutputFormat::Luks,
+            output_virtual_size: 10 << 20,
+            luks_version: Some(LuksVersion::Luks2),
             cipher: "aes-xts-plain64".into(),
             key_size_bits: 512,
             sector_size: 4096,
@@ -467,6 +616,9 @@ mod tests {
             elapsed_ms: 2000,
             copy_ms: 1000,
             bytes_written: 26 << 20,
+            allocated_bytes: 10 << 20,
+            vhd_key_hash: None,
+            target: None,
         };
         let text = render_summary(Path::new("in.vhd"), Path::new("out.luks"), &summary);
         for expected in [
@@ -499,7 +651,11 @@ mod tests {
     #[test]
     fn inspect_shows_header_facts_and_each_keyslot() {
         let info = ImageInfo {
-            luks_version: LuksVersion::Luks2,
+            format: OutputFormat::Luks,
+            luks_version: Some(LuksVersion::Luks2),
+            virtual_size: None,
+            allocated_bytes: None,
+            vhd_key: None,
             uuid: "0b6f7c38-1c2d-4c43-9b5e-4f1f3a0e9d11".into(),
             cipher: "aes-xts-plain64".into(),
             key_size_bits: 512,
@@ -553,6 +709,13 @@ mod tests {
             },
         );
         assert!(empty.contains("none active"), "{empty}");
+    }
+
+    #[test]
+    fn a_vhd_unlock_names_the_key_hash_not_a_keyslot() {
+        let text = render_unlocked(&unlocked(UnlockMethod::Token, 0));
+        assert!(text.contains("key hash"), "{text}");
+        assert!(!text.contains("keyslot"), "{text}");
     }
 
     #[test]

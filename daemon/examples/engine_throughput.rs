@@ -17,8 +17,10 @@ use std::time::Instant;
 
 use imgcrypt_proto::api::SourceFormat;
 use imgcryptd::engines::userspace::UserspaceEngine;
+use imgcryptd::engines::xts::IvMode;
 use imgcryptd::engines::{Engine, PayloadJob};
 use imgcryptd::formats::SourceImage;
+use imgcryptd::outputs::luks::payload_extent;
 use imgcryptd::sys::aligned::AlignedBuffer;
 use imgcryptd::sys::direct_io::{enable_direct_io, write_all_at};
 
@@ -130,14 +132,16 @@ fn time_engine(engine: &UserspaceEngine, dir: &Path, payload_size: u64, sector_s
     let source = SyntheticSource::new(payload_size);
     let cancel = AtomicBool::new(false);
     let progress = |_: u64| {};
+    let key: Vec<u8> = (0..64).collect();
+    let extents = [payload_extent(data_offset, payload_size)];
     let job = PayloadJob {
         job_id: 1,
         source: &source,
         output: &output,
-        data_offset,
-        payload_size,
+        extents: &extents,
         sector_size,
-        volume_key: &[0x42; 64],
+        key: &key,
+        iv: IvMode::Plain64,
         progress: &progress,
         cancel: &cancel,
     };

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use imgcryptd::engines::xts::XtsCipher;
+use imgcryptd::engines::xts::{IvMode, XtsCipher};
 
 fn main() {
     let big_mib: usize = std::env::args()
@@ -15,7 +15,7 @@ fn main() {
     let key: Vec<u8> = (0..64u8)
         .map(|i| i.wrapping_mul(97).wrapping_add(13))
         .collect();
-    let cipher = XtsCipher::new(&key).expect("64-byte key");
+    let cipher = XtsCipher::new(&key, IvMode::Plain64).expect("64-byte key");
     println!("aes hardware acceleration: {}", aes::hardware_accelerated());
     for sector_size in [512usize, 4096] {
         for (label, mib, rounds) in [("4 MiB x 64", 4usize, 64usize), ("large", big_mib, 1)] {

@@ -21,6 +21,8 @@ pub enum Descriptor {
     Key,
     /// An existing LUKS image (inspected, decrypted, verified or rewritten).
     Image,
+    /// A file a source references (backing file, parent, extent), passed as a companion.
+    Companion,
 }
 
 impl Descriptor {
@@ -31,6 +33,7 @@ impl Descriptor {
             Self::Output => "output",
             Self::Key => "key",
             Self::Image => "image",
+            Self::Companion => "companion",
         }
     }
 }
@@ -92,6 +95,15 @@ pub enum Error {
         message: String,
     },
 
+    /// The image breaks a rule of the cloud it is meant for (`--target`).
+    #[error("{message}")]
+    TargetRule {
+        /// The rule's name, e.g. `ibm-vpc-max-size`.
+        rule: &'static str,
+        /// What the provider says (with where), and the fix.
+        message: String,
+    },
+
     /// The output cannot hold the encrypted image.
     #[error("{message}")]
     NoSpace {
@@ -148,6 +160,27 @@ pub enum Error {
     #[error("{0}")]
     NoKey(String),
 
+    /// The source names a file (a backing file, a parent, an extent) the client did not pass.
+    /// A client resolves the name and repeats the call with it passed as a companion.
+    #[error(
+        "`{referencing_name}` needs its {} `{}`, which was not passed: imgctl opens it from \
+         the directory of the file that names it (put it there, or fix the reference); other \
+         clients pass it as a companion of file {referenced_by} (docs/protocol.md)",
+        relation.describe(),
+        candidates.first().map(String::as_str).unwrap_or("")
+    )]
+    NeedFile {
+        /// Wire number of the file that names it: 0 for the source, k for companion k.
+        referenced_by: u32,
+        /// That file's name (`source`, or the name its own referencing file recorded).
+        referencing_name: String,
+        /// What it is to that file.
+        relation: crate::formats::files::Relation,
+        /// The names recorded for it, in the order to try them: relative names are relative to
+        /// the directory of the referencing file, as qemu resolves them.
+        candidates: Vec<String>,
+    },
+
     /// The client went away or the daemon is shutting down.
     #[error("cancelled")]
     Cancelled,
@@ -187,7 +220,7 @@ impl Error {
             }
             Self::CorruptImage { .. } => errors::CORRUPT_IMAGE,
             Self::BadDescriptor { .. } => errors::BAD_DESCRIPTOR,
-            Self::InvalidOption { .. } => errors::INVALID_OPTION,
+            Self::InvalidOption { .. } | Self::TargetRule { .. } => errors::INVALID_OPTION,
             Self::NoSpace { .. } => errors::NO_SPACE,
             Self::EngineUnavailable { .. } => errors::ENGINE_UNAVAILABLE,
             Self::Luks { .. } => errors::LUKS_ERROR,
@@ -195,6 +228,7 @@ impl Error {
             Self::PermissionDenied(_) => errors::PERMISSION_DENIED,
             Self::WrongKey { .. } => errors::WRONG_KEY,
             Self::NoKey(_) => errors::NO_KEY,
+            Self::NeedFile { .. } => errors::NEED_FILE,
         }
     }
 
@@ -211,6 +245,10 @@ impl Error {
             Self::InvalidOption { parameter, .. } => {
                 parameters.parameter = Some(parameter.to_string())
             }
+            Self::TargetRule { rule, .. } => {
+                parameters.parameter = Some("target".to_string());
+                parameters.rule = Some(rule.to_string());
+            }
             Self::NoSpace { required_bytes, .. } => {
                 parameters.required_bytes = Some(*required_bytes)
             }
@@ -218,6 +256,16 @@ impl Error {
             Self::WrongKey { tried, carried, .. } => {
                 parameters.tried = Some(tried.clone());
                 parameters.carried = Some(carried.clone());
+            }
+            Self::NeedFile {
+                referenced_by,
+                relation,
+                candidates,
+                ..
+            } => {
+                parameters.referenced_by = Some(*referenced_by);
+                parameters.relation = Some(relation.wire().to_string());
+                parameters.candidates = Some(candidates.clone());
             }
             _ => {}
         }

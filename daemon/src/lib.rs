@@ -4,9 +4,13 @@
 //! Where things live:
 //! - [`server`]: the socket, connections, Varlink dispatch, peer credentials;
 //! - [`jobs`]: what one call does, from checking descriptors to the summary;
-//! - [`engines`]: the ways to write an encrypted payload (userspace AES-XTS; kernel dm-crypt);
+//! - [`engines`]: the one pipeline that reads, encrypts and writes a payload (userspace AES-XTS;
+//!   kernel dm-crypt);
 //! - [`devices`]: the kernel engine's loop devices, dm-crypt mappings and keyring keys;
-//! - [`formats`]: source image readers, one module per format, detected by content;
+//! - [`formats`]: source image readers, one module per format, detected by content, and the zero
+//!   scan that tells the sparse outputs which clusters hold data;
+//! - [`outputs`]: output containers (raw LUKS, qcow2+LUKS, blktap VHD), one module per format:
+//!   where each run of the payload goes and with which IV, and the metadata around it;
 //! - [`luks`]: LUKS headers through libcryptsetup, and the output layout rule;
 //! - [`keys`]: key material in locked, zeroised memory, read from passed descriptors;
 //! - [`sys`]: thin wrappers around the system calls the rest relies on;
@@ -19,6 +23,7 @@ pub mod formats;
 pub mod jobs;
 pub mod keys;
 pub mod luks;
+pub mod outputs;
 pub mod server;
 pub mod sys;
 

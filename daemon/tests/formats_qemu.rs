@@ -22,16 +22,35 @@ use imgcryptd::Error;
 const MIB: u64 = 1 << 20;
 const CHUNK: usize = 4 << 20;
 
+#[path = "formats_qemu/vhdx.rs"]
+mod vhdx;
+#[path = "formats_qemu/vmdk.rs"]
+mod vmdk;
+
 fn run_status(program: &str, args: &[&str]) -> Result<String, String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {program} ({e}); these tests need qemu-img and qemu-io: \
-             apt-get install qemu-utils"
-            )
-        });
+    let attempt = || {
+        Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {program} ({e}); these tests need qemu-img and qemu-io: \
+                 apt-get install qemu-utils"
+                )
+            })
+    };
+    // qemu's PBKDF2 benchmark can measure no CPU time on a fast or loaded machine and then fails
+    // with this message (a qemu bug fixed upstream in 2025; about one run in four here when
+    // idle); measuring again is the workaround, a dozen times to make a spurious failure rare.
+    let mut output = attempt();
+    for _ in 0..11 {
+        if output.status.success()
+            || !String::from_utf8_lossy(&output.stderr).contains("Unable to get accurate CPU usage")
+        {
+            break;
+        }
+        output = attempt();
+    }
     if output.status.success() {
         Ok(String::from_utf8(output.stdout).unwrap())
     } else {
@@ -578,18 +597,12 @@ fn damage_qemu_refuses_is_refused_with_the_offset() {
     assert!(run_status("qemu-img", &["info", "-f", "vpc", path_str(&wild)]).is_err());
     expect_corrupt(&wild, 1536 + 2 * 4, &["entry 2", "past the file"]);
 
-    // Differencing: refused with advice rather than read without its parent.
+    // A dynamic disk turned differencing names no parent: refused, never read without one.
     let child = create(dir.path(), "child.vhd", "vpc", "10M", &[]);
     patch_footers(&child, true, |footer| {
         footer[60..64].copy_from_slice(&4u32.to_be_bytes())
     });
-    match formats::open(File::open(&child).unwrap()).unwrap_err() {
-        Error::UnsupportedImage { message } => assert!(
-            message.contains("differencing VHD: merge it with its parent first"),
-            "{message}"
-        ),
-        other => panic!("expected UnsupportedImage, got {other:?}"),
-    }
+    expect_corrupt(&child, 512, &["names no parent", "vhd-util modify"]);
 }
 
 #[track_caller]
@@ -682,14 +695,10 @@ fn root_block_device_sources_read_like_their_files() {
 fn every_other_format_qemu_img_writes_is_refused_by_its_name() {
     let dir = scratch();
     let secret = "secret,id=sec0,data=not-a-real-secret";
-    let cases: [(&str, &[&str], &str); 11] = [
-        ("qcow2", &[], "qcow2"),
-        ("qcow2", &["compat=0.10"], "qcow2"),
+    // qcow2, VHDX and VMDK are read (tests in formats::qcow2, formats_qemu/vhdx.rs and
+    // formats_qemu/vmdk.rs).
+    let cases: [(&str, &[&str], &str); 5] = [
         ("qcow", &[], "qcow"),
-        ("vmdk", &[], "vmdk"),
-        ("vmdk", &["subformat=streamOptimized"], "vmdk"),
-        ("vmdk", &["subformat=monolithicFlat"], "vmdk"),
-        ("vhdx", &[], "vhdx"),
         ("vdi", &[], "vdi"),
         ("parallels", &[], "parallels"),
         ("qed", &[], "qed"),

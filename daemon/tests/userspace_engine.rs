@@ -19,9 +19,11 @@ use std::time::Duration;
 
 use imgcrypt_proto::api::SourceFormat;
 use imgcryptd::engines::userspace::UserspaceEngine;
+use imgcryptd::engines::xts::IvMode;
 use imgcryptd::engines::{Engine, PayloadJob};
 use imgcryptd::error::Descriptor;
 use imgcryptd::formats::SourceImage;
+use imgcryptd::outputs::luks::payload_extent;
 use imgcryptd::{Error, Result};
 use support::{python_xts_file, Direction, Rng, ScratchMount};
 
@@ -178,14 +180,15 @@ fn run(engine: &UserspaceEngine, source: &MemorySource, output: &File, spec: &Sp
             cancel.store(true, Ordering::SeqCst);
         }
     };
+    let extents = [payload_extent(data_offset, payload_size)];
     let job = PayloadJob {
         job_id: 1,
         source,
         output,
-        data_offset,
-        payload_size,
+        extents: &extents,
         sector_size,
-        volume_key: key,
+        key,
+        iv: IvMode::Plain64,
         progress: &on_progress,
         cancel: &cancel,
     };
@@ -393,18 +396,19 @@ fn bad_jobs_are_refused_before_writing() {
     let output_file = filled_output(Path::new("/tmp"), 8192 + 2 * MIB);
     let output = open_rw(output_file.path());
     let engine = UserspaceEngine::with_config(2, 64 * 1024).unwrap();
-    let cases: [(&str, u64, u64, u32, &[u8]); 6] = [
+    let mut equal_halves = key.clone();
+    equal_halves.copy_within(..32, 32);
+    let cases: [(&str, u64, u64, u32, &[u8]); 5] = [
         ("sector size 1024", 4096, MIB, 1024, &key),
         (
-            "payload not a multiple of 1 MiB",
+            "payload not a whole number of sectors",
             4096,
-            MIB + 4096,
+            MIB + 100,
             512,
             &key,
         ),
-        ("data offset not a multiple of 4096", 512, MIB, 512, &key),
-        ("payload smaller than the source", 4096, 0, 512, &key),
-        ("32-byte key", 4096, MIB, 512, &key[..32]),
+        ("31-byte key", 4096, MIB, 512, &key[..31]),
+        ("key with equal halves", 4096, MIB, 512, &equal_halves),
         ("offset overflows", u64::MAX - 4095, MIB, 512, &key),
     ];
     for (what, data_offset, payload_size, sector_size, key) in cases {
@@ -419,7 +423,7 @@ fn bad_jobs_are_refused_before_writing() {
             ("sector size 1024", Error::InvalidOption { parameter, .. }) => {
                 assert_eq!(*parameter, "sector_size")
             }
-            ("32-byte key", Error::EngineUnavailable { .. }) => {}
+            ("31-byte key" | "key with equal halves", Error::EngineUnavailable { .. }) => {}
             (_, Error::Io { source, .. }) => {
                 assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput, "{what}")
             }

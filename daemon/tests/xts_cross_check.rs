@@ -1,29 +1,52 @@
 //! Cross-checks `XtsCipher` against a second, independent AES-XTS: Python `cryptography`
-//! (OpenSSL's XTS), with dm-crypt's plain64 tweak, on random keys and data.
+//! (OpenSSL's XTS), with dm-crypt's plain64 tweak (LUKS, qcow2) and its 32-bit plain tweak
+//! (blktap's VHD), AES-256-XTS and AES-128-XTS, on random keys and data.
 
 mod support;
 
-use imgcryptd::engines::xts::XtsCipher;
-use support::{python_xts, Direction, Rng};
+use imgcryptd::engines::xts::{IvMode, XtsCipher};
+use support::{python_xts_file_with_iv, Direction, Rng};
 
 fn cross_check(sector_size: usize, first_sector: u64, sectors: usize) {
+    cross_check_with(64, IvMode::Plain64, sector_size, first_sector, sectors);
+}
+
+fn cross_check_with(
+    key_bytes: usize,
+    iv: IvMode,
+    sector_size: usize,
+    first_sector: u64,
+    sectors: usize,
+) {
     let mut rng = Rng::from_env_or_clock();
-    let key = rng.bytes(64);
+    let key = rng.bytes(key_bytes);
     let plaintext = rng.bytes(sector_size * sectors);
-    let cipher = XtsCipher::new(&key).unwrap();
+    let cipher = XtsCipher::new(&key, iv).unwrap();
+    let python = |direction: Direction, data: &[u8]| {
+        let mut input = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        std::io::Write::write_all(&mut input, data).unwrap();
+        let mode = match iv {
+            IvMode::Plain64 => "plain64",
+            IvMode::Plain => "plain",
+        };
+        python_xts_file_with_iv(
+            direction,
+            &key,
+            sector_size,
+            first_sector,
+            input.path(),
+            0,
+            data.len(),
+            mode,
+        )
+    };
 
     let mut ours = plaintext.clone();
     cipher
         .encrypt_sectors(&mut ours, sector_size, first_sector)
         .unwrap();
     assert!(ours != plaintext);
-    let theirs = python_xts(
-        Direction::Encrypt,
-        &key,
-        sector_size,
-        first_sector,
-        &plaintext,
-    );
+    let theirs = python(Direction::Encrypt, &plaintext);
     if let Some(at) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
         panic!(
             "sector size {sector_size}, first sector {first_sector}: ciphertext differs from \
@@ -32,8 +55,7 @@ fn cross_check(sector_size: usize, first_sector: u64, sectors: usize) {
         );
     }
 
-    let decrypted_by_python =
-        python_xts(Direction::Decrypt, &key, sector_size, first_sector, &ours);
+    let decrypted_by_python = python(Direction::Decrypt, &ours);
     assert!(
         decrypted_by_python == plaintext,
         "Python cannot decrypt ours"
@@ -72,4 +94,33 @@ fn sectors_4096_at_a_large_sector_number() {
 #[test]
 fn sector_numbers_wrap_like_a_u64_near_the_top() {
     cross_check(512, u64::MAX - 3, 8);
+}
+
+#[test]
+fn aes_128_xts_with_a_32_byte_key() {
+    cross_check_with(32, IvMode::Plain64, 512, 7, 64);
+    cross_check_with(32, IvMode::Plain64, 4096, 8, 8);
+}
+
+#[test]
+fn plain_iv_wraps_at_two_to_the_32() {
+    // blktap's VHD: the tweak is the virtual sector modulo 2^32, for both key sizes; the run
+    // crosses the wrap.
+    cross_check_with(32, IvMode::Plain, 512, (1 << 32) - 4, 8);
+    cross_check_with(64, IvMode::Plain, 512, (5 << 32) + 3, 8);
+}
+
+#[test]
+fn plain_and_plain64_differ_only_past_two_to_the_32() {
+    let key: Vec<u8> = (0..64u8).collect();
+    let plain = XtsCipher::new(&key, IvMode::Plain).unwrap();
+    let plain64 = XtsCipher::new(&key, IvMode::Plain64).unwrap();
+    let encrypt = |cipher: &XtsCipher, first: u64| {
+        let mut data = vec![0x3cu8; 512];
+        cipher.encrypt_sectors(&mut data, 512, first).unwrap();
+        data
+    };
+    assert_eq!(encrypt(&plain, 5), encrypt(&plain64, 5));
+    assert_eq!(encrypt(&plain, (1 << 32) + 5), encrypt(&plain64, 5));
+    assert_ne!(encrypt(&plain64, (1 << 32) + 5), encrypt(&plain64, 5));
 }

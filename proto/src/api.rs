@@ -53,6 +53,8 @@ pub mod errors {
     pub const TOO_MANY_JOBS: &str = "io.imgcrypt.TooManyJobs";
     /// The daemon holds as many connections as it allows (one user's, or everyone's).
     pub const TOO_MANY_CONNECTIONS: &str = "io.imgcrypt.TooManyConnections";
+    /// The source names a file (backing file, parent, extent) that was not passed.
+    pub const NEED_FILE: &str = "io.imgcrypt.NeedFile";
 }
 
 /// LUKS on-disk format version.
@@ -130,6 +132,85 @@ pub struct Pbkdf {
     pub parallel: Option<u32>,
 }
 
+/// The container of an encrypted image.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// Raw LUKS (LUKS1 or LUKS2): cryptsetup, dm-crypt, OpenStack Cinder volumes.
+    #[default]
+    Luks,
+    /// qcow2 v3 with qemu's built-in LUKS encryption (a LUKS1 header inside the file):
+    /// IBM Cloud VPC, OpenStack.
+    Qcow2,
+    /// A dynamic VHD encrypted the way blktap's `vhd-util copy -k` does: IBM Cloud classic.
+    Vhd,
+}
+
+impl OutputFormat {
+    /// How users name it.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Self::Luks => "raw LUKS",
+            Self::Qcow2 => "qcow2 with LUKS encryption",
+            Self::Vhd => "VHD encrypted as blktap's vhd-util does",
+        }
+    }
+
+    /// The name on the command line (`--format`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Luks => "luks",
+            Self::Qcow2 => "qcow2",
+            Self::Vhd => "vhd",
+        }
+    }
+}
+
+/// A cloud whose import rules an encryption is checked against before any byte is written.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Plain LUKS: cryptsetup, dm-crypt, the 2018 IBM Cloud classic procedure.
+    Luks,
+    /// IBM Cloud VPC custom images: qcow2 with LUKS.
+    IbmVpc,
+    /// IBM Cloud classic image templates: vhd-util-encrypted VHD.
+    IbmClassic,
+    /// OpenStack encrypted images: qcow2 with LUKS.
+    Openstack,
+}
+
+impl Target {
+    /// The output format the target imports.
+    pub fn format(self) -> OutputFormat {
+        match self {
+            Self::Luks => OutputFormat::Luks,
+            Self::IbmVpc | Self::Openstack => OutputFormat::Qcow2,
+            Self::IbmClassic => OutputFormat::Vhd,
+        }
+    }
+
+    /// The name on the command line (`--target`).
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Luks => "luks",
+            Self::IbmVpc => "ibm-vpc",
+            Self::IbmClassic => "ibm-classic",
+            Self::Openstack => "openstack",
+        }
+    }
+
+    /// How users name it.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            Self::Luks => "plain LUKS",
+            Self::IbmVpc => "IBM Cloud VPC",
+            Self::IbmClassic => "IBM Cloud classic",
+            Self::Openstack => "OpenStack",
+        }
+    }
+}
+
 /// A key file passed with a call: its descriptor and the name the user knows it by.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -140,17 +221,38 @@ pub struct KeyRef {
     pub name: String,
 }
 
+/// A file a source references (a backing file, a parent disk, a VMDK extent), opened by the
+/// client and passed with the call because the daemon opens no path. The daemon asks for each
+/// one with `io.imgcrypt.NeedFile`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Companion {
+    /// Index of its descriptor (readable) among those passed with the call.
+    pub fd: u32,
+    /// The name exactly as the referencing file records it: one of `NeedFile`'s `candidates`.
+    pub name: String,
+    /// The file that names it: 0 for the source, k for the k-th entry of `companions`.
+    pub referenced_by: u32,
+}
+
 /// Parameters of `io.imgcrypt.Encrypt`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EncryptParameters {
     /// Index of the source descriptor among those passed with the call.
     pub source: u32,
+    /// The files the source references (backing files, parents, extents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<Companion>,
     /// Index of the output descriptor.
     pub output: u32,
     /// Index of the key-file descriptor; absent: the daemon's own key ring's `encryption_key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<u32>,
+    /// Index of the descriptor of the key file that unlocks an encrypted source (a qcow2 with
+    /// qemu's LUKS encryption); absent for a plain source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_key: Option<u32>,
     /// Header format.
     pub luks_version: LuksVersion,
     /// Encryption sector size in bytes.
@@ -161,6 +263,13 @@ pub struct EncryptParameters {
     /// Engine to use.
     #[serde(default)]
     pub engine: EngineChoice,
+    /// Container of the output; when absent, the target's, or raw LUKS without a target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<OutputFormat>,
+    /// Cloud whose import rules are checked before anything is written; `format` must be the
+    /// target's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
 }
 
 /// Stage of an encryption job.
@@ -171,6 +280,9 @@ pub enum Phase {
     Queued,
     /// Creating the LUKS header (includes the PBKDF benchmark).
     Format,
+    /// Reading the source's allocated ranges for data, so a sparse container (qcow2, VHD)
+    /// stores no all-zero cluster or block; `bytes_total` is the source's allocated bytes.
+    Scan,
     /// Encrypting and writing the payload.
     Copy,
     /// Flushing to stable storage.
@@ -204,8 +316,17 @@ pub enum SourceFormat {
     VhdFixed,
     /// VHD with a block allocation table.
     VhdDynamic,
+    /// VHDX (Hyper-V), fixed or dynamic.
+    Vhdx,
+    /// qcow2 (v2 or v3), its active layer.
+    Qcow2,
     /// A LUKS image's decrypted payload (what `Decrypt`, `Verify` and re-encryption read).
     Luks,
+    /// VMDK: monolithicSparse, streamOptimized (also inside an OVA), monolithicFlat,
+    /// twoGbMaxExtentSparse/Flat.
+    Vmdk,
+    /// A differencing VHD read over its parent chain.
+    VhdDifferencing,
 }
 
 impl SourceFormat {
@@ -215,7 +336,11 @@ impl SourceFormat {
             Self::Raw => "raw",
             Self::VhdFixed => "VHD (fixed)",
             Self::VhdDynamic => "VHD (dynamic)",
+            Self::Vhdx => "VHDX",
+            Self::Qcow2 => "qcow2",
             Self::Luks => "LUKS",
+            Self::Vmdk => "VMDK",
+            Self::VhdDifferencing => "VHD (differencing)",
         }
     }
 }
@@ -227,8 +352,15 @@ pub struct Summary {
     pub source_format: SourceFormat,
     /// Guest-visible size of the source in bytes.
     pub virtual_size: u64,
-    /// Header format written.
-    pub luks_version: LuksVersion,
+    /// Container written.
+    #[serde(default)]
+    pub output_format: OutputFormat,
+    /// Guest-visible size of the output (the source's, rounded up as the container needs).
+    #[serde(default)]
+    pub output_virtual_size: u64,
+    /// LUKS header format written (LUKS1 inside qcow2); absent for a VHD, which has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub luks_version: Option<LuksVersion>,
     /// Cipher specification, e.g. `aes-xts-plain64`.
     pub cipher: String,
     /// Volume key size in bits.
@@ -253,6 +385,16 @@ pub struct Summary {
     pub copy_ms: u64,
     /// Bytes written to the output, header included.
     pub bytes_written: u64,
+    /// Payload bytes stored (container outputs store only what the source holds).
+    #[serde(default)]
+    pub allocated_bytes: u64,
+    /// For a VHD: the key hash in `vhd-util key -C`'s form (hex SHA-256 of nonce and key), to
+    /// compare with what IBM's instructions print.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhd_key_hash: Option<String>,
+    /// The target whose rules were checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
 }
 
 /// One reply of `io.imgcrypt.Encrypt`: exactly one field is set.
@@ -314,8 +456,21 @@ pub struct KeyslotInfo {
 /// What a LUKS image's header says, read without unlocking it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ImageInfo {
-    /// LUKS1 or LUKS2.
-    pub luks_version: LuksVersion,
+    /// The container.
+    #[serde(default)]
+    pub format: OutputFormat,
+    /// LUKS1 or LUKS2 (LUKS1 inside qcow2); absent for a VHD, which has no LUKS header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub luks_version: Option<LuksVersion>,
+    /// Guest-visible size, for containers that record it (qcow2, VHD; raw LUKS does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtual_size: Option<u64>,
+    /// Payload bytes actually stored, for sparse containers (qcow2, VHD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
+    /// A blktap-encrypted VHD's key hash, and which passed key matches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vhd_key: Option<VhdKeyInfo>,
     /// The header's UUID.
     pub uuid: String,
     /// Cipher specification, e.g. `aes-xts-plain64`.
@@ -334,22 +489,72 @@ pub struct ImageInfo {
     pub keyslots: Vec<KeyslotInfo>,
 }
 
+/// The key hash a blktap-encrypted VHD carries in its batmap header.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VhdKeyInfo {
+    /// The 32-byte nonce, hex (zeros from `vhd-util copy`).
+    pub nonce: String,
+    /// SHA-256(nonce ‖ key), hex: what `vhd-util key -p -n` prints.
+    pub hash: String,
+    /// Name of the passed key whose hash matches, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matching_key: Option<String>,
+}
+
 /// Parameters of `io.imgcrypt.Inspect`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct InspectParameters {
     /// Index of the image descriptor (readable).
     pub image: u32,
+    /// The files the image references, when it is a source (backing files, parents, extents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub companions: Vec<Companion>,
     /// Keys to match against the image's fingerprints (read and hashed, never tried).
     #[serde(default)]
     pub keys: Vec<KeyRef>,
 }
 
-/// Reply of `io.imgcrypt.Inspect`.
+/// What a source image (one imgcrypt encrypts from) is, read without encrypting anything.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceInfo {
+    /// Format detected from the content.
+    pub format: SourceFormat,
+    /// Size of the disk the guest sees, in bytes.
+    pub virtual_size: u64,
+    /// Length of the file (or block device) in bytes.
+    pub file_size: u64,
+    /// Guest bytes that may hold data (what an encryption reads); everything else reads as
+    /// zeros. An upper bound: ranges closer than 1 MiB are counted as one.
+    pub allocated_bytes: u64,
+    /// The format's allocation unit (a VHD's block size), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation_unit: Option<u64>,
+    /// The layers below it (backing files, parent disks), nearest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backing_chain: Vec<BackingLayer>,
+}
+
+/// One layer of a source's backing chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BackingLayer {
+    /// The name the layer above records for it.
+    pub name: String,
+    /// Its format, detected from its content.
+    pub format: SourceFormat,
+    /// Its virtual size.
+    pub virtual_size: u64,
+}
+
+/// Reply of `io.imgcrypt.Inspect`: exactly one field is set.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InspectReply {
-    /// The header's contents.
-    pub image: ImageInfo,
+    /// An encrypted image: its header's contents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
+    /// A source image (not encrypted): what an encryption would read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceInfo>,
 }
 
 /// Parameters of `io.imgcrypt.Decrypt`.
@@ -401,6 +606,9 @@ pub struct VerifyParameters {
     /// Index of a source image (RAW or VHD) to compare the plaintext with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<u32>,
+    /// The files `source` references (backing files, parents, extents).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub source_companions: Vec<Companion>,
     /// Candidate keys in ring order; empty: the daemon's own ring.
     #[serde(default)]
     pub keys: Vec<KeyRef>,
@@ -597,6 +805,17 @@ pub struct ErrorParameters {
     /// The limit that was reached (`TooManyJobs`, `TooManyConnections`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u64>,
+    /// The file that names the missing one: 0 for the source, k for `companions[k - 1]`
+    /// (`NeedFile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referenced_by: Option<u32>,
+    /// What the missing file is to it: `backing_file`, `parent`, `extent`, `data_file`
+    /// (`NeedFile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
+    /// The names the referencing file records for it, in the order to try (`NeedFile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<String>>,
 }
 
 impl ErrorParameters {
@@ -613,6 +832,36 @@ impl ErrorParameters {
 mod tests {
     use super::*;
 
+    /// The wire names of the new enums are valid Varlink enum values (no dashes) and match the
+    /// documented interface.
+    #[test]
+    fn format_and_target_wire_names() {
+        for (target, wire) in [
+            (Target::Luks, "luks"),
+            (Target::IbmVpc, "ibm_vpc"),
+            (Target::IbmClassic, "ibm_classic"),
+            (Target::Openstack, "openstack"),
+        ] {
+            assert_eq!(serde_json::to_value(target).unwrap(), wire);
+            assert!(
+                INTERFACE_DESCRIPTION.contains("target: ?(luks, ibm_vpc, ibm_classic, openstack)")
+            );
+        }
+        for (format, wire) in [
+            (OutputFormat::Luks, "luks"),
+            (OutputFormat::Qcow2, "qcow2"),
+            (OutputFormat::Vhd, "vhd"),
+        ] {
+            assert_eq!(serde_json::to_value(format).unwrap(), wire);
+            assert_eq!(format.cli_name(), wire);
+        }
+        assert!(INTERFACE_DESCRIPTION.contains("format: ?(luks, qcow2, vhd)"));
+        assert_eq!(Target::IbmClassic.format(), OutputFormat::Vhd);
+        assert_eq!(Target::IbmVpc.format(), OutputFormat::Qcow2);
+        assert_eq!(Target::Openstack.format(), OutputFormat::Qcow2);
+        assert_eq!(Target::Luks.format(), OutputFormat::Luks);
+    }
+
     /// Every field name of the Rust types must appear in the documented interface, so the
     /// served description cannot drift from what the daemon accepts and sends.
     #[test]
@@ -620,8 +869,14 @@ mod tests {
         let samples = [
             serde_json::to_value(EncryptParameters {
                 source: 0,
+                companions: vec![Companion {
+                    fd: 3,
+                    name: "base.qcow2".into(),
+                    referenced_by: 0,
+                }],
                 output: 1,
                 key: Some(2),
+                source_key: Some(4),
                 luks_version: LuksVersion::Luks2,
                 sector_size: 512,
                 pbkdf: Some(Pbkdf {
@@ -632,6 +887,14 @@ mod tests {
                     parallel: Some(1),
                 }),
                 engine: EngineChoice::Auto,
+                format: Some(OutputFormat::Qcow2),
+                target: Some(Target::IbmVpc),
+            })
+            .unwrap(),
+            serde_json::to_value(VhdKeyInfo {
+                nonce: String::new(),
+                hash: String::new(),
+                matching_key: Some(String::new()),
             })
             .unwrap(),
             serde_json::to_value(Progress {
@@ -661,6 +924,12 @@ mod tests {
             "elapsed_ms",
             "copy_ms",
             "bytes_written",
+            "output_format",
+            "output_virtual_size",
+            "allocated_bytes",
+            "vhd_key_hash",
+            "vhd_key",
+            "format",
             "notice",
             "summary",
             "progress",

@@ -157,7 +157,34 @@ pub enum KeyFileError {
          re-encode the key material with `base64 -d < key | base64 -w0`, or {GENERATE_HINT}"
     )]
     NonCanonical,
+
+    /// For a vhd-util VHD: the base64 decodes to neither 32 nor 64 bytes.
+    #[error(
+        "decodes to {len} bytes, but a VHD encrypted the way vhd-util does (IBM Cloud classic) \
+         uses the decoded key itself as the AES-XTS key: it must decode to exactly 32 bytes \
+         (AES-128-XTS) or 64 bytes (AES-256-XTS); {RAW_KEY_HINT}"
+    )]
+    RawKeyLength {
+        /// Bytes the key file decodes to.
+        len: usize,
+    },
+
+    /// For a vhd-util VHD: the decoded key's two halves are equal.
+    #[error(
+        "decodes to a key whose two halves are equal: AES-XTS refuses such a key (its data and \
+         tweak keys would be the same; vhd-util crashes on it); {RAW_KEY_HINT}"
+    )]
+    RawKeyHalvesEqual,
 }
+
+/// How to make a key for a vhd-util VHD, quoted by the raw-key messages.
+const RAW_KEY_HINT: &str = "generate one with \
+     `head -c 64 /dev/urandom | base64 -w0 > key; chmod 600 key` (64 bytes: AES-256-XTS)";
+
+/// Raw key bytes of a vhd-util VHD for AES-128-XTS.
+pub const RAW_KEY_AES128: usize = 32;
+/// Raw key bytes of a vhd-util VHD for AES-256-XTS; also the most a raw key holds.
+pub const RAW_KEY_AES256: usize = 64;
 
 impl KeyFileError {
     /// Short machine-readable name of the rule.
@@ -177,6 +204,8 @@ impl KeyFileError {
             Self::TooMuchPadding { .. } => "too-much-padding",
             Self::BadLength { .. } => "bad-length",
             Self::NonCanonical => "non-canonical",
+            Self::RawKeyLength { .. } => "raw-key-length",
+            Self::RawKeyHalvesEqual => "raw-key-halves-equal",
         }
     }
 }
@@ -265,6 +294,42 @@ pub fn validate(bytes: &[u8]) -> Result<(), KeyFileError> {
         return Err(KeyFileError::NonCanonical);
     }
     Ok(())
+}
+
+/// The raw key a vhd-util-style encrypted VHD uses: a key file's base64, decoded into `out`.
+/// Returns how many bytes of `out` hold the key (32 or 64).
+///
+/// The key file must first pass [`validate`], so the same file serves every output format
+/// (and a text another tool would decode differently is refused). Its length is checked
+/// before anything is decoded, so `out` is the only place the key material is written:
+/// callers pass zeroised memory.
+pub fn decode_raw_key(bytes: &[u8], out: &mut [u8; RAW_KEY_AES256]) -> Result<usize, KeyFileError> {
+    validate(bytes)?;
+    let padding = bytes.iter().rev().take_while(|&&b| b == b'=').count();
+    let len = bytes.len() / 4 * 3 - padding;
+    if len != RAW_KEY_AES128 && len != RAW_KEY_AES256 {
+        return Err(KeyFileError::RawKeyLength { len });
+    }
+    let written = base64::engine::general_purpose::STANDARD
+        .decode_slice(bytes, &mut out[..len])
+        .map_err(|_| KeyFileError::NotBase64 { offset: 0 })?;
+    debug_assert_eq!(written, len);
+    let (first, second) = out[..len].split_at(len / 2);
+    if first == second {
+        out.fill(0);
+        return Err(KeyFileError::RawKeyHalvesEqual);
+    }
+    Ok(len)
+}
+
+/// The key hash `vhd-util key -C -k RAWKEY` prints for a raw key: SHA-256(32 zero bytes ‖ key)
+/// (the zero nonce `vhd-util copy` uses) as 64 lower-case hex digits.
+pub fn vhd_key_hash_hex(raw_key: &[u8]) -> String {
+    let digest = Sha256::new()
+        .chain_update([0u8; 32])
+        .chain_update(raw_key)
+        .finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Base64 SHA-256 of the key file's bytes.
@@ -468,11 +533,57 @@ mod tests {
             KeyFileError::TooMuchPadding { count: 3 },
             KeyFileError::BadLength { len: 0 },
             KeyFileError::NonCanonical,
+            KeyFileError::RawKeyLength { len: 48 },
+            KeyFileError::RawKeyHalvesEqual,
         ];
         let mut names: Vec<_> = errors.iter().map(KeyFileError::rule).collect();
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), errors.len());
+    }
+
+    #[test]
+    fn raw_keys_decode_to_32_or_64_bytes_only() {
+        let mut out = [0u8; RAW_KEY_AES256];
+        for len in [32usize, 64] {
+            let raw: Vec<u8> = (0..len).map(|i| (i * 41 + 7) as u8).collect();
+            assert_eq!(decode_raw_key(&encoded(&raw), &mut out), Ok(len));
+            assert_eq!(&out[..len], &raw[..]);
+        }
+        for len in [24usize, 31, 33, 48, 63, 65, 96] {
+            let raw: Vec<u8> = (0..len).map(|i| (i * 41 + 7) as u8).collect();
+            let error = decode_raw_key(&encoded(&raw), &mut out).unwrap_err();
+            assert_eq!(error, KeyFileError::RawKeyLength { len }, "{len}");
+            let message = error.to_string();
+            assert!(
+                message.contains(&format!("decodes to {len} bytes")),
+                "{message}"
+            );
+            assert!(
+                message.contains("32 bytes") && message.contains("64 bytes"),
+                "{message}"
+            );
+        }
+        // The text rules come first: a newline is reported as such.
+        let mut with_newline = encoded(&[5u8; 32]);
+        with_newline.push(b'\n');
+        assert_eq!(
+            decode_raw_key(&with_newline, &mut out),
+            Err(KeyFileError::TrailingNewline)
+        );
+    }
+
+    #[test]
+    fn raw_keys_with_equal_halves_are_refused_and_wiped() {
+        let mut out = [0u8; RAW_KEY_AES256];
+        for len in [32usize, 64] {
+            let half: Vec<u8> = (0..len / 2).map(|i| i as u8 + 1).collect();
+            let raw = [half.clone(), half].concat();
+            let error = decode_raw_key(&encoded(&raw), &mut out).unwrap_err();
+            assert_eq!(error, KeyFileError::RawKeyHalvesEqual);
+            assert!(error.to_string().contains("halves are equal"), "{error}");
+            assert!(out.iter().all(|&b| b == 0));
+        }
     }
 
     #[test]

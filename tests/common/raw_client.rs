@@ -156,8 +156,10 @@ impl RawClient {
 pub fn cheap_encrypt_parameters(key: Option<u32>) -> serde_json::Value {
     serde_json::to_value(EncryptParameters {
         source: 0,
+        companions: Vec::new(),
         output: 1,
         key,
+        source_key: None,
         luks_version: LuksVersion::Luks2,
         sector_size: 512,
         pbkdf: Some(Pbkdf {
@@ -166,6 +168,8 @@ pub fn cheap_encrypt_parameters(key: Option<u32>) -> serde_json::Value {
             ..Pbkdf::default()
         }),
         engine: EngineChoice::Auto,
+        format: None,
+        target: None,
     })
     .unwrap()
 }

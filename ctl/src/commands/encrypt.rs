@@ -2,27 +2,32 @@
 //! `encryption_key`, and with neither an error (never an unencrypted output).
 //!
 //! The client does every `open` (with the user's own permissions) and hands the daemon three
-//! descriptors: the source read-only, `OUT.partial` read-write, and the key file read-only. The
-//! key's bytes never pass through imgctl's memory; the daemon reads and checks them.
+//! descriptors: the source read-only, `OUT.partial` read-write, and the key file read-only (a
+//! fourth, `--source-key-file`, read-only, for an encrypted qcow2 source), plus the files the
+//! source references when the daemon asks for them. No key's bytes pass through imgctl's
+//! memory; the daemon reads and checks them.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use imgcrypt_proto::api::{
-    self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, Pbkdf, PbkdfKind,
+    self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, OutputFormat, Pbkdf,
+    PbkdfKind, Target,
 };
 
 use crate::call;
+use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::keyring::{self, RingLocation};
 use crate::output::Output;
 use crate::progress::Display;
+use crate::targets;
 
 /// Options of `imgctl encrypt`.
 #[derive(Debug, clap::Args)]
 pub struct EncryptArgs {
-    /// Source disk image (RAW or VHD, detected by content).
+    /// Source disk image (RAW, VHD, VHDX or qcow2 with its backing chain, detected by content).
     pub source: PathBuf,
     /// Where to write the LUKS image.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
@@ -31,6 +36,10 @@ pub struct EncryptArgs {
     /// Default: the key ring's encryption_key.
     #[arg(long, value_name = "KEY")]
     pub key_file: Option<PathBuf>,
+    /// Key file that unlocks an encrypted qcow2 source (qemu's LUKS): its bytes are the
+    /// passphrase of one of the source's keyslots. Passed to the daemon as a descriptor.
+    #[arg(long, value_name = "FILE")]
+    pub source_key_file: Option<PathBuf>,
     /// Write a LUKS1 header instead of LUKS2.
     #[arg(long)]
     pub luks1: bool,
@@ -43,6 +52,14 @@ pub struct EncryptArgs {
     /// Engine: auto (kernel where dm-crypt is usable), userspace or kernel.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     pub engine: EngineArg,
+    /// Container of the output: luks (raw LUKS, the default), qcow2 (qemu's LUKS encryption:
+    /// IBM Cloud VPC, OpenStack) or vhd (blktap's vhd-util encryption: IBM Cloud classic).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Check a cloud's import rules before anything is written, and say what to do next;
+    /// implies the target's --format.
+    #[arg(long, value_enum)]
+    pub target: Option<TargetArg>,
     /// Replace OUT (or a stale OUT.partial) if it exists; required to write to a block device.
     #[arg(long)]
     pub force: bool,
@@ -108,6 +125,52 @@ pub enum EngineArg {
     Kernel,
 }
 
+/// `--format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FormatArg {
+    /// Raw LUKS (cryptsetup, dm-crypt).
+    Luks,
+    /// qcow2 v3 with qemu's LUKS encryption.
+    Qcow2,
+    /// Dynamic VHD encrypted as blktap's vhd-util does.
+    Vhd,
+}
+
+impl FormatArg {
+    fn to_protocol(self) -> OutputFormat {
+        match self {
+            Self::Luks => OutputFormat::Luks,
+            Self::Qcow2 => OutputFormat::Qcow2,
+            Self::Vhd => OutputFormat::Vhd,
+        }
+    }
+}
+
+/// `--target` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TargetArg {
+    /// Plain LUKS (raw LUKS output).
+    Luks,
+    /// IBM Cloud VPC custom image (qcow2 with LUKS).
+    IbmVpc,
+    /// IBM Cloud classic image template (vhd-util-encrypted VHD).
+    IbmClassic,
+    /// OpenStack encrypted image (qcow2 with LUKS).
+    Openstack,
+}
+
+impl TargetArg {
+    /// The protocol's name for it.
+    pub fn to_protocol(self) -> Target {
+        match self {
+            Self::Luks => Target::Luks,
+            Self::IbmVpc => Target::IbmVpc,
+            Self::IbmClassic => Target::IbmClassic,
+            Self::Openstack => Target::Openstack,
+        }
+    }
+}
+
 /// Runs the command.
 pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
     let mut parameters = parameters(&args)?;
@@ -132,20 +195,41 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     let output = Output::create(&args.output, args.force)?;
 
     let mut client = connect::connect(socket.as_deref())?;
+    let source_key = match &args.source_key_file {
+        Some(path) => Some(call::open_read_only(path, "open the source key file")?),
+        None => None,
+    };
     let mut fds = vec![source.as_fd(), output.file().as_fd()];
     fds.extend(key.as_ref().map(|key| key.as_fd()));
-    let summary =
-        call::run_job::<EncryptReply>(&mut client, api::ENCRYPT, &parameters, &fds, &mut display)
-            .map_err(|error| match (error, no_key_advice) {
-            (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
-                CtlError::Usage(format!(
-                    "{advice} (the daemon has no key ring of its own either)"
-                ))
-            }
-            (error, _) => error,
-        })?;
+    // The source key, if any, follows the key (or the output, without one).
+    parameters.source_key = source_key.as_ref().map(|_| fds.len() as u32);
+    fds.extend(source_key.as_ref().map(|key| key.as_fd()));
+    let mut companions = Companions::new(&args.source);
+    let summary = companions::with_companions(&mut companions, |companions| {
+        parameters.companions = companions.refs(fds.len() as u32);
+        let all: Vec<_> = fds.iter().copied().chain(companions.fds()).collect();
+        call::run_job::<EncryptReply>(&mut client, api::ENCRYPT, &parameters, &all, &mut display)
+    })
+    .map_err(|error| match (error, no_key_advice) {
+        (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
+            CtlError::Usage(format!(
+                "{advice} (the daemon has no key ring of its own either)"
+            ))
+        }
+        (error, _) => error,
+    })?;
     let final_path = output.commit()?;
-    display.summary(&args.source, &final_path, &summary);
+    let next = match summary.target {
+        Some(target) => targets::next_steps(
+            target,
+            &args.source,
+            &final_path,
+            args.key_file.as_deref(),
+            &summary,
+        ),
+        None => Vec::new(),
+    };
+    display.summary(&args.source, &final_path, &summary, &next);
     Ok(())
 }
 
@@ -156,6 +240,25 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
     } else {
         LuksVersion::Luks2
     };
+    let target = args.target.map(TargetArg::to_protocol);
+    let format = match (args.format.map(FormatArg::to_protocol), target) {
+        (Some(format), Some(target)) if format != target.format() => {
+            return Err(CtlError::Usage(format!(
+                "--target {} imports {} images, not {}: drop --format or use --format {}",
+                target.cli_name(),
+                target.format().cli_name(),
+                format.cli_name(),
+                target.format().cli_name()
+            )))
+        }
+        (Some(format), _) => format,
+        (None, Some(target)) => target.format(),
+        (None, None) => OutputFormat::Luks,
+    };
+    check_format_options(args, format)?;
+    if let Some(target) = target {
+        targets::check_output_name(target, &args.output)?;
+    }
     if args.luks1 && args.sector_size != 512 {
         return Err(CtlError::Usage(
             "--sector-size 4096 needs LUKS2: drop --luks1 or use --sector-size 512".to_string(),
@@ -164,8 +267,10 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
     // The descriptors' order in the call: source, output, key.
     Ok(EncryptParameters {
         source: 0,
+        companions: Vec::new(),
         output: 1,
         key: Some(2),
+        source_key: None,
         luks_version,
         sector_size: args.sector_size,
         pbkdf: args.pbkdf.to_protocol(),
@@ -174,7 +279,44 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
             EngineArg::Userspace => EngineChoice::Userspace,
             EngineArg::Kernel => EngineChoice::Kernel,
         },
+        format: (format != OutputFormat::Luks || args.format.is_some()).then_some(format),
+        target,
     })
+}
+
+/// Refuses options the chosen container cannot honour, before anything is opened.
+fn check_format_options(args: &EncryptArgs, format: OutputFormat) -> Result<()> {
+    let refuse = |text: String| Err(CtlError::Usage(text));
+    if format != OutputFormat::Luks && matches!(args.engine, EngineArg::Kernel) {
+        return refuse(format!(
+            "--engine kernel writes raw LUKS only (dm-crypt maps one contiguous payload); a {} \
+             output is written by the userspace engine: drop --engine",
+            format.cli_name()
+        ));
+    }
+    if format != OutputFormat::Luks && args.sector_size != 512 {
+        return refuse(format!(
+            "--sector-size {} is not possible with --format {}: {} uses 512-byte encryption \
+             sectors; drop --sector-size",
+            args.sector_size,
+            format.cli_name(),
+            format.display_name()
+        ));
+    }
+    match format {
+        OutputFormat::Qcow2 if matches!(args.pbkdf.pbkdf, Some(PbkdfArg::Argon2id)) => refuse(
+            "--pbkdf argon2id is not possible with --format qcow2: qemu's LUKS inside qcow2 is \
+             LUKS1, whose only key derivation is pbkdf2; drop --pbkdf"
+                .to_string(),
+        ),
+        OutputFormat::Vhd if args.luks1 || args.pbkdf.to_protocol().is_some() => refuse(
+            "--luks1 and the --pbkdf options do not apply to --format vhd: a blktap-encrypted VHD \
+             has no LUKS header and no key derivation (the key file's decoded bytes are the \
+             AES-XTS key itself); drop them"
+                .to_string(),
+        ),
+        _ => Ok(()),
+    }
 }
 
 fn parse_sector_size(text: &str) -> std::result::Result<u32, String> {

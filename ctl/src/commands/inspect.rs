@@ -1,6 +1,7 @@
-//! `imgctl inspect IMAGE [--key-file K] [--json]`: what a LUKS image's header says, read by the
-//! daemon without unlocking anything. The candidate keys are passed only so the daemon can say
-//! which keyslot each one's fingerprint matches; none is tried.
+//! `imgctl inspect IMAGE [--key-file K] [--json]`: what an encrypted image's header says, read
+//! by the daemon without unlocking anything — or, for a source image, what imgcrypt reads of it
+//! (format, virtual size, allocated bytes). The candidate keys are passed only so the daemon can
+//! say which keyslot (or VHD key hash) each one matches; none is tried.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::path::PathBuf;
 use imgcrypt_proto::api::{self, InspectParameters, InspectReply};
 
 use crate::call;
+use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::Result;
 use crate::keyring::RingLocation;
@@ -16,7 +18,8 @@ use crate::progress;
 /// Options of `imgctl inspect`.
 #[derive(Debug, clap::Args)]
 pub struct InspectArgs {
-    /// The LUKS image (file or block device).
+    /// The image (file or block device): an encrypted image, or a source to see what imgcrypt
+    /// reads of it.
     pub image: PathBuf,
     /// A key file to match against the keyslots' fingerprints (default: every key in the ring).
     #[arg(long, value_name = "KEY")]
@@ -34,18 +37,32 @@ pub fn run(args: InspectArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     let fds: Vec<_> = std::iter::once(image.as_fd()).chain(keys.fds()).collect();
 
     let mut client = connect::connect(socket.as_deref())?;
-    let parameters = InspectParameters {
-        image: 0,
-        keys: keys.refs.clone(),
-    };
-    let reply: InspectReply = call::call_once(&mut client, api::INSPECT, &parameters, &fds)?;
-    if args.json {
-        println!(
+    let mut companions = Companions::new(&args.image);
+    let reply: InspectReply = companions::with_companions(&mut companions, |companions| {
+        let parameters = InspectParameters {
+            image: 0,
+            companions: companions.refs(fds.len() as u32),
+            keys: keys.refs.clone(),
+        };
+        let all: Vec<_> = fds.iter().copied().chain(companions.fds()).collect();
+        call::call_once(&mut client, api::INSPECT, &parameters, &all)
+    })?;
+    match (&reply.image, &reply.source) {
+        (Some(image), _) if args.json => println!(
             "{}",
-            serde_json::to_string(&reply.image).expect("image info serialises")
-        );
-    } else {
-        print!("{}", progress::render_inspect(&args.image, &reply.image));
+            serde_json::to_string(image).expect("image info serialises")
+        ),
+        (Some(image), _) => print!("{}", progress::render_inspect(&args.image, image)),
+        (None, Some(source)) if args.json => println!(
+            "{}",
+            serde_json::to_string(source).expect("source info serialises")
+        ),
+        (None, Some(source)) => print!("{}", progress::render_source(&args.image, source)),
+        (None, None) => {
+            return Err(crate::error::CtlError::Protocol(
+                "the daemon's Inspect reply carried neither an image nor a source".to_string(),
+            ))
+        }
     }
     Ok(())
 }
@@ -73,8 +90,13 @@ mod tests {
             assert_eq!(test_peer::identity(&fds[0]), expected[0]);
             assert_eq!(test_peer::identity(&fds[2]), expected[1]);
             vec![Reply::ok(InspectReply {
-                image: ImageInfo {
-                    luks_version: LuksVersion::Luks1,
+                source: None,
+                image: Some(ImageInfo {
+                    format: imgcrypt_proto::api::OutputFormat::Luks,
+                    luks_version: Some(LuksVersion::Luks1),
+                    virtual_size: None,
+                    allocated_bytes: None,
+                    vhd_key: None,
                     uuid: "u".into(),
                     cipher: "aes-xts-plain64".into(),
                     key_size_bits: 256,
@@ -83,7 +105,7 @@ mod tests {
                     payload_size: 1 << 20,
                     image_size: (1 << 20) + 4096,
                     keyslots: vec![],
-                },
+                }),
             })]
         });
         let args = InspectArgs {

@@ -1,4 +1,5 @@
-//! `imgctl key generate -o FILE` and `imgctl key fingerprint FILE`.
+//! `imgctl key generate -o FILE`, `imgctl key fingerprint FILE` and
+//! `imgctl key fingerprint --vhd FILE`.
 //!
 //! A generated key is 256 bits from the kernel's CSPRNG (getrandom), written as 44 characters of
 //! standard padded base64 with no newline: exactly the form [`imgcrypt_proto::keyfile`] demands.
@@ -41,20 +42,28 @@ enum KeyCommand {
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: PathBuf,
     },
-    /// Print the fingerprint of a key file (sha256: + base64 SHA-256 of its bytes).
+    /// Print the fingerprint of a key file (sha256: + base64 SHA-256 of its bytes), or with
+    /// --vhd the key hash a vhd-util-encrypted VHD made with it carries.
     Fingerprint {
         /// The key file.
         file: PathBuf,
+        /// Print what `vhd-util key -C -k RAWKEY` prints for the key file's decoded bytes (the
+        /// raw key a `--format vhd` image is encrypted with): SHA-256 of 32 zero bytes and the
+        /// key, as 64 hex digits. Compare it with `vhd-util key -p -n IMAGE.vhd`.
+        #[arg(long)]
+        vhd: bool,
     },
 }
 
 /// Runs the command.
 pub fn run(args: KeyArgs) -> Result<()> {
-    let fingerprint = match args.command {
-        KeyCommand::Generate { output } => generate(&output)?,
-        KeyCommand::Fingerprint { file } => fingerprint_of_file(&file)?,
-    };
-    println!("sha256:{fingerprint}");
+    match args.command {
+        KeyCommand::Generate { output } => println!("sha256:{}", generate(&output)?),
+        KeyCommand::Fingerprint { file, vhd: false } => {
+            println!("sha256:{}", fingerprint_of_file(&file)?)
+        }
+        KeyCommand::Fingerprint { file, vhd: true } => println!("{}", vhd_key_hash_of_file(&file)?),
+    }
     Ok(())
 }
 
@@ -135,6 +144,26 @@ fn write_durably(file: &mut File, path: &Path, bytes: &[u8]) -> Result<()> {
 /// The fingerprint (without `sha256:`) of a valid key file; a rule violation is reported with
 /// that rule's message.
 pub fn fingerprint_of_file(path: &Path) -> Result<String> {
+    let bytes = read_valid_key_file(path)?;
+    Ok(keyfile::fingerprint(&bytes))
+}
+
+/// The vhd-util key hash of a valid key file's decoded bytes: exactly what `vhd-util key -C -k`
+/// prints (64 lower-case hex digits) for a file holding those raw bytes. The key file is read
+/// by the same rules as for every other format (base64 on one line, no newline), the way
+/// `imgctl encrypt --format vhd` reads it, and must decode to 32 or 64 bytes.
+pub fn vhd_key_hash_of_file(path: &Path) -> Result<String> {
+    let bytes = read_valid_key_file(path)?;
+    let mut raw = Zeroizing::new([0u8; keyfile::RAW_KEY_AES256]);
+    let len = keyfile::decode_raw_key(&bytes, &mut raw).map_err(|error| CtlError::File {
+        path: path.to_path_buf(),
+        message: error.to_string(),
+    })?;
+    Ok(keyfile::vhd_key_hash_hex(&raw[..len]))
+}
+
+/// The bytes of a key file that follows the key-file rules, in zeroised memory.
+fn read_valid_key_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
     // O_NONBLOCK: opening a FIFO must not hang waiting for a writer; it is refused below.
     let file = OpenOptions::new()
         .read(true)
@@ -176,7 +205,9 @@ pub fn fingerprint_of_file(path: &Path) -> Result<String> {
         path: path.to_path_buf(),
         message: error.to_string(),
     })?;
-    Ok(keyfile::fingerprint(&bytes[..filled]))
+    // Shrinks in place: no copy of the key is left in freed memory.
+    bytes.truncate(filled);
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -281,6 +312,83 @@ mod tests {
         );
         let error = fingerprint_of_file(dir.path()).unwrap_err().to_string();
         assert!(error.contains("not a regular file"), "{error}");
+    }
+
+    /// Unpacks `name` from the vhd-util corpus (beside the repository) into `dir`.
+    fn corpus_file(dir: &Path, name: &str) -> std::path::PathBuf {
+        let tarball = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/corpus/vhd-util/samples.tar.xz");
+        let status = Command::new("tar")
+            .arg("-xJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir)
+            .arg(format!("./{name}"))
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "unpacking {name} from {}",
+            tarball.display()
+        );
+        dir.join(name)
+    }
+
+    #[test]
+    fn vhd_key_hash_is_what_vhd_util_printed_for_the_decoded_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let printed = std::fs::read_to_string(corpus_file(dir.path(), "keyhash-C.txt")).unwrap();
+        for (b64, bin) in [
+            ("key32.b64", "key32.bin"),
+            ("key64.b64", "key64.bin"),
+            ("wrongkey32.b64", "wrongkey32.bin"),
+        ] {
+            // The corpus's DEK form ends with a newline; the key-file rules refuse it, and
+            // the message says how to fix it.
+            let with_newline = corpus_file(dir.path(), b64);
+            let error = vhd_key_hash_of_file(&with_newline).unwrap_err().to_string();
+            assert!(error.contains("ends with a newline"), "{error}");
+            let text = std::fs::read(&with_newline).unwrap();
+            let key = dir.path().join(format!("{b64}.key"));
+            std::fs::write(&key, text.strip_suffix(b"\n").unwrap()).unwrap();
+            // vhd-util printed "HASH"; the corpus recorded it as "RAWKEYFILE HASH".
+            let expected = printed
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{bin} ")))
+                .unwrap();
+            assert_eq!(vhd_key_hash_of_file(&key).unwrap(), expected, "{b64}");
+        }
+    }
+
+    #[test]
+    fn vhd_key_hash_of_ibm_s_documented_example_is_the_hash_ibm_shows() {
+        // ibm-cloud-docs/image-templates `create-encrypted-image.md`, steps 4-5: this DEK,
+        // decoded into aes512.dek, makes `vhd-util key -C -k aes512.dek` print this hash.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dek");
+        std::fs::write(
+            &path,
+            "Nrfen98EpMxF2B+wdgLfagzrqvgUZfMK4vL2T0NsT20ihrsNC9pUUHtizF6218pze8RLCgQ6kwxuE58IWLzgDA==",
+        )
+        .unwrap();
+        assert_eq!(
+            vhd_key_hash_of_file(&path).unwrap(),
+            "21681bba94f04b33b112f5f90a0faa885a6d1dbf1bd68ed16c5b995143088eda"
+        );
+    }
+
+    #[test]
+    fn vhd_key_hash_refuses_keys_of_other_sizes_and_equal_halves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let encode = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
+        std::fs::write(&path, encode(&[7u8; 48])).unwrap();
+        let error = vhd_key_hash_of_file(&path).unwrap_err().to_string();
+        assert!(error.contains("decodes to 48 bytes"), "{error}");
+        let half: Vec<u8> = (1..=32).collect();
+        std::fs::write(&path, encode(&[half.clone(), half].concat())).unwrap();
+        let error = vhd_key_hash_of_file(&path).unwrap_err().to_string();
+        assert!(error.contains("halves are equal"), "{error}");
     }
 
     #[test]

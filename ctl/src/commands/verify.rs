@@ -1,5 +1,5 @@
 //! `imgctl verify IMAGE [--source SRC] [--key-file K] [--json]`: the daemon unlocks the image,
-//! decrypts and hashes its whole payload, and with `--source` compares it with a RAW or VHD
+//! decrypts and hashes its whole payload, and with `--source` compares it with a RAW, VHD, VHDX or qcow2
 //! image. Exit status 0: verified (and matching); 1: the source differs, or any other failure.
 
 use std::os::fd::AsFd;
@@ -9,6 +9,7 @@ use imgcrypt_proto::api::{self, VerifyParameters, VerifyReply, VerifySummary};
 use serde_json::json;
 
 use crate::call;
+use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::keyring::RingLocation;
@@ -19,7 +20,7 @@ use crate::progress::{self, Display};
 pub struct VerifyArgs {
     /// The LUKS image (file or block device).
     pub image: PathBuf,
-    /// A source image (RAW or VHD) the plaintext must equal.
+    /// A source image (RAW, VHD, VHDX or plain qcow2) the plaintext must equal.
     #[arg(long, value_name = "SRC")]
     pub source: Option<PathBuf>,
     /// The key file that opens the image (default: the ring's keys, matched by fingerprint).
@@ -48,13 +49,17 @@ pub fn run(args: VerifyArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Re
 
     let mut display = Display::new(args.json);
     let mut client = connect::connect(socket.as_deref())?;
-    let parameters = VerifyParameters {
-        image: 0,
-        source: source.is_some().then_some(1),
-        keys: keys.refs.clone(),
-    };
-    let summary =
-        call::run_job::<VerifyReply>(&mut client, api::VERIFY, &parameters, &fds, &mut display)?;
+    let mut companions = Companions::new(args.source.as_deref().unwrap_or(Path::new("")));
+    let summary = companions::with_companions(&mut companions, |companions| {
+        let parameters = VerifyParameters {
+            image: 0,
+            source: source.is_some().then_some(1),
+            source_companions: companions.refs(fds.len() as u32),
+            keys: keys.refs.clone(),
+        };
+        let all: Vec<_> = fds.iter().copied().chain(companions.fds()).collect();
+        call::run_job::<VerifyReply>(&mut client, api::VERIFY, &parameters, &all, &mut display)
+    })?;
     display.finish(
         json!({
             "event": "summary",

@@ -36,9 +36,10 @@ use crate::devices::keyring::LogonKey;
 use crate::devices::loop_device::{AttachedLoop, Detached};
 use crate::devices::mapper::{CryptTarget, Mapping, Removal};
 use crate::devices::names::JobDeviceNames;
-use crate::engines::userspace::{check_layout, Copy, UserspaceEngine};
-use crate::engines::xts::VOLUME_KEY_BYTES;
+use crate::engines::userspace::{check_layout, Copy, Destination, UserspaceEngine};
+use crate::engines::xts::{IvMode, VOLUME_KEY_BYTES};
 use crate::engines::{Engine, PayloadJob};
+use crate::sys::aligned::DIRECT_IO_ALIGNMENT;
 use crate::{Error, Result};
 
 /// Loop device + dm-crypt, opened by ioctl.
@@ -74,20 +75,39 @@ impl Engine for KernelEngine {
 
     fn write_payload(&self, job: &PayloadJob<'_>) -> Result<u64> {
         check_layout(job)?;
-        if job.volume_key.len() != VOLUME_KEY_BYTES {
+        let Some((data_offset, payload_size)) = job.single_run() else {
+            return Err(Error::EngineUnavailable {
+                engine: "kernel",
+                reason: "dm-crypt maps one contiguous payload, so the kernel engine writes raw \
+                         LUKS images only; qcow2 and VHD outputs use the userspace engine \
+                         (--engine userspace, or auto)"
+                    .to_string(),
+            });
+        };
+        if job.key.len() != VOLUME_KEY_BYTES || job.iv != IvMode::Plain64 {
             return Err(Error::io(
                 "preparing the dm-crypt key",
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
                     format!(
-                        "the volume key has {} bytes; aes-xts-plain64 with two AES-256 keys needs \
-                         {VOLUME_KEY_BYTES}",
-                        job.volume_key.len()
+                        "the volume key has {} bytes with {:?} IVs; aes-xts-plain64 with two \
+                         AES-256 keys needs {VOLUME_KEY_BYTES} bytes and plain64",
+                        job.key.len(),
+                        job.iv
                     ),
                 ),
             ));
         }
-        if job.payload_size == 0 {
+        if data_offset % DIRECT_IO_ALIGNMENT as u64 != 0 {
+            return Err(Error::io(
+                "mapping the payload",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("data offset {data_offset} is not a multiple of {DIRECT_IO_ALIGNMENT}"),
+                ),
+            ));
+        }
+        if payload_size == 0 {
             return Ok(0);
         }
         if job.cancel.load(Ordering::SeqCst) {
@@ -95,9 +115,8 @@ impl Engine for KernelEngine {
         }
         let names = JobDeviceNames::for_job(job.job_id);
 
-        let backing =
-            AttachedLoop::attach(job.output, 0, job.data_offset + job.payload_size, true)?;
-        let mapping = map_payload(job, &names, &backing)?;
+        let backing = AttachedLoop::attach(job.output, 0, data_offset + payload_size, true)?;
+        let mapping = map_payload(job, data_offset, payload_size, &names, &backing)?;
         let device = mapping.open()?;
         tracing::info!(
             job = job.job_id,
@@ -114,19 +133,25 @@ impl Engine for KernelEngine {
             "through the dm-crypt device {}, whose offsets count from the payload at byte {} of \
              the output",
             device.path().display(),
-            job.data_offset
+            data_offset
         );
-        let copied = Copy::new(self.workers, self.chunk_size, job, None, device.file(), 0)
-            .describing_target(note)
-            .run()
-            .and_then(|()| {
-                device.file().sync_all().map_err(|e| {
-                    Error::io(
-                        format!("fsync on {} (the dm-crypt device)", device.path().display()),
-                        e,
-                    )
-                })
-            });
+        let copied = Copy::new(
+            self.workers,
+            self.chunk_size,
+            job,
+            None,
+            Destination::PlaintextDevice(device.file()),
+        )
+        .describing_target(note)
+        .run()
+        .and_then(|()| {
+            device.file().sync_all().map_err(|e| {
+                Error::io(
+                    format!("fsync on {} (the dm-crypt device)", device.path().display()),
+                    e,
+                )
+            })
+        });
 
         // Tear down in order whatever happened, then report the copy's error first: it is the
         // cause, and a teardown failure after it is a consequence.
@@ -143,22 +168,24 @@ impl Engine for KernelEngine {
         if detached? == Detached::Pending {
             tracing::warn!("the loop device was still held; autoclear detaches it when released");
         }
-        Ok(job.payload_size)
+        Ok(payload_size)
     }
 }
 
 /// Loads the key, maps dm-crypt over the loop device, and drops the key from the keyring.
 fn map_payload(
     job: &PayloadJob<'_>,
+    data_offset: u64,
+    payload_size: u64,
     names: &JobDeviceNames,
     backing: &AttachedLoop<'_>,
 ) -> Result<Mapping> {
-    let key = LogonKey::add_to_thread_keyring(names.key_description(), job.volume_key)?;
+    let key = LogonKey::add_to_thread_keyring(names.key_description(), job.key)?;
     let target = CryptTarget::new(
-        job.payload_size,
+        payload_size,
         &key.dm_crypt_reference(),
         backing.device_number(),
-        job.data_offset,
+        data_offset,
         job.sector_size,
     )?;
     // Same thread as the key: dm-crypt looks it up in this thread's keyring.
@@ -171,6 +198,7 @@ fn map_payload(
 mod tests {
     use super::*;
     use crate::formats::SourceImage;
+    use crate::outputs::Extent;
     use imgcrypt_proto::api::SourceFormat;
     use std::ops::Range;
     use std::sync::atomic::AtomicBool;
@@ -223,14 +251,20 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let progress = |_: u64| {};
         let key = [0x5au8; VOLUME_KEY_BYTES];
+        let extents = [Extent {
+            guest_offset: 0,
+            length: 4 << 20,
+            output_offset: 16 << 20,
+            first_iv: 0,
+        }];
         let job = PayloadJob {
             job_id: 987_654,
             source: &source,
             output: output.as_file(),
-            data_offset: 16 << 20,
-            payload_size: 4 << 20,
+            extents: &extents,
             sector_size: 4096,
-            volume_key: &key,
+            key: &key,
+            iv: IvMode::Plain64,
             progress: &progress,
             cancel: &cancel,
         };
@@ -268,14 +302,20 @@ mod tests {
         let cancel = AtomicBool::new(false);
         let progress = |_: u64| {};
         let short_key = [1u8; 32];
+        let extents = [Extent {
+            guest_offset: 0,
+            length: 1 << 20,
+            output_offset: 1 << 20,
+            first_iv: 0,
+        }];
         let mut job = PayloadJob {
             job_id: 1,
             source: &source,
             output: output.as_file(),
-            data_offset: 1 << 20,
-            payload_size: 1 << 20,
+            extents: &extents,
             sector_size: 512,
-            volume_key: &short_key,
+            key: &short_key,
+            iv: IvMode::Plain64,
             progress: &progress,
             cancel: &cancel,
         };
@@ -283,8 +323,31 @@ mod tests {
         let error = engine.write_payload(&job).unwrap_err();
         assert!(error.to_string().contains("32 bytes"), "{error}");
 
+        // A container's layout (more than one run, or IVs not from 0) is not dm-crypt's.
         let key = [1u8; VOLUME_KEY_BYTES];
-        job.volume_key = &key;
+        job.key = &key;
+        let scattered = [
+            Extent {
+                guest_offset: 0,
+                length: 4096,
+                output_offset: 1 << 20,
+                first_iv: 2048,
+            },
+            Extent {
+                guest_offset: 8192,
+                length: 4096,
+                output_offset: (1 << 20) + 4096,
+                first_iv: 2056,
+            },
+        ];
+        job.extents = &scattered;
+        let error = engine.write_payload(&job).unwrap_err();
+        assert!(
+            matches!(error, Error::EngineUnavailable { .. })
+                && error.to_string().contains("raw LUKS"),
+            "{error}"
+        );
+        job.extents = &extents;
         cancel.store(true, Ordering::SeqCst);
         assert!(matches!(engine.write_payload(&job), Err(Error::Cancelled)));
         assert!(loop_devices_backed_by(output.path()).is_empty());

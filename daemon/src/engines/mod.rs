@@ -1,9 +1,12 @@
-//! Engines write the encrypted payload of a LUKS image.
+//! Engines write the encrypted payload of an image: the one shared pipeline that reads the
+//! source, encrypts and writes.
 //!
-//! The job formats the header and decides the layout; an engine only turns the source's
-//! plaintext into dm-crypt-compatible ciphertext at `data_offset..data_offset + payload_size` of
-//! the output. Two engines implement [`Engine`]: [`userspace`] (AES-XTS in this process, runs
-//! anywhere) and [`kernel`] (loop device + dm-crypt, where the kernel has them).
+//! The job formats any header and an output container ([`crate::outputs`]) plans the file: a
+//! list of [`Extent`]s saying which guest bytes go where, under which IV. An engine only turns
+//! the source's plaintext into ciphertext at those places. Two engines implement [`Engine`]:
+//! [`userspace`] (AES-XTS in this process, runs anywhere, every output format) and [`kernel`]
+//! (loop device + dm-crypt, where the kernel has them; raw LUKS only, since dm-crypt maps one
+//! contiguous payload).
 
 pub mod kernel;
 pub mod userspace;
@@ -15,7 +18,9 @@ use std::sync::atomic::AtomicBool;
 use imgcrypt_proto::api::EngineKind;
 
 use crate::formats::SourceImage;
+use crate::outputs::Extent;
 use crate::Result;
+use xts::IvMode;
 
 /// Everything an engine needs to write one payload.
 pub struct PayloadJob<'a> {
@@ -23,22 +28,40 @@ pub struct PayloadJob<'a> {
     pub job_id: u64,
     /// Plaintext source.
     pub source: &'a dyn SourceImage,
-    /// The output, already checked to be a writable regular file or block device of at least
-    /// `data_offset + payload_size` bytes.
+    /// The output, already checked to be a writable regular file or block device large enough
+    /// for every extent.
     pub output: &'a File,
-    /// Byte offset of the payload in the output (the LUKS header's size).
-    pub data_offset: u64,
-    /// Payload bytes to write: the source's virtual size rounded up; the tail past the source is
-    /// encrypted zeros, so the decrypted device equals the source followed by zeros.
-    pub payload_size: u64,
+    /// Where the payload goes: sorted by guest offset, disjoint, sector-aligned (an output
+    /// container's plan, checked by [`crate::outputs::check_extents`]).
+    pub extents: &'a [Extent],
     /// Encryption sector size: 512 or 4096.
     pub sector_size: u32,
-    /// The 512-bit AES-XTS volume key (two AES-256 keys).
-    pub volume_key: &'a [u8],
+    /// The AES-XTS key: a LUKS volume key (64 bytes), or a VHD's key (32 or 64 bytes).
+    pub key: &'a [u8],
+    /// How sector numbers become tweaks.
+    pub iv: IvMode,
     /// Called with the cumulative payload bytes written, from any worker thread.
     pub progress: &'a (dyn Fn(u64) + Sync),
     /// Set when the job must stop; the engine returns [`crate::Error::Cancelled`] promptly.
     pub cancel: &'a AtomicBool,
+}
+
+impl PayloadJob<'_> {
+    /// Payload bytes the job writes: the sum of its extents.
+    pub fn payload_bytes(&self) -> u64 {
+        self.extents.iter().map(|extent| extent.length).sum()
+    }
+
+    /// `(data_offset, payload_size)` when the payload is one run from guest offset 0 with IVs
+    /// counted from 0: raw LUKS, the only layout dm-crypt can map.
+    pub fn single_run(&self) -> Option<(u64, u64)> {
+        match self.extents {
+            [only] if only.guest_offset == 0 && only.first_iv == 0 => {
+                Some((only.output_offset, only.length))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A way to write an encrypted payload.

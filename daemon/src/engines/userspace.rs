@@ -49,6 +49,7 @@ use crate::engines::xts::{XtsCipher, IV_SECTOR_BYTES};
 use crate::engines::{Engine, PayloadJob};
 use crate::error::Descriptor;
 use crate::formats::SourceImage;
+use crate::outputs::Extent;
 use crate::sys::aligned::{AlignedBuffer, DIRECT_IO_ALIGNMENT};
 use crate::sys::direct_io::{enable_direct_io, status_flags, write_all_at};
 use crate::{Error, Result};
@@ -60,9 +61,6 @@ pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
 /// Upper bound on the buffers in flight (`workers × chunk_size`), so the daemon's RSS stays well
 /// under 64 MiB during a copy whatever the image size.
 pub const MAX_BUFFERED_BYTES: usize = 32 << 20;
-
-/// Payload sizes are multiples of this (the layout rule rounds the source up to it).
-pub const PAYLOAD_GRANULE: u64 = 1 << 20;
 
 /// AES-XTS-plain64 in this process, spread over a few worker threads.
 #[derive(Debug, Clone)]
@@ -138,48 +136,58 @@ impl UserspaceEngine {
         self.chunk_size
     }
 
-    /// Writes payload bytes `range` of `job` to the output at `data_offset + offset`, encrypted
-    /// with the job's volume key when `encrypt` is set and as read otherwise (decryption, where
-    /// the source itself decrypts). Re-encryption runs this range by range to checkpoint; the
-    /// IVs follow payload offsets, so ranges may be written in any order and any number of times.
+    /// Writes the guest bytes `range` of `job`'s extents to the output, encrypted with the
+    /// job's key when `encrypt` is set and as read otherwise (decryption, where the source
+    /// itself decrypts). Re-encryption runs this range by range to checkpoint; the IVs follow
+    /// the extents, so ranges may be written in any order and any number of times.
     ///
-    /// `range` must lie within the payload and start on a chunk boundary's multiple of the
-    /// sector size; nothing is synced.
+    /// `range` must start on a sector boundary; nothing is synced.
     pub fn copy_range(&self, job: &PayloadJob<'_>, encrypt: bool, range: Range<u64>) -> Result<()> {
         let cipher = if encrypt {
-            Some(XtsCipher::new(job.volume_key)?)
+            Some(XtsCipher::new(job.key, job.iv)?)
         } else {
             None
         };
-        if range.end > job.payload_size || range.start > range.end {
+        let payload_end = job.extents.last().map_or(0, |extent| extent.guest_end());
+        if range.end > payload_end || range.start > range.end {
             return Err(Error::io(
                 "copying part of a payload",
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "range {range:?} is outside the {}-byte payload",
-                        job.payload_size
-                    ),
+                    format!("range {range:?} is outside the payload, which ends at {payload_end}"),
                 ),
             ));
         }
         if range.is_empty() {
             return Ok(());
         }
-        let direct = enable_direct_io(job.output)?;
-        let copied = Copy::new(
+        let copy = Copy::new(
             self.workers,
             self.chunk_size,
             job,
             cipher.as_ref(),
-            job.output,
-            job.data_offset,
+            Destination::Output(job.output),
         )
-        .within(range)
-        .run();
-        let restored = direct.restore();
+        .within(range);
+        let direct = direct_io_if_aligned(job.output, &copy)?;
+        let copied = copy.run();
+        let restored = direct.map_or(Ok(()), |direct| direct.restore());
         copied?;
         restored
+    }
+}
+
+/// Switches O_DIRECT on for `output` when every write of `copy` will be 4096-aligned in offset
+/// and length; `None` (buffered writes) otherwise.
+fn direct_io_if_aligned<'f>(
+    output: &'f File,
+    copy: &Copy<'_, '_>,
+) -> Result<Option<crate::sys::direct_io::DirectIoGuard<'f>>> {
+    if copy.all_writes_aligned(DIRECT_IO_ALIGNMENT as u64) {
+        Ok(Some(enable_direct_io(output)?))
+    } else {
+        tracing::debug!("output extents are not 4096-aligned; writing through the page cache");
+        Ok(None)
     }
 }
 
@@ -190,8 +198,9 @@ impl Engine for UserspaceEngine {
 
     fn write_payload(&self, job: &PayloadJob<'_>) -> Result<u64> {
         check_layout(job)?;
-        let cipher = XtsCipher::new(job.volume_key)?;
-        if job.payload_size == 0 {
+        let cipher = XtsCipher::new(job.key, job.iv)?;
+        let payload_bytes = job.payload_bytes();
+        if payload_bytes == 0 {
             return Ok(0);
         }
         if status_flags(job.output)?.contains(OFlag::O_APPEND) {
@@ -202,28 +211,28 @@ impl Engine for UserspaceEngine {
             ));
         }
 
-        let direct = enable_direct_io(job.output)?;
-        tracing::debug!(
-            direct_io = direct.is_direct(),
-            workers = self.workers,
-            chunk_size = self.chunk_size,
-            payload_size = job.payload_size,
-            "userspace engine copy starting"
-        );
-        let copied = Copy::new(
+        let copy = Copy::new(
             self.workers,
             self.chunk_size,
             job,
             Some(&cipher),
-            job.output,
-            job.data_offset,
-        )
-        .run();
+            Destination::Output(job.output),
+        );
+        let direct = direct_io_if_aligned(job.output, &copy)?;
+        tracing::debug!(
+            direct_io = direct.as_ref().is_some_and(|d| d.is_direct()),
+            workers = self.workers,
+            chunk_size = self.chunk_size,
+            extents = job.extents.len(),
+            payload_bytes,
+            "userspace engine copy starting"
+        );
+        let copied = copy.run();
         // Restore before reporting, and prefer the copy's error: it is the cause.
-        let restored = direct.restore();
+        let restored = direct.map_or(Ok(()), |direct| direct.restore());
         copied?;
         restored?;
-        Ok(job.payload_size)
+        Ok(payload_bytes)
     }
 }
 
@@ -239,27 +248,27 @@ pub(crate) fn check_layout(job: &PayloadJob<'_>) -> Result<()> {
             ),
         });
     }
-    let problem = if job.payload_size % PAYLOAD_GRANULE != 0 {
+    let sector = u64::from(job.sector_size);
+    let misaligned = job
+        .extents
+        .iter()
+        .find(|e| e.guest_offset % sector != 0 || e.length % sector != 0);
+    let problem = if let Some(extent) = misaligned {
         Some(format!(
-            "payload size {} is not a multiple of {PAYLOAD_GRANULE}",
-            job.payload_size
+            "extent {extent:?} is not a whole number of {sector}-byte sectors"
         ))
-    } else if job.data_offset % DIRECT_IO_ALIGNMENT as u64 != 0 {
-        Some(format!(
-            "data offset {} is not a multiple of {DIRECT_IO_ALIGNMENT}",
-            job.data_offset
-        ))
-    } else if job.data_offset.checked_add(job.payload_size).is_none() {
-        Some(format!(
-            "data offset {} plus payload size {} overflows",
-            job.data_offset, job.payload_size
-        ))
-    } else if job.source.virtual_size() > job.payload_size {
-        Some(format!(
-            "payload size {} is smaller than the source's virtual size {}",
-            job.payload_size,
-            job.source.virtual_size()
-        ))
+    } else if job
+        .extents
+        .iter()
+        .any(|e| e.output_offset.checked_add(e.length).is_none())
+    {
+        Some("an extent ends past the largest file offset".to_string())
+    } else if !job
+        .extents
+        .windows(2)
+        .all(|pair| pair[0].guest_end() <= pair[1].guest_offset)
+    {
+        Some("the output's extents are not sorted and disjoint".to_string())
     } else if !is_sorted_and_disjoint(job.source.allocated_ranges()) {
         Some("the source's allocated ranges are not sorted and disjoint".to_string())
     } else {
@@ -280,23 +289,35 @@ fn is_sorted_and_disjoint(ranges: &[Range<u64>]) -> bool {
         && ranges.windows(2).all(|pair| pair[0].end <= pair[1].start)
 }
 
+/// Where a copy's writes go.
+#[derive(Clone, Copy)]
+pub(crate) enum Destination<'f> {
+    /// The output file, at each extent's output offset (ciphertext).
+    Output(&'f File),
+    /// A device that presents the payload from offset 0 and encrypts on the way down (the
+    /// kernel engine's dm-crypt device): guest offset `g` is written at `g`.
+    PlaintextDevice(&'f File),
+}
+
 /// One payload copy in progress, shared by its workers.
 ///
 /// Both engines use it: the userspace engine encrypts each chunk (`cipher`) and writes it to the
-/// output at `data_offset`; the kernel engine passes no cipher and writes the plaintext to the
-/// dm-crypt device, which encrypts on the way to the output.
+/// output at its extent's place; the kernel engine passes no cipher and writes the plaintext to
+/// the dm-crypt device, which encrypts on the way to the output.
+///
+/// The extents (clipped to the range being copied) are cut into chunks of at most `chunk_size`
+/// bytes, each starting on its extent's start or a multiple of `chunk_size` after it; workers
+/// claim chunks by index from one shared counter.
 pub(crate) struct Copy<'j, 'a> {
     job: &'j PayloadJob<'a>,
     cipher: Option<&'j XtsCipher>,
-    /// Where chunk `i` goes: `target_offset + i × chunk_size`.
-    target: &'j File,
-    target_offset: u64,
+    destination: Destination<'j>,
     workers: usize,
     chunk_size: u64,
-    /// Payload bytes `first..end` are copied, in `chunks` chunks.
-    first: u64,
-    end: u64,
-    chunks: u64,
+    /// The extents being copied (the job's, or clipped to a range).
+    runs: std::borrow::Cow<'j, [Extent]>,
+    /// `first_chunk[i]`: index of run `i`'s first chunk; the last entry is the chunk count.
+    first_chunk: Vec<u64>,
     next_chunk: AtomicU64,
     stop: AtomicBool,
     first_error: Mutex<Option<Error>>,
@@ -306,48 +327,112 @@ pub(crate) struct Copy<'j, 'a> {
     target_note: Option<String>,
 }
 
+/// One chunk: guest bytes `guest..guest + len`, written at `write_at` with IV `iv`.
+struct Chunk {
+    guest: u64,
+    len: usize,
+    write_at: u64,
+    iv: u64,
+}
+
 impl<'j, 'a> Copy<'j, 'a> {
-    /// A copy of `job`'s payload by at most `workers` threads, each holding one `chunk_size`
-    /// buffer (a non-zero multiple of [`DIRECT_IO_ALIGNMENT`]), into `target` at
-    /// `target_offset`.
+    /// A copy of `job`'s extents by at most `workers` threads, each holding one `chunk_size`
+    /// buffer (a non-zero multiple of [`DIRECT_IO_ALIGNMENT`]), into `destination`.
     pub(crate) fn new(
         workers: usize,
         chunk_size: usize,
         job: &'j PayloadJob<'a>,
         cipher: Option<&'j XtsCipher>,
-        target: &'j File,
-        target_offset: u64,
+        destination: Destination<'j>,
     ) -> Self {
-        let chunk_size = chunk_size as u64;
-        let chunks = job.payload_size.div_ceil(chunk_size);
-        Self {
+        let mut copy = Self {
             job,
             cipher,
-            target,
-            target_offset,
-            workers: workers.min(usize::try_from(chunks).unwrap_or(usize::MAX)),
-            chunk_size,
-            first: 0,
-            end: job.payload_size,
-            chunks,
+            destination,
+            workers,
+            chunk_size: chunk_size as u64,
+            runs: std::borrow::Cow::Borrowed(job.extents),
+            first_chunk: Vec::new(),
             next_chunk: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             first_error: Mutex::new(None),
             written: Mutex::new(0),
             target_note: None,
-        }
+        };
+        copy.count_chunks();
+        copy
     }
 
-    /// Copies only payload bytes `range` (within the payload).
+    /// Copies only the guest bytes in `range` of the extents.
     pub(crate) fn within(mut self, range: Range<u64>) -> Self {
-        self.chunks = (range.end - range.start).div_ceil(self.chunk_size);
+        let clipped: Vec<Extent> = self
+            .job
+            .extents
+            .iter()
+            .filter_map(|extent| {
+                let start = extent.guest_offset.max(range.start);
+                let end = extent.guest_end().min(range.end);
+                (start < end).then(|| {
+                    let skipped = start - extent.guest_offset;
+                    Extent {
+                        guest_offset: start,
+                        length: end - start,
+                        output_offset: extent.output_offset + skipped,
+                        first_iv: extent.first_iv + skipped / IV_SECTOR_BYTES as u64,
+                    }
+                })
+            })
+            .collect();
+        self.runs = std::borrow::Cow::Owned(clipped);
+        self.count_chunks();
+        self
+    }
+
+    fn count_chunks(&mut self) {
+        let mut total = 0u64;
+        self.first_chunk = Vec::with_capacity(self.runs.len() + 1);
+        for run in self.runs.iter() {
+            self.first_chunk.push(total);
+            total += run.length.div_ceil(self.chunk_size);
+        }
+        self.first_chunk.push(total);
         self.workers = self
             .workers
-            .min(usize::try_from(self.chunks).unwrap_or(usize::MAX))
+            .min(usize::try_from(total).unwrap_or(usize::MAX))
             .max(1);
-        self.first = range.start;
-        self.end = range.end;
-        self
+    }
+
+    fn chunks(&self) -> u64 {
+        self.first_chunk.last().copied().unwrap_or(0)
+    }
+
+    /// Whether every write lands on `alignment` in offset and length (O_DIRECT's condition).
+    pub(crate) fn all_writes_aligned(&self, alignment: u64) -> bool {
+        self.chunk_size % alignment == 0
+            && self.runs.iter().all(|run| {
+                let offset = match self.destination {
+                    Destination::Output(_) => run.output_offset,
+                    Destination::PlaintextDevice(_) => run.guest_offset,
+                };
+                offset % alignment == 0 && run.length % alignment == 0
+            })
+    }
+
+    /// Chunk `index` (below [`Self::chunks`]).
+    fn chunk(&self, index: u64) -> Chunk {
+        let run_index = self.first_chunk.partition_point(|&first| first <= index) - 1;
+        let run = &self.runs[run_index];
+        let skipped = (index - self.first_chunk[run_index]) * self.chunk_size;
+        let guest = run.guest_offset + skipped;
+        Chunk {
+            guest,
+            len: self.chunk_size.min(run.length - skipped) as usize,
+            write_at: match self.destination {
+                Destination::Output(_) => run.output_offset + skipped,
+                Destination::PlaintextDevice(_) => guest,
+            },
+            iv: run.first_iv + skipped / IV_SECTOR_BYTES as u64,
+        }
     }
 
     /// Adds `note` (what the target is, how its offsets relate to the output) to every write
@@ -357,7 +442,7 @@ impl<'j, 'a> Copy<'j, 'a> {
         self
     }
 
-    /// Copies the whole payload; the first error any worker met, or `Cancelled`.
+    /// Copies every chunk; the first error any worker met, or `Cancelled`.
     pub(crate) fn run(&self) -> Result<()> {
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..self.workers)
@@ -405,6 +490,9 @@ impl<'j, 'a> Copy<'j, 'a> {
 
     fn copy_chunks(&self) -> Result<()> {
         let mut buffer = AlignedBuffer::new(self.chunk_size as usize)?;
+        let target = match self.destination {
+            Destination::Output(file) | Destination::PlaintextDevice(file) => file,
+        };
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -413,26 +501,21 @@ impl<'j, 'a> Copy<'j, 'a> {
                 return Err(Error::Cancelled);
             }
             let index = self.next_chunk.fetch_add(1, Ordering::SeqCst);
-            if index >= self.chunks {
+            if index >= self.chunks() {
                 return Ok(());
             }
-            let start = self.first + index * self.chunk_size;
-            let len = self.chunk_size.min(self.end - start) as usize;
-            let chunk = &mut buffer[..len];
+            let chunk = self.chunk(index);
+            let bytes = &mut buffer[..chunk.len];
 
-            read_source(self.job.source, chunk, start).map_err(source_context)?;
+            read_source(self.job.source, bytes, chunk.guest).map_err(source_context)?;
             if let Some(cipher) = self.cipher {
-                cipher.encrypt_sectors(
-                    chunk,
-                    self.job.sector_size as usize,
-                    start / IV_SECTOR_BYTES as u64,
-                )?;
+                cipher.encrypt_sectors(bytes, self.job.sector_size as usize, chunk.iv)?;
             }
-            write_all_at(self.target, chunk, self.target_offset + start)
+            write_all_at(target, bytes, chunk.write_at)
                 .map_err(|error| self.output_context(error))?;
 
             let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
-            *written += len as u64;
+            *written += chunk.len as u64;
             (self.job.progress)(*written);
         }
     }
@@ -443,12 +526,18 @@ impl<'j, 'a> Copy<'j, 'a> {
             .target_note
             .as_ref()
             .map_or(String::new(), |note| format!(" ({note})"));
+        let required = self
+            .job
+            .extents
+            .iter()
+            .map(|extent| extent.output_offset + extent.length)
+            .max()
+            .unwrap_or(0);
         match error {
             Error::NoSpace { message, .. } => Error::NoSpace {
-                required_bytes: self.job.data_offset + self.job.payload_size,
+                required_bytes: required,
                 message: format!(
-                    "{message} (the encrypted image needs {} bytes in all){note}",
-                    self.job.data_offset + self.job.payload_size
+                    "{message} (the encrypted image needs {required} bytes in all){note}"
                 ),
             },
             Error::Io { operation, source } => Error::Io {
@@ -595,6 +684,73 @@ mod tests {
         read_source(&source, &mut chunk, 12_288).unwrap();
         assert!(chunk.iter().all(|&b| b == 0));
         assert!(source.reads.lock().unwrap().is_empty());
+    }
+
+    /// Counts the bytes asked of a real source.
+    #[derive(Debug)]
+    struct CountingSource {
+        inner: Box<dyn SourceImage>,
+        bytes: std::sync::atomic::AtomicU64,
+    }
+
+    impl SourceImage for CountingSource {
+        fn format(&self) -> SourceFormat {
+            self.inner.format()
+        }
+        fn virtual_size(&self) -> u64 {
+            self.inner.virtual_size()
+        }
+        fn read_at(&self, buffer: &mut [u8], offset: u64) -> Result<()> {
+            self.bytes
+                .fetch_add(buffer.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.inner.read_at(buffer, offset)
+        }
+        fn allocated_ranges(&self) -> &[Range<u64>] {
+            self.inner.allocated_ranges()
+        }
+    }
+
+    #[test]
+    fn a_sparse_qcow2_costs_reads_of_its_data_only() {
+        // 4 GiB virtual, 3 MiB written by qemu-io (plus a 64 KiB zero cluster).
+        let image = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        let path = image.path().to_string_lossy().into_owned();
+        let run = |program: &str, args: &[&str]| {
+            let output = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "{output:?}");
+        };
+        run("qemu-img", &["create", "-q", "-f", "qcow2", &path, "4G"]);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 1 100M 1M",
+                "-c",
+                "write -P 2 3G 2M",
+                "-c",
+                "write -z 2G 64k",
+                &path,
+            ],
+        );
+        let source = CountingSource {
+            inner: crate::formats::open(std::fs::File::open(image.path()).unwrap()).unwrap(),
+            bytes: Default::default(),
+        };
+        let mut chunk = vec![0u8; 8 << 20];
+        for start in (0..source.virtual_size()).step_by(chunk.len()) {
+            read_source(&source, &mut chunk, start).unwrap();
+            if start == 3 << 30 {
+                assert!(chunk[..2 << 20].iter().all(|&b| b == 2));
+                assert!(chunk[2 << 20..].iter().all(|&b| b == 0));
+            }
+        }
+        let read = source.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((3 << 20..=4 << 20).contains(&read), "{read} bytes read");
     }
 
     #[test]

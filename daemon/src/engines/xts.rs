@@ -1,7 +1,10 @@
-//! AES-XTS-plain64 exactly as dm-crypt computes it.
+//! AES-XTS exactly as dm-crypt computes it, for every output imgcrypt writes.
 //!
 //! dm-crypt's `aes-xts-plain64` with a 512-bit volume key is XTS-AES-256 (IEEE 1619): the first
-//! 32 key bytes encrypt the data, the last 32 encrypt the tweak. The tweak ("IV") of an
+//! 32 key bytes encrypt the data, the last 32 encrypt the tweak; a 256-bit key makes
+//! XTS-AES-128 the same way. Raw LUKS and qemu's LUKS inside qcow2 use plain64 with 512-bit keys;
+//! blktap's encrypted VHD uses the 32-bit `plain` IV ([`IvMode::Plain`]) with the user's own
+//! 256- or 512-bit key. The tweak ("IV") of an
 //! encryption sector is its sector number as a little-endian `u64` zero-padded to 16 bytes,
 //! counted in 512-byte units from the start of the data segment, whatever the encryption sector
 //! size. With 4096-byte sectors the IV therefore steps by 8 and a whole 4096-byte sector is one
@@ -36,7 +39,7 @@
 
 use aes::cipher::array::Array;
 use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
-use aes::{Aes256, Block};
+use aes::{Aes128, Aes256, Block};
 use zeroize::Zeroize;
 
 use crate::{Error, Result};
@@ -58,18 +61,42 @@ const BATCH_BYTES: usize = 4096;
 const BATCH_BLOCKS: usize = BATCH_BYTES / AES_BLOCK_BYTES;
 const MAX_SECTORS_PER_BATCH: usize = BATCH_BYTES / IV_SECTOR_BYTES;
 
-/// AES-XTS-plain64 with a 512-bit volume key, bit-identical to dm-crypt.
+/// How a sector number becomes the XTS tweak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IvMode {
+    /// dm-crypt's `plain64` (LUKS, qemu's LUKS in qcow2): the sector number as a little-endian
+    /// `u64`, zero-padded to 16 bytes.
+    Plain64,
+    /// dm-crypt's `plain` (blktap's encrypted VHD): the sector number modulo 2³² as a
+    /// little-endian `u32`, zero-padded, so sectors 2³² apart share a tweak.
+    Plain,
+}
+
+/// AES-XTS with AES-128 or AES-256 halves, bit-identical to dm-crypt (and to blktap, which uses
+/// OpenSSL's XTS the same way).
 ///
 /// Both key schedules are zeroised when this is dropped.
 pub struct XtsCipher {
-    data_key: Aes256,
-    tweak_key: Aes256,
+    keys: KeyPair,
+    iv: IvMode,
+}
+
+// Both variants live inline: boxing the larger would only move key schedules to the heap, which
+// is no better protected than the stack and costs an allocation per cipher.
+#[allow(clippy::large_enum_variant)]
+enum KeyPair {
+    Aes128 { data: Aes128, tweak: Aes128 },
+    Aes256 { data: Aes256, tweak: Aes256 },
 }
 
 impl std::fmt::Debug for XtsCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material, not even a schedule.
-        f.write_str("XtsCipher(aes-xts-plain64, 512-bit key)")
+        let bits = match self.keys {
+            KeyPair::Aes128 { .. } => 256,
+            KeyPair::Aes256 { .. } => 512,
+        };
+        write!(f, "XtsCipher(aes-xts, {bits}-bit key, {:?})", self.iv)
     }
 }
 
@@ -80,37 +107,58 @@ enum Direction {
 }
 
 impl XtsCipher {
-    /// Builds the cipher from a 64-byte volume key: bytes 0..32 encrypt the data, 32..64 the
-    /// tweak (dm-crypt's and IEEE 1619's order).
+    /// Builds the cipher from an XTS key: the first half encrypts the data, the second the
+    /// tweak (dm-crypt's and IEEE 1619's order). 32 bytes make AES-128-XTS, 64 bytes
+    /// AES-256-XTS ([`VOLUME_KEY_BYTES`], what imgcrypt formats LUKS with).
     ///
-    /// Any other length is refused: this engine implements only `aes-xts-plain64` with a 512-bit
-    /// key (two AES-256 keys), the size imgcrypt formats with.
-    pub fn new(volume_key: &[u8]) -> Result<Self> {
-        if volume_key.len() != VOLUME_KEY_BYTES {
-            return Err(Error::EngineUnavailable {
-                engine: "userspace",
-                reason: format!(
-                    "the userspace AES-XTS engine needs a {}-bit volume key (aes-xts-plain64 with \
-                     two AES-256 keys) but was given a {}-bit key; use the kernel engine for \
-                     other key sizes",
-                    VOLUME_KEY_BYTES * 8,
-                    volume_key.len() * 8
-                ),
-            });
-        }
-        let (data_half, tweak_half) = volume_key.split_at(VOLUME_KEY_BYTES / 2);
-        let invalid_length = |_| Error::EngineUnavailable {
+    /// Any other length is refused, and so is a key whose halves are equal: XTS with one key for
+    /// both is the weakness IEEE 1619-2018 and OpenSSL 3 reject.
+    pub fn new(key: &[u8], iv: IvMode) -> Result<Self> {
+        let refused = |reason: String| Error::EngineUnavailable {
             engine: "userspace",
-            reason: "AES-256 refused a 32-byte key half".to_string(),
+            reason,
         };
-        Ok(Self {
-            data_key: Aes256::new_from_slice(data_half).map_err(invalid_length)?,
-            tweak_key: Aes256::new_from_slice(tweak_half).map_err(invalid_length)?,
-        })
+        if key.len() != 32 && key.len() != VOLUME_KEY_BYTES {
+            return Err(refused(format!(
+                "AES-XTS needs a 256-bit (AES-128-XTS) or 512-bit (AES-256-XTS) key but was \
+                 given a {}-bit key",
+                key.len() * 8
+            )));
+        }
+        let (data_half, tweak_half) = key.split_at(key.len() / 2);
+        if constant_time_equal(data_half, tweak_half) {
+            return Err(refused(
+                "the two halves of the AES-XTS key are equal, which XTS forbids (the tweak \
+                 would be encrypted with the data key); use a random key"
+                    .to_string(),
+            ));
+        }
+        let invalid_length = |_| refused("AES refused a key half".to_string());
+        let keys = if key.len() == 32 {
+            KeyPair::Aes128 {
+                data: Aes128::new_from_slice(data_half).map_err(invalid_length)?,
+                tweak: Aes128::new_from_slice(tweak_half).map_err(invalid_length)?,
+            }
+        } else {
+            KeyPair::Aes256 {
+                data: Aes256::new_from_slice(data_half).map_err(invalid_length)?,
+                tweak: Aes256::new_from_slice(tweak_half).map_err(invalid_length)?,
+            }
+        };
+        Ok(Self { keys, iv })
+    }
+
+    /// The key size in bits (256 for AES-128-XTS, 512 for AES-256-XTS).
+    pub fn key_bits(&self) -> u32 {
+        match self.keys {
+            KeyPair::Aes128 { .. } => 256,
+            KeyPair::Aes256 { .. } => 512,
+        }
     }
 
     /// Encrypts `data` in place as consecutive encryption sectors of `sector_size` bytes, the
-    /// first of which starts at 512-byte sector `first_sector` of the data segment.
+    /// first of which has IV `first_iv` (counted in 512-byte units, dm-crypt's rule whatever
+    /// the sector size).
     ///
     /// `sector_size` must be a power of two from 512 to 4096 and `data.len()` a multiple of it;
     /// otherwise nothing is touched and an error is returned.
@@ -118,9 +166,9 @@ impl XtsCipher {
         &self,
         data: &mut [u8],
         sector_size: usize,
-        first_sector: u64,
+        first_iv: u64,
     ) -> Result<()> {
-        self.process(data, sector_size, first_sector, Direction::Encrypt)
+        self.process(data, sector_size, first_iv, Direction::Encrypt)
     }
 
     /// Decrypts `data` in place; the arguments mean what they mean for
@@ -129,63 +177,107 @@ impl XtsCipher {
         &self,
         data: &mut [u8],
         sector_size: usize,
-        first_sector: u64,
+        first_iv: u64,
     ) -> Result<()> {
-        self.process(data, sector_size, first_sector, Direction::Decrypt)
+        self.process(data, sector_size, first_iv, Direction::Decrypt)
     }
 
     fn process(
         &self,
         data: &mut [u8],
         sector_size: usize,
-        first_sector: u64,
+        first_iv: u64,
         direction: Direction,
     ) -> Result<()> {
         check_geometry(data.len(), sector_size)?;
-        let iv_step = (sector_size / IV_SECTOR_BYTES) as u64;
-        let blocks_per_sector = sector_size / AES_BLOCK_BYTES;
-        // A batch holds whole sectors: several 512-byte ones, or exactly one 4096-byte one.
-        let batch_bytes = BATCH_BYTES.max(sector_size);
-
-        let mut ivs = [Block::default(); MAX_SECTORS_PER_BATCH];
-        let mut tweaks = [0u128; BATCH_BLOCKS];
-        let mut sector = first_sector;
-        for batch in data.chunks_mut(batch_bytes) {
-            let sectors = batch.len() / sector_size;
-            for (index, iv) in ivs[..sectors].iter_mut().enumerate() {
-                // plain64: the low 64 bits of the sector number, little-endian, zero-padded.
-                let number = sector.wrapping_add(index as u64 * iv_step);
-                iv.0 = u128::from(number).to_le_bytes();
+        let geometry = Geometry {
+            sector_size,
+            first_iv,
+            iv: self.iv,
+        };
+        match &self.keys {
+            KeyPair::Aes128 { data: key, tweak } => {
+                process_with(key, tweak, data, geometry, direction)
             }
-            self.tweak_key.encrypt_blocks(&mut ivs[..sectors]);
-            for (sector_tweaks, encrypted_iv) in tweaks
-                .chunks_exact_mut(blocks_per_sector)
-                .zip(&ivs[..sectors])
-            {
-                let mut tweak = u128::from_le_bytes(encrypted_iv.0);
-                for slot in sector_tweaks {
-                    *slot = tweak;
-                    tweak = multiply_by_alpha(tweak);
-                }
+            KeyPair::Aes256 { data: key, tweak } => {
+                process_with(key, tweak, data, geometry, direction)
             }
-
-            let (blocks, rest) = Array::slice_as_chunks_mut(batch);
-            debug_assert!(rest.is_empty(), "batches are whole sectors");
-            xor_tweaks(blocks, &tweaks);
-            match direction {
-                Direction::Encrypt => self.data_key.encrypt_blocks(blocks),
-                Direction::Decrypt => self.data_key.decrypt_blocks(blocks),
-            }
-            xor_tweaks(blocks, &tweaks);
-            sector = sector.wrapping_add(sectors as u64 * iv_step);
-        }
-        // The tweaks are derived from the tweak key; leave nothing of them on the stack.
-        tweaks.zeroize();
-        for iv in &mut ivs {
-            iv.0.zeroize();
         }
         Ok(())
     }
+}
+
+/// Where a run of sectors sits, for [`process_with`].
+#[derive(Clone, Copy)]
+struct Geometry {
+    sector_size: usize,
+    first_iv: u64,
+    iv: IvMode,
+}
+
+/// The XTS loop, for either key size. Per batch of up to 4 KiB: encrypt the sectors' IVs with
+/// the tweak key in one call, expand each into per-block tweaks, XOR, run the data key over the
+/// whole batch in one call, XOR again.
+fn process_with<C>(
+    data_key: &C,
+    tweak_key: &C,
+    data: &mut [u8],
+    geometry: Geometry,
+    direction: Direction,
+) where
+    C: BlockCipherEncrypt<BlockSize = aes::cipher::consts::U16> + BlockCipherDecrypt,
+{
+    let sector_size = geometry.sector_size;
+    let iv_step = (sector_size / IV_SECTOR_BYTES) as u64;
+    let blocks_per_sector = sector_size / AES_BLOCK_BYTES;
+    // A batch holds whole sectors: several 512-byte ones, or exactly one 4096-byte one.
+    let batch_bytes = BATCH_BYTES.max(sector_size);
+
+    let mut ivs = [Block::default(); MAX_SECTORS_PER_BATCH];
+    let mut tweaks = [0u128; BATCH_BLOCKS];
+    let mut sector = geometry.first_iv;
+    for batch in data.chunks_mut(batch_bytes) {
+        let sectors = batch.len() / sector_size;
+        for (index, iv) in ivs[..sectors].iter_mut().enumerate() {
+            let number = sector.wrapping_add(index as u64 * iv_step);
+            let number = match geometry.iv {
+                IvMode::Plain64 => number,
+                IvMode::Plain => u64::from(number as u32),
+            };
+            iv.0 = u128::from(number).to_le_bytes();
+        }
+        tweak_key.encrypt_blocks(&mut ivs[..sectors]);
+        for (sector_tweaks, encrypted_iv) in tweaks
+            .chunks_exact_mut(blocks_per_sector)
+            .zip(&ivs[..sectors])
+        {
+            let mut tweak = u128::from_le_bytes(encrypted_iv.0);
+            for slot in sector_tweaks {
+                *slot = tweak;
+                tweak = multiply_by_alpha(tweak);
+            }
+        }
+
+        let (blocks, rest) = Array::slice_as_chunks_mut(batch);
+        debug_assert!(rest.is_empty(), "batches are whole sectors");
+        xor_tweaks(blocks, &tweaks);
+        match direction {
+            Direction::Encrypt => data_key.encrypt_blocks(blocks),
+            Direction::Decrypt => data_key.decrypt_blocks(blocks),
+        }
+        xor_tweaks(blocks, &tweaks);
+        sector = sector.wrapping_add(sectors as u64 * iv_step);
+    }
+    // The tweaks are derived from the tweak key; leave nothing of them on the stack.
+    tweaks.zeroize();
+    for iv in &mut ivs {
+        iv.0.zeroize();
+    }
+}
+
+/// Compares two key halves without stopping at the first difference.
+fn constant_time_equal(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Checks that `sector_size` is one dm-crypt accepts and `len` covers whole sectors.
@@ -315,7 +407,7 @@ mod tests {
 
     #[test]
     fn ieee1619_xts_aes_256_vectors_encrypt_and_decrypt() {
-        let cipher = XtsCipher::new(&hex(IEEE1619_KEY)).unwrap();
+        let cipher = XtsCipher::new(&hex(IEEE1619_KEY), IvMode::Plain64).unwrap();
         for (name, sequence_number, ciphertext) in IEEE1619_VECTORS {
             let expected = hex(ciphertext);
             assert_eq!(expected.len(), 512, "{name}: transcription length");
@@ -339,7 +431,7 @@ mod tests {
         // Vectors 10 and 11 encrypt the same plaintext under IVs 0xff and 0xffff. Placing that
         // plaintext at sectors 0xff and 0xffff of one long buffer (crossing several 4 KiB
         // batches) must reproduce both, which pins the IV of every sector in a batch.
-        let cipher = XtsCipher::new(&hex(IEEE1619_KEY)).unwrap();
+        let cipher = XtsCipher::new(&hex(IEEE1619_KEY), IvMode::Plain64).unwrap();
         let first = 0xf0u64;
         let sectors = (0xffff - first + 1) as usize;
         let mut data = vec![0u8; sectors * 512];
@@ -359,21 +451,34 @@ mod tests {
 
     #[test]
     fn key_of_wrong_length_is_refused_without_showing_it() {
-        for len in [0usize, 32, 63, 65, 128] {
-            let key = vec![0xa5u8; len];
-            let error = XtsCipher::new(&key).unwrap_err();
+        for len in [0usize, 16, 31, 63, 65, 128] {
+            let key: Vec<u8> = (0..len).map(|i| 0xa5 ^ i as u8).collect();
+            let error = XtsCipher::new(&key, IvMode::Plain64).unwrap_err();
             assert!(
                 matches!(error, Error::EngineUnavailable { .. }),
                 "{len}: {error:?}"
             );
             assert!(error.to_string().contains(&format!("{}-bit key", len * 8)));
-            assert!(!error.to_string().contains("a5a5"));
+            assert!(!error.to_string().contains("a5a4"));
+        }
+    }
+
+    #[test]
+    fn keys_with_equal_halves_are_refused_both_sizes() {
+        for len in [32usize, 64] {
+            let error = XtsCipher::new(&vec![0x42u8; len], IvMode::Plain).unwrap_err();
+            assert!(error.to_string().contains("halves"), "{error}");
+            let mut distinct = vec![0x42u8; len];
+            distinct[len - 1] = 0x43;
+            let cipher = XtsCipher::new(&distinct, IvMode::Plain).unwrap();
+            assert_eq!(cipher.key_bits() as usize, len * 8);
         }
     }
 
     #[test]
     fn bad_geometry_is_an_error_and_leaves_data_alone() {
-        let cipher = XtsCipher::new(&[7u8; 64]).unwrap();
+        let key: Vec<u8> = (0..64).collect();
+        let cipher = XtsCipher::new(&key, IvMode::Plain64).unwrap();
         for (len, sector_size) in [
             (1024, 0),
             (1024, 256),

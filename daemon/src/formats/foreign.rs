@@ -1,5 +1,8 @@
 //! Formats imgcrypt recognises but does not read: found by content, refused by name.
 //!
+//! qcow2 (versions 2 and 3) is found here too, but [`super::open`] hands it to the qcow2 reader
+//! ([`super::qcow2`]) instead of refusing it; qcow version 1 stays refused.
+//!
 //! Encrypting a qcow2 file, a VMDK or a gzip archive "as a raw disk" succeeds and hands back an
 //! image whose guest sees the container's metadata instead of its disk. So every signature
 //! qemu-img's probes know (qemu's `block/*.c` `*_probe` functions), LUKS, and the wrappers a
@@ -15,7 +18,6 @@
 //! | VMDK (ESX 3 sparse)    | `COWD` at 0                                                       |
 //! | VMDK descriptor        | comment and blank lines, then `version=1`..`3` (qemu's rule), or  |
 //! |                        | a first line `# Disk DescriptorFile`                              |
-//! | VHDX                   | `vhdxfile` at 0                                                   |
 //! | VDI                    | little-endian `0xbeda107f` at 64                                  |
 //! | Parallels              | `WithoutFreeSpace` or `WithouFreSpacExt` at 0                     |
 //! | Bochs                  | `Bochs Virtual HD Image` at 0                                     |
@@ -36,7 +38,8 @@
 //! encrypting it keeps every byte. A VMDK `monolithicFlat` extent (`NAME-flat.vmdk`) is likewise
 //! raw data and is read as such; its descriptor is refused.
 //!
-//! These checks run after the VHD rule ([`super::vhd`]) found no VHD, so a fixed VHD whose guest
+//! VHDX (`vhdxfile` at 0) is read ([`super::vhdx`]), not refused. These checks run after the
+//! VHD rule ([`super::vhd`]) found no VHD and the file is no VHDX, so a fixed VHD whose guest
 //! disk happens to start with one of these signatures (a whole-disk LUKS guest, say) is still
 //! read as the VHD it is. They read at most 4 KiB at the start, 512 bytes at the end and 264
 //! bytes at each of nine LUKS2 offsets.
@@ -112,7 +115,7 @@ pub enum LuksHeader {
 /// A format recognised and not read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Foreign {
-    /// qcow2 (qcow version 2 or 3).
+    /// qcow2 (qcow version 2 or 3): read by [`super::qcow2`], not refused by [`super::open`].
     Qcow2,
     /// qcow version 1.
     Qcow,
@@ -120,8 +123,6 @@ pub enum Foreign {
     Qed,
     /// VMDK.
     Vmdk(VmdkKind),
-    /// VHDX.
-    Vhdx,
     /// VirtualBox VDI.
     Vdi,
     /// Parallels.
@@ -153,7 +154,6 @@ impl Foreign {
             Self::Qcow => "qcow",
             Self::Qed => "qed",
             Self::Vmdk(_) => "vmdk",
-            Self::Vhdx => "vhdx",
             Self::Vdi => "vdi",
             Self::Parallels => "parallels",
             Self::Bochs => "bochs",
@@ -205,7 +205,6 @@ impl Foreign {
                  NAME-flat.vmdk extent is raw already and can be encrypted as it is"
                     .to_string()
             }
-            Self::Vhdx => convert("a VHDX image"),
             Self::Vdi => convert("a VirtualBox VDI image"),
             Self::Parallels => convert("a Parallels image"),
             Self::Bochs => convert("a Bochs image"),
@@ -331,9 +330,6 @@ fn at_start(head: &[u8]) -> Option<Foreign> {
     }
     if starts(b"COWD") {
         return Some(Foreign::Vmdk(VmdkKind::EsxSparse));
-    }
-    if starts(b"vhdxfile") {
-        return Some(Foreign::Vhdx);
     }
     if le_u32(head, 64) == Some(0xbeda_107f) {
         return Some(Foreign::Vdi);
@@ -500,7 +496,7 @@ mod tests {
         stream[77] = 1;
         let mut hosted = b"KDMV\x01\0\0\0\x03\0\0\0".to_vec();
         hosted.resize(80, 0);
-        let cases: [(&[u8], Foreign); 22] = [
+        let cases: [(&[u8], Foreign); 21] = [
             (
                 b"LUKS\xba\xbe\0\x01",
                 Foreign::Luks(LuksHeader::Primary { version: 1 }),
@@ -516,7 +512,6 @@ mod tests {
             (&hosted, Foreign::Vmdk(VmdkKind::Sparse)),
             (&stream, Foreign::Vmdk(VmdkKind::StreamOptimized)),
             (b"COWD\x01\0\0\0", Foreign::Vmdk(VmdkKind::EsxSparse)),
-            (b"vhdxfileQ\0E\0M\0U\0", Foreign::Vhdx),
             (&vdi, Foreign::Vdi),
             (b"WithoutFreeSpace\x02\0\0\0", Foreign::Parallels),
             (b"WithouFreSpacExt\x02\0\0\0", Foreign::Parallels),
@@ -649,7 +644,6 @@ mod tests {
             Foreign::Vmdk(VmdkKind::StreamOptimized),
             Foreign::Vmdk(VmdkKind::EsxSparse),
             Foreign::Vmdk(VmdkKind::Descriptor),
-            Foreign::Vhdx,
             Foreign::Vdi,
             Foreign::Parallels,
             Foreign::Bochs,

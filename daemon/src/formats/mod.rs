@@ -8,17 +8,30 @@
 //! at the end (or, for a dynamic disk, its copy at the start) makes the file a VHD; a
 //! footer-like structure that fails its checksum is a corrupt VHD, never a raw disk, because
 //! reading it as raw would hand the guest the VHD's metadata as disk content. A file that is not
-//! a VHD is then checked for every other container signature qemu-img knows, LUKS, and common
-//! compressors and archives ([`foreign`]); a match is refused with
+//! a VHD and starts with the VHDX file identifier `vhdxfile` is a VHDX ([`vhdx`]), read or
+//! refused as such, never as raw. Anything else is then checked for every other container
+//! signature qemu-img knows, LUKS, and common compressors and archives ([`foreign`]). A qcow2
+//! (version 2 or 3) is read by [`qcow2`]; any other match is refused with
 //! [`Error::UnsupportedFormat`], naming the format and how to convert it. RAW is what remains.
 //!
 //! Every reader keeps its metadata memory bounded whatever the input says (the bound is stated
 //! in its module documentation): tables are sized by what the virtual size needs, checked
 //! against a fixed limit before anything is allocated.
+//!
+//! [`scan`] reads a source's allocated ranges for the granules (clusters, blocks) that hold a
+//! non-zero byte: what the sparse output containers store.
 
+pub mod codec;
+pub mod encrypted;
+pub mod files;
 pub mod foreign;
+pub mod layout;
+pub mod qcow2;
 pub mod raw;
+pub mod scan;
 pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
 
 use std::fs::File;
 use std::io;
@@ -32,6 +45,7 @@ use nix::unistd::{lseek, Whence};
 use crate::error::Descriptor;
 use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
+use files::{FileKey, SourceFiles};
 
 /// A disk image opened read-only through a descriptor the client passed.
 ///
@@ -51,12 +65,54 @@ pub trait SourceImage: Send + Sync + std::fmt::Debug {
     /// Guest ranges that may hold non-zero data, sorted and disjoint. Everything outside them
     /// reads as zeros, so a copier may skip reading it.
     fn allocated_ranges(&self) -> &[Range<u64>];
+
+    /// What the user should know about the reads so far (how a reader worked around a quirk of
+    /// the image), for a job to pass on as notices once it has read the image. None by default.
+    fn read_notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// The format's allocation unit (a dynamic VHD's block, a qcow2's cluster), if it has one:
+    /// what `inspect` reports of a source. None by default.
+    fn allocation_unit(&self) -> Option<u64> {
+        None
+    }
+
+    /// The layer below this one (a backing file, a parent disk) and the name this layer
+    /// records for it; None for a disk that stands alone.
+    fn backing(&self) -> Option<(&str, &dyn SourceImage)> {
+        None
+    }
 }
 
-/// Detects the format of `file` from its content and opens it.
+/// Detects the format of `file` from its content and opens it, as a source with no companion
+/// files (one that references another file gets [`Error::NeedFile`]).
 ///
 /// `file` must be a regular file or a block device open for reading.
 pub fn open(file: File) -> Result<Box<dyn SourceImage>> {
+    open_files(&SourceFiles::single(file)?)
+}
+
+/// Opens the source of `files` and every layer below it.
+pub fn open_files(files: &SourceFiles) -> Result<Box<dyn SourceImage>> {
+    open_layer(files, FileKey::SOURCE, &[])
+}
+
+/// Detects the format of the file `key` of `files` by its content and opens it as the layer
+/// below `above` (the layers over it, the top first; empty for the source itself). Format
+/// modules call this for their backing files and parents, after which the chain is checked
+/// ([`SourceFiles::check_chain`]: depth and cycles).
+pub fn open_layer(
+    files: &SourceFiles,
+    key: FileKey,
+    above: &[FileKey],
+) -> Result<Box<dyn SourceImage>> {
+    files.check_chain(key, above)?;
+    // A descriptor of its own per layer: the reader owns it.
+    let file = files
+        .file(key)
+        .try_clone()
+        .map_err(|error| Error::io("duplicate a source descriptor", error))?;
     let kind = storage::storage_kind(&file)?;
     if let StorageKind::Other(what) = kind {
         return Err(Error::bad_descriptor(
@@ -67,13 +123,22 @@ pub fn open(file: File) -> Result<Box<dyn SourceImage>> {
     let file_size = storage::size_of(&file)?;
     match vhd::detect(&file, file_size)? {
         vhd::Detected::Raw => {
+            if vhdx::detect(&file, file_size)? {
+                return vhdx::open(files, key, above);
+            }
             if let Some(found) = foreign::detect(&file, file_size)? {
+                if found == foreign::Foreign::Qcow2 {
+                    return qcow2::open_layer(files, key, above);
+                }
+                if matches!(found, foreign::Foreign::Vmdk(_) | foreign::Foreign::Tar) {
+                    return vmdk::open(files, key, above, found, file, file_size);
+                }
                 tracing::info!(format = found.name(), "source refused: a format not read");
                 return Err(found.refusal());
             }
-            Ok(Box::new(raw::RawImage::open(file, kind, file_size)?))
+            Ok(Box::new(raw::open(file, kind, file_size)?))
         }
-        vhd::Detected::Vhd(found) => vhd::open(file, kind, file_size, found),
+        vhd::Detected::Vhd(found) => vhd::open(files, key, above, file, kind, found),
     }
 }
 

@@ -2,51 +2,51 @@
 //!
 //! A RAW image's virtual size is the file's (or block device's) size, whatever it is; it need
 //! not be a multiple of 512. A fixed VHD is the same mapping cut short before its footer, so
-//! [`super::vhd`] reuses the same reader for it.
+//! [`super::vhd`] reuses the same layout for it. Reads go through the shared
+//! [`LayeredImage`]; this module only says that everything is where it is.
 
 use std::fs::File;
 use std::ops::Range;
+use std::sync::Arc;
 
 use imgcrypt_proto::api::SourceFormat;
 
-use super::{check_request, data_ranges, read_exact_at, SourceImage};
+use super::data_ranges;
+use super::layout::{Chunk, LayeredImage, Layout, Mapped};
 use crate::sys::storage::StorageKind;
 use crate::Result;
 
-/// A disk whose bytes are stored in order from offset 0 of the file.
+/// A disk whose bytes are stored in order from offset 0 of its file.
 #[derive(Debug)]
-pub struct RawImage {
-    file: File,
+pub struct Flat {
     format: SourceFormat,
     virtual_size: u64,
     allocated: Vec<Range<u64>>,
 }
 
-impl RawImage {
-    /// Opens `file` as a RAW disk of `file_size` bytes.
-    pub fn open(file: File, kind: StorageKind, file_size: u64) -> Result<Self> {
-        Self::flat(file, kind, SourceFormat::Raw, file_size)
-    }
-
-    /// Opens the first `virtual_size` bytes of `file` as a disk reported as `format`. The caller
-    /// has checked that the file holds at least `virtual_size` bytes.
-    pub(super) fn flat(
-        file: File,
-        kind: StorageKind,
-        format: SourceFormat,
-        virtual_size: u64,
-    ) -> Result<Self> {
-        let allocated = data_ranges(&file, kind, virtual_size)?;
-        Ok(Self {
-            file,
-            format,
-            virtual_size,
-            allocated,
-        })
-    }
+/// Opens `file` as a RAW disk of `file_size` bytes.
+pub fn open(file: File, kind: StorageKind, file_size: u64) -> Result<LayeredImage> {
+    flat(file, kind, SourceFormat::Raw, file_size)
 }
 
-impl SourceImage for RawImage {
+/// Opens the first `virtual_size` bytes of `file` as a disk reported as `format`. The caller
+/// has checked that the file holds at least `virtual_size` bytes.
+pub(super) fn flat(
+    file: File,
+    kind: StorageKind,
+    format: SourceFormat,
+    virtual_size: u64,
+) -> Result<LayeredImage> {
+    let allocated = data_ranges(&file, kind, virtual_size)?;
+    let layout = Flat {
+        format,
+        virtual_size,
+        allocated,
+    };
+    Ok(LayeredImage::new(Box::new(layout), vec![Arc::new(file)]))
+}
+
+impl Layout for Flat {
     fn format(&self) -> SourceFormat {
         self.format
     }
@@ -55,9 +55,11 @@ impl SourceImage for RawImage {
         self.virtual_size
     }
 
-    fn read_at(&self, buffer: &mut [u8], offset: u64) -> Result<()> {
-        check_request(self.virtual_size, offset, buffer.len())?;
-        read_exact_at(&self.file, buffer, offset, "disk data")
+    fn map(&self, offset: u64, len: u64) -> Result<Mapped> {
+        Ok(Mapped {
+            len,
+            chunk: Chunk::Data { file: 0, offset },
+        })
     }
 
     fn allocated_ranges(&self) -> &[Range<u64>] {

@@ -1,64 +1,132 @@
-//! `io.imgcrypt.Encrypt`: a source image in, a LUKS image out, in one pass.
+//! `io.imgcrypt.Encrypt`: a source image in, an encrypted image out (raw LUKS, qcow2 with
+//! LUKS, or a blktap-encrypted VHD), in one pass.
 //!
 //! Order matters for safety and for what a failure leaves behind:
-//! 1. everything the client sent is checked before any work (options, descriptors, key file,
-//!    source format), so bad input costs nothing and touches nothing;
-//! 2. the header is formatted on daemon-owned memory, never on the client's descriptor;
-//! 3. space for the whole output is reserved before the copy, so a full disk is reported at
-//!    once rather than after minutes of work;
-//! 4. the payload is written first and the header last, so an interrupted job never leaves
-//!    something that looks like a valid LUKS image;
+//! 1. everything the client sent is checked before any work (options, target rules,
+//!    descriptors, key file, source format), so bad input costs nothing and touches nothing;
+//! 2. a LUKS header is formatted on daemon-owned memory, never on the client's descriptor;
+//! 3. space for the output is reserved before the copy, so a full disk is reported at once
+//!    rather than after minutes of work;
+//! 4. the payload is written first and the metadata last ([`Container::write_metadata`]), so an
+//!    interrupted job never leaves something that looks like a valid image;
 //! 5. the data is made durable (`fdatasync`) before success is reported; only then does the
 //!    client give the file its final name.
+//!
+//! The three formats share all of that ([`super::output::write_container`]); each arm below
+//! only formats its header (if any) and plans its container.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
-use std::sync::atomic::AtomicBool;
+use std::ops::Range;
 use std::time::Instant;
 
-use imgcrypt_proto::api::{EncryptParameters, LuksVersion, Phase, Summary};
-use nix::errno::Errno;
-use nix::fcntl::{fallocate, FallocateFlags};
+use imgcrypt_proto::api::{
+    EncryptParameters, EngineChoice, LuksVersion, OutputFormat, Phase, Summary,
+};
 
-use crate::engines::PayloadJob;
+use crate::engines::xts::IvMode;
+use crate::engines::Engine;
 use crate::error::Descriptor;
+use crate::formats::files::{FileKey, SourceFiles};
+use crate::formats::{scan, SourceImage};
 use crate::keys::ring;
-use crate::keys::{self, secret::SecretBytes, strength, CandidateKey};
+use crate::keys::{self, secret::SecretBytes, strength, CandidateKey, KeyFile};
 use crate::luks::cost::KdfCaps;
-use crate::luks::{self, layout, HeaderSpec, VOLUME_KEY_BYTES};
+use crate::luks::{self, HeaderSpec, VOLUME_KEY_BYTES};
+use crate::outputs::{luks::LuksOutput, qcow2, qcow2::Qcow2Output, vhd, vhd::VhdOutput, Container};
 use crate::sys::descriptors::{self, CheckedFile};
-use crate::sys::storage::{self, StorageKind};
+use crate::sys::storage::StorageKind;
 use crate::{formats, Error, Result};
 
-use super::{millis, Job};
+use super::output::{self, Written};
+use super::{millis, targets, unlock, Job};
 use crate::server::ServerState;
 
-/// Chunk used to copy the header from daemon memory into the output.
-const HEADER_COPY_CHUNK: usize = 1 << 20;
+/// What every format's arm starts from: the checked inputs.
+struct Inputs {
+    image: Box<dyn SourceImage>,
+    output: CheckedFile,
+    key_name: String,
+    key: KeyFile,
+    engine: std::sync::Arc<dyn Engine>,
+    caps: &'static KdfCaps,
+}
 
 /// Runs the job to completion on the calling (blocking) thread.
 pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summary> {
     let started = Instant::now();
-    let job_id = job.id;
     let parameters = job.parameters.clone();
-    let reporter = &job.reporter;
-    let cancel: &AtomicBool = &job.cancel;
-
-    let header_spec = HeaderSpec {
-        version: parameters.luks_version,
-        sector_size: parameters.sector_size,
-        pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
+    let format = targets::resolve_format(&parameters)?;
+    if format != OutputFormat::Luks && parameters.engine == EngineChoice::Kernel {
+        return Err(Error::InvalidOption {
+            parameter: "engine",
+            message: format!(
+                "--engine kernel writes raw LUKS only (dm-crypt maps one contiguous payload); a \
+                 {} output is written by the userspace engine: drop --engine or use \
+                 --engine userspace",
+                format.cli_name()
+            ),
+        });
+    }
+    let inputs = check_inputs(&mut job, state, format)?;
+    if let Some(target) = parameters.target {
+        for notice in targets::check(target, inputs.image.virtual_size())? {
+            tracing::info!(job = job.id, target = target.cli_name(), "{notice}");
+            job.reporter.notice(notice);
+        }
+    }
+    let mut summary = match format {
+        OutputFormat::Luks => encrypt_luks(&job, inputs)?,
+        OutputFormat::Qcow2 => encrypt_qcow2(&job, inputs)?,
+        OutputFormat::Vhd => encrypt_vhd(&job, inputs)?,
     };
-    header_spec.validate()?;
+    summary.target = parameters.target;
+    summary.elapsed_ms = millis(started.elapsed());
+    tracing::info!(
+        job = job.id,
+        format = format.cli_name(),
+        output_size = summary.output_size,
+        allocated_bytes = summary.allocated_bytes,
+        elapsed_ms = summary.elapsed_ms,
+        fingerprint = %summary.key_fingerprint,
+        "encrypted"
+    );
+    Ok(summary)
+}
+
+/// Checks options, descriptors, the key and the source; nothing is written.
+fn check_inputs(
+    job: &mut Job<EncryptParameters>,
+    state: &ServerState,
+    format: OutputFormat,
+) -> Result<Inputs> {
+    let parameters = job.parameters.clone();
+    let job_id = job.id;
     // Non-root callers get tighter caps on what one derivation of their keyslot may cost.
     let caps = KdfCaps::for_caller(job.caller_uid);
-    caps.check_request(&header_spec)?;
-    let engine = state.engines.resolve(parameters.engine)?;
+    if format != OutputFormat::Vhd {
+        let spec = header_spec(&parameters, format);
+        spec.validate()?;
+        caps.check_request(&spec)?;
+    }
+    // Containers take the userspace engine whatever `auto` means here: dm-crypt maps one
+    // contiguous payload, and a qcow2's IVs follow its host clusters.
+    let engine = if format == OutputFormat::Luks {
+        state.engines.resolve(parameters.engine)?
+    } else {
+        state.engines.resolve(EngineChoice::Userspace)?
+    };
 
     // The output last, so a refusal to write over another of the call's files names its role
     // (`PassedDescriptors::take` refuses an output that is the source or the key).
     let passed = &mut job.descriptors;
     let source = descriptors::check_source(passed.take(Descriptor::Source, parameters.source)?)?;
+    let source_kind = source.kind;
+    let mut source = super::source_files(passed, source, &parameters.companions)?;
+    let source_key = match parameters.source_key {
+        Some(index) => Some(descriptors::check_key(
+            passed.take(Descriptor::Key, index)?,
+        )?),
+        None => None,
+    };
     let passed_key = match parameters.key {
         Some(index) => Some(descriptors::check_key(
             passed.take(Descriptor::Key, index)?,
@@ -66,6 +134,28 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
         None => None,
     };
     let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
+    if format != OutputFormat::Luks && output.kind != StorageKind::RegularFile {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            format!(
+                "is a block device; a {} image is a file that a cloud imports: write it to a \
+                 regular file",
+                format.cli_name()
+            ),
+        ));
+    }
+
+    // A VHD has no volume key: the ring's key itself would be the data key of every VHD made
+    // with it, so a caller could encrypt chosen sectors under the key that protects other
+    // users' ring-keyed VHDs and compare ciphertexts (AES-XTS is deterministic per sector and
+    // 16-byte block): a guess oracle on their plaintext. Only callers the ring may decrypt for
+    // (root, a per-user daemon's own user) lose nothing by it.
+    if passed_key.is_none()
+        && format == OutputFormat::Vhd
+        && !ring::may_decrypt_with(job.caller_uid)
+    {
+        return Err(vhd_ring_key_refusal(job.caller_uid, "encrypt a VHD"));
+    }
 
     // No key passed: the daemon ring's, re-read now so a rotated key is used without a restart.
     let CandidateKey {
@@ -80,14 +170,16 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
     };
     for warning in &key.warnings {
         tracing::warn!(job = job_id, "{warning}");
-        reporter.notice(warning.clone());
+        job.reporter.notice(warning.clone());
     }
     tracing::info!(job = job_id, key = %key_name, fingerprint = %key.fingerprint, "key");
 
-    let source_kind = source.kind;
-    let image = formats::open(source.file)?;
-    let virtual_size = image.virtual_size();
-    if virtual_size == 0 {
+    if let Some(source_key) = source_key {
+        let volume_key = unlock_source(job, &source, &source_key)?;
+        source.set_source_volume_key(volume_key);
+    }
+    let image = formats::open_files(&source)?;
+    if image.virtual_size() == 0 {
         return Err(Error::UnsupportedImage {
             message: "the source disk is empty (virtual size 0): there is nothing to encrypt"
                 .to_string(),
@@ -97,168 +189,339 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
         job = job_id,
         format = image.format().display_name(),
         ?source_kind,
-        virtual_size,
+        virtual_size = image.virtual_size(),
+        output = format.cli_name(),
         luks = parameters.luks_version.display_name(),
         sector_size = parameters.sector_size,
         engine = ?engine.kind(),
         "encrypting"
     );
+    Ok(Inputs {
+        image,
+        output,
+        key_name,
+        key,
+        engine,
+        caps,
+    })
+}
 
+/// Opens the LUKS header of the encrypted qcow2 `source` with the key file `source_key`
+/// (`--source-key-file`), as `decrypt` opens a qcow2 container, and returns its volume key.
+fn unlock_source(
+    job: &Job<EncryptParameters>,
+    source: &SourceFiles,
+    source_key: &std::fs::File,
+) -> Result<SecretBytes> {
+    let header =
+        formats::qcow2::source_luks_header(source.file(FileKey::SOURCE))?.ok_or_else(|| {
+            Error::InvalidOption {
+                parameter: "source_key",
+                message: "a source key was passed (--source-key-file) but the source is not an \
+                      encrypted qcow2 image, the one kind of encrypted source read: drop \
+                      --source-key-file"
+                    .to_string(),
+            }
+        })?;
+    let name = "source key".to_string();
+    let key = keys::read_key_file(source_key).map_err(|error| match error {
+        Error::BadDescriptor {
+            descriptor,
+            message,
+        } => Error::BadDescriptor {
+            descriptor,
+            message: format!("{name}: {message}"),
+        },
+        other => other,
+    })?;
+    for warning in &key.warnings {
+        job.notice(format!("{name}: {warning}"));
+    }
+    let keys = unlock::JobKeys {
+        candidates: vec![CandidateKey { name, key }],
+        encryption: None,
+        from_daemon_ring: false,
+    };
+    let (_, volume_key, unlocked) =
+        unlock::open_image(job, &header, &keys).map_err(|error| match error {
+            Error::WrongKey {
+                message,
+                tried,
+                carried,
+            } => Error::WrongKey {
+                message: format!(
+                    "the encrypted qcow2 source: {}",
+                    message.replace(
+                        "Add the key the image was made with to your key ring as \
+                         decryption_keyN, or pass it with --key-file",
+                        "pass the passphrase of one of the source's keyslots with \
+                         --source-key-file"
+                    )
+                ),
+                tried,
+                carried,
+            },
+            other => other,
+        })?;
+    job.notice(format!(
+        "the encrypted qcow2 source was unlocked with the source key (keyslot {})",
+        unlocked.keyslot
+    ));
+    Ok(volume_key)
+}
+
+/// Why the daemon's ring key may not be a VHD's data key for this caller (see
+/// [`check_inputs`]); `action` says what was asked.
+pub(super) fn vhd_ring_key_refusal(uid: u32, action: &str) -> Error {
+    Error::PermissionDenied(format!(
+        "the daemon's key ring does not {action} for uid {uid}: a vhd-util VHD is encrypted \
+         directly with the key file's bytes (no per-image volume key), so every VHD made with \
+         the daemon's key shares one data key, and encrypting data of your choice with it \
+         would let you test guesses against other users' VHDs; pass your own key with \
+         --key-file (imgctl key generate -o FILE makes one)"
+    ))
+}
+
+/// The LUKS header a format needs: the caller's choice for raw LUKS; for qcow2 what qemu reads
+/// (LUKS1, 512-byte sectors, whose only key derivation is PBKDF2).
+fn header_spec(parameters: &EncryptParameters, format: OutputFormat) -> HeaderSpec {
+    match format {
+        OutputFormat::Qcow2 => HeaderSpec {
+            version: LuksVersion::Luks1,
+            sector_size: parameters.sector_size,
+            pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
+        },
+        _ => HeaderSpec {
+            version: parameters.luks_version,
+            sector_size: parameters.sector_size,
+            pbkdf: parameters.pbkdf.clone().unwrap_or_default(),
+        },
+    }
+}
+
+/// A fresh random volume key and a LUKS header that the job's key opens, formatted on daemon
+/// memory under the caller's key-derivation caps.
+fn new_luks_header(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    spec: &HeaderSpec,
+) -> Result<(SecretBytes, luks::FormattedHeader)> {
     job.check_cancel()?;
-    reporter.progress(Phase::Format, 0, 0);
+    job.reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
-    let header = luks::format_header(&header_spec, &volume_key, &key.passphrase, &key.fingerprint)?;
-    caps.check_created(&header.cost)?;
+    let header = luks::format_header(
+        spec,
+        &volume_key,
+        &inputs.key.passphrase,
+        &inputs.key.fingerprint,
+    )?;
+    inputs.caps.check_created(&header.cost)?;
+    Ok((volume_key, header))
+}
+
+/// Raw LUKS: a libcryptsetup header, then the payload as one extent (either engine).
+fn encrypt_luks(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> {
+    let parameters = &job.parameters;
+    let header_spec = header_spec(parameters, OutputFormat::Luks);
+    let (volume_key, header) = new_luks_header(job, &inputs, &header_spec)?;
     if !header.fingerprint_stored && parameters.luks_version == LuksVersion::Luks2 {
-        if let Some(text) = strength::notice(&key_name, key.passphrase.as_bytes())? {
-            tracing::warn!(job = job_id, "{text}");
-            reporter.notice(text);
+        if let Some(text) = strength::notice(&inputs.key_name, inputs.key.passphrase.as_bytes())? {
+            tracing::warn!(job = job.id, "{text}");
+            job.reporter.notice(text);
         }
     }
-    let output_size = layout::output_size(header.data_offset, virtual_size)?;
-    let payload_size = output_size - header.data_offset;
-
-    job.check_cancel()?;
-    prepare_output(&output, output_size, header.data_offset)?;
-
-    reporter.progress(Phase::Copy, 0, payload_size);
-    let copy_started = Instant::now();
-    let progress = |done: u64| reporter.progress(Phase::Copy, done, payload_size);
-    let payload_written = engine.write_payload(&PayloadJob {
-        job_id,
-        source: image.as_ref(),
-        output: &output.file,
-        data_offset: header.data_offset,
-        payload_size,
-        sector_size: parameters.sector_size,
-        volume_key: volume_key.as_bytes(),
-        progress: &progress,
-        cancel,
-    })?;
+    let virtual_size = inputs.image.virtual_size();
+    let container = LuksOutput::plan(&header.image, header.data_offset, virtual_size)?;
+    let written = write_image(
+        job,
+        &inputs,
+        &container,
+        parameters.sector_size,
+        volume_key.as_bytes(),
+        IvMode::Plain64,
+    )?;
     drop(volume_key);
-    let copy_elapsed = copy_started.elapsed();
-
-    job.check_cancel()?;
-    copy_header(&header.image, &output.file, header.data_offset)?;
-    reporter.progress(Phase::Sync, payload_size, payload_size);
-    output
-        .file
-        .sync_data()
-        .map_err(|e| Error::io("fdatasync on the output", e))?;
-
-    let elapsed = started.elapsed();
-    let summary = Summary {
-        source_format: image.format(),
+    Ok(Summary {
+        source_format: inputs.image.format(),
         virtual_size,
-        luks_version: parameters.luks_version,
+        output_format: OutputFormat::Luks,
+        output_virtual_size: container.payload_size(),
+        luks_version: Some(parameters.luks_version),
         cipher: header.cipher,
         key_size_bits: header.key_size_bits,
         sector_size: parameters.sector_size,
         data_offset: header.data_offset,
-        payload_size,
-        output_size,
-        key_fingerprint: key.fingerprint,
+        payload_size: container.payload_size(),
+        output_size: container.output_size(),
+        key_fingerprint: inputs.key.fingerprint.clone(),
         pbkdf: header.pbkdf,
-        engine: engine.kind(),
-        elapsed_ms: millis(elapsed),
-        copy_ms: millis(copy_elapsed),
-        bytes_written: header.data_offset + payload_written,
-    };
+        engine: inputs.engine.kind(),
+        elapsed_ms: 0,
+        copy_ms: millis(written.copy_elapsed),
+        bytes_written: header.data_offset + written.payload_bytes,
+        allocated_bytes: written.payload_bytes,
+        vhd_key_hash: None,
+        target: None,
+    })
+}
+
+/// qcow2 with qemu's LUKS: a LUKS1 header inside the file, data clusters only where the source
+/// has data, IVs from host offsets ([`outputs::qcow2`]).
+fn encrypt_qcow2(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> {
+    let parameters = &job.parameters;
+    let header_spec = header_spec(parameters, OutputFormat::Qcow2);
+    let data = scan_for_data(job, inputs.image.as_ref(), qcow2::CLUSTER_BYTES)?;
+    // LUKS1 has no tokens: the key's fingerprint cannot travel with the image, and jobs that
+    // open it later find the key by trial.
+    let (volume_key, header) = new_luks_header(job, &inputs, &header_spec)?;
+    let virtual_size = inputs.image.virtual_size();
+    let container = Qcow2Output::plan(virtual_size, &data, &header.image, header.data_offset)?;
+    let written = write_image(
+        job,
+        &inputs,
+        &container,
+        header_spec.sector_size,
+        volume_key.as_bytes(),
+        IvMode::Plain64,
+    )?;
+    drop(volume_key);
+    Ok(Summary {
+        source_format: inputs.image.format(),
+        virtual_size,
+        output_format: OutputFormat::Qcow2,
+        output_virtual_size: container.virtual_size(),
+        luks_version: Some(LuksVersion::Luks1),
+        cipher: header.cipher,
+        key_size_bits: header.key_size_bits,
+        sector_size: header_spec.sector_size,
+        // Where the LUKS header sits inside the qcow2 file (its crypto header extension).
+        data_offset: container.luks_offset(),
+        payload_size: container.allocated_bytes(),
+        output_size: container.output_size(),
+        key_fingerprint: inputs.key.fingerprint.clone(),
+        pbkdf: header.pbkdf,
+        engine: inputs.engine.kind(),
+        elapsed_ms: 0,
+        copy_ms: millis(written.copy_elapsed),
+        bytes_written: container.metadata_bytes() + written.payload_bytes,
+        allocated_bytes: written.payload_bytes,
+        vhd_key_hash: None,
+        target: None,
+    })
+}
+
+/// The guest ranges a sparse container stores: the `granule`-sized units (its cluster or
+/// block) of the source's allocated ranges that hold a non-zero byte ([`scan`]). Raw LUKS never
+/// calls this: it writes every sector anyway.
+fn scan_for_data(
+    job: &Job<EncryptParameters>,
+    image: &dyn SourceImage,
+    granule: u64,
+) -> Result<Vec<Range<u64>>> {
+    job.check_cancel()?;
+    let started = Instant::now();
+    let progress = |done: u64, total: u64| job.reporter.progress(Phase::Scan, done, total);
+    let found = scan::nonzero_ranges(image, granule, &progress, &job.cancel)?;
     tracing::info!(
-        job = job_id,
-        output_size,
-        data_offset = summary.data_offset,
-        elapsed_ms = summary.elapsed_ms,
-        fingerprint = %summary.key_fingerprint,
-        "encrypted"
+        job = job.id,
+        scanned_bytes = found.scanned_bytes,
+        data_bytes = found.data_bytes(),
+        ranges = found.ranges.len(),
+        granule = found.granule,
+        elapsed_ms = millis(started.elapsed()),
+        "scanned the source for data"
     );
-    Ok(summary)
+    Ok(found.ranges)
 }
 
-/// Makes the output exactly `output_size` bytes with all of it reserved, or reports that it
-/// cannot hold the image. A block device's old header area is zeroed first, so a job that fails
-/// half-way never leaves the device looking like the LUKS volume it used to hold.
-pub(super) fn prepare_output(
-    output: &CheckedFile,
-    output_size: u64,
-    data_offset: u64,
-) -> Result<()> {
-    match output.kind {
-        StorageKind::RegularFile => {
-            output
-                .file
-                .set_len(output_size)
-                .map_err(|e| Error::io(format!("resizing the output to {output_size} bytes"), e))?;
-            let length = i64::try_from(output_size).map_err(|_| no_space(output_size, None))?;
-            match fallocate(&output.file, FallocateFlags::empty(), 0, length) {
-                Ok(()) => Ok(()),
-                Err(Errno::ENOSPC) | Err(Errno::EDQUOT) => Err(no_space(output_size, None)),
-                // Filesystems without fallocate still work; ENOSPC then surfaces on write.
-                Err(Errno::EOPNOTSUPP) => Ok(()),
-                Err(errno) => Err(Error::io(
-                    "reserving space for the output (fallocate)",
-                    errno,
-                )),
-            }
-        }
-        // `check_output` admits only regular files and block devices.
-        StorageKind::BlockDevice | StorageKind::Other(_) => {
-            let available = storage::size_of(&output.file)?;
-            if available < output_size {
-                return Err(no_space(output_size, Some(available)));
-            }
-            let zeros = vec![0u8; HEADER_COPY_CHUNK];
-            let mut offset = 0;
-            while offset < data_offset {
-                let length = (data_offset - offset).min(HEADER_COPY_CHUNK as u64) as usize;
-                output
-                    .file
-                    .write_all_at(&zeros[..length], offset)
-                    .map_err(|e| Error::io(format!("clearing the output header at {offset}"), e))?;
-                offset += length as u64;
-            }
-            Ok(())
-        }
+/// A blktap-encrypted VHD: the key file's decoded bytes are the AES-XTS key ([`outputs::vhd`]).
+fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> {
+    if job.parameters.sector_size != VHD_SECTOR_BYTES {
+        return Err(Error::InvalidOption {
+            parameter: "sector_size",
+            message: format!(
+                "a vhd-util VHD encrypts each 512-byte sector on its own (blktap's format has no \
+                 other sector size), so --sector-size {} cannot apply: drop it",
+                job.parameters.sector_size
+            ),
+        });
     }
+    // Decoded and checked (32 or 64 bytes, halves differ) before anything is written.
+    let raw_key = keys::raw_vhd_key(&inputs.key)?;
+    let virtual_size = inputs.image.virtual_size();
+    let data = scan_for_data(job, inputs.image.as_ref(), vhd::BLOCK_SIZE)?;
+    job.check_cancel()?;
+    job.reporter.progress(Phase::Format, 0, 0);
+    let container = VhdOutput::plan(virtual_size, &data, raw_key.as_bytes())?;
+    if let Some(text) = crate::outputs::vhd::tweak_reuse_notice(container.virtual_size()) {
+        tracing::info!(job = job.id, "{text}");
+        job.reporter.notice(text);
+    }
+    if container.virtual_size() != virtual_size {
+        let text = format!(
+            "the VHD's disk is {} bytes: the source's {virtual_size} rounded up to whole 2 MiB \
+             blocks, as vhd-util and XenServer size their VHDs (the guest sees zeros past the \
+             source's end)",
+            container.virtual_size()
+        );
+        tracing::info!(job = job.id, "{text}");
+        job.reporter.notice(text);
+    }
+    let written = write_image(
+        job,
+        &inputs,
+        &container,
+        VHD_SECTOR_BYTES,
+        raw_key.as_bytes(),
+        IvMode::Plain,
+    )?;
+    let key_bits = raw_key.len() as u32 * 8;
+    drop(raw_key);
+    let allocated = container.allocated_bytes();
+    Ok(Summary {
+        source_format: inputs.image.format(),
+        virtual_size,
+        output_format: OutputFormat::Vhd,
+        output_virtual_size: container.virtual_size(),
+        luks_version: None,
+        cipher: "aes-xts-plain".to_string(),
+        key_size_bits: key_bits,
+        sector_size: VHD_SECTOR_BYTES,
+        data_offset: container.extents().first().map_or(0, |e| e.output_offset),
+        payload_size: allocated,
+        output_size: container.output_size(),
+        key_fingerprint: inputs.key.fingerprint.clone(),
+        pbkdf: "none (the key file's decoded bytes are the data key)".to_string(),
+        engine: inputs.engine.kind(),
+        elapsed_ms: 0,
+        copy_ms: millis(written.copy_elapsed),
+        bytes_written: written.payload_bytes + container.metadata_bytes(),
+        allocated_bytes: allocated,
+        vhd_key_hash: Some(container.key_hash().hash_hex()),
+        target: None,
+    })
 }
 
-fn no_space(required: u64, device_size: Option<u64>) -> Error {
-    let message = match device_size {
-        Some(size) => format!(
-            "the output device holds {size} bytes but the encrypted image needs {required} \
-             bytes: use a larger device"
-        ),
-        None => format!(
-            "not enough space for the output: the encrypted image needs {required} bytes \
-             ({} MiB); free space or write it to another filesystem",
-            required.div_ceil(1 << 20)
-        ),
-    };
-    Error::NoSpace {
-        required_bytes: required,
-        message,
-    }
-}
+/// The only sector size of a blktap-encrypted VHD.
+const VHD_SECTOR_BYTES: u32 = 512;
 
-/// Copies the formatted header (`0..data_offset` of the daemon's memfd) into the output.
-pub(super) fn copy_header(header: &File, output: &File, data_offset: u64) -> Result<()> {
-    let mut buffer = vec![0u8; HEADER_COPY_CHUNK];
-    let mut offset = 0;
-    while offset < data_offset {
-        let length = (data_offset - offset).min(HEADER_COPY_CHUNK as u64) as usize;
-        header
-            .read_exact_at(&mut buffer[..length], offset)
-            .map_err(|e| Error::io(format!("reading the formatted header at {offset}"), e))?;
-        output
-            .write_all_at(&buffer[..length], offset)
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ENOSPC) {
-                    no_space(data_offset, None)
-                } else {
-                    Error::io(format!("writing the header to the output at {offset}"), e)
-                }
-            })?;
-        offset += length as u64;
-    }
-    Ok(())
+/// The step every format shares ([`output::write_container`]), over this job's checked inputs.
+fn write_image(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    container: &dyn Container,
+    sector_size: u32,
+    key: &[u8],
+    iv: IvMode,
+) -> Result<Written> {
+    output::write_container(
+        job,
+        inputs.image.as_ref(),
+        &inputs.output,
+        inputs.engine.as_ref(),
+        container,
+        sector_size,
+        key,
+        iv,
+    )
 }

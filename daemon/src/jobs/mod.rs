@@ -7,7 +7,9 @@
 pub mod decrypt;
 pub mod encrypt;
 pub mod inspect;
+pub mod output;
 pub mod rewrite;
+pub mod targets;
 pub mod unlock;
 pub mod verify;
 
@@ -54,6 +56,41 @@ impl<P> Job<P> {
         tracing::info!(job = self.id, "{text}");
         self.reporter.notice(text);
     }
+}
+
+/// The source `source` and its companions as passed (each readable, a regular file or block
+/// device), ready for [`crate::formats::open_files`].
+pub fn source_files(
+    passed: &mut PassedDescriptors,
+    source: crate::sys::descriptors::CheckedFile,
+    companions: &[imgcrypt_proto::api::Companion],
+) -> Result<crate::formats::files::SourceFiles> {
+    use crate::formats::files::{self, SourceFiles};
+    // Checked before any descriptor is examined, so a long list costs nothing.
+    if companions.len() > files::MAX_COMPANIONS {
+        return Err(Error::InvalidOption {
+            parameter: "companions",
+            message: format!(
+                "{} companion files passed; at most {} are read for one source: convert the \
+                 image to one file first (`qemu-img convert -O qcow2`)",
+                companions.len(),
+                files::MAX_COMPANIONS
+            ),
+        });
+    }
+    let mut checked = Vec::with_capacity(companions.len());
+    for companion in companions {
+        let file = crate::sys::descriptors::check_readable_image(
+            passed.take(Descriptor::Companion, companion.fd)?,
+            Descriptor::Companion,
+        )?;
+        checked.push(files::Passed {
+            file: file.file,
+            name: companion.name.clone(),
+            referenced_by: companion.referenced_by,
+        });
+    }
+    SourceFiles::new(source.file, checked)
 }
 
 /// The descriptors of one call. An image, output or source may be used once; a key descriptor

@@ -33,25 +33,33 @@ use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use imgcrypt_proto::api::{
-    LuksVersion, Pbkdf, Phase, RemovedKeyslot, RewriteParameters, RewriteSummary,
+    LuksVersion, OutputFormat, Pbkdf, Phase, RemovedKeyslot, RewriteParameters, RewriteSummary,
+    Unlocked,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::engines::userspace::UserspaceEngine;
+use crate::engines::xts::IvMode;
 use crate::engines::PayloadJob;
 use crate::error::Descriptor;
+use crate::formats::encrypted;
+use crate::formats::qcow2;
 use crate::keys::{strength, CandidateKey, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
 use crate::luks::{self, crash, Change, HeaderSpec, LuksImage, LuksPayload, VOLUME_KEY_BYTES};
+use crate::outputs::luks::payload_extent;
+use crate::outputs::qcow2::Qcow2Output;
+use crate::outputs::vhd::VhdOutput;
 use crate::server::ServerState;
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::StorageKind;
 use crate::{Error, Result};
 
-use super::encrypt::{copy_header, prepare_output};
+use super::output::{prepare_output, write_container};
 use super::unlock::{self, JobKeys, Purpose};
 use super::{millis, Job};
+use crate::outputs::luks::copy_header;
 
 /// Payload bytes re-encrypted between two checkpoints: small enough that an interruption loses
 /// little work, large enough that the sync after each costs little.
@@ -100,8 +108,13 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
     let pbkdf = chosen_pbkdf(&job, &keys)?;
     let caps = unlock::caps(&job);
     let image = unlock::lock_image(image.file, true)?;
+    let mut home = match encrypted::detect(&image)? {
+        OutputFormat::Luks => HeaderHome::Luks(&image),
+        OutputFormat::Qcow2 => HeaderHome::qcow2(&image)?,
+        OutputFormat::Vhd => return Err(vhd_needs_reencryption()),
+    };
     // Header only: no payload is decrypted, so any cipher libcryptsetup reads will do.
-    let (mut luks, volume_key, unlocked) = unlock::open_header(&job, &image, &keys)?;
+    let (mut luks, volume_key, unlocked) = unlock::open_header(&job, home.header(), &keys)?;
     job.check_cancel()?;
     job.reporter.progress(Phase::Keyslots, 0, 0);
 
@@ -128,12 +141,12 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
                 caps.check_created(cost)?;
             }
             weak_key_notice(&job, new_key, luks.version())?;
-            luks.commit(&image, Change::Added)?;
+            home.commit(&mut luks, Change::Added)?;
             tracing::info!(job = job.id, keyslot, fingerprint = %new_key.key.fingerprint, "keyslot added and synced");
             (keyslot, true)
         }
     };
-    confirm_new_keyslot(&image, new_key, keyslot, &volume_key, caps)?;
+    confirm_new_keyslot(&home.read_back()?, new_key, keyslot, &volume_key, caps)?;
 
     let mut removed = Vec::new();
     let others: Vec<u32> = luks
@@ -150,7 +163,7 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
         });
     }
     if !removed.is_empty() {
-        luks.commit(&image, Change::Removed)?;
+        home.commit(&mut luks, Change::Removed)?;
     }
     tracing::info!(
         job = job.id,
@@ -168,6 +181,181 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
         resumed_from: None,
         elapsed_ms: millis(started.elapsed()),
     })
+}
+
+/// Re-encrypts a qcow2 image into a new qcow2 with a new volume key and one keyslot for the
+/// new key, read from the old image's decrypted guest view: the same data clusters, re-laid
+/// out by [`Qcow2Output`].
+///
+/// Not resumable, unlike raw LUKS: the new file's layout is only final once its metadata is
+/// written, so an interrupted run starts over (the partial file is emptied first). The old
+/// image is only read, so it stays valid until the client renames the new one over it.
+fn reencrypt_qcow2(
+    job: &Job<RewriteParameters>,
+    image: &File,
+    output: &CheckedFile,
+    keys: &JobKeys,
+    pbkdf: &Pbkdf,
+    started: Instant,
+) -> Result<RewriteSummary> {
+    let new_key = keys.encryption_key()?;
+    let caps = unlock::caps(job);
+    let opened = unlock::open_plaintext(job, image, keys)?;
+    let plaintext = opened.plaintext.as_ref();
+    let existing = output
+        .file
+        .metadata()
+        .map_err(|e| Error::io("fstat on the re-encryption output", e))?
+        .len();
+    if existing != 0 {
+        job.notice("a partial qcow2 re-encryption cannot be resumed: starting over".to_string());
+    }
+
+    job.check_cancel()?;
+    job.reporter.progress(Phase::Format, 0, 0);
+    let spec = HeaderSpec {
+        version: LuksVersion::Luks1,
+        sector_size: 512,
+        pbkdf: pbkdf.clone(),
+    };
+    caps.check_request(&spec)?;
+    let new_volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
+    let header = luks::format_header(
+        &spec,
+        &new_volume_key,
+        &new_key.key.passphrase,
+        &new_key.key.fingerprint,
+    )?;
+    caps.check_created(&header.cost)?;
+    let container = Qcow2Output::plan(
+        plaintext.virtual_size(),
+        plaintext.allocated_ranges(),
+        &header.image,
+        header.data_offset,
+    )?;
+    let written = write_container(
+        job,
+        plaintext,
+        output,
+        &UserspaceEngine::new(),
+        &container,
+        512,
+        new_volume_key.as_bytes(),
+        IvMode::Plain64,
+    )?;
+    drop(new_volume_key);
+    let total = written.payload_bytes;
+    tracing::info!(
+        job = job.id,
+        allocated = total,
+        "re-encrypted a qcow2 image"
+    );
+    Ok(container_reencrypted(
+        opened.unlocked,
+        &new_key.key.fingerprint,
+        started,
+    ))
+}
+
+/// The summary of a container re-encryption (qcow2 or VHD): a new image with one key, written
+/// from scratch (never resumed).
+fn container_reencrypted(
+    unlocked: Unlocked,
+    fingerprint: &str,
+    started: Instant,
+) -> RewriteSummary {
+    RewriteSummary {
+        unlocked,
+        fingerprint: fingerprint.to_string(),
+        keyslot: 0,
+        keyslot_added: true,
+        removed: Vec::new(),
+        reencrypted: true,
+        resumed_from: None,
+        elapsed_ms: millis(started.elapsed()),
+    }
+}
+
+/// Where the LUKS header being re-keyed lives.
+///
+/// A raw LUKS image is its own header file. A qcow2 keeps its LUKS1 header in clusters named by
+/// the crypto header extension: libcryptsetup edits a memfd copy of that region, and each
+/// commit is then written back into the qcow2 in LUKS1's crash-safe order
+/// ([`qcow2::write_back_luks_header`]). The qcow2's own metadata is never touched.
+enum HeaderHome<'a> {
+    Luks(&'a File),
+    Qcow2 {
+        image: &'a File,
+        offset: u64,
+        copy: File,
+        /// The region as it is on the image now.
+        on_image: Vec<u8>,
+    },
+}
+
+impl<'a> HeaderHome<'a> {
+    fn qcow2(image: &'a File) -> Result<Self> {
+        let (qcow2, copy) = unlock::qcow2_luks_header(image)?;
+        let (offset, length) = qcow2
+            .luks_region()
+            .expect("qcow2_luks_header refuses unencrypted images");
+        let mut on_image = vec![0u8; length as usize];
+        copy.read_exact_at(&mut on_image, 0)
+            .map_err(|e| Error::io("reading the qcow2 LUKS header copy", e))?;
+        Ok(Self::Qcow2 {
+            image,
+            offset,
+            copy,
+            on_image,
+        })
+    }
+
+    /// What [`LuksImage::read`] opens.
+    fn header(&self) -> &File {
+        match self {
+            Self::Luks(image) => image,
+            Self::Qcow2 { copy, .. } => copy,
+        }
+    }
+
+    /// Makes `luks`'s edits durable on the image.
+    fn commit(&mut self, luks: &mut LuksImage, change: Change) -> Result<()> {
+        match self {
+            Self::Luks(image) => luks.commit(image, change),
+            Self::Qcow2 {
+                image,
+                offset,
+                copy,
+                on_image,
+            } => {
+                luks.commit(copy, change)?;
+                qcow2::write_back_luks_header(
+                    image,
+                    *offset,
+                    on_image,
+                    copy,
+                    change == Change::Added,
+                )?;
+                copy.read_exact_at(on_image, 0)
+                    .map_err(|e| Error::io("reading the qcow2 LUKS header copy", e))
+            }
+        }
+    }
+
+    /// The header as the image now holds it, read afresh, to confirm a commit landed.
+    fn read_back(&self) -> Result<File> {
+        match self {
+            Self::Luks(image) => image
+                .try_clone()
+                .map_err(|e| Error::io("duplicating the image descriptor", e)),
+            Self::Qcow2 {
+                image,
+                offset,
+                on_image,
+                ..
+            } => qcow2::copy_luks_region(image, *offset, on_image.len() as u64),
+        }
+    }
 }
 
 /// The PBKDF for the new keyslot: the caller's choice, or the daemon's defaults.
@@ -326,6 +514,15 @@ fn reencrypt(
             .map_err(|e| Error::io("duplicating the output descriptor", e))?,
         kind: output.kind,
     };
+    match encrypted::detect(&image)? {
+        OutputFormat::Luks => {}
+        OutputFormat::Qcow2 => {
+            return reencrypt_qcow2(&job, &image, &output, &keys, &pbkdf, started);
+        }
+        OutputFormat::Vhd => {
+            return reencrypt_vhd(job, &keys, &image, &output, started);
+        }
+    }
     let (luks, old_volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
     let payload_size = luks.payload_size();
     let sector_size = luks.sector_size();
@@ -410,10 +607,10 @@ fn reencrypt(
                 job_id: job.id,
                 source: &old_payload,
                 output: &output.file,
-                data_offset,
-                payload_size,
+                extents: &[payload_extent(data_offset, payload_size)],
                 sector_size,
-                volume_key: new_volume_key.as_bytes(),
+                key: new_volume_key.as_bytes(),
+                iv: IvMode::Plain64,
                 progress: &progress,
                 cancel: &job.cancel,
             },
@@ -458,6 +655,73 @@ fn reencrypt(
         resumed_from,
         elapsed_ms: millis(started.elapsed()),
     })
+}
+
+/// Why a vhd-util VHD cannot be rotated header-only.
+fn vhd_needs_reencryption() -> Error {
+    Error::UnsupportedImage {
+        message: "a vhd-util-encrypted VHD cannot be re-keyed in place: it has no key slots, \
+                  its sectors are encrypted directly with the key file's decoded bytes (the key \
+                  IS the data key), so a new key means re-encrypting every sector: run `imgctl \
+                  rewrite -k IMAGE --reencrypt`"
+            .to_string(),
+    }
+}
+
+/// `--reencrypt` of a vhd-util VHD: the whole image is written anew into the partial file with
+/// the new key's decoded bytes ([`VhdOutput`]), from the old image's decrypted guest view,
+/// through the shared pipeline. No checkpoints: a VHD's blocks are placed by the plan, and
+/// an interrupted run starts over (the partial file is emptied first); the old image is only
+/// read, so it stays valid until the client's rename.
+fn reencrypt_vhd(
+    job: Job<RewriteParameters>,
+    keys: &JobKeys,
+    image: &File,
+    output: &CheckedFile,
+    started: Instant,
+) -> Result<RewriteSummary> {
+    // The ring's keys would be the data keys themselves (see `encrypt::vhd_ring_key_refusal`):
+    // a crafted VHD carrying a ring key's hash would have the daemon decrypt chosen sectors
+    // under one ring key and encrypt them under another.
+    if keys.from_daemon_ring && !crate::keys::ring::may_decrypt_with(job.caller_uid) {
+        return Err(super::encrypt::vhd_ring_key_refusal(
+            job.caller_uid,
+            "re-encrypt a VHD",
+        ));
+    }
+    let new_key = keys.encryption_key()?;
+    let new_raw = crate::keys::raw_vhd_key(&new_key.key)?;
+    let opened = unlock::open_plaintext(&job, image, keys)?;
+    let plaintext = opened.plaintext;
+    let container = VhdOutput::plan(
+        plaintext.virtual_size(),
+        plaintext.allocated_ranges(),
+        new_raw.as_bytes(),
+    )?;
+    if let Some(text) = crate::outputs::vhd::tweak_reuse_notice(container.virtual_size()) {
+        job.notice(text);
+    }
+    write_container(
+        &job,
+        plaintext.as_ref(),
+        output,
+        &UserspaceEngine::new(),
+        &container,
+        512,
+        new_raw.as_bytes(),
+        IvMode::Plain,
+    )?;
+    drop(new_raw);
+    tracing::info!(
+        job = job.id,
+        key_hash = %container.key_hash().hash_hex(),
+        "re-encrypted a vhd-util VHD"
+    );
+    Ok(container_reencrypted(
+        opened.unlocked,
+        &new_key.key.fingerprint,
+        started,
+    ))
 }
 
 /// Checks that `output` is an interrupted re-encryption of this image to this key and returns

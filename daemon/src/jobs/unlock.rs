@@ -9,14 +9,17 @@
 use std::collections::HashMap;
 use std::fs::File;
 
-use imgcrypt_proto::api::{KeyRef, Phase, Unlocked};
+use imgcrypt_proto::api::{KeyRef, OutputFormat, Phase, Unlocked};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::error::Descriptor;
+use crate::formats::qcow2::Qcow2Image;
+use crate::formats::vhd::encrypted::EncryptedVhd;
+use crate::formats::{encrypted, SourceImage};
 use crate::keys::{self, CandidateKey, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
-use crate::luks::LuksImage;
+use crate::luks::{LuksImage, LuksPayload};
 use crate::server::ServerState;
 use crate::sys::descriptors;
 use crate::{Error, Result};
@@ -202,6 +205,97 @@ pub fn open_image<P>(
     let luks = LuksImage::read(image)?;
     luks.check_payload_supported()?;
     unlock_image(job, luks, keys)
+}
+
+/// An encrypted image opened with a key: its plaintext, readable like any source.
+pub struct OpenedImage {
+    /// The container.
+    pub format: OutputFormat,
+    /// The decrypted guest view (holes of sparse containers read as zeros).
+    pub plaintext: Box<dyn SourceImage>,
+    /// Which key opened it, and how.
+    pub unlocked: Unlocked,
+    /// The encryption sector size: reads of `plaintext` are whole sectors.
+    pub sector_size: u32,
+}
+
+/// Detects the container of `image` and opens it with the first key that fits, for a job that
+/// reads the plaintext (decrypt, verify).
+pub fn open_plaintext<P>(job: &Job<P>, image: &File, keys: &JobKeys) -> Result<OpenedImage> {
+    match encrypted::detect(image)? {
+        OutputFormat::Luks => {
+            let (luks, volume_key, unlocked) = open_image(job, image, keys)?;
+            let payload = LuksPayload::new(
+                image
+                    .try_clone()
+                    .map_err(|e| Error::io("duplicating the image descriptor", e))?,
+                luks.data_offset(),
+                luks.payload_size(),
+                luks.sector_size(),
+                &volume_key,
+            )?;
+            Ok(OpenedImage {
+                format: OutputFormat::Luks,
+                plaintext: Box::new(payload),
+                unlocked,
+                sector_size: luks.sector_size(),
+            })
+        }
+        OutputFormat::Qcow2 => {
+            let (qcow2, header) = qcow2_luks_header(image)?;
+            let (luks, volume_key, unlocked) = open_image(job, &header, keys)?;
+            let sector_size = luks.sector_size();
+            drop(luks);
+            Ok(OpenedImage {
+                format: OutputFormat::Qcow2,
+                plaintext: Box::new(qcow2.into_source(Some(&volume_key))?),
+                unlocked,
+                sector_size,
+            })
+        }
+        OutputFormat::Vhd => {
+            let file = image
+                .try_clone()
+                .map_err(|e| Error::io("duplicating the image descriptor", e))?;
+            let vhd = EncryptedVhd::open(file)?;
+            job.check_cancel()?;
+            job.reporter.progress(Phase::Unlock, 0, 0);
+            let (plaintext, unlocked) = vhd.unlock_with(&keys.candidates)?;
+            tracing::info!(
+                job = job.id,
+                key = %unlocked.key_name,
+                fingerprint = %unlocked.fingerprint,
+                cipher = plaintext.cipher_name(),
+                "unlocked a vhd-util VHD (key hash matched)"
+            );
+            Ok(OpenedImage {
+                format: OutputFormat::Vhd,
+                plaintext: Box::new(plaintext),
+                unlocked,
+                sector_size: 512,
+            })
+        }
+    }
+}
+
+/// An encrypted qcow2 image's cluster map and a daemon-owned memfd copy of its LUKS header,
+/// which [`LuksImage::read`] opens as it opens a raw LUKS image. The copy is exactly the crypto
+/// header extension's region; qemu reads nothing of the header outside it.
+pub fn qcow2_luks_header(image: &File) -> Result<(Qcow2Image, File)> {
+    let qcow2 = Qcow2Image::open(
+        image
+            .try_clone()
+            .map_err(|e| Error::io("duplicating the image descriptor", e))?,
+    )?;
+    if qcow2.luks_region().is_none() {
+        return Err(Error::UnsupportedImage {
+            message: "the qcow2 image is not encrypted: there is nothing to decrypt or re-key \
+                      (read it with qemu-img as it is)"
+                .to_string(),
+        });
+    }
+    let header = qcow2.luks_header_copy()?;
+    Ok((qcow2, header))
 }
 
 /// [`open_image`] for a job that changes only keyslots (header-only rotation): any cipher

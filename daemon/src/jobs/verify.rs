@@ -13,11 +13,10 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Descriptor;
 use crate::formats::{self, SourceImage};
-use crate::luks::LuksPayload;
 use crate::server::ServerState;
 use crate::sys::aligned::AlignedBuffer;
 use crate::sys::descriptors;
-use crate::{Error, Result};
+use crate::Result;
 
 use super::unlock::{self, Purpose};
 use super::{millis, Job};
@@ -37,25 +36,18 @@ pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<Verify
         Some(index) => {
             let source =
                 descriptors::check_source(job.descriptors.take(Descriptor::Source, index)?)?;
-            Some(formats::open(source.file)?)
+            let files =
+                super::source_files(&mut job.descriptors, source, &parameters.source_companions)?;
+            Some(formats::open_files(&files)?)
         }
         None => None,
     };
     let keys = unlock::collect(&mut job, state, &parameters.keys, None, Purpose::Verify)?;
     let image = unlock::lock_image(image.file, false)?;
-    let (luks, volume_key, unlocked) = unlock::open_image(&job, &image, &keys)?;
-    let payload_size = luks.payload_size();
-    let payload = LuksPayload::new(
-        image
-            .try_clone()
-            .map_err(|e| Error::io("duplicating the image descriptor", e))?,
-        luks.data_offset(),
-        payload_size,
-        luks.sector_size(),
-        &volume_key,
-    )?;
-    drop(volume_key);
-    drop(luks);
+    let opened = unlock::open_plaintext(&job, &image, &keys)?;
+    let unlocked = opened.unlocked;
+    let payload = opened.plaintext;
+    let payload_size = payload.virtual_size();
 
     let mut comparison = source
         .as_deref()
@@ -79,6 +71,9 @@ pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<Verify
         }
         offset += len as u64;
         job.reporter.progress(Phase::Hash, offset, payload_size);
+    }
+    for note in payload.read_notes() {
+        job.notice(note);
     }
     let plaintext_sha256 = hex(&hasher.finalize());
     let source = comparison.map(Comparison::finish);

@@ -29,14 +29,24 @@ const _: () = assert!(std::mem::align_of::<Sha256>() <= 4096);
 /// Base64 SHA-256 of `key`: the same value as `imgcrypt_proto::keyfile::fingerprint`, computed
 /// with the hasher's state in locked memory.
 pub fn fingerprint(key: &[u8]) -> Result<String> {
-    let digest = hash_in_secret_memory(key)?;
+    let digest = hash_in_secret_memory(&[key])?;
     scrub_stack();
     Ok(base64::engine::general_purpose::STANDARD.encode(digest))
 }
 
-/// SHA-256 of `key` with the hasher placed in [`SecretBytes`], which zeroise it when dropped.
+/// The key hash blktap stores in an encrypted VHD and `vhd-util key -C` prints:
+/// SHA-256(nonce ‖ raw key) (blktap `drivers/block-crypto.c` `vhd_calculate_keyhash`), computed
+/// with the same care as [`fingerprint`].
+pub fn vhd_key_hash(nonce: &[u8; 32], raw_key: &[u8]) -> Result<[u8; 32]> {
+    let digest = hash_in_secret_memory(&[nonce, raw_key])?;
+    scrub_stack();
+    Ok(digest.into())
+}
+
+/// SHA-256 of the concatenated `parts` with the hasher placed in [`SecretBytes`], which
+/// zeroise it when dropped.
 #[inline(never)]
-fn hash_in_secret_memory(key: &[u8]) -> Result<Output<Sha256>> {
+fn hash_in_secret_memory(parts: &[&[u8]]) -> Result<Output<Sha256>> {
     let mut state = SecretBytes::zeroed(std::mem::size_of::<Sha256>())?;
     let place = state.as_mut_bytes().as_mut_ptr().cast::<Sha256>();
     // SAFETY: `place` is the start of a page-aligned mapping (aligned for `Sha256`, asserted
@@ -46,7 +56,9 @@ fn hash_in_secret_memory(key: &[u8]) -> Result<Output<Sha256>> {
         place.write(Sha256::new());
         &mut *place
     };
-    Digest::update(hasher, key);
+    for part in parts {
+        Digest::update(hasher, part);
+    }
     let mut digest = Output::<Sha256>::default();
     // `_reset` leaves the state as new (no key-derived words) before `state` is wiped anyway.
     FixedOutputReset::finalize_into_reset(hasher, &mut digest);
@@ -67,6 +79,33 @@ fn scrub_stack() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vhd_key_hash_is_sha256_of_nonce_then_key_as_openssl_computes_it() {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(29) ^ 0x5c).collect();
+        for nonce in [[0u8; 32], [7u8; 32]] {
+            let mut child = Command::new("sh")
+                .args(["-c", "openssl dgst -sha256 -r | cut -c1-64"])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("openssl must be installed");
+            let mut input = child.stdin.take().unwrap();
+            input.write_all(&nonce).unwrap();
+            input.write_all(&key).unwrap();
+            drop(input);
+            let output = child.wait_with_output().unwrap();
+            let expected = String::from_utf8(output.stdout).unwrap();
+            let ours: String = vhd_key_hash(&nonce, &key)
+                .unwrap()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(ours, expected.trim());
+        }
+    }
 
     #[test]
     fn agrees_with_the_protocol_crate_and_known_vectors() {

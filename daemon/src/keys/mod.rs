@@ -45,6 +45,19 @@ impl KeyFile {
     }
 }
 
+/// The raw key of a vhd-util-style encrypted VHD: the key file's base64 decoded (32 bytes for
+/// AES-128-XTS, 64 for AES-256-XTS), decoded straight into locked memory.
+pub fn raw_vhd_key(key: &KeyFile) -> Result<SecretBytes> {
+    let mut raw = SecretBytes::zeroed(keyfile::RAW_KEY_AES256)?;
+    let out: &mut [u8; keyfile::RAW_KEY_AES256] = raw
+        .as_mut_bytes()
+        .try_into()
+        .map_err(|_| Error::io("sizing the raw key buffer", std::io::ErrorKind::InvalidData))?;
+    let len = keyfile::decode_raw_key(key.passphrase.as_bytes(), out)?;
+    raw.truncate(len);
+    Ok(raw)
+}
+
 /// A key offered to unlock an image, with the name the user knows it by (`encryption_key`,
 /// `decryption_key2`, `--key-file`, `daemon:encryption_key`), for messages.
 #[derive(Debug)]

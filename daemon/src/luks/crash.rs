@@ -17,6 +17,14 @@
 //! | `removed:primary`     | the new primary header (LUKS1: the phdr; the removal is durable)  |
 //! | `removed:secondary`   | the new secondary header too (LUKS2 only)                         |
 //! | `removed:keyslots`    | the removed keyslot's key material wiped (the removal is complete)|
+//!
+//! A qcow2's LUKS1 header is edited on a memfd copy, so the points above fire before anything
+//! reaches the qcow2 file; [`crate::formats::qcow2::write_back_luks_header`] then fires:
+//!
+//! | point                  | what is in the qcow2 file when it fires                          |
+//! |------------------------|------------------------------------------------------------------|
+//! | `qcow2:added:keyslots` | new key material in the keyslot area; the phdr still the old one |
+//! | `qcow2:removed:primary`| the new phdr (the removal is durable); old material not yet wiped|
 
 /// The environment variable naming the crash point.
 pub const ENV: &str = "IMGCRYPTD_CRASH_AT";

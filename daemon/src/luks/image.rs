@@ -329,7 +329,11 @@ impl LuksImage {
     /// The header as the protocol reports it; `keys` are matched by fingerprint, never tried.
     pub fn info(&self, keys: &[CandidateKey]) -> ImageInfo {
         ImageInfo {
-            luks_version: self.version,
+            format: imgcrypt_proto::api::OutputFormat::Luks,
+            luks_version: Some(self.version),
+            virtual_size: None,
+            allocated_bytes: None,
+            vhd_key: None,
             uuid: self.uuid.clone(),
             cipher: self.cipher.clone(),
             key_size_bits: self.key_size_bits,

@@ -10,7 +10,7 @@ use std::ops::Range;
 use imgcrypt_proto::api::SourceFormat;
 
 use super::image::read_image;
-use crate::engines::xts::{XtsCipher, IV_SECTOR_BYTES};
+use crate::engines::xts::{IvMode, XtsCipher, IV_SECTOR_BYTES};
 use crate::formats::SourceImage;
 use crate::keys::SecretBytes;
 use crate::{Error, Result};
@@ -66,7 +66,7 @@ impl LuksPayload {
             data_offset,
             payload_size,
             sector_size,
-            cipher: XtsCipher::new(volume_key.as_bytes())?,
+            cipher: XtsCipher::new(volume_key.as_bytes(), IvMode::Plain64)?,
             ranges: if payload_size == 0 {
                 Vec::new()
             } else {

@@ -29,6 +29,30 @@ pub fn python_xts_file(
     offset: u64,
     length: usize,
 ) -> Vec<u8> {
+    python_xts_file_with_iv(
+        direction,
+        key,
+        sector_size,
+        first_sector,
+        input,
+        offset,
+        length,
+        "plain64",
+    )
+}
+
+/// [`python_xts_file`] with dm-crypt's IV mode named: `plain64` or `plain` (32-bit).
+#[allow(clippy::too_many_arguments)]
+pub fn python_xts_file_with_iv(
+    direction: Direction,
+    key: &[u8],
+    sector_size: usize,
+    first_sector: u64,
+    input: &Path,
+    offset: u64,
+    length: usize,
+    iv_mode: &str,
+) -> Vec<u8> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/xts.py");
     let output = tempfile::NamedTempFile::new_in("/tmp").unwrap();
     let mode = match direction {
@@ -41,6 +65,7 @@ pub fn python_xts_file(
         .arg(input)
         .args([offset.to_string(), length.to_string()])
         .arg(output.path())
+        .arg(iv_mode)
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,4 +1,5 @@
-//! Dynamic VHDs: the dynamic disk header, the block allocation table (BAT), and reads.
+//! Dynamic and differencing VHDs: the dynamic disk header, the block allocation table (BAT),
+//! and the [`Layout`] the shared reader reads them through.
 //!
 //! Layout: a footer copy at 0, a 1024-byte header (cookie `cxsparse`) where the footer's data
 //! offset points, a BAT of big-endian u32 entries (one per block; the sector number of the
@@ -6,8 +7,9 @@
 //! Each block is a sector bitmap (one bit per 512-byte sector, padded to whole sectors) followed
 //! by `block_size` bytes of data.
 //!
-//! The sector bitmap is ignored, as qemu ignores it: every sector of an allocated block is read
-//! from the block. For a dynamic (parentless) disk a clear bit means "never written"; such a
+//! A dynamic disk's sector bitmap is ignored, as qemu ignores it: every sector of an allocated
+//! block is read from the block, and an unallocated block reads as zeros. (A differencing disk's
+//! bitmaps decide which sectors are its own, see [`super::differencing`].) For a dynamic (parentless) disk a clear bit means "never written"; such a
 //! sector would differ from zeros only if its creator left garbage in a new block's data area
 //! (qemu sets every bit when it allocates, and a new block is normally zero-filled file space).
 //! Matching qemu keeps the output identical to what `qemu-img convert` produces, and saves a
@@ -26,16 +28,22 @@
 //! most 16 MiB for the table, 16 MiB more while the blocks are checked for overlaps (a sorted
 //! copy of the allocated entries), 1 MiB of read buffer, and 8 MiB for the allocated ranges
 //! (exact up to 2²⁰ entries, joined across holes of up to 4 MiB above), so under 41 MiB at the
-//! peak of an open. A disk of the format's maximum size, 2040 GiB, in the 2 MiB blocks every
-//! known tool makes, needs 1 044 480 entries: 4 MiB of table.
+//! peak of an open. A blktap VHD may be up to 8 TiB (2²² blocks of 2 MiB): its ranges, each a
+//! block or more with more than 4 MiB between them, are then at most 1.4 M (22 MiB), so under
+//! 55 MiB at the peak. A disk of the format's maximum size, 2040 GiB, in the 2 MiB blocks every
+//! known tool makes, needs 1 044 480 entries: 4 MiB of table. A differencing disk adds four
+//! bytes per entry and at most 64 MiB of sector bitmaps ([`super::differencing`]).
 
 use std::fs::File;
 use std::ops::Range;
 
 use imgcrypt_proto::api::SourceFormat;
 
-use super::footer::{be_u32, be_u64, checksum, Footer, FOOTER_SIZE};
-use crate::formats::{check_request, push_merged, read_exact_at, SourceImage};
+use super::batmap::{self, KeyHash};
+use super::differencing::Presence;
+use super::footer::{be_u32, be_u64, checksum, DiskType, Footer, FOOTER_SIZE};
+use crate::formats::layout::{Chunk, Layout, Mapped};
+use crate::formats::{push_merged, read_exact_at};
 use crate::{Error, Result};
 
 /// Size of the dynamic disk header.
@@ -54,7 +62,7 @@ const BLOCK_SIZE_AT: usize = 32;
 const CHECKSUM_AT: usize = 36;
 
 /// A BAT entry for a block with no data.
-const UNALLOCATED: u32 = 0xFFFF_FFFF;
+pub(super) const UNALLOCATED: u32 = 0xFFFF_FFFF;
 
 /// BAT entries are converted in pieces of this many bytes, so reading the table needs no second
 /// full-size buffer.
@@ -68,20 +76,46 @@ pub const MAX_BAT_ENTRIES: u64 = 1 << 22;
 const EXACT_RANGES_UP_TO: u64 = 1 << 20;
 
 /// Above [`EXACT_RANGES_UP_TO`] entries, allocated ranges are joined across holes of up to this
-/// many bytes, which keeps them under 2040 GiB / 4 MiB = 522 240 ranges (8 MiB). Reading a
+/// many bytes, which keeps them under 2040 GiB / 4 MiB = 522 240 ranges (8 MiB), or 8 TiB / 6 MiB
+/// ≈ 1.4 M ranges (22 MiB) for the largest blktap VHD read. Reading a
 /// joined hole costs a memset: unallocated blocks are zero-filled without I/O.
 const LARGE_TABLE_JOIN_GAP: u64 = 4 << 20;
 
-/// An open dynamic VHD.
+/// An open dynamic or differencing VHD: its checked header and table.
 #[derive(Debug)]
 pub struct DynamicVhd {
-    file: File,
+    /// [`SourceFormat::VhdDynamic`] or [`SourceFormat::VhdDifferencing`].
+    format: SourceFormat,
+    /// The dynamic disk header as read (checksum checked): a differencing disk's parent
+    /// fields are parsed from it by [`super::differencing`].
+    header: Box<[u8; HEADER_SIZE]>,
     virtual_size: u64,
     block_size: u64,
     bitmap_size: u64,
     /// One entry per block of the virtual disk (entries past the virtual size are dropped).
     bat: Vec<u32>,
     allocated: Vec<Range<u64>>,
+    /// blktap's batmap, when the disk has one: the key hash, and which blocks are full.
+    batmap: Option<Batmap>,
+    /// The footer's disk UUID.
+    uuid: [u8; 16],
+    /// File offset of the first allocated block's data, if any.
+    first_data: Option<u64>,
+    /// A differencing disk's sector bitmaps, once read ([`Self::set_presence`]).
+    presence: Option<Presence>,
+    /// What the user should know about how the disk was read.
+    notes: Vec<String>,
+}
+
+/// What a blktap batmap says (see [`super::batmap`]).
+#[derive(Debug)]
+pub(crate) struct Batmap {
+    /// Set on an encrypted VHD.
+    pub key_hash: Option<KeyHash>,
+    /// The map's bits, one per block ("every sector present"), as far as libvhd checks them;
+    /// empty when the checksum is wrong, as tapdisk then ignores the map and reads the bitmaps.
+    /// Read only for encrypted VHDs, whose reads need it.
+    pub full_blocks: Vec<u8>,
 }
 
 /// One area of the file, for the overlap check.
@@ -97,7 +131,7 @@ impl DynamicVhd {
     /// Opens the dynamic disk described by `footer`. `data_end` is where the footer at the end
     /// of the file starts (or the file size, when there is no footer there), so blocks must end
     /// at or before it.
-    pub(super) fn open(file: File, footer: &Footer, data_end: u64) -> Result<Self> {
+    pub(super) fn open(file: &File, footer: &Footer, data_end: u64) -> Result<Self> {
         let virtual_size = footer.virtual_size()?;
         let header_offset = footer.data_offset;
         let header_fits = header_offset
@@ -114,7 +148,7 @@ impl DynamicVhd {
             ));
         }
         let mut header = [0u8; HEADER_SIZE];
-        read_exact_at(&file, &mut header, header_offset, "dynamic disk header")?;
+        read_exact_at(file, &mut header, header_offset, "dynamic disk header")?;
         let corrupt = |what: String| {
             Error::corrupt(
                 format!("dynamic VHD header at offset {header_offset}: {what}"),
@@ -203,45 +237,227 @@ impl DynamicVhd {
         // Metadata first, so a misplaced table is reported as such rather than through the
         // nonsense entries read from wherever it points.
         check_metadata_overlap(&metadata, header_offset)?;
-        let layout = Layout {
+        let areas = FileAreas {
             metadata,
             table_offset,
             block_span: bitmap_size + block_size,
             data_end,
         };
-        let bat = read_table(&file, &layout, needed)?;
-        layout.check_blocks_disjoint(&bat)?;
+        let bat = read_table(file, &areas, needed)?;
+        areas.check_blocks_disjoint(&bat)?;
 
-        let join_gap = if needed <= EXACT_RANGES_UP_TO {
-            0
+        let allocated = allocated_blocks(&bat, block_size, virtual_size, |_| true);
+        let batmap = read_batmap(file, footer, table_offset, entries, data_end)?;
+        let first_data = bat
+            .iter()
+            .filter(|&&entry| entry != UNALLOCATED)
+            .min()
+            .map(|&entry| u64::from(entry) * 512 + bitmap_size);
+        let format = if footer.disk_type()? == DiskType::Differencing {
+            SourceFormat::VhdDifferencing
         } else {
-            LARGE_TABLE_JOIN_GAP
+            SourceFormat::VhdDynamic
         };
-        let mut allocated = Vec::new();
-        for (index, &entry) in (0u64..).zip(&bat) {
-            if entry != UNALLOCATED {
-                let start = index * block_size;
-                push_merged(
-                    &mut allocated,
-                    start..(start + block_size).min(virtual_size),
-                    join_gap,
-                );
-            }
-        }
-        allocated.shrink_to_fit();
         Ok(Self {
-            file,
+            format,
+            header: Box::new(header),
+            uuid: footer.uuid,
+            first_data,
             virtual_size,
             block_size,
             bitmap_size,
             bat,
             allocated,
+            batmap,
+            presence: None,
+            notes: Vec::new(),
         })
+    }
+
+    /// The dynamic disk header, as read.
+    pub(super) fn header(&self) -> &[u8; HEADER_SIZE] {
+        &self.header
+    }
+
+    /// The BAT entries the virtual size needs.
+    pub(super) fn bat(&self) -> &[u32] {
+        &self.bat
+    }
+
+    /// Makes a differencing disk's sector bitmaps decide which sectors are its own; the
+    /// allocated ranges become the blocks with at least one of them.
+    pub(super) fn set_presence(&mut self, presence: Presence) {
+        self.allocated = allocated_blocks(&self.bat, self.block_size, self.virtual_size, |index| {
+            presence.any_present(index)
+        });
+        self.presence = Some(presence);
+    }
+
+    /// Adds a note for the user (how the disk was read).
+    pub(super) fn add_note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    /// The key hash of a VHD that blktap encrypted (`vhd-util copy -k`), from its batmap.
+    pub fn key_hash(&self) -> Option<&KeyHash> {
+        self.batmap.as_ref()?.key_hash.as_ref()
+    }
+
+    /// The batmap, when the disk has one.
+    pub(crate) fn batmap(&self) -> Option<&Batmap> {
+        self.batmap.as_ref()
+    }
+
+    /// The footer's disk UUID, as text (8-4-4-4-12 hex digits).
+    pub fn uuid(&self) -> String {
+        let hex = super::batmap::hex(&self.uuid);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &hex[..8],
+            &hex[8..12],
+            &hex[12..16],
+            &hex[16..20],
+            &hex[20..]
+        )
+    }
+
+    /// File offset of the lowest allocated block's data (where the payload starts), if any.
+    pub fn first_data_offset(&self) -> Option<u64> {
+        self.first_data
+    }
+
+    /// Block size in bytes.
+    pub(crate) fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// File offset of block `index`'s sector bitmap, or `None` when the block is unallocated.
+    /// The block's data follows the bitmap. `index` must be below the virtual size's blocks.
+    pub(crate) fn block_at(&self, index: u64) -> Option<(u64, u64)> {
+        match self.bat[index as usize] {
+            UNALLOCATED => None,
+            sector => {
+                let bitmap = u64::from(sector) * 512;
+                Some((bitmap, bitmap + self.bitmap_size))
+            }
+        }
+    }
+
+    /// Bytes of the sector bitmap of each block.
+    pub(crate) fn bitmap_size(&self) -> u64 {
+        self.bitmap_size
+    }
+
+    /// Bytes in allocated blocks (whole blocks, as stored).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.bat
+            .iter()
+            .filter(|&&entry| entry != UNALLOCATED)
+            .count() as u64
+            * self.block_size
     }
 }
 
+/// The guest ranges of the allocated blocks that `keep` accepts (by block index), merged: exact
+/// up to [`EXACT_RANGES_UP_TO`] entries, joined across holes of [`LARGE_TABLE_JOIN_GAP`] above.
+fn allocated_blocks(
+    bat: &[u32],
+    block_size: u64,
+    virtual_size: u64,
+    keep: impl Fn(u64) -> bool,
+) -> Vec<Range<u64>> {
+    let join_gap = if bat.len() as u64 <= EXACT_RANGES_UP_TO {
+        0
+    } else {
+        LARGE_TABLE_JOIN_GAP
+    };
+    let mut allocated = Vec::new();
+    for (index, &entry) in (0u64..).zip(bat) {
+        if entry != UNALLOCATED && keep(index) {
+            let start = index * block_size;
+            push_merged(
+                &mut allocated,
+                start..(start + block_size).min(virtual_size),
+                join_gap,
+            );
+        }
+    }
+    allocated.shrink_to_fit();
+    allocated
+}
+
+/// Reads blktap's batmap header where `vhd_has_batmap` says one is (see [`super::batmap`]), and
+/// for an encrypted VHD the part of the map libvhd checks. A header that cannot be there (past
+/// the file's data) or lacks its cookie means "no batmap", as for libvhd.
+fn read_batmap(
+    file: &File,
+    footer: &Footer,
+    table_offset: u64,
+    declared_entries: u64,
+    data_end: u64,
+) -> Result<Option<Batmap>> {
+    if batmap::expected(footer) == Some(false) {
+        return Ok(None);
+    }
+    // `declared_entries` came from a u32 field.
+    let header_at = batmap::header_offset(table_offset, declared_entries as u32);
+    let fits = header_at
+        .checked_add(batmap::HEADER_SIZE as u64)
+        .is_some_and(|end| end <= data_end);
+    if !fits {
+        tracing::warn!(header_at, "blktap VHD without room for its batmap header");
+        return Ok(None);
+    }
+    let mut bytes = [0u8; batmap::HEADER_SIZE];
+    read_exact_at(file, &mut bytes, header_at, "batmap header")?;
+    let Some(header) = batmap::parse(&bytes) else {
+        if batmap::expected(footer) == Some(true) {
+            tracing::warn!(header_at, "blktap VHD without its batmap header");
+        }
+        return Ok(None);
+    };
+    if header.key_hash.is_none() {
+        return Ok(Some(Batmap {
+            key_hash: None,
+            full_blocks: Vec::new(),
+        }));
+    }
+    // What libvhd reads: at most 512 KiB for the largest disk read (8 TiB >> 24).
+    let checked = batmap::checksummed_bytes(footer.current_size);
+    let readable = u64::from(header.map_sectors) * 512 >= checked
+        && header
+            .map_offset
+            .checked_add(checked)
+            .is_some_and(|end| end <= data_end);
+    let mut full_blocks = Vec::new();
+    if readable {
+        // `checked` ≤ 512 KiB (current_size ≤ 8 TiB, checked by the caller's virtual size).
+        full_blocks = vec![0u8; checked as usize];
+        read_exact_at(file, &mut full_blocks, header.map_offset, "batmap")?;
+        let computed = batmap::checksum(&full_blocks, header.version);
+        if computed != header.checksum {
+            tracing::warn!(
+                stored = header.checksum,
+                computed,
+                "batmap checksum mismatch: ignoring the batmap and reading the block bitmaps, \
+                 as tapdisk does"
+            );
+            full_blocks = Vec::new();
+        }
+    } else {
+        tracing::warn!(
+            map_offset = header.map_offset,
+            "batmap outside the file or smaller than libvhd reads: reading the block bitmaps"
+        );
+    }
+    Ok(Some(Batmap {
+        key_hash: header.key_hash,
+        full_blocks,
+    }))
+}
+
 /// Where a dynamic disk's structures are, for checking each BAT entry against them.
-struct Layout {
+struct FileAreas {
     /// Footer copy, header and the part of the BAT that is read.
     metadata: [(Range<u64>, Area); 3],
     table_offset: u64,
@@ -251,7 +467,7 @@ struct Layout {
     data_end: u64,
 }
 
-impl Layout {
+impl FileAreas {
     /// File offset of BAT entry `index`, which a bad block is reported at.
     fn entry_offset(&self, index: u64) -> u64 {
         self.table_offset + index * 4
@@ -338,7 +554,7 @@ impl Layout {
 /// Reads the first `entries` big-endian BAT entries, `BAT_READ_CHUNK` bytes at a time, checking
 /// each allocated one as it arrives, so a bad table fails at its first bad entry. The caller
 /// has checked `entries` against [`MAX_BAT_ENTRIES`] and the file, which bounds the allocation.
-fn read_table(file: &File, layout: &Layout, entries: u64) -> Result<Vec<u32>> {
+fn read_table(file: &File, areas: &FileAreas, entries: u64) -> Result<Vec<u32>> {
     let total_bytes = entries * 4;
     // `entries <= MAX_BAT_ENTRIES`, so these conversions are exact.
     let mut table = Vec::with_capacity(entries as usize);
@@ -350,13 +566,13 @@ fn read_table(file: &File, layout: &Layout, entries: u64) -> Result<Vec<u32>> {
         read_exact_at(
             file,
             piece,
-            layout.table_offset + done,
+            areas.table_offset + done,
             "block allocation table",
         )?;
         for raw in piece.chunks_exact(4) {
             let entry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
             if entry != UNALLOCATED {
-                layout.check_entry(table.len() as u64, entry)?;
+                areas.check_entry(table.len() as u64, entry)?;
             }
             table.push(entry);
         }
@@ -407,42 +623,71 @@ fn check_metadata_overlap(metadata: &[(Range<u64>, Area); 3], header_offset: u64
     Ok(())
 }
 
-impl SourceImage for DynamicVhd {
+impl Layout for DynamicVhd {
     fn format(&self) -> SourceFormat {
-        SourceFormat::VhdDynamic
+        self.format
     }
 
     fn virtual_size(&self) -> u64 {
         self.virtual_size
     }
 
-    /// One `pread` per allocated block touched: a block's data is contiguous in the file, but two
-    /// blocks' data never are (the next block's bitmap sits between them). Unallocated blocks are
-    /// zero-filled without I/O.
-    fn read_at(&self, buffer: &mut [u8], offset: u64) -> Result<()> {
-        check_request(self.virtual_size, offset, buffer.len())?;
-        let mut done = 0usize;
-        while done < buffer.len() {
-            let position = offset + done as u64;
-            let index = position / self.block_size;
-            let within_block = position % self.block_size;
-            let length = (buffer.len() - done).min((self.block_size - within_block) as usize);
-            let piece = &mut buffer[done..done + length];
-            // `index` is below `bat.len()`: the request ends within the virtual size, and the
-            // BAT kept one entry per block of it.
-            match self.bat[index as usize] {
-                UNALLOCATED => piece.fill(0),
-                sector => {
-                    let data_offset = u64::from(sector) * 512 + self.bitmap_size + within_block;
-                    read_exact_at(&self.file, piece, data_offset, "a dynamic VHD block")?;
-                }
-            }
-            done += length;
+    /// Within one block: a block's data is contiguous in the file, but two blocks' data never
+    /// are (the next block's bitmap sits between them). A dynamic disk's unallocated block is
+    /// zeros; a differencing disk's is its parent's, and in an allocated block the sector
+    /// bitmap decides, sector by sector.
+    fn map(&self, offset: u64, len: u64) -> Result<Mapped> {
+        let index = offset / self.block_size;
+        let within_block = offset % self.block_size;
+        let rest_of_block = (self.block_size - within_block).min(len);
+        // `index` is below `bat.len()`: the caller keeps the range within the virtual size,
+        // and the BAT kept one entry per block of it.
+        let entry = self.bat.get(index as usize).copied().ok_or_else(|| {
+            Error::corrupt(
+                format!("guest offset {offset} is past the VHD's block allocation table"),
+                None,
+            )
+        })?;
+        if entry == UNALLOCATED {
+            let chunk = if self.presence.is_some() {
+                Chunk::Backing
+            } else {
+                Chunk::Zero
+            };
+            return Ok(Mapped {
+                len: rest_of_block,
+                chunk,
+            });
         }
-        Ok(())
+        let data = u64::from(entry) * 512 + self.bitmap_size + within_block;
+        let (len, own) = match &self.presence {
+            None => (rest_of_block, true),
+            Some(presence) => presence.run(index, within_block, rest_of_block),
+        };
+        let chunk = if own {
+            Chunk::Data {
+                file: 0,
+                offset: data,
+            }
+        } else {
+            Chunk::Backing
+        };
+        Ok(Mapped { len, chunk })
     }
 
     fn allocated_ranges(&self) -> &[Range<u64>] {
         &self.allocated
+    }
+
+    fn allocation_unit(&self) -> Option<u64> {
+        Some(self.block_size)
+    }
+
+    fn data_name(&self) -> &'static str {
+        "VHD block"
+    }
+
+    fn read_notes(&self) -> Vec<String> {
+        self.notes.clone()
     }
 }

@@ -1,8 +1,8 @@
 //! The 512-byte VHD footer ("hard disk footer"): parsing, checksum, and the virtual-size rule.
 //!
 //! All fields are big-endian. Offsets used here (VHD specification, and qemu's `VHDFooter`):
-//! cookie `conectix` at 0, file format version at 12, data offset at 16, creator application at
-//! 28, current size at 48, CHS geometry at 56 (cylinders u16, heads u8, sectors per track u8),
+//! cookie `conectix` at 0, file format version at 12, data offset at 16, time stamp at 24,
+//! creator application at 28, current size at 48, CHS geometry at 56 (cylinders u16, heads u8, sectors per track u8),
 //! disk type at 60, checksum at 64.
 
 use crate::{Error, Result};
@@ -18,7 +18,9 @@ const FORMAT_VERSION: u32 = 0x0001_0000;
 
 const VERSION_AT: usize = 12;
 const DATA_OFFSET_AT: usize = 16;
+const TIMESTAMP_AT: usize = 24;
 const CREATOR_APP_AT: usize = 28;
+const CREATOR_VERSION_AT: usize = 32;
 const CURRENT_SIZE_AT: usize = 48;
 const GEOMETRY_AT: usize = 56;
 const DISK_TYPE_AT: usize = 60;
@@ -31,6 +33,11 @@ const MAX_GEOMETRY_SECTORS: u64 = 65535 * 16 * 255;
 
 /// Largest disk the VHD format describes: 2040 GiB (qemu's `VHD_MAX_SECTORS`).
 pub const MAX_VIRTUAL_SIZE: u64 = 0xff00_0000 * 512;
+
+/// Largest disk read from a VHD that blktap made (creator `tap`): blktap has no 2040 GiB limit
+/// (`vhd-util create -s` takes any size; XenServer makes 2 TiB disks), so its VHDs are bounded
+/// by what this reader's block table holds instead: 2²² blocks of 2 MiB.
+pub const MAX_BLKTAP_VIRTUAL_SIZE: u64 = 8 << 40;
 
 /// The disk types the footer may declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,14 +59,21 @@ pub struct Footer {
     pub version: u32,
     /// Absolute offset of the dynamic disk header (all ones for fixed disks).
     pub data_offset: u64,
+    /// Seconds since 2000-01-01 00:00 UTC when the image was created: what a differencing
+    /// child may record as its parent's time stamp.
+    pub timestamp: u32,
     /// Four-character code of the program that made the image (`vpc `, `qemu`, `qem2`, `win `...).
     pub creator_app: [u8; 4],
+    /// The creator's version (major << 16 | minor); blktap's tells whether a batmap exists.
+    pub creator_version: u32,
     /// The disk size in bytes as the creator recorded it.
     pub current_size: u64,
     /// Cylinders, heads, sectors per track.
     pub geometry: (u16, u8, u8),
     /// Raw disk type field.
     pub disk_type: u32,
+    /// The disk's unique id (bytes 68..84).
+    pub uuid: [u8; 16],
 }
 
 /// What a 512-byte block at a footer position turned out to be.
@@ -117,7 +131,9 @@ pub fn parse(bytes: &[u8; FOOTER_SIZE], offset: u64) -> FooterCheck {
         offset,
         version: be_u32(bytes, VERSION_AT),
         data_offset: be_u64(bytes, DATA_OFFSET_AT),
+        timestamp: be_u32(bytes, TIMESTAMP_AT),
         creator_app,
+        creator_version: be_u32(bytes, CREATOR_VERSION_AT),
         current_size: be_u64(bytes, CURRENT_SIZE_AT),
         geometry: (
             u16::from_be_bytes([bytes[GEOMETRY_AT], bytes[GEOMETRY_AT + 1]]),
@@ -125,6 +141,7 @@ pub fn parse(bytes: &[u8; FOOTER_SIZE], offset: u64) -> FooterCheck {
             bytes[GEOMETRY_AT + 3],
         ),
         disk_type: be_u32(bytes, DISK_TYPE_AT),
+        uuid: bytes[68..84].try_into().unwrap_or([0; 16]),
     })
 }
 
@@ -203,7 +220,18 @@ impl Footer {
             }
             self.current_size
         };
-        if size > MAX_VIRTUAL_SIZE {
+        if self.made_by_blktap() {
+            if size > MAX_BLKTAP_VIRTUAL_SIZE {
+                return Err(Error::corrupt(
+                    format!(
+                        "VHD footer at offset {}: disk size {size} bytes is beyond the 8 TiB \
+                         this reader holds for blktap VHDs",
+                        self.offset
+                    ),
+                    Some(self.offset),
+                ));
+            }
+        } else if size > MAX_VIRTUAL_SIZE {
             return Err(Error::corrupt(
                 format!(
                     "VHD footer at offset {}: disk size {size} bytes is beyond the VHD format's \
@@ -214,6 +242,13 @@ impl Footer {
             ));
         }
         Ok(size)
+    }
+
+    /// Whether blktap (`vhd-util`, tapdisk, XenServer) made the image: its creator application
+    /// starts with `tap`, the test libvhd itself applies (blktap `include/libvhd.h`
+    /// `vhd_creator_tapdisk`).
+    pub fn made_by_blktap(&self) -> bool {
+        self.creator_app.starts_with(b"tap")
     }
 
     /// Whether two valid footers describe the same disk (the copy at offset 0 of a dynamic disk
@@ -265,6 +300,7 @@ pub(super) mod build {
 
     pub const AT_VERSION: usize = VERSION_AT;
     pub const AT_DATA_OFFSET: usize = DATA_OFFSET_AT;
+    pub const AT_TIMESTAMP: usize = TIMESTAMP_AT;
     pub const AT_CURRENT_SIZE: usize = CURRENT_SIZE_AT;
     pub const AT_DISK_TYPE: usize = DISK_TYPE_AT;
     pub const AT_CHECKSUM: usize = CHECKSUM_AT;
@@ -352,6 +388,24 @@ mod tests {
         }
         let parsed = valid(&footer(2, b"win ", MAX_VIRTUAL_SIZE, (1, 1, 1), 0));
         assert_eq!(parsed.virtual_size().unwrap(), MAX_VIRTUAL_SIZE);
+    }
+
+    #[test]
+    fn blktap_sizes_over_8_tib_are_refused_whatever_the_footer_says() {
+        // blktap's VHDs may pass 2040 GiB; the reader's block table bounds them instead.
+        for size in [MAX_BLKTAP_VIRTUAL_SIZE + 512, u64::MAX / 512 * 512] {
+            let parsed = valid(&footer(3, b"tap\0", size, (65535, 16, 255), 512));
+            let message = parsed.virtual_size().unwrap_err().to_string();
+            assert!(message.contains("beyond the 8 TiB"), "{message}");
+        }
+        let parsed = valid(&footer(
+            3,
+            b"tap\0",
+            MAX_BLKTAP_VIRTUAL_SIZE,
+            (65535, 16, 255),
+            512,
+        ));
+        assert_eq!(parsed.virtual_size().unwrap(), MAX_BLKTAP_VIRTUAL_SIZE);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! VHD (Virtual PC / Hyper-V "VHD", qemu's `vpc`) images: fixed and dynamic.
+//! VHD (Virtual PC / Hyper-V "VHD", qemu's `vpc`) images: fixed, dynamic and differencing.
 //!
 //! # Detection rule
 //!
@@ -27,24 +27,40 @@
 //! started this project. A fixed VHD on a block device larger than the image has no footer at
 //! the device's end and therefore reads as RAW; copy the file, not the device, in that case.
 //!
-//! Differencing disks are refused ([`Error::UnsupportedImage`]): their unallocated blocks live
-//! in a parent image that this daemon is not given.
+//! A dynamic VHD whose blktap batmap carries a key hash was encrypted by `vhd-util copy -k` (or
+//! by this daemon's VHD output): read as a plain disk it would hand out ciphertext, so
+//! [`super::open`] refuses it ([`Error::UnsupportedFormat`], format `vhd-encrypted`) and
+//! [`encrypted`] reads it given its key.
+//!
+//! A differencing disk is read over its parent, which the client passes as a companion file
+//! found through the disk's parent locators ([`differencing`]); the parent may itself be a
+//! differencing disk (a chain).
+//!
+//! Every kind is read through the shared [`LayeredImage`]: a fixed disk is a flat layout cut
+//! before its footer, a dynamic or differencing one is [`DynamicVhd`]'s block map.
 //!
 //! The virtual size follows qemu's rule, documented on [`footer::Footer::virtual_size`].
 
+pub mod batmap;
+#[cfg(test)]
+pub(crate) mod corpus;
+pub mod differencing;
 pub mod dynamic;
+pub mod encrypted;
 pub mod footer;
 #[cfg(test)]
 mod tests;
 
 use std::fs::File;
+use std::sync::Arc;
 
 use imgcrypt_proto::api::SourceFormat;
 
 use self::dynamic::DynamicVhd;
 use self::footer::{DiskType, Footer, FooterCheck, FOOTER_SIZE};
-use super::raw::RawImage;
-use super::{read_exact_at, SourceImage};
+use super::files::{FileKey, SourceFiles};
+use super::layout::LayeredImage;
+use super::{raw, read_exact_at, SourceImage};
 use crate::sys::storage::StorageKind;
 use crate::{Error, Result};
 
@@ -154,45 +170,57 @@ pub(crate) fn detect(file: &File, file_size: u64) -> Result<Detected> {
     }
 }
 
-/// Opens the VHD that [`detect`] found.
+/// Opens the VHD that [`detect`] found in `file` (a descriptor of file `key` of `files`), as
+/// the layer below `above`; a differencing disk's parent is opened below it.
 pub(crate) fn open(
+    files: &SourceFiles,
+    key: FileKey,
+    above: &[FileKey],
     file: File,
     kind: StorageKind,
-    file_size: u64,
     found: Found,
 ) -> Result<Box<dyn SourceImage>> {
     let Found { footer, data_end } = found;
-    match footer.disk_type()? {
-        DiskType::Differencing => Err(Error::UnsupportedImage {
-            message: "differencing VHD: merge it with its parent first (Hyper-V `Merge-VHD`, or \
-                      `vhd-util coalesce`), then pass the merged disk; note that qemu-img does \
-                      not read VHD parents"
-                .into(),
-        }),
-        DiskType::Fixed => {
-            footer.check_version()?;
-            let virtual_size = footer.virtual_size()?;
-            if virtual_size > data_end {
-                return Err(Error::corrupt(
-                    format!(
-                        "fixed VHD truncated: the footer at offset {} describes a {virtual_size}-\
-                         byte disk but only {data_end} bytes precede it (file size {file_size}); \
-                         obtain a complete copy",
-                        footer.offset
-                    ),
-                    Some(footer.offset),
-                ));
-            }
-            Ok(Box::new(RawImage::flat(
-                file,
-                kind,
-                SourceFormat::VhdFixed,
-                virtual_size,
-            )?))
+    let disk_type = footer.disk_type()?;
+    footer.check_version()?;
+    if disk_type == DiskType::Fixed {
+        let virtual_size = footer.virtual_size()?;
+        if virtual_size > data_end {
+            return Err(Error::corrupt(
+                format!(
+                    "fixed VHD truncated: the footer at offset {} describes a {virtual_size}-\
+                     byte disk but only {data_end} bytes precede it (file size {}); obtain a \
+                     complete copy",
+                    footer.offset,
+                    data_end + FOOTER_SIZE as u64
+                ),
+                Some(footer.offset),
+            ));
         }
-        DiskType::Dynamic => {
-            footer.check_version()?;
-            Ok(Box::new(DynamicVhd::open(file, &footer, data_end)?))
-        }
+        return Ok(Box::new(raw::flat(
+            file,
+            kind,
+            SourceFormat::VhdFixed,
+            virtual_size,
+        )?));
     }
+    let mut image = DynamicVhd::open(&file, &footer, data_end)?;
+    if let Some(key_hash) = image.key_hash() {
+        return Err(encrypted::refusal_as_plaintext(key_hash));
+    }
+    if disk_type == DiskType::Dynamic {
+        return Ok(Box::new(LayeredImage::new(
+            Box::new(image),
+            vec![Arc::new(file)],
+        )));
+    }
+    image.set_presence(differencing::read_presence(&file, &image)?);
+    let parent =
+        differencing::open_parent(files, key, above, &file, &footer, &mut image, data_end)?;
+    Ok(Box::new(LayeredImage::with_backing(
+        Box::new(image),
+        vec![Arc::new(file)],
+        parent.image,
+        parent.name,
+    )))
 }

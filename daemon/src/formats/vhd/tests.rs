@@ -439,12 +439,14 @@ fn unknown_disk_type_is_corrupt() {
 }
 
 #[test]
-fn differencing_vhd_is_unsupported_with_advice() {
+fn differencing_vhd_naming_no_parent_is_corrupt_with_advice() {
+    // A dynamic disk turned into a differencing one: no locator, no parent name.
     let mut built = sample();
     built.set_footer_u32(AT_DISK_TYPE, 4);
-    assert_unsupported(
+    assert_corrupt(
         built.open(),
-        &["differencing VHD: merge it with its parent first"],
+        HEADER_AT,
+        &["names no parent", "vhd-util modify"],
     );
 }
 

@@ -1,0 +1,523 @@
+//! VMDK images (VMware's format, "Virtual Disk Format 5.0"), read the way qemu's
+//! `block/vmdk.c` reads them, through the shared [`Layout`] shape.
+//!
+//! # What is read
+//!
+//! Found by content ([`super::foreign`] finds the signatures, [`super::open_layer`] hands them
+//! here):
+//!
+//! - `KDMV` at 0: a hosted sparse extent holding its own descriptor: monolithicSparse
+//!   ([`sparse`]), or streamOptimized with compressed grains, markers and a footer
+//!   ([`stream`]);
+//! - a text descriptor ([`descriptor`]): monolithicFlat, twoGbMaxExtentSparse,
+//!   twoGbMaxExtentFlat (and `vmfs`): every extent file is a companion the client passes
+//!   ([`SourceFiles::companion`], [`Relation::Extent`]), named as the descriptor writes it:
+//!   relative names are relative to the descriptor's directory, as qemu resolves them. Extents
+//!   are `SPARSE` (`KDMV`, [`sparse`]) or `FLAT`/`VMFS` ([`flat`]);
+//! - a tar archive (an OVA, [`ova`]) with exactly one `.vmdk` member, a sparse or
+//!   streamOptimized VMDK read in place inside the tar.
+//!
+//! A delta link (`parentFileNameHint` in the descriptor) is read over its parent, a companion
+//! ([`Relation::Parent`]) opened with [`super::open_layer`]: unallocated grains are the
+//! parent's, zeroed grains are zeros. The parent must be a VMDK (qemu opens it as one). Its CID
+//! is not compared with the child's `parentCID` (qemu compares them and refuses a mismatch).
+//!
+//! Refused, each with a message saying what to do: ESX `COWD` (vmfsSparse) and ESXi seSparse
+//! extents, descriptor create types qemu does not read, a sparse extent with no capacity that
+//! only embeds a descriptor, more than [`descriptor::MAX_EXTENTS`] extents.
+//!
+//! # Memory
+//!
+//! Descriptors: at most [`descriptor::MAX_DESCRIPTOR_BYTES`]. Sparse extents: their kept grain
+//! tables, [`sparse::MAX_MAPPED_GRAINS`] grains for the whole image at most (4 or 8 bytes
+//! each); the allocated-range list is at most one entry per stored grain. Tar: one header at a
+//! time, [`ova::MAX_MEMBERS`] members at most.
+
+pub mod descriptor;
+pub mod flat;
+pub mod ova;
+pub mod sparse;
+pub mod stream;
+#[cfg(test)]
+mod tests;
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::Arc;
+
+use imgcrypt_proto::api::SourceFormat;
+
+use self::descriptor::ExtentType;
+use self::flat::FlatExtent;
+use self::sparse::{Grain, Header, SparseMap, MAX_MAPPED_GRAINS};
+use super::codec::Codec;
+use super::files::{FileKey, Relation, SourceFiles};
+use super::foreign::{Foreign, VmdkKind};
+use super::layout::{Chunk, FileIndex, LayeredImage, Layout, Mapped};
+use super::{push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
+use crate::sys::storage;
+use crate::{Error, Result};
+
+/// Bytes per VMDK sector.
+pub(crate) const SECTOR: u64 = 512;
+/// Where qemu reads a sparse extent's embedded descriptor, and how much of it.
+const EMBEDDED_DESCRIPTOR_AT: u64 = 0x200;
+const EMBEDDED_DESCRIPTOR_BYTES: u64 = 20 * SECTOR;
+
+fn le_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
+}
+
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// How one extent stores its bytes.
+#[derive(Debug)]
+enum Storage {
+    Flat(FlatExtent),
+    Sparse {
+        file: FileIndex,
+        /// File offset of the extent's byte 0 (a tar member's data offset, else 0).
+        base: u64,
+        map: SparseMap,
+    },
+}
+
+#[derive(Debug)]
+struct Extent {
+    /// Guest offset of its first byte.
+    start: u64,
+    len: u64,
+    storage: Storage,
+}
+
+/// A VMDK's extents laid end to end.
+#[derive(Debug)]
+pub struct VmdkLayout {
+    virtual_size: u64,
+    extents: Vec<Extent>,
+    allocated: Vec<Range<u64>>,
+    grain_bytes: Option<u64>,
+}
+
+impl Layout for VmdkLayout {
+    fn format(&self) -> SourceFormat {
+        SourceFormat::Vmdk
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.virtual_size
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Mapped> {
+        let index = self
+            .extents
+            .partition_point(|extent| extent.start + extent.len <= offset);
+        let extent = self.extents.get(index).ok_or_else(|| {
+            Error::corrupt(format!("guest offset {offset} is in no VMDK extent"), None)
+        })?;
+        let relative = offset - extent.start;
+        let len = len.min(extent.len - relative);
+        Ok(match &extent.storage {
+            Storage::Flat(flat) => {
+                let host = flat.offset + relative;
+                if host >= flat.file_size {
+                    Mapped {
+                        len,
+                        chunk: Chunk::Zero,
+                    }
+                } else {
+                    Mapped {
+                        len: len.min(flat.file_size - host),
+                        chunk: Chunk::Data {
+                            file: flat.file,
+                            offset: host,
+                        },
+                    }
+                }
+            }
+            Storage::Sparse { file, base, map } => {
+                let grain = relative / map.grain_bytes;
+                let within = relative % map.grain_bytes;
+                let len = len.min(map.grain_bytes - within);
+                let chunk = match map.grain(grain) {
+                    Grain::Unallocated => Chunk::Backing,
+                    Grain::Zero => Chunk::Zero,
+                    Grain::Data(at) => {
+                        let host = at + within;
+                        if host >= map.len {
+                            Chunk::Zero
+                        } else {
+                            return Ok(Mapped {
+                                len: len.min(map.len - host),
+                                chunk: Chunk::Data {
+                                    file: *file,
+                                    offset: base + host,
+                                },
+                            });
+                        }
+                    }
+                    Grain::Compressed(at, stored) => {
+                        let unit_start = extent.start + grain * map.grain_bytes;
+                        let unit_end =
+                            (unit_start + map.grain_bytes).min(extent.start + extent.len);
+                        Chunk::Compressed {
+                            file: *file,
+                            offset: base + at,
+                            stored,
+                            codec: Codec::Zlib,
+                            unit: unit_start..unit_end,
+                        }
+                    }
+                };
+                Mapped { len, chunk }
+            }
+        })
+    }
+
+    fn allocated_ranges(&self) -> &[Range<u64>] {
+        &self.allocated
+    }
+
+    fn allocation_unit(&self) -> Option<u64> {
+        self.grain_bytes
+    }
+
+    fn data_name(&self) -> &'static str {
+        "VMDK grain"
+    }
+}
+
+/// Collects the layer's files and extents while a VMDK is opened.
+struct Builder<'a> {
+    files: &'a SourceFiles,
+    key: FileKey,
+    /// The layer's files: its own first, then each companion once.
+    layer_files: Vec<Arc<File>>,
+    layer_keys: Vec<FileKey>,
+    extents: Vec<Extent>,
+    allocated: Vec<Range<u64>>,
+    end: u64,
+    budget: u64,
+    grain_bytes: Option<u64>,
+}
+
+impl<'a> Builder<'a> {
+    fn new(files: &'a SourceFiles, key: FileKey, own: File) -> Self {
+        Self {
+            files,
+            key,
+            layer_files: vec![Arc::new(own)],
+            layer_keys: vec![key],
+            extents: Vec::new(),
+            allocated: Vec::new(),
+            end: 0,
+            budget: MAX_MAPPED_GRAINS,
+            grain_bytes: None,
+        }
+    }
+
+    fn index_of(&mut self, key: FileKey) -> FileIndex {
+        if let Some(index) = self.layer_keys.iter().position(|&k| k == key) {
+            return index;
+        }
+        self.layer_keys.push(key);
+        self.layer_files.push(Arc::clone(self.files.file(key)));
+        self.layer_files.len() - 1
+    }
+
+    fn push(&mut self, len: u64, storage: Storage) -> Result<()> {
+        let start = self.end;
+        self.end = start
+            .checked_add(len)
+            .filter(|&end| end <= i64::MAX as u64)
+            .ok_or_else(|| {
+                Error::corrupt(
+                    "the VMDK's extents add up to more bytes than a disk can have",
+                    None,
+                )
+            })?;
+        self.extents.push(Extent {
+            start,
+            len,
+            storage,
+        });
+        Ok(())
+    }
+
+    /// Adds the sparse extent of `len` bytes at `base` of layer file `index`.
+    fn sparse(&mut self, index: FileIndex, base: u64, len: u64, what: &str) -> Result<()> {
+        let file = Arc::clone(&self.layer_files[index]);
+        let header = read_header(&file, base, len, what)?;
+        if header.capacity == 0 && header.descriptor.0 != 0 {
+            return Err(Error::UnsupportedImage {
+                message: format!(
+                    "{what} is a VMDK sparse extent with no capacity that only embeds a \
+                     descriptor naming other extents, which imgcrypt does not read: convert it \
+                     first (`qemu-img convert -f vmdk -O qcow2 SRC NEW.qcow2`)"
+                ),
+            });
+        }
+        let header = stream::effective_header(&file, base, len, header)?;
+        let gd_entries = header.check(base, len)?;
+        let gd_offset = header.gd_offset.checked_mul(SECTOR).ok_or_else(|| {
+            Error::corrupt(
+                format!("{what}: the VMDK grain directory offset is past any file"),
+                Some(base),
+            )
+        })?;
+        let map = SparseMap::read(
+            &file,
+            base,
+            len,
+            &header,
+            gd_entries,
+            gd_offset,
+            &mut self.budget,
+        )?;
+        let start = self.end;
+        for grain in map.stored_grains() {
+            let from = start + grain * map.grain_bytes;
+            let to = (from + map.grain_bytes).min(start + map.capacity);
+            push_merged(&mut self.allocated, from..to, RANGE_MERGE_GAP);
+        }
+        self.grain_bytes.get_or_insert(map.grain_bytes);
+        tracing::debug!(
+            what,
+            capacity = map.capacity,
+            grain = map.grain_bytes,
+            compressed = map.compressed(),
+            "opened a VMDK sparse extent"
+        );
+        self.push(
+            map.capacity,
+            Storage::Sparse {
+                file: index,
+                base,
+                map,
+            },
+        )
+    }
+
+    /// Adds the extents a descriptor lists.
+    fn descriptor(&mut self, text: &str) -> Result<descriptor::Descriptor> {
+        let parsed = descriptor::parse(text)?;
+        match parsed.create_type.as_str() {
+            "monolithicFlat" | "vmfs" | "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat" => {}
+            "vmfsSparse" | "seSparse" => return Err(esx_refusal(&parsed.create_type)),
+            other => {
+                return Err(Error::UnsupportedImage {
+                    message: format!(
+                        "this VMDK descriptor's createType is `{other}`, which qemu does not \
+                         read from a descriptor file either (\"Unsupported image type\"): \
+                         convert it with the VMware tool that made it"
+                    ),
+                })
+            }
+        }
+        for line in &parsed.extents {
+            if matches!(line.kind, ExtentType::VmfsSparse | ExtentType::SeSparse) {
+                return Err(esx_refusal(&line.name));
+            }
+            let key = self.files.companion(
+                self.key,
+                Relation::Extent,
+                std::slice::from_ref(&line.name),
+            )?;
+            let index = self.index_of(key);
+            let file = Arc::clone(&self.layer_files[index]);
+            let what = format!("extent `{}`", line.name);
+            match line.kind {
+                ExtentType::Flat { offset } => {
+                    let len = line.sectors.checked_mul(SECTOR).ok_or_else(|| {
+                        Error::corrupt(format!("{what}: its size is past any disk"), None)
+                    })?;
+                    let flat =
+                        FlatExtent::open(&file, index, offset, self.end, len, &mut self.allocated)?;
+                    self.push(len, Storage::Flat(flat))?;
+                }
+                ExtentType::Sparse => {
+                    let size = storage::size_of(&file)?;
+                    let mut magic = [0u8; 4];
+                    if size >= 4 {
+                        read_exact_at(&file, &mut magic, 0, "the extent's magic")?;
+                    }
+                    if &magic == b"COWD" {
+                        return Err(esx_refusal(&line.name));
+                    }
+                    self.sparse(index, 0, size, &what)?;
+                }
+                ExtentType::VmfsSparse | ExtentType::SeSparse => unreachable!("refused above"),
+            }
+        }
+        if self.extents.is_empty() {
+            return Err(Error::corrupt(
+                "the VMDK descriptor lists no extent qemu reads (`RW` lines with a positive \
+                 size): the disk would be empty",
+                Some(0),
+            ));
+        }
+        Ok(parsed)
+    }
+
+    /// The image: over its parent if `parent` names one.
+    fn finish(self, parent: Option<String>, above: &[FileKey]) -> Result<Box<dyn SourceImage>> {
+        let layout = VmdkLayout {
+            virtual_size: self.end,
+            extents: self.extents,
+            allocated: self.allocated,
+            grain_bytes: self.grain_bytes,
+        };
+        let Some(parent) = parent else {
+            return Ok(Box::new(LayeredImage::new(
+                Box::new(layout),
+                self.layer_files,
+            )));
+        };
+        let parent_key =
+            self.files
+                .companion(self.key, Relation::Parent, std::slice::from_ref(&parent))?;
+        let mut chain = above.to_vec();
+        chain.push(self.key);
+        let below = super::open_layer(self.files, parent_key, &chain)?;
+        if below.format() != SourceFormat::Vmdk {
+            return Err(Error::UnsupportedImage {
+                message: format!(
+                    "this VMDK delta link's parent `{parent}` is {}, not a VMDK (qemu opens a \
+                     VMDK parent only): fix the parentFileNameHint, or convert the chain first",
+                    below.format().display_name()
+                ),
+            });
+        }
+        Ok(Box::new(LayeredImage::with_backing(
+            Box::new(layout),
+            self.layer_files,
+            below,
+            parent,
+        )))
+    }
+}
+
+fn esx_refusal(what: &str) -> Error {
+    Error::UnsupportedFormat {
+        format: "vmdk",
+        message: format!(
+            "this VMDK uses an ESX extent type (`{what}`: vmfsSparse COWD or seSparse), which \
+             imgcrypt does not read: convert it on the ESXi host (`vmkfstools -i SRC -d thin \
+             NEW.vmdk`) or with `qemu-img convert -f vmdk -O qcow2 SRC NEW.qcow2`"
+        ),
+    }
+}
+
+fn read_header(file: &File, base: u64, len: u64, what: &str) -> Result<Header> {
+    if len < SECTOR {
+        return Err(Error::corrupt(
+            format!(
+                "truncated: {what} is a VMDK sparse extent of {len} bytes, shorter than its header"
+            ),
+            Some(base),
+        ));
+    }
+    let mut sector = [0u8; 512];
+    read_exact_at(file, &mut sector, base, "the VMDK sparse extent header")?;
+    Header::parse(&sector, base)
+}
+
+/// The text of a descriptor of `len` bytes at `at`, cut at [`descriptor::MAX_DESCRIPTOR_BYTES`]
+/// and at its first NUL, as qemu reads it.
+fn read_text(file: &File, at: u64, len: u64) -> Result<String> {
+    let mut bytes = vec![0u8; len.min(descriptor::MAX_DESCRIPTOR_BYTES) as usize];
+    read_exact_at(file, &mut bytes, at, "the VMDK descriptor")?;
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    bytes.truncate(end);
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The parent a sparse VMDK's embedded descriptor names (qemu reads 10 KiB at 512). A sparse
+/// file opened as the disk must embed a descriptor with a `CID`, as qemu requires
+/// (`vmdk_read_cid`): one without is an extent of a multi-file VMDK, whose descriptor is what
+/// to pass.
+fn embedded_parent(file: &File, base: u64, len: u64) -> Result<Option<String>> {
+    let text = if len > EMBEDDED_DESCRIPTOR_AT {
+        let bytes = (len - EMBEDDED_DESCRIPTOR_AT).min(EMBEDDED_DESCRIPTOR_BYTES);
+        read_text(file, base + EMBEDDED_DESCRIPTOR_AT, bytes)?
+    } else {
+        String::new()
+    };
+    if !text.contains("CID") {
+        return Err(Error::UnsupportedImage {
+            message: "this is one extent of a multi-file VMDK (twoGbMaxExtentSparse), not a \
+                      whole disk: the sparse extent embeds no descriptor (no `CID` at offset \
+                      512); pass the descriptor .vmdk that names it (qemu refuses the extent \
+                      alone too)"
+                .into(),
+        });
+    }
+    descriptor::parent_hint(&text)
+}
+
+/// Opens the VMDK (or OVA) `found` detected in `file` (file `key` of `files`, `file_size`
+/// bytes), as the layer below `above`.
+pub fn open(
+    files: &SourceFiles,
+    key: FileKey,
+    above: &[FileKey],
+    found: Foreign,
+    file: File,
+    file_size: u64,
+) -> Result<Box<dyn SourceImage>> {
+    match found {
+        Foreign::Vmdk(VmdkKind::Sparse | VmdkKind::StreamOptimized) => {
+            let mut builder = Builder::new(files, key, file);
+            builder.sparse(0, 0, file_size, "the source")?;
+            let parent = embedded_parent(&builder.layer_files[0], 0, file_size)?;
+            builder.finish(parent, above)
+        }
+        Foreign::Vmdk(VmdkKind::EsxSparse) => Err(esx_refusal("COWD")),
+        Foreign::Vmdk(VmdkKind::Descriptor) => {
+            let text = read_text(&file, 0, file_size)?;
+            let mut builder = Builder::new(files, key, file);
+            let parsed = builder.descriptor(&text)?;
+            builder.finish(parsed.parent, above)
+        }
+        Foreign::Tar => {
+            let Some(disk) = ova::the_disk(&file, file_size)? else {
+                return Err(found.refusal());
+            };
+            let mut magic = [0u8; 4];
+            if disk.size >= 4 {
+                read_exact_at(&file, &mut magic, disk.offset, "the OVA disk's magic")?;
+            }
+            if &magic != sparse::MAGIC {
+                return Err(Error::UnsupportedImage {
+                    message: format!(
+                        "the disk `{}` in this OVA is not a sparse or streamOptimized VMDK (a \
+                         descriptor or a flat extent), which is read only outside a tar: \
+                         extract it with its extents (`tar -xf SOURCE`) and encrypt the \
+                         descriptor",
+                        disk.name
+                    ),
+                });
+            }
+            let mut builder = Builder::new(files, key, file);
+            let what = format!("OVA member `{}`", disk.name);
+            builder.sparse(0, disk.offset, disk.size, &what)?;
+            if embedded_parent(&builder.layer_files[0], disk.offset, disk.size)?.is_some() {
+                return Err(Error::UnsupportedImage {
+                    message: format!(
+                        "the disk `{}` in this OVA is a delta link whose parent is outside the \
+                         archive: extract both (`tar -xf SOURCE`) and encrypt the child",
+                        disk.name
+                    ),
+                });
+            }
+            builder.finish(None, above)
+        }
+        other => Err(other.refusal()),
+    }
+}

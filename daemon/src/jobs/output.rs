@@ -1,0 +1,185 @@
+//! The output side every job that writes an encrypted image shares: reserving the output for
+//! a container, running the one pipeline over the container's extents, writing the container's
+//! metadata last, and making it durable.
+//!
+//! Encrypt uses it for every format, and re-encryption (`Rewrite --reencrypt`) of qcow2 and VHD
+//! images for theirs, so what an interrupted or failed job leaves behind is the same everywhere.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use imgcrypt_proto::api::Phase;
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::engines::xts::IvMode;
+use crate::engines::{Engine, PayloadJob};
+use crate::formats::SourceImage;
+use crate::outputs::{self, Container};
+use crate::sys::descriptors::CheckedFile;
+use crate::sys::storage::{self, StorageKind};
+use crate::{Error, Result};
+
+use super::Job;
+
+/// Chunk used to clear an output device's old header area.
+const HEADER_CLEAR_CHUNK: usize = 1 << 20;
+
+/// What the shared write step reports.
+pub struct Written {
+    /// Payload bytes the engine wrote.
+    pub payload_bytes: u64,
+    /// Wall time of the payload copy alone.
+    pub copy_elapsed: Duration,
+}
+
+/// Reserves `output` for `container`, runs `engine` over the container's extents reading
+/// `source`, writes the container's metadata last, and makes the output durable
+/// (`fdatasync`). Progress goes to the job's reporter (copy, then sync); the job's cancel flag
+/// stops the copy and is checked again before the metadata, so a cancelled job never writes it.
+#[allow(clippy::too_many_arguments)]
+pub fn write_container<P: Sync>(
+    job: &Job<P>,
+    source: &dyn SourceImage,
+    output: &CheckedFile,
+    engine: &dyn Engine,
+    container: &dyn Container,
+    sector_size: u32,
+    key: &[u8],
+    iv: IvMode,
+) -> Result<Written> {
+    let output_size = container.output_size();
+    outputs::check_extents(container.extents(), u64::from(sector_size), output_size)?;
+    job.check_cancel()?;
+    prepare_container_output(output, container)?;
+
+    let cancel: &AtomicBool = &job.cancel;
+    let total: u64 = container.extents().iter().map(|e| e.length).sum();
+    job.reporter.progress(Phase::Copy, 0, total);
+    let copy_started = Instant::now();
+    let progress = |done: u64| job.reporter.progress(Phase::Copy, done, total);
+    let payload_bytes = engine.write_payload(&PayloadJob {
+        job_id: job.id,
+        source,
+        output: &output.file,
+        extents: container.extents(),
+        sector_size,
+        key,
+        iv,
+        progress: &progress,
+        cancel,
+    })?;
+    let copy_elapsed = copy_started.elapsed();
+
+    job.check_cancel()?;
+    container.write_metadata(&output.file)?;
+    job.reporter.progress(Phase::Sync, total, total);
+    output
+        .file
+        .sync_data()
+        .map_err(|e| Error::io("fdatasync on the output", e))?;
+    Ok(Written {
+        payload_bytes,
+        copy_elapsed,
+    })
+}
+
+/// Reserves the output for `container`: raw LUKS fills its whole file, so all of it is
+/// reserved; a sparse container starts from an empty file (so its holes read as zeros, never
+/// as an earlier file's bytes) and only its extents are reserved.
+pub fn prepare_container_output(output: &CheckedFile, container: &dyn Container) -> Result<()> {
+    let extents = container.extents();
+    let dense =
+        matches!(extents, [only] if only.output_offset + only.length == container.output_size());
+    if dense || output.kind != StorageKind::RegularFile {
+        let data_offset = extents.first().map_or(0, |e| e.output_offset);
+        return prepare_output(output, container.output_size(), data_offset);
+    }
+    let size = container.output_size();
+    output
+        .file
+        .set_len(0)
+        .and_then(|()| output.file.set_len(size))
+        .map_err(|e| Error::io(format!("resizing the output to {size} bytes"), e))?;
+    let mut reserved = 0u64;
+    for extent in extents {
+        reserve(&output.file, extent.output_offset, extent.length, size)?;
+        reserved += extent.length;
+    }
+    tracing::debug!(
+        reserved,
+        output_size = size,
+        "reserved the container's extents"
+    );
+    Ok(())
+}
+
+/// `fallocate`s `length` bytes at `offset`; ENOSPC is the no-space error at once.
+fn reserve(file: &File, offset: u64, length: u64, required: u64) -> Result<()> {
+    let (Ok(at), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+        return Err(no_space(required, None));
+    };
+    match fallocate(file, FallocateFlags::empty(), at, len) {
+        Ok(()) => Ok(()),
+        Err(Errno::ENOSPC) | Err(Errno::EDQUOT) => Err(no_space(required, None)),
+        // Filesystems without fallocate still work; ENOSPC then surfaces on write.
+        Err(Errno::EOPNOTSUPP) => Ok(()),
+        Err(errno) => Err(Error::io(
+            "reserving space for the output (fallocate)",
+            errno,
+        )),
+    }
+}
+
+/// Makes the output exactly `output_size` bytes with all of it reserved, or reports that it
+/// cannot hold the image. A block device's old header area is zeroed first, so a job that fails
+/// half-way never leaves the device looking like the LUKS volume it used to hold.
+pub fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) -> Result<()> {
+    match output.kind {
+        StorageKind::RegularFile => {
+            output
+                .file
+                .set_len(output_size)
+                .map_err(|e| Error::io(format!("resizing the output to {output_size} bytes"), e))?;
+            reserve(&output.file, 0, output_size, output_size)
+        }
+        // `check_output` admits only regular files and block devices.
+        StorageKind::BlockDevice | StorageKind::Other(_) => {
+            let available = storage::size_of(&output.file)?;
+            if available < output_size {
+                return Err(no_space(output_size, Some(available)));
+            }
+            let zeros = vec![0u8; HEADER_CLEAR_CHUNK];
+            let mut offset = 0;
+            while offset < data_offset {
+                let length = (data_offset - offset).min(HEADER_CLEAR_CHUNK as u64) as usize;
+                output
+                    .file
+                    .write_all_at(&zeros[..length], offset)
+                    .map_err(|e| Error::io(format!("clearing the output header at {offset}"), e))?;
+                offset += length as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn no_space(required: u64, device_size: Option<u64>) -> Error {
+    let message = match device_size {
+        Some(size) => format!(
+            "the output device holds {size} bytes but the encrypted image needs {required} \
+             bytes: use a larger device"
+        ),
+        None => format!(
+            "not enough space for the output: the encrypted image needs {required} bytes \
+             ({} MiB); free space or write it to another filesystem",
+            required.div_ceil(1 << 20)
+        ),
+    };
+    Error::NoSpace {
+        required_bytes: required,
+        message,
+    }
+}

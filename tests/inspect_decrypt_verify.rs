@@ -205,13 +205,13 @@ fn inspect_of_a_source_shows_its_format_and_sizes() {
     assert!(text.contains("allocated        0 bytes"), "{text}");
 
     // A container imgcrypt does not read: refused by name, with the conversion to run.
-    let vmdk = dir.join("disk.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "8M"]);
-    let output = run(daemon.imgctl().arg("inspect").arg(&vmdk));
-    assert!(!output.status.success());
+    let vdi = dir.join("disk.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", vdi.to_str().unwrap(), "8M"]);
+    let output = run(daemon.imgctl().arg("inspect").arg(&vdi));
+    assert!(!output.status.success(), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("VMDK") && stderr.contains("qemu-img convert"),
+        stderr.contains("VDI") && stderr.contains("qemu-img convert"),
         "{stderr}"
     );
 }

@@ -1,6 +1,7 @@
 //! Reading costs what the source holds, not what it could hold: encrypting a sparse 1 GiB
 //! dynamic VHD with 8 MiB of data makes the daemon read about those 8 MiB (twice for container
-//! outputs, whose zero scan reads the data once more), never the 1 GiB of holes.
+//! outputs, whose zero scan reads the data once more), never the 1 GiB of holes; and a 40 GiB
+//! qcow2, VHDX or VMDK with 8 MiB of data costs the same 8 MiB (twice) plus its metadata.
 //!
 //! The count is the daemon's `rchar` in `/proc/PID/io`: every byte its `read`/`pread` calls
 //! returned, page cache or not, so it is exact whatever the cache holds. It also counts the
@@ -71,5 +72,61 @@ fn a_sparse_source_costs_its_data_not_its_virtual_size() {
              1 GiB disk (expected between {data} and {bound})"
         );
         assert_ne!(Path::new(&output).metadata().unwrap().len(), 0);
+    }
+}
+
+/// A 40 GiB disk in each sparse source format qemu-img writes, with 4 MiB of data at its start
+/// and 4 MiB in its middle, encrypted to the sparse qcow2 output (a LUKS image would be 40 GiB
+/// of ciphertext): the daemon reads the data twice (scan and copy), the 2 MiB LUKS1 header
+/// three times, and the format's tables, never the holes.
+#[test]
+fn a_sparse_40_gib_disk_in_every_format_costs_its_data() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let key = dir.join("k");
+    write_key(&key);
+    let data = 8 * MIB;
+    // Tables: a qcow2 L1 of 640 entries and two 64 KiB L2 tables; a VHDX BAT of 1281 entries;
+    // a VMDK's grain directory and the two grain tables in use (qemu-img writes all 1280).
+    let metadata = 4 * MIB;
+    let pid = daemon.child.id();
+    for (format, options) in [
+        ("qcow2", "cluster_size=65536"),
+        ("vhdx", "block_size=32M"),
+        ("vmdk", "subformat=monolithicSparse"),
+    ] {
+        let source = dir.join(format!("sparse.{format}"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            format,
+            "-o",
+            options,
+            source.to_str().unwrap(),
+            "40G",
+        ]);
+        qemu_io(
+            format,
+            &source,
+            &["write -P 0x5a 0 4M", "write -P 0xa5 20G 4M"],
+        );
+        let output = dir.join(format!("{format}.qcow2"));
+        let before = bytes_read(pid);
+        run_ok(
+            encrypt_arguments_keyed(&mut daemon.imgctl(), &source, &output, &key)
+                .args(["--format", "qcow2"])
+                .args(CHEAP_PBKDF),
+        );
+        let read = bytes_read(pid) - before;
+        let bound = 2 * data + 3 * 2 * MIB + metadata;
+        assert!(
+            (data..=bound).contains(&read),
+            "{format}: the daemon read {read} bytes for {data} bytes of data in a 40 GiB disk \
+             (expected between {data} and {bound})"
+        );
+        assert_qemu_check_and_compare(&output, &key, &source, format);
+        std::fs::remove_file(&output).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 //! Formats imgcrypt recognises but does not read: found by content, refused by name.
 //!
-//! qcow2 (versions 2 and 3) is found here too, but [`super::open`] hands it to the qcow2 reader
-//! ([`super::qcow2`]) instead of refusing it; qcow version 1 stays refused.
+//! Three of the formats found here are read after all: [`super::open`] hands qcow2 (versions 2
+//! and 3; qcow version 1 stays refused) to [`super::qcow2`], and VMDK (every kind below) and
+//! tar (an OVA appliance) to [`super::vmdk`], which refuses what it cannot read (an archive with
+//! no disk or several) with the refusals written here.
 //!
 //! Encrypting a qcow2 file, a VMDK or a gzip archive "as a raw disk" succeeds and hands back an
 //! image whose guest sees the container's metadata instead of its disk. So every signature

@@ -21,19 +21,6 @@ fn partial_of(output: &Path) -> PathBuf {
     PathBuf::from(format!("{}.partial", output.display()))
 }
 
-/// `--object secret,...` for a key file: qemu's passphrase is the file's bytes, as ours is.
-fn secret(key: &Path) -> String {
-    format!("secret,id=s0,file={}", key.display())
-}
-
-/// `--image-opts` of an encrypted qcow2 opened with secret `s0`.
-fn qcow2_opts(image: &Path) -> String {
-    format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-        image.display()
-    )
-}
-
 /// qemu-img with arguments, success or not (for the refusals).
 fn qemu_img_status(args: &[&str]) -> Output {
     run(Command::new("qemu-img").args(args))
@@ -67,32 +54,9 @@ fn last_json_line(stdout: &[u8]) -> serde_json::Value {
 /// What qemu-img says about an encrypted qcow2 with the right key: check is clean, compare
 /// with the source is identical, convert gives the source's plaintext.
 fn assert_qemu_reads(image: &Path, key: &Path, source: &Path, dir: &Path) {
-    let object = secret(key);
-    let opts = qcow2_opts(image);
-    let check = qemu_img(&["check", "--object", &object, "--image-opts", &opts]);
-    let text = String::from_utf8_lossy(&check.stdout);
-    assert!(text.contains("No errors were found on the image"), "{text}");
-    assert!(!text.contains("leaked"), "{text}");
-
-    let source_opts = format!(
-        "driver={},file.filename={}",
-        qemu_format(source),
-        source.display()
-    );
-    let compare = qemu_img(&[
-        "compare",
-        "--object",
-        &object,
-        "--image-opts",
-        &opts,
-        &source_opts,
-    ]);
-    assert!(
-        String::from_utf8_lossy(&compare.stdout).contains("Images are identical"),
-        "{}",
-        describe(&compare)
-    );
-
+    assert_qemu_check_and_compare(image, key, source, qemu_format(source));
+    let object = qemu_secret(key);
+    let opts = encrypted_qcow2_opts(image);
     let converted = dir.join("qemu-view.raw");
     let _ = fs::remove_file(&converted);
     qemu_img(&[
@@ -120,9 +84,9 @@ fn assert_qemu_refuses_key(image: &Path, key: &Path) {
     let output = qemu_img_status(&[
         "check",
         "--object",
-        &secret(key),
+        &qemu_secret(key),
         "--image-opts",
-        &qcow2_opts(image),
+        &encrypted_qcow2_opts(image),
     ]);
     assert!(!output.status.success(), "{}", describe(&output));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -265,7 +229,7 @@ fn zero_clusters_of_a_source_without_holes_are_not_stored_like_qemu_img_convert(
         "-O",
         "qcow2",
         "--object",
-        &secret(&key),
+        &qemu_secret(&key),
         "-o",
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
         source.to_str().unwrap(),
@@ -332,7 +296,7 @@ fn a_source_of_written_zeros_gives_a_qcow2_without_data_clusters() {
 fn qemu_made_qcow2(dir: &Path, source: &Path, key: &Path) -> (PathBuf, PathBuf) {
     let image = dir.join("qemu-made.qcow2");
     let _ = fs::remove_file(&image);
-    let object = secret(key);
+    let object = qemu_secret(key);
     let size = qemu_virtual_size(source).to_string();
     qemu_img(&[
         "create",
@@ -346,7 +310,7 @@ fn qemu_made_qcow2(dir: &Path, source: &Path, key: &Path) -> (PathBuf, PathBuf) 
         image.to_str().unwrap(),
         &size,
     ]);
-    let opts = qcow2_opts(&image);
+    let opts = encrypted_qcow2_opts(&image);
     qemu_img(&[
         "convert",
         "-n",
@@ -510,13 +474,13 @@ fn rewrite_k_gives_a_qcow2_a_keyslot_qemu_accepts_and_removes_the_old_one() {
             .args(CHEAP_PBKDF));
         assert!(output.status.success(), "{image:?}: {}", describe(&output));
         assert_qemu_refuses_key(image, &old);
-        let object = secret(&new);
+        let object = qemu_secret(&new);
         let check = qemu_img(&[
             "check",
             "--object",
             &object,
             "--image-opts",
-            &qcow2_opts(image),
+            &encrypted_qcow2_opts(image),
         ]);
         assert!(String::from_utf8_lossy(&check.stdout).contains("No errors were found"));
         // Only the LUKS header region changed: qcow2 metadata and data clusters are as before.
@@ -625,9 +589,9 @@ fn qemu_opens(image: &Path, key: &Path) -> bool {
     qemu_img_status(&[
         "check",
         "--object",
-        &secret(key),
+        &qemu_secret(key),
         "--image-opts",
-        &qcow2_opts(image),
+        &encrypted_qcow2_opts(image),
     ])
     .status
     .success()
@@ -730,9 +694,9 @@ fn reencrypt_makes_a_new_qcow2_with_a_new_volume_key_and_the_same_disk() {
     qemu_img(&[
         "convert",
         "--object",
-        &secret(&new),
+        &qemu_secret(&new),
         "--image-opts",
-        &qcow2_opts(&image),
+        &encrypted_qcow2_opts(&image),
         "-O",
         "raw",
         after.to_str().unwrap(),
@@ -763,9 +727,9 @@ fn an_odd_sized_source_whose_last_cluster_holds_data_rounds_up_to_512() {
     qemu_img(&[
         "convert",
         "--object",
-        &secret(&key),
+        &qemu_secret(&key),
         "--image-opts",
-        &qcow2_opts(&output),
+        &encrypted_qcow2_opts(&output),
         "-O",
         "raw",
         converted.to_str().unwrap(),
@@ -776,9 +740,9 @@ fn an_odd_sized_source_whose_last_cluster_holds_data_rounds_up_to_512() {
     let check = qemu_img(&[
         "check",
         "--object",
-        &secret(&key),
+        &qemu_secret(&key),
         "--image-opts",
-        &qcow2_opts(&output),
+        &encrypted_qcow2_opts(&output),
     ]);
     assert!(String::from_utf8_lossy(&check.stdout).contains("No errors were found"));
 }

@@ -216,6 +216,46 @@ pub fn qemu_plaintext_as(format: &str, source: &Path, out: &Path) {
     ]);
 }
 
+/// The `--object` that hands qemu the key file's bytes as secret `s0`: the passphrase of every
+/// qcow2+LUKS image imgcrypt writes.
+pub fn qemu_secret(key: &Path) -> String {
+    format!("secret,id=s0,file={}", key.display())
+}
+
+/// `--image-opts` of an encrypted qcow2 opened with secret `s0` ([`qemu_secret`]).
+pub fn encrypted_qcow2_opts(image: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
+        image.display()
+    )
+}
+
+/// What qemu-img says of an encrypted qcow2 opened with `key`: `check` finds no errors and no
+/// leaks, and `compare` with `source` (read as `source_format`) says identical. `compare` asks
+/// the formats which ranges hold data, so a mostly empty 10 GiB image is compared in seconds.
+pub fn assert_qemu_check_and_compare(image: &Path, key: &Path, source: &Path, source_format: &str) {
+    let object = qemu_secret(key);
+    let opts = encrypted_qcow2_opts(image);
+    let check = qemu_img(&["check", "--object", &object, "--image-opts", &opts]);
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(text.contains("No errors were found on the image"), "{text}");
+    assert!(!text.contains("leaked"), "{text}");
+    let source_opts = format!("driver={source_format},file.filename={}", source.display());
+    let compare = qemu_img(&[
+        "compare",
+        "--object",
+        &object,
+        "--image-opts",
+        &opts,
+        &source_opts,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&compare.stdout).contains("Images are identical"),
+        "{}",
+        describe(&compare)
+    );
+}
+
 /// The source's virtual size as `qemu-img info` reports it.
 pub fn qemu_virtual_size(source: &Path) -> u64 {
     let format = qemu_format(source);

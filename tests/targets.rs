@@ -408,6 +408,23 @@ fn an_ibm_vpc_job_writes_an_encrypted_qcow2_and_says_to_wrap_the_base64_of_the_k
         "{steps:#?}"
     );
     run_verify_step(&daemon, &steps);
+    // IBM's own checks, as printed, pass on the image.
+    let checks = steps
+        .iter()
+        .find(|s| s.starts_with("IBM's own checks"))
+        .unwrap_or_else(|| panic!("{steps:#?}"));
+    let commands: Vec<&str> = checks.split('`').skip(1).step_by(2).collect();
+    assert_eq!(commands.len(), 2, "{checks}");
+    for command in commands {
+        let result = run_ok(std::process::Command::new("sh").arg("-c").arg(command));
+        if command.starts_with("qemu-img check") {
+            let stdout = String::from_utf8_lossy(&result.stdout);
+            assert!(
+                stdout.contains("No errors were found"),
+                "{command}: {stdout}"
+            );
+        }
+    }
     // A 6 MiB disk: VPC rounds it up to 10 GB, and it cannot be re-captured (not 100 GB).
     assert!(
         notices.iter().any(|n| n.contains("up to 10 GB")),

@@ -181,3 +181,139 @@ fn encrypt_with_ring(daemon: &Daemon, ring: &Path, source: &Path, output: &Path)
         .args(CHEAP_PBKDF);
     command
 }
+
+/// `imgctl key fingerprint --vhd KEY` through the binary, its stdout's one line.
+fn vhd_fingerprint(key: &Path) -> std::process::Output {
+    run(Command::new(binary("imgctl"))
+        .args(["key", "fingerprint", "--vhd"])
+        .arg(key))
+}
+
+#[test]
+fn fingerprint_vhd_prints_the_hash_vhd_util_printed_and_stored_for_the_corpus_keys() {
+    use sha2::{Digest, Sha256};
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let tarball =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus/vhd-util/samples.tar.xz");
+    let members = [
+        "./keyhash-C.txt",
+        "./keyhash-p.txt",
+        "./key32.b64",
+        "./key32.bin",
+        "./key64.b64",
+        "./key64.bin",
+        "./wrongkey32.b64",
+        "./wrongkey32.bin",
+    ];
+    run_ok(
+        Command::new("tar")
+            .arg("-xJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(dir)
+            .args(members),
+    );
+    // `vhd-util key -C -k KEY.bin` as the corpus recorded it: "KEY.bin HASH".
+    let printed_c = fs::read_to_string(dir.join("keyhash-C.txt")).unwrap();
+    // `vhd-util key -p -n ENC.vhd`, the hash stored in each image: "ENC.vhd NONCE HASH".
+    let printed_p = fs::read_to_string(dir.join("keyhash-p.txt")).unwrap();
+    for (name, images) in [
+        (
+            "key32",
+            &["encA_aes128.vhd", "encB_aes128.vhd", "encD_aes128.vhd"][..],
+        ),
+        (
+            "key64",
+            &["encA_aes256.vhd", "encB_aes256.vhd", "encE_aes256.vhd"][..],
+        ),
+        ("wrongkey32", &[][..]),
+    ] {
+        // The corpus's DEK form ends with a newline: refused, naming the rule, printing nothing.
+        let with_newline = dir.join(format!("{name}.b64"));
+        let result = vhd_fingerprint(&with_newline);
+        assert!(!result.status.success(), "{name}: {}", describe(&result));
+        assert!(result.stdout.is_empty(), "{name}: {}", describe(&result));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(stderr.contains("ends with a newline"), "{name}: {stderr}");
+
+        let key = dir.join(format!("{name}.dek"));
+        let text = fs::read(&with_newline).unwrap();
+        fs::write(&key, text.strip_suffix(b"\n").unwrap()).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        let result = vhd_fingerprint(&key);
+        assert!(result.status.success(), "{name}: {}", describe(&result));
+        let hash = stdout_line(&result);
+
+        let from_vhd_util = printed_c
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("{name}.bin ")))
+            .unwrap();
+        assert_eq!(hash, from_vhd_util, "{name}: vhd-util key -C");
+        // Computed here from the raw key: SHA-256 of vhd-util copy's zero nonce and the key.
+        let raw = fs::read(dir.join(format!("{name}.bin"))).unwrap();
+        let computed: String = Sha256::new()
+            .chain_update([0u8; 32])
+            .chain_update(&raw)
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(hash, computed, "{name}");
+        for image in images {
+            let fields: Vec<&str> = printed_p
+                .lines()
+                .find(|line| line.starts_with(&format!("{image} ")))
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            assert_eq!(fields[2], hash, "{name}: the hash stored in {image}");
+        }
+        // Not the ordinary fingerprint (SHA-256 of the key file's bytes).
+        let plain = run_ok(
+            Command::new(binary("imgctl"))
+                .args(["key", "fingerprint"])
+                .arg(&key),
+        );
+        assert_eq!(
+            stdout_line(&plain),
+            format!("sha256:{}", coreutils_fingerprint(&key))
+        );
+        assert!(!stdout_line(&plain).contains(&hash));
+    }
+}
+
+#[test]
+fn fingerprint_vhd_refuses_keys_vhd_util_copy_cannot_use() {
+    use base64::Engine as _;
+    let scratch_dir = scratch();
+    let key = scratch_dir.path().join("k");
+    let encode = |raw: &[u8]| base64::engine::general_purpose::STANDARD.encode(raw);
+    let half: Vec<u8> = (1..=32).collect();
+    for (raw, rule) in [
+        (vec![7u8; 48], "decodes to 48 bytes"),
+        (vec![7u8; 24], "decodes to 24 bytes"),
+        ([half.clone(), half].concat(), "halves are equal"),
+    ] {
+        fs::write(&key, encode(&raw)).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        let result = vhd_fingerprint(&key);
+        assert!(!result.status.success(), "{rule}: {}", describe(&result));
+        assert!(result.stdout.is_empty(), "{rule}: {}", describe(&result));
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(stderr.contains(rule), "{rule}: {stderr}");
+    }
+    // IBM's documented DEK (ibm-cloud-docs/image-templates create-encrypted-image.md) prints
+    // the hash IBM shows for it.
+    fs::write(
+        &key,
+        "Nrfen98EpMxF2B+wdgLfagzrqvgUZfMK4vL2T0NsT20ihrsNC9pUUHtizF6218pze8RLCgQ6kwxuE58IWLzgDA==",
+    )
+    .unwrap();
+    let result = vhd_fingerprint(&key);
+    assert!(result.status.success(), "{}", describe(&result));
+    assert_eq!(
+        stdout_line(&result),
+        "21681bba94f04b33b112f5f90a0faa885a6d1dbf1bd68ed16c5b995143088eda"
+    );
+}

@@ -413,6 +413,7 @@ fn decrypt_verify_and_inspect_read_qemu_made_and_our_qcow2_images() {
             Some(fs::metadata(expected).unwrap().len()),
             "{info}"
         );
+        assert_inspect_matches_qemu(&info, image, &key);
     }
 
     // A different key is refused, and nothing is written.
@@ -429,6 +430,121 @@ fn decrypt_verify_and_inspect_read_qemu_made_and_our_qcow2_images() {
         .arg(&wrong));
     assert!(!output.status.success(), "{}", describe(&output));
     assert!(!plain.exists() && !partial_of(&plain).exists());
+}
+
+/// Guest bytes qemu says `image` holds as data (`qemu-img map` with the key: extents with
+/// data, not zero clusters). qemu reports no file offsets for an encrypted qcow2.
+fn qemu_data_bytes(image: &Path, key: &Path) -> u64 {
+    let map = qemu_img(&[
+        "map",
+        "--output=json",
+        "--object",
+        &qemu_secret(key),
+        "--image-opts",
+        &encrypted_qcow2_opts(image),
+    ]);
+    let extents: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+    extents
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum()
+}
+
+/// The data clusters of a qcow2 (v2/v3, no extended L2 entries, no backing file) read from its
+/// L1 and L2 tables as the qcow2 specification lays them out: (guest bytes they hold, clipped
+/// to the virtual size; lowest host offset).
+fn data_clusters_from_tables(image: &Path) -> (u64, Option<u64>) {
+    let bytes = fs::read(image).unwrap();
+    let be32 = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as u64;
+    let be64 = |at: usize| u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap());
+    assert_eq!(&bytes[..4], b"QFI\xfb");
+    let cluster_bits = be32(20);
+    let cluster = 1u64 << cluster_bits;
+    let virtual_size = be64(24);
+    let l1_size = be32(36);
+    let l1_offset = be64(40) as usize;
+    if be32(4) >= 3 {
+        assert_eq!(be64(72) & (1 << 4), 0, "extended L2 entries");
+    }
+    const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    let per_l2 = cluster / 8;
+    let (mut guest_bytes, mut first) = (0u64, None::<u64>);
+    for l1_index in 0..l1_size {
+        let l2_offset = (be64(l1_offset + 8 * l1_index as usize) & OFFSET_MASK) as usize;
+        if l2_offset == 0 {
+            continue;
+        }
+        for l2_index in 0..per_l2 {
+            let guest = (l1_index * per_l2 + l2_index) * cluster;
+            if guest >= virtual_size {
+                break;
+            }
+            let entry = be64(l2_offset + 8 * l2_index as usize);
+            assert_eq!(entry & (1 << 62), 0, "a compressed cluster");
+            let host = entry & OFFSET_MASK;
+            if host == 0 || entry & 1 != 0 {
+                continue; // unallocated, or reads as zeros
+            }
+            guest_bytes += cluster.min(virtual_size - guest);
+            first = Some(first.map_or(host, |f| f.min(host)));
+        }
+    }
+    (guest_bytes, first)
+}
+
+/// `imgctl inspect`'s facts of a qcow2+LUKS image against the file and what qemu-img reports:
+/// stored bytes and the first data cluster (the file's tables, and `qemu-img map`), the file's
+/// size, and the LUKS header's UUID, cipher and active keyslots (`qemu-img info`).
+fn assert_inspect_matches_qemu(info: &serde_json::Value, image: &Path, key: &Path) {
+    let (stored, first) = data_clusters_from_tables(image);
+    assert!(stored > 0, "{image:?}: no data clusters");
+    assert_eq!(
+        qemu_data_bytes(image, key),
+        stored,
+        "{image:?}: qemu-img map"
+    );
+    assert_eq!(
+        info["allocated_bytes"].as_u64(),
+        Some(stored),
+        "{image:?}: {info}"
+    );
+    assert_eq!(
+        info["payload_size"].as_u64(),
+        Some(stored),
+        "{image:?}: {info}"
+    );
+    assert_eq!(info["data_offset"].as_u64(), first, "{image:?}: {info}");
+    assert_eq!(
+        info["image_size"].as_u64(),
+        Some(fs::metadata(image).unwrap().len()),
+        "{image:?}: {info}"
+    );
+    let qemu = qemu_info(image);
+    let encrypt = &qemu["format-specific"]["data"]["encrypt"];
+    assert_eq!(info["uuid"], encrypt["uuid"], "{image:?}: {info}");
+    // qemu's aes-256 in xts mode is a 512-bit XTS key; plain64 IVs; 512-byte sectors.
+    assert_eq!(
+        (
+            encrypt["cipher-alg"].as_str(),
+            encrypt["cipher-mode"].as_str()
+        ),
+        (Some("aes-256"), Some("xts"))
+    );
+    assert_eq!(info["cipher"], "aes-xts-plain64", "{image:?}: {info}");
+    assert_eq!(info["key_size_bits"], 512, "{image:?}: {info}");
+    assert_eq!(info["sector_size"], 512, "{image:?}: {info}");
+    let active = encrypt["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|slot| slot["active"] == true)
+        .count();
+    assert_eq!(
+        info["keyslots"].as_array().map(Vec::len),
+        Some(active),
+        "{image:?}: {info}"
+    );
 }
 
 /// Keys `old` and `new` from `imgctl key generate` and a ring rotating from old to new.

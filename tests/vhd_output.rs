@@ -729,3 +729,136 @@ fn the_2_tib_vhd_util_images_decrypt_to_sparse_files_without_reading_2_tib() {
         fs::remove_file(&plain).unwrap();
     }
 }
+
+/// `imgctl inspect IMAGE --key-file KEY --json`: the image's facts.
+fn inspect_vhd(daemon: &Daemon, image: &Path, key: &Path) -> serde_json::Value {
+    let output = run_ok(
+        daemon
+            .imgctl()
+            .arg("inspect")
+            .arg(image)
+            .arg("--key-file")
+            .arg(key)
+            .arg("--json"),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    if info["image"].is_object() {
+        info["image"].clone()
+    } else {
+        info
+    }
+}
+
+#[test]
+fn inspect_verify_and_decrypt_read_our_own_vhd_output() {
+    let dir = scratch();
+    let dir = dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let dynamic = make_source(dir, SourceKind::VhdDynamic, "12M");
+    let odd = odd_source(dir, 5 * MIB + 3 * 512);
+    let (wrong, _) = key_files(dir, "wrong", &random_key(64));
+    for (source, key_len) in [(&dynamic, 64), (&odd, 32)] {
+        let name = source.file_name().unwrap().to_str().unwrap();
+        let raw = random_key(key_len);
+        let (key, _) = key_files(dir, &format!("k{key_len}"), &raw);
+        let image = dir.join(format!("ours-{name}.vhd"));
+        let result = encrypt_vhd(&daemon, source, &image, &key);
+        assert!(result.status.success(), "{name}: {}", describe(&result));
+        let summary = summary_of(&result);
+        let expected = dir.join(format!("{name}.expected"));
+        qemu_plaintext(source, &expected);
+        let virtual_size = qemu_virtual_size(source).next_multiple_of(BLOCK);
+        // Blocks that hold a non-zero byte, counted here from the plaintext.
+        let blocks_with_data = fs::read(&expected)
+            .unwrap()
+            .chunks(BLOCK as usize)
+            .filter(|block| block.iter().any(|&b| b != 0))
+            .count() as u64;
+        assert!(blocks_with_data > 0, "{name}");
+
+        // inspect: the container, its sizes, the key hash computed here, the key that matches.
+        for (candidate, matches) in [(&key, true), (&wrong, false)] {
+            let info = inspect_vhd(&daemon, &image, candidate);
+            assert_eq!(info["format"], "vhd", "{name}: {info}");
+            assert_eq!(info["virtual_size"], virtual_size, "{name}: {info}");
+            assert_eq!(
+                info["allocated_bytes"],
+                blocks_with_data * BLOCK,
+                "{name}: {info}"
+            );
+            assert_eq!(info["allocated_bytes"], summary["allocated_bytes"]);
+            assert_eq!(info["cipher"], "aes-xts-plain", "{name}: {info}");
+            // The image does not record its key's size: only a matching key tells it.
+            let bits = if matches { key_len as u64 * 8 } else { 0 };
+            assert_eq!(info["key_size_bits"], bits, "{name}: {info}");
+            assert_eq!(info["image_size"], fs::metadata(&image).unwrap().len());
+            assert_eq!(info["vhd_key"]["hash"], expected_key_hash(&raw), "{name}");
+            assert_eq!(info["vhd_key"]["nonce"], "0".repeat(64), "{name}");
+            assert_eq!(
+                info["vhd_key"]["matching_key"].is_string(),
+                matches,
+                "{name}: {info}"
+            );
+            assert!(info.get("luks_version").is_none(), "{name}: {info}");
+        }
+
+        // verify against the source: it passes, and a one-byte change in the source fails it.
+        let verify = |against: &Path| {
+            run(daemon
+                .imgctl()
+                .arg("verify")
+                .arg(&image)
+                .arg("--source")
+                .arg(against)
+                .arg("--key-file")
+                .arg(&key))
+        };
+        let result = verify(source);
+        assert!(result.status.success(), "{name}: {}", describe(&result));
+        let changed = dir.join(format!("{name}.changed.raw"));
+        fs::copy(&expected, &changed).unwrap();
+        {
+            use std::os::unix::fs::FileExt;
+            let file = fs::OpenOptions::new().write(true).open(&changed).unwrap();
+            // Inside make_source's and odd_source's first data run (bytes 0..4096 hold data).
+            file.write_all_at(&[0xee], 1000).unwrap();
+        }
+        let result = verify(&changed);
+        assert!(
+            !result.status.success(),
+            "{name}: verify passed against a different source"
+        );
+
+        // decrypt: the guest's disk, the source's plaintext then zeros to the container's size.
+        let plain = dir.join(format!("{name}.plain"));
+        let result = run(daemon
+            .imgctl()
+            .arg("decrypt")
+            .arg(&image)
+            .arg("-o")
+            .arg(&plain)
+            .arg("--key-file")
+            .arg(&key));
+        assert!(result.status.success(), "{name}: {}", describe(&result));
+        assert_eq!(fs::metadata(&plain).unwrap().len(), virtual_size, "{name}");
+        assert_plaintext_matches(&plain, &expected);
+
+        // decrypt with the wrong key: refused, naming the hash the image expects; nothing left.
+        let bad = dir.join(format!("{name}.bad"));
+        let result = run(daemon
+            .imgctl()
+            .arg("decrypt")
+            .arg(&image)
+            .arg("-o")
+            .arg(&bad)
+            .arg("--key-file")
+            .arg(&wrong));
+        assert!(!result.status.success(), "{name}: wrong key accepted");
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(
+            stderr.contains(&expected_key_hash(&raw)),
+            "{name}: {stderr}"
+        );
+        assert!(!bad.exists() && !partial_of(&bad).exists(), "{name}");
+    }
+}

@@ -137,7 +137,207 @@ pub fn next_steps(
 
 #[cfg(test)]
 mod tests {
+    use std::process::Command;
+
+    use imgcrypt_proto::api::{EngineKind, SourceFormat};
+
     use super::*;
+
+    fn summary(target: Target, key_size_bits: u32, vhd_key_hash: Option<&str>) -> Summary {
+        Summary {
+            source_format: SourceFormat::Raw,
+            virtual_size: 4 << 20,
+            output_format: target.format(),
+            output_virtual_size: 4 << 20,
+            luks_version: None,
+            cipher: "aes-xts-plain64".into(),
+            key_size_bits,
+            sector_size: 512,
+            data_offset: 0,
+            payload_size: 4 << 20,
+            output_size: 6 << 20,
+            key_fingerprint: "abc=".into(),
+            pbkdf: "pbkdf2".into(),
+            engine: EngineKind::Userspace,
+            elapsed_ms: 1,
+            copy_ms: 1,
+            bytes_written: 6 << 20,
+            allocated_bytes: 1 << 20,
+            vhd_key_hash: vhd_key_hash.map(str::to_string),
+            target: Some(target),
+        }
+    }
+
+    /// The one step that wraps a key with Key Protect, and the shell expression it passes as
+    /// the payload (`-p "EXPR"`).
+    fn wrap_step(steps: &[String]) -> (&str, &str) {
+        let wraps: Vec<&String> = steps
+            .iter()
+            .filter(|step| step.contains("kp key wrap"))
+            .collect();
+        assert_eq!(wraps.len(), 1, "{steps:#?}");
+        let step = wraps[0].as_str();
+        let payload = step
+            .split_once(" -p \"")
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(payload, _)| payload)
+            .unwrap_or_else(|| panic!("no -p \"...\" in {step}"));
+        (step, payload)
+    }
+
+    /// What the shell passes to `ibmcloud kp key wrap -p` for `payload`.
+    fn shell_value(payload: &str) -> Vec<u8> {
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s \"{payload}\""))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{payload}: {output:?}");
+        output.stdout
+    }
+
+    #[test]
+    fn vpc_wraps_the_base64_of_the_key_file_and_classic_the_key_file_as_it_is() {
+        use base64::Engine as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("secret.dek");
+        // A key file's text: base64 of 32 random-looking bytes, no newline.
+        let text = base64::engine::general_purpose::STANDARD.encode((1..=32u8).collect::<Vec<_>>());
+        std::fs::write(&key, &text).unwrap();
+        let source = Path::new("/images/src.raw");
+        let hash = "ab".repeat(32);
+
+        let vpc = next_steps(
+            Target::IbmVpc,
+            source,
+            Path::new("/out/disk.qcow2"),
+            Some(&key),
+            &summary(Target::IbmVpc, 512, None),
+        );
+        let classic = next_steps(
+            Target::IbmClassic,
+            source,
+            Path::new("/out/disk.vhd-0.vhd"),
+            Some(&key),
+            &summary(Target::IbmClassic, 256, Some(&hash)),
+        );
+        let (vpc_step, vpc_payload) = wrap_step(&vpc);
+        let (classic_step, classic_payload) = wrap_step(&classic);
+        assert_eq!(vpc_payload, format!("$(base64 -w0 < {})", key.display()));
+        assert_eq!(classic_payload, format!("$(cat {})", key.display()));
+        assert_ne!(vpc_payload, classic_payload);
+        assert!(vpc_step.contains("BASE64 OF THE KEY FILE"), "{vpc_step}");
+        assert!(classic_step.contains("AS IT IS"), "{classic_step}");
+
+        // The bytes the shell hands to Key Protect: VPC the base64 of the key file's bytes
+        // (its passphrase is the file's bytes), classic the file's text itself (IBM decodes it
+        // into the raw data key).
+        let vpc_bytes = shell_value(vpc_payload);
+        assert_eq!(
+            vpc_bytes,
+            base64::engine::general_purpose::STANDARD
+                .encode(text.as_bytes())
+                .into_bytes()
+        );
+        assert_eq!(shell_value(classic_payload), text.as_bytes());
+
+        // Each names the object it uploads and the import command of its cloud.
+        assert!(
+            vpc.iter().any(|s| s.contains("ibmcloud is image-create")
+                && s.contains("cos://REGION/BUCKET/disk.qcow2")
+                && s.contains("--encrypted-data-key WDEK")),
+            "{vpc:#?}"
+        );
+        assert!(
+            classic
+                .iter()
+                .any(|s| s.contains("ibmcloud sl image import")
+                    && s.contains("cos://REGION/BUCKET/disk.vhd-0.vhd")
+                    && s.contains("--wrapped-dek")),
+            "{classic:#?}"
+        );
+        // Classic: the hash to compare, and the cipher the key size gives.
+        assert!(
+            classic.iter().any(|s| s.contains(&hash)
+                && s.contains("vhd-util key -p -n /out/disk.vhd-0.vhd")
+                && s.contains(&format!("imgctl key fingerprint --vhd {}", key.display()))),
+            "{classic:#?}"
+        );
+        assert!(
+            classic.iter().any(|s| s.contains("AES-128-XTS")),
+            "{classic:#?}"
+        );
+        let classic64 = next_steps(
+            Target::IbmClassic,
+            source,
+            Path::new("/out/disk.vhd-0.vhd"),
+            Some(&key),
+            &summary(Target::IbmClassic, 512, Some(&hash)),
+        );
+        assert!(
+            classic64
+                .iter()
+                .any(|s| s.contains("with AES-256-XTS (a 64-byte key")),
+            "{classic64:#?}"
+        );
+        // Both start with the check that imgctl itself runs.
+        for (steps, name) in [(&vpc, "disk.qcow2"), (&classic, "disk.vhd-0.vhd")] {
+            let verify = format!(
+                "imgctl verify /out/{name} --source /images/src.raw --key-file {}",
+                key.display()
+            );
+            assert!(steps[0].contains(&verify), "{steps:#?}");
+        }
+    }
+
+    #[test]
+    fn openstack_and_luks_steps_wrap_nothing_and_name_their_tools() {
+        let key = Path::new("/keys/secret.dek");
+        let openstack = next_steps(
+            Target::Openstack,
+            Path::new("src.vhd"),
+            Path::new("/out/disk.qcow2"),
+            Some(key),
+            &summary(Target::Openstack, 512, None),
+        );
+        assert!(!openstack.iter().any(|s| s.contains("kp key wrap")));
+        assert!(
+            openstack.iter().any(|s| s.contains(
+                "openstack secret store --secret-type passphrase --file /keys/secret.dek"
+            )),
+            "{openstack:#?}"
+        );
+        assert!(
+            openstack
+                .iter()
+                .any(|s| s.contains("openstack image create --disk-format qcow2")
+                    && s.contains("--file /out/disk.qcow2")
+                    && s.contains("os_encrypt_format=LUKSv1")),
+            "{openstack:#?}"
+        );
+        let luks = next_steps(
+            Target::Luks,
+            Path::new("src.vhd"),
+            Path::new("/out/disk.luks"),
+            Some(key),
+            &summary(Target::Luks, 512, None),
+        );
+        assert!(!luks.iter().any(|s| s.contains("kp key wrap")));
+        assert!(
+            luks.iter()
+                .any(|s| s.contains("cryptsetup open --key-file /keys/secret.dek /out/disk.luks")),
+            "{luks:#?}"
+        );
+        // Without --key-file (the key ring's key) the steps say KEY, never a made-up path.
+        let ring = next_steps(
+            Target::IbmVpc,
+            Path::new("src.vhd"),
+            Path::new("/out/disk.qcow2"),
+            None,
+            &summary(Target::IbmVpc, 512, None),
+        );
+        assert_eq!(wrap_step(&ring).1, "$(base64 -w0 < KEY)");
+    }
 
     #[test]
     fn ibm_names_are_checked_and_the_fix_is_given() {

@@ -22,6 +22,8 @@ use imgcryptd::Error;
 const MIB: u64 = 1 << 20;
 const CHUNK: usize = 4 << 20;
 
+#[path = "formats_qemu/chains.rs"]
+mod chains;
 #[path = "formats_qemu/vhdx.rs"]
 mod vhdx;
 #[path = "formats_qemu/vmdk.rs"]

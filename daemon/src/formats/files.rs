@@ -11,10 +11,15 @@
 //! read nothing its caller could not.
 //!
 //! Chains are bounded: at most [`MAX_COMPANIONS`] companions per call and [`MAX_CHAIN_DEPTH`]
-//! layers, and a file that is its own ancestor (the same inode) is a cycle, refused.
+//! layers, and a file that is its own ancestor (the same inode) is a cycle, refused. The parsed
+//! metadata of all layers together is bounded too ([`MAX_CHAIN_METADATA_BYTES`]): each format
+//! bounds its own tables, and each layer charges what it keeps ([`SourceFiles::charge_metadata`])
+//! as soon as it has parsed them, before it opens the layer below, so a hostile chain of
+//! sixteen layers with the largest tables each is refused part-way instead of held whole.
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::keys::SecretBytes;
@@ -28,6 +33,12 @@ pub const MAX_COMPANIONS: usize = 96;
 /// far beyond the depth real build pipelines make (base, a few overlays) and bounds the work a
 /// hostile chain can cause.
 pub const MAX_CHAIN_DEPTH: usize = 16;
+
+/// Most memory the parsed metadata of one source's layers may hold together (block tables, grain
+/// tables, run and range lists, bitmaps). One layer's own limits allow up to about 300 MiB (a
+/// 2 TiB monolithicSparse VMDK's grain tables: 256 MiB); a real chain holds a few MiB. Without
+/// this bound, sixteen crafted layers could make one call hold gigabytes.
+pub const MAX_CHAIN_METADATA_BYTES: u64 = 512 << 20;
 
 /// Which file of a [`SourceFiles`]: the source (0) or the k-th companion passed (k).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -96,6 +107,12 @@ pub struct SourceFiles {
     /// The source's volume key, when it is an encrypted image the job unlocked (an encrypted
     /// qcow2 read with `--source-key-file`).
     source_volume_key: Option<SecretBytes>,
+    /// Metadata bytes the layers opened so far keep ([`Self::charge_metadata`]).
+    metadata_bytes: AtomicU64,
+    /// Most they may keep: [`MAX_CHAIN_METADATA_BYTES`] unless a test lowers it.
+    metadata_budget: u64,
+    /// How many layers have charged.
+    layers_charged: AtomicUsize,
 }
 
 /// One companion as the client passed it.
@@ -176,7 +193,43 @@ impl SourceFiles {
         Ok(Self {
             entries,
             source_volume_key: None,
+            metadata_bytes: AtomicU64::new(0),
+            metadata_budget: MAX_CHAIN_METADATA_BYTES,
+            layers_charged: AtomicUsize::new(0),
         })
+    }
+
+    /// Adds the `bytes` of parsed metadata that layer `key` keeps to the source's total, and
+    /// refuses the source when the total passes [`MAX_CHAIN_METADATA_BYTES`]. A format calls
+    /// this as soon as its layout is built, before it opens the layer below.
+    pub fn charge_metadata(&self, key: FileKey, bytes: u64) -> Result<()> {
+        let total = self.metadata_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let layers = self.layers_charged.fetch_add(1, Ordering::Relaxed) + 1;
+        if total <= self.metadata_budget {
+            return Ok(());
+        }
+        Err(Error::UnsupportedImage {
+            message: format!(
+                "the tables of this source's layers need more than the {} MiB of memory one \
+                 source may use: {layers} layer(s) read so far hold {} MiB, `{}` {} MiB of \
+                 them; merge the chain into one image first (`qemu-img convert -O qcow2 TOP \
+                 MERGED.qcow2`) and encrypt that",
+                self.metadata_budget >> 20,
+                total.div_ceil(1 << 20),
+                self.name(key),
+                bytes.div_ceil(1 << 20),
+            ),
+        })
+    }
+
+    /// Metadata bytes the layers opened so far have charged.
+    pub fn metadata_charged(&self) -> u64 {
+        self.metadata_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Lowers the chain-wide metadata budget (tests reach it with small images this way).
+    pub fn set_metadata_budget(&mut self, bytes: u64) {
+        self.metadata_budget = bytes.min(MAX_CHAIN_METADATA_BYTES);
     }
 
     /// Gives the source's volume key, for a source that is an encrypted image the job unlocked.

@@ -125,6 +125,18 @@ pub trait Layout: Send + Sync + Debug {
     fn read_notes(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Heap bytes of parsed metadata this layout keeps while it is read (tables, maps,
+    /// bitmaps, range lists): what its format charges to the source's chain-wide budget
+    /// ([`super::files::SourceFiles::charge_metadata`]).
+    fn metadata_bytes(&self) -> u64;
+}
+
+/// Heap bytes `vector` holds: its capacity, which is what the allocator gave it (a slice has
+/// only its length).
+#[allow(clippy::ptr_arg)]
+pub fn heap_bytes<T>(vector: &Vec<T>) -> u64 {
+    (vector.capacity() * std::mem::size_of::<T>()) as u64
 }
 
 /// A source disk: one layer's [`Layout`], its files, and the layer below it, read through the
@@ -294,6 +306,14 @@ impl LayeredImage {
     }
 }
 
+impl LayeredImage {
+    /// Heap bytes of this layer's own parsed metadata (not the layers below): what a format
+    /// that builds its layer through [`super::raw`] charges.
+    pub fn own_metadata_bytes(&self) -> u64 {
+        self.layout.metadata_bytes() + heap_bytes(&self.allocated)
+    }
+}
+
 impl SourceImage for LayeredImage {
     fn format(&self) -> SourceFormat {
         self.layout.format()
@@ -411,6 +431,9 @@ mod tests {
     impl Layout for Table {
         fn format(&self) -> SourceFormat {
             SourceFormat::Raw
+        }
+        fn metadata_bytes(&self) -> u64 {
+            0
         }
         fn virtual_size(&self) -> u64 {
             self.size

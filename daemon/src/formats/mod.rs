@@ -136,7 +136,9 @@ pub fn open_layer(
                 tracing::info!(format = found.name(), "source refused: a format not read");
                 return Err(found.refusal());
             }
-            Ok(Box::new(raw::open(file, kind, file_size)?))
+            let image = raw::open(file, kind, file_size)?;
+            files.charge_metadata(key, image.own_metadata_bytes())?;
+            Ok(Box::new(image))
         }
         vhd::Detected::Vhd(found) => vhd::open(files, key, above, file, kind, found),
     }

@@ -13,6 +13,7 @@ use imgcrypt_proto::api::SourceFormat;
 
 use super::data_ranges;
 use super::layout::{Chunk, LayeredImage, Layout, Mapped};
+use crate::formats::layout::heap_bytes;
 use crate::sys::storage::StorageKind;
 use crate::Result;
 
@@ -47,6 +48,10 @@ pub(super) fn flat(
 }
 
 impl Layout for Flat {
+    fn metadata_bytes(&self) -> u64 {
+        heap_bytes(&self.allocated)
+    }
+
     fn format(&self) -> SourceFormat {
         self.format
     }

@@ -74,6 +74,7 @@ use super::files::{FileKey, Relation, SourceFiles};
 use super::layout::{Chunk, FileIndex, LayeredImage, Layout, Mapped};
 use super::{push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
 use crate::engines::xts::{IvMode, XtsCipher};
+use crate::formats::layout::heap_bytes;
 use crate::keys::SecretBytes;
 use crate::sys::{memfd, storage};
 use crate::{Error, Result};
@@ -166,6 +167,7 @@ pub fn open_layer(
     };
     let image = Qcow2Image::walked(file, file_size, header, data_size)?;
     let (mut layout, file) = image.layout(cipher, SourceFormat::Qcow2);
+    files.charge_metadata(key, layout.metadata_bytes())?;
     let mut own = vec![Arc::new(file)];
     if let Some(data) = data_file {
         own.push(data);
@@ -473,6 +475,10 @@ struct Qcow2Layout {
 }
 
 impl Layout for Qcow2Layout {
+    fn metadata_bytes(&self) -> u64 {
+        heap_bytes(&self.runs) + heap_bytes(&self.allocated)
+    }
+
     fn format(&self) -> SourceFormat {
         self.format
     }

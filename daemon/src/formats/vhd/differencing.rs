@@ -51,6 +51,7 @@ use super::dynamic::{DynamicVhd, HEADER_SIZE, UNALLOCATED};
 use super::footer::{be_u32, be_u64, Footer};
 use super::{detect, Detected};
 use crate::formats::files::{FileKey, Relation, SourceFiles};
+use crate::formats::layout::heap_bytes;
 use crate::formats::layout::Layout;
 use crate::formats::{open_layer, read_exact_at, SourceImage};
 use crate::sys::storage;
@@ -98,6 +99,11 @@ pub struct Presence {
 }
 
 impl Presence {
+    /// Heap bytes of the per-block kinds and the partial bitmaps.
+    pub(super) fn heap_bytes(&self) -> u64 {
+        heap_bytes(&self.kinds) + heap_bytes(&self.partial)
+    }
+
     /// Whether block `index` holds any sector of the child's.
     pub(super) fn any_present(&self, index: u64) -> bool {
         self.kinds

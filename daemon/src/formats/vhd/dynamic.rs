@@ -42,6 +42,7 @@ use imgcrypt_proto::api::SourceFormat;
 use super::batmap::{self, KeyHash};
 use super::differencing::Presence;
 use super::footer::{be_u32, be_u64, checksum, DiskType, Footer, FOOTER_SIZE};
+use crate::formats::layout::heap_bytes;
 use crate::formats::layout::{Chunk, Layout, Mapped};
 use crate::formats::{push_merged, read_exact_at};
 use crate::{Error, Result};
@@ -624,6 +625,15 @@ fn check_metadata_overlap(metadata: &[(Range<u64>, Area); 3], header_offset: u64
 }
 
 impl Layout for DynamicVhd {
+    fn metadata_bytes(&self) -> u64 {
+        let batmap = self
+            .batmap
+            .as_ref()
+            .map_or(0, |batmap| heap_bytes(&batmap.full_blocks));
+        let presence = self.presence.as_ref().map_or(0, Presence::heap_bytes);
+        HEADER_SIZE as u64 + heap_bytes(&self.bat) + heap_bytes(&self.allocated) + batmap + presence
+    }
+
     fn format(&self) -> SourceFormat {
         self.format
     }

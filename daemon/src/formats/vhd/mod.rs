@@ -59,7 +59,7 @@ use imgcrypt_proto::api::SourceFormat;
 use self::dynamic::DynamicVhd;
 use self::footer::{DiskType, Footer, FooterCheck, FOOTER_SIZE};
 use super::files::{FileKey, SourceFiles};
-use super::layout::LayeredImage;
+use super::layout::{LayeredImage, Layout};
 use super::{raw, read_exact_at, SourceImage};
 use crate::sys::storage::StorageKind;
 use crate::{Error, Result};
@@ -197,24 +197,23 @@ pub(crate) fn open(
                 Some(footer.offset),
             ));
         }
-        return Ok(Box::new(raw::flat(
-            file,
-            kind,
-            SourceFormat::VhdFixed,
-            virtual_size,
-        )?));
+        let image = raw::flat(file, kind, SourceFormat::VhdFixed, virtual_size)?;
+        files.charge_metadata(key, image.own_metadata_bytes())?;
+        return Ok(Box::new(image));
     }
     let mut image = DynamicVhd::open(&file, &footer, data_end)?;
     if let Some(key_hash) = image.key_hash() {
         return Err(encrypted::refusal_as_plaintext(key_hash));
     }
     if disk_type == DiskType::Dynamic {
+        files.charge_metadata(key, image.metadata_bytes())?;
         return Ok(Box::new(LayeredImage::new(
             Box::new(image),
             vec![Arc::new(file)],
         )));
     }
     image.set_presence(differencing::read_presence(&file, &image)?);
+    files.charge_metadata(key, image.metadata_bytes())?;
     let parent =
         differencing::open_parent(files, key, above, &file, &footer, &mut image, data_end)?;
     Ok(Box::new(LayeredImage::with_backing(

@@ -24,6 +24,7 @@ use std::ops::Range;
 use super::log::Sectors;
 use super::metadata::Metadata;
 use super::MIB;
+use crate::formats::layout::heap_bytes;
 use crate::formats::layout::{Chunk, Mapped};
 use crate::{Error, Result};
 
@@ -94,6 +95,16 @@ impl Geometry {
 }
 
 impl Map {
+    /// Heap bytes of the block table and the kept sector bitmaps.
+    pub fn heap_bytes(&self) -> u64 {
+        let bitmaps: u64 = self
+            .bitmaps
+            .iter()
+            .map(|(_, bitmap)| bitmap.len() as u64)
+            .sum();
+        heap_bytes(&self.blocks) + heap_bytes(&self.bitmaps) + bitmaps
+    }
+
     /// Reads the BAT in `bat` (through `sectors`, so a replayed log is seen) for a disk of
     /// `geometry`. Present blocks and sector bitmaps must lie inside the file (as far as the
     /// guest sees them) and outside the structures in `taken`.

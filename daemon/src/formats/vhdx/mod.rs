@@ -65,6 +65,7 @@ use self::metadata::Metadata;
 use super::files::{FileKey, Relation, SourceFiles};
 use super::layout::{LayeredImage, Layout, Mapped};
 use super::{data_ranges, read_exact_at, SourceImage};
+use crate::formats::layout::heap_bytes;
 use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
 
@@ -142,6 +143,10 @@ pub struct VhdxLayout {
 }
 
 impl Layout for VhdxLayout {
+    fn metadata_bytes(&self) -> u64 {
+        self.map.heap_bytes() + heap_bytes(&self.allocated)
+    }
+
     fn format(&self) -> SourceFormat {
         SourceFormat::Vhdx
     }
@@ -187,6 +192,7 @@ pub fn open(files: &SourceFiles, key: FileKey, above: &[FileKey]) -> Result<Box<
     let kind = storage::storage_kind(file)?;
     let file_size = storage::size_of(file)?;
     let (layout, metadata, overlay) = read_layout(file, kind, file_size)?;
+    files.charge_metadata(key, layout.metadata_bytes())?;
     let own = vec![Arc::clone(file)];
     if !metadata.has_parent {
         return Ok(Box::new(LayeredImage::new(Box::new(layout), own)));

@@ -55,6 +55,7 @@ use super::files::{FileKey, Relation, SourceFiles};
 use super::foreign::{Foreign, VmdkKind};
 use super::layout::{Chunk, FileIndex, LayeredImage, Layout, Mapped};
 use super::{push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
+use crate::formats::layout::heap_bytes;
 use crate::sys::storage;
 use crate::{Error, Result};
 
@@ -106,6 +107,18 @@ pub struct VmdkLayout {
 }
 
 impl Layout for VmdkLayout {
+    fn metadata_bytes(&self) -> u64 {
+        let maps: u64 = self
+            .extents
+            .iter()
+            .map(|extent| match &extent.storage {
+                Storage::Flat(_) => 0,
+                Storage::Sparse { map, .. } => map.heap_bytes(),
+            })
+            .sum();
+        heap_bytes(&self.extents) + heap_bytes(&self.allocated) + maps
+    }
+
     fn format(&self) -> SourceFormat {
         SourceFormat::Vmdk
     }
@@ -373,6 +386,8 @@ impl<'a> Builder<'a> {
             allocated: self.allocated,
             grain_bytes: self.grain_bytes,
         };
+        self.files
+            .charge_metadata(self.key, layout.metadata_bytes())?;
         let Some(parent) = parent else {
             return Ok(Box::new(LayeredImage::new(
                 Box::new(layout),

@@ -30,6 +30,17 @@
 //! payloads alike. Writing to tmpfs (no disk limit) the engine reaches 1.2–1.3 GB/s, its CPU
 //! ceiling on two cores, above the disk's sustained speed but below its bursts.
 //!
+//! # The read side
+//!
+//! Workers read the source through [`SourceImage::read_at`], which for every format goes
+//! through the shared [`crate::formats::layout::LayeredImage`]: the format module maps guest
+//! ranges to file offsets, and the data is read with O_DIRECT through a private read-only
+//! description of the source where its filesystem allows it, else buffered with the pages
+//! dropped behind the reader ([`crate::sys::source_io`]). The chunk buffers are 4096-aligned,
+//! so the reads land in them directly, without a bounce copy; ranges outside the source's
+//! allocated ranges are zero-filled, never read. Each worker reading its own chunk keeps up to
+//! `workers` source reads in flight, interleaved with the writes.
+//!
 //! # Errors and cancellation
 //!
 //! Workers check the job's cancel flag and a shared stop flag between chunks. The first error

@@ -254,3 +254,42 @@ fn a_pipe_is_still_refused_as_a_source() {
     assert!(text.contains("FIFO"), "{text}");
     assert_eq!(output.metadata().unwrap().size(), 0);
 }
+
+#[test]
+fn another_users_private_source_is_read_through_the_clients_descriptor() {
+    // The daemon (root without CAP_DAC_OVERRIDE) may not open a mode-0600 file of another user
+    // by itself: its read-only O_DIRECT reopen is refused, and the data is read through the
+    // descriptor the user passed, buffered. The reopen never reads what the daemon's own rights
+    // would not; the client's descriptor is what grants access.
+    let user = test_user(VICTIM_USER);
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let home = dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let source = make_source(&home, SourceKind::VhdDynamic, "12M");
+    let key = home.join("k");
+    write_key(&key);
+    std::fs::set_permissions(&source, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    user.own(&[&home, &source, &key]);
+    let daemon = Daemon::start(dir, &["--socket-mode", "0666"]);
+    let output = home.join("out.luks");
+    let from = daemon.log_text().len();
+    let mut command = user.imgctl(&daemon);
+    encrypt_arguments(&mut command, &source, &output, &key);
+    let result = run(&mut command);
+    assert!(
+        result.status.success(),
+        "{}\n{}",
+        describe(&result),
+        daemon.log_text()
+    );
+    let modes = read_modes(&daemon, from);
+    assert!(
+        !modes.is_empty() && modes.iter().all(|line| line.contains("page cache")),
+        "{modes:?}"
+    );
+    let expected = dir.join("expected.raw");
+    qemu_plaintext(&source, &expected);
+    let plaintext = independent_decrypt(&output, &key, dir);
+    assert_plaintext_matches(&plaintext, &expected);
+}

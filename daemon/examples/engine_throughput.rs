@@ -7,6 +7,12 @@
 //! VM's disk speed drifts by 2× within a minute. The source is synthetic (fully allocated,
 //! generated on read), so the figures are the pipeline's and the output's, not a format
 //! reader's.
+//!
+//! With `IMGCRYPT_BENCH_SOURCE=IMAGE` the source is that image instead, opened by the daemon's
+//! own format readers (any format it reads), so the figures include reading it; the payload is
+//! its virtual size (GiB is ignored), the page cache is dropped before every run (root only:
+//! `/proc/sys/vm/drop_caches`), and the image's pages left in the page cache after the last
+//! engine run are printed (`fincore`).
 
 use std::fs::OpenOptions;
 use std::ops::Range;
@@ -71,6 +77,21 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Drops the page cache (every clean page), so each run reads its source from the disk.
+fn drop_caches() {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// `fincore`'s resident bytes of `path`, as it prints them.
+fn resident(path: &Path) -> String {
+    Command::new("fincore")
+        .args(["--noheadings", "--output", "RES,SIZE"])
+        .arg(path)
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+        .unwrap_or_else(|error| format!("fincore failed: {error}"))
+}
+
 /// Seconds `dd if=/dev/zero bs=4M oflag=direct` takes to write `bytes` to a new file in `dir`.
 fn time_dd(dir: &Path, bytes: u64) -> f64 {
     let path = dir.join("imgcrypt-bench-dd.img");
@@ -116,7 +137,13 @@ fn time_plain_writer(dir: &Path, bytes: u64) -> f64 {
 
 /// Seconds the engine takes to write a `payload_size` payload to a new sparse file in `dir`,
 /// after a 16 MiB header area as a LUKS2 image has.
-fn time_engine(engine: &UserspaceEngine, dir: &Path, payload_size: u64, sector_size: u32) -> f64 {
+fn time_engine(
+    engine: &UserspaceEngine,
+    dir: &Path,
+    payload_size: u64,
+    sector_size: u32,
+    image: Option<&Path>,
+) -> f64 {
     let data_offset = 16u64 << 20;
     let path = dir.join("imgcrypt-bench-engine.img");
     let output = OpenOptions::new()
@@ -129,14 +156,18 @@ fn time_engine(engine: &UserspaceEngine, dir: &Path, payload_size: u64, sector_s
     output
         .set_len(data_offset + payload_size)
         .expect("sizing the output");
-    let source = SyntheticSource::new(payload_size);
+    let source: Box<dyn SourceImage> = match image {
+        Some(image) => imgcryptd::formats::open(std::fs::File::open(image).expect("source"))
+            .expect("opening the source"),
+        None => Box::new(SyntheticSource::new(payload_size)),
+    };
     let cancel = AtomicBool::new(false);
     let progress = |_: u64| {};
     let key: Vec<u8> = (0..64).collect();
     let extents = [payload_extent(data_offset, payload_size)];
     let job = PayloadJob {
         job_id: 1,
-        source: &source,
+        source: source.as_ref(),
         output: &output,
         extents: &extents,
         sector_size,
@@ -167,14 +198,38 @@ fn main() {
     let engine = UserspaceEngine::with_config(workers, chunk_mib << 20).expect("engine config");
 
     let rounds: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(3);
-    let payload_size = gib << 30;
+    let image = std::env::var_os("IMGCRYPT_BENCH_SOURCE").map(PathBuf::from);
+    let payload_size = match &image {
+        Some(image) => {
+            let source = imgcryptd::formats::open(std::fs::File::open(image).expect("source"))
+                .expect("opening the source");
+            // Whole 4 MiB blocks, so dd writes the same amount.
+            source.virtual_size().div_ceil(4 << 20) * (4 << 20)
+        }
+        None => gib << 30,
+    };
     let mut dd_times = Vec::new();
     let mut plain_times = Vec::new();
     let mut engine_times = Vec::new();
     for _ in 0..rounds {
+        drop_caches();
         dd_times.push(time_dd(&dir, payload_size));
         plain_times.push(time_plain_writer(&dir, payload_size));
-        engine_times.push(time_engine(&engine, &dir, payload_size, sector_size));
+        drop_caches();
+        engine_times.push(time_engine(
+            &engine,
+            &dir,
+            payload_size,
+            sector_size,
+            image.as_deref(),
+        ));
+    }
+    if let Some(image) = &image {
+        println!(
+            "source {}: resident in the page cache after the engine (RES SIZE): {}",
+            image.display(),
+            resident(image)
+        );
     }
     let median = |times: &mut Vec<f64>| {
         times.sort_by(f64::total_cmp);
@@ -193,8 +248,9 @@ fn main() {
     let plain_seconds = median(&mut plain_times);
     let engine_seconds = median(&mut engine_times);
     let rate = |seconds: f64| payload_size as f64 / seconds / 1e6;
+    let gib = payload_size as f64 / f64::from(1u32 << 30);
     println!(
-        "{gib} GiB, {workers} workers x {chunk_mib} MiB, {sector_size}-byte sectors, median of \
+        "{gib:.2} GiB, {workers} workers x {chunk_mib} MiB, {sector_size}-byte sectors, median of \
          {rounds}: dd {dd_seconds:.2} s ({:.0} MB/s), plain writer {plain_seconds:.2} s ({:.0} MB/s), \
          engine {engine_seconds:.2} s ({:.0} MB/s), engine/dd {:.3}, engine/plain {:.3}, \
          peak RSS {} KiB\n  [dd: {dd_all}; plain: {plain_all}; engine: {engine_all}]",

@@ -298,6 +298,51 @@ check_kernel_encrypt() {
     verify_luks "$out" vmcheck-a "$A_VSIZE" "$A_SHA256"
 }
 
+# --- e: the kernel engine's copy against dd onto the same dm-crypt stack (a measurement) -------
+
+# Not a timed assertion: under TCG absolute speeds mean nothing, but the ratio of the engine's
+# copy (imgctl's copy_ms: reading the source through the daemon's read side, writing onto
+# dm-crypt over a loop device on the output, fsync) to `dd if=/dev/zero bs=4M oflag=direct
+# conv=fsync` of the same number of bytes onto the same stack (cryptsetup open of the finished
+# image: dm-crypt over a loop device on the same file) shows whether the pipeline or dm-crypt
+# is the bottleneck. Prints `IMGCRYPT-MEASURE kernel-copy-vs-dd ...`; fails only if a step fails.
+check_kernel_ratio() {
+    out=/mnt/payload/e.luks
+    daemon_start
+    drop_caches
+    if ! encrypt "$SOURCE_E" "$out" /tmp/e; then
+        show_result /tmp/e
+        show_daemon_log
+        fail "imgctl failed: $(tail -n 1 /tmp/e.err)"
+    fi
+    summary=$(grep '"event":"summary"' /tmp/e.json)
+    copy_ms=$(echo "$summary" | sed -n 's/.*"copy_ms":\([0-9]*\).*/\1/p')
+    payload=$(echo "$summary" | sed -n 's/.*"payload_size":\([0-9]*\).*/\1/p')
+    [ -n "$copy_ms" ] && [ -n "$payload" ] || fail "no copy_ms or payload_size in: $summary"
+    grep -q "source data reads: O_DIRECT" "$DAEMON_LOG" ||
+        echo "note: the daemon did not read the source with O_DIRECT"
+    daemon_stop
+    verify_luks "$out" vmcheck-e "$E_VSIZE" "$E_SHA256"
+    cryptsetup open --key-file "$KEY" "$out" vmcheck-e || fail "cryptsetup open $out failed"
+    drop_caches
+    start=$(uptime_centis)
+    dd if=/dev/zero of=/dev/mapper/vmcheck-e bs=4M count=$((payload / 4194304)) oflag=direct \
+        conv=fsync 2>/tmp/e.dd || {
+        cat /tmp/e.dd
+        cryptsetup close vmcheck-e
+        fail "dd onto the dm-crypt device failed"
+    }
+    dd_ms=$((($(uptime_centis) - start) * 10))
+    cryptsetup close vmcheck-e || fail "cryptsetup close vmcheck-e failed"
+    [ "$dd_ms" -gt 0 ] || dd_ms=10
+    dd_bytes=$((payload / 4194304 * 4194304))
+    rm -f "$out"
+    # Per byte: dd writes whole 4 MiB blocks, a little less than the payload.
+    ratio=$(awk -v c="$copy_ms" -v p="$payload" -v d="$dd_ms" -v b="$dd_bytes" \
+        'BEGIN { printf "%.2f", (c / p) / (d / b) }')
+    echo "IMGCRYPT-MEASURE kernel-copy-vs-dd payload=$payload copy_ms=$copy_ms dd_bytes=$dd_bytes dd_ms=$dd_ms ratio=$ratio"
+}
+
 # Encrypts the slow (dm-delay) source into $1 in the background, its output going to $2; sets
 # $client to that imgctl's pid and returns once the kernel engine's mapper is mid-copy.
 start_slow_encrypt() {
@@ -606,6 +651,7 @@ run_check() {
     case $1 in
     b-luks2-512 | b-luks2-4096 | b-luks1) check_userspace_output "${1#b-}" ;;
     a-kernel-encrypt) check_kernel_encrypt ;;
+    e-kernel-ratio) check_kernel_ratio ;;
     c-kill9-restart) check_kill9_restart ;;
     d-unprivileged) check_unprivileged ;;
     teardown-enospc) check_teardown_enospc ;;

@@ -11,6 +11,13 @@
 //!
 //! Memory: one decompressed unit is cached per image (at most [`MAX_UNIT_BYTES`]), plus one
 //! compressed buffer and one bounce buffer per read in flight.
+//!
+//! I/O: data ranges ([`Chunk::Data`], [`Chunk::Encrypted`]) are read with O_DIRECT through a
+//! private read-only description where the file allows it, and otherwise through the page cache
+//! with the pages dropped behind the reader ([`crate::sys::source_io`]), so copying a large
+//! image leaves the host's page cache as it was. Compressed streams are small and unaligned:
+//! they are read buffered, and dropped from the cache likewise. Ranges outside
+//! [`Layout::allocated_ranges`] are never read.
 
 use std::fmt::Debug;
 use std::fs::File;
@@ -20,8 +27,9 @@ use std::sync::{Arc, Mutex};
 use imgcrypt_proto::api::SourceFormat;
 
 use super::codec::{self, Codec};
-use super::{check_request, read_exact_at, SourceImage};
+use super::{check_request, read_error, SourceImage};
 use crate::engines::xts::{XtsCipher, IV_SECTOR_BYTES};
+use crate::sys::source_io::SourceFile;
 use crate::{Error, Result};
 
 /// Index of a file among a layer's files: 0 is the layer's own file (the one detected); the
@@ -144,7 +152,7 @@ pub fn heap_bytes<T>(vector: &Vec<T>) -> u64 {
 #[derive(Debug)]
 pub struct LayeredImage {
     layout: Box<dyn Layout>,
-    files: Vec<Arc<File>>,
+    files: Vec<SourceFile>,
     backing: Option<Backing>,
     allocated: Vec<Range<u64>>,
     /// The last unit decompressed: guest start and bytes. Copy workers read neighbouring
@@ -165,7 +173,7 @@ impl LayeredImage {
         let allocated = layout.allocated_ranges().to_vec();
         Self {
             layout,
-            files,
+            files: files.into_iter().map(SourceFile::new).collect(),
             backing: None,
             allocated,
             unit_cache: Mutex::new(None),
@@ -201,20 +209,17 @@ impl LayeredImage {
         self.layout.as_ref()
     }
 
-    fn file(&self, index: FileIndex) -> Result<&File> {
-        self.files
-            .get(index)
-            .map(|file| file.as_ref())
-            .ok_or_else(|| {
-                Error::corrupt(
-                    format!(
-                        "the {} layout refers to file {index} of {}",
-                        self.layout.data_name(),
-                        self.files.len()
-                    ),
-                    None,
-                )
-            })
+    fn file(&self, index: FileIndex) -> Result<&SourceFile> {
+        self.files.get(index).ok_or_else(|| {
+            Error::corrupt(
+                format!(
+                    "the {} layout refers to file {index} of {}",
+                    self.layout.data_name(),
+                    self.files.len()
+                ),
+                None,
+            )
+        })
     }
 
     fn read_backing(&self, buffer: &mut [u8], offset: u64) -> Result<()> {
@@ -232,7 +237,7 @@ impl LayeredImage {
         Ok(())
     }
 
-    fn read_encrypted(&self, buffer: &mut [u8], file: &File, host: u64) -> Result<()> {
+    fn read_encrypted(&self, buffer: &mut [u8], file: &SourceFile, host: u64) -> Result<()> {
         let cipher = self.layout.cipher().ok_or_else(|| {
             Error::corrupt(
                 format!(
@@ -248,12 +253,12 @@ impl LayeredImage {
         let aligned_end = end.div_ceil(sector) * sector;
         let what = self.layout.data_name();
         if aligned_start == host && aligned_end == end {
-            read_exact_at(file, buffer, host, what)?;
+            read_data(file, buffer, host, what)?;
             return cipher.decrypt_sectors(buffer, IV_SECTOR_BYTES, host / sector);
         }
         // An unaligned read: decrypt the whole sectors around it and copy the part asked for.
         let mut bounce = vec![0u8; (aligned_end - aligned_start) as usize];
-        read_exact_at(file, &mut bounce, aligned_start, what)?;
+        read_data(file, &mut bounce, aligned_start, what)?;
         cipher.decrypt_sectors(&mut bounce, IV_SECTOR_BYTES, aligned_start / sector)?;
         let skip = (host - aligned_start) as usize;
         buffer.copy_from_slice(&bounce[skip..skip + buffer.len()]);
@@ -263,7 +268,7 @@ impl LayeredImage {
     /// The decompressed unit `unit`, from the cache or from `stored` bytes at `offset`.
     fn unit(
         &self,
-        file: &File,
+        file: &SourceFile,
         offset: u64,
         stored: u64,
         codec: Codec,
@@ -286,7 +291,8 @@ impl LayeredImage {
             ));
         }
         let mut compressed = vec![0u8; stored as usize];
-        read_exact_at(file, &mut compressed, offset, "compressed unit")?;
+        file.read_buffered(&mut compressed, offset)
+            .map_err(|e| read_error(e, compressed.len(), offset, "compressed unit"))?;
         let mut bytes = vec![0u8; unit_len as usize];
         codec::decompress(codec, &compressed, &mut bytes).map_err(|why| {
             Error::corrupt(
@@ -343,7 +349,7 @@ impl SourceImage for LayeredImage {
             let out = &mut buffer[(position - offset) as usize..][..mapped.len as usize];
             match mapped.chunk {
                 Chunk::Data { file, offset: host } => {
-                    read_exact_at(self.file(file)?, out, host, self.layout.data_name())?
+                    read_data(self.file(file)?, out, host, self.layout.data_name())?
                 }
                 Chunk::Encrypted { file, offset: host } => {
                     self.read_encrypted(out, self.file(file)?, host)?
@@ -398,6 +404,12 @@ impl SourceImage for LayeredImage {
             .as_ref()
             .map(|backing| (backing.name.as_str(), backing.image.as_ref()))
     }
+}
+
+/// Fills `buffer` with the data range of `file` at `offset` through the uncached read path.
+fn read_data(file: &SourceFile, buffer: &mut [u8], offset: u64, what: &str) -> Result<()> {
+    file.read_data(buffer, offset)
+        .map_err(|e| read_error(e, buffer.len(), offset, what))
 }
 
 /// The union of two sorted, disjoint range lists, sorted and disjoint (touching ranges merged).

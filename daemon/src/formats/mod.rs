@@ -167,24 +167,28 @@ fn check_request(virtual_size: u64, offset: u64, len: usize) -> Result<()> {
 /// `read_exact_at` does both). Reaching the end of the file early means the image is shorter
 /// than its own structures say: a corrupt (truncated) image, reported at `offset`.
 fn read_exact_at(file: &File, buffer: &mut [u8], offset: u64, what: &str) -> Result<()> {
-    file.read_exact_at(buffer, offset).map_err(|e| {
+    file.read_exact_at(buffer, offset)
+        .map_err(|e| read_error(e, buffer.len(), offset, what))
+}
+
+/// The error of a failed read of `len` bytes of `what` at `offset`: a truncation (the image is
+/// shorter than its structures say) or the I/O error.
+fn read_error(e: io::Error, len: usize, offset: u64, what: &str) -> Error {
+    {
         if e.kind() == io::ErrorKind::UnexpectedEof {
             Error::corrupt(
                 format!(
                     "truncated: the file ends inside the {} bytes of {what} at offset {offset}; \
                      the image was cut short (an interrupted copy or download?): obtain a \
                      complete copy",
-                    buffer.len()
+                    len
                 ),
                 Some(offset),
             )
         } else {
-            Error::io(
-                format!("read {} bytes of {what} at offset {offset}", buffer.len()),
-                e,
-            )
+            Error::io(format!("read {len} bytes of {what} at offset {offset}"), e)
         }
-    })
+    }
 }
 
 /// Two data ranges no further apart than this are reported as one, which bounds the list's length by the

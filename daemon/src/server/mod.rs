@@ -109,11 +109,14 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 pub const DESCRIPTORS_PER_CONNECTION: u64 = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64 + 8;
 
 /// Descriptors kept free of connections: the daemon's own (listener, runtime, logging), each
-/// running job's (devices, engine threads, temporary files), and the excess over 104 of the up
-/// to 253 a single `recvmsg` may install before it is refused, once per runtime thread (2).
+/// running job's (devices, engine threads, temporary files, and the private O_DIRECT
+/// description of each source file it reads data from: up to one per descriptor its call
+/// passed, see `sys::source_io`), and the excess over 104 of the up to 253 a single `recvmsg`
+/// may install before it is refused, once per runtime thread (2).
 pub fn reserved_descriptors(max_jobs: usize) -> u64 {
-    let excess_per_read = 253 - imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64;
-    64 + 32 * max_jobs as u64 + 2 * excess_per_read
+    let per_message = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64;
+    let excess_per_read = 253 - per_message;
+    64 + (32 + per_message) * max_jobs as u64 + 2 * excess_per_read
 }
 
 /// The largest overall connection cap whose descriptors fit `descriptor_limit` next to

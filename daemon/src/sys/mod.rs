@@ -5,4 +5,5 @@ pub mod capabilities;
 pub mod descriptors;
 pub mod direct_io;
 pub mod memfd;
+pub mod source_io;
 pub mod storage;

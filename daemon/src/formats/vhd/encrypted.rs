@@ -36,10 +36,11 @@ use super::{detect, Detected};
 use crate::engines::xts::{IvMode, XtsCipher};
 use crate::error::Descriptor;
 use crate::formats::layout::Layout;
-use crate::formats::{check_request, read_exact_at, SourceImage};
+use crate::formats::{check_request, read_error, read_exact_at, SourceImage};
 use crate::keys::fingerprint::vhd_key_hash;
 use crate::keys::{raw_vhd_key, CandidateKey, SecretBytes};
 use crate::outputs::vhd::{check_raw_key, cipher_name};
+use crate::sys::source_io::SourceFile;
 use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
 
@@ -240,7 +241,7 @@ impl EncryptedVhd {
         Ok(DecryptedVhd {
             cipher_name: cipher_name(raw_key.len()),
             image: self.image,
-            file: self.file,
+            file: SourceFile::new(std::sync::Arc::new(self.file)),
             cipher,
             plaintext_zero_sectors: AtomicU64::new(0),
         })
@@ -251,7 +252,8 @@ impl EncryptedVhd {
 #[derive(Debug)]
 pub struct DecryptedVhd {
     image: DynamicVhd,
-    file: File,
+    /// Data blocks are read through the uncached read path; bitmaps buffered.
+    file: SourceFile,
     cipher: XtsCipher,
     cipher_name: &'static str,
     plaintext_zero_sectors: AtomicU64,
@@ -289,16 +291,19 @@ impl DecryptedVhd {
             target.fill(0);
             return Ok(());
         };
-        read_exact_at(
-            &self.file,
-            target,
-            data_at + first * SECTOR as u64,
-            "an encrypted VHD block",
-        )?;
+        let at = data_at + first * SECTOR as u64;
+        self.file
+            .read_data(target, at)
+            .map_err(|e| read_error(e, target.len(), at, "an encrypted VHD block"))?;
         let map = if self.block_is_full(block) {
             None
         } else {
-            read_exact_at(&self.file, bitmap, bitmap_at, "a block's sector bitmap")?;
+            read_exact_at(
+                self.file.file(),
+                bitmap,
+                bitmap_at,
+                "a block's sector bitmap",
+            )?;
             Some(&bitmap[..])
         };
         let sectors_per_block = self.image.block_size() / SECTOR as u64;

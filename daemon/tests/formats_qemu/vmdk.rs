@@ -416,3 +416,119 @@ fn a_vmdk_delta_link_reads_over_its_parent_like_qemu() {
     let image = assert_vmdk_like_qemu(&child, "delta link");
     assert_eq!(image.backing().map(|(name, _)| name), Some("base.vmdk"));
 }
+
+/// The first `field=` value of a VMDK's descriptor (embedded at 512 in a sparse file, or the
+/// descriptor file), as qemu-img wrote it (hexadecimal: `%08x` when made, `%x` when rewritten).
+fn descriptor_id(path: &Path, field: &str) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(64 * 1024)]).into_owned();
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}=")))
+        .unwrap_or_else(|| panic!("no {field}= in {}", path.display()));
+    value.trim().to_string()
+}
+
+fn hex(text: &str) -> u32 {
+    u32::from_str_radix(text, 16).unwrap()
+}
+
+/// Rewrites the child's `parentCID=OLD` in place with `new`, zero-padded to OLD's length so
+/// the descriptor keeps its size, as a user who knows the parent is right would.
+fn set_parent_cid(child: &Path, old: &str, new: u32) {
+    let new = format!("{new:0width$x}", width = old.len());
+    assert_eq!(old.len(), new.len());
+    let mut bytes = std::fs::read(child).unwrap();
+    let needle = format!("parentCID={old}");
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("parentCID in the child");
+    let value_at = at + "parentCID=".len();
+    bytes[value_at..value_at + new.len()].copy_from_slice(new.as_bytes());
+    std::fs::write(child, bytes).unwrap();
+}
+
+/// qemu refuses a delta link whose `parentCID` is not its parent's `CID` (the parent was
+/// written after the child was made: qemu gives a VMDK a new CID on its first write), and so
+/// does the reader, saying both ids; the matching chain reads, before the change and after the
+/// child's parentCID is set to the parent's new CID. Over a sparse parent (CID embedded at 512)
+/// and over a monolithicFlat one (CID in the descriptor file).
+#[test]
+fn a_vmdk_delta_link_whose_parent_changed_is_refused_like_qemu() {
+    let size = 8 * MIB;
+    for subformat in ["monolithicSparse", "monolithicFlat"] {
+        let dir = scratch();
+        let base = create(
+            dir.path(),
+            "base.vmdk",
+            "vmdk",
+            &size.to_string(),
+            &[&format!("subformat={subformat}")],
+        );
+        write_pattern(&base, "vmdk", &[(0, 3 * MIB, 0x11), (6 * MIB, MIB, 0x66)]);
+        let child = dir.path().join("child.vmdk");
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-b",
+                "base.vmdk",
+                "-F",
+                "vmdk",
+                path_str(&child),
+            ],
+        );
+        write_pattern(&child, "vmdk", &[(MIB, 64 * 1024, 0x22)]);
+        let recorded = descriptor_id(&child, "parentCID");
+        let made_over = hex(&recorded);
+        assert_eq!(made_over, hex(&descriptor_id(&base, "CID")), "{subformat}");
+        assert_vmdk_like_qemu(&child, &format!("{subformat}: matching parentCID"));
+
+        write_pattern(&base, "vmdk", &[(2 * MIB, 64 * 1024, 0x33)]);
+        let now = hex(&descriptor_id(&base, "CID"));
+        assert_ne!(
+            now, made_over,
+            "{subformat}: qemu-io gave the base a new CID"
+        );
+        let raw = dir.path().join("child.raw");
+        let qemu = run_status(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "vmdk",
+                "-O",
+                "raw",
+                path_str(&child),
+                path_str(&raw),
+            ],
+        )
+        .expect_err("qemu-img reads a child whose parent changed");
+        assert!(qemu.contains("Invalid argument"), "{subformat}: {qemu}");
+        let message = match open_with_companions(&child) {
+            Err(Error::UnsupportedImage { message }) => message,
+            Err(other) => panic!("{subformat}: expected UnsupportedImage, got {other:?}"),
+            Ok(_) => panic!("{subformat}: a child whose parent changed was read"),
+        };
+        for words in [
+            format!("CID was {made_over:08x}"),
+            format!("now has CID {now:08x}"),
+            "`base.vmdk`".into(),
+            "changed after the child was made".into(),
+            format!("set the child's parentCID to {now:08x}"),
+        ] {
+            assert!(
+                message.contains(&words),
+                "{subformat}: {words:?} in {message}"
+            );
+        }
+
+        set_parent_cid(&child, &recorded, now);
+        let image = assert_vmdk_like_qemu(&child, &format!("{subformat}: parentCID set"));
+        assert_eq!(image.backing().map(|(name, _)| name), Some("base.vmdk"));
+    }
+}

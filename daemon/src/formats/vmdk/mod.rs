@@ -59,7 +59,7 @@ use super::codec::Codec;
 use super::files::{FileKey, Relation, SourceFiles};
 use super::foreign::{Foreign, VmdkKind};
 use super::layout::{Chunk, FileIndex, LayeredImage, Layout, Mapped};
-use super::{push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
+use super::{le_u16, le_u32, le_u64, push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
 use crate::sys::storage;
 use crate::{Error, Result};
 
@@ -68,18 +68,6 @@ pub(crate) const SECTOR: u64 = 512;
 /// Where qemu reads a sparse extent's embedded descriptor, and how much of it.
 const EMBEDDED_DESCRIPTOR_AT: u64 = 0x200;
 const EMBEDDED_DESCRIPTOR_BYTES: u64 = 20 * SECTOR;
-
-fn le_u16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
-}
-
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// How one extent stores its bytes.
 #[derive(Debug)]

@@ -231,6 +231,85 @@ fn covers(outer: &[Range<u64>], inner: &[Range<u64>]) -> bool {
         .all(|range| gaps(outer, range.clone()).is_empty())
 }
 
+/// `image`, opened from `path`, is in `format`, has qemu's virtual size for it and reads like
+/// qemu's raw conversion (`qemu_format` is qemu-img's name for it), every byte outside its
+/// allocated ranges zero.
+fn assert_image_like_qemu(
+    image: &dyn SourceImage,
+    path: &Path,
+    qemu_format: &str,
+    format: SourceFormat,
+    what: &str,
+) {
+    assert_eq!(image.format(), format, "{what}");
+    assert_eq!(
+        image.virtual_size(),
+        qemu_virtual_size(path, qemu_format),
+        "{what}"
+    );
+    let raw = qemu_to_raw(path, qemu_format);
+    assert_reads_like(image, &raw);
+    std::fs::remove_file(raw).unwrap();
+}
+
+/// Unpacks `name` from the qemu sample corpus (`../shared/corpus/qemu-sample-images/`, bzip2)
+/// into `dir`.
+fn corpus(name: &str, dir: &Path) -> PathBuf {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/corpus/qemu-sample-images")
+        .join(format!("{name}.bz2"));
+    assert!(
+        source.exists(),
+        "corpus image missing: {}",
+        source.display()
+    );
+    let out = dir.join(name);
+    let unpacked = Command::new("bunzip2")
+        .arg("-kc")
+        .arg(&source)
+        .stdout(File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(unpacked.success(), "bunzip2 {}", source.display());
+    out
+}
+
+/// A small deterministic generator (an LCG, Knuth's MMIX constants; the high bits of each step).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+}
+
+/// `count` deterministic writes `(offset, length, pattern)` scattered over a disk of `size`
+/// bytes from `seed`: a length drawn by `length`, then a sector-aligned offset, the length cut
+/// at the disk's end, and a non-zero pattern byte.
+fn scattered_writes(
+    size: u64,
+    count: usize,
+    seed: u64,
+    length: impl Fn(&mut Lcg) -> u64,
+) -> Vec<(u64, u64, u8)> {
+    let mut lcg = Lcg(seed);
+    (0..count)
+        .map(|_| {
+            let drawn = length(&mut lcg);
+            let offset = (lcg.next() % (size / 512)) * 512;
+            (
+                offset,
+                drawn.min(size - offset),
+                (lcg.next() % 255 + 1) as u8,
+            )
+        })
+        .collect()
+}
+
 /// Scattered data, holes between: the boot sector, an unaligned piece, a run across a 2 MiB
 /// block boundary, a lone sector, and the disk's last 4 KiB (those that fit in `size`).
 fn scatter(size: u64) -> Vec<(u64, u64, u8)> {

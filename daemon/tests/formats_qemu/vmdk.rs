@@ -50,35 +50,13 @@ fn open_with_companions(path: &Path) -> Result<Box<dyn SourceImage>, Error> {
 /// Opens with companions, compares with qemu's raw conversion, and checks the format.
 fn assert_vmdk_like_qemu(path: &Path, what: &str) -> Box<dyn SourceImage> {
     let image = open_with_companions(path).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(image.format(), SourceFormat::Vmdk, "{what}");
-    assert_eq!(
-        image.virtual_size(),
-        qemu_virtual_size(path, "vmdk"),
-        "{what}"
-    );
-    let raw = qemu_to_raw(path, "vmdk");
-    assert_reads_like(image.as_ref(), &raw);
-    std::fs::remove_file(raw).unwrap();
+    assert_image_like_qemu(image.as_ref(), path, "vmdk", SourceFormat::Vmdk, what);
     image
 }
 
-/// Deterministic scattered writes (a small LCG) of 512 B .. 512 KiB, unaligned to grains.
+/// Deterministic scattered writes of 512 B .. 512 KiB, unaligned to grains.
 fn irregular_writes(size: u64, count: usize, seed: u64) -> Vec<(u64, u64, u8)> {
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        state >> 33
-    };
-    (0..count)
-        .map(|_| {
-            let length = (next() % 1024 + 1) * 512;
-            let offset = (next() % (size / 512)) * 512;
-            let length = length.min(size - offset);
-            (offset, length, (next() % 255 + 1) as u8)
-        })
-        .collect()
+    scattered_writes(size, count, seed, |lcg| (lcg.next() % 1024 + 1) * 512)
 }
 
 /// A raw disk of `size` bytes with `writes`, then `qemu-img convert`ed to a VMDK.
@@ -332,21 +310,6 @@ fn an_ova_with_one_disk_is_read_in_place_like_qemu_reads_the_disk() {
         Error::UnsupportedFormat { format, .. } => assert_eq!(format, "tar"),
         other => panic!("expected UnsupportedFormat, got {other:?}"),
     }
-}
-
-fn corpus(name: &str, dir: &Path) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/corpus/qemu-sample-images")
-        .join(format!("{name}.bz2"));
-    let out = dir.join(name);
-    let unpacked = Command::new("bunzip2")
-        .arg("-kc")
-        .arg(&source)
-        .output()
-        .unwrap();
-    assert!(unpacked.status.success(), "bunzip2 {}", source.display());
-    std::fs::write(&out, unpacked.stdout).unwrap();
-    out
 }
 
 /// qemu's iotest 059: `afl9.vmdk` fails with "L1 size too big"; `iotest-version3.vmdk` (a

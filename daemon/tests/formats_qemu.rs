@@ -143,6 +143,16 @@ fn qemu_to_raw(path: &Path, format: &str) -> PathBuf {
     raw
 }
 
+/// `qemu-img convert -f raw -O FORMAT [-o OPTIONS] RAW OUT`: `raw` as qemu-img writes `format`.
+fn convert_raw(raw: &Path, format: &str, options: &str, out: &Path) {
+    let mut args = vec!["convert", "-f", "raw", "-O", format];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([path_str(raw), path_str(out)]);
+    run("qemu-img", &args);
+}
+
 fn open_source(path: &Path) -> Box<dyn SourceImage> {
     formats::open(File::open(path).unwrap())
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
@@ -525,20 +535,7 @@ fn images_read_back_like_qemu_img_convert() {
         (&forced, "subformat=dynamic,force_size=on"),
         (&fixed, "subformat=fixed"),
     ] {
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vpc",
-                "-o",
-                options,
-                path_str(&base),
-                path_str(out),
-            ],
-        );
+        convert_raw(&base, "vpc", options, out);
     }
     // Written block by block by qemu-io instead of converted.
     let written = create(dir.path(), "written.vhd", "vpc", "33M", &[]);
@@ -733,20 +730,7 @@ fn root_block_device_sources_read_like_their_files() {
         &scatter(qemu_virtual_size(&dynamic, "vpc")),
     );
     let fixed = dir.path().join("fixed.vhd");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=fixed,force_size=on",
-            path_str(&raw),
-            path_str(&fixed),
-        ],
-    );
+    convert_raw(&raw, "vpc", "subformat=fixed,force_size=on", &fixed);
 
     for (path, format, expected_format) in [
         (&raw, "raw", SourceFormat::Raw),

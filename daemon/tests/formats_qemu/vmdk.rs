@@ -76,13 +76,7 @@ fn converted(
     );
     write_pattern(&raw, "raw", writes);
     let path = dir.join(name);
-    let joined = options.join(",");
-    let mut args = vec!["convert", "-f", "raw", "-O", "vmdk"];
-    if !options.is_empty() {
-        args.extend(["-o", &joined]);
-    }
-    args.extend([path_str(&raw), path_str(&path)]);
-    run("qemu-img", &args);
+    convert_raw(&raw, "vmdk", &options.join(","), &path);
     std::fs::remove_file(raw).unwrap();
     path
 }
@@ -169,20 +163,7 @@ fn stream_optimized_vmdks_read_like_qemu_img_convert() {
         .collect();
     std::fs::write(&random, &bytes).unwrap();
     let noisy = dir.path().join("noisy.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            path_str(&random),
-            path_str(&noisy),
-        ],
-    );
+    convert_raw(&random, "vmdk", "subformat=streamOptimized", &noisy);
     assert_vmdk_like_qemu(&noisy, "incompressible streamOptimized");
 }
 
@@ -346,6 +327,26 @@ fn a_descriptor_whose_extent_is_missing_asks_for_it_by_name() {
     }
 }
 
+/// `DIR/child.vmdk`, a delta link qemu-img makes over `DIR/base.vmdk` (`-b base.vmdk -F vmdk`,
+/// and `args`), recording the base in `parentFileNameHint` and its CID in `parentCID`.
+fn delta_link(dir: &Path, args: &[&str]) -> PathBuf {
+    let child = dir.join("child.vmdk");
+    let mut all = vec![
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+    ];
+    all.extend_from_slice(args);
+    all.push(path_str(&child));
+    run("qemu-img", &all);
+    child
+}
+
 /// A delta link: qemu-img makes a child VMDK over a VMDK base (`-b`), which records the base in
 /// `parentFileNameHint`.
 #[test]
@@ -354,23 +355,7 @@ fn a_vmdk_delta_link_reads_over_its_parent_like_qemu() {
     let size = 24 * MIB;
     let base = create(dir.path(), "base.vmdk", "vmdk", &size.to_string(), &[]);
     write_pattern(&base, "vmdk", &scatter(size));
-    let child = dir.path().join("child.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            path_str(&child),
-        ],
-    );
+    let child = delta_link(dir.path(), &["-o", "zeroed_grain=on"]);
     write_pattern(&child, "vmdk", &irregular_writes(size, 12, 5));
     run(
         "qemu-io",
@@ -430,21 +415,7 @@ fn a_vmdk_delta_link_whose_parent_changed_is_refused_like_qemu() {
             &[&format!("subformat={subformat}")],
         );
         write_pattern(&base, "vmdk", &[(0, 3 * MIB, 0x11), (6 * MIB, MIB, 0x66)]);
-        let child = dir.path().join("child.vmdk");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-b",
-                "base.vmdk",
-                "-F",
-                "vmdk",
-                path_str(&child),
-            ],
-        );
+        let child = delta_link(dir.path(), &[]);
         write_pattern(&child, "vmdk", &[(MIB, 64 * 1024, 0x22)]);
         let recorded = descriptor_id(&child, "parentCID");
         let made_over = hex(&recorded);

@@ -553,20 +553,26 @@ pub fn start_until(command: &mut Command, until: impl Fn(&serde_json::Value) -> 
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
-    loop {
+    let came = loop {
         line.clear();
-        let read = stdout.read_line(&mut line).unwrap();
-        assert!(read > 0, "imgctl's output ended before the moment came");
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break false;
+        }
         let value: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
         if until(&value) {
-            child.stdout = Some(stdout.into_inner());
-            return child;
+            break true;
         }
-        assert_ne!(
-            value["event"], "summary",
-            "the job finished before the moment came: {line}"
-        );
+        if value["event"] == "summary" {
+            break false;
+        }
+    };
+    if !came {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the job finished (or imgctl's output ended) before the moment came: {line}");
     }
+    child.stdout = Some(stdout.into_inner());
+    child
 }
 
 /// Interrupts imgctl as Ctrl-C does (SIGINT) and waits for it: its exit code.

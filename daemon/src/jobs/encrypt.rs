@@ -224,16 +224,7 @@ fn unlock_source(
             }
         })?;
     let name = "source key".to_string();
-    let key = keys::read_key_file(source_key).map_err(|error| match error {
-        Error::BadDescriptor {
-            descriptor,
-            message,
-        } => Error::BadDescriptor {
-            descriptor,
-            message: format!("{name}: {message}"),
-        },
-        other => other,
-    })?;
+    let key = keys::read_key_file(source_key).map_err(|error| unlock::name_key(error, &name))?;
     for warning in &key.warnings {
         job.notice(format!("{name}: {warning}"));
     }

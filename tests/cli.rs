@@ -5,10 +5,9 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -212,38 +211,18 @@ fn interrupt_removes_the_partial_file_and_cancels_the_job() {
     let key = dir.join("k");
     write_key(&key);
     let output = dir.join("out.luks");
-    let mut child = daemon
-        .encrypt(&source, &output, &key)
-        .arg("--json")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if value["progress"]["phase"] == "copy"
-            && value["progress"]["bytes_done"].as_u64() > Some(0)
-        {
-            break;
-        }
-        assert_ne!(
-            value["event"], "summary",
-            "job finished before it could be interrupted"
-        );
-    }
+    let mut child = start_until(
+        daemon.encrypt(&source, &output, &key).arg("--json"),
+        |value| {
+            value["progress"]["phase"] == "copy"
+                && value["progress"]["bytes_done"].as_u64() > Some(0)
+        },
+    );
     assert!(
         partial_of(&output).exists(),
         "the partial file exists while writing"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "exit status after SIGINT");
+    assert_eq!(interrupt(&mut child), Some(130), "exit status after SIGINT");
     assert!(!partial_of(&output).exists(), "partial file removed");
     assert!(!output.exists(), "nothing under the final name");
 

@@ -8,7 +8,6 @@
 mod common;
 
 use std::fs;
-use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -22,18 +21,7 @@ use imgcrypt_proto::varlink::Reply;
 /// Encrypt `source` into the existing file `output` with no key passed: descriptors 0 and 1.
 fn encrypt_without_key(daemon: &Daemon, source: &Path, output: &Path) -> Reply {
     let parameters = cheap_encrypt_parameters(None);
-    let source = fs::File::open(source).unwrap();
-    let output = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(output)
-        .unwrap();
-    varlink_call(
-        &daemon.socket,
-        api::ENCRYPT,
-        parameters,
-        &[source.as_fd(), output.as_fd()],
-    )
+    varlink_in_out(&daemon.socket, api::ENCRYPT, parameters, source, output)
 }
 
 fn summary_fingerprint(reply: &Reply) -> String {

@@ -46,12 +46,7 @@ fn round_trip(kind: SourceKind, variant: Variant) {
         .encrypt(&source, &output, &key)
         .args(variant.args())
         .arg("--json"));
-    assert!(
-        result.status.success(),
-        "imgctl failed: {}\ndaemon log:\n{}",
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, "imgctl failed");
     assert!(!Path::new(&format!("{}.partial", output.display())).exists());
 
     let summary = last_json_summary(&result.stdout);

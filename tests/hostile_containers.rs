@@ -15,7 +15,6 @@
 mod common;
 
 use std::fs;
-use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,28 +31,11 @@ fn encrypt_with_ring(socket: &Path, source: &Path, output: &Path, format: Output
         // A VHD has no keyslot to derive.
         parameters["pbkdf"] = serde_json::Value::Null;
     }
-    let source = fs::File::open(source).unwrap();
-    let output = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(output)
-        .unwrap();
-    varlink_call(
-        socket,
-        api::ENCRYPT,
-        parameters,
-        &[source.as_fd(), output.as_fd()],
-    )
+    varlink_in_out(socket, api::ENCRYPT, parameters, source, output)
 }
 
 /// `Rewrite --reencrypt` of `image` into `output` with the daemon's ring (no keys passed).
 fn reencrypt_with_ring(socket: &Path, image: &Path, output: &Path) -> Reply {
-    let image = fs::File::open(image).unwrap();
-    let output = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(output)
-        .unwrap();
     let parameters = serde_json::to_value(RewriteParameters {
         image: 0,
         keys: Vec::new(),
@@ -62,12 +44,7 @@ fn reencrypt_with_ring(socket: &Path, image: &Path, output: &Path) -> Reply {
         pbkdf: None,
     })
     .unwrap();
-    varlink_call(
-        socket,
-        api::REWRITE,
-        parameters,
-        &[image.as_fd(), output.as_fd()],
-    )
+    varlink_in_out(socket, api::REWRITE, parameters, image, output)
 }
 
 #[test]
@@ -76,15 +53,11 @@ fn the_daemons_ring_key_never_encrypts_chosen_vhd_sectors_for_other_users() {
     let scratch_dir = scratch();
     let dir = scratch_dir.path();
     let daemon = daemon_with_ring(dir);
-    let work = dir.join("attacker");
-    fs::create_dir(&work).unwrap();
-    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+    let work = shared_dir(dir, "attacker");
 
     // Root's (the operator's) VHD with the ring key: a secret, world-readable.
     let secret = work.join("secret.raw");
-    let mut bytes = b"PASSWORD=hunter2 ".repeat(1 << 14);
-    bytes.resize(4 << 20, 0);
-    write_file(&secret, &bytes);
+    write_secret(&secret, 4 << 20);
     let victim = work.join("secret.vhd");
     write_file(&victim, b"");
     let reply = encrypt_with_ring(&daemon.socket, &secret, &victim, OutputFormat::Vhd);
@@ -94,9 +67,7 @@ fn the_daemons_ring_key_never_encrypts_chosen_vhd_sectors_for_other_users() {
     // The attacker's chosen plaintext (a guess at the secret's first sector), its outputs, and
     // a copy of the victim's VHD to re-encrypt.
     let guess = work.join("guess.raw");
-    let mut chosen = b"PASSWORD=hunter2 ".repeat(1 << 14);
-    chosen.resize(4 << 20, 0);
-    write_file(&guess, &chosen);
+    write_secret(&guess, 4 << 20);
     let out_encrypt = work.join("guess.vhd");
     let out_reencrypt = work.join("copy.vhd.reencrypt.partial");
     let copy = work.join("copy.vhd");

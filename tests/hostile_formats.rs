@@ -49,9 +49,7 @@ impl Bench {
         let (_, attacker) = two_users();
         let scratch = scratch();
         let daemon = Daemon::start(scratch.path(), &["--socket-mode", "0666"]);
-        let work = scratch.path().join("work");
-        fs::create_dir(&work).unwrap();
-        fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+        let work = shared_dir(scratch.path(), "work");
         attacker.own(&[&work]);
         let key = work.join("user.key");
         write_key(&key);

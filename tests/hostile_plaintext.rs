@@ -23,13 +23,9 @@ use imgcrypt_proto::varlink::Reply;
 /// The victim's image, encrypted by the daemon with its ring key (no key passed) and left
 /// world-readable, as images on a shared build host often are; returns it and its plaintext.
 fn victim_image(daemon: &Daemon, victim: TestUser, dir: &Path) -> (PathBuf, PathBuf) {
-    let work = dir.join("victim");
-    fs::create_dir(&work).unwrap();
-    fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
+    let work = shared_dir(dir, "victim");
     let plaintext = work.join("secret.raw");
-    let mut secret = b"PASSWORD=hunter2 ".repeat(1 << 14);
-    secret.resize(1 << 20, 0);
-    write_file(&plaintext, &secret);
+    write_secret(&plaintext, 1 << 20);
     let image = work.join("secret.luks");
     write_file(&image, b"");
     victim.own(&[&work, &plaintext, &image]);
@@ -37,18 +33,7 @@ fn victim_image(daemon: &Daemon, victim: TestUser, dir: &Path) -> (PathBuf, Path
     let (source, output) = (plaintext.clone(), image.clone());
     let reply = victim.in_thread(move || {
         let parameters = raw_client::cheap_encrypt_parameters(None);
-        let source = fs::File::open(source).unwrap();
-        let output = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(output)
-            .unwrap();
-        varlink_call(
-            &socket,
-            api::ENCRYPT,
-            parameters,
-            &[source.as_fd(), output.as_fd()],
-        )
+        varlink_in_out(&socket, api::ENCRYPT, parameters, &source, &output)
     });
     assert_eq!(reply.error, None, "{reply:?}\n{}", daemon.log_text());
     fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();

@@ -20,11 +20,8 @@ fn sha256sum(path: &Path) -> String {
 
 #[test]
 fn decrypt_writes_the_plaintext_and_verify_hashes_and_compares_it() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     for (kind, extra) in [
         (SourceKind::VhdDynamic, &[][..]),
         (SourceKind::VhdFixed, &["--luks1"][..]),
@@ -39,14 +36,7 @@ fn decrypt_writes_the_plaintext_and_verify_hashes_and_compares_it() {
 
         let plain = dir.join("plain.raw");
         let _ = fs::remove_file(&plain);
-        let output = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(&image)
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(&key));
+        let output = run(&mut daemon.decrypt(&image, &plain, &key));
         assert!(output.status.success(), "{kind:?}: {}", describe(&output));
         assert!(!dir.join("plain.raw.partial").exists());
         assert_plaintext_matches(&plain, &raw);
@@ -57,14 +47,7 @@ fn decrypt_writes_the_plaintext_and_verify_hashes_and_compares_it() {
             "the whole payload is written"
         );
 
-        let verified = run(daemon
-            .imgctl()
-            .arg("verify")
-            .arg(&image)
-            .arg("--source")
-            .arg(&source)
-            .arg("--key-file")
-            .arg(&key));
+        let verified = run(&mut daemon.verify(&image, &source, &key));
         assert!(
             verified.status.success(),
             "{kind:?}: {}",
@@ -77,11 +60,8 @@ fn decrypt_writes_the_plaintext_and_verify_hashes_and_compares_it() {
 
 #[test]
 fn verify_reports_where_a_different_source_differs() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = make_source(dir, SourceKind::Raw, "4M");
     let image = dir.join("image.luks");
     run_ok(&mut daemon.encrypt(&source, &image, &key));
@@ -93,14 +73,7 @@ fn verify_reports_where_a_different_source_differs() {
         .find(|&at| expected[at] != 0x77)
         .unwrap();
 
-    let output = run(daemon
-        .imgctl()
-        .arg("verify")
-        .arg(&image)
-        .arg("--source")
-        .arg(&changed)
-        .arg("--key-file")
-        .arg(&key));
+    let output = run(&mut daemon.verify(&image, &changed, &key));
     assert_eq!(output.status.code(), Some(1), "{}", describe(&output));
     let text = format!(
         "{}{}",
@@ -115,11 +88,8 @@ fn verify_reports_where_a_different_source_differs() {
 
 #[test]
 fn inspect_reads_the_header_without_a_key_and_agrees_with_cryptsetup() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = make_source(dir, SourceKind::VhdDynamic, "3M");
     let image = dir.join("image.luks");
     run_ok(

@@ -191,7 +191,6 @@ fn vhd_fingerprint(key: &Path) -> std::process::Output {
 
 #[test]
 fn fingerprint_vhd_prints_the_hash_vhd_util_printed_and_stored_for_the_corpus_keys() {
-    use sha2::{Digest, Sha256};
     let scratch_dir = scratch();
     let dir = scratch_dir.path();
     let tarball =
@@ -252,13 +251,7 @@ fn fingerprint_vhd_prints_the_hash_vhd_util_printed_and_stored_for_the_corpus_ke
         assert_eq!(hash, from_vhd_util, "{name}: vhd-util key -C");
         // Computed here from the raw key: SHA-256 of vhd-util copy's zero nonce and the key.
         let raw = fs::read(dir.join(format!("{name}.bin"))).unwrap();
-        let computed: String = Sha256::new()
-            .chain_update([0u8; 32])
-            .chain_update(&raw)
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let computed = vhd_key_hash(&raw);
         assert_eq!(hash, computed, "{name}");
         for image in images {
             let fields: Vec<&str> = printed_p

@@ -60,13 +60,7 @@ fn encrypt(daemon: &Daemon, source: &Path, output: &Path, key: &Path, extra: &[&
 fn assert_encrypts_as_qemu_reads(daemon: &Daemon, dir: &Path, top: &Path, key: &Path) {
     let output = dir.join("out.luks");
     let result = encrypt(daemon, top, &output, key, &[]);
-    assert!(
-        result.status.success(),
-        "{}: {}\ndaemon log:\n{}",
-        top.display(),
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, top.display());
     let summary = last_json_summary(&result.stdout);
     assert_eq!(summary["source_format"], "qcow2", "{summary}");
     let expected = dir.join("expected.raw");
@@ -83,11 +77,8 @@ fn assert_encrypts_as_qemu_reads(daemon: &Daemon, dir: &Path, top: &Path, key: &
 
 #[test]
 fn chains_of_mixed_formats_encrypt_to_what_qemu_reads_of_the_top_image() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
 
     // Depth 3: top.qcow2 -> mid/mid.qcow2 -> base/base.raw, by relative names, each layer
     // larger than the one below (a smaller backing disk reads as zeros past its end).
@@ -153,11 +144,8 @@ fn chains_of_mixed_formats_encrypt_to_what_qemu_reads_of_the_top_image() {
 
 #[test]
 fn a_missing_backing_file_is_named_and_leaves_no_output() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let top = dir.join("top.qcow2");
     qemu_img(&[
         "create",
@@ -190,31 +178,14 @@ fn a_missing_backing_file_is_named_and_leaves_no_output() {
 
 #[test]
 fn an_encrypted_qcow2_source_is_read_with_its_source_key() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source_key = dir.join("source.k");
     write_key(&source_key);
-    let object = format!("secret,id=s0,file={}", source_key.display());
+    let object = qemu_secret(&source_key);
     let source = dir.join("enc.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        &object,
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-        text(&source),
-        "16M",
-    ]);
-    let opts = format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-        source.display()
-    );
+    qemu_create_encrypted_qcow2(&source, &source_key, "16M");
+    let opts = encrypted_qcow2_opts(&source);
     run_ok(
         std::process::Command::new("qemu-io")
             .args(["--object", &object, "--image-opts", &opts])
@@ -222,16 +193,7 @@ fn an_encrypted_qcow2_source_is_read_with_its_source_key() {
             .args(["-c", "write -z 512k 64k", "-c", "write -P 0x7c 15M 1M"]),
     );
     let expected = dir.join("expected.raw");
-    qemu_img(&[
-        "convert",
-        "--object",
-        &object,
-        "--image-opts",
-        &opts,
-        "-O",
-        "raw",
-        text(&expected),
-    ]);
+    qemu_decrypt_qcow2(&source, &source_key, &expected);
 
     let output = dir.join("out.luks");
     // Without the source key: refused, saying how to pass it.
@@ -261,12 +223,7 @@ fn an_encrypted_qcow2_source_is_read_with_its_source_key() {
         &key,
         &["--source-key-file", text(&source_key)],
     );
-    assert!(
-        result.status.success(),
-        "{}\ndaemon log:\n{}",
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, "imgctl");
     assert_eq!(last_json_summary(&result.stdout)["source_format"], "qcow2");
     let plaintext = independent_decrypt(&output, &key, dir);
     assert_plaintext_matches(&plaintext, &expected);
@@ -291,11 +248,8 @@ fn an_encrypted_qcow2_source_is_read_with_its_source_key() {
 
 #[test]
 fn a_qcow2_with_an_external_data_file_encrypts_to_what_qemu_reads() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     fs::create_dir(dir.join("data")).unwrap();
     let data = dir.join("data/guest.raw");
     let meta = dir.join("meta.qcow2");

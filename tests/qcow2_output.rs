@@ -7,10 +7,9 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -30,12 +29,7 @@ fn encrypt_qcow2(daemon: &Daemon, source: &Path, output: &Path, key: &Path) -> s
     let result = run(daemon
         .encrypt(source, output, key)
         .args(["--format", "qcow2", "--json"]));
-    assert!(
-        result.status.success(),
-        "imgctl failed: {}\ndaemon log:\n{}",
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, "imgctl failed");
     assert!(!partial_of(output).exists());
     last_json_line(&result.stdout)
 }
@@ -55,20 +49,9 @@ fn last_json_line(stdout: &[u8]) -> serde_json::Value {
 /// with the source is identical, convert gives the source's plaintext.
 fn assert_qemu_reads(image: &Path, key: &Path, source: &Path, dir: &Path) {
     assert_qemu_check_and_compare(image, key, source, qemu_format(source));
-    let object = qemu_secret(key);
-    let opts = encrypted_qcow2_opts(image);
     let converted = dir.join("qemu-view.raw");
     let _ = fs::remove_file(&converted);
-    qemu_img(&[
-        "convert",
-        "--object",
-        &object,
-        "--image-opts",
-        &opts,
-        "-O",
-        "raw",
-        converted.to_str().unwrap(),
-    ]);
+    qemu_decrypt_qcow2(image, key, &converted);
     let expected = dir.join("expected.raw");
     let _ = fs::remove_file(&expected);
     qemu_plaintext(source, &expected);
@@ -100,11 +83,8 @@ fn qemu_info(image: &Path) -> serde_json::Value {
 
 #[test]
 fn raw_and_vhd_sources_become_qcow2_images_qemu_img_reads() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let wrong = dir.join("wrong");
     write_key(&wrong);
     for kind in [
@@ -153,11 +133,8 @@ fn raw_and_vhd_sources_become_qcow2_images_qemu_img_reads() {
 
 #[test]
 fn a_4_gib_source_with_a_few_mib_of_data_gives_a_few_mib_file() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = dir.join("big.raw");
     fs::File::create(&source).unwrap().set_len(4 << 30).unwrap();
     qemu_io(
@@ -185,11 +162,8 @@ fn a_4_gib_source_with_a_few_mib_of_data_gives_a_few_mib_file() {
 
 #[test]
 fn zero_clusters_of_a_source_without_holes_are_not_stored_like_qemu_img_convert() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     // 1 GiB written with zeros (no holes at all), then a few MiB of data at scattered, partly
     // unaligned offsets, and one byte at the very end.
     let source = dir.join("dd-made.raw");
@@ -254,11 +228,8 @@ fn zero_clusters_of_a_source_without_holes_are_not_stored_like_qemu_img_convert(
 
 #[test]
 fn a_source_of_written_zeros_gives_a_qcow2_without_data_clusters() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = dir.join("zeros.raw");
     fs::write(&source, vec![0u8; (8 * MIB + 512) as usize]).unwrap();
     let output = dir.join("zeros.qcow2");
@@ -268,27 +239,9 @@ fn a_source_of_written_zeros_gives_a_qcow2_without_data_clusters() {
     assert_qemu_reads(&output, &key, &source, dir);
     // Our own readers too: an image without data clusters decrypts and verifies as zeros.
     let plain = dir.join("zeros.plain");
-    run_ok(
-        daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(&output)
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(&key),
-    );
+    run_ok(&mut daemon.decrypt(&output, &plain, &key));
     assert_eq!(fs::read(&plain).unwrap(), fs::read(&source).unwrap());
-    run_ok(
-        daemon
-            .imgctl()
-            .arg("verify")
-            .arg(&output)
-            .arg("--source")
-            .arg(&source)
-            .arg("--key-file")
-            .arg(&key),
-    );
+    run_ok(&mut daemon.verify(&output, &source, &key));
 }
 
 /// An encrypted qcow2 made by qemu-img alone from `source`, with zero clusters written over
@@ -298,18 +251,7 @@ fn qemu_made_qcow2(dir: &Path, source: &Path, key: &Path) -> (PathBuf, PathBuf) 
     let _ = fs::remove_file(&image);
     let object = qemu_secret(key);
     let size = qemu_virtual_size(source).to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        &object,
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-        image.to_str().unwrap(),
-        &size,
-    ]);
+    qemu_create_encrypted_qcow2(&image, key, &size);
     let opts = encrypted_qcow2_opts(&image);
     qemu_img(&[
         "convert",
@@ -334,26 +276,14 @@ fn qemu_made_qcow2(dir: &Path, source: &Path, key: &Path) -> (PathBuf, PathBuf) 
     ]));
     let view = dir.join("qemu-made.raw");
     let _ = fs::remove_file(&view);
-    qemu_img(&[
-        "convert",
-        "--object",
-        &object,
-        "--image-opts",
-        &opts,
-        "-O",
-        "raw",
-        view.to_str().unwrap(),
-    ]);
+    qemu_decrypt_qcow2(&image, key, &view);
     (image, view)
 }
 
 #[test]
 fn decrypt_verify_and_inspect_read_qemu_made_and_our_qcow2_images() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = make_source(dir, SourceKind::VhdDynamic, "12M");
     let (qemu_made, qemu_view) = qemu_made_qcow2(dir, &source, &key);
     let ours = dir.join("ours.qcow2");
@@ -364,14 +294,7 @@ fn decrypt_verify_and_inspect_read_qemu_made_and_our_qcow2_images() {
     for (image, expected) in [(&qemu_made, &qemu_view), (&ours, &source_view)] {
         let plain = dir.join("plain.raw");
         let _ = fs::remove_file(&plain);
-        let output = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(image)
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(&key));
+        let output = run(&mut daemon.decrypt(image, &plain, &key));
         assert!(output.status.success(), "{image:?}: {}", describe(&output));
         assert_eq!(
             fs::read(&plain).unwrap(),
@@ -379,14 +302,7 @@ fn decrypt_verify_and_inspect_read_qemu_made_and_our_qcow2_images() {
             "{image:?}: decrypt gives the guest's disk, exactly its virtual size"
         );
 
-        let verified = run(daemon
-            .imgctl()
-            .arg("verify")
-            .arg(image)
-            .arg("--source")
-            .arg(expected)
-            .arg("--key-file")
-            .arg(&key));
+        let verified = run(&mut daemon.verify(image, expected, &key));
         assert!(
             verified.status.success(),
             "{image:?}: {}",
@@ -420,14 +336,7 @@ fn decrypt_verify_and_inspect_read_qemu_made_and_our_qcow2_images() {
     let wrong = dir.join("wrong");
     write_key(&wrong);
     let plain = dir.join("wrong.raw");
-    let output = run(daemon
-        .imgctl()
-        .arg("decrypt")
-        .arg(&qemu_made)
-        .arg("-o")
-        .arg(&plain)
-        .arg("--key-file")
-        .arg(&wrong));
+    let output = run(&mut daemon.decrypt(&qemu_made, &plain, &wrong));
     assert!(!output.status.success(), "{}", describe(&output));
     assert!(!plain.exists() && !partial_of(&plain).exists());
 }
@@ -624,23 +533,14 @@ fn rewrite_k_gives_a_qcow2_a_keyslot_qemu_accepts_and_removes_the_old_one() {
 
 #[test]
 fn a_cancelled_or_failed_qcow2_encryption_leaves_no_output() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
 
     // Failure before any byte: qemu reads only LUKS1, whose keyslots are pbkdf2.
     let source = make_source(dir, SourceKind::Raw, "8M");
     let output = dir.join("refused.qcow2");
     let refused = run(daemon
-        .imgctl()
-        .arg("encrypt")
-        .arg(&source)
-        .arg("-o")
-        .arg(&output)
-        .arg("--key-file")
-        .arg(&key)
+        .encrypt_keyed(&source, &output, &key)
         .args(["--format", "qcow2", "--pbkdf", "argon2id"]));
     assert!(!refused.status.success(), "{}", describe(&refused));
     assert!(!output.exists() && !partial_of(&output).exists());
@@ -656,36 +556,19 @@ fn a_cancelled_or_failed_qcow2_encryption_leaves_no_output() {
     drop(file);
     for (round, phase) in ["scan", "copy"].into_iter().enumerate() {
         let output = dir.join(format!("cancelled-{phase}.qcow2"));
-        let mut child = daemon
-            .encrypt(&big, &output, &key)
-            .args(["--format", "qcow2", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        for line in stdout.lines() {
-            let line = line.unwrap();
-            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-            // The scan of a cached 1 GiB file can end within one progress interval, so the
-            // scan round interrupts on the phase's first report; the copy takes seconds.
-            let in_phase = value["progress"]["phase"] == phase;
-            let done = value["progress"]["bytes_done"].as_u64().unwrap_or(0);
-            if in_phase && (phase == "scan" || done > 0) {
-                break;
-            }
-            assert_ne!(
-                value["event"], "summary",
-                "finished before it could be interrupted in the {phase} phase"
-            );
-        }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .unwrap();
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(130), "{phase}");
+        // The scan of a cached 1 GiB file can end within one progress interval, so the scan
+        // round interrupts on the phase's first report; the copy takes seconds.
+        let mut child = start_until(
+            daemon
+                .encrypt(&big, &output, &key)
+                .args(["--format", "qcow2", "--json"]),
+            |value| {
+                let in_phase = value["progress"]["phase"] == phase;
+                let done = value["progress"]["bytes_done"].as_u64().unwrap_or(0);
+                in_phase && (phase == "scan" || done > 0)
+            },
+        );
+        assert_eq!(interrupt(&mut child), Some(130), "{phase}");
         assert!(!output.exists() && !partial_of(&output).exists(), "{phase}");
         let deadline = Instant::now() + Duration::from_secs(20);
         while daemon
@@ -807,16 +690,7 @@ fn reencrypt_makes_a_new_qcow2_with_a_new_volume_key_and_the_same_disk() {
     // The whole disk as qemu saw it before (zero clusters included) is what it sees now.
     let view = dir.join("qemu-made.raw");
     let after = dir.join("after.raw");
-    qemu_img(&[
-        "convert",
-        "--object",
-        &qemu_secret(&new),
-        "--image-opts",
-        &encrypted_qcow2_opts(&image),
-        "-O",
-        "raw",
-        after.to_str().unwrap(),
-    ]);
+    qemu_decrypt_qcow2(&image, &new, &after);
     assert_eq!(fs::read(&after).unwrap(), fs::read(&view).unwrap());
     assert!(qemu_opens(&image, &new));
     assert_ne!(fs::read(&image).unwrap(), before);
@@ -826,11 +700,8 @@ fn reencrypt_makes_a_new_qcow2_with_a_new_volume_key_and_the_same_disk() {
 
 #[test]
 fn an_odd_sized_source_whose_last_cluster_holds_data_rounds_up_to_512() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = dir.join("odd.raw");
     let size = 3 * MIB + 1000;
     let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8 | 1).collect();
@@ -840,16 +711,7 @@ fn an_odd_sized_source_whose_last_cluster_holds_data_rounds_up_to_512() {
     assert_eq!(summary["output_virtual_size"], 3 * MIB + 1024, "{summary}");
     assert_eq!(qemu_info(&output)["virtual-size"], 3 * MIB + 1024);
     let converted = dir.join("converted.raw");
-    qemu_img(&[
-        "convert",
-        "--object",
-        &qemu_secret(&key),
-        "--image-opts",
-        &encrypted_qcow2_opts(&output),
-        "-O",
-        "raw",
-        converted.to_str().unwrap(),
-    ]);
+    qemu_decrypt_qcow2(&output, &key, &converted);
     let mut expected = bytes;
     expected.resize((3 * MIB + 1024) as usize, 0);
     assert_eq!(fs::read(&converted).unwrap(), expected);

@@ -47,11 +47,8 @@ fn qemu_info(image: &Path, format: &str) -> serde_json::Value {
 
 #[test]
 fn vhdx_vmdk_and_qcow2_sources_become_qcow2_images_qemu_img_finds_identical() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     // Data at the start, mid-image, across a 2 MiB boundary and at the very end; holes between.
     let raw = make_source(dir, SourceKind::Raw, "40M");
     let sources = [
@@ -104,12 +101,7 @@ fn vhdx_vmdk_and_qcow2_sources_become_qcow2_images_qemu_img_finds_identical() {
         let result = run(daemon
             .encrypt(source, &output, &key)
             .args(["--format", "qcow2", "--json"]));
-        assert!(
-            result.status.success(),
-            "{name}: {}\ndaemon log:\n{}",
-            describe(&result),
-            daemon.log_text()
-        );
+        daemon.assert_ok(&result, name);
         let summary = last_json_summary(&result.stdout);
         assert_eq!(summary["output_format"], "qcow2", "{name}: {summary}");
 

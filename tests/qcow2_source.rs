@@ -102,24 +102,15 @@ fn encrypt(daemon: &Daemon, source: &Path, output: &Path, key: &Path, extra: &[&
 
 fn encrypt_ok(daemon: &Daemon, source: &Path, output: &Path, key: &Path, extra: &[&str]) {
     let result = encrypt(daemon, source, output, key, extra);
-    assert!(
-        result.status.success(),
-        "{}: {}\ndaemon log:\n{}",
-        source.display(),
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, source.display());
     let summary = last_json_summary(&result.stdout);
     assert_eq!(summary["source_format"], "qcow2", "{summary}");
 }
 
 #[test]
 fn qcow2_sources_encrypt_to_luks_images_holding_what_qemu_reads() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let mut sources = Vec::new();
     for (name, options) in [
         ("v2-512.qcow2", "compat=0.10,cluster_size=512"),
@@ -151,30 +142,15 @@ fn qcow2_sources_encrypt_to_luks_images_holding_what_qemu_reads() {
 
 #[test]
 fn a_qcow2_source_becomes_a_qcow2_or_a_vhd_output_that_other_readers_decrypt() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = compressed_qcow2(dir, "compat=1.1,cluster_size=4096");
     let expected = qemu_raw(&source, dir);
 
     let qcow2 = dir.join("out.qcow2");
     encrypt_ok(&daemon, &source, &qcow2, &key, &["--format", "qcow2"]);
     let converted = dir.join("qcow2-out.raw");
-    qemu_img(&[
-        "convert",
-        "--object",
-        &format!("secret,id=s0,file={}", key.display()),
-        "--image-opts",
-        &format!(
-            "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-            qcow2.display()
-        ),
-        "-O",
-        "raw",
-        converted.to_str().unwrap(),
-    ]);
+    qemu_decrypt_qcow2(&qcow2, &key, &converted);
     assert!(fs::read(&converted).unwrap() == fs::read(&expected).unwrap());
 
     let vhd = dir.join("out.vhd");
@@ -202,11 +178,8 @@ fn a_qcow2_source_becomes_a_qcow2_or_a_vhd_output_that_other_readers_decrypt() {
 
 #[test]
 fn an_encrypted_qcow2_source_without_its_key_is_refused_with_the_way_forward() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let base = written_qcow2(dir, "base.qcow2", "compat=1.1");
     // Chains are read (tests/qcow2_chain.rs); an encrypted qcow2 (ours) needs its key.
     let output = dir.join("out.luks");

@@ -27,22 +27,10 @@ fn bytes_read(pid: u32) -> u64 {
 
 #[test]
 fn a_sparse_source_costs_its_data_not_its_virtual_size() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = dir.join("sparse.vhd");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        source.to_str().unwrap(),
-        "1G",
-    ]);
+    qemu_create(&source, "vpc", &["-o", "subformat=dynamic"], "1G");
     qemu_io(
         "vpc",
         &source,
@@ -81,11 +69,8 @@ fn a_sparse_source_costs_its_data_not_its_virtual_size() {
 /// three times, and the format's tables, never the holes.
 #[test]
 fn a_sparse_40_gib_disk_in_every_format_costs_its_data() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let data = 8 * MIB;
     // Tables: a qcow2 L1 of 640 entries and two 64 KiB L2 tables; a VHDX BAT of 41,000 entries;
     // a VMDK's grain directory and the two grain tables in use (qemu-img writes all 1280).

@@ -220,12 +220,7 @@ fn target_job(
         command.arg("--json");
     }
     let result = run(&mut command);
-    assert!(
-        result.status.success(),
-        "--target {target}: {}\ndaemon log:\n{}",
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, format!("--target {target}"));
     assert!(
         !Path::new(&format!("{}.partial", output.display())).exists(),
         "--target {target}: OUT.partial left"
@@ -438,7 +433,6 @@ fn an_ibm_vpc_job_writes_an_encrypted_qcow2_and_says_to_wrap_the_base64_of_the_k
 
 #[test]
 fn an_ibm_classic_job_writes_a_vhd_0_vhd_and_says_to_wrap_the_key_file_as_it_is() {
-    use sha2::{Digest, Sha256};
     let scratch = scratch();
     let daemon = Daemon::start(scratch.path(), &[]);
     let dir = &work_dir(scratch.path());
@@ -451,13 +445,7 @@ fn an_ibm_classic_job_writes_a_vhd_0_vhd_and_says_to_wrap_the_key_file_as_it_is(
         assert_eq!(summary["output_format"], "vhd", "{summary}");
         assert_eq!(summary["key_size_bits"], len * 8, "{summary}");
         // The key hash vhd-util prints: SHA-256 of 32 zero bytes and the decoded key.
-        let hash: String = Sha256::new()
-            .chain_update([0u8; 32])
-            .chain_update(&raw)
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hash = vhd_key_hash(&raw);
         assert_eq!(summary["vhd_key_hash"], hash.as_str(), "{summary}");
         assert!(
             steps

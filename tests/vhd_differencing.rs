@@ -23,22 +23,8 @@ const MIB: u64 = 1 << 20;
 /// A dynamic VHD made by qemu-img at `path`, written by qemu-io with `writes` (pattern, offset,
 /// length); returns its guest disk as qemu reads it.
 fn qemu_parent(path: &Path, size: &str, writes: &[(u8, u64, u64)]) -> PathBuf {
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        path.to_str().unwrap(),
-        size,
-    ]);
-    let commands: Vec<String> = writes
-        .iter()
-        .map(|(pattern, offset, length)| format!("write -P {pattern:#x} {offset} {length}"))
-        .collect();
-    let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
-    qemu_io("vpc", path, &commands);
+    qemu_create(path, "vpc", &["-o", "subformat=dynamic"], size);
+    qemu_write("vpc", path, writes);
     let raw = path.with_extension("raw");
     qemu_plaintext_as("vpc", path, &raw);
     raw
@@ -122,11 +108,8 @@ fn encrypt_and_compare(
 
 #[test]
 fn a_differencing_vhd_encrypts_to_its_parent_with_its_sectors_applied() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     fs::create_dir(dir.join("sub")).unwrap();
     let parent = dir.join("sub/parent.vhd");
     let parent_raw = qemu_parent(
@@ -216,11 +199,8 @@ fn chain_of_three(dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn a_chain_of_three_resolves_each_parent_beside_the_file_naming_it() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let (top, expected) = chain_of_three(dir);
     let summary = encrypt_and_compare(&daemon, dir, &top, &key, &expected);
     assert_eq!(summary["source_format"], "vhd-differencing", "{summary}");
@@ -269,11 +249,8 @@ fn find<'v>(value: &'v serde_json::Value, key: &str) -> Option<&'v serde_json::V
 
 #[test]
 fn a_missing_parent_is_named_and_nothing_is_written() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let parent = dir.join("gone.vhd");
     let parent_raw = qemu_parent(&parent, "4M", &[(0x11, 0, MIB)]);
     let child = dir.join("child.vhd");

@@ -15,14 +15,13 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use base64::Engine as _;
 use common::*;
-use sha2::{Digest, Sha256};
 
 const MIB: u64 = 1 << 20;
 const BLOCK: u64 = 2 * MIB;
@@ -47,25 +46,10 @@ fn key_files(dir: &Path, name: &str, raw: &[u8]) -> (PathBuf, PathBuf) {
     (key, raw_path)
 }
 
-/// The key hash vhd-util stores and prints, computed here: SHA-256(32 zero bytes ‖ key).
-fn expected_key_hash(raw: &[u8]) -> String {
-    let digest = Sha256::new()
-        .chain_update([0u8; 32])
-        .chain_update(raw)
-        .finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// `imgctl encrypt SOURCE -o OUTPUT --key-file KEY --format vhd --json`.
 fn encrypt_vhd(daemon: &Daemon, source: &Path, output: &Path, key: &Path) -> Output {
     run(daemon
-        .imgctl()
-        .arg("encrypt")
-        .arg(source)
-        .arg("-o")
-        .arg(output)
-        .arg("--key-file")
-        .arg(key)
+        .encrypt_keyed(source, output, key)
         .args(["--format", "vhd", "--json"]))
 }
 
@@ -121,16 +105,11 @@ fn round_trip(dir: &Path, source: &Path, key_len: usize) -> serde_json::Value {
     let output = dir.join(format!("out{key_len}.vhd"));
     let daemon = Daemon::start(dir, &[]);
     let result = encrypt_vhd(&daemon, source, &output, &key);
-    assert!(
-        result.status.success(),
-        "imgctl failed: {}\ndaemon log:\n{}",
-        describe(&result),
-        daemon.log_text()
-    );
+    daemon.assert_ok(&result, "imgctl failed");
     assert!(!partial_of(&output).exists());
     let summary = summary_of(&result);
     assert_eq!(summary["output_format"], "vhd");
-    assert_eq!(summary["vhd_key_hash"], expected_key_hash(&raw));
+    assert_eq!(summary["vhd_key_hash"], vhd_key_hash(&raw));
     assert_eq!(summary["key_size_bits"], key_len as u64 * 8);
     assert_eq!(summary["cipher"], "aes-xts-plain");
 
@@ -151,7 +130,7 @@ fn round_trip(dir: &Path, source: &Path, key_len: usize) -> serde_json::Value {
     qemu_plaintext(source, &expected);
     let (plaintext, facts) = python_decrypt(&output, &raw_file, dir);
     assert_eq!(facts["virtual_size"].as_u64().unwrap(), rounded);
-    assert_eq!(facts["key_hash"], expected_key_hash(&raw));
+    assert_eq!(facts["key_hash"], vhd_key_hash(&raw));
     assert_eq!(facts["nonce"], "0".repeat(64));
     assert_eq!(facts["batmap_checksum_ok"], true);
     assert_plaintext_matches(&plaintext, &expected);
@@ -330,36 +309,16 @@ fn interrupt_leaves_no_output() {
     let (key, _) = key_files(dir, "k", &random_key(64));
     let output = dir.join("out.vhd");
     let daemon = Daemon::start(dir, &[]);
-    let mut child = daemon
-        .imgctl()
-        .arg("encrypt")
-        .arg(&source)
-        .arg("-o")
-        .arg(&output)
-        .arg("--key-file")
-        .arg(&key)
-        .args(["--format", "vhd", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    for line in stdout.lines() {
-        let value: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-        if value["progress"]["phase"] == "copy"
-            && value["progress"]["bytes_done"].as_u64() > Some(0)
-        {
-            break;
-        }
-        assert_ne!(value["event"], "summary", "finished before the interrupt");
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130));
+    let mut child = start_until(
+        daemon
+            .encrypt_keyed(&source, &output, &key)
+            .args(["--format", "vhd", "--json"]),
+        |value| {
+            value["progress"]["phase"] == "copy"
+                && value["progress"]["bytes_done"].as_u64() > Some(0)
+        },
+    );
+    assert_eq!(interrupt(&mut child), Some(130));
     assert!(!output.exists(), "nothing under the final name");
     assert!(!partial_of(&output).exists(), "partial file removed");
 }
@@ -470,14 +429,7 @@ fn decrypt_and_verify_read_vhd_util_s_outputs() {
         ("encD_aes128.vhd", &key32, "refD.raw"),
     ] {
         let plain = dir.join(format!("{name}.plain"));
-        let result = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(dir.join(name))
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(key));
+        let result = run(&mut daemon.decrypt(dir.join(name), &plain, key));
         assert!(result.status.success(), "{name}: {}", describe(&result));
         assert_plaintext_matches(&plain, &dir.join(reference));
         let told = String::from_utf8_lossy(&result.stderr).contains("stored unencrypted as zeros");
@@ -488,14 +440,7 @@ fn decrypt_and_verify_read_vhd_util_s_outputs() {
             describe(&result)
         );
 
-        let result = run(daemon
-            .imgctl()
-            .arg("verify")
-            .arg(dir.join(name))
-            .arg("--source")
-            .arg(dir.join(reference))
-            .arg("--key-file")
-            .arg(key));
+        let result = run(&mut daemon.verify(dir.join(name), dir.join(reference), key));
         assert!(
             result.status.success(),
             "{name}: verify: {}",
@@ -505,14 +450,7 @@ fn decrypt_and_verify_read_vhd_util_s_outputs() {
         // The wrong key: refused with the hash the image expects, nothing written.
         let (_, expected) = printed_key_hash(dir, name);
         let bad = dir.join(format!("{name}.bad"));
-        let result = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(dir.join(name))
-            .arg("-o")
-            .arg(&bad)
-            .arg("--key-file")
-            .arg(&wrong));
+        let result = run(&mut daemon.decrypt(dir.join(name), &bad, &wrong));
         assert!(!result.status.success(), "{name}: wrong key accepted");
         let stderr = String::from_utf8_lossy(&result.stderr);
         assert!(stderr.contains(&expected), "{name}: {stderr}");
@@ -676,7 +614,7 @@ fn rewrite_says_why_a_vhd_needs_reencryption_and_reencrypt_rekeys_it() {
     let expected = dir.join("expected.raw");
     qemu_plaintext(&source, &expected);
     let (plain, facts) = python_decrypt(&image, &new_raw_file, dir);
-    assert_eq!(facts["key_hash"], expected_key_hash(&new_raw));
+    assert_eq!(facts["key_hash"], vhd_key_hash(&new_raw));
     assert_plaintext_matches(&plain, &expected);
     assert_eq!(qemu_vhd_size(&image), 8 * MIB);
 }
@@ -698,14 +636,7 @@ fn the_2_tib_vhd_util_images_decrypt_to_sparse_files_without_reading_2_tib() {
     ] {
         let plain = dir.join(format!("{name}.plain"));
         let started = std::time::Instant::now();
-        let result = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(dir.join(name))
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(key));
+        let result = run(&mut daemon.decrypt(dir.join(name), &plain, key));
         assert!(result.status.success(), "{name}: {}", describe(&result));
         assert!(
             started.elapsed().as_secs() < 60,
@@ -792,7 +723,7 @@ fn inspect_verify_and_decrypt_read_our_own_vhd_output() {
             let bits = if matches { key_len as u64 * 8 } else { 0 };
             assert_eq!(info["key_size_bits"], bits, "{name}: {info}");
             assert_eq!(info["image_size"], fs::metadata(&image).unwrap().len());
-            assert_eq!(info["vhd_key"]["hash"], expected_key_hash(&raw), "{name}");
+            assert_eq!(info["vhd_key"]["hash"], vhd_key_hash(&raw), "{name}");
             assert_eq!(info["vhd_key"]["nonce"], "0".repeat(64), "{name}");
             assert_eq!(
                 info["vhd_key"]["matching_key"].is_string(),
@@ -803,16 +734,7 @@ fn inspect_verify_and_decrypt_read_our_own_vhd_output() {
         }
 
         // verify against the source: it passes, and a one-byte change in the source fails it.
-        let verify = |against: &Path| {
-            run(daemon
-                .imgctl()
-                .arg("verify")
-                .arg(&image)
-                .arg("--source")
-                .arg(against)
-                .arg("--key-file")
-                .arg(&key))
-        };
+        let verify = |against: &Path| run(&mut daemon.verify(&image, against, &key));
         let result = verify(source);
         assert!(result.status.success(), "{name}: {}", describe(&result));
         let changed = dir.join(format!("{name}.changed.raw"));
@@ -831,34 +753,17 @@ fn inspect_verify_and_decrypt_read_our_own_vhd_output() {
 
         // decrypt: the guest's disk, the source's plaintext then zeros to the container's size.
         let plain = dir.join(format!("{name}.plain"));
-        let result = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(&image)
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(&key));
+        let result = run(&mut daemon.decrypt(&image, &plain, &key));
         assert!(result.status.success(), "{name}: {}", describe(&result));
         assert_eq!(fs::metadata(&plain).unwrap().len(), virtual_size, "{name}");
         assert_plaintext_matches(&plain, &expected);
 
         // decrypt with the wrong key: refused, naming the hash the image expects; nothing left.
         let bad = dir.join(format!("{name}.bad"));
-        let result = run(daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(&image)
-            .arg("-o")
-            .arg(&bad)
-            .arg("--key-file")
-            .arg(&wrong));
+        let result = run(&mut daemon.decrypt(&image, &bad, &wrong));
         assert!(!result.status.success(), "{name}: wrong key accepted");
         let stderr = String::from_utf8_lossy(&result.stderr);
-        assert!(
-            stderr.contains(&expected_key_hash(&raw)),
-            "{name}: {stderr}"
-        );
+        assert!(stderr.contains(&vhd_key_hash(&raw)), "{name}: {stderr}");
         assert!(!bad.exists() && !partial_of(&bad).exists(), "{name}");
     }
 }

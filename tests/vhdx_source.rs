@@ -57,11 +57,8 @@ fn make_vhdx(dir: &Path, name: &str, size: u64, options: &str, seed: u64) -> Pat
 
 #[test]
 fn vhdx_sources_encrypt_to_what_qemu_reads() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let size = 40 * MIB + 512;
     let mut seed = 7;
     for subformat in ["dynamic", "fixed"] {
@@ -93,11 +90,8 @@ fn vhdx_sources_encrypt_to_what_qemu_reads() {
 
 #[test]
 fn a_vhdx_source_decrypts_and_verifies_through_imgctl() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let source = make_vhdx(dir, "src.vhdx", 24 * MIB, "block_size=1M", 99);
     let image = dir.join("image.luks");
     run_ok(
@@ -108,25 +102,9 @@ fn a_vhdx_source_decrypts_and_verifies_through_imgctl() {
     let expected = dir.join("expected.raw");
     qemu_plaintext(&source, &expected);
     let plain = dir.join("plain.raw");
-    run_ok(
-        daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(&image)
-            .arg("-o")
-            .arg(&plain)
-            .arg("--key-file")
-            .arg(&key),
-    );
+    run_ok(&mut daemon.decrypt(&image, &plain, &key));
     assert_plaintext_matches(&plain, &expected);
-    let verified = run(daemon
-        .imgctl()
-        .arg("verify")
-        .arg(&image)
-        .arg("--source")
-        .arg(&source)
-        .arg("--key-file")
-        .arg(&key));
+    let verified = run(&mut daemon.verify(&image, &source, &key));
     assert!(verified.status.success(), "{}", describe(&verified));
 }
 
@@ -136,11 +114,8 @@ fn a_vhdx_source_decrypts_and_verifies_through_imgctl() {
 /// over it; without the parent, the error names where it looked.
 #[test]
 fn a_differencing_vhdx_encrypts_with_its_parent_found_by_imgctl() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
-    let key = dir.join("k");
-    write_key(&key);
     let size = 24 * MIB;
     fs::create_dir(dir.join("base")).unwrap();
     fs::create_dir(dir.join("child")).unwrap();

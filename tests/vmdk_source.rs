@@ -75,16 +75,7 @@ fn assert_encrypts_like_qemu(
     assert_plaintext_matches(&plain, &expected);
     let decrypted = dir.join("decrypted.raw");
     let _ = fs::remove_file(&decrypted);
-    run_ok(
-        daemon
-            .imgctl()
-            .arg("decrypt")
-            .arg(&image)
-            .arg("-o")
-            .arg(&decrypted)
-            .arg("--key-file")
-            .arg(&key),
-    );
+    run_ok(&mut daemon.decrypt(&image, &decrypted, &key));
     assert_plaintext_matches(&decrypted, &expected);
     for file in [&image, &expected, &plain, &decrypted] {
         fs::remove_file(file).unwrap();

@@ -145,6 +145,16 @@ fn qemu_to_raw(path: &Path, format: &str) -> PathBuf {
     raw
 }
 
+/// `qemu-img convert -f raw -O FORMAT [-o OPTIONS] RAW OUT`: `raw` as qemu-img writes `format`.
+fn convert_raw(raw: &Path, format: &str, options: &str, out: &Path) {
+    let mut args = vec!["convert", "-f", "raw", "-O", format];
+    if !options.is_empty() {
+        args.extend(["-o", options]);
+    }
+    args.extend([path_str(raw), path_str(out)]);
+    run("qemu-img", &args);
+}
+
 fn open_source(path: &Path) -> Box<dyn SourceImage> {
     formats::open(File::open(path).unwrap())
         .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
@@ -231,6 +241,85 @@ fn covers(outer: &[Range<u64>], inner: &[Range<u64>]) -> bool {
     inner
         .iter()
         .all(|range| gaps(outer, range.clone()).is_empty())
+}
+
+/// `image`, opened from `path`, is in `format`, has qemu's virtual size for it and reads like
+/// qemu's raw conversion (`qemu_format` is qemu-img's name for it), every byte outside its
+/// allocated ranges zero.
+fn assert_image_like_qemu(
+    image: &dyn SourceImage,
+    path: &Path,
+    qemu_format: &str,
+    format: SourceFormat,
+    what: &str,
+) {
+    assert_eq!(image.format(), format, "{what}");
+    assert_eq!(
+        image.virtual_size(),
+        qemu_virtual_size(path, qemu_format),
+        "{what}"
+    );
+    let raw = qemu_to_raw(path, qemu_format);
+    assert_reads_like(image, &raw);
+    std::fs::remove_file(raw).unwrap();
+}
+
+/// Unpacks `name` from the qemu sample corpus (`../shared/corpus/qemu-sample-images/`, bzip2)
+/// into `dir`.
+fn corpus(name: &str, dir: &Path) -> PathBuf {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/corpus/qemu-sample-images")
+        .join(format!("{name}.bz2"));
+    assert!(
+        source.exists(),
+        "corpus image missing: {}",
+        source.display()
+    );
+    let out = dir.join(name);
+    let unpacked = Command::new("bunzip2")
+        .arg("-kc")
+        .arg(&source)
+        .stdout(File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(unpacked.success(), "bunzip2 {}", source.display());
+    out
+}
+
+/// A small deterministic generator (an LCG, Knuth's MMIX constants; the high bits of each step).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        self.0 >> 33
+    }
+}
+
+/// `count` deterministic writes `(offset, length, pattern)` scattered over a disk of `size`
+/// bytes from `seed`: a length drawn by `length`, then a sector-aligned offset, the length cut
+/// at the disk's end, and a non-zero pattern byte.
+fn scattered_writes(
+    size: u64,
+    count: usize,
+    seed: u64,
+    length: impl Fn(&mut Lcg) -> u64,
+) -> Vec<(u64, u64, u8)> {
+    let mut lcg = Lcg(seed);
+    (0..count)
+        .map(|_| {
+            let drawn = length(&mut lcg);
+            let offset = (lcg.next() % (size / 512)) * 512;
+            (
+                offset,
+                drawn.min(size - offset),
+                (lcg.next() % 255 + 1) as u8,
+            )
+        })
+        .collect()
 }
 
 /// Scattered data, holes between: the boot sector, an unaligned piece, a run across a 2 MiB
@@ -448,20 +537,7 @@ fn images_read_back_like_qemu_img_convert() {
         (&forced, "subformat=dynamic,force_size=on"),
         (&fixed, "subformat=fixed"),
     ] {
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vpc",
-                "-o",
-                options,
-                path_str(&base),
-                path_str(out),
-            ],
-        );
+        convert_raw(&base, "vpc", options, out);
     }
     // Written block by block by qemu-io instead of converted.
     let written = create(dir.path(), "written.vhd", "vpc", "33M", &[]);
@@ -656,20 +732,7 @@ fn root_block_device_sources_read_like_their_files() {
         &scatter(qemu_virtual_size(&dynamic, "vpc")),
     );
     let fixed = dir.path().join("fixed.vhd");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=fixed,force_size=on",
-            path_str(&raw),
-            path_str(&fixed),
-        ],
-    );
+    convert_raw(&raw, "vpc", "subformat=fixed,force_size=on", &fixed);
 
     for (path, format, expected_format) in [
         (&raw, "raw", SourceFormat::Raw),

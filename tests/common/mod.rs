@@ -8,6 +8,7 @@
 
 pub mod raw_client;
 
+use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -146,12 +147,7 @@ pub fn make_source(dir: &Path, kind: SourceKind, size: &str) -> PathBuf {
         SourceKind::VhdDynamic => ("src-dynamic.vhd", "vpc", &["-o", "subformat=dynamic"]),
     };
     let path = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", format];
-    args.extend_from_slice(options);
-    let path_str = path.to_str().unwrap().to_string();
-    args.push(&path_str);
-    args.push(size);
-    qemu_img(&args);
+    qemu_create(&path, format, options, size);
     // Data at the start, mid-block, across a 2 MiB VHD block boundary, and at the very end;
     // holes in between. Offsets scale with the size so small images get the same shape.
     let bytes = parse_size(size);
@@ -163,13 +159,26 @@ pub fn make_source(dir: &Path, kind: SourceKind, size: &str) -> PathBuf {
         (0x33, straddle, 8 << 10),
         (0x44, bytes - (256 << 10) - 4096, 256 << 10),
     ];
+    qemu_write(format, &path, &writes);
+    path
+}
+
+/// `qemu-img create -q -f FORMAT ARGS PATH SIZE` (`ARGS` such as `-o subformat=dynamic`).
+pub fn qemu_create(path: &Path, format: &str, args: &[&str], size: &str) {
+    let mut all = vec!["create", "-q", "-f", format];
+    all.extend_from_slice(args);
+    all.extend([path.to_str().unwrap(), size]);
+    qemu_img(&all);
+}
+
+/// `qemu-io` writes of `(pattern, offset, length)` into `path`, read as `format`.
+pub fn qemu_write(format: &str, path: &Path, writes: &[(u8, u64, u64)]) {
     let commands: Vec<String> = writes
         .iter()
         .map(|(pattern, offset, length)| format!("write -P {pattern:#x} {offset} {length}"))
         .collect();
     let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
-    qemu_io(format, &path, &commands);
-    path
+    qemu_io(format, path, &commands);
 }
 
 /// Bytes in a qemu-style size ("12M", "4G", "1048576").
@@ -228,6 +237,50 @@ pub fn encrypted_qcow2_opts(image: &Path) -> String {
         "driver=qcow2,file.filename={},encrypt.key-secret=s0",
         image.display()
     )
+}
+
+/// An empty qcow2 encrypted by qemu-img (LUKS, the secret `s0` read from `key`, a 10 ms PBKDF)
+/// at `image`, of `size` (qemu-img's syntax).
+pub fn qemu_create_encrypted_qcow2(image: &Path, key: &Path, size: &str) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        &qemu_secret(key),
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        image.to_str().unwrap(),
+        size,
+    ]);
+}
+
+/// What qemu reads from the encrypted qcow2 `image` opened with `key`: its `convert -O raw`,
+/// written to `out`.
+pub fn qemu_decrypt_qcow2(image: &Path, key: &Path, out: &Path) {
+    qemu_img(&[
+        "convert",
+        "--object",
+        &qemu_secret(key),
+        "--image-opts",
+        &encrypted_qcow2_opts(image),
+        "-O",
+        "raw",
+        out.to_str().unwrap(),
+    ]);
+}
+
+/// The key hash vhd-util stores and prints, computed here: SHA-256(32 zero bytes ‖ key), hex.
+pub fn vhd_key_hash(raw: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::new()
+        .chain_update([0u8; 32])
+        .chain_update(raw)
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// What qemu-img says of an encrypted qcow2 opened with `key`: `check` finds no errors and no
@@ -360,6 +413,70 @@ impl Daemon {
         command
     }
 
+    /// `imgctl encrypt SOURCE -o OUTPUT --key-file KEY` aimed at this daemon and nothing else
+    /// (no key-derivation options: a VHD output has none and refuses them); callers add options.
+    pub fn encrypt_keyed(
+        &self,
+        source: impl AsRef<OsStr>,
+        output: impl AsRef<OsStr>,
+        key: impl AsRef<OsStr>,
+    ) -> Command {
+        self.job("encrypt", source, "-o", output, key)
+    }
+
+    /// `imgctl decrypt IMAGE -o OUTPUT --key-file KEY` aimed at this daemon.
+    pub fn decrypt(
+        &self,
+        image: impl AsRef<OsStr>,
+        output: impl AsRef<OsStr>,
+        key: impl AsRef<OsStr>,
+    ) -> Command {
+        self.job("decrypt", image, "-o", output, key)
+    }
+
+    /// `imgctl verify IMAGE --source SOURCE --key-file KEY` aimed at this daemon.
+    pub fn verify(
+        &self,
+        image: impl AsRef<OsStr>,
+        source: impl AsRef<OsStr>,
+        key: impl AsRef<OsStr>,
+    ) -> Command {
+        self.job("verify", image, "--source", source, key)
+    }
+
+    /// `imgctl VERB FIRST FLAG SECOND --key-file KEY`.
+    fn job(
+        &self,
+        verb: &str,
+        first: impl AsRef<OsStr>,
+        flag: &str,
+        second: impl AsRef<OsStr>,
+        key: impl AsRef<OsStr>,
+    ) -> Command {
+        let mut command = self.imgctl();
+        command
+            .args([
+                verb.as_ref(),
+                first.as_ref(),
+                flag.as_ref(),
+                second.as_ref(),
+            ])
+            .arg("--key-file")
+            .arg(key);
+        command
+    }
+
+    /// Fails the test unless the imgctl run `result` succeeded, showing what it printed and the
+    /// daemon's log, prefixed with `what`.
+    pub fn assert_ok(&self, result: &Output, what: impl std::fmt::Display) {
+        assert!(
+            result.status.success(),
+            "{what}: {}\ndaemon log:\n{}",
+            describe(result),
+            self.log_text()
+        );
+    }
+
     /// How many descriptors the daemon has open now (`/proc/PID/fd`).
     pub fn open_descriptors(&self) -> usize {
         fs::read_dir(format!("/proc/{}/fd", self.child.id()))
@@ -389,6 +506,17 @@ impl Drop for Daemon {
     }
 }
 
+/// What most end-to-end tests start from: a scratch directory, a daemon serving it, and a key
+/// file `k` in it ([`write_key`]). Bind all three for the test's length, the directory first,
+/// so that the daemon stops before the directory is removed.
+pub fn daemon_and_key() -> (tempfile::TempDir, Daemon, PathBuf) {
+    let scratch_dir = scratch();
+    let daemon = Daemon::start(scratch_dir.path(), &[]);
+    let key = scratch_dir.path().join("k");
+    write_key(&key);
+    (scratch_dir, daemon, key)
+}
+
 /// Appends `encrypt SOURCE -o OUTPUT --key-file KEY` and cheap keyslot settings to an imgctl
 /// command.
 pub fn encrypt_arguments(command: &mut Command, source: &Path, output: &Path, key: &Path) {
@@ -410,6 +538,51 @@ pub fn encrypt_arguments_keyed<'c>(
         .arg(output)
         .arg("--key-file")
         .arg(key)
+}
+
+/// Starts the imgctl job `command` (with `--json`) and reads its lines until `until` says one
+/// is the moment to act on the running job; fails the test if the job's summary comes first.
+/// Its stdout stays open in the returned child (so that imgctl's next lines do not meet a
+/// closed pipe), unread from there on; its stderr is piped.
+pub fn start_until(command: &mut Command, until: impl Fn(&serde_json::Value) -> bool) -> Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    let came = loop {
+        line.clear();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break false;
+        }
+        let value: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        if until(&value) {
+            break true;
+        }
+        if value["event"] == "summary" {
+            break false;
+        }
+    };
+    if !came {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the job finished (or imgctl's output ended) before the moment came: {line}");
+    }
+    child.stdout = Some(stdout.into_inner());
+    child
+}
+
+/// Interrupts imgctl as Ctrl-C does (SIGINT) and waits for it: its exit code.
+pub fn interrupt(child: &mut Child) -> Option<i32> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    child.wait().unwrap().code()
 }
 
 /// The `--json` line of `imgctl` whose `event` is `event` (e.g. `summary`), whole.
@@ -548,6 +721,23 @@ pub fn write_file(path: &Path, bytes: &[u8]) {
     file.write_all(bytes).unwrap();
 }
 
+/// A new directory `name` in `parent`, mode 0755 so that the test users can reach what the
+/// test puts there (each file's owner and mode decide the rest).
+pub fn shared_dir(parent: &Path, name: &str) -> PathBuf {
+    let dir = parent.join(name);
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// A plaintext of `size` bytes that an attacker must not learn (`PASSWORD=hunter2 ` repeated
+/// over 272 KiB, then zeros), or guesses at: the hostile tests look for it in what they get.
+pub fn write_secret(path: &Path, size: usize) {
+    let mut bytes = b"PASSWORD=hunter2 ".repeat(1 << 14);
+    bytes.resize(size, 0);
+    write_file(path, &bytes);
+}
+
 /// stdout and stderr of an output, for assertion messages.
 pub fn describe(output: &Output) -> String {
     format!(
@@ -556,6 +746,26 @@ pub fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
+}
+
+/// A varlink call of `method` passing `input` opened read-only as descriptor 0 and the
+/// existing file `output` opened read-write as descriptor 1 (a job's source or image, and its
+/// output), as `imgctl` passes them.
+pub fn varlink_in_out(
+    socket: &Path,
+    method: &str,
+    parameters: serde_json::Value,
+    input: &Path,
+    output: &Path,
+) -> imgcrypt_proto::varlink::Reply {
+    use std::os::fd::AsFd;
+    let input = fs::File::open(input).unwrap();
+    let output = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(output)
+        .unwrap();
+    varlink_call(socket, method, parameters, &[input.as_fd(), output.as_fd()])
 }
 
 /// One Varlink call over a fresh connection, with `fds` passed alongside, as imgctl would make

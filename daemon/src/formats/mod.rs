@@ -191,6 +191,22 @@ fn read_error(e: io::Error, len: usize, offset: u64, what: &str) -> Error {
     }
 }
 
+/// The little-endian integers of on-disk structures (VHDX, VMDK) at byte `at` of `bytes`,
+/// which the caller has checked is long enough.
+fn le_u16(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
+}
+
+/// See [`le_u16`].
+fn le_u32(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// See [`le_u16`].
+fn le_u64(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
 /// Two data ranges no further apart than this are reported as one, which bounds the list's length by the
 /// image size (one entry per MiB at worst) whatever the file's fragmentation. Reading a gap of
 /// zeros costs far less than the bookkeeping of millions of tiny ranges.

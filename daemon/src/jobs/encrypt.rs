@@ -30,7 +30,7 @@ use crate::formats::{scan, SourceImage};
 use crate::keys::ring;
 use crate::keys::{self, secret::SecretBytes, strength, CandidateKey, KeyFile};
 use crate::luks::cost::KdfCaps;
-use crate::luks::{self, HeaderSpec, VOLUME_KEY_BYTES};
+use crate::luks::{self, HeaderSpec};
 use crate::outputs::{luks::LuksOutput, qcow2, qcow2::Qcow2Output, vhd, vhd::VhdOutput, Container};
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::StorageKind;
@@ -224,16 +224,7 @@ fn unlock_source(
             }
         })?;
     let name = "source key".to_string();
-    let key = keys::read_key_file(source_key).map_err(|error| match error {
-        Error::BadDescriptor {
-            descriptor,
-            message,
-        } => Error::BadDescriptor {
-            descriptor,
-            message: format!("{name}: {message}"),
-        },
-        other => other,
-    })?;
+    let key = keys::read_key_file(source_key).map_err(|error| unlock::name_key(error, &name))?;
     for warning in &key.warnings {
         job.notice(format!("{name}: {warning}"));
     }
@@ -299,8 +290,8 @@ fn header_spec(parameters: &EncryptParameters, format: OutputFormat) -> HeaderSp
     }
 }
 
-/// A fresh random volume key and a LUKS header that the job's key opens, formatted on daemon
-/// memory under the caller's key-derivation caps.
+/// The format phase: a fresh volume key and a LUKS header that the job's key opens, under the
+/// caller's key-derivation caps ([`super::new_luks_header`]), unless the job was cancelled.
 fn new_luks_header(
     job: &Job<EncryptParameters>,
     inputs: &Inputs,
@@ -308,15 +299,7 @@ fn new_luks_header(
 ) -> Result<(SecretBytes, luks::FormattedHeader)> {
     job.check_cancel()?;
     job.reporter.progress(Phase::Format, 0, 0);
-    let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
-    let header = luks::format_header(
-        spec,
-        &volume_key,
-        &inputs.key.passphrase,
-        &inputs.key.fingerprint,
-    )?;
-    inputs.caps.check_created(&header.cost)?;
-    Ok((volume_key, header))
+    super::new_luks_header(spec, &inputs.key, inputs.caps)
 }
 
 /// Raw LUKS: a libcryptsetup header, then the payload as one extent (either engine).

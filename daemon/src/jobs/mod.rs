@@ -189,6 +189,21 @@ fn is_read_write(fd: &OwnedFd) -> bool {
         .unwrap_or(false)
 }
 
+/// A fresh random volume key and a LUKS header for it that `key` opens, formatted on daemon
+/// memory. The keyslot made is checked against the caller's `caps`: a benchmark on a loaded
+/// machine could pick more than they allow, and every header a job makes must also open for
+/// its caller.
+pub fn new_luks_header(
+    spec: &crate::luks::HeaderSpec,
+    key: &crate::keys::KeyFile,
+    caps: &crate::luks::cost::KdfCaps,
+) -> Result<(crate::keys::SecretBytes, crate::luks::FormattedHeader)> {
+    let volume_key = crate::keys::SecretBytes::random(crate::luks::VOLUME_KEY_BYTES)?;
+    let header = crate::luks::format_header(spec, &volume_key, &key.passphrase, &key.fingerprint)?;
+    caps.check_created(&header.cost)?;
+    Ok((volume_key, header))
+}
+
 /// Milliseconds, saturating.
 pub fn millis(duration: Duration) -> u64 {
     duration.as_millis().try_into().unwrap_or(u64::MAX)

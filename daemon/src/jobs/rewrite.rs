@@ -47,7 +47,7 @@ use crate::formats::qcow2;
 use crate::keys::{strength, CandidateKey, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
-use crate::luks::{self, crash, Change, HeaderSpec, LuksImage, LuksPayload, VOLUME_KEY_BYTES};
+use crate::luks::{crash, Change, HeaderSpec, LuksImage, LuksPayload};
 use crate::outputs::luks::payload_extent;
 use crate::outputs::qcow2::Qcow2Output;
 use crate::outputs::vhd::VhdOutput;
@@ -219,14 +219,7 @@ fn reencrypt_qcow2(
         pbkdf: pbkdf.clone(),
     };
     caps.check_request(&spec)?;
-    let new_volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
-    let header = luks::format_header(
-        &spec,
-        &new_volume_key,
-        &new_key.key.passphrase,
-        &new_key.key.fingerprint,
-    )?;
-    caps.check_created(&header.cost)?;
+    let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps)?;
     let container = Qcow2Output::plan(
         plaintext.virtual_size(),
         plaintext.allocated_ranges(),
@@ -545,20 +538,13 @@ fn reencrypt(
         .len();
     let (new_volume_key, data_offset, resumed_from) = if existing_size == 0 {
         job.reporter.progress(Phase::Format, 0, 0);
-        let new_volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
         let spec = HeaderSpec {
             version: luks.version(),
             sector_size,
             pbkdf,
         };
         caps.check_request(&spec)?;
-        let header = luks::format_header(
-            &spec,
-            &new_volume_key,
-            &new_key.key.passphrase,
-            &new_key.key.fingerprint,
-        )?;
-        caps.check_created(&header.cost)?;
+        let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps)?;
         weak_key_notice(&job, new_key, luks.version())?;
         let output_size = header.data_offset + payload_size;
         prepare_output(

@@ -120,7 +120,7 @@ pub fn collect<P>(
 }
 
 /// Says which key a key-file error is about.
-fn name_key(error: Error, name: &str) -> Error {
+pub(super) fn name_key(error: Error, name: &str) -> Error {
     match error {
         Error::BadDescriptor {
             descriptor,

@@ -30,63 +30,20 @@ fn crc32c(bytes: &[u8]) -> u32 {
     !crc
 }
 
-fn corpus(name: &str, dir: &Path) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/corpus/qemu-sample-images")
-        .join(format!("{name}.bz2"));
-    assert!(
-        source.exists(),
-        "corpus image missing: {}",
-        source.display()
-    );
-    let out = dir.join(name);
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "bzcat '{}' > '{}'",
-            source.display(),
-            out.display()
-        ))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    out
-}
-
 /// Opens with our reader, reads everything like the copier, compares with qemu's raw
 /// conversion, and checks the allocated ranges cover what `qemu-img map` calls data.
 fn assert_vhdx_like_qemu(path: &Path, what: &str) {
-    let image = open_source(path);
-    assert_eq!(image.format(), SourceFormat::Vhdx, "{what}");
-    assert_eq!(
-        image.virtual_size(),
-        qemu_virtual_size(path, "vhdx"),
-        "{what}"
-    );
-    let raw = qemu_to_raw(path, "vhdx");
     // `qemu-img map` is no help here: qemu's VHDX driver reports no block status, so it calls
     // the whole disk data. assert_reads_like checks that every byte outside our ranges is zero.
-    assert_reads_like(image.as_ref(), &raw);
-    std::fs::remove_file(raw).unwrap();
+    let image = open_source(path);
+    assert_image_like_qemu(image.as_ref(), path, "vhdx", SourceFormat::Vhdx, what);
 }
 
-/// Deterministic scattered writes (a small LCG) of 4 KiB .. 1 MiB, unaligned.
+/// Deterministic scattered writes of 512 B .. 1 MiB, unaligned to blocks.
 fn random_writes(size: u64, count: usize, seed: u64) -> Vec<(u64, u64, u8)> {
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        state >> 33
-    };
-    (0..count)
-        .map(|_| {
-            let length = (next() % 256 + 1) * 512 * (1 + next() % 8);
-            let offset = (next() % (size / 512)) * 512;
-            let length = length.min(size - offset);
-            (offset, length, (next() % 255 + 1) as u8)
-        })
-        .collect()
+    scattered_writes(size, count, seed, |lcg| {
+        (lcg.next() % 256 + 1) * 512 * (1 + lcg.next() % 8)
+    })
 }
 
 #[test]

@@ -50,35 +50,13 @@ fn open_with_companions(path: &Path) -> Result<Box<dyn SourceImage>, Error> {
 /// Opens with companions, compares with qemu's raw conversion, and checks the format.
 fn assert_vmdk_like_qemu(path: &Path, what: &str) -> Box<dyn SourceImage> {
     let image = open_with_companions(path).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(image.format(), SourceFormat::Vmdk, "{what}");
-    assert_eq!(
-        image.virtual_size(),
-        qemu_virtual_size(path, "vmdk"),
-        "{what}"
-    );
-    let raw = qemu_to_raw(path, "vmdk");
-    assert_reads_like(image.as_ref(), &raw);
-    std::fs::remove_file(raw).unwrap();
+    assert_image_like_qemu(image.as_ref(), path, "vmdk", SourceFormat::Vmdk, what);
     image
 }
 
-/// Deterministic scattered writes (a small LCG) of 512 B .. 512 KiB, unaligned to grains.
+/// Deterministic scattered writes of 512 B .. 512 KiB, unaligned to grains.
 fn irregular_writes(size: u64, count: usize, seed: u64) -> Vec<(u64, u64, u8)> {
-    let mut state = seed;
-    let mut next = || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        state >> 33
-    };
-    (0..count)
-        .map(|_| {
-            let length = (next() % 1024 + 1) * 512;
-            let offset = (next() % (size / 512)) * 512;
-            let length = length.min(size - offset);
-            (offset, length, (next() % 255 + 1) as u8)
-        })
-        .collect()
+    scattered_writes(size, count, seed, |lcg| (lcg.next() % 1024 + 1) * 512)
 }
 
 /// A raw disk of `size` bytes with `writes`, then `qemu-img convert`ed to a VMDK.
@@ -98,13 +76,7 @@ fn converted(
     );
     write_pattern(&raw, "raw", writes);
     let path = dir.join(name);
-    let joined = options.join(",");
-    let mut args = vec!["convert", "-f", "raw", "-O", "vmdk"];
-    if !options.is_empty() {
-        args.extend(["-o", &joined]);
-    }
-    args.extend([path_str(&raw), path_str(&path)]);
-    run("qemu-img", &args);
+    convert_raw(&raw, "vmdk", &options.join(","), &path);
     std::fs::remove_file(raw).unwrap();
     path
 }
@@ -191,20 +163,7 @@ fn stream_optimized_vmdks_read_like_qemu_img_convert() {
         .collect();
     std::fs::write(&random, &bytes).unwrap();
     let noisy = dir.path().join("noisy.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized",
-            path_str(&random),
-            path_str(&noisy),
-        ],
-    );
+    convert_raw(&random, "vmdk", "subformat=streamOptimized", &noisy);
     assert_vmdk_like_qemu(&noisy, "incompressible streamOptimized");
 }
 
@@ -334,21 +293,6 @@ fn an_ova_with_one_disk_is_read_in_place_like_qemu_reads_the_disk() {
     }
 }
 
-fn corpus(name: &str, dir: &Path) -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/corpus/qemu-sample-images")
-        .join(format!("{name}.bz2"));
-    let out = dir.join(name);
-    let unpacked = Command::new("bunzip2")
-        .arg("-kc")
-        .arg(&source)
-        .output()
-        .unwrap();
-    assert!(unpacked.status.success(), "bunzip2 {}", source.display());
-    std::fs::write(&out, unpacked.stdout).unwrap();
-    out
-}
-
 /// qemu's iotest 059: `afl9.vmdk` fails with "L1 size too big"; `iotest-version3.vmdk` (a
 /// VMware-made version 3 streamOptimized disk, its GD in the footer) reads.
 #[test]
@@ -383,6 +327,26 @@ fn a_descriptor_whose_extent_is_missing_asks_for_it_by_name() {
     }
 }
 
+/// `DIR/child.vmdk`, a delta link qemu-img makes over `DIR/base.vmdk` (`-b base.vmdk -F vmdk`,
+/// and `args`), recording the base in `parentFileNameHint` and its CID in `parentCID`.
+fn delta_link(dir: &Path, args: &[&str]) -> PathBuf {
+    let child = dir.join("child.vmdk");
+    let mut all = vec![
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+    ];
+    all.extend_from_slice(args);
+    all.push(path_str(&child));
+    run("qemu-img", &all);
+    child
+}
+
 /// A delta link: qemu-img makes a child VMDK over a VMDK base (`-b`), which records the base in
 /// `parentFileNameHint`.
 #[test]
@@ -391,23 +355,7 @@ fn a_vmdk_delta_link_reads_over_its_parent_like_qemu() {
     let size = 24 * MIB;
     let base = create(dir.path(), "base.vmdk", "vmdk", &size.to_string(), &[]);
     write_pattern(&base, "vmdk", &scatter(size));
-    let child = dir.path().join("child.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            path_str(&child),
-        ],
-    );
+    let child = delta_link(dir.path(), &["-o", "zeroed_grain=on"]);
     write_pattern(&child, "vmdk", &irregular_writes(size, 12, 5));
     run(
         "qemu-io",
@@ -415,4 +363,106 @@ fn a_vmdk_delta_link_reads_over_its_parent_like_qemu() {
     );
     let image = assert_vmdk_like_qemu(&child, "delta link");
     assert_eq!(image.backing().map(|(name, _)| name), Some("base.vmdk"));
+}
+
+/// The first `field=` value of a VMDK's descriptor (embedded at 512 in a sparse file, or the
+/// descriptor file), as qemu-img wrote it (hexadecimal: `%08x` when made, `%x` when rewritten).
+fn descriptor_id(path: &Path, field: &str) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(64 * 1024)]).into_owned();
+    let value = text
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}=")))
+        .unwrap_or_else(|| panic!("no {field}= in {}", path.display()));
+    value.trim().to_string()
+}
+
+fn hex(text: &str) -> u32 {
+    u32::from_str_radix(text, 16).unwrap()
+}
+
+/// Rewrites the child's `parentCID=OLD` in place with `new`, zero-padded to OLD's length so
+/// the descriptor keeps its size, as a user who knows the parent is right would.
+fn set_parent_cid(child: &Path, old: &str, new: u32) {
+    let new = format!("{new:0width$x}", width = old.len());
+    assert_eq!(old.len(), new.len());
+    let mut bytes = std::fs::read(child).unwrap();
+    let needle = format!("parentCID={old}");
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("parentCID in the child");
+    let value_at = at + "parentCID=".len();
+    bytes[value_at..value_at + new.len()].copy_from_slice(new.as_bytes());
+    std::fs::write(child, bytes).unwrap();
+}
+
+/// qemu refuses a delta link whose `parentCID` is not its parent's `CID` (the parent was
+/// written after the child was made: qemu gives a VMDK a new CID on its first write), and so
+/// does the reader, saying both ids; the matching chain reads, before the change and after the
+/// child's parentCID is set to the parent's new CID. Over a sparse parent (CID embedded at 512)
+/// and over a monolithicFlat one (CID in the descriptor file).
+#[test]
+fn a_vmdk_delta_link_whose_parent_changed_is_refused_like_qemu() {
+    let size = 8 * MIB;
+    for subformat in ["monolithicSparse", "monolithicFlat"] {
+        let dir = scratch();
+        let base = create(
+            dir.path(),
+            "base.vmdk",
+            "vmdk",
+            &size.to_string(),
+            &[&format!("subformat={subformat}")],
+        );
+        write_pattern(&base, "vmdk", &[(0, 3 * MIB, 0x11), (6 * MIB, MIB, 0x66)]);
+        let child = delta_link(dir.path(), &[]);
+        write_pattern(&child, "vmdk", &[(MIB, 64 * 1024, 0x22)]);
+        let recorded = descriptor_id(&child, "parentCID");
+        let made_over = hex(&recorded);
+        assert_eq!(made_over, hex(&descriptor_id(&base, "CID")), "{subformat}");
+        assert_vmdk_like_qemu(&child, &format!("{subformat}: matching parentCID"));
+
+        write_pattern(&base, "vmdk", &[(2 * MIB, 64 * 1024, 0x33)]);
+        let now = hex(&descriptor_id(&base, "CID"));
+        assert_ne!(
+            now, made_over,
+            "{subformat}: qemu-io gave the base a new CID"
+        );
+        let raw = dir.path().join("child.raw");
+        let qemu = run_status(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "vmdk",
+                "-O",
+                "raw",
+                path_str(&child),
+                path_str(&raw),
+            ],
+        )
+        .expect_err("qemu-img reads a child whose parent changed");
+        assert!(qemu.contains("Invalid argument"), "{subformat}: {qemu}");
+        let message = match open_with_companions(&child) {
+            Err(Error::UnsupportedImage { message }) => message,
+            Err(other) => panic!("{subformat}: expected UnsupportedImage, got {other:?}"),
+            Ok(_) => panic!("{subformat}: a child whose parent changed was read"),
+        };
+        for words in [
+            format!("CID was {made_over:08x}"),
+            format!("now has CID {now:08x}"),
+            "`base.vmdk`".into(),
+            "changed after the child was made".into(),
+            format!("set the child's parentCID to {now:08x}"),
+        ] {
+            assert!(
+                message.contains(&words),
+                "{subformat}: {words:?} in {message}"
+            );
+        }
+
+        set_parent_cid(&child, &recorded, now);
+        let image = assert_vmdk_like_qemu(&child, &format!("{subformat}: parentCID set"));
+        assert_eq!(image.backing().map(|(name, _)| name), Some("base.vmdk"));
+    }
 }

@@ -5,37 +5,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::source_tests::{qemu, qemu_raw, read_all};
+use super::test_images::{create, overlay, qemu_io, qemu_raw, read_all, text, MIB};
 use super::*;
 use crate::formats;
 use crate::formats::files::{Passed, MAX_CHAIN_DEPTH};
-
-const MIB: u64 = 1 << 20;
-
-fn text(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
-}
-
-/// `qemu-img create -f qcow2 -u -b BACKING -F FORMAT IMAGE SIZE`: the name is recorded as
-/// given, without qemu opening it.
-fn overlay(image: &Path, backing: &str, format: &str, size: &str) {
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            backing,
-            "-F",
-            format,
-            &text(image),
-            size,
-        ],
-    );
-}
 
 /// `files` passed as companions: `(path, name, referenced_by)`.
 fn source_files(source: &Path, companions: &[(&Path, &str, u32)]) -> SourceFiles {
@@ -55,7 +28,7 @@ fn raw_base_and_overlay(dir: &Path) -> (PathBuf, PathBuf) {
     let base = dir.join("base.raw");
     std::fs::write(&base, vec![0x11u8; 4 * MIB as usize]).unwrap();
     let top = dir.join("top.qcow2");
-    overlay(&top, "base.raw", "raw", "4M");
+    overlay(&top, "base.raw", "raw", Some("4M"));
     (base, top)
 }
 
@@ -63,18 +36,12 @@ fn raw_base_and_overlay(dir: &Path) -> (PathBuf, PathBuf) {
 fn zero_clusters_hide_the_backing_file_and_unallocated_ones_show_it() {
     let dir = tempfile::tempdir_in("/tmp").unwrap();
     let (base, top) = raw_base_and_overlay(dir.path());
-    qemu(
-        "qemu-io",
+    qemu_io(
+        &top,
         &[
-            "-f",
-            "qcow2",
-            "-c",
             "write -P 0x22 0 64k",
-            "-c",
             "write -z 1M 64k",
-            "-c",
             "write -P 0x33 3M 4k",
-            &text(&top),
         ],
     );
     let expected = qemu_raw(&top);
@@ -128,7 +95,7 @@ fn the_backing_file_is_asked_for_by_its_recorded_name() {
     }
     // A `file:` name is a local file; protocols and json: options are not.
     let local = dir.path().join("local.qcow2");
-    overlay(&local, "file:base.raw", "raw", "4M");
+    overlay(&local, "file:base.raw", "raw", Some("4M"));
     match formats::open(File::open(&local).unwrap()).unwrap_err() {
         Error::NeedFile { candidates, .. } => assert_eq!(candidates, vec!["base.raw"]),
         other => panic!("expected NeedFile, got {other:?}"),
@@ -143,7 +110,7 @@ fn the_backing_file_is_asked_for_by_its_recorded_name() {
     ] {
         let remote = dir.path().join("remote.qcow2");
         let _ = std::fs::remove_file(&remote);
-        overlay(&remote, name, "raw", "4M");
+        overlay(&remote, name, "raw", Some("4M"));
         let message = formats::open(File::open(&remote).unwrap())
             .unwrap_err()
             .to_string();
@@ -158,7 +125,7 @@ fn a_backing_file_whose_content_is_not_the_recorded_format_is_refused() {
     let base = dir.path().join("base.raw");
     std::fs::write(&base, vec![0x11u8; 4 * MIB as usize]).unwrap();
     let top = dir.path().join("top.qcow2");
-    overlay(&top, "base.raw", "qcow2", "4M");
+    overlay(&top, "base.raw", "qcow2", Some("4M"));
     let files = source_files(&top, &[(&base, "base.raw", 0)]);
     let message = formats::open_files(&files).unwrap_err().to_string();
     assert!(
@@ -166,13 +133,13 @@ fn a_backing_file_whose_content_is_not_the_recorded_format_is_refused() {
         "{message}"
     );
     let odd = dir.path().join("odd.qcow2");
-    overlay(&odd, "base.raw", "qed", "4M");
+    overlay(&odd, "base.raw", "qed", Some("4M"));
     let files = source_files(&odd, &[(&base, "base.raw", 0)]);
     let message = formats::open_files(&files).unwrap_err().to_string();
     assert!(message.contains("\"qed\""), "{message}");
     // Recorded right, it reads.
     let right = dir.path().join("right.qcow2");
-    overlay(&right, "base.raw", "raw", "4M");
+    overlay(&right, "base.raw", "raw", Some("4M"));
     let files = source_files(&right, &[(&base, "base.raw", 0)]);
     assert_eq!(
         read_all(&*formats::open_files(&files).unwrap(), MIB as usize),
@@ -185,8 +152,8 @@ fn a_chain_that_names_itself_is_a_cycle() {
     let dir = tempfile::tempdir_in("/tmp").unwrap();
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
-    overlay(&a, "b.qcow2", "qcow2", "4M");
-    overlay(&b, "a.qcow2", "qcow2", "4M");
+    overlay(&a, "b.qcow2", "qcow2", Some("4M"));
+    overlay(&b, "a.qcow2", "qcow2", Some("4M"));
     let files = source_files(&a, &[(&b, "b.qcow2", 0), (&a, "a.qcow2", 1)]);
     match formats::open_files(&files).unwrap_err() {
         Error::CorruptImage { message, .. } => {
@@ -202,30 +169,11 @@ fn a_chain_deeper_than_the_limit_is_refused() {
     let layers = MAX_CHAIN_DEPTH + 1;
     let names: Vec<String> = (0..layers).map(|i| format!("l{i}.qcow2")).collect();
     let paths: Vec<PathBuf> = names.iter().map(|name| dir.path().join(name)).collect();
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &text(&paths[layers - 1]),
-            "1M",
-        ],
-    );
+    create(&paths[layers - 1], "1M", &[]);
     for i in (0..layers - 1).rev() {
-        overlay(&paths[i], &names[i + 1], "qcow2", "1M");
+        overlay(&paths[i], &names[i + 1], "qcow2", Some("1M"));
     }
-    qemu(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 5 0 4k",
-            &text(&paths[layers - 1]),
-        ],
-    );
+    qemu_io(&paths[layers - 1], &["write -P 5 0 4k"]);
     // Opened from layer `from`: companion k is layer from + k, named by the one before.
     let chain = |from: usize| {
         let companions: Vec<(&Path, &str, u32)> = (from + 1..layers)
@@ -326,31 +274,8 @@ fn a_data_cluster_at_offset_zero_of_the_data_file_is_read() {
     let data = dir.path().join("data/guest.raw");
     let meta = dir.path().join("meta.qcow2");
     let option = format!("data_file={}", data.display());
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &option,
-            &text(&meta),
-            "8M",
-        ],
-    );
-    qemu(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x21 0 1M",
-            "-c",
-            "write -z 512k 64k",
-            &text(&meta),
-        ],
-    );
+    create(&meta, "8M", &["-o", &option]);
+    qemu_io(&meta, &["write -P 0x21 0 1M", "write -z 512k 64k"]);
     let expected = qemu_raw(&meta);
     assert!(expected[..65536].iter().all(|&b| b == 0x21));
     let name = text(&data);

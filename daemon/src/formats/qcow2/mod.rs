@@ -627,4 +627,6 @@ mod chain_tests;
 #[cfg(test)]
 mod source_tests;
 #[cfg(test)]
+pub(crate) mod test_images;
+#[cfg(test)]
 mod tests;

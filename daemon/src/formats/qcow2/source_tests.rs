@@ -4,91 +4,18 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 
 use tempfile::NamedTempFile;
 
+use super::test_images::{
+    convert_to_qcow2, create, mixed_source, overlay, qemu_io, qemu_raw, read_all, run, text, MIB,
+};
 use super::*;
 use crate::formats;
 use crate::outputs::qcow2::tests::encrypt_to_qcow2;
 
-const MIB: u64 = 1 << 20;
-
-pub(super) fn qemu(program: &str, args: &[&str]) {
-    let output = Command::new(program).args(args).output().unwrap();
-    assert!(output.status.success(), "{program} {args:?}: {output:?}");
-}
-
-pub(super) fn path(file: &NamedTempFile) -> String {
-    file.path().to_string_lossy().into_owned()
-}
-
-/// A raw disk of `size` bytes with, at each `(offset, length)`, data that is half random and
-/// half a repeated text (so `-c` really compresses clusters, and stores some uncompressed).
-pub(super) fn mixed_source(size: u64, data: &[(u64, u64)]) -> NamedTempFile {
-    let file = NamedTempFile::new_in("/tmp").unwrap();
-    file.as_file().set_len(size).unwrap();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    for (index, &(offset, length)) in data.iter().enumerate() {
-        let bytes: Vec<u8> = (0..length)
-            .map(|i| {
-                if index % 2 == 0 {
-                    b"imgcrypt qcow2 source "[(i % 22) as usize]
-                } else {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (state >> 24) as u8
-                }
-            })
-            .collect();
-        file.as_file().write_all_at(&bytes, offset).unwrap();
-    }
-    file
-}
-
-/// `qemu-img convert -O qcow2 ARGS source`.
-fn convert_to_qcow2(source: &Path, args: &[&str]) -> NamedTempFile {
-    let image = NamedTempFile::new_in("/tmp").unwrap();
-    let mut all = vec!["convert", "-f", "raw", "-O", "qcow2"];
-    all.extend_from_slice(args);
-    let source = source.to_string_lossy().into_owned();
-    let target = path(&image);
-    all.push(&source);
-    all.push(&target);
-    qemu("qemu-img", &all);
-    image
-}
-
-/// What qemu-img reads from the qcow2 `image`: its `convert -O raw`.
-pub(super) fn qemu_raw(image: &Path) -> Vec<u8> {
-    let raw = NamedTempFile::new_in("/tmp").unwrap();
-    qemu(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            &image.to_string_lossy(),
-            &path(&raw),
-        ],
-    );
-    std::fs::read(raw.path()).unwrap()
-}
-
 fn open_source(image: &Path) -> Box<dyn SourceImage> {
     formats::open(File::open(image).unwrap()).unwrap()
-}
-
-/// Reads the whole guest disk, in pieces of `piece` bytes (odd sizes cross cluster edges).
-pub(super) fn read_all(source: &dyn SourceImage, piece: usize) -> Vec<u8> {
-    let mut bytes = vec![0u8; source.virtual_size() as usize];
-    for (index, chunk) in bytes.chunks_mut(piece).enumerate() {
-        source.read_at(chunk, (index * piece) as u64).unwrap();
-    }
-    bytes
 }
 
 /// `image` read by us equals qemu's raw conversion, and everything outside the allocated ranges
@@ -192,19 +119,7 @@ fn zero_clusters_preallocation_and_random_writes_read_as_qemu_reads_them() {
     ];
     for &(options, what) in cases {
         let image = NamedTempFile::new_in("/tmp").unwrap();
-        qemu(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                options,
-                &path(&image),
-                "16M",
-            ],
-        );
+        create(image.path(), "16M", &["-o", options]);
         // Irregular allocation: writes of odd lengths at odd places, then zeroes over some of
         // them (v3 zero clusters; on v2 qemu writes zeros or deallocates).
         let mut commands = Vec::new();
@@ -224,14 +139,8 @@ fn zero_clusters_preallocation_and_random_writes_read_as_qemu_reads_them() {
         commands.push("write -z 5M 64k".into());
         commands.push(format!("write -z {} 3M", 9 * MIB + 65536));
         commands.push("write -P 7 5M 512".into());
-        let mut args = vec!["-f".to_string(), "qcow2".to_string()];
-        for command in &commands {
-            args.push("-c".into());
-            args.push(command.clone());
-        }
-        args.push(path(&image));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        qemu("qemu-io", &args);
+        let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+        qemu_io(image.path(), &commands);
         assert_reads_as_qemu(image.path(), what);
     }
 }
@@ -240,11 +149,11 @@ fn zero_clusters_preallocation_and_random_writes_read_as_qemu_reads_them() {
 fn snapshots_are_ignored_and_the_active_layer_is_read() {
     let raw = mixed_source(4 * MIB, &[(0, 200_000)]);
     let image = convert_to_qcow2(raw.path(), &[]);
-    qemu("qemu-img", &["snapshot", "-c", "before", &path(&image)]);
-    qemu(
-        "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 9 0 1M", &path(&image)],
+    run(
+        "qemu-img",
+        &["snapshot", "-c", "before", &text(image.path())],
     );
+    qemu_io(image.path(), &["write -P 9 0 1M"]);
     assert_reads_as_qemu(image.path(), "after a snapshot");
     let source = open_source(image.path());
     let mut first = vec![0u8; 4096];
@@ -256,22 +165,8 @@ fn snapshots_are_ignored_and_the_active_layer_is_read() {
 fn a_sparse_image_maps_only_its_data() {
     // 4 GiB virtual, 3 MiB of data: the ranges the pipeline reads are about the data.
     let image = NamedTempFile::new_in("/tmp").unwrap();
-    qemu(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &path(&image), "4G"],
-    );
-    qemu(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 100M 1M",
-            "-c",
-            "write -P 2 3G 2M",
-            &path(&image),
-        ],
-    );
+    create(image.path(), "4G", &[]);
+    qemu_io(image.path(), &["write -P 1 100M 1M", "write -P 2 3G 2M"]);
     let source = open_source(image.path());
     assert_eq!(source.virtual_size(), 4 << 30);
     let mapped: u64 = source
@@ -295,31 +190,18 @@ fn refusal(image: &Path) -> Error {
 fn unpassed_chains_data_files_flags_and_encryption_are_refused_with_the_way_forward() {
     let raw = mixed_source(4 * MIB, &[(0, 200_000), (MIB, 65536)]);
     let base = convert_to_qcow2(raw.path(), &[]);
-    let overlay = NamedTempFile::new_in("/tmp").unwrap();
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            &path(&base),
-            &path(&overlay),
-        ],
-    );
+    let overlay_image = NamedTempFile::new_in("/tmp").unwrap();
+    overlay(overlay_image.path(), &text(base.path()), "qcow2", None);
     // A chain is read once the client passes the backing file (chain_tests); without it the
     // daemon asks for it by the name the overlay records.
-    match refusal(overlay.path()) {
+    match refusal(overlay_image.path()) {
         Error::NeedFile {
             relation,
             candidates,
             ..
         } => {
             assert_eq!(relation, crate::formats::files::Relation::BackingFile);
-            assert_eq!(candidates, vec![path(&base)]);
+            assert_eq!(candidates, vec![text(base.path())]);
         }
         other => panic!("expected NeedFile, got {other:?}"),
     }
@@ -327,18 +209,10 @@ fn unpassed_chains_data_files_flags_and_encryption_are_refused_with_the_way_forw
     let dir = tempfile::tempdir_in("/tmp").unwrap();
     let with_data_file = dir.path().join("meta.qcow2");
     let data_file = dir.path().join("data.raw");
-    qemu(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("data_file={}", data_file.display()),
-            &with_data_file.to_string_lossy(),
-            "4M",
-        ],
+    create(
+        &with_data_file,
+        "4M",
+        &["-o", &format!("data_file={}", data_file.display())],
     );
     let message = refusal(&with_data_file).to_string();
     assert!(message.contains("external data file"), "{message}");

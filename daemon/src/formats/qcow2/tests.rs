@@ -1,46 +1,21 @@
 //! Reading encrypted qcow2 images: ours, and qemu-img's (with zero clusters).
 
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
 use tempfile::NamedTempFile;
 
+use super::test_images::{
+    convert_to_qcow2, create, image_opts, overlay, qemu_raw_encrypted, read_all, run,
+    secret_object, sparse_source, temp_with, text, MIB,
+};
 use super::*;
 use crate::luks::cost::ROOT_CAPS;
 use crate::luks::image::testing::candidate;
 use crate::luks::unlock::Unlocking;
 use crate::luks::LuksImage;
-use crate::outputs::qcow2::tests::{encrypt_to_qcow2, sparse_source, KEY_FILE, WRONG_KEY_FILE};
-
-const MIB: u64 = 1 << 20;
-
-/// Runs a qemu tool that must succeed. qemu's PBKDF2 benchmark (`getrusage`) can measure no CPU
-/// time on a fast or loaded machine and fail with "Unable to get accurate CPU usage" (a qemu
-/// bug fixed upstream in 2025); that failure is retried. It hits about one run in four on the
-/// project machine when idle, more under load, so a dozen tries make a spurious failure
-/// negligible (0.25^12 ≈ 6·10⁻⁸).
-fn run(program: &str, args: &[&str]) {
-    for _ in 0..12 {
-        let output = Command::new(program).args(args).output().unwrap();
-        if output.status.success() {
-            return;
-        }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            stderr.contains("Unable to get accurate CPU usage"),
-            "{program} {args:?}: {output:?}"
-        );
-    }
-    panic!("{program} {args:?}: qemu's PBKDF2 benchmark failed twelve times");
-}
-
-fn key_file() -> NamedTempFile {
-    let mut file = NamedTempFile::new_in("/tmp").unwrap();
-    file.write_all(KEY_FILE).unwrap();
-    file
-}
+use crate::outputs::qcow2::tests::{encrypt_to_qcow2, KEY_FILE, WRONG_KEY_FILE};
 
 /// Unlocks the image's LUKS header through the memfd copy, as the jobs do.
 fn unlock(image: &Qcow2Image) -> SecretBytes {
@@ -51,14 +26,6 @@ fn unlock(image: &Qcow2Image) -> SecretBytes {
         .unlock(&[candidate("k", KEY_FILE)], &Unlocking::quiet(&ROOT_CAPS))
         .unwrap();
     key
-}
-
-fn read_all(source: &dyn SourceImage) -> Vec<u8> {
-    let mut bytes = vec![0u8; source.virtual_size() as usize];
-    for (index, chunk) in bytes.chunks_mut(MIB as usize).enumerate() {
-        source.read_at(chunk, index as u64 * MIB).unwrap();
-    }
-    bytes
 }
 
 fn open(path: &Path) -> Qcow2Image {
@@ -76,7 +43,10 @@ fn our_output_reads_back_through_its_luks_header() {
     let key = unlock(&image);
     assert_eq!(key.as_bytes(), volume_key.as_bytes());
     let plain = image.into_source(Some(&key)).unwrap();
-    assert_eq!(read_all(&plain), std::fs::read(source.path()).unwrap());
+    assert_eq!(
+        read_all(&plain, MIB as usize),
+        std::fs::read(source.path()).unwrap()
+    );
     assert_eq!(
         plain.allocated_ranges(),
         &[3 * MIB..3 * MIB + 2 * 65536, 40 * MIB..size]
@@ -102,26 +72,20 @@ fn a_qemu_img_encrypted_qcow2_with_zero_clusters_reads_as_qemu_sees_it() {
 fn encrypted_with_zero_clusters(extra: &str) {
     let size = 20 * MIB;
     let source = sparse_source(size, &[(0, MIB), (8 * MIB, 3 * MIB + 100)]);
-    let key = key_file();
-    let object = format!("secret,id=s0,file={}", key.path().display());
+    let key = temp_with(KEY_FILE);
+    let object = secret_object(key.path());
     let image = NamedTempFile::new_in("/tmp").unwrap();
-    let path = image.path().to_string_lossy().to_string();
-    run(
-        "qemu-img",
+    create(
+        image.path(),
+        "20M",
         &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
             "--object",
             &object,
             "-o",
             &format!("encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10{extra}"),
-            &path,
-            "20M",
         ],
     );
-    let opts = format!("driver=qcow2,file.filename={path},encrypt.key-secret=s0");
+    let opts = image_opts(image.path());
     run(
         "qemu-img",
         &[
@@ -130,7 +94,7 @@ fn encrypted_with_zero_clusters(extra: &str) {
             "--object",
             &object,
             "--target-image-opts",
-            &source.path().to_string_lossy(),
+            &text(source.path()),
             &opts,
         ],
     );
@@ -156,19 +120,7 @@ fn encrypted_with_zero_clusters(extra: &str) {
     expected[9 * MIB as usize..9 * MIB as usize + 6 * 1024].fill(0);
 
     let reference = NamedTempFile::new_in("/tmp").unwrap();
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "--object",
-            &object,
-            "--image-opts",
-            &opts,
-            "-O",
-            "raw",
-            &reference.path().to_string_lossy(),
-        ],
-    );
+    qemu_raw_encrypted(&object, &opts, reference.path());
     assert_eq!(
         std::fs::read(reference.path()).unwrap(),
         expected,
@@ -179,20 +131,7 @@ fn encrypted_with_zero_clusters(extra: &str) {
     assert_eq!(image.virtual_size(), size);
     let key = unlock(&image);
     let plain = image.into_source(Some(&key)).unwrap();
-    assert_eq!(read_all(&plain), expected);
-}
-
-/// A plain qcow2 made by qemu-img from `source` with extra `args`.
-fn plain_qcow2(source: &Path, args: &[&str]) -> NamedTempFile {
-    let image = NamedTempFile::new_in("/tmp").unwrap();
-    let mut all = vec!["convert", "-O", "qcow2"];
-    all.extend_from_slice(args);
-    let source = source.to_string_lossy().to_string();
-    let path = image.path().to_string_lossy().to_string();
-    all.push(&source);
-    all.push(&path);
-    run("qemu-img", &all);
-    image
+    assert_eq!(read_all(&plain, MIB as usize), expected);
 }
 
 fn refusal(path: &Path) -> String {
@@ -204,40 +143,33 @@ fn refusal(path: &Path) -> String {
 #[test]
 fn a_plain_qcow2_reads_without_a_key_and_compressed_ones_too() {
     let source = sparse_source(4 * MIB, &[(MIB, 200_000)]);
-    let plain = plain_qcow2(source.path(), &[]);
+    let plain = convert_to_qcow2(source.path(), &[]);
     let image = open(plain.path());
     assert!(image.luks_region().is_none());
     let view = image.into_source(None).unwrap();
-    assert_eq!(read_all(&view), std::fs::read(source.path()).unwrap());
+    assert_eq!(
+        read_all(&view, MIB as usize),
+        std::fs::read(source.path()).unwrap()
+    );
 
-    let compressed = plain_qcow2(source.path(), &["-c"]);
+    let compressed = convert_to_qcow2(source.path(), &["-c"]);
     let view = open(compressed.path()).into_source(None).unwrap();
-    assert_eq!(read_all(&view), std::fs::read(source.path()).unwrap());
+    assert_eq!(
+        read_all(&view, MIB as usize),
+        std::fs::read(source.path()).unwrap()
+    );
 }
 
 #[test]
 fn backing_files_and_bad_headers_are_refused_clearly() {
     let source = sparse_source(4 * MIB, &[(0, 4096)]);
-    let base = plain_qcow2(source.path(), &[]);
-    let overlay = NamedTempFile::new_in("/tmp").unwrap();
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            &base.path().to_string_lossy(),
-            &overlay.path().to_string_lossy(),
-        ],
-    );
-    assert!(refusal(overlay.path()).contains("backing file"));
+    let base = convert_to_qcow2(source.path(), &[]);
+    let overlay_image = NamedTempFile::new_in("/tmp").unwrap();
+    overlay(overlay_image.path(), &text(base.path()), "qcow2", None);
+    assert!(refusal(overlay_image.path()).contains("backing file"));
 
     let patched = |at: u64, bytes: &[u8]| {
-        let copy = plain_qcow2(source.path(), &[]);
+        let copy = convert_to_qcow2(source.path(), &[]);
         copy.as_file().write_all_at(bytes, at).unwrap();
         refusal(copy.path())
     };
@@ -260,18 +192,14 @@ fn backing_files_and_bad_headers_are_refused_clearly() {
 
 /// Whether qemu-img opens `image` with the key file holding `key` (and finds it consistent).
 fn qemu_opens(image: &Path, key: &[u8]) -> bool {
-    let mut file = NamedTempFile::new_in("/tmp").unwrap();
-    file.write_all(key).unwrap();
+    let file = temp_with(key);
     let output = Command::new("qemu-img")
         .args([
             "check",
             "--object",
-            &format!("secret,id=s0,file={}", file.path().display()),
+            &secret_object(file.path()),
             "--image-opts",
-            &format!(
-                "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-                image.display()
-            ),
+            &image_opts(image),
         ])
         .output()
         .unwrap();

@@ -68,6 +68,20 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A VHD footer's unique id as vhd-util prints it: 8-4-4-4-12 lower-case hex digits, in the
+/// order the bytes are stored.
+pub(crate) fn uuid_text(uuid: &[u8; 16]) -> String {
+    let hex = hex(uuid);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 /// A batmap header whose cookie is right.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Header {

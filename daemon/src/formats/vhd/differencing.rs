@@ -46,7 +46,7 @@ use std::os::unix::fs::MetadataExt;
 
 use imgcrypt_proto::api::SourceFormat;
 
-use super::batmap::test_bit;
+use super::batmap::{self, test_bit};
 use super::dynamic::{DynamicVhd, HEADER_SIZE, UNALLOCATED};
 use super::footer::{be_u32, be_u64, Footer};
 use super::{detect, Detected};
@@ -259,8 +259,8 @@ pub(super) fn open_parent(
                  child was made over unique id {}: it is not this disk's parent (replaced or \
                  re-created since). Pass the right parent; if this is it, re-link the child \
                  (`vhd-util modify -n CHILD -p PARENT`, or Hyper-V's Inspect Disk → Reconnect)",
-                uuid_text(&found_uuid),
-                uuid_text(&parent_uuid)
+                batmap::uuid_text(&found_uuid),
+                batmap::uuid_text(&parent_uuid)
             ),
         });
     }
@@ -308,19 +308,6 @@ pub(super) fn open_parent(
         image: parent,
         name,
     })
-}
-
-/// 8-4-4-4-12 hex digits.
-fn uuid_text(uuid: &[u8; 16]) -> String {
-    let hex = super::batmap::hex(uuid);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..]
-    )
 }
 
 /// How a recorded name is tried.

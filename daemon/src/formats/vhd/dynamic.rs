@@ -311,15 +311,7 @@ impl DynamicVhd {
 
     /// The footer's disk UUID, as text (8-4-4-4-12 hex digits).
     pub fn uuid(&self) -> String {
-        let hex = super::batmap::hex(&self.uuid);
-        format!(
-            "{}-{}-{}-{}-{}",
-            &hex[..8],
-            &hex[8..12],
-            &hex[12..16],
-            &hex[16..20],
-            &hex[20..]
-        )
+        super::batmap::uuid_text(&self.uuid)
     }
 
     /// File offset of the lowest allocated block's data (where the payload starts), if any.

@@ -256,14 +256,13 @@ pub(super) enum LogState {
     NeedsReplay { entry_at: u64 },
 }
 
-/// Looks for a log entry that a writer would replay, the way qemu's `vhdx_log_search` decides a
-/// log is non-empty: an entry header (`loge`) at a 4 KiB boundary of the log whose GUID is the
-/// current header's log GUID, whose sizes are sane, and whose CRC-32C over the whole entry
-/// (wrapping around the circular log) holds. The log is never replayed here: the source is
-/// opened read-only and never written.
-pub(super) fn log_state(file: &File, file_size: u64, header: &Header) -> Result<LogState> {
+/// Where `header`'s log lies in a file of `file_size` bytes: `None` when the header gives none
+/// (a zero log GUID or length, as qemu reads it). Refused, as corrupt, when its length is not a
+/// multiple of 1 MiB or more than [`MAX_LOG_BYTES`], or when it reaches past the end of the
+/// file.
+pub(super) fn log_range(file_size: u64, header: &Header) -> Result<Option<Range<u64>>> {
     if header.log_guid.is_zero() || header.log_length == 0 {
-        return Ok(LogState::Clean);
+        return Ok(None);
     }
     let length = u64::from(header.log_length);
     let corrupt = |what: String| Error::corrupt(format!("VHDX log: {what}"), Some(header.at));
@@ -282,6 +281,19 @@ pub(super) fn log_state(file: &File, file_size: u64, header: &Header) -> Result<
             log.start, log.end
         )));
     }
+    Ok(Some(log))
+}
+
+/// Looks for a log entry that a writer would replay, the way qemu's `vhdx_log_search` decides a
+/// log is non-empty: an entry header (`loge`) at a 4 KiB boundary of the log whose GUID is the
+/// current header's log GUID, whose sizes are sane, and whose CRC-32C over the whole entry
+/// (wrapping around the circular log) holds. The log is never replayed here: the source is
+/// opened read-only and never written.
+pub(super) fn log_state(file: &File, file_size: u64, header: &Header) -> Result<LogState> {
+    let Some(log) = log_range(file_size, header)? else {
+        return Ok(LogState::Clean);
+    };
+    let length = log.end - log.start;
     let mut hashed = 0u64;
     let mut sector = [0u8; LOG_SECTOR as usize];
     for position in (0..length).step_by(LOG_SECTOR as usize) {

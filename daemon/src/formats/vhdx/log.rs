@@ -290,25 +290,11 @@ impl Log<'_> {
 /// Replays the log of `header` in memory: the writes of its active sequence, or an empty
 /// overlay when the log is empty or holds no valid entry. `file_size` is the image's size.
 pub fn replay(file: &File, file_size: u64, header: &Header) -> Result<Overlay> {
-    if header.log_guid.is_zero() || header.log_length == 0 {
+    let Some(log) = super::header::log_range(file_size, header)? else {
         return Ok(Overlay::default());
-    }
-    let length = u64::from(header.log_length);
+    };
+    let length = log.end - log.start;
     let corrupt = |what: String| Error::corrupt(format!("VHDX log: {what}"), Some(header.at));
-    if length % MIB != 0 {
-        return Err(corrupt(format!(
-            "the header at offset {} gives a {length}-byte log; it must be a multiple of 1 MiB",
-            header.at
-        )));
-    }
-    let log = header.log_offset..header.log_offset.saturating_add(length);
-    if log.end > file_size {
-        return Err(corrupt(format!(
-            "the log (bytes {}..{}) reaches past the end of the {file_size}-byte file: the \
-             image is truncated",
-            log.start, log.end
-        )));
-    }
     if length > MAX_REPLAY_LOG_BYTES {
         // Too long to hold: only say whether it needs replaying.
         return match super::header::log_state(file, file_size, header)? {

@@ -64,7 +64,7 @@ use self::map::{Geometry, Map};
 use self::metadata::Metadata;
 use super::files::{FileKey, Relation, SourceFiles};
 use super::layout::{LayeredImage, Layout, Mapped};
-use super::{data_ranges, read_exact_at, SourceImage};
+use super::{data_ranges, le_u16, le_u32, le_u64, read_exact_at, SourceImage};
 use crate::formats::layout::heap_bytes;
 use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
@@ -108,18 +108,6 @@ impl std::fmt::Display for Guid {
         )?;
         g[10..].iter().try_for_each(|b| write!(f, "{b:02x}"))
     }
-}
-
-fn le_u16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
-}
-
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
 }
 
 /// Whether the file starts with the VHDX file identifier.

@@ -9,7 +9,9 @@
 //!   whose size is not positive or whose type qemu does not know are skipped (qemu skips them:
 //!   `RDONLY`, `NOACCESS` and `ZERO` extents are not part of the disk it presents); a `FLAT`
 //!   line needs its offset, other types must not have one;
-//! - `parentFileNameHint="…"` names the parent of a delta link.
+//! - `parentFileNameHint="…"` names the parent of a delta link;
+//! - `CID=…` and `parentCID=…` ([`cid`]), hexadecimal, read as qemu's `vmdk_read_cid` reads
+//!   them: a delta link's `parentCID` must equal its parent's `CID`.
 //!
 //! Bounds: the text read is at most [`MAX_DESCRIPTOR_BYTES`] (qemu reads 1 MiB less one byte),
 //! names at most 511 bytes, and at most [`MAX_EXTENTS`] extents.
@@ -21,6 +23,8 @@ use crate::{Error, Result};
 pub const MAX_DESCRIPTOR_BYTES: u64 = (1 << 20) - 1;
 /// Most extents: every one is a companion file the client passes.
 pub const MAX_EXTENTS: usize = MAX_COMPANIONS;
+/// How much of a descriptor qemu searches for a CID: `DESC_SIZE` (20 sectors) less its NUL.
+pub const CID_TEXT_BYTES: usize = 20 * 512 - 1;
 /// qemu's `%511[^\n\r"]`.
 const MAX_NAME_BYTES: usize = 511;
 /// qemu's `%10s`.
@@ -86,6 +90,49 @@ pub fn parent_hint(text: &str) -> Result<Option<String>> {
             None,
         )),
     }
+}
+
+/// Which content id [`cid`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CidField {
+    /// `CID`: this descriptor's own, which VMware and qemu replace on the first write after
+    /// each open, so a changed disk has a new one.
+    Own,
+    /// `parentCID`: the parent's `CID` when this delta link was made.
+    Parent,
+}
+
+/// The content id `field` of a descriptor, or `None` if it has none qemu can read. As
+/// `vmdk_read_cid`: within the first [`CID_TEXT_BYTES`], the first occurrence of the name (so
+/// `CID` can match inside `parentCID` if that comes first, as in qemu), one byte skipped (the
+/// `=`), then what `sscanf("%x")` reads: blanks, an optional `0x`, hexadecimal digits, kept to
+/// their low 32 bits.
+pub fn cid(text: &str, field: CidField) -> Option<u32> {
+    let name: &[u8] = match field {
+        CidField::Own => b"CID",
+        CidField::Parent => b"parentCID",
+    };
+    let text = &text.as_bytes()[..text.len().min(CID_TEXT_BYTES)];
+    let at = text.windows(name.len()).position(|w| w == name)?;
+    let rest = text.get(at + name.len() + 1..)?;
+    let rest = &rest[rest
+        .iter()
+        .take_while(|&&b| b.is_ascii_whitespace() || b == 0x0b)
+        .count()..];
+    let rest = match rest {
+        [b'0', b'x' | b'X', tail @ ..] if tail.first().is_some_and(u8::is_ascii_hexdigit) => tail,
+        _ => rest,
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 {
+        return None;
+    }
+    // strtoul saturates at u64::MAX before scanf stores the low 32 bits.
+    let value = rest[..digits].iter().try_fold(0u64, |value, &b| {
+        let digit = u64::from((b as char).to_digit(16).expect("hex digit"));
+        value.checked_mul(16)?.checked_add(digit)
+    });
+    Some(value.unwrap_or(u64::MAX) as u32)
 }
 
 /// Splits off a token of non-blank bytes (as `%s` reads).

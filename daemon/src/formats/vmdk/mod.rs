@@ -19,8 +19,13 @@
 //!
 //! A delta link (`parentFileNameHint` in the descriptor) is read over its parent, a companion
 //! ([`Relation::Parent`]) opened with [`super::open_layer`]: unallocated grains are the
-//! parent's, zeroed grains are zeros. The parent must be a VMDK (qemu opens it as one). Its CID
-//! is not compared with the child's `parentCID` (qemu compares them and refuses a mismatch).
+//! parent's, zeroed grains are zeros. The parent must be a VMDK (qemu opens it as one), and its
+//! `CID` (from its descriptor: embedded at sector 1 of a sparse extent, or the descriptor file)
+//! must equal the child's `parentCID`: VMware and qemu give a VMDK a new `CID` on its first
+//! write, so a mismatch means the parent changed after the child was made and the child's
+//! grains may no longer fit what lies under them. qemu refuses such a chain ("Invalid
+//! argument") at the first read that reaches the parent; it is refused here when opened, saying
+//! both ids and what to do.
 //!
 //! Refused, each with a message saying what to do: ESX `COWD` (vmfsSparse) and ESXi seSparse
 //! extents, descriptor create types qemu does not read, a sparse extent with no capacity that
@@ -47,14 +52,14 @@ use std::sync::Arc;
 
 use imgcrypt_proto::api::SourceFormat;
 
-use self::descriptor::ExtentType;
+use self::descriptor::{CidField, ExtentType};
 use self::flat::FlatExtent;
 use self::sparse::{Grain, Header, SparseMap, MAX_MAPPED_GRAINS};
 use super::codec::Codec;
 use super::files::{FileKey, Relation, SourceFiles};
 use super::foreign::{Foreign, VmdkKind};
 use super::layout::{Chunk, FileIndex, LayeredImage, Layout, Mapped};
-use super::{push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
+use super::{le_u16, le_u32, le_u64, push_merged, read_exact_at, SourceImage, RANGE_MERGE_GAP};
 use crate::formats::layout::heap_bytes;
 use crate::sys::storage;
 use crate::{Error, Result};
@@ -64,18 +69,6 @@ pub(crate) const SECTOR: u64 = 512;
 /// Where qemu reads a sparse extent's embedded descriptor, and how much of it.
 const EMBEDDED_DESCRIPTOR_AT: u64 = 0x200;
 const EMBEDDED_DESCRIPTOR_BYTES: u64 = 20 * SECTOR;
-
-fn le_u16(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(bytes[at..at + 2].try_into().expect("2 bytes"))
-}
-
-fn le_u32(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn le_u64(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
 
 /// How one extent stores its bytes.
 #[derive(Debug)]
@@ -318,7 +311,7 @@ impl<'a> Builder<'a> {
     }
 
     /// Adds the extents a descriptor lists.
-    fn descriptor(&mut self, text: &str) -> Result<descriptor::Descriptor> {
+    fn descriptor(&mut self, text: &str) -> Result<()> {
         let parsed = descriptor::parse(text)?;
         match parsed.create_type.as_str() {
             "monolithicFlat" | "vmfs" | "twoGbMaxExtentSparse" | "twoGbMaxExtentFlat" => {}
@@ -375,11 +368,12 @@ impl<'a> Builder<'a> {
                 Some(0),
             ));
         }
-        Ok(parsed)
+        Ok(())
     }
 
-    /// The image: over its parent if `parent` names one.
-    fn finish(self, parent: Option<String>, above: &[FileKey]) -> Result<Box<dyn SourceImage>> {
+    /// The image: over its parent if the layer's descriptor `text` names one.
+    fn finish(self, text: &str, above: &[FileKey]) -> Result<Box<dyn SourceImage>> {
+        let parent = descriptor::parent_hint(text)?;
         let layout = VmdkLayout {
             virtual_size: self.end,
             extents: self.extents,
@@ -409,6 +403,7 @@ impl<'a> Builder<'a> {
                 ),
             });
         }
+        check_parent_cid(text, &parent, self.files.file(parent_key))?;
         Ok(Box::new(LayeredImage::with_backing(
             Box::new(layout),
             self.layer_files,
@@ -453,17 +448,21 @@ fn read_text(file: &File, at: u64, len: u64) -> Result<String> {
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// The parent a sparse VMDK's embedded descriptor names (qemu reads 10 KiB at 512). A sparse
-/// file opened as the disk must embed a descriptor with a `CID`, as qemu requires
-/// (`vmdk_read_cid`): one without is an extent of a multi-file VMDK, whose descriptor is what
-/// to pass.
-fn embedded_parent(file: &File, base: u64, len: u64) -> Result<Option<String>> {
-    let text = if len > EMBEDDED_DESCRIPTOR_AT {
-        let bytes = (len - EMBEDDED_DESCRIPTOR_AT).min(EMBEDDED_DESCRIPTOR_BYTES);
-        read_text(file, base + EMBEDDED_DESCRIPTOR_AT, bytes)?
-    } else {
-        String::new()
-    };
+/// The descriptor a sparse extent of `len` bytes at `base` embeds (qemu reads 10 KiB at 512),
+/// empty if the extent is too short to hold one.
+fn embedded_text(file: &File, base: u64, len: u64) -> Result<String> {
+    if len <= EMBEDDED_DESCRIPTOR_AT {
+        return Ok(String::new());
+    }
+    let bytes = (len - EMBEDDED_DESCRIPTOR_AT).min(EMBEDDED_DESCRIPTOR_BYTES);
+    read_text(file, base + EMBEDDED_DESCRIPTOR_AT, bytes)
+}
+
+/// The descriptor a sparse VMDK embeds. A sparse file opened as the disk must embed a
+/// descriptor with a `CID`, as qemu requires (`vmdk_read_cid`): one without is an extent of a
+/// multi-file VMDK, whose descriptor is what to pass.
+fn embedded_descriptor(file: &File, base: u64, len: u64) -> Result<String> {
+    let text = embedded_text(file, base, len)?;
     if !text.contains("CID") {
         return Err(Error::UnsupportedImage {
             message: "this is one extent of a multi-file VMDK (twoGbMaxExtentSparse), not a \
@@ -473,7 +472,58 @@ fn embedded_parent(file: &File, base: u64, len: u64) -> Result<Option<String>> {
                 .into(),
         });
     }
-    descriptor::parent_hint(&text)
+    Ok(text)
+}
+
+/// Refuses a delta link (descriptor `text`) whose `parentCID` is not the `CID` of its parent
+/// `name` (`file`, already opened as a VMDK), as qemu's `vmdk_is_cid_valid` does. The parent's
+/// descriptor is where qemu reads it: embedded at 512 in a sparse extent, else the file itself.
+fn check_parent_cid(text: &str, name: &str, file: &File) -> Result<()> {
+    let recorded = descriptor::cid(text, CidField::Parent).ok_or_else(|| {
+        Error::corrupt(
+            format!(
+                "this VMDK delta link names the parent `{name}` but its descriptor has no \
+                 readable parentCID, so it cannot be checked against the parent (qemu refuses \
+                 it too)"
+            ),
+            None,
+        )
+    })?;
+    let size = storage::size_of(file)?;
+    let mut magic = [0u8; 4];
+    if size >= 4 {
+        read_exact_at(file, &mut magic, 0, "the VMDK parent's magic")?;
+    }
+    let parent_text = if &magic == sparse::MAGIC {
+        embedded_text(file, 0, size)?
+    } else {
+        read_text(file, 0, size.min(EMBEDDED_DESCRIPTOR_BYTES))?
+    };
+    let Some(actual) = descriptor::cid(&parent_text, CidField::Own) else {
+        return Err(Error::UnsupportedImage {
+            message: format!(
+                "the parent `{name}` of this VMDK delta link has no CID in its descriptor, so \
+                 it cannot be the VMDK the child was made over (qemu refuses it too): pass the \
+                 right parent"
+            ),
+        });
+    };
+    if actual != recorded {
+        return Err(Error::UnsupportedImage {
+            message: format!(
+                "this VMDK delta link was made over a parent whose CID was {recorded:08x} (its \
+                 parentCID), but its parent `{name}` now has CID {actual:08x}: the parent was \
+                 changed after the child was made (a VMDK gets a new CID on its first write), \
+                 so the child's grains may no longer fit the data under them, and qemu refuses \
+                 to read it too (\"Invalid argument\"). Pass the parent as it was when the \
+                 child was made; if you know this parent is the right one, set the child's \
+                 parentCID to {actual:08x} (edit its descriptor in place, keeping its length: \
+                 for a sparse child it is the text at byte 512); `qemu-img rebase` cannot \
+                 re-point a VMDK (\"Operation not supported\")"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Opens the VMDK (or OVA) `found` detected in `file` (file `key` of `files`, `file_size`
@@ -490,15 +540,15 @@ pub fn open(
         Foreign::Vmdk(VmdkKind::Sparse | VmdkKind::StreamOptimized) => {
             let mut builder = Builder::new(files, key, file);
             builder.sparse(0, 0, file_size, "the source")?;
-            let parent = embedded_parent(&builder.layer_files[0], 0, file_size)?;
-            builder.finish(parent, above)
+            let text = embedded_descriptor(&builder.layer_files[0], 0, file_size)?;
+            builder.finish(&text, above)
         }
         Foreign::Vmdk(VmdkKind::EsxSparse) => Err(esx_refusal("COWD")),
         Foreign::Vmdk(VmdkKind::Descriptor) => {
             let text = read_text(&file, 0, file_size)?;
             let mut builder = Builder::new(files, key, file);
-            let parsed = builder.descriptor(&text)?;
-            builder.finish(parsed.parent, above)
+            builder.descriptor(&text)?;
+            builder.finish(&text, above)
         }
         Foreign::Tar => {
             let Some(disk) = ova::the_disk(&file, file_size)? else {
@@ -522,7 +572,8 @@ pub fn open(
             let mut builder = Builder::new(files, key, file);
             let what = format!("OVA member `{}`", disk.name);
             builder.sparse(0, disk.offset, disk.size, &what)?;
-            if embedded_parent(&builder.layer_files[0], disk.offset, disk.size)?.is_some() {
+            let text = embedded_descriptor(&builder.layer_files[0], disk.offset, disk.size)?;
+            if descriptor::parent_hint(&text)?.is_some() {
                 return Err(Error::UnsupportedImage {
                     message: format!(
                         "the disk `{}` in this OVA is a delta link whose parent is outside the \
@@ -531,7 +582,7 @@ pub fn open(
                     ),
                 });
             }
-            builder.finish(None, above)
+            builder.finish(&text, above)
         }
         other => Err(other.refusal()),
     }

@@ -435,6 +435,79 @@ fn descriptors_are_parsed_as_qemu_parses_them() {
     assert!(descriptor::parse("createType=\"x\"\nparentFileNameHint=\"open\n").is_err());
 }
 
+#[test]
+fn content_ids_are_read_as_qemus_vmdk_read_cid_reads_them() {
+    use descriptor::{cid, CidField::*};
+    let text = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n";
+    assert_eq!(cid(text, Own), Some(0x1234_5678));
+    assert_eq!(cid(text, Parent), Some(0xffff_ffff));
+    // The first `CID` is taken, even inside `parentCID`, as qemu's strstr takes it.
+    assert_eq!(cid("parentCID=0000abcd\nCID=1\n", Own), Some(0xabcd));
+    // sscanf("%x"): blanks, an optional 0x, digits up to the first other byte; strtoul's
+    // saturation, then the low 32 bits.
+    assert_eq!(cid("CID= 0x1F;", Own), Some(0x1f));
+    assert_eq!(cid("CID=1ffffffff\n", Own), Some(0xffff_ffff));
+    assert_eq!(cid("CID=123456789abcdef0123\n", Own), Some(0xffff_ffff));
+    assert_eq!(cid("CID=zz\n", Own), None);
+    assert_eq!(cid("CID=", Own), None);
+    assert_eq!(cid("version=1\n", Own), None);
+    assert_eq!(cid("CID=1\n", Parent), None);
+    // Only the first 10 KiB less one byte are searched, as qemu's DESC_SIZE buffer.
+    let far = format!("{}CID=1\n", "#".repeat(descriptor::CID_TEXT_BYTES - 4));
+    assert_eq!(cid(&far, Own), None);
+    let near = format!("{}CID=1\n", "#".repeat(descriptor::CID_TEXT_BYTES - 5));
+    assert_eq!(cid(&near, Own), Some(1));
+}
+
+/// A delta link over [`sparse_image`] (whose CID is `fffffffe`): the same extent, embedding
+/// `descriptor` at sector 1 in place of [`EMBEDDED`].
+fn delta_link(descriptor: &str) -> Vec<u8> {
+    let mut image = sparse_image(&Spec::default());
+    put(&mut image, SECTOR, &[0; SECTOR as usize]);
+    put(&mut image, SECTOR, descriptor.as_bytes());
+    image
+}
+
+fn open_delta_link(descriptor: &str) -> Result<Box<dyn SourceImage>> {
+    let files = SourceFiles::new(
+        file_of(&delta_link(descriptor)),
+        vec![Passed {
+            file: file_of(&sparse_image(&Spec::default())),
+            name: "base.vmdk".into(),
+            referenced_by: 0,
+        }],
+    )?;
+    formats::open_files(&files)
+}
+
+#[test]
+fn a_delta_link_reads_only_over_the_parent_whose_cid_it_records() {
+    let hint = "parentFileNameHint=\"base.vmdk\"\n";
+    let image = open_delta_link(&format!("CID=1\nparentCID=fffffffe\n{hint}")).unwrap();
+    assert_eq!(image.backing().map(|(name, _)| name), Some("base.vmdk"));
+    assert_eq!(read_all(image.as_ref()), expected_sparse());
+
+    match open_delta_link(&format!("CID=1\nparentCID=12345678\n{hint}")) {
+        Err(Error::UnsupportedImage { message }) => {
+            for words in [
+                "CID was 12345678",
+                "`base.vmdk` now has CID fffffffe",
+                "changed after the child was made",
+                "set the child's parentCID to fffffffe",
+            ] {
+                assert!(message.contains(words), "{words:?} in {message}");
+            }
+        }
+        other => panic!("expected UnsupportedImage, got {other:?}"),
+    }
+    match open_delta_link(&format!("CID=1\n{hint}")) {
+        Err(Error::CorruptImage { message, .. }) => {
+            assert!(message.contains("no readable parentCID"), "{message}")
+        }
+        other => panic!("expected CorruptImage, got {other:?}"),
+    }
+}
+
 fn descriptor_file(create_type: &str, extents: &str) -> File {
     file_of(
         format!(

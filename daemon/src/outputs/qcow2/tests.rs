@@ -1,8 +1,6 @@
 //! The writer, checked by the real qemu-img: plan, encrypt the extents here, write the metadata.
 
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
 use std::process::{Command, Output};
 
 use imgcrypt_proto::api::{LuksVersion, Pbkdf, PbkdfKind};
@@ -10,10 +8,11 @@ use tempfile::NamedTempFile;
 
 use super::*;
 use crate::engines::xts::{IvMode, XtsCipher};
+use crate::formats::qcow2::test_images::{
+    image_opts, qemu_raw_encrypted, secret_object, sparse_source, temp_with, MIB,
+};
 use crate::keys::SecretBytes;
 use crate::luks::{format_header, HeaderSpec};
-
-const MIB: u64 = 1 << 20;
 
 /// A key file's bytes: 44 characters of base64, as imgcrypt's key files hold.
 pub(crate) const KEY_FILE: &[u8] = b"c2VjcmV0IGtleSBmb3IgcWNvdzIgdGVzdHMgb25seSE=";
@@ -23,31 +22,6 @@ fn secret(bytes: &[u8]) -> SecretBytes {
     let mut secret = SecretBytes::zeroed(bytes.len()).unwrap();
     secret.as_mut_bytes().copy_from_slice(bytes);
     secret
-}
-
-fn temp_with(bytes: &[u8]) -> NamedTempFile {
-    let mut file = NamedTempFile::new_in("/tmp").unwrap();
-    file.write_all(bytes).unwrap();
-    file
-}
-
-/// A sparse RAW source of `size` bytes with pseudo-random data at `data` (offset, length).
-pub(crate) fn sparse_source(size: u64, data: &[(u64, u64)]) -> NamedTempFile {
-    let file = NamedTempFile::new_in("/tmp").unwrap();
-    file.as_file().set_len(size).unwrap();
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    for &(offset, length) in data {
-        let bytes: Vec<u8> = (0..length)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 24) as u8
-            })
-            .collect();
-        file.as_file().write_all_at(&bytes, offset).unwrap();
-    }
-    file
 }
 
 fn luks1_header(volume_key: &SecretBytes) -> crate::luks::FormattedHeader {
@@ -110,17 +84,6 @@ fn qemu_img(args: &[&str]) -> Output {
     Command::new("qemu-img").args(args).output().unwrap()
 }
 
-fn image_opts(path: &Path) -> String {
-    format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=s0",
-        path.display()
-    )
-}
-
-fn secret_object(key_file: &Path) -> String {
-    format!("secret,id=s0,file={}", key_file.display())
-}
-
 #[test]
 fn qemu_img_accepts_checks_and_decrypts_our_output() {
     // Data in the first cluster, a run across an L2 table boundary (512 MiB), an unaligned
@@ -170,17 +133,7 @@ fn qemu_img_accepts_checks_and_decrypts_our_output() {
     assert!(String::from_utf8_lossy(&compare.stdout).contains("Images are identical"));
 
     let plain = NamedTempFile::new_in("/tmp").unwrap();
-    let convert = qemu_img(&[
-        "convert",
-        "--object",
-        &object,
-        "--image-opts",
-        &opts,
-        "-O",
-        "raw",
-        &plain.path().to_string_lossy(),
-    ]);
-    assert!(convert.status.success(), "qemu-img convert: {convert:?}");
+    qemu_raw_encrypted(&object, &opts, plain.path());
     assert_eq!(
         std::fs::read(plain.path()).unwrap(),
         std::fs::read(source.path()).unwrap()

@@ -372,10 +372,11 @@ pub struct HeaderContext<'a> {
     pub idle: &'a (dyn Fn() -> bool + Sync),
 }
 
-/// No caps, and a benchmark is always cached: for tests and internal headers.
+/// No caps, and a benchmark measured here is used but never cached (the caller cannot say
+/// whether other jobs run, and a busy process skews libcryptsetup's CPU-time measurement).
 pub const UNCAPPED: HeaderContext<'static> = HeaderContext {
     caps: None,
-    idle: &|| true,
+    idle: &|| false,
 };
 
 /// Formats a LUKS header with `volume_key` and one keyslot opened by `passphrase`, all on the
@@ -943,6 +944,87 @@ mod tests {
                 ..Pbkdf::default()
             },
         )
+    }
+
+    /// `cryptsetup luksDump` of a formatted header.
+    fn dump(header: &FormattedHeader) -> String {
+        let file = header_file(header);
+        let output = std::process::Command::new("cryptsetup")
+            .arg("luksDump")
+            .arg(file.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    #[test]
+    fn a_cached_benchmark_gives_the_keyslot_exactly_its_iterations() {
+        // A target time no other test uses, and a measurement no benchmark would make.
+        let key = BenchKey {
+            kind: "pbkdf2".to_string(),
+            hash: "sha256".to_string(),
+            time_ms: 4321,
+            max_memory_kb: 0,
+            parallel_threads: 0,
+            key_bytes: VOLUME_KEY_BYTES,
+        };
+        let measured = bench::Measured {
+            iterations: 12_345,
+            memory_kb: 0,
+            threads: 0,
+            took: std::time::Duration::from_millis(3),
+        };
+        bench::cache().insert(
+            key,
+            measured,
+            std::time::Instant::now(),
+            bench::online_cpus(),
+        );
+        let volume_key = SecretBytes::random(VOLUME_KEY_BYTES).unwrap();
+        let passphrase = SecretBytes::random(44).unwrap();
+        let mut key_file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        std::io::Write::write_all(key_file.as_file_mut(), passphrase.as_bytes()).unwrap();
+        for version in [LuksVersion::Luks2, LuksVersion::Luks1] {
+            let spec = spec(
+                version,
+                512,
+                Pbkdf {
+                    kind: Some(PbkdfKind::Pbkdf2),
+                    iter_time_ms: Some(4321),
+                    ..Pbkdf::default()
+                },
+            );
+            let header = format_header(&spec, &volume_key, &passphrase, FINGERPRINT).unwrap();
+            let benchmark = header.benchmark.expect("benchmarked");
+            assert!(
+                matches!(benchmark.origin, Origin::Cached { .. }),
+                "{benchmark:?}"
+            );
+            assert_eq!(benchmark.took, measured.took);
+            assert_eq!(
+                header.cost.kdf,
+                Kdf::Pbkdf2 {
+                    hash: "sha256".to_string(),
+                    iterations: 12_345
+                }
+            );
+            let text = dump(&header);
+            assert!(
+                text.lines()
+                    .any(|line| line.trim() == "Iterations:         \t12345"
+                        || line.trim().replace(char::is_whitespace, "") == "Iterations:12345"),
+                "{version:?}: {text}"
+            );
+            let file = header_file(&header);
+            let opened = std::process::Command::new("cryptsetup")
+                .args(["open", "--test-passphrase", "--key-file"])
+                .arg(key_file.path())
+                .arg(file.path())
+                .status()
+                .unwrap();
+            assert!(opened.success(), "{version:?}: cryptsetup does not open it");
+        }
     }
 
     #[test]

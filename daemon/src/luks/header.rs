@@ -16,6 +16,18 @@
 //!
 //! We generate the volume key ourselves and pass it in, so the caller holds it for the payload
 //! without a second PBKDF run to recover it from the keyslot.
+//!
+//! Formatting is split in two so the key derivation overlaps the copy ([`start_format`]): on a
+//! thread of its own, libcryptsetup formats the header without a keyslot (`crypt_format` with
+//! our volume key, milliseconds) using explicit iterations with `CRYPT_PBKDF_NO_BENCHMARK`
+//! (the caller's, or the benchmark's from [`super::bench`]), the planned keyslot is checked
+//! against the caller's caps, and the caller is told the data offset; the same thread then adds
+//! the keyslot (`crypt_keyslot_add_by_key`: the derivation) while the caller copies the payload,
+//! and [`PendingKeyslot::finish`] hands over the finished header. The `CryptDevice` never leaves
+//! that thread. With explicit iterations LUKS1's volume-key digest gets `iterations * 125 /
+//! time_ms` (at least 1000) iterations, what libcryptsetup would compute from its own benchmark,
+//! and LUKS2's digest 1000 (the digest checks a random 512-bit volume key; it does not guard the
+//! passphrase).
 
 use std::fs::File;
 

@@ -49,8 +49,13 @@ impl Display {
                 }
                 bar.set_message(phase_label(progress.phase));
                 if progress.bytes_total > 0 {
+                    bar.set_style(bytes_style());
                     bar.set_length(progress.bytes_total);
                     bar.set_position(progress.bytes_done);
+                } else {
+                    // A phase without bytes (benchmark, key derivation, header): a spinner
+                    // with what is happening, never `0 B/0 B`.
+                    bar.set_style(spinner_style());
                 }
             }
             Self::Quiet => {}
@@ -123,21 +128,32 @@ impl Display {
 
 fn new_bar() -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .expect("static template is valid")
-        .progress_chars("=> "),
-    );
+    bar.set_style(spinner_style());
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
+}
+
+/// The copy's bar: bytes, rate, ETA.
+fn bytes_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    )
+    .expect("static template is valid")
+    .progress_chars("=> ")
+}
+
+/// A phase that moves no bytes: a spinner, what is happening, and for how long.
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template is valid")
 }
 
 fn phase_label(phase: Phase) -> &'static str {
     match phase {
         Phase::Queued => "queued",
-        Phase::Format => "formatting",
+        Phase::Format => "formatting the header",
+        Phase::Benchmark => "benchmarking the key derivation",
+        Phase::Derive => "deriving the keyslot key",
+        Phase::Header => "writing the header",
         Phase::Scan => "scanning for data",
         Phase::Copy => "copying",
         Phase::Sync => "syncing",
@@ -218,6 +234,22 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
         rows.push(("vhd key hash", hash.clone()));
     }
     rows.push(("key derivation", s.pbkdf.clone()));
+    if let Some(benchmark) = &s.pbkdf_benchmark {
+        rows.push((
+            "benchmark",
+            if benchmark.cached {
+                format!(
+                    "cached, measured {} ago (the daemon re-measures after an hour)",
+                    age(benchmark.age_ms)
+                )
+            } else {
+                format!(
+                    "measured for this job ({:.2} s)",
+                    seconds(benchmark.measured_ms)
+                )
+            },
+        ));
+    }
     rows.push(("engine", format!("{:?}", s.engine).to_lowercase()));
     rows.push((
         "time",
@@ -534,6 +566,16 @@ fn seconds(ms: u64) -> f64 {
     ms as f64 / 1000.0
 }
 
+/// `42 s`, `3 min 5 s`: how old a cached measurement is.
+fn age(ms: u64) -> String {
+    let total = ms / 1000;
+    if total < 60 {
+        format!("{total} s")
+    } else {
+        format!("{} min {} s", total / 60, total % 60)
+    }
+}
+
 /// Bytes per second over `ms`, or `-` when too quick to measure.
 fn throughput(bytes: u64, ms: u64) -> String {
     if ms > 0 {
@@ -566,7 +608,8 @@ fn human_bytes(bytes: f64) -> String {
 mod tests {
     use super::*;
     use imgcrypt_proto::api::{
-        EngineKind, KeyslotInfo, LuksVersion, RemovedKeyslot, SourceComparison, SourceFormat,
+        EngineKind, KeyslotInfo, LuksVersion, PbkdfBenchmark, RemovedKeyslot, SourceComparison,
+        SourceFormat,
     };
 
     #[test]
@@ -612,6 +655,11 @@ mod tests {
             output_size: 26 << 20,
             key_fingerprint: "abc=".into(),
             pbkdf: "argon2id".into(),
+            pbkdf_benchmark: Some(PbkdfBenchmark {
+                cached: true,
+                age_ms: 125_000,
+                measured_ms: 1000,
+            }),
             engine: EngineKind::Userspace,
             elapsed_ms: 2000,
             copy_ms: 1000,
@@ -633,6 +681,7 @@ mod tests {
             "userspace",
             "2.00 s (copy 1.00 s)",
             "10.0 MiB/s",
+            "cached, measured 2 min 5 s ago",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

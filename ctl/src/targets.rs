@@ -158,6 +158,7 @@ mod tests {
             output_size: 6 << 20,
             key_fingerprint: "abc=".into(),
             pbkdf: "pbkdf2".into(),
+            pbkdf_benchmark: None,
             engine: EngineKind::Userspace,
             elapsed_ms: 1,
             copy_ms: 1,

@@ -278,8 +278,18 @@ pub struct EncryptParameters {
 pub enum Phase {
     /// Waiting for another job to finish (the daemon runs a bounded number at once).
     Queued,
-    /// Creating the LUKS header (includes the PBKDF benchmark).
+    /// Creating the LUKS header without its keyslot (fast: the volume key is ours).
     Format,
+    /// Measuring how many PBKDF iterations the requested unlock time takes on this machine
+    /// (once per PBKDF configuration; later jobs reuse the result for up to an hour).
+    Benchmark,
+    /// Deriving the keyslot's key from the passphrase at its fixed iteration count. It runs
+    /// alongside the copy; this phase is reported when the copy is done and the derivation is
+    /// still running (or has just finished).
+    Derive,
+    /// Writing the LUKS header (or the container's metadata with it) after the payload is
+    /// durable.
+    Header,
     /// Reading the source's allocated ranges for data, so a sparse container (qcow2, VHD)
     /// stores no all-zero cluster or block; `bytes_total` is the source's allocated bytes.
     Scan,
@@ -377,6 +387,11 @@ pub struct Summary {
     pub key_fingerprint: String,
     /// Keyslot key derivation used, e.g. `argon2id (4 iterations, 1048576 KiB, 2 threads)`.
     pub pbkdf: String,
+    /// Where the keyslot's iteration count came from when a benchmark chose it: measured for
+    /// this job, or the daemon's cached measurement of the same configuration. Absent when the
+    /// iterations were given (`--pbkdf-iterations`) or the output has no keyslot (VHD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pbkdf_benchmark: Option<PbkdfBenchmark>,
     /// Engine that wrote the payload.
     pub engine: EngineKind,
     /// Wall time of the whole job, key derivation included.
@@ -395,6 +410,19 @@ pub struct Summary {
     /// The target whose rules were checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
+}
+
+/// How a keyslot's benchmarked iteration count was obtained ([`Summary::pbkdf_benchmark`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PbkdfBenchmark {
+    /// True when the daemon reused an earlier measurement of the same PBKDF configuration
+    /// (type, hash, memory, threads, target time, key size); false when it measured for this
+    /// job.
+    pub cached: bool,
+    /// Age of the measurement when the job used it, in milliseconds (0 when fresh).
+    pub age_ms: u64,
+    /// How long the measurement itself took, in milliseconds.
+    pub measured_ms: u64,
 }
 
 /// One reply of `io.imgcrypt.Encrypt`: exactly one field is set.
@@ -920,6 +948,9 @@ mod tests {
             "output_size",
             "key_fingerprint",
             "pbkdf",
+            "pbkdf_benchmark",
+            "age_ms",
+            "measured_ms",
             "engine",
             "elapsed_ms",
             "copy_ms",

@@ -4,11 +4,14 @@
 //! Order matters for safety and for what a failure leaves behind:
 //! 1. everything the client sent is checked before any work (options, target rules,
 //!    descriptors, key file, source format), so bad input costs nothing and touches nothing;
-//! 2. a LUKS header is formatted on daemon-owned memory, never on the client's descriptor;
+//! 2. a LUKS header is formatted on daemon-owned memory, never on the client's descriptor,
+//!    with the PBKDF iterations its benchmark chose (cached per configuration); the keyslot's
+//!    key derivation runs on its own thread while the payload is copied;
 //! 3. space for the output is reserved before the copy, so a full disk is reported at once
 //!    rather than after minutes of work;
-//! 4. the payload is written first and the metadata last ([`Container::write_metadata`]), so an
-//!    interrupted job never leaves something that looks like a valid image;
+//! 4. the payload is written first and made durable, and the metadata (the LUKS header with
+//!    its derived keyslot) last ([`Container::write_metadata`]), so an interrupted job never
+//!    leaves something that looks like a valid image;
 //! 5. the data is made durable (`fdatasync`) before success is reported; only then does the
 //!    client give the file its final name.
 //!
@@ -19,7 +22,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use imgcrypt_proto::api::{
-    EncryptParameters, EngineChoice, LuksVersion, OutputFormat, Phase, Summary,
+    EncryptParameters, EngineChoice, LuksVersion, OutputFormat, PbkdfBenchmark, Phase, Summary,
 };
 
 use crate::engines::xts::IvMode;
@@ -29,8 +32,9 @@ use crate::formats::files::{FileKey, SourceFiles};
 use crate::formats::{scan, SourceImage};
 use crate::keys::ring;
 use crate::keys::{self, secret::SecretBytes, strength, CandidateKey, KeyFile};
+use crate::luks::bench::Origin;
 use crate::luks::cost::KdfCaps;
-use crate::luks::{self, HeaderSpec};
+use crate::luks::{self, HeaderContext, HeaderSpec, Stage, VOLUME_KEY_BYTES};
 use crate::outputs::{luks::LuksOutput, qcow2, qcow2::Qcow2Output, vhd, vhd::VhdOutput, Container};
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::StorageKind;
@@ -74,8 +78,8 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
         }
     }
     let mut summary = match format {
-        OutputFormat::Luks => encrypt_luks(&job, inputs)?,
-        OutputFormat::Qcow2 => encrypt_qcow2(&job, inputs)?,
+        OutputFormat::Luks => encrypt_luks(&job, inputs, state)?,
+        OutputFormat::Qcow2 => encrypt_qcow2(&job, inputs, state)?,
         OutputFormat::Vhd => encrypt_vhd(&job, inputs)?,
     };
     summary.target = parameters.target;
@@ -290,53 +294,131 @@ fn header_spec(parameters: &EncryptParameters, format: OutputFormat) -> HeaderSp
     }
 }
 
-/// The format phase: a fresh volume key and a LUKS header that the job's key opens, under the
-/// caller's key-derivation caps ([`super::new_luks_header`]), unless the job was cancelled.
-fn new_luks_header(
+/// A LUKS output (raw or qcow2) with its key derivation overlapped with the copy.
+///
+/// A fresh random volume key encrypts the payload; libcryptsetup formats the header on daemon
+/// memory without its keyslot (benchmarked iterations from [`luks::bench`]'s cache, or
+/// measured now, before the copy, so the copy's CPU time does not skew the measurement), the
+/// keyslot's key derivation then runs on its own thread at that fixed iteration count while
+/// the payload is copied, and the header is written last, after the payload is durable
+/// ([`output::write_container`]). The whole job takes about max(copy, derivation).
+///
+/// `plan` lays the container out around the header's memfd and data offset (the header bytes
+/// are read from the memfd only when the metadata is written).
+fn encrypt_with_luks<C: Container>(
     job: &Job<EncryptParameters>,
     inputs: &Inputs,
+    state: &ServerState,
     spec: &HeaderSpec,
-) -> Result<(SecretBytes, luks::FormattedHeader)> {
+    plan: impl FnOnce(&std::fs::File, u64) -> Result<C>,
+) -> Result<(C, Written, luks::FormattedHeader)> {
     job.check_cancel()?;
     job.reporter.progress(Phase::Format, 0, 0);
-    super::new_luks_header(spec, &inputs.key, inputs.caps)
+    let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
+    // A benchmark is cached only when this job is the only one running (see `luks::bench`).
+    let idle = || state.running_jobs() <= 1;
+    let context = HeaderContext {
+        caps: Some(inputs.caps),
+        idle: &idle,
+    };
+    std::thread::scope(|scope| {
+        let (prepared, pending) = luks::start_format(
+            scope,
+            spec,
+            &volume_key,
+            &inputs.key.passphrase,
+            &inputs.key.fingerprint,
+            &context,
+            &mut |stage| match stage {
+                Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
+            },
+        )?;
+        let container = plan(&prepared.image, prepared.data_offset)?;
+        let mut pending = Some(pending);
+        let mut formatted = None;
+        let written = write_image(
+            job,
+            inputs,
+            &container,
+            spec.sector_size,
+            volume_key.as_bytes(),
+            IvMode::Plain64,
+            &mut || {
+                job.reporter.progress(Phase::Derive, 0, 0);
+                let waited = Instant::now();
+                let Some(pending) = pending.take() else {
+                    return Ok(());
+                };
+                let header = pending.finish()?;
+                tracing::info!(
+                    job = job.id,
+                    waited_ms = millis(waited.elapsed()),
+                    pbkdf = %header.pbkdf,
+                    "keyslot derived"
+                );
+                // What was derived, checked as every reader will check it.
+                inputs.caps.check_created(&header.cost)?;
+                formatted = Some(header);
+                Ok(())
+            },
+        )?;
+        let header = formatted.ok_or_else(|| Error::Luks {
+            operation: "format",
+            message: "the keyslot was never derived".to_string(),
+        })?;
+        Ok((container, written, header))
+    })
+}
+
+/// The summary's account of the benchmark behind the keyslot.
+fn benchmark_summary(header: &luks::FormattedHeader) -> Option<PbkdfBenchmark> {
+    header.benchmark.map(|benchmark| PbkdfBenchmark {
+        cached: matches!(benchmark.origin, Origin::Cached { .. }),
+        age_ms: match benchmark.origin {
+            Origin::Cached { age } => millis(age),
+            Origin::Fresh => 0,
+        },
+        measured_ms: millis(benchmark.took),
+    })
 }
 
 /// Raw LUKS: a libcryptsetup header, then the payload as one extent (either engine).
-fn encrypt_luks(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> {
+fn encrypt_luks(
+    job: &Job<EncryptParameters>,
+    inputs: Inputs,
+    state: &ServerState,
+) -> Result<Summary> {
     let parameters = &job.parameters;
     let header_spec = header_spec(parameters, OutputFormat::Luks);
-    let (volume_key, header) = new_luks_header(job, &inputs, &header_spec)?;
-    if !header.fingerprint_stored && parameters.luks_version == LuksVersion::Luks2 {
+    if parameters.luks_version == LuksVersion::Luks2
+        && !strength::may_store_fingerprint(inputs.key.passphrase.as_bytes())?
+    {
         if let Some(text) = strength::notice(&inputs.key_name, inputs.key.passphrase.as_bytes())? {
             tracing::warn!(job = job.id, "{text}");
             job.reporter.notice(text);
         }
     }
     let virtual_size = inputs.image.virtual_size();
-    let container = LuksOutput::plan(&header.image, header.data_offset, virtual_size)?;
-    let written = write_image(
-        job,
-        &inputs,
-        &container,
-        parameters.sector_size,
-        volume_key.as_bytes(),
-        IvMode::Plain64,
-    )?;
-    drop(volume_key);
+    let (container, written, header) =
+        encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
+            LuksOutput::plan(image, data_offset, virtual_size)
+        })?;
+    let payload_size = container.payload_size();
+    let output_size = container.output_size();
     Ok(Summary {
         source_format: inputs.image.format(),
         virtual_size,
         output_format: OutputFormat::Luks,
-        output_virtual_size: container.payload_size(),
+        output_virtual_size: payload_size,
         luks_version: Some(parameters.luks_version),
-        cipher: header.cipher,
+        cipher: header.cipher.clone(),
         key_size_bits: header.key_size_bits,
         sector_size: parameters.sector_size,
         data_offset: header.data_offset,
-        payload_size: container.payload_size(),
-        output_size: container.output_size(),
+        payload_size,
+        output_size,
         key_fingerprint: inputs.key.fingerprint.clone(),
+        pbkdf_benchmark: benchmark_summary(&header),
         pbkdf: header.pbkdf,
         engine: inputs.engine.kind(),
         elapsed_ms: 0,
@@ -350,31 +432,28 @@ fn encrypt_luks(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary>
 
 /// qcow2 with qemu's LUKS: a LUKS1 header inside the file, data clusters only where the source
 /// has data, IVs from host offsets ([`outputs::qcow2`]).
-fn encrypt_qcow2(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> {
+fn encrypt_qcow2(
+    job: &Job<EncryptParameters>,
+    inputs: Inputs,
+    state: &ServerState,
+) -> Result<Summary> {
     let parameters = &job.parameters;
     let header_spec = header_spec(parameters, OutputFormat::Qcow2);
     let data = scan_for_data(job, inputs.image.as_ref(), qcow2::CLUSTER_BYTES)?;
     // LUKS1 has no tokens: the key's fingerprint cannot travel with the image, and jobs that
     // open it later find the key by trial.
-    let (volume_key, header) = new_luks_header(job, &inputs, &header_spec)?;
     let virtual_size = inputs.image.virtual_size();
-    let container = Qcow2Output::plan(virtual_size, &data, &header.image, header.data_offset)?;
-    let written = write_image(
-        job,
-        &inputs,
-        &container,
-        header_spec.sector_size,
-        volume_key.as_bytes(),
-        IvMode::Plain64,
-    )?;
-    drop(volume_key);
+    let (container, written, header) =
+        encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
+            Qcow2Output::plan(virtual_size, &data, image, data_offset)
+        })?;
     Ok(Summary {
         source_format: inputs.image.format(),
         virtual_size,
         output_format: OutputFormat::Qcow2,
         output_virtual_size: container.virtual_size(),
         luks_version: Some(LuksVersion::Luks1),
-        cipher: header.cipher,
+        cipher: header.cipher.clone(),
         key_size_bits: header.key_size_bits,
         sector_size: header_spec.sector_size,
         // Where the LUKS header sits inside the qcow2 file (its crypto header extension).
@@ -382,6 +461,7 @@ fn encrypt_qcow2(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary
         payload_size: container.allocated_bytes(),
         output_size: container.output_size(),
         key_fingerprint: inputs.key.fingerprint.clone(),
+        pbkdf_benchmark: benchmark_summary(&header),
         pbkdf: header.pbkdf,
         engine: inputs.engine.kind(),
         elapsed_ms: 0,
@@ -457,6 +537,7 @@ fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> 
         VHD_SECTOR_BYTES,
         raw_key.as_bytes(),
         IvMode::Plain,
+        &mut || Ok(()),
     )?;
     let key_bits = raw_key.len() as u32 * 8;
     drop(raw_key);
@@ -475,6 +556,7 @@ fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> 
         output_size: container.output_size(),
         key_fingerprint: inputs.key.fingerprint.clone(),
         pbkdf: "none (the key file's decoded bytes are the data key)".to_string(),
+        pbkdf_benchmark: None,
         engine: inputs.engine.kind(),
         elapsed_ms: 0,
         copy_ms: millis(written.copy_elapsed),
@@ -496,6 +578,7 @@ fn write_image(
     sector_size: u32,
     key: &[u8],
     iv: IvMode,
+    before_metadata: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Written> {
     output::write_container(
         job,
@@ -506,5 +589,6 @@ fn write_image(
         sector_size,
         key,
         iv,
+        before_metadata,
     )
 }

@@ -17,6 +17,7 @@ use nix::fcntl::{fallocate, FallocateFlags};
 use crate::engines::xts::IvMode;
 use crate::engines::{Engine, PayloadJob};
 use crate::formats::SourceImage;
+use crate::luks::crash;
 use crate::outputs::{self, Container};
 use crate::sys::descriptors::CheckedFile;
 use crate::sys::storage::{self, StorageKind};
@@ -36,9 +37,14 @@ pub struct Written {
 }
 
 /// Reserves `output` for `container`, runs `engine` over the container's extents reading
-/// `source`, writes the container's metadata last, and makes the output durable
-/// (`fdatasync`). Progress goes to the job's reporter (copy, then sync); the job's cancel flag
-/// stops the copy and is checked again before the metadata, so a cancelled job never writes it.
+/// `source`, makes the payload durable (`fdatasync`), calls `before_metadata` (an encryption
+/// waits there for its keyslot's derivation, which ran alongside the copy), writes the
+/// container's metadata last, and makes that durable too. Progress goes to the job's reporter
+/// (copy, sync, whatever `before_metadata` reports, header); the job's cancel flag stops the
+/// copy and is checked again before the metadata, so a cancelled job never writes it.
+///
+/// Crash points ([`crate::luks::crash`]): `encrypt:copying` once the first payload bytes are
+/// written, `encrypt:payload-durable` after the payload's `fdatasync`, before the metadata.
 #[allow(clippy::too_many_arguments)]
 pub fn write_container<P: Sync>(
     job: &Job<P>,
@@ -49,6 +55,7 @@ pub fn write_container<P: Sync>(
     sector_size: u32,
     key: &[u8],
     iv: IvMode,
+    before_metadata: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Written> {
     let output_size = container.output_size();
     outputs::check_extents(container.extents(), u64::from(sector_size), output_size)?;
@@ -59,7 +66,12 @@ pub fn write_container<P: Sync>(
     let total: u64 = container.extents().iter().map(|e| e.length).sum();
     job.reporter.progress(Phase::Copy, 0, total);
     let copy_started = Instant::now();
-    let progress = |done: u64| job.reporter.progress(Phase::Copy, done, total);
+    let progress = |done: u64| {
+        if done > 0 {
+            crash::point("encrypt:copying");
+        }
+        job.reporter.progress(Phase::Copy, done, total)
+    };
     let payload_bytes = engine.write_payload(&PayloadJob {
         job_id: job.id,
         source,
@@ -73,9 +85,18 @@ pub fn write_container<P: Sync>(
     })?;
     let copy_elapsed = copy_started.elapsed();
 
-    job.check_cancel()?;
-    container.write_metadata(&output.file)?;
+    // The payload is durable before any byte that makes the file look like an image is
+    // written: a crash from here on leaves a payload without metadata, never the reverse.
     job.reporter.progress(Phase::Sync, total, total);
+    output
+        .file
+        .sync_data()
+        .map_err(|e| Error::io("fdatasync on the output's payload", e))?;
+    crash::point("encrypt:payload-durable");
+    before_metadata()?;
+    job.check_cancel()?;
+    job.reporter.progress(Phase::Header, 0, 0);
+    container.write_metadata(&output.file)?;
     output
         .file
         .sync_data()

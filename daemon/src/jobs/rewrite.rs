@@ -235,6 +235,7 @@ fn reencrypt_qcow2(
         512,
         new_volume_key.as_bytes(),
         IvMode::Plain64,
+        &mut || Ok(()),
     )?;
     drop(new_volume_key);
     let total = written.payload_bytes;
@@ -696,6 +697,7 @@ fn reencrypt_vhd(
         512,
         new_raw.as_bytes(),
         IvMode::Plain,
+        &mut || Ok(()),
     )?;
     drop(new_raw);
     tracing::info!(

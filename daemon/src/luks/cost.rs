@@ -457,6 +457,36 @@ pub fn read_facts(file: &File, version: LuksVersion, file_len: u64) -> Result<He
     }
 }
 
+/// The volume-key digest's pbkdf2 of a header that may have no keyslot yet (a header being
+/// formatted): LUKS1's phdr fields, or LUKS2's first digest in the primary header.
+pub fn read_digest(
+    file: &File,
+    version: LuksVersion,
+    file_len: u64,
+) -> Result<Option<DigestCheck>> {
+    match version {
+        LuksVersion::Luks1 => {
+            let mut phdr = [0u8; 168];
+            read_at(file, &mut phdr, 0)?;
+            let hash_field = &phdr[72..104];
+            let hash_end = hash_field.iter().position(|&b| b == 0).unwrap_or(32);
+            let hash = String::from_utf8_lossy(&hash_field[..hash_end]).to_lowercase();
+            let iterations = u32::from_be_bytes(phdr[164..168].try_into().unwrap());
+            Ok(Some((hash, u64::from(iterations))))
+        }
+        LuksVersion::Luks2 => Ok(luks2_json(file, 0, file_len).and_then(|metadata| {
+            let digest = metadata
+                .get("digests")?
+                .as_object()?
+                .values()
+                .next()?
+                .clone();
+            let hash = digest.get("hash")?.as_str()?.to_string();
+            Some((hash, number(digest.get("iterations")).unwrap_or(u64::MAX)))
+        })),
+    }
+}
+
 fn read_at(file: &File, buffer: &mut [u8], offset: u64) -> Result<()> {
     file.read_exact_at(buffer, offset)
         .map_err(|error| Error::io(format!("reading the LUKS header at {offset}"), error))

@@ -26,6 +26,16 @@
 //! | `qcow2:added:keyslots` | new key material in the keyslot area; the phdr still the old one |
 //! | `qcow2:removed:primary`| the new phdr (the removal is durable); old material not yet wiped|
 
+//!
+//! An encryption with a LUKS header ([`crate::jobs::output::write_container`] and
+//! [`super::header::start_format`]) fires:
+//!
+//! | point                     | what is in the output when it fires                           |
+//! |---------------------------|---------------------------------------------------------------|
+//! | `encrypt:deriving`        | nothing or a partial payload: the keyslot's derivation starts |
+//! | `encrypt:copying`         | the first payload bytes; no header                            |
+//! | `encrypt:payload-durable` | the whole payload, synced; no header (it is written next)     |
+
 /// The environment variable naming the crash point.
 pub const ENV: &str = "IMGCRYPTD_CRASH_AT";
 

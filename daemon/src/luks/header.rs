@@ -16,6 +16,18 @@
 //!
 //! We generate the volume key ourselves and pass it in, so the caller holds it for the payload
 //! without a second PBKDF run to recover it from the keyslot.
+//!
+//! Formatting is split in two so the key derivation overlaps the copy ([`start_format`]): on a
+//! thread of its own, libcryptsetup formats the header without a keyslot (`crypt_format` with
+//! our volume key, milliseconds) using explicit iterations with `CRYPT_PBKDF_NO_BENCHMARK`
+//! (the caller's, or the benchmark's from [`super::bench`]), the planned keyslot is checked
+//! against the caller's caps, and the caller is told the data offset; the same thread then adds
+//! the keyslot (`crypt_keyslot_add_by_key`: the derivation) while the caller copies the payload,
+//! and [`PendingKeyslot::finish`] hands over the finished header. The `CryptDevice` never leaves
+//! that thread. With explicit iterations LUKS1's volume-key digest gets `iterations * 125 /
+//! time_ms` (at least 1000) iterations, what libcryptsetup would compute from its own benchmark,
+//! and LUKS2's digest 1000 (the digest checks a random 512-bit volume key; it does not guard the
+//! passphrase).
 
 use std::fs::File;
 
@@ -27,7 +39,8 @@ use libcryptsetup_rs::{
     CryptParamsLuks2Ref, CryptPbkdfType, CryptSettingsHandle, Either,
 };
 
-use super::cost::KeyslotCost;
+use super::bench::{self, BenchKey, Origin};
+use super::cost::{Kdf, KdfCaps, KeyslotCost};
 use super::{clear_errors, libcryptsetup_error, route_libcryptsetup_logs, token};
 use crate::keys::SecretBytes;
 use crate::sys::memfd;
@@ -302,9 +315,84 @@ pub struct FormattedHeader {
     /// Whether the header carries the key's `imgcrypt-key` fingerprint (LUKS2, and only for a
     /// key that looks generated: [`crate::keys::strength`]).
     pub fingerprint_stored: bool,
+    /// Where the benchmarked iterations came from; None when the caller gave them.
+    pub benchmark: Option<Benchmark>,
 }
 
-/// Formats a LUKS header with `volume_key` and one keyslot opened by `passphrase`.
+/// How a keyslot's iterations were benchmarked ([`super::bench`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Benchmark {
+    /// Cached or measured for this job.
+    pub origin: Origin,
+    /// How long the measurement took (whenever it was taken).
+    pub took: std::time::Duration,
+}
+
+/// What a header job says before its keyslot is derived.
+#[derive(Debug)]
+pub enum Stage {
+    /// No fresh measurement of this PBKDF configuration is cached: measuring now.
+    Benchmarking,
+}
+
+/// A header formatted without its keyslot: enough to plan and copy the payload. The keyslot is
+/// being derived on its own thread ([`PendingKeyslot`]).
+#[derive(Debug)]
+pub struct PreparedHeader {
+    /// Daemon-owned memfd the header is formatted on; its first `data_offset` bytes are the
+    /// header once [`PendingKeyslot::finish`] returns (before, the keyslot is missing).
+    pub image: File,
+    /// Byte offset of the payload.
+    pub data_offset: u64,
+    /// The keyslot's cost as it will be derived (already checked against the caller's caps).
+    pub planned: KeyslotCost,
+}
+
+/// What the thread reports to [`start_format`].
+enum Event {
+    Stage(Stage),
+    Prepared {
+        data_offset: u64,
+        planned: KeyslotCost,
+    },
+}
+
+/// What the thread returns once the keyslot is derived.
+struct Derived {
+    cipher: String,
+    key_size_bits: u32,
+    pbkdf: String,
+    fingerprint_stored: bool,
+    benchmark: Option<Benchmark>,
+}
+
+/// The keyslot's key derivation, running on its own thread while the caller copies the
+/// payload.
+pub struct PendingKeyslot<'scope> {
+    thread: std::thread::ScopedJoinHandle<'scope, Result<Derived>>,
+    image: File,
+    data_offset: u64,
+    version: LuksVersion,
+}
+
+/// What a header job needs besides the header itself.
+pub struct HeaderContext<'a> {
+    /// The caller's caps: the keyslot's planned cost is checked before it is derived, and the
+    /// stored one after.
+    pub caps: Option<&'a KdfCaps>,
+    /// Whether no other job runs now (a benchmark is cached only when it was taken idle).
+    pub idle: &'a (dyn Fn() -> bool + Sync),
+}
+
+/// No caps, and a benchmark measured here is used but never cached (the caller cannot say
+/// whether other jobs run, and a busy process skews libcryptsetup's CPU-time measurement).
+pub const UNCAPPED: HeaderContext<'static> = HeaderContext {
+    caps: None,
+    idle: &|| false,
+};
+
+/// Formats a LUKS header with `volume_key` and one keyslot opened by `passphrase`, all on the
+/// calling thread: [`start_format`] and [`PendingKeyslot::finish`] in one.
 ///
 /// For LUKS2 the keyslot also gets an `imgcrypt-key` token carrying `fingerprint` (the key
 /// file's, see [`super::token`]), so decrypting later finds the keyslot without trials, unless
@@ -313,19 +401,59 @@ pub struct FormattedHeader {
 ///
 /// # Threads
 ///
-/// Call this from a thread that may block: with benchmarking (the default) it takes about the
-/// target time twice over (seconds), so from async code run it inside
-/// `tokio::task::spawn_blocking`. libcryptsetup is not thread-safe: the `CryptDevice` is created
-/// and freed inside this call, so it never leaves the calling thread (it is `!Send` anyway), and
-/// the `mutex` feature of libcryptsetup-rs serialises each libcryptsetup call across threads.
-/// Concurrent calls are therefore safe but run one libcryptsetup call at a time — a benchmark on
-/// one thread makes every other thread's libcryptsetup calls wait for it.
+/// Call this from a thread that may block: the key derivation takes the target time (seconds
+/// by default). libcryptsetup is not thread-safe: each `CryptDevice` lives on one thread from
+/// creation to free (it is `!Send`), and the `mutex` feature of libcryptsetup-rs serialises each
+/// libcryptsetup call across threads, so a derivation on one thread makes every other thread's
+/// libcryptsetup calls wait for it.
 pub fn format_header(
     spec: &HeaderSpec,
     volume_key: &SecretBytes,
     passphrase: &SecretBytes,
     fingerprint: &str,
 ) -> Result<FormattedHeader> {
+    format_header_with(spec, volume_key, passphrase, fingerprint, &UNCAPPED)
+}
+
+/// [`format_header`] under `context`'s caps.
+pub fn format_header_with(
+    spec: &HeaderSpec,
+    volume_key: &SecretBytes,
+    passphrase: &SecretBytes,
+    fingerprint: &str,
+    context: &HeaderContext<'_>,
+) -> Result<FormattedHeader> {
+    std::thread::scope(|scope| {
+        let (_, pending) = start_format(
+            scope,
+            spec,
+            volume_key,
+            passphrase,
+            fingerprint,
+            context,
+            &mut |_| {},
+        )?;
+        pending.finish()
+    })
+}
+
+/// Starts formatting a header with `volume_key` and one keyslot opened by `passphrase` on a
+/// thread of `scope`, and returns once the header exists without its keyslot (the PBKDF
+/// configuration benchmarked or found in [`super::bench`]'s cache, the planned keyslot cost
+/// checked). The keyslot's derivation goes on meanwhile at the fixed iteration count; the
+/// payload needs only the volume key, so the caller copies it and then calls
+/// [`PendingKeyslot::finish`]. `on_stage` hears about a benchmark before it runs.
+///
+/// See [`format_header`] for the token and for threads.
+pub fn start_format<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    spec: &'env HeaderSpec,
+    volume_key: &'env SecretBytes,
+    passphrase: &'env SecretBytes,
+    fingerprint: &'env str,
+    context: &'env HeaderContext<'env>,
+    on_stage: &mut dyn FnMut(Stage),
+) -> Result<(PreparedHeader, PendingKeyslot<'scope>)> {
     spec.validate()?;
     if volume_key.len() != VOLUME_KEY_BYTES {
         return Err(Error::Luks {
@@ -336,28 +464,128 @@ pub fn format_header(
             ),
         });
     }
-    route_libcryptsetup_logs();
-    clear_errors();
-
     let image = memfd::create("imgcrypt-luks-header")?;
     image
         .set_len(SCRATCH_DEVICE_BYTES)
         .map_err(|error| Error::io("sizing the in-memory LUKS header device", error))?;
+    let device_file = image
+        .try_clone()
+        .map_err(|error| Error::io("duplicating the in-memory LUKS header device", error))?;
 
-    let started = std::time::Instant::now();
-    let mut device = CryptInit::init(&memfd::proc_path(&image))
-        .map_err(|error| libcryptsetup_error("opening the in-memory header device", error))?;
-    let written = write_header(&mut device, spec, volume_key, passphrase, fingerprint);
-    drop(device);
-    let (data_offset, cipher, key_size_bits, pbkdf, fingerprint_stored) = written?;
-    tracing::debug!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
+    let (events, received) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("imgcrypt-keyslot".to_string())
+        .spawn_scoped(scope, move || {
+            format_on_this_thread(
+                &device_file,
+                spec,
+                volume_key,
+                passphrase,
+                fingerprint,
+                context,
+                &events,
+            )
+        })
+        .map_err(|error| Error::io("starting the keyslot thread", error))?;
+
+    let mut prepared = None;
+    // The thread sends its stages, then `Prepared`; it hangs up early only on failure.
+    for event in received.iter() {
+        match event {
+            Event::Stage(stage) => on_stage(stage),
+            Event::Prepared {
+                data_offset,
+                planned,
+            } => {
+                prepared = Some((data_offset, planned));
+                break;
+            }
+        }
+    }
+    let Some((data_offset, planned)) = prepared else {
+        return Err(match thread.join() {
+            Ok(Err(error)) => error,
+            Ok(Ok(_)) => Error::Luks {
+                operation: "format",
+                message: "the keyslot thread ended without formatting the header".to_string(),
+            },
+            Err(panic) => std::panic::resume_unwind(panic),
+        });
+    };
+    let header = PreparedHeader {
+        image: image
+            .try_clone()
+            .map_err(|error| Error::io("duplicating the in-memory LUKS header", error))?,
         data_offset,
-        %pbkdf,
-        "formatted {} header",
-        spec.version.display_name()
-    );
+        planned,
+    };
+    Ok((
+        header,
+        PendingKeyslot {
+            thread,
+            image,
+            data_offset,
+            version: spec.version,
+        },
+    ))
+}
 
+impl PendingKeyslot<'_> {
+    /// Waits for the keyslot's derivation and returns the complete header.
+    pub fn finish(self) -> Result<FormattedHeader> {
+        let derived = match self.thread.join() {
+            Ok(result) => result?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
+        let Self {
+            image,
+            data_offset,
+            version,
+            ..
+        } = self;
+        image
+            .set_len(data_offset)
+            .map_err(|error| Error::io("trimming the in-memory LUKS header", error))?;
+        let cost = super::cost::read_facts(&image, version, data_offset)?
+            .keyslots
+            .into_values()
+            .next()
+            .and_then(|copies| copies.into_iter().next())
+            .ok_or_else(|| Error::Luks {
+                operation: "format",
+                message: "the new header describes no keyslot".to_string(),
+            })?;
+        Ok(FormattedHeader {
+            image,
+            data_offset,
+            cipher: derived.cipher,
+            key_size_bits: derived.key_size_bits,
+            pbkdf: derived.pbkdf,
+            cost,
+            fingerprint_stored: derived.fingerprint_stored,
+            benchmark: derived.benchmark,
+        })
+    }
+}
+
+/// The keyslot thread: the whole life of the `CryptDevice`.
+fn format_on_this_thread(
+    device_file: &File,
+    spec: &HeaderSpec,
+    volume_key: &SecretBytes,
+    passphrase: &SecretBytes,
+    fingerprint: &str,
+    context: &HeaderContext<'_>,
+    events: &std::sync::mpsc::Sender<Event>,
+) -> Result<Derived> {
+    route_libcryptsetup_logs();
+    clear_errors();
+    let started = std::time::Instant::now();
+    let mut device = CryptInit::init(&memfd::proc_path(device_file))
+        .map_err(|error| libcryptsetup_error("opening the in-memory header device", error))?;
+
+    let (settings, benchmark) = fixed_settings(&mut device, spec, context, events)?;
+    let data_offset = format_without_keyslot(&mut device, spec, volume_key)?;
     if data_offset == 0 || data_offset > SCRATCH_DEVICE_BYTES {
         return Err(Error::Luks {
             operation: "format",
@@ -367,46 +595,220 @@ pub fn format_header(
             ),
         });
     }
-    image
-        .set_len(data_offset)
-        .map_err(|error| Error::io("trimming the in-memory LUKS header", error))?;
-    let cost = super::cost::read_facts(&image, spec.version, data_offset)?
-        .keyslots
-        .into_values()
-        .next()
-        .and_then(|copies| copies.into_iter().next())
+    // What the keyslot will cost, checked before it is derived (the benchmark may have picked
+    // more than the caller may open) and before the caller starts the copy.
+    let planned = planned_cost(spec.version, &settings, device_file, data_offset)?;
+    if let Some(caps) = context.caps {
+        caps.check_created(&planned)?;
+    }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        data_offset,
+        "formatted {} header without its keyslot",
+        spec.version.display_name()
+    );
+    // The caller may have gone (its job failed): then there is nothing to derive for.
+    if events
+        .send(Event::Prepared {
+            data_offset,
+            planned,
+        })
+        .is_err()
+    {
+        return Err(Error::Cancelled);
+    }
+
+    super::crash::point("encrypt:deriving");
+    let derive_started = std::time::Instant::now();
+    let keyslot = device
+        .keyslot_handle()
+        .add_by_key(
+            None,
+            Some(Either::Left(volume_key.as_bytes())),
+            passphrase.as_bytes(),
+            CryptVolumeKey::empty(),
+        )
+        .map_err(|error| libcryptsetup_error("adding the keyslot", error))?;
+    tracing::debug!(
+        elapsed_ms = derive_started.elapsed().as_millis() as u64,
+        "derived the keyslot key"
+    );
+    let fingerprint_stored = spec.version == LuksVersion::Luks2
+        && crate::keys::strength::may_store_fingerprint(passphrase.as_bytes())?;
+    if fingerprint_stored {
+        token::add(&mut device, keyslot, fingerprint)?;
+    }
+
+    let sector_size = libcryptsetup_rs::get_sector_size(Some(&mut device));
+    if u32::try_from(sector_size).ok() != Some(spec.sector_size) {
+        return Err(Error::Luks {
+            operation: "format",
+            message: format!(
+                "the header has {sector_size}-byte sectors, not the {} asked for",
+                spec.sector_size
+            ),
+        });
+    }
+    let mut status = device.status_handle();
+    let cipher = super::cipher_spec(&mut status)?;
+    let key_size_bits = u32::try_from(status.get_volume_key_size())
+        .ok()
+        .and_then(|bytes| bytes.checked_mul(8))
         .ok_or_else(|| Error::Luks {
             operation: "format",
-            message: "the new header describes no keyslot".to_string(),
+            message: "libcryptsetup reported a negative volume key size".to_string(),
         })?;
-    Ok(FormattedHeader {
-        image,
-        data_offset,
+    let stored = device
+        .keyslot_handle()
+        .get_pbkdf(keyslot)
+        .map_err(|error| libcryptsetup_error("reading the keyslot's PBKDF", error))?;
+    // The keyslot must have exactly what was set: libcryptsetup falls back to benchmarking
+    // silently when it rejects settings.
+    if stored.iterations != settings.iterations
+        || (stored.type_ != CryptKdf::Pbkdf2
+            && (stored.max_memory_kb != settings.max_memory_kb
+                || stored.parallel_threads != settings.parallel_threads))
+    {
+        return Err(Error::Luks {
+            operation: "adding the keyslot",
+            message: format!(
+                "the keyslot got {} instead of the {} set",
+                describe_pbkdf(&stored, None),
+                describe_pbkdf(&settings, None)
+            ),
+        });
+    }
+    let pbkdf = describe_pbkdf(&stored, benchmark.map(|_| settings.time_ms));
+    drop(device);
+    Ok(Derived {
         cipher,
         key_size_bits,
         pbkdf,
-        cost,
         fingerprint_stored,
+        benchmark,
     })
 }
 
-/// The libcryptsetup part of [`format_header`]: data offset, cipher, key bits, PBKDF text,
-/// whether the fingerprint token was written.
-fn write_header(
+/// Sets the keyslot's PBKDF on `device` with explicit iterations and libcryptsetup's
+/// no-benchmark flag: the caller's, or the benchmark's for the caller's target time (from the
+/// cache, else measured now). Returns what was set and how it was benchmarked.
+fn fixed_settings(
     device: &mut CryptDevice,
     spec: &HeaderSpec,
-    volume_key: &SecretBytes,
-    passphrase: &SecretBytes,
-    fingerprint: &str,
-) -> Result<(u64, String, u32, String, bool)> {
-    // Set before formatting, as the cryptsetup CLI does: LUKS1 takes the keyslot KDF only from
-    // here, and LUKS2 keeps it when formatting without its own.
-    let settings = spec.pbkdf_settings()?;
+    context: &HeaderContext<'_>,
+    events: &std::sync::mpsc::Sender<Event>,
+) -> Result<(CryptPbkdfType, Option<Benchmark>)> {
+    let requested = spec.pbkdf_settings()?;
+    let mut benchmark = None;
+    let settings = if requested.flags.contains(CryptPbkdf::NO_BENCHMARK) {
+        requested
+    } else {
+        // Set as asked first: libcryptsetup applies its caps (threads at most the CPUs and 4,
+        // memory at most half the RAM) and the read-back is the configuration to measure.
+        device
+            .settings_handle()
+            .set_pbkdf_type(&requested)
+            .map_err(|error| libcryptsetup_error("setting the PBKDF", error))?;
+        let capped = device
+            .settings_handle()
+            .get_pbkdf_type()
+            .map_err(|error| libcryptsetup_error("reading the PBKDF", error))?;
+        let key = BenchKey {
+            kind: kdf_name(&capped.type_).to_string(),
+            hash: capped.hash.clone().unwrap_or_else(|| HASH.to_string()),
+            time_ms: capped.time_ms,
+            max_memory_kb: capped.max_memory_kb,
+            parallel_threads: capped.parallel_threads,
+            key_bytes: VOLUME_KEY_BYTES,
+        };
+        let cache = bench::cache();
+        let idle = context.idle;
+        let (measured, origin) = cache.get_or_measure(&key, idle, |key| {
+            let _ = events.send(Event::Stage(Stage::Benchmarking));
+            bench::measure(key)
+        })?;
+        benchmark = Some(Benchmark {
+            origin,
+            took: measured.took,
+        });
+        let mut fixed = capped;
+        fixed.iterations = measured.iterations;
+        if fixed.type_ != CryptKdf::Pbkdf2 {
+            fixed.max_memory_kb = measured.memory_kb;
+            fixed.parallel_threads = measured.threads;
+        }
+        fixed.flags = CryptPbkdf::NO_BENCHMARK;
+        fixed
+    };
     device
         .settings_handle()
         .set_pbkdf_type(&settings)
         .map_err(|error| libcryptsetup_error("setting the PBKDF", error))?;
+    let set = device
+        .settings_handle()
+        .get_pbkdf_type()
+        .map_err(|error| libcryptsetup_error("reading the PBKDF", error))?;
+    if !set.flags.contains(CryptPbkdf::NO_BENCHMARK) || set.iterations != settings.iterations {
+        return Err(Error::Luks {
+            operation: "setting the PBKDF",
+            message: format!(
+                "libcryptsetup did not keep the fixed iterations ({}, no benchmark) it was \
+                 given: it has {}",
+                describe_pbkdf(&settings, None),
+                describe_pbkdf(&set, None)
+            ),
+        });
+    }
+    Ok((set, benchmark))
+}
 
+/// libcryptsetup's name of a KDF.
+fn kdf_name(kdf: &CryptKdf) -> &'static str {
+    match kdf {
+        CryptKdf::Pbkdf2 => "pbkdf2",
+        CryptKdf::Argon2I => "argon2i",
+        CryptKdf::Argon2Id => "argon2id",
+    }
+}
+
+/// What deriving the keyslot with `settings` will cost, in the terms of
+/// [`super::cost::KdfCaps`]: its KDF, 4000 stripes, and the volume-key digest the keyslot-less
+/// header on `image` already holds.
+fn planned_cost(
+    version: LuksVersion,
+    settings: &CryptPbkdfType,
+    image: &File,
+    data_offset: u64,
+) -> Result<KeyslotCost> {
+    let kdf = match &settings.type_ {
+        CryptKdf::Pbkdf2 => Kdf::Pbkdf2 {
+            hash: settings.hash.clone().unwrap_or_else(|| HASH.to_string()),
+            iterations: u64::from(settings.iterations),
+        },
+        other => Kdf::Argon2 {
+            variant: kdf_name(other).to_string(),
+            time: u64::from(settings.iterations),
+            memory_kib: u64::from(settings.max_memory_kb),
+            threads: u64::from(settings.parallel_threads),
+        },
+    };
+    let digest = super::cost::read_digest(image, version, data_offset)?;
+    Ok(KeyslotCost {
+        keyslot: 0,
+        kdf,
+        key_bytes: VOLUME_KEY_BYTES as u64,
+        stripes: 4000,
+        digest,
+    })
+}
+
+/// `crypt_format` with our volume key and no keyslot; the PBKDF is already set. Returns the
+/// data offset in bytes.
+fn format_without_keyslot(
+    device: &mut CryptDevice,
+    spec: &HeaderSpec,
+    volume_key: &SecretBytes,
+) -> Result<u64> {
     let volume_key_bytes = Either::Left(volume_key.as_bytes());
     let formatted = match spec.version {
         LuksVersion::Luks1 => {
@@ -450,64 +852,41 @@ fn write_header(
         }
     };
     formatted.map_err(|error| libcryptsetup_error("format", error))?;
-
-    let keyslot = device
-        .keyslot_handle()
-        .add_by_key(
-            None,
-            Some(Either::Left(volume_key.as_bytes())),
-            passphrase.as_bytes(),
-            CryptVolumeKey::empty(),
-        )
-        .map_err(|error| libcryptsetup_error("adding the keyslot", error))?;
-    let fingerprint_stored = spec.version == LuksVersion::Luks2
-        && crate::keys::strength::may_store_fingerprint(passphrase.as_bytes())?;
-    if fingerprint_stored {
-        token::add(device, keyslot, fingerprint)?;
-    }
-
-    let sector_size = libcryptsetup_rs::get_sector_size(Some(device));
-    if u32::try_from(sector_size).ok() != Some(spec.sector_size) {
-        return Err(Error::Luks {
-            operation: "format",
-            message: format!(
-                "the header has {sector_size}-byte sectors, not the {} asked for",
-                spec.sector_size
-            ),
-        });
-    }
-
-    let mut status = device.status_handle();
-    let data_offset = status
+    device
+        .status_handle()
         .get_data_offset()
         .checked_mul(512)
         .ok_or_else(|| Error::Luks {
             operation: "format",
             message: "data offset overflows".to_string(),
-        })?;
-    let cipher = super::cipher_spec(&mut status)?;
-    let key_size_bits = u32::try_from(status.get_volume_key_size())
-        .ok()
-        .and_then(|bytes| bytes.checked_mul(8))
-        .ok_or_else(|| Error::Luks {
-            operation: "format",
-            message: "libcryptsetup reported a negative volume key size".to_string(),
-        })?;
+        })
+}
 
-    let stored = device
-        .keyslot_handle()
-        .get_pbkdf(keyslot)
-        .map_err(|error| libcryptsetup_error("reading the keyslot's PBKDF", error))?;
-    let benchmarked_ms =
-        (!settings.flags.contains(CryptPbkdf::NO_BENCHMARK)).then_some(settings.time_ms);
-    let pbkdf = describe_pbkdf(&stored, benchmarked_ms);
-    Ok((
-        data_offset,
-        cipher,
-        key_size_bits,
-        pbkdf,
-        fingerprint_stored,
-    ))
+/// A keyslot-less LUKS2 header with a fixed-iteration digest on a throwaway memfd: the first
+/// serialised libcryptsetup call that sets up its crypto backend ([`bench::ensure_crypto_backend`]).
+pub(super) fn scratch_format() -> Result<()> {
+    route_libcryptsetup_logs();
+    clear_errors();
+    let image = memfd::create("imgcrypt-luks-scratch")?;
+    image
+        .set_len(SCRATCH_DEVICE_BYTES)
+        .map_err(|error| Error::io("sizing the scratch LUKS device", error))?;
+    let mut device = CryptInit::init(&memfd::proc_path(&image))
+        .map_err(|error| libcryptsetup_error("opening the scratch LUKS device", error))?;
+    let spec = HeaderSpec {
+        pbkdf: Pbkdf {
+            kind: Some(PbkdfKind::Pbkdf2),
+            iterations: Some(PBKDF2_MIN_ITERATIONS),
+            ..Pbkdf::default()
+        },
+        ..HeaderSpec::default()
+    };
+    device
+        .settings_handle()
+        .set_pbkdf_type(&spec.pbkdf_settings()?)
+        .map_err(|error| libcryptsetup_error("setting the PBKDF", error))?;
+    let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
+    format_without_keyslot(&mut device, &spec, &volume_key).map(|_| ())
 }
 
 /// A keyslot's key derivation as users read it: `pbkdf2-sha256 (1000 iterations)` or
@@ -577,6 +956,87 @@ mod tests {
                 ..Pbkdf::default()
             },
         )
+    }
+
+    /// `cryptsetup luksDump` of a formatted header.
+    fn dump(header: &FormattedHeader) -> String {
+        let file = header_file(header);
+        let output = std::process::Command::new("cryptsetup")
+            .arg("luksDump")
+            .arg(file.path())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+
+    #[test]
+    fn a_cached_benchmark_gives_the_keyslot_exactly_its_iterations() {
+        // A target time no other test uses, and a measurement no benchmark would make.
+        let key = BenchKey {
+            kind: "pbkdf2".to_string(),
+            hash: "sha256".to_string(),
+            time_ms: 4321,
+            max_memory_kb: 0,
+            parallel_threads: 0,
+            key_bytes: VOLUME_KEY_BYTES,
+        };
+        let measured = bench::Measured {
+            iterations: 12_345,
+            memory_kb: 0,
+            threads: 0,
+            took: std::time::Duration::from_millis(3),
+        };
+        bench::cache().insert(
+            key,
+            measured,
+            std::time::Instant::now(),
+            bench::online_cpus(),
+        );
+        let volume_key = SecretBytes::random(VOLUME_KEY_BYTES).unwrap();
+        let passphrase = SecretBytes::random(44).unwrap();
+        let mut key_file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
+        std::io::Write::write_all(key_file.as_file_mut(), passphrase.as_bytes()).unwrap();
+        for version in [LuksVersion::Luks2, LuksVersion::Luks1] {
+            let spec = spec(
+                version,
+                512,
+                Pbkdf {
+                    kind: Some(PbkdfKind::Pbkdf2),
+                    iter_time_ms: Some(4321),
+                    ..Pbkdf::default()
+                },
+            );
+            let header = format_header(&spec, &volume_key, &passphrase, FINGERPRINT).unwrap();
+            let benchmark = header.benchmark.expect("benchmarked");
+            assert!(
+                matches!(benchmark.origin, Origin::Cached { .. }),
+                "{benchmark:?}"
+            );
+            assert_eq!(benchmark.took, measured.took);
+            assert_eq!(
+                header.cost.kdf,
+                Kdf::Pbkdf2 {
+                    hash: "sha256".to_string(),
+                    iterations: 12_345
+                }
+            );
+            let text = dump(&header);
+            assert!(
+                text.lines()
+                    .any(|line| line.trim() == "Iterations:         \t12345"
+                        || line.trim().replace(char::is_whitespace, "") == "Iterations:12345"),
+                "{version:?}: {text}"
+            );
+            let file = header_file(&header);
+            let opened = std::process::Command::new("cryptsetup")
+                .args(["open", "--test-passphrase", "--key-file"])
+                .arg(key_file.path())
+                .arg(file.path())
+                .status()
+                .unwrap();
+            assert!(opened.success(), "{version:?}: cryptsetup does not open it");
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! LUKS headers through libcryptsetup, formatted on daemon-owned memory, and the layout rule.
 //!
 //! - [`header`]: builds a LUKS1/LUKS2 header with one keyslot in a memfd, never touching a
-//!   client's descriptor; the job copies it to the output afterwards.
+//!   client's descriptor; the keyslot's derivation can run on its own thread while the job
+//!   copies the payload, and the job copies the header to the output last.
 //! - [`layout`]: how big the output is for a given header and source.
 //! - [`token`]: the `imgcrypt-key` LUKS2 token that names the key file of a keyslot.
 //! - [`image`]: an existing image's header, read from a passed descriptor into a daemon-owned
@@ -9,6 +10,7 @@
 //! - [`unlock`]: which candidate key opens an image, by token first and by trial only where the
 //!   image carries no fingerprint.
 //! - [`payload`]: the decrypted payload of an image as a [`crate::formats::SourceImage`].
+//! - [`bench`]: the PBKDF benchmark, measured once per configuration and cached for an hour.
 //! - [`cost`]: what deriving a keyslot costs, and the caps a keyslot must fit before it is
 //!   derived.
 //! - [`crash`]: kill points for the write-back's crash tests.
@@ -19,6 +21,7 @@
 //! libcryptsetup never puts passphrases or volume keys in its messages (its debug output carries
 //! header metadata, which is public), so routing them is safe.
 
+pub mod bench;
 pub mod cost;
 pub mod crash;
 pub mod header;
@@ -36,7 +39,10 @@ use libcryptsetup_rs::consts::vals::{CryptDebugLevel, CryptLogLevel};
 use libcryptsetup_rs::LibcryptErr;
 
 use crate::Error;
-pub use header::{format_header, FormattedHeader, HeaderSpec, VOLUME_KEY_BYTES};
+pub use header::{
+    format_header, format_header_with, start_format, FormattedHeader, HeaderContext, HeaderSpec,
+    PendingKeyslot, PreparedHeader, Stage, VOLUME_KEY_BYTES,
+};
 pub use image::{Change, Keyslot, LuksImage};
 pub use layout::{output_size, payload_size};
 pub use payload::LuksPayload;

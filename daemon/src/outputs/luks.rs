@@ -16,18 +16,24 @@ const HEADER_COPY_CHUNK: usize = 1 << 20;
 
 /// A raw LUKS output planned around a formatted header.
 #[derive(Debug)]
-pub struct LuksOutput<'h> {
-    header: &'h File,
+pub struct LuksOutput {
+    /// A duplicate of the header's memfd: the header is read from it only when the metadata is
+    /// written, so a keyslot derived meanwhile is in it.
+    header: File,
     data_offset: u64,
     extents: [Extent; 1],
     output_size: u64,
 }
 
-impl<'h> LuksOutput<'h> {
-    /// Plans the output of a `virtual_size`-byte disk behind `header` (a daemon-owned memfd of
-    /// exactly `data_offset` bytes, as [`crate::luks::format_header`] returns it).
-    pub fn plan(header: &'h File, data_offset: u64, virtual_size: u64) -> Result<Self> {
+impl LuksOutput {
+    /// Plans the output of a `virtual_size`-byte disk behind `header` (a daemon-owned memfd
+    /// whose first `data_offset` bytes are the header by the time the metadata is written, as
+    /// [`crate::luks::start_format`] formats it).
+    pub fn plan(header: &File, data_offset: u64, virtual_size: u64) -> Result<Self> {
         let output_size = layout::output_size(data_offset, virtual_size)?;
+        let header = header
+            .try_clone()
+            .map_err(|error| Error::io("duplicating the LUKS header's memfd", error))?;
         Ok(Self {
             header,
             data_offset,
@@ -47,7 +53,7 @@ impl<'h> LuksOutput<'h> {
     }
 }
 
-impl Container for LuksOutput<'_> {
+impl Container for LuksOutput {
     fn extents(&self) -> &[Extent] {
         &self.extents
     }
@@ -57,7 +63,7 @@ impl Container for LuksOutput<'_> {
     }
 
     fn write_metadata(&self, output: &File) -> Result<()> {
-        copy_header(self.header, output, self.data_offset)
+        copy_header(&self.header, output, self.data_offset)
     }
 }
 

@@ -154,6 +154,11 @@ impl ServerState {
         })
     }
 
+    /// Jobs running now (holding a slot), the caller's included.
+    pub fn running_jobs(&self) -> usize {
+        self.scheduler.running()
+    }
+
     /// Counts a new connection of `uid`, or says which cap it would exceed.
     fn admit_connection(&self, uid: u32) -> Result<ConnectionSlot, ConnectionRefused> {
         let limits = &self.config.connections;

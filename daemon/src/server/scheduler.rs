@@ -145,6 +145,11 @@ impl Scheduler {
         }))
     }
 
+    /// Jobs holding a slot now.
+    pub fn running(&self) -> usize {
+        self.lock().running
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The critical sections cannot panic half-way; a poisoned lock still holds sound counts.
         self.inner

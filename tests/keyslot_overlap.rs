@@ -60,12 +60,9 @@ fn summary_iterations(summary: &serde_json::Value) -> u64 {
 
 #[test]
 fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
     let source = make_source(dir, SourceKind::Raw, "4M");
-    let key = dir.join("k");
-    write_key(&key);
     let cheap = ["--pbkdf", "pbkdf2", "--iter-time", "10"];
 
     let first = last_json_summary(&encrypt_json(
@@ -204,12 +201,9 @@ fn assert_phases(seen: &[String], order: &[&str], lasting: &[&str]) {
 
 #[test]
 fn progress_names_the_phases_in_order() {
-    let scratch_dir = scratch();
+    let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
-    let daemon = Daemon::start(dir, &[]);
     let source = make_source(dir, SourceKind::Raw, "4M");
-    let key = dir.join("k");
-    write_key(&key);
     // A derivation (about 1 s) longer than the 4 MiB copy, so the wait for it is a phase.
     let options = ["--pbkdf", "pbkdf2", "--iter-time", "1000"];
     let order = ["format", "benchmark", "copy", "sync", "derive", "header"];

@@ -698,6 +698,58 @@ fn reencrypt_makes_a_new_qcow2_with_a_new_volume_key_and_the_same_disk() {
     assert_ne!(uuid(&image), old_uuid);
 }
 
+/// A daemon SIGKILLed in the middle of a qcow2 `--reencrypt` leaves the image exactly as it was
+/// (the new image is written beside it and renamed only when complete), still opened by qemu
+/// with the old key; running the re-encryption again starts over and completes.
+#[test]
+fn a_daemon_killed_during_a_qcow2_reencryption_leaves_the_image_as_it_was() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let (old, new, ring) = rotation_keys(dir);
+    // 256 MiB of written data, so the re-encryption's copy runs long enough to be interrupted.
+    let source = dir.join("full.raw");
+    let chunk = vec![0x77u8; 8 << 20];
+    let mut bytes = Vec::with_capacity(256 << 20);
+    for _ in 0..32 {
+        bytes.extend_from_slice(&chunk);
+    }
+    fs::write(&source, &bytes).unwrap();
+    drop(bytes);
+    let image = dir.join("image.qcow2");
+    {
+        let daemon = Daemon::start(dir, &[]);
+        encrypt_qcow2(&daemon, &source, &image, &old);
+    }
+    let before = fs::read(&image).unwrap();
+    {
+        let mut daemon = Daemon::start(dir, &[]);
+        let mut command = rewrite_k(&daemon, &ring, &image);
+        command.args(["--reencrypt", "--json"]);
+        let mut client = start_until(&mut command, |line| {
+            line["progress"]["phase"] == "copy"
+                && line["progress"]["bytes_done"].as_u64() > Some(0)
+        });
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        let status = client.wait().unwrap();
+        assert!(!status.success(), "imgctl succeeded after the daemon was killed");
+    }
+    assert!(
+        fs::read(&image).unwrap() == before,
+        "the image changed before the new one was complete"
+    );
+    assert!(qemu_opens(&image, &old), "the old key no longer opens the image");
+    assert!(!qemu_opens(&image, &new));
+
+    let daemon = Daemon::start(dir, &[]);
+    let output = run(rewrite_k(&daemon, &ring, &image).arg("--reencrypt"));
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(!dir.join("image.qcow2.reencrypt.partial").exists());
+    assert!(qemu_opens(&image, &new));
+    assert!(!qemu_opens(&image, &old));
+    assert_qemu_check_and_compare(&image, &new, &source, "raw");
+}
+
 #[test]
 fn an_odd_sized_source_whose_last_cluster_holds_data_rounds_up_to_512() {
     let (scratch_dir, daemon, key) = daemon_and_key();

@@ -726,19 +726,24 @@ fn a_daemon_killed_during_a_qcow2_reencryption_leaves_the_image_as_it_was() {
         let mut command = rewrite_k(&daemon, &ring, &image);
         command.args(["--reencrypt", "--json"]);
         let mut client = start_until(&mut command, |line| {
-            line["progress"]["phase"] == "copy"
-                && line["progress"]["bytes_done"].as_u64() > Some(0)
+            line["progress"]["phase"] == "copy" && line["progress"]["bytes_done"].as_u64() > Some(0)
         });
         daemon.child.kill().unwrap();
         daemon.child.wait().unwrap();
         let status = client.wait().unwrap();
-        assert!(!status.success(), "imgctl succeeded after the daemon was killed");
+        assert!(
+            !status.success(),
+            "imgctl succeeded after the daemon was killed"
+        );
     }
     assert!(
         fs::read(&image).unwrap() == before,
         "the image changed before the new one was complete"
     );
-    assert!(qemu_opens(&image, &old), "the old key no longer opens the image");
+    assert!(
+        qemu_opens(&image, &old),
+        "the old key no longer opens the image"
+    );
     assert!(!qemu_opens(&image, &new));
 
     let daemon = Daemon::start(dir, &[]);

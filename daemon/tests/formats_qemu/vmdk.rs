@@ -381,11 +381,11 @@ fn hex(text: &str) -> u32 {
     u32::from_str_radix(text, 16).unwrap()
 }
 
-/// Rewrites the child's `parentCID=OLD` in place with `new`, zero-padded to OLD's length so
-/// the descriptor keeps its size, as a user who knows the parent is right would.
+/// Rewrites the child's `parentCID=OLD` in place with `new`, as a user who knows the parent is
+/// right would. The embedded descriptor is followed by NUL padding inside its sectors, so a
+/// value one digit longer (qemu writes CIDs without leading zeros) takes a byte of the padding
+/// and a shorter one gives bytes back: nothing after the descriptor moves.
 fn set_parent_cid(child: &Path, old: &str, new: u32) {
-    let new = format!("{new:0width$x}", width = old.len());
-    assert_eq!(old.len(), new.len());
     let mut bytes = std::fs::read(child).unwrap();
     let needle = format!("parentCID={old}");
     let at = bytes
@@ -393,7 +393,20 @@ fn set_parent_cid(child: &Path, old: &str, new: u32) {
         .position(|w| w == needle.as_bytes())
         .expect("parentCID in the child");
     let value_at = at + "parentCID=".len();
-    bytes[value_at..value_at + new.len()].copy_from_slice(new.as_bytes());
+    let text_end = value_at
+        + bytes[value_at..]
+            .iter()
+            .position(|&b| b == 0)
+            .expect("NUL padding after the embedded descriptor");
+    let mut rewritten = format!("{new:x}").into_bytes();
+    rewritten.extend_from_slice(&bytes[value_at + old.len()..text_end]);
+    let region = value_at..text_end.max(value_at + rewritten.len());
+    assert!(
+        bytes[text_end..region.end].iter().all(|&b| b == 0),
+        "no padding left for a longer parentCID"
+    );
+    rewritten.resize(region.len(), 0);
+    bytes[region].copy_from_slice(&rewritten);
     std::fs::write(child, bytes).unwrap();
 }
 

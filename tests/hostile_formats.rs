@@ -338,9 +338,9 @@ fn every_corpus_image_is_refused_by_name_or_encrypted_like_qemu_reads_it() {
             Some(format) => bench.refused(&source, format),
             None if stem.ends_with(".vhd") && qemu_virtual_size(&source) > LARGEST_ENCRYPTED => {
                 bench.assert_read_but_too_large(&source);
-                bench.assert_encrypts_sparse(&source, "vhd-dynamic", &source, "vpc");
+                bench.assert_encrypts_sparse(&source, "vhd_dynamic", &source, "vpc");
             }
-            None if stem.ends_with(".vhd") => bench.assert_encrypts(&source, "vpc", "vhd-dynamic"),
+            None if stem.ends_with(".vhd") => bench.assert_encrypts(&source, "vpc", "vhd_dynamic"),
             None if stem.ends_with(".raw") => bench.assert_encrypts(&source, "raw", "raw"),
             None if stem.starts_with("iotest-dirtylog") => {
                 // qemu's iotest 070: a log to replay. qemu refuses it read-only (and replays it
@@ -493,8 +493,8 @@ fn every_format_qemu_img_writes_is_refused_by_name_or_read_like_qemu() {
         ("img.raw", "raw", &[][..], "raw"),
         ("img.qcow2", "qcow2", &[], "qcow2"),
         ("v2.qcow2", "qcow2", &["-o", "compat=0.10"], "qcow2"),
-        ("dynamic.vhd", "vpc", &[], "vhd-dynamic"),
-        ("fixed.vhd", "vpc", &["-o", "subformat=fixed"], "vhd-fixed"),
+        ("dynamic.vhd", "vpc", &[], "vhd_dynamic"),
+        ("fixed.vhd", "vpc", &["-o", "subformat=fixed"], "vhd_fixed"),
         ("dynamic.vhdx", "vhdx", &[], "vhdx"),
         ("fixed.vhdx", "vhdx", &["-o", "subformat=fixed"], "vhdx"),
         ("sparse.vmdk", "vmdk", &[], "vmdk"),

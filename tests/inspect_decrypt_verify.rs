@@ -146,7 +146,7 @@ fn inspect_of_a_source_shows_its_format_and_sizes() {
     let output = run_ok(daemon.imgctl().args(["inspect", "--json"]).arg(&vhd));
     let info: serde_json::Value = serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", describe(&output)));
-    assert_eq!(info["format"], "vhd-dynamic", "{info}");
+    assert_eq!(info["format"], "vhd_dynamic", "{info}");
     assert_eq!(
         info["virtual_size"].as_u64().unwrap(),
         qemu_virtual_size(&vhd)

@@ -152,7 +152,7 @@ fn a_differencing_vhd_encrypts_to_its_parent_with_its_sectors_applied() {
         ],
     );
     let summary = encrypt_and_compare(&daemon, dir, &child, &key, &expected);
-    assert_eq!(summary["source_format"], "vhd-differencing", "{summary}");
+    assert_eq!(summary["source_format"], "vhd_differencing", "{summary}");
     assert_eq!(
         summary["virtual_size"].as_u64().unwrap(),
         fs::metadata(&parent_raw).unwrap().len()
@@ -203,7 +203,7 @@ fn a_chain_of_three_resolves_each_parent_beside_the_file_naming_it() {
     let dir = scratch_dir.path();
     let (top, expected) = chain_of_three(dir);
     let summary = encrypt_and_compare(&daemon, dir, &top, &key, &expected);
-    assert_eq!(summary["source_format"], "vhd-differencing", "{summary}");
+    assert_eq!(summary["source_format"], "vhd_differencing", "{summary}");
 }
 
 #[test]
@@ -229,8 +229,8 @@ fn inspect_shows_the_chain_by_the_names_each_layer_records() {
     assert_eq!(
         layers,
         [
-            ("./layers/middle.vhd", "vhd-differencing"),
-            ("./base.vhd", "vhd-dynamic")
+            ("./layers/middle.vhd", "vhd_differencing"),
+            ("./base.vhd", "vhd_dynamic")
         ],
         "{info}"
     );

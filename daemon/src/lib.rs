@@ -4,6 +4,7 @@
 //! Where things live:
 //! - [`server`]: the socket, connections, Varlink dispatch, peer credentials;
 //! - [`jobs`]: what one call does, from checking descriptors to the summary;
+//! - [`context`]: what the jobs share, below the server: engines, key ring, job slots;
 //! - [`engines`]: the one pipeline that reads, encrypts and writes a payload (userspace AES-XTS;
 //!   kernel dm-crypt);
 //! - [`devices`]: the kernel engine's loop devices, dm-crypt mappings and keyring keys;
@@ -14,8 +15,14 @@
 //! - [`luks`]: LUKS headers through libcryptsetup, and the output layout rule;
 //! - [`keys`]: key material in locked, zeroised memory, read from passed descriptors;
 //! - [`sys`]: thin wrappers around the system calls the rest relies on;
+//! - [`mode`]: system or per-user daemon;
 //! - [`error`]: the crate's one error type and its mapping to Varlink errors.
+//!
+//! The top layers use only those below them: `server` (and `main`) → `jobs` → `context` → the
+//! machinery (`engines`, `outputs`, `formats`, `luks`, `keys`, `devices`, `sys`). Nothing below
+//! `server` names it, so a job runs with a [`context::DaemonContext`] and no socket.
 
+pub mod context;
 pub mod devices;
 pub mod engines;
 pub mod error;
@@ -23,6 +30,7 @@ pub mod formats;
 pub mod jobs;
 pub mod keys;
 pub mod luks;
+pub mod mode;
 pub mod outputs;
 pub mod server;
 pub mod sys;

@@ -9,11 +9,12 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use imgcrypt_proto::api::EngineChoice;
 use imgcrypt_proto::paths;
+use imgcryptd::context::{DaemonConfig, DaemonContext, Mode};
 use imgcryptd::engines::kernel::KernelEngine;
 use imgcryptd::engines::userspace::UserspaceEngine;
 use imgcryptd::engines::{Engine, EngineSet};
 use imgcryptd::keys::ring::{self, DaemonRing};
-use imgcryptd::server::{self, listener, systemd, Mode, ServerConfig, ServerState};
+use imgcryptd::server::{self, listener, systemd, ServerConfig, ServerState};
 
 /// Encrypts virtual-machine disk images into LUKS images for local users.
 #[derive(Debug, Parser)]
@@ -189,14 +190,19 @@ fn run(
     })?;
     tracing::info!(kept = ?retained.effective, dropped = retained.dropped, "capabilities reduced");
 
+    let context = DaemonContext::new(
+        engines,
+        DaemonConfig {
+            mode,
+            max_jobs: args.max_jobs,
+            max_jobs_per_uid: args.max_jobs_per_user,
+            max_queued_per_uid: args.max_queued_per_user,
+            key_ring,
+        },
+    );
     let config = ServerConfig {
-        mode,
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
-        max_jobs: args.max_jobs,
-        max_jobs_per_uid: args.max_jobs_per_user,
-        max_queued_per_uid: args.max_queued_per_user,
         connections: connection_limits(&args, descriptor_limit),
-        key_ring,
         ..ServerConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -207,7 +213,7 @@ fn run(
     runtime.block_on(async move {
         let listener = tokio::net::UnixListener::from_std(std_listener)
             .map_err(|e| format!("registering the listener: {e}"))?;
-        let state = ServerState::new(engines, config);
+        let state = ServerState::new(context, config);
         systemd::notify("READY=1");
         server::run(listener, state, shutdown_signal())
             .await

@@ -316,9 +316,10 @@ pub struct Progress {
     pub bytes_total: u64,
 }
 
-/// Source image formats recognised by content.
+/// Source image formats recognised by content. On the wire in snake case (`vhd_fixed`): Varlink
+/// enum values are `[A-Za-z](_?[A-Za-z0-9])*`, no dashes.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "snake_case")]
 pub enum SourceFormat {
     /// Raw disk bytes.
     Raw,
@@ -1005,11 +1006,72 @@ mod tests {
         }
     }
 
+    /// The served description is valid Varlink (every name by the specification's rules) and
+    /// defines every method and error the daemon uses.
+    #[test]
+    fn interface_description_is_valid_varlink() {
+        let members = crate::varlink::grammar::check(INTERFACE_DESCRIPTION)
+            .unwrap_or_else(|e| panic!("docs/io.imgcrypt.varlink: {e}"));
+        for name in [
+            ENCRYPT,
+            INSPECT,
+            DECRYPT,
+            VERIFY,
+            REWRITE,
+            errors::INVALID_KEY_FILE,
+            errors::UNSUPPORTED_IMAGE,
+            errors::CORRUPT_IMAGE,
+            errors::BAD_DESCRIPTOR,
+            errors::INVALID_OPTION,
+            errors::NO_SPACE,
+            errors::ENGINE_UNAVAILABLE,
+            errors::LUKS_ERROR,
+            errors::IO_ERROR,
+            errors::PERMISSION_DENIED,
+            errors::PROTOCOL_ERROR,
+            errors::WRONG_KEY,
+            errors::NO_KEY,
+            errors::TOO_MANY_JOBS,
+            errors::TOO_MANY_CONNECTIONS,
+            errors::NEED_FILE,
+        ] {
+            let short = name.strip_prefix("io.imgcrypt.").unwrap();
+            assert!(
+                members.iter().any(|member| member == short),
+                "{short} is not defined in docs/io.imgcrypt.varlink"
+            );
+        }
+    }
+
+    /// Enum values on the wire are the documented Varlink names: no dashes (imgctl maps its
+    /// command-line spellings, such as `--target ibm-vpc`, to these).
+    #[test]
+    fn source_formats_travel_as_varlink_names() {
+        for (format, wire) in [
+            (SourceFormat::Raw, "raw"),
+            (SourceFormat::VhdFixed, "vhd_fixed"),
+            (SourceFormat::VhdDynamic, "vhd_dynamic"),
+            (SourceFormat::Vhdx, "vhdx"),
+            (SourceFormat::Qcow2, "qcow2"),
+            (SourceFormat::Luks, "luks"),
+            (SourceFormat::Vmdk, "vmdk"),
+            (SourceFormat::VhdDifferencing, "vhd_differencing"),
+        ] {
+            assert_eq!(serde_json::to_value(format).unwrap(), wire);
+            assert_eq!(
+                serde_json::from_value::<SourceFormat>(wire.into()).unwrap(),
+                format
+            );
+        }
+        let documented = "(raw, vhd_fixed, vhd_dynamic, vhdx, qcow2, luks, vmdk, vhd_differencing)";
+        assert_eq!(INTERFACE_DESCRIPTION.matches(documented).count(), 4);
+    }
+
     #[test]
     fn summary_uses_documented_enum_spellings() {
         assert_eq!(
             serde_json::to_string(&SourceFormat::VhdDynamic).unwrap(),
-            "\"vhd-dynamic\""
+            "\"vhd_dynamic\""
         );
         assert_eq!(
             serde_json::to_string(&LuksVersion::Luks1).unwrap(),

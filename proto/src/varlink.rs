@@ -7,6 +7,9 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+#[cfg(test)]
+pub(crate) mod grammar;
+
 /// The standard interface every Varlink service implements.
 pub const SERVICE_INTERFACE: &str = "org.varlink.service";
 /// `org.varlink.service.GetInfo`.

@@ -13,12 +13,12 @@ use std::ops::Range;
 
 use imgcrypt_proto::api::{DecryptParameters, DecryptSummary, OutputFormat, Phase};
 
+use crate::context::DaemonContext;
 use crate::engines::userspace::UserspaceEngine;
 use crate::engines::xts::IvMode;
 use crate::engines::PayloadJob;
 use crate::error::Descriptor;
 use crate::outputs::luks::payload_extent;
-use crate::server::ServerState;
 use crate::sys::descriptors;
 use crate::sys::storage::StorageKind;
 use crate::{Error, Result};
@@ -28,7 +28,7 @@ use super::unlock::{self, Purpose};
 use super::{millis, Job};
 
 /// Runs the job.
-pub fn run(mut job: Job<DecryptParameters>, state: &ServerState) -> Result<DecryptSummary> {
+pub fn run(mut job: Job<DecryptParameters>, state: &DaemonContext) -> Result<DecryptSummary> {
     let started = Instant::now();
     let parameters = job.parameters.clone();
     let image = descriptors::check_readable_image(

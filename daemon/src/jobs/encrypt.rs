@@ -42,7 +42,7 @@ use crate::{formats, Error, Result};
 
 use super::output::{self, Written};
 use super::{millis, targets, unlock, Job};
-use crate::server::ServerState;
+use crate::context::DaemonContext;
 
 /// What every format's arm starts from: the checked inputs.
 struct Inputs {
@@ -55,7 +55,7 @@ struct Inputs {
 }
 
 /// Runs the job to completion on the calling (blocking) thread.
-pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summary> {
+pub fn run(mut job: Job<EncryptParameters>, state: &DaemonContext) -> Result<Summary> {
     let started = Instant::now();
     let parameters = job.parameters.clone();
     let format = targets::resolve_format(&parameters)?;
@@ -99,7 +99,7 @@ pub fn run(mut job: Job<EncryptParameters>, state: &ServerState) -> Result<Summa
 /// Checks options, descriptors, the key and the source; nothing is written.
 fn check_inputs(
     job: &mut Job<EncryptParameters>,
-    state: &ServerState,
+    state: &DaemonContext,
     format: OutputFormat,
 ) -> Result<Inputs> {
     let parameters = job.parameters.clone();
@@ -308,7 +308,7 @@ fn header_spec(parameters: &EncryptParameters, format: OutputFormat) -> HeaderSp
 fn encrypt_with_luks<C: Container>(
     job: &Job<EncryptParameters>,
     inputs: &Inputs,
-    state: &ServerState,
+    state: &DaemonContext,
     spec: &HeaderSpec,
     plan: impl FnOnce(&std::fs::File, u64) -> Result<C>,
 ) -> Result<(C, Written, luks::FormattedHeader)> {
@@ -386,7 +386,7 @@ fn benchmark_summary(header: &luks::FormattedHeader) -> Option<PbkdfBenchmark> {
 fn encrypt_luks(
     job: &Job<EncryptParameters>,
     inputs: Inputs,
-    state: &ServerState,
+    state: &DaemonContext,
 ) -> Result<Summary> {
     let parameters = &job.parameters;
     let header_spec = header_spec(parameters, OutputFormat::Luks);
@@ -435,7 +435,7 @@ fn encrypt_luks(
 fn encrypt_qcow2(
     job: &Job<EncryptParameters>,
     inputs: Inputs,
-    state: &ServerState,
+    state: &DaemonContext,
 ) -> Result<Summary> {
     let parameters = &job.parameters;
     let header_spec = header_spec(parameters, OutputFormat::Qcow2);

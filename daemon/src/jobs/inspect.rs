@@ -11,11 +11,11 @@ use imgcrypt_proto::api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::context::DaemonContext;
 use crate::error::Descriptor;
 use crate::formats::vhd::encrypted::EncryptedVhd;
 use crate::formats::{self, encrypted, SourceImage};
 use crate::luks::LuksImage;
-use crate::server::ServerState;
 use crate::sys::{descriptors, storage};
 use crate::Result;
 
@@ -45,7 +45,7 @@ impl StreamedReply for InspectOnly {
 
 /// Runs the job: an image the source readers open is a source (not encrypted), anything else an
 /// encrypted image whose header is read.
-pub fn run(mut job: Job<InspectParameters>, state: &ServerState) -> Result<InspectReply> {
+pub fn run(mut job: Job<InspectParameters>, state: &DaemonContext) -> Result<InspectReply> {
     let parameters = job.parameters.clone();
     let image = descriptors::check_readable_image(
         job.descriptors.take(Descriptor::Image, parameters.image)?,

@@ -341,4 +341,105 @@ mod tests {
         let message = passed.take(Descriptor::Key, 0).unwrap_err().to_string();
         assert!(message.contains("already used"), "{message}");
     }
+
+    /// Jobs need no server: with a context built directly, an encryption of a small RAW image
+    /// by the userspace engine, then a verification of what it wrote against the source.
+    #[test]
+    fn jobs_run_with_a_context_and_no_server() {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+
+        use imgcrypt_proto::api::{
+            EncryptParameters, EngineChoice, KeyRef, LuksVersion, OutputFormat, Pbkdf, PbkdfKind,
+            VerifyParameters,
+        };
+
+        use crate::context::{DaemonConfig, DaemonContext};
+        use crate::engines::userspace::UserspaceEngine;
+        use crate::engines::EngineSet;
+
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let source = dir.path().join("disk.raw");
+        // 4 MiB: a pattern in the first MiB, zeros after it.
+        let mut bytes: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8 + 1).collect();
+        bytes.resize(4 << 20, 0);
+        std::fs::write(&source, &bytes).unwrap();
+        let key = dir.path().join("key");
+        let mut file = std::fs::File::create(&key).unwrap();
+        file.write_all(b"q83vEjRWeJq8zd7wESIzRFVmd4iZqrvM3e7/ABEiM0Q=")
+            .unwrap();
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let output = dir.path().join("disk.luks.partial");
+        std::fs::File::create(&output).unwrap();
+
+        let engines = EngineSet::new(
+            EngineChoice::Userspace,
+            Arc::new(UserspaceEngine::new()),
+            Err("not probed in a unit test".to_string()),
+        )
+        .unwrap();
+        let context = DaemonContext::new(engines, DaemonConfig::default());
+        let (reporter, _reports) = Reporter::channel();
+        fn job<P>(parameters: P, descriptors: Vec<OwnedFd>, reporter: &Reporter) -> Job<P> {
+            Job {
+                id: next_job_id(),
+                caller_uid: nix::unistd::geteuid().as_raw(),
+                parameters,
+                descriptors: PassedDescriptors::new(descriptors),
+                reporter: reporter.clone(),
+                cancel: Arc::default(),
+            }
+        }
+
+        let encrypt = EncryptParameters {
+            source: 0,
+            companions: Vec::new(),
+            output: 1,
+            key: Some(2),
+            source_key: None,
+            luks_version: LuksVersion::Luks2,
+            sector_size: 512,
+            pbkdf: Some(Pbkdf {
+                kind: Some(PbkdfKind::Pbkdf2),
+                iterations: Some(1000),
+                ..Pbkdf::default()
+            }),
+            engine: EngineChoice::Userspace,
+            format: None,
+            target: None,
+        };
+        let descriptors = vec![open(&source, false), open(&output, true), open(&key, false)];
+        let summary = encrypt::run(job(encrypt, descriptors, &reporter), &context).unwrap();
+        assert_eq!(summary.output_format, OutputFormat::Luks);
+        assert_eq!(summary.virtual_size, 4 << 20);
+        assert_eq!(summary.payload_size, 4 << 20);
+        let written = std::fs::read(&output).unwrap();
+        assert_eq!(
+            &written[..6],
+            b"LUKS\xba\xbe",
+            "no LUKS header at the start"
+        );
+        assert_eq!(written.len() as u64, summary.output_size);
+
+        let verify = VerifyParameters {
+            image: 0,
+            source: Some(1),
+            source_companions: Vec::new(),
+            keys: vec![KeyRef {
+                fd: 2,
+                name: "key".to_string(),
+            }],
+        };
+        let descriptors = vec![
+            open(&output, false),
+            open(&source, false),
+            open(&key, false),
+        ];
+        let verified = verify::run(job(verify, descriptors, &reporter), &context).unwrap();
+        let comparison = verified.source.expect("the source was compared");
+        assert!(comparison.matches, "{comparison:?}");
+        assert_eq!(verified.payload_size, 4 << 20);
+        assert_eq!(context.running_jobs(), 0, "jobs run here hold no slot");
+    }
 }

@@ -38,6 +38,7 @@ use imgcrypt_proto::api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::context::DaemonContext;
 use crate::engines::userspace::UserspaceEngine;
 use crate::engines::xts::IvMode;
 use crate::engines::PayloadJob;
@@ -51,7 +52,6 @@ use crate::luks::{crash, Change, HeaderSpec, LuksImage, LuksPayload};
 use crate::outputs::luks::payload_extent;
 use crate::outputs::qcow2::Qcow2Output;
 use crate::outputs::vhd::VhdOutput;
-use crate::server::ServerState;
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::StorageKind;
 use crate::{Error, Result};
@@ -72,7 +72,7 @@ const CHECKPOINT_RECORD_BYTES: u64 = 4096;
 const CHECKPOINT_MAGIC: &str = "imgcrypt-reencrypt-checkpoint";
 
 /// Runs the job.
-pub fn run(mut job: Job<RewriteParameters>, state: &ServerState) -> Result<RewriteSummary> {
+pub fn run(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Result<RewriteSummary> {
     let parameters = job.parameters.clone();
     match parameters.reencrypt_output {
         None => rotate_header(job, state),
@@ -90,7 +90,7 @@ pub fn run(mut job: Job<RewriteParameters>, state: &ServerState) -> Result<Rewri
     }
 }
 
-fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result<RewriteSummary> {
+fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Result<RewriteSummary> {
     let started = Instant::now();
     let parameters = job.parameters.clone();
     let image = descriptors::check_writable_image(
@@ -470,7 +470,7 @@ impl Checkpoint {
 
 fn reencrypt(
     mut job: Job<RewriteParameters>,
-    state: &ServerState,
+    state: &DaemonContext,
     image: CheckedFile,
     output: CheckedFile,
 ) -> Result<RewriteSummary> {

@@ -12,6 +12,7 @@ use std::fs::File;
 use imgcrypt_proto::api::{KeyRef, OutputFormat, Phase, Unlocked};
 use nix::fcntl::{Flock, FlockArg};
 
+use crate::context::DaemonContext;
 use crate::error::Descriptor;
 use crate::formats::qcow2::Qcow2Image;
 use crate::formats::vhd::encrypted::EncryptedVhd;
@@ -20,7 +21,6 @@ use crate::keys::{self, CandidateKey, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
 use crate::luks::{LuksImage, LuksPayload};
-use crate::server::ServerState;
 use crate::sys::descriptors;
 use crate::{Error, Result};
 
@@ -87,7 +87,7 @@ impl JobKeys {
 /// daemon ring's keys when it has a ring and `purpose` allows it.
 pub fn collect<P>(
     job: &mut Job<P>,
-    state: &ServerState,
+    state: &DaemonContext,
     refs: &[KeyRef],
     encryption: Option<&KeyRef>,
     purpose: Purpose,
@@ -137,7 +137,7 @@ pub(super) fn name_key(error: Error, name: &str) -> Error {
     }
 }
 
-fn from_daemon_ring<P>(job: &Job<P>, state: &ServerState, purpose: Purpose) -> Result<JobKeys> {
+fn from_daemon_ring<P>(job: &Job<P>, state: &DaemonContext, purpose: Purpose) -> Result<JobKeys> {
     let Some(ring) = state.config.key_ring.as_ref() else {
         return Err(Error::NoKey(
             "no key was passed and this daemon has no key ring: pass --key-file FILE, or list \

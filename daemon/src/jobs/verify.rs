@@ -11,9 +11,9 @@ use std::time::Instant;
 use imgcrypt_proto::api::{Phase, SourceComparison, VerifyParameters, VerifySummary};
 use sha2::{Digest, Sha256};
 
+use crate::context::DaemonContext;
 use crate::error::Descriptor;
 use crate::formats::{self, SourceImage};
-use crate::server::ServerState;
 use crate::sys::aligned::AlignedBuffer;
 use crate::sys::descriptors;
 use crate::Result;
@@ -25,7 +25,7 @@ use super::{millis, Job};
 const CHUNK: usize = 4 << 20;
 
 /// Runs the job.
-pub fn run(mut job: Job<VerifyParameters>, state: &ServerState) -> Result<VerifySummary> {
+pub fn run(mut job: Job<VerifyParameters>, state: &DaemonContext) -> Result<VerifySummary> {
     let started = Instant::now();
     let parameters = job.parameters.clone();
     let image = descriptors::check_readable_image(

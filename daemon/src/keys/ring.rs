@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use imgcrypt_proto::keyring::Keyring;
 
 use crate::keys::{read_key_file, CandidateKey};
-use crate::server::Mode;
+use crate::mode::Mode;
 use crate::sys::storage::{storage_kind, StorageKind};
 use crate::{Error, Result};
 

@@ -39,8 +39,9 @@ use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use super::scheduler::{Admission, QueueFull};
-use super::{ConnectionLimits, ConnectionRefused, Mode, ServerState};
+use super::{ConnectionLimits, ConnectionRefused, ServerState};
+use crate::context::scheduler::{Admission, QueueFull};
+use crate::context::{DaemonContext, Mode};
 use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors, Reporter};
 
 /// Least time between two progress replies: enough for a smooth bar, cheap for the socket.
@@ -173,7 +174,7 @@ pub(super) async fn serve(
 
 /// The per-user daemon serves only its own user; root may always connect.
 fn authorize(state: &ServerState, peer: Peer) -> Result<(), String> {
-    if state.config.mode == Mode::User {
+    if state.context.config.mode == Mode::User {
         let own = nix::unistd::getuid().as_raw();
         if peer.uid != own && peer.uid != 0 {
             return Err(format!(
@@ -428,7 +429,7 @@ impl Connection {
         fds: Vec<OwnedFd>,
         state: &Arc<ServerState>,
         stop: &mut watch::Receiver<bool>,
-        work: fn(Job<P>, &ServerState) -> crate::Result<R::Done>,
+        work: fn(Job<P>, &DaemonContext) -> crate::Result<R::Done>,
     ) -> Result<(), Closed>
     where
         P: DeserializeOwned + Send + 'static,
@@ -454,7 +455,7 @@ impl Connection {
             job_id,
             state,
             stop,
-            move |state, reporter, cancel| {
+            move |context, reporter, cancel| {
                 let job = Job {
                     id: job_id,
                     caller_uid: peer.uid,
@@ -463,7 +464,7 @@ impl Connection {
                     reporter: reporter.clone(),
                     cancel: cancel.clone(),
                 };
-                work(job, state)
+                work(job, context)
             },
         )
         .await
@@ -478,7 +479,7 @@ impl Connection {
         job_id: u64,
         state: &Arc<ServerState>,
         stop: &mut watch::Receiver<bool>,
-        work: impl FnOnce(&ServerState, &Reporter, &Arc<AtomicBool>) -> crate::Result<R::Done>
+        work: impl FnOnce(&DaemonContext, &Reporter, &Arc<AtomicBool>) -> crate::Result<R::Done>
             + Send
             + 'static,
     ) -> Result<(), Closed>
@@ -491,7 +492,7 @@ impl Connection {
         let (reporter, mut reports) = Reporter::channel();
 
         // Wait for a job slot, telling the client it is queued, and noticing if it leaves.
-        let permit = match state.scheduler.admit(peer.uid) {
+        let permit = match state.context.scheduler().admit(peer.uid) {
             Ok(Admission::Running(permit)) => permit,
             Ok(Admission::Queued(queued)) => {
                 tracing::info!(job = job_id, uid = peer.uid, "job queued");
@@ -529,9 +530,9 @@ impl Connection {
         tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, "job started");
 
         let job = {
-            let state = state.clone();
+            let context = state.context.clone();
             let cancel = cancel.clone();
-            tokio::task::spawn_blocking(move || work(&state, &reporter, &cancel))
+            tokio::task::spawn_blocking(move || work(&context, &reporter, &cancel))
         };
         tokio::pin!(job);
 

@@ -8,11 +8,13 @@
 //! What one client can hold is bounded: connections per uid and overall ([`ConnectionLimits`],
 //! counted here), descriptors per connection (`imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE`),
 //! the time an idle connection or a half-sent frame may stay open (`connection`), and job
-//! slots shared fairly between uids ([`scheduler`]).
+//! slots shared fairly between uids ([`crate::context::scheduler`]).
+//!
+//! What jobs need (engines, key ring, job slots) is the [`DaemonContext`] below the server;
+//! [`ServerState`] adds only what connections share.
 
 mod connection;
 pub mod listener;
-pub mod scheduler;
 pub mod systemd;
 
 use std::collections::HashMap;
@@ -24,53 +26,25 @@ use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use scheduler::{Scheduler, SchedulerLimits};
+use crate::context::DaemonContext;
 
-use crate::engines::EngineSet;
-use crate::keys::ring::DaemonRing;
-
-/// Who the daemon serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The system daemon: any local user who can connect to the socket (the socket's mode and
-    /// group decide who can).
-    System,
-    /// A per-user daemon: only its own user (and root).
-    User,
-}
-
-/// Settings of a running server.
+/// Settings of a running server (the socket's; what jobs see is in [`DaemonContext`]).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Who may connect.
-    pub mode: Mode,
     /// Exit after this long with no connection (the auto-started per-user daemon).
     pub idle_timeout: Option<Duration>,
-    /// Jobs that may run at once; more wait in a queue and say so.
-    pub max_jobs: usize,
-    /// Jobs of one uid that may run at once.
-    pub max_jobs_per_uid: usize,
-    /// Jobs of one uid that may wait for a slot; one more is refused (root is exempt).
-    pub max_queued_per_uid: usize,
     /// Connection caps and timeouts.
     pub connections: ConnectionLimits,
     /// How long shutdown waits for running jobs to cancel and tear down.
     pub shutdown_grace: Duration,
-    /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
-    pub key_ring: Option<Arc<DaemonRing>>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            mode: Mode::System,
             idle_timeout: None,
-            max_jobs: 4,
-            max_jobs_per_uid: 2,
-            max_queued_per_uid: 8,
             connections: ConnectionLimits::default(),
             shutdown_grace: Duration::from_secs(30),
-            key_ring: None,
         }
     }
 }
@@ -128,35 +102,22 @@ pub fn connections_fitting(descriptor_limit: u64, max_jobs: usize) -> usize {
 
 /// Everything connections share.
 pub struct ServerState {
-    /// The engines jobs may use.
-    pub engines: EngineSet,
+    /// What jobs see: engines, key ring, job slots.
+    pub context: Arc<DaemonContext>,
     /// Settings.
     pub config: ServerConfig,
-    /// Job slots, shared fairly between uids.
-    scheduler: Arc<Scheduler>,
     /// Open connections, counted for the caps.
     connections: Arc<Mutex<ConnectionCounts>>,
 }
 
 impl ServerState {
-    /// Shared state for [`run`].
-    pub fn new(engines: EngineSet, config: ServerConfig) -> Arc<Self> {
-        let scheduler = Scheduler::new(SchedulerLimits {
-            max_jobs: config.max_jobs,
-            max_running_per_uid: config.max_jobs_per_uid,
-            max_queued_per_uid: config.max_queued_per_uid,
-        });
+    /// Shared state for [`run`], serving jobs with `context`.
+    pub fn new(context: Arc<DaemonContext>, config: ServerConfig) -> Arc<Self> {
         Arc::new(Self {
-            engines,
-            scheduler,
+            context,
             connections: Arc::default(),
             config,
         })
-    }
-
-    /// Jobs running now (holding a slot), the caller's included.
-    pub fn running_jobs(&self) -> usize {
-        self.scheduler.running()
     }
 
     /// Counts a new connection of `uid`, or says which cap it would exceed.

@@ -1,0 +1,80 @@
+//! What every job shares, below the server: the daemon's [`Mode`], the engines, the key ring
+//! and the job slots ([`scheduler`]), held by one [`DaemonContext`].
+//!
+//! The server builds a context at start-up and hands it to each job it runs; the jobs use only
+//! this, never the server, so a job can be constructed and run without a socket
+//! (`jobs::tests::jobs_run_with_a_context_and_no_server` does). Socket business (connection
+//! caps, idle and frame timeouts, shutdown) stays in `server`.
+
+pub mod scheduler;
+
+use std::sync::Arc;
+
+use scheduler::{Scheduler, SchedulerLimits};
+
+use crate::engines::EngineSet;
+use crate::keys::ring::DaemonRing;
+pub use crate::mode::Mode;
+
+/// Settings jobs see.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Who the daemon serves.
+    pub mode: Mode,
+    /// Jobs that may run at once; more wait in a queue and say so.
+    pub max_jobs: usize,
+    /// Jobs of one uid that may run at once.
+    pub max_jobs_per_uid: usize,
+    /// Jobs of one uid that may wait for a slot; one more is refused (root is exempt).
+    pub max_queued_per_uid: usize,
+    /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
+    pub key_ring: Option<Arc<DaemonRing>>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::System,
+            max_jobs: 4,
+            max_jobs_per_uid: 2,
+            max_queued_per_uid: 8,
+            key_ring: None,
+        }
+    }
+}
+
+/// Everything jobs share: engines, settings (with the key ring) and job slots.
+pub struct DaemonContext {
+    /// The engines jobs may use.
+    pub engines: EngineSet,
+    /// Settings.
+    pub config: DaemonConfig,
+    /// Job slots, shared fairly between uids.
+    scheduler: Arc<Scheduler>,
+}
+
+impl DaemonContext {
+    /// A context whose job slots follow `config`'s limits.
+    pub fn new(engines: EngineSet, config: DaemonConfig) -> Arc<Self> {
+        let scheduler = Scheduler::new(SchedulerLimits {
+            max_jobs: config.max_jobs,
+            max_running_per_uid: config.max_jobs_per_uid,
+            max_queued_per_uid: config.max_queued_per_uid,
+        });
+        Arc::new(Self {
+            engines,
+            config,
+            scheduler,
+        })
+    }
+
+    /// Job slots: a job runs only while it holds one of its [`scheduler::Permit`]s.
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// Jobs running now (holding a slot), the caller's included.
+    pub fn running_jobs(&self) -> usize {
+        self.scheduler.running()
+    }
+}

@@ -334,7 +334,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts imgcryptd on `dir/sock/io.imgcrypt` with `extra` arguments and waits for it.
+    /// Starts imgcryptd on `dir/sock/io.imgcrypt` with `extra` arguments and waits for it
+    /// (without its start-up PBKDF benchmark unless `extra` has `--startup-benchmark`).
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
         Self::start_with_env(dir, extra, &[])
     }
@@ -364,9 +365,13 @@ impl Daemon {
             }
             None => Command::new(binary("imgcryptd")),
         };
+        // No start-up benchmark unless a test asks for it (`--startup-benchmark` in `extra`
+        // overrides this): it would make tests that count benchmarks depend on timing, and
+        // every test daemon would spend seconds of CPU on it.
         let child = command
             .arg("--socket")
             .arg(&socket)
+            .arg("--no-startup-benchmark")
             .args(extra)
             .envs(env.iter().copied())
             .env("IMGCRYPTD_LOG", "debug")

@@ -511,6 +511,67 @@ impl Drop for Daemon {
     }
 }
 
+/// Makes a key file at `path` with `imgctl key generate -o`; returns the path.
+pub fn generate_key(path: &Path) -> PathBuf {
+    run_ok(
+        Command::new(binary("imgctl"))
+            .args(["key", "generate", "-o"])
+            .arg(path),
+    );
+    path.to_path_buf()
+}
+
+/// What a key-rotation test starts from: generated key files in a directory and the ring
+/// `keys.toml` beside them that rotates from `old` to `new`.
+pub struct RotationKeys {
+    /// `old.key`: what the image opens with before the rotation (the ring's last decryption key).
+    pub old: PathBuf,
+    /// `new.key`: the ring's encryption key.
+    pub new: PathBuf,
+    /// Further decryption keys, in the ring before `old` (decryption_key1, 2, ...).
+    pub others: Vec<PathBuf>,
+    /// The ring file.
+    pub ring: PathBuf,
+}
+
+/// Generates `old.key`, `new.key` and `others` (file names) in `dir` and writes the ring
+/// `dir/keys.toml`: `encryption_key = "new.key"`, then `others` and `old.key` as
+/// decryption_key1, 2, ...
+pub fn rotation_keys(dir: &Path, others: &[&str]) -> RotationKeys {
+    let old = generate_key(&dir.join("old.key"));
+    let new = generate_key(&dir.join("new.key"));
+    let others: Vec<PathBuf> = others
+        .iter()
+        .map(|name| generate_key(&dir.join(name)))
+        .collect();
+    let mut text = "encryption_key = \"new.key\"\n".to_string();
+    let decryption = others.iter().chain([&old]);
+    for (number, key) in (1..).zip(decryption) {
+        let name = key.file_name().unwrap().to_string_lossy();
+        text.push_str(&format!("decryption_key{number} = \"{name}\"\n"));
+    }
+    let ring = dir.join("keys.toml");
+    fs::write(&ring, text).unwrap();
+    RotationKeys {
+        old,
+        new,
+        others,
+        ring,
+    }
+}
+
+/// `imgctl --keyring RING rewrite -k IMAGE` with `pbkdf` (keyslot options, e.g. [`CHEAP_PBKDF`]).
+pub fn rewrite_k(daemon: &Daemon, ring: &Path, image: &Path, pbkdf: &[&str]) -> Command {
+    let mut command = daemon.imgctl();
+    command
+        .arg("--keyring")
+        .arg(ring)
+        .args(["rewrite", "-k"])
+        .arg(image)
+        .args(pbkdf);
+    command
+}
+
 /// What most end-to-end tests start from: a scratch directory, a daemon serving it, and a key
 /// file `k` in it ([`write_key`]). Bind all three for the test's length, the directory first,
 /// so that the daemon stops before the directory is removed.

@@ -772,15 +772,21 @@ pub fn benchmark_configuration(spec: &HeaderSpec) -> Result<Option<BenchKey>> {
     if requested.flags.contains(CryptPbkdf::NO_BENCHMARK) {
         return Ok(None);
     }
+    let (_image, mut device) = scratch_device()?;
+    Ok(Some(capped_configuration(&mut device, &requested)?.1))
+}
+
+/// A libcryptsetup context on a fresh, empty scratch memfd (kept open by the returned file).
+fn scratch_device() -> Result<(File, CryptDevice)> {
     route_libcryptsetup_logs();
     clear_errors();
     let image = memfd::create("imgcrypt-luks-scratch")?;
     image
         .set_len(SCRATCH_DEVICE_BYTES)
         .map_err(|error| Error::io("sizing the scratch LUKS device", error))?;
-    let mut device = CryptInit::init(&memfd::proc_path(&image))
+    let device = CryptInit::init(&memfd::proc_path(&image))
         .map_err(|error| libcryptsetup_error("opening the scratch LUKS device", error))?;
-    Ok(Some(capped_configuration(&mut device, &requested)?.1))
+    Ok((image, device))
 }
 
 /// libcryptsetup's name of a KDF.
@@ -886,14 +892,7 @@ fn format_without_keyslot(
 /// A keyslot-less LUKS2 header with a fixed-iteration digest on a throwaway memfd: the first
 /// serialised libcryptsetup call that sets up its crypto backend ([`bench::ensure_crypto_backend`]).
 pub(super) fn scratch_format() -> Result<()> {
-    route_libcryptsetup_logs();
-    clear_errors();
-    let image = memfd::create("imgcrypt-luks-scratch")?;
-    image
-        .set_len(SCRATCH_DEVICE_BYTES)
-        .map_err(|error| Error::io("sizing the scratch LUKS device", error))?;
-    let mut device = CryptInit::init(&memfd::proc_path(&image))
-        .map_err(|error| libcryptsetup_error("opening the scratch LUKS device", error))?;
+    let (_image, mut device) = scratch_device()?;
     let spec = HeaderSpec {
         pbkdf: Pbkdf {
             kind: Some(PbkdfKind::Pbkdf2),

@@ -293,7 +293,7 @@ fn header_spec(parameters: &EncryptParameters, format: OutputFormat) -> HeaderSp
     }
 }
 
-/// The headers [`header_spec`] makes for a job with default parameters (what `imgctl encrypt`
+/// The headers `header_spec` makes for a job with default parameters (what `imgctl encrypt`
 /// sends without options): raw LUKS's (LUKS2, argon2id) and qcow2's (LUKS1, pbkdf2), with
 /// libcryptsetup's default target time. The start-up benchmark measures these
 /// ([`super::startup`]).

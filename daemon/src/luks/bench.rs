@@ -24,7 +24,7 @@
 //! # At start-up
 //!
 //! The daemon measures the configurations a job with default parameters uses once it is ready
-//! ([`Cache::measure_while_idle`], started by `crate::jobs::start_up_benchmark` unless
+//! ([`Cache::measure_while_idle`], started by `crate::jobs::startup` unless
 //! `--no-startup-benchmark`), on a thread of its own, so READY and the first call never wait
 //! for it. It yields to jobs: it starts a configuration only while no job runs, stops at
 //! libcryptsetup's next progress callback once one does (between the benchmark's rounds;

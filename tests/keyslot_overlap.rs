@@ -30,6 +30,17 @@ fn encrypt_json(
     run_ok(&mut command).stdout
 }
 
+/// The summary of [`encrypt_json`].
+fn encrypt_summary(
+    daemon: &Daemon,
+    source: &Path,
+    output: &Path,
+    key: &Path,
+    options: &[&str],
+) -> serde_json::Value {
+    last_json_summary(&encrypt_json(daemon, source, output, key, options))
+}
+
 /// The keyslot-0 (LUKS2) or key-slot-0 (LUKS1) iteration count `cryptsetup luksDump` shows.
 fn dumped_iterations(image: &Path) -> u64 {
     let output = run_ok(Command::new("cryptsetup").arg("luksDump").arg(image));
@@ -65,26 +76,14 @@ fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
     let source = make_source(dir, SourceKind::Raw, "4M");
     let cheap = ["--pbkdf", "pbkdf2", "--iter-time", "10"];
 
-    let first = last_json_summary(&encrypt_json(
-        &daemon,
-        &source,
-        &dir.join("1.luks"),
-        &key,
-        &cheap,
-    ));
+    let first = encrypt_summary(&daemon, &source, &dir.join("1.luks"), &key, &cheap);
     assert_eq!(first["pbkdf_benchmark"]["cached"], false, "{first}");
     assert!(first["pbkdf_benchmark"]["measured_ms"].as_u64().unwrap() > 0);
     let measured = summary_iterations(&first);
     assert_eq!(dumped_iterations(&dir.join("1.luks")), measured);
 
     std::thread::sleep(Duration::from_millis(50));
-    let second = last_json_summary(&encrypt_json(
-        &daemon,
-        &source,
-        &dir.join("2.luks"),
-        &key,
-        &cheap,
-    ));
+    let second = encrypt_summary(&daemon, &source, &dir.join("2.luks"), &key, &cheap);
     assert_eq!(second["pbkdf_benchmark"]["cached"], true, "{second}");
     assert!(
         second["pbkdf_benchmark"]["age_ms"].as_u64().unwrap() >= 50,
@@ -95,13 +94,7 @@ fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
     // LUKS1 derives the same 64-byte key with the same pbkdf2: the same measurement.
     let mut luks1 = cheap.to_vec();
     luks1.push("--luks1");
-    let third = last_json_summary(&encrypt_json(
-        &daemon,
-        &source,
-        &dir.join("3.luks"),
-        &key,
-        &luks1,
-    ));
+    let third = encrypt_summary(&daemon, &source, &dir.join("3.luks"), &key, &luks1);
     assert_eq!(third["pbkdf_benchmark"]["cached"], true, "{third}");
     assert_eq!(dumped_iterations(&dir.join("3.luks")), measured);
 
@@ -113,13 +106,13 @@ fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
     }
 
     // Another target time, another function: each measured on its own.
-    let other_time = last_json_summary(&encrypt_json(
+    let other_time = encrypt_summary(
         &daemon,
         &source,
         &dir.join("4.luks"),
         &key,
         &["--pbkdf", "pbkdf2", "--iter-time", "40"],
-    ));
+    );
     assert_eq!(
         other_time["pbkdf_benchmark"]["cached"], false,
         "{other_time}"
@@ -128,7 +121,7 @@ fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
         dumped_iterations(&dir.join("4.luks")),
         summary_iterations(&other_time)
     );
-    let argon = last_json_summary(&encrypt_json(
+    let argon = encrypt_summary(
         &daemon,
         &source,
         &dir.join("5.luks"),
@@ -141,7 +134,7 @@ fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
             "--pbkdf-memory",
             "32768",
         ],
-    ));
+    );
     assert_eq!(argon["pbkdf_benchmark"]["cached"], false, "{argon}");
     assert!(
         argon["pbkdf"].as_str().unwrap().starts_with("argon2id"),
@@ -150,13 +143,7 @@ fn a_cached_benchmark_gives_keyslots_exactly_its_iterations() {
     assert!(test_passphrase(&dir.join("5.luks"), &key));
 
     // Fixed iterations are no benchmark at all.
-    let fixed = last_json_summary(&encrypt_json(
-        &daemon,
-        &source,
-        &dir.join("6.luks"),
-        &key,
-        CHEAP_PBKDF,
-    ));
+    let fixed = encrypt_summary(&daemon, &source, &dir.join("6.luks"), &key, CHEAP_PBKDF);
     assert!(fixed.get("pbkdf_benchmark").is_none(), "{fixed}");
 
     // The text summary says it too.
@@ -358,4 +345,177 @@ fn a_killed_job_leaves_nothing_that_looks_like_an_image() {
             fs::remove_file(&finished).unwrap();
         }
     }
+}
+
+/// Waits (up to `limit`) until the daemon's log has `line`, and returns the log.
+fn wait_for_log(daemon: &Daemon, line: &str, limit: Duration) -> String {
+    let deadline = Instant::now() + limit;
+    loop {
+        let log = daemon.log_text();
+        if log.contains(line) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {line:?} in the daemon log within {limit:?}:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `FIELD=N` of the log line holding `message` and `kind=KIND`.
+fn logged(log: &str, message: &str, kind: &str, field: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|line| line.contains(message) && line.contains(&format!("kind={kind}")))
+        .unwrap_or_else(|| panic!("no {message:?} for {kind} in\n{log}"));
+    line.split_whitespace()
+        .find_map(|pair| pair.strip_prefix(&format!("{field}=")))
+        .unwrap_or_else(|| panic!("no {field} in {line}"))
+        .parse()
+        .unwrap()
+}
+
+/// The first argon2 keyslot's `Time cost` and `Memory` (KiB) as `cryptsetup luksDump` shows
+/// them (LUKS2).
+fn dumped_argon2(image: &Path) -> (u64, u64) {
+    let output = run_ok(Command::new("cryptsetup").arg("luksDump").arg(image));
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.trim().strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    (field("Time cost:"), field("Memory:"))
+}
+
+#[test]
+fn the_startup_benchmark_serves_the_first_default_jobs_and_rewrite() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &["--startup-benchmark"]);
+    let RotationKeys {
+        old: old_key,
+        new: new_key,
+        ring,
+        ..
+    } = rotation_keys(dir, &[]);
+    let source = make_source(dir, SourceKind::Raw, "4M");
+    // Both default configurations, measured before any call (the deadline only bounds a hang).
+    let log = wait_for_log(
+        &daemon,
+        "start-up PBKDF benchmark finished configurations=2",
+        Duration::from_secs(300),
+    );
+    let cached = "start-up PBKDF benchmark cached";
+    let argon2 = (
+        logged(&log, cached, "argon2id", "iterations"),
+        logged(&log, cached, "argon2id", "memory_kb"),
+    );
+    let pbkdf2 = logged(&log, cached, "pbkdf2", "iterations");
+
+    // Raw LUKS with default settings: LUKS2 argon2id, exactly the start-up measurement.
+    let image = dir.join("default.luks");
+    let raw = encrypt_summary(&daemon, &source, &image, &old_key, &[]);
+    assert_eq!(raw["pbkdf_benchmark"]["cached"], true, "{raw}");
+    assert_eq!(dumped_argon2(&image), argon2, "{raw}");
+    assert!(
+        test_passphrase(&image, &old_key),
+        "cryptsetup does not open it"
+    );
+
+    // qcow2 with default settings: LUKS1 pbkdf2, the other start-up measurement.
+    let qcow2 = encrypt_summary(
+        &daemon,
+        &source,
+        &dir.join("default.qcow2"),
+        &old_key,
+        &["--format", "qcow2"],
+    );
+    assert_eq!(qcow2["pbkdf_benchmark"]["cached"], true, "{qcow2}");
+    assert_eq!(summary_iterations(&qcow2), pbkdf2, "{qcow2}");
+
+    // A header-only rotation with default settings adds its keyslot from the cache too.
+    let output = run(rewrite_k(&daemon, &ring, &image, &[]).arg("--json"));
+    daemon.assert_ok(&output, "rewrite -k");
+    let rotated = last_json_summary(&output.stdout);
+    assert_eq!(rotated["pbkdf_benchmark"]["cached"], true, "{rotated}");
+    assert_eq!(rotated["keyslot_added"], true, "{rotated}");
+    assert_eq!(dumped_argon2(&image), argon2, "{rotated}");
+    assert!(
+        test_passphrase(&image, &new_key),
+        "the new key does not open it"
+    );
+    assert!(
+        !test_passphrase(&image, &old_key),
+        "the old key still opens it"
+    );
+}
+
+#[test]
+fn without_the_startup_benchmark_the_first_default_job_measures() {
+    // tests/common starts daemons with --no-startup-benchmark.
+    let (scratch_dir, daemon, key) = daemon_and_key();
+    let dir = scratch_dir.path();
+    let source = make_source(dir, SourceKind::Raw, "4M");
+    let first = encrypt_summary(
+        &daemon,
+        &source,
+        &dir.join("1.qcow2"),
+        &key,
+        &["--format", "qcow2"],
+    );
+    assert_eq!(first["pbkdf_benchmark"]["cached"], false, "{first}");
+    let log = daemon.log_text();
+    assert!(!log.contains("start-up PBKDF benchmark"), "{log}");
+    assert!(log.contains("--no-startup-benchmark"), "{log}");
+}
+
+#[test]
+fn a_job_arriving_during_the_startup_benchmark_ends_it() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &["--startup-benchmark"]);
+    let key = dir.join("k");
+    write_key(&key);
+    let source = make_source(dir, SourceKind::Raw, "4M");
+    // At once: the start-up run is in its first configuration (argon2id, seconds).
+    let cheap = ["--pbkdf", "pbkdf2", "--iter-time", "10"];
+    let first = encrypt_summary(&daemon, &source, &dir.join("1.luks"), &key, &cheap);
+    assert_eq!(first["pbkdf_benchmark"]["cached"], false, "{first}");
+    let log = daemon.log_text();
+    let position = |what: &str| {
+        log.find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in\n{log}"))
+    };
+    // The order of events: the job arrives, the start-up measurement stops at its next
+    // progress callback and keeps nothing, then the job measures its own configuration.
+    let requested = position("encrypt requested");
+    let interrupted = position("start-up PBKDF benchmark interrupted by a job");
+    let own = log
+        .match_indices("PBKDF benchmark ")
+        .map(|(at, _)| at)
+        .find(|&at| {
+            let line = log[at..].lines().next().unwrap_or_default();
+            line.contains("time_ms=10") && line.contains("iterations=")
+        })
+        .unwrap_or_else(|| panic!("the job's own benchmark is not logged:\n{log}"));
+    assert!(requested < interrupted, "{log}");
+    assert!(interrupted < own, "{log}");
+    assert!(!log.contains("start-up PBKDF benchmark cached"), "{log}");
+    assert!(!log.contains("start-up PBKDF benchmark finished"), "{log}");
+
+    // Nothing of the interrupted run was kept, and it does not resume: the default qcow2
+    // configuration is measured by the job that needs it.
+    let second = encrypt_summary(
+        &daemon,
+        &source,
+        &dir.join("2.qcow2"),
+        &key,
+        &["--format", "qcow2"],
+    );
+    assert_eq!(second["pbkdf_benchmark"]["cached"], false, "{second}");
 }

@@ -456,25 +456,10 @@ fn assert_inspect_matches_qemu(info: &serde_json::Value, image: &Path, key: &Pat
     );
 }
 
-/// Keys `old` and `new` from `imgctl key generate` and a ring rotating from old to new.
-fn rotation_keys(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let make = |name: &str| {
-        let path = dir.join(name);
-        run_ok(
-            Command::new(binary("imgctl"))
-                .args(["key", "generate", "-o"])
-                .arg(&path),
-        );
-        path
-    };
-    let (old, new) = (make("old.key"), make("new.key"));
-    let ring = dir.join("keys.toml");
-    fs::write(
-        &ring,
-        "encryption_key = \"new.key\"\ndecryption_key1 = \"old.key\"\n",
-    )
-    .unwrap();
-    (old, new, ring)
+/// `old.key`, `new.key` and the ring rotating from old to new.
+fn old_new_ring(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let keys = rotation_keys(dir, &[]);
+    (keys.old, keys.new, keys.ring)
 }
 
 #[test]
@@ -482,7 +467,7 @@ fn rewrite_k_gives_a_qcow2_a_keyslot_qemu_accepts_and_removes_the_old_one() {
     let scratch_dir = scratch();
     let dir = scratch_dir.path();
     let daemon = Daemon::start(dir, &[]);
-    let (old, new, ring) = rotation_keys(dir);
+    let (old, new, ring) = old_new_ring(dir);
     let source = make_source(dir, SourceKind::Raw, "8M");
     let ours = dir.join("ours.qcow2");
     encrypt_qcow2(&daemon, &source, &ours, &old);
@@ -490,13 +475,7 @@ fn rewrite_k_gives_a_qcow2_a_keyslot_qemu_accepts_and_removes_the_old_one() {
 
     for image in [&ours, &qemu_made] {
         let before = fs::read(image).unwrap();
-        let output = run(daemon
-            .imgctl()
-            .arg("--keyring")
-            .arg(&ring)
-            .args(["rewrite", "-k"])
-            .arg(image)
-            .args(CHEAP_PBKDF));
+        let output = run(&mut rewrite_k(&daemon, &ring, image, CHEAP_PBKDF));
         assert!(output.status.success(), "{image:?}: {}", describe(&output));
         assert_qemu_refuses_key(image, &old);
         let object = qemu_secret(&new);
@@ -596,22 +575,11 @@ fn qemu_opens(image: &Path, key: &Path) -> bool {
     .success()
 }
 
-fn rewrite_k(daemon: &Daemon, ring: &Path, image: &Path) -> Command {
-    let mut command = daemon.imgctl();
-    command
-        .arg("--keyring")
-        .arg(ring)
-        .args(["rewrite", "-k"])
-        .arg(image)
-        .args(CHEAP_PBKDF);
-    command
-}
-
 #[test]
 fn a_kill_at_each_step_of_a_qcow2_rotation_leaves_an_image_qemu_opens_with_a_ring_key() {
     let scratch_dir = scratch();
     let dir = scratch_dir.path();
-    let (old, new, ring) = rotation_keys(dir);
+    let (old, new, ring) = old_new_ring(dir);
     let source = make_source(dir, SourceKind::Raw, "8M");
     let pristine = dir.join("pristine.qcow2");
     {
@@ -630,7 +598,7 @@ fn a_kill_at_each_step_of_a_qcow2_rotation_leaves_an_image_qemu_opens_with_a_rin
         fs::copy(&pristine, &image).unwrap();
         {
             let mut daemon = Daemon::start_with_env(dir, &[], &[("IMGCRYPTD_CRASH_AT", point)]);
-            let output = run(&mut rewrite_k(&daemon, &ring, &image));
+            let output = run(&mut rewrite_k(&daemon, &ring, &image, CHEAP_PBKDF));
             assert!(!output.status.success(), "{point}: {}", describe(&output));
             let deadline = Instant::now() + Duration::from_secs(5);
             while daemon.is_running() {
@@ -656,7 +624,7 @@ fn a_kill_at_each_step_of_a_qcow2_rotation_leaves_an_image_qemu_opens_with_a_rin
         );
 
         let daemon = Daemon::start(dir, &[]);
-        let output = run(&mut rewrite_k(&daemon, &ring, &image));
+        let output = run(&mut rewrite_k(&daemon, &ring, &image, CHEAP_PBKDF));
         assert!(
             output.status.success(),
             "{point} rerun: {}",
@@ -676,14 +644,14 @@ fn reencrypt_makes_a_new_qcow2_with_a_new_volume_key_and_the_same_disk() {
     let scratch_dir = scratch();
     let dir = scratch_dir.path();
     let daemon = Daemon::start(dir, &[]);
-    let (old, new, ring) = rotation_keys(dir);
+    let (old, new, ring) = old_new_ring(dir);
     let source = make_source(dir, SourceKind::VhdDynamic, "12M");
     let (image, _) = qemu_made_qcow2(dir, &source, &old);
     let before = fs::read(&image).unwrap();
     let uuid =
         |image: &Path| qemu_info(image)["format-specific"]["data"]["encrypt"]["uuid"].clone();
     let old_uuid = uuid(&image);
-    let output = run(rewrite_k(&daemon, &ring, &image).arg("--reencrypt"));
+    let output = run(rewrite_k(&daemon, &ring, &image, CHEAP_PBKDF).arg("--reencrypt"));
     assert!(output.status.success(), "{}", describe(&output));
     assert!(!dir.join("qemu-made.qcow2.reencrypt.partial").exists());
     assert!(!qemu_opens(&image, &old));
@@ -705,7 +673,7 @@ fn reencrypt_makes_a_new_qcow2_with_a_new_volume_key_and_the_same_disk() {
 fn a_daemon_killed_during_a_qcow2_reencryption_leaves_the_image_as_it_was() {
     let scratch_dir = scratch();
     let dir = scratch_dir.path();
-    let (old, new, ring) = rotation_keys(dir);
+    let (old, new, ring) = old_new_ring(dir);
     // 256 MiB of written data, so the re-encryption's copy runs long enough to be interrupted.
     let source = dir.join("full.raw");
     let chunk = vec![0x77u8; 8 << 20];
@@ -723,7 +691,7 @@ fn a_daemon_killed_during_a_qcow2_reencryption_leaves_the_image_as_it_was() {
     let before = fs::read(&image).unwrap();
     {
         let mut daemon = Daemon::start(dir, &[]);
-        let mut command = rewrite_k(&daemon, &ring, &image);
+        let mut command = rewrite_k(&daemon, &ring, &image, CHEAP_PBKDF);
         command.args(["--reencrypt", "--json"]);
         let mut client = start_until(&mut command, |line| {
             line["progress"]["phase"] == "copy" && line["progress"]["bytes_done"].as_u64() > Some(0)
@@ -747,7 +715,7 @@ fn a_daemon_killed_during_a_qcow2_reencryption_leaves_the_image_as_it_was() {
     assert!(!qemu_opens(&image, &new));
 
     let daemon = Daemon::start(dir, &[]);
-    let output = run(rewrite_k(&daemon, &ring, &image).arg("--reencrypt"));
+    let output = run(rewrite_k(&daemon, &ring, &image, CHEAP_PBKDF).arg("--reencrypt"));
     assert!(output.status.success(), "{}", describe(&output));
     assert!(!dir.join("image.qcow2.reencrypt.partial").exists());
     assert!(qemu_opens(&image, &new));

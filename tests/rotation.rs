@@ -11,40 +11,6 @@ use std::process::Command;
 
 use common::*;
 
-/// Cheap keyslot settings for `rewrite` (same meaning as for encrypt).
-const REWRITE_PBKDF: &[&str] = &["--pbkdf", "pbkdf2", "--pbkdf-iterations", "1000"];
-
-/// A directory with keys `old`, `new` and `other` and a ring rotating from old to new.
-struct Keys {
-    old: PathBuf,
-    new: PathBuf,
-    other: PathBuf,
-    ring: PathBuf,
-}
-
-fn keys(dir: &Path) -> Keys {
-    let make = |name: &str| {
-        let path = dir.join(name);
-        let output = run(Command::new(binary("imgctl"))
-            .args(["key", "generate", "-o"])
-            .arg(&path));
-        assert!(output.status.success(), "{}", describe(&output));
-        path
-    };
-    let keys = Keys {
-        old: make("old.key"),
-        new: make("new.key"),
-        other: make("other.key"),
-        ring: dir.join("keys.toml"),
-    };
-    fs::write(
-        &keys.ring,
-        "encryption_key = \"new.key\"\ndecryption_key1 = \"other.key\"\ndecryption_key2 = \"old.key\"\n",
-    )
-    .unwrap();
-    keys
-}
-
 /// The bytes from `offset` to the end.
 fn payload_bytes(image: &Path, offset: u64) -> Vec<u8> {
     fs::read(image).unwrap()[offset as usize..].to_vec()
@@ -63,15 +29,14 @@ fn exits_soon(daemon: &mut Daemon) -> bool {
     false
 }
 
+/// `rewrite -k` with cheap keyslot settings.
 fn rewrite(daemon: &Daemon, ring: &Path, image: &Path) -> Command {
-    let mut command = daemon.imgctl();
-    command
-        .arg("--keyring")
-        .arg(ring)
-        .args(["rewrite", "-k"])
-        .arg(image)
-        .args(REWRITE_PBKDF);
-    command
+    rewrite_k(daemon, ring, image, CHEAP_PBKDF)
+}
+
+/// Keys `old`, `new` and `other` and a ring rotating from old to new with `other` first.
+fn keys(dir: &Path) -> RotationKeys {
+    rotation_keys(dir, &["other.key"])
 }
 
 fn encrypted_image(daemon: &Daemon, dir: &Path, key: &Path, extra: &[&str]) -> (PathBuf, PathBuf) {
@@ -279,7 +244,7 @@ fn a_wrong_key_is_refused_without_trials_and_names_the_fingerprints() {
             describe(&output)
         );
         let stderr = String::from_utf8_lossy(&output.stderr);
-        for tried in [&keys.new, &keys.other] {
+        for tried in [&keys.new, &keys.others[0]] {
             assert!(
                 stderr.contains(&coreutils_fingerprint(tried)),
                 "{command:?}: {stderr}"

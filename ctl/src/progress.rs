@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use imgcrypt_proto::api::{
-    DecryptSummary, ImageInfo, OutputFormat, Phase, Progress, RewriteSummary, SourceComparison,
-    SourceInfo, Summary, UnlockMethod, Unlocked, VerifySummary,
+    DecryptSummary, ImageInfo, OutputFormat, PbkdfBenchmark, Phase, Progress, RewriteSummary,
+    SourceComparison, SourceInfo, Summary, UnlockMethod, Unlocked, VerifySummary,
 };
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
@@ -235,20 +235,7 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
     }
     rows.push(("key derivation", s.pbkdf.clone()));
     if let Some(benchmark) = &s.pbkdf_benchmark {
-        rows.push((
-            "benchmark",
-            if benchmark.cached {
-                format!(
-                    "cached, measured {} ago (the daemon re-measures after an hour)",
-                    age(benchmark.age_ms)
-                )
-            } else {
-                format!(
-                    "measured for this job ({:.2} s)",
-                    seconds(benchmark.measured_ms)
-                )
-            },
-        ));
+        rows.push(("benchmark", render_benchmark(benchmark)));
     }
     rows.push(("engine", format!("{:?}", s.engine).to_lowercase()));
     rows.push((
@@ -479,6 +466,21 @@ impl Difference {
     }
 }
 
+/// Where a keyslot's benchmarked iterations came from (`pbkdf_benchmark`).
+fn render_benchmark(benchmark: &PbkdfBenchmark) -> String {
+    if benchmark.cached {
+        format!(
+            "cached, measured {} ago (the daemon re-measures after an hour)",
+            age(benchmark.age_ms)
+        )
+    } else {
+        format!(
+            "measured for this job ({:.2} s)",
+            seconds(benchmark.measured_ms)
+        )
+    }
+}
+
 /// What `rewrite -k` shows: which key opened the image and what changed in it.
 pub fn render_rewrite(image: &Path, s: &RewriteSummary) -> String {
     let mut text = String::from(if s.reencrypted {
@@ -524,6 +526,9 @@ pub fn render_rewrite(image: &Path, s: &RewriteSummary) -> String {
     ];
     if let Some(offset) = s.resumed_from.filter(|&offset| offset > 0) {
         rows.push(("resumed from", format!("payload byte {offset}")));
+    }
+    if let Some(benchmark) = &s.pbkdf_benchmark {
+        rows.push(("benchmark", render_benchmark(benchmark)));
     }
     rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
     push_rows(&mut text, rows);
@@ -875,6 +880,7 @@ mod tests {
             ],
             reencrypted: false,
             resumed_from: None,
+            pbkdf_benchmark: None,
             elapsed_ms: 700,
         };
         let text = render_rewrite(Path::new("d.luks"), &summary);
@@ -889,8 +895,14 @@ mod tests {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
         assert!(!text.contains("resumed"), "{text}");
+        assert!(!text.contains("benchmark"), "{text}");
 
         summary.reencrypted = true;
+        summary.pbkdf_benchmark = Some(PbkdfBenchmark {
+            cached: true,
+            age_ms: 90_000,
+            measured_ms: 1000,
+        });
         summary.keyslot_added = false;
         summary.removed.clear();
         summary.resumed_from = Some(1 << 20);
@@ -900,6 +912,7 @@ mod tests {
             "already there",
             "removed          none",
             "resumed from     payload byte 1048576",
+            "benchmark        cached, measured",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }

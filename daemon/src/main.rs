@@ -82,6 +82,17 @@ struct Args {
     /// daemon has none unless given.
     #[arg(long, value_name = "PATH")]
     keyring: Option<PathBuf>,
+
+    /// Do not benchmark the default PBKDF configurations when the daemon starts (by default
+    /// they are measured in the background while no job runs, so the first job with default
+    /// settings finds them cached).
+    #[arg(long, overrides_with = "startup_benchmark")]
+    no_startup_benchmark: bool,
+
+    /// Benchmark the default PBKDF configurations at start-up (the default; overrides an
+    /// earlier --no-startup-benchmark).
+    #[arg(long, overrides_with = "no_startup_benchmark")]
+    startup_benchmark: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -205,6 +216,7 @@ fn run(
         connections: connection_limits(&args, descriptor_limit),
         ..ServerConfig::default()
     };
+    let startup_benchmark = !args.no_startup_benchmark;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -215,6 +227,14 @@ fn run(
             .map_err(|e| format!("registering the listener: {e}"))?;
         let state = ServerState::new(context, config);
         systemd::notify("READY=1");
+        // After READY, on a thread of its own: it never delays start-up or the first call.
+        if startup_benchmark {
+            imgcryptd::jobs::startup::start(state.clone());
+        } else {
+            tracing::info!(
+                "--no-startup-benchmark: PBKDF configurations are measured on first use"
+            );
+        }
         server::run(listener, state, shutdown_signal())
             .await
             .map_err(|e| format!("server failed: {e}"))?;

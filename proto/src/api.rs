@@ -737,6 +737,12 @@ pub struct RewriteSummary {
     /// Payload offset a re-encryption resumed from (0 for a fresh start).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<u64>,
+    /// Where the new keyslot's iteration count came from when a benchmark chose it (as in
+    /// [`Summary::pbkdf_benchmark`]). Absent when no keyslot was made (the key already had
+    /// one, or a resumed re-encryption reuses the header written before), when the iterations
+    /// were given, and for a VHD (no keyslots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pbkdf_benchmark: Option<PbkdfBenchmark>,
     /// Wall time of the whole job.
     pub elapsed_ms: u64,
 }

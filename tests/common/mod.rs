@@ -334,7 +334,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts imgcryptd on `dir/sock/io.imgcrypt` with `extra` arguments and waits for it.
+    /// Starts imgcryptd on `dir/sock/io.imgcrypt` with `extra` arguments and waits for it
+    /// (without its start-up PBKDF benchmark unless `extra` has `--startup-benchmark`).
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
         Self::start_with_env(dir, extra, &[])
     }
@@ -364,9 +365,13 @@ impl Daemon {
             }
             None => Command::new(binary("imgcryptd")),
         };
+        // No start-up benchmark unless a test asks for it (`--startup-benchmark` in `extra`
+        // overrides this): it would make tests that count benchmarks depend on timing, and
+        // every test daemon would spend seconds of CPU on it.
         let child = command
             .arg("--socket")
             .arg(&socket)
+            .arg("--no-startup-benchmark")
             .args(extra)
             .envs(env.iter().copied())
             .env("IMGCRYPTD_LOG", "debug")
@@ -504,6 +509,67 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Makes a key file at `path` with `imgctl key generate -o`; returns the path.
+pub fn generate_key(path: &Path) -> PathBuf {
+    run_ok(
+        Command::new(binary("imgctl"))
+            .args(["key", "generate", "-o"])
+            .arg(path),
+    );
+    path.to_path_buf()
+}
+
+/// What a key-rotation test starts from: generated key files in a directory and the ring
+/// `keys.toml` beside them that rotates from `old` to `new`.
+pub struct RotationKeys {
+    /// `old.key`: what the image opens with before the rotation (the ring's last decryption key).
+    pub old: PathBuf,
+    /// `new.key`: the ring's encryption key.
+    pub new: PathBuf,
+    /// Further decryption keys, in the ring before `old` (decryption_key1, 2, ...).
+    pub others: Vec<PathBuf>,
+    /// The ring file.
+    pub ring: PathBuf,
+}
+
+/// Generates `old.key`, `new.key` and `others` (file names) in `dir` and writes the ring
+/// `dir/keys.toml`: `encryption_key = "new.key"`, then `others` and `old.key` as
+/// decryption_key1, 2, ...
+pub fn rotation_keys(dir: &Path, others: &[&str]) -> RotationKeys {
+    let old = generate_key(&dir.join("old.key"));
+    let new = generate_key(&dir.join("new.key"));
+    let others: Vec<PathBuf> = others
+        .iter()
+        .map(|name| generate_key(&dir.join(name)))
+        .collect();
+    let mut text = "encryption_key = \"new.key\"\n".to_string();
+    let decryption = others.iter().chain([&old]);
+    for (number, key) in (1..).zip(decryption) {
+        let name = key.file_name().unwrap().to_string_lossy();
+        text.push_str(&format!("decryption_key{number} = \"{name}\"\n"));
+    }
+    let ring = dir.join("keys.toml");
+    fs::write(&ring, text).unwrap();
+    RotationKeys {
+        old,
+        new,
+        others,
+        ring,
+    }
+}
+
+/// `imgctl --keyring RING rewrite -k IMAGE` with `pbkdf` (keyslot options, e.g. [`CHEAP_PBKDF`]).
+pub fn rewrite_k(daemon: &Daemon, ring: &Path, image: &Path, pbkdf: &[&str]) -> Command {
+    let mut command = daemon.imgctl();
+    command
+        .arg("--keyring")
+        .arg(ring)
+        .args(["rewrite", "-k"])
+        .arg(image)
+        .args(pbkdf);
+    command
 }
 
 /// What most end-to-end tests start from: a scratch directory, a daemon serving it, and a key

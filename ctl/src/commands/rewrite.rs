@@ -177,6 +177,7 @@ mod tests {
             removed: vec![],
             reencrypted,
             resumed_from: None,
+            pbkdf_benchmark: None,
             elapsed_ms: 1,
         }))
     }

@@ -32,7 +32,6 @@ use crate::formats::files::{FileKey, SourceFiles};
 use crate::formats::{scan, SourceImage};
 use crate::keys::ring;
 use crate::keys::{self, secret::SecretBytes, strength, CandidateKey, KeyFile};
-use crate::luks::bench::Origin;
 use crate::luks::cost::KdfCaps;
 use crate::luks::{self, HeaderContext, HeaderSpec, Stage, VOLUME_KEY_BYTES};
 use crate::outputs::{luks::LuksOutput, qcow2, qcow2::Qcow2Output, vhd, vhd::VhdOutput, Container};
@@ -294,6 +293,20 @@ fn header_spec(parameters: &EncryptParameters, format: OutputFormat) -> HeaderSp
     }
 }
 
+/// The headers `header_spec` makes for a job with default parameters (what `imgctl encrypt`
+/// sends without options): raw LUKS's (LUKS2, argon2id) and qcow2's (LUKS1, pbkdf2), with
+/// libcryptsetup's default target time. The start-up benchmark measures these
+/// ([`super::startup`]).
+pub fn default_header_specs() -> [HeaderSpec; 2] {
+    // `header_spec` with imgctl's defaults: LUKS2, 512-byte sectors, no PBKDF options.
+    let raw = HeaderSpec::default();
+    let qcow2 = HeaderSpec {
+        version: LuksVersion::Luks1,
+        ..HeaderSpec::default()
+    };
+    [raw, qcow2]
+}
+
 /// A LUKS output (raw or qcow2) with its key derivation overlapped with the copy.
 ///
 /// A fresh random volume key encrypts the payload; libcryptsetup formats the header on daemon
@@ -316,7 +329,7 @@ fn encrypt_with_luks<C: Container>(
     job.reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(VOLUME_KEY_BYTES)?;
     // A benchmark is cached only when this job is the only one running (see `luks::bench`).
-    let idle = || state.running_jobs() <= 1;
+    let idle = || super::only_job(state);
     let context = HeaderContext {
         caps: Some(inputs.caps),
         idle: &idle,
@@ -372,14 +385,7 @@ fn encrypt_with_luks<C: Container>(
 
 /// The summary's account of the benchmark behind the keyslot.
 fn benchmark_summary(header: &luks::FormattedHeader) -> Option<PbkdfBenchmark> {
-    header.benchmark.map(|benchmark| PbkdfBenchmark {
-        cached: matches!(benchmark.origin, Origin::Cached { .. }),
-        age_ms: match benchmark.origin {
-            Origin::Cached { age } => millis(age),
-            Origin::Fresh => 0,
-        },
-        measured_ms: millis(benchmark.took),
-    })
+    super::benchmark_summary(header.benchmark)
 }
 
 /// Raw LUKS: a libcryptsetup header, then the payload as one extent (either engine).

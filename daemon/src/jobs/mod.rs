@@ -9,6 +9,7 @@ pub mod encrypt;
 pub mod inspect;
 pub mod output;
 pub mod rewrite;
+pub mod startup;
 pub mod targets;
 pub mod unlock;
 pub mod verify;
@@ -192,16 +193,50 @@ fn is_read_write(fd: &OwnedFd) -> bool {
 /// A fresh random volume key and a LUKS header for it that `key` opens, formatted on daemon
 /// memory. The keyslot made is checked against the caller's `caps`: a benchmark on a loaded
 /// machine could pick more than they allow, and every header a job makes must also open for
-/// its caller.
+/// its caller. A benchmark it needs comes from [`crate::luks::bench`]'s cache, or is measured
+/// and cached when `state` runs no other job.
 pub fn new_luks_header(
     spec: &crate::luks::HeaderSpec,
     key: &crate::keys::KeyFile,
     caps: &crate::luks::cost::KdfCaps,
+    state: &crate::server::ServerState,
 ) -> Result<(crate::keys::SecretBytes, crate::luks::FormattedHeader)> {
     let volume_key = crate::keys::SecretBytes::random(crate::luks::VOLUME_KEY_BYTES)?;
-    let header = crate::luks::format_header(spec, &volume_key, &key.passphrase, &key.fingerprint)?;
+    let idle = || only_job(state);
+    let context = crate::luks::HeaderContext {
+        caps: Some(caps),
+        idle: &idle,
+    };
+    let header = crate::luks::format_header_with(
+        spec,
+        &volume_key,
+        &key.passphrase,
+        &key.fingerprint,
+        &context,
+    )?;
     caps.check_created(&header.cost)?;
     Ok((volume_key, header))
+}
+
+/// Whether the calling job is the only one running: a PBKDF benchmark taken now may be cached
+/// (see [`crate::luks::bench`]).
+pub fn only_job(state: &crate::server::ServerState) -> bool {
+    state.running_jobs() <= 1
+}
+
+/// A summary's account of the benchmark behind a keyslot (None for fixed iterations).
+pub fn benchmark_summary(
+    benchmark: Option<crate::luks::header::Benchmark>,
+) -> Option<imgcrypt_proto::api::PbkdfBenchmark> {
+    use crate::luks::bench::Origin;
+    benchmark.map(|benchmark| imgcrypt_proto::api::PbkdfBenchmark {
+        cached: matches!(benchmark.origin, Origin::Cached { .. }),
+        age_ms: match benchmark.origin {
+            Origin::Cached { age } => millis(age),
+            Origin::Fresh => 0,
+        },
+        measured_ms: millis(benchmark.took),
+    })
 }
 
 /// Milliseconds, saturating.

@@ -33,8 +33,8 @@ use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use imgcrypt_proto::api::{
-    LuksVersion, OutputFormat, Pbkdf, Phase, RemovedKeyslot, RewriteParameters, RewriteSummary,
-    Unlocked,
+    LuksVersion, OutputFormat, Pbkdf, PbkdfBenchmark, Phase, RemovedKeyslot, RewriteParameters,
+    RewriteSummary, Unlocked,
 };
 use serde::{Deserialize, Serialize};
 
@@ -119,6 +119,7 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
     job.reporter.progress(Phase::Keyslots, 0, 0);
 
     let existing = existing_keyslot(&luks, &keys, &unlocked);
+    let mut pbkdf_benchmark = None;
     let (keyslot, keyslot_added) = match existing {
         Some(keyslot) => {
             job.notice(format!(
@@ -134,7 +135,10 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
                 pbkdf: pbkdf.clone(),
                 ..HeaderSpec::default()
             })?;
-            let keyslot = luks.add_keyslot(&volume_key, new_key, &pbkdf)?;
+            let idle = || super::only_job(state);
+            let (keyslot, benchmark) =
+                luks.add_keyslot_with(&volume_key, new_key, &pbkdf, &idle)?;
+            pbkdf_benchmark = super::benchmark_summary(benchmark);
             // Checked before the commit: a keyslot the caller could not open again never
             // reaches the image.
             if let Some(cost) = luks.keyslot_cost(keyslot) {
@@ -179,6 +183,7 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
         removed,
         reencrypted: false,
         resumed_from: None,
+        pbkdf_benchmark,
         elapsed_ms: millis(started.elapsed()),
     })
 }
@@ -192,6 +197,7 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
 /// image is only read, so it stays valid until the client renames the new one over it.
 fn reencrypt_qcow2(
     job: &Job<RewriteParameters>,
+    state: &ServerState,
     image: &File,
     output: &CheckedFile,
     keys: &JobKeys,
@@ -219,7 +225,8 @@ fn reencrypt_qcow2(
         pbkdf: pbkdf.clone(),
     };
     caps.check_request(&spec)?;
-    let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps)?;
+    let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps, state)?;
+    let pbkdf_benchmark = super::benchmark_summary(header.benchmark);
     let container = Qcow2Output::plan(
         plaintext.virtual_size(),
         plaintext.allocated_ranges(),
@@ -247,6 +254,7 @@ fn reencrypt_qcow2(
     Ok(container_reencrypted(
         opened.unlocked,
         &new_key.key.fingerprint,
+        pbkdf_benchmark,
         started,
     ))
 }
@@ -256,6 +264,7 @@ fn reencrypt_qcow2(
 fn container_reencrypted(
     unlocked: Unlocked,
     fingerprint: &str,
+    pbkdf_benchmark: Option<PbkdfBenchmark>,
     started: Instant,
 ) -> RewriteSummary {
     RewriteSummary {
@@ -266,6 +275,7 @@ fn container_reencrypted(
         removed: Vec::new(),
         reencrypted: true,
         resumed_from: None,
+        pbkdf_benchmark,
         elapsed_ms: millis(started.elapsed()),
     }
 }
@@ -511,7 +521,7 @@ fn reencrypt(
     match encrypted::detect(&image)? {
         OutputFormat::Luks => {}
         OutputFormat::Qcow2 => {
-            return reencrypt_qcow2(&job, &image, &output, &keys, &pbkdf, started);
+            return reencrypt_qcow2(&job, state, &image, &output, &keys, &pbkdf, started);
         }
         OutputFormat::Vhd => {
             return reencrypt_vhd(job, &keys, &image, &output, started);
@@ -537,6 +547,7 @@ fn reencrypt(
         .metadata()
         .map_err(|e| Error::io("fstat on the re-encryption output", e))?
         .len();
+    let mut pbkdf_benchmark = None;
     let (new_volume_key, data_offset, resumed_from) = if existing_size == 0 {
         job.reporter.progress(Phase::Format, 0, 0);
         let spec = HeaderSpec {
@@ -545,7 +556,8 @@ fn reencrypt(
             pbkdf,
         };
         caps.check_request(&spec)?;
-        let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps)?;
+        let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps, state)?;
+        pbkdf_benchmark = super::benchmark_summary(header.benchmark);
         weak_key_notice(&job, new_key, luks.version())?;
         let output_size = header.data_offset + payload_size;
         prepare_output(
@@ -640,6 +652,7 @@ fn reencrypt(
         removed: Vec::new(),
         reencrypted: true,
         resumed_from,
+        pbkdf_benchmark,
         elapsed_ms: millis(started.elapsed()),
     })
 }
@@ -708,6 +721,7 @@ fn reencrypt_vhd(
     Ok(container_reencrypted(
         opened.unlocked,
         &new_key.key.fingerprint,
+        None,
         started,
     ))
 }

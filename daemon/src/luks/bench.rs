@@ -12,12 +12,55 @@
 //!
 //! The measurement is libcryptsetup's own `crypt_benchmark_pbkdf`, called the way its internal
 //! benchmark calls it (same passphrase and salt lengths; pbkdf2 measured over 1000 ms and
-//! scaled). libcryptsetup-rs has no binding for it, so it goes through `libcryptsetup-rs-sys`.
+//! scaled).
 //!
-//! libcryptsetup measures process CPU time, so a benchmark taken while other jobs copy counts
-//! their CPU too and picks fewer iterations. The cache makes that rarer rather than more
-//! common: a measurement taken while any other job runs is used for its own job only (exactly
-//! what libcryptsetup would have done) and never cached ([`Cache::get_or_measure`]).
+//! libcryptsetup measures pbkdf2 in process CPU time (`getrusage(RUSAGE_SELF)`) and argon2 in
+//! wall-clock time (`CLOCK_MONOTONIC_RAW`), so a benchmark taken while other jobs copy counts
+//! their CPU too (or competes with them for the cores) and picks fewer iterations. The cache
+//! makes that rarer rather than more common: a measurement taken while any other job runs is
+//! used for its own job only (exactly what libcryptsetup would have done) and never cached
+//! ([`Cache::get_or_measure`]).
+//!
+//! # At start-up
+//!
+//! The daemon measures the configurations a job with default parameters uses once it is ready
+//! ([`Cache::measure_while_idle`], started by `crate::jobs::startup` unless
+//! `--no-startup-benchmark`), on a thread of its own, so READY and the first call never wait
+//! for it. It yields to jobs: it starts a configuration only while no job runs, stops at
+//! libcryptsetup's next progress callback once one does (between the benchmark's rounds;
+//! the `-EINTR` that follows is not an error), and then leaves every configuration it did not
+//! finish to first use. A job needing a benchmark meanwhile waits for that callback (one round:
+//! a pbkdf2 round is under a second, an argon2 round at most about the target time), then
+//! measures on its own; nothing from the interrupted measurement is kept. It does not lower
+//! its scheduling priority: argon2 is timed by the wall clock, so a benchmark that other
+//! processes can starve measures the machine as slower than it is and would cache weak
+//! keyslots for an hour (libcryptsetup itself raises the calling thread's priority to nice
+//! -18 as root for the duration of `crypt_benchmark_pbkdf`, and restores it after).
+//!
+//! # Outside libcryptsetup-rs's mutex
+//!
+//! libcryptsetup-rs 0.16 (with its `mutex` feature, which the workspace enables) serialises
+//! every call it wraps with a private process-wide mutex, but it has no binding for
+//! `crypt_benchmark_pbkdf`, and the mutex is not exported; so [`measure`] calls
+//! `libcryptsetup_rs_sys` directly, unserialised. That is safe beside other threads'
+//! libcryptsetup calls, by what libcryptsetup 2.6's `crypt_benchmark_pbkdf` (lib/utils_benchmark.c,
+//! lib/crypto_backend/pbkdf_check.c) does with a NULL device:
+//! - `init_crypto(NULL)` initialises the crypto backend and RNG once, guarded by a plain
+//!   static flag that is not thread-safe on the first call: [`ensure_crypto_backend`] makes
+//!   the first libcryptsetup call of the process a serialised one (under the mutex) before any
+//!   benchmark, so every later `init_crypto` only reads the flag;
+//! - `log_dbg(NULL, ...)` goes to the process-wide log callback and reads the global debug
+//!   level: both are set under the mutex by `super::route_libcryptsetup_logs` (the callback
+//!   once, the level to the same value each time); the callback itself is ours and
+//!   re-entrant (a thread-local error list, `tracing`);
+//! - `crypt_process_priority` uses `getpriority`/`setpriority(PRIO_PROCESS, 0)`, which on Linux
+//!   act on the calling thread only;
+//! - the PBKDF itself (the crypto backend's pbkdf2, argon2 with its own worker threads) works
+//!   on buffers of the call; the backend libraries are thread-safe once initialised;
+//! - no `crypt_device` is involved, so no per-device state is shared.
+//!
+//! Benchmarks are serialised among themselves by [`Cache`]'s `measuring` lock, for accuracy,
+//! not safety.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -164,6 +207,56 @@ impl Cache {
     }
 }
 
+/// What [`Cache::measure_while_idle`] did with one configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Background {
+    /// Measured with no job running, and cached.
+    Cached(Measured),
+    /// A fresh measurement was cached already.
+    AlreadyCached,
+    /// A job ran (or was measuring) before or during the measurement: nothing cached.
+    Interrupted,
+}
+
+impl Cache {
+    /// Measures `key` for the cache only while `idle` (no job runs): skipped when a job runs
+    /// or is measuring now, stopped at libcryptsetup's next progress callback once one starts
+    /// (`measure` gets the stop condition), and cached only if no job ran from start to end.
+    /// See the module documentation (at start-up).
+    pub fn measure_while_idle(
+        &self,
+        key: &BenchKey,
+        idle: &dyn Fn() -> bool,
+        measure: impl FnOnce(&BenchKey, &dyn Fn() -> bool) -> Result<Option<Measured>>,
+    ) -> Result<Background> {
+        let cpus = online_cpus();
+        if self.get(key, Instant::now(), cpus).is_some() {
+            return Ok(Background::AlreadyCached);
+        }
+        // A job measuring now holds the lock: never wait behind it, never make it wait.
+        let _one_at_a_time = match self.measuring.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(Background::Interrupted),
+        };
+        if self.get(key, Instant::now(), cpus).is_some() {
+            return Ok(Background::AlreadyCached);
+        }
+        if !idle() {
+            return Ok(Background::Interrupted);
+        }
+        let at = Instant::now();
+        let Some(measured) = measure(key, &|| !idle())? else {
+            return Ok(Background::Interrupted);
+        };
+        if !idle() {
+            return Ok(Background::Interrupted);
+        }
+        self.insert(key.clone(), measured, at, cpus);
+        Ok(Background::Cached(measured))
+    }
+}
+
 /// The daemon's cache.
 pub fn cache() -> &'static Cache {
     static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
@@ -177,9 +270,27 @@ pub fn online_cpus() -> usize {
 
 /// Measures `key` with libcryptsetup's `crypt_benchmark_pbkdf`.
 ///
-/// Runs only after [`ensure_crypto_backend`] (the caller formats with libcryptsetup first, or
-/// calls it), so libcryptsetup's one-time crypto backend set-up never races with this call.
+/// Runs only after [`ensure_crypto_backend`] (it calls it), so libcryptsetup's one-time crypto
+/// backend set-up never races with this call (see the module documentation).
 pub fn measure(key: &BenchKey) -> Result<Measured> {
+    measure_unless(key, &|| false)?.ok_or(Error::Cancelled)
+}
+
+/// The progress callback of [`measure_unless`]: non-zero stops the benchmark.
+///
+/// # Safety
+///
+/// `usrptr` is the `&&dyn Fn() -> bool` [`measure_unless`] passes, alive for the call.
+unsafe extern "C" fn stop_requested(_time_ms: u32, usrptr: *mut std::ffi::c_void) -> i32 {
+    // SAFETY: per this function's contract, `usrptr` points to a live `&dyn Fn() -> bool`.
+    let stop = unsafe { &*usrptr.cast::<&dyn Fn() -> bool>() };
+    // A panic must not unwind into C.
+    i32::from(std::panic::catch_unwind(std::panic::AssertUnwindSafe(stop)).unwrap_or(true))
+}
+
+/// [`measure`], stopped early (`None`) once `stop` says so: libcryptsetup asks between the
+/// benchmark's rounds.
+pub fn measure_unless(key: &BenchKey, stop: &dyn Fn() -> bool) -> Result<Option<Measured>> {
     ensure_crypto_backend()?;
     let fail = |message: String| Error::Luks {
         operation: "benchmarking the PBKDF",
@@ -209,16 +320,16 @@ pub fn measure(key: &BenchKey) -> Result<Measured> {
     } else {
         b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
     };
+    let stop_pointer: *const &dyn Fn() -> bool = &stop;
     let started = Instant::now();
     super::clear_errors();
     // SAFETY: `pbkdf` is a valid, initialised struct whose `type_` and `hash` point into
     // `kind` and `hash`, NUL-terminated CStrings that outlive the call; `password` and `salt`
-    // are valid for the lengths passed; no progress callback or user pointer is given. A NULL
+    // are valid for the lengths passed; the progress callback gets `&stop`, a pointer to a
+    // `&dyn Fn` on this stack frame that outlives the call, as its contract requires. A NULL
     // device is documented as allowed (the benchmark needs no context) and the call keeps no
-    // pointer past its return. It runs outside libcryptsetup-rs's mutex (which is private to
-    // that crate): with no device it touches no per-device state, only the crypto backend,
-    // which `ensure_crypto_backend` set up earlier under the mutex, and the process-wide log
-    // callback, which is ours and re-entrant (thread-local error list, `tracing`).
+    // pointer past its return. Calling it outside libcryptsetup-rs's mutex is safe for the
+    // reasons in the module documentation (`ensure_crypto_backend` ran above).
     let rc = unsafe {
         libcryptsetup_rs_sys::crypt_benchmark_pbkdf(
             std::ptr::null_mut(),
@@ -228,11 +339,20 @@ pub fn measure(key: &BenchKey) -> Result<Measured> {
             salt.as_ptr().cast(),
             salt.len(),
             key.key_bytes,
-            None,
-            std::ptr::null_mut(),
+            Some(stop_requested),
+            stop_pointer.cast_mut().cast(),
         )
     };
     let took = started.elapsed();
+    if rc == -libc::EINTR && stop() {
+        tracing::info!(
+            kind = %key.kind,
+            time_ms = key.time_ms,
+            after_ms = took.as_millis() as u64,
+            "PBKDF benchmark stopped early"
+        );
+        return Ok(None);
+    }
     if rc < 0 {
         let error = super::libcryptsetup_error(
             "benchmarking the PBKDF",
@@ -274,7 +394,7 @@ pub fn measure(key: &BenchKey) -> Result<Measured> {
         took_ms = took.as_millis() as u64,
         "PBKDF benchmark"
     );
-    Ok(measured)
+    Ok(Some(measured))
 }
 
 /// Has libcryptsetup set up its crypto backend once, under libcryptsetup-rs's mutex: a
@@ -354,6 +474,83 @@ mod tests {
         cache.get_or_measure(&key(20), &|| false, measure).unwrap();
         cache.get_or_measure(&key(20), &|| false, measure).unwrap();
         assert_eq!(runs.get(), 3);
+    }
+
+    #[test]
+    fn a_background_measurement_is_cached_only_when_no_job_ran_throughout() {
+        let cache = Cache::new(TTL);
+        // Idle throughout: measured once, cached, then found.
+        let stop_seen = std::cell::Cell::new(None);
+        let outcome = cache
+            .measure_while_idle(&key(10), &|| true, |_, stop| {
+                stop_seen.set(Some(stop()));
+                Ok(Some(measured(4000)))
+            })
+            .unwrap();
+        assert_eq!(outcome, Background::Cached(measured(4000)));
+        assert_eq!(stop_seen.get(), Some(false), "told to stop while idle");
+        let outcome = cache
+            .measure_while_idle(&key(10), &|| true, |_, _| panic!("measured again"))
+            .unwrap();
+        assert_eq!(outcome, Background::AlreadyCached);
+        assert_eq!(
+            cache
+                .get(&key(10), Instant::now(), online_cpus())
+                .unwrap()
+                .0
+                .iterations,
+            4000
+        );
+
+        // A job running already: not even started.
+        let outcome = cache
+            .measure_while_idle(&key(20), &|| false, |_, _| panic!("measured while busy"))
+            .unwrap();
+        assert_eq!(outcome, Background::Interrupted);
+
+        // A job starting during the measurement: the stop condition says so, and a result
+        // that comes back anyway is not kept.
+        let busy = std::cell::Cell::new(false);
+        let outcome = cache
+            .measure_while_idle(&key(20), &|| !busy.get(), |_, stop| {
+                busy.set(true);
+                assert!(stop(), "not told to stop once a job runs");
+                Ok(Some(measured(5000)))
+            })
+            .unwrap();
+        assert_eq!(outcome, Background::Interrupted);
+        // Stopped by libcryptsetup's callback.
+        let outcome = cache
+            .measure_while_idle(&key(21), &|| true, |_, _| Ok(None))
+            .unwrap();
+        assert_eq!(outcome, Background::Interrupted);
+        assert!(cache.get(&key(20), Instant::now(), online_cpus()).is_none());
+        assert!(cache.get(&key(21), Instant::now(), online_cpus()).is_none());
+
+        // A job measuring now: the background one neither waits nor measures.
+        let held = cache.measuring.lock().unwrap();
+        let outcome = cache
+            .measure_while_idle(&key(30), &|| true, |_, _| panic!("measured beside a job"))
+            .unwrap();
+        assert_eq!(outcome, Background::Interrupted);
+        drop(held);
+    }
+
+    #[test]
+    fn libcryptsetup_stops_a_measurement_at_its_progress_callback() {
+        let calls = std::cell::Cell::new(0);
+        let stopped = measure_unless(&key(1000), &|| {
+            calls.set(calls.get() + 1);
+            true
+        })
+        .unwrap();
+        assert_eq!(stopped, None);
+        // Asked once, after the first round (pbkdf2's first round is 2^15 iterations).
+        assert_eq!(
+            calls.get(),
+            2,
+            "once by libcryptsetup, once to tell -EINTR from a failure"
+        );
     }
 
     #[test]

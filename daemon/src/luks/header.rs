@@ -344,16 +344,14 @@ pub struct PreparedHeader {
     pub image: File,
     /// Byte offset of the payload.
     pub data_offset: u64,
-    /// The keyslot's cost as it will be derived (already checked against the caller's caps).
-    pub planned: KeyslotCost,
 }
 
 /// What the thread reports to [`start_format`].
 enum Event {
     Stage(Stage),
+    /// The header exists without its keyslot; the keyslot's planned cost passed the caps.
     Prepared {
         data_offset: u64,
-        planned: KeyslotCost,
     },
 }
 
@@ -493,16 +491,13 @@ pub fn start_format<'scope, 'env>(
     for event in received.iter() {
         match event {
             Event::Stage(stage) => on_stage(stage),
-            Event::Prepared {
-                data_offset,
-                planned,
-            } => {
-                prepared = Some((data_offset, planned));
+            Event::Prepared { data_offset } => {
+                prepared = Some(data_offset);
                 break;
             }
         }
     }
-    let Some((data_offset, planned)) = prepared else {
+    let Some(data_offset) = prepared else {
         return Err(match thread.join() {
             Ok(Err(error)) => error,
             Ok(Ok(_)) => Error::Luks {
@@ -517,7 +512,6 @@ pub fn start_format<'scope, 'env>(
             .try_clone()
             .map_err(|error| Error::io("duplicating the in-memory LUKS header", error))?,
         data_offset,
-        planned,
     };
     Ok((
         header,
@@ -584,7 +578,10 @@ fn format_on_this_thread(
     let mut device = CryptInit::init(&memfd::proc_path(device_file))
         .map_err(|error| libcryptsetup_error("opening the in-memory header device", error))?;
 
-    let (settings, benchmark) = fixed_settings(&mut device, spec, context, events)?;
+    let on_measure = || {
+        let _ = events.send(Event::Stage(Stage::Benchmarking));
+    };
+    let (settings, benchmark) = fixed_settings(&mut device, spec, context.idle, &on_measure)?;
     let data_offset = format_without_keyslot(&mut device, spec, volume_key)?;
     if data_offset == 0 || data_offset > SCRATCH_DEVICE_BYTES {
         return Err(Error::Luks {
@@ -608,13 +605,7 @@ fn format_on_this_thread(
         spec.version.display_name()
     );
     // The caller may have gone (its job failed): then there is nothing to derive for.
-    if events
-        .send(Event::Prepared {
-            data_offset,
-            planned,
-        })
-        .is_err()
-    {
+    if events.send(Event::Prepared { data_offset }).is_err() {
         return Err(Error::Cancelled);
     }
 
@@ -692,39 +683,24 @@ fn format_on_this_thread(
 /// Sets the keyslot's PBKDF on `device` with explicit iterations and libcryptsetup's
 /// no-benchmark flag: the caller's, or the benchmark's for the caller's target time (from the
 /// cache, else measured now). Returns what was set and how it was benchmarked.
-fn fixed_settings(
+///
+/// `idle` says whether no other job runs (a measurement is cached only then); `on_measure` is
+/// called before a measurement starts. Shared with keyslots added to existing images
+/// ([`super::LuksImage::add_keyslot_with`]).
+pub(super) fn fixed_settings(
     device: &mut CryptDevice,
     spec: &HeaderSpec,
-    context: &HeaderContext<'_>,
-    events: &std::sync::mpsc::Sender<Event>,
+    idle: &dyn Fn() -> bool,
+    on_measure: &dyn Fn(),
 ) -> Result<(CryptPbkdfType, Option<Benchmark>)> {
     let requested = spec.pbkdf_settings()?;
     let mut benchmark = None;
     let settings = if requested.flags.contains(CryptPbkdf::NO_BENCHMARK) {
         requested
     } else {
-        // Set as asked first: libcryptsetup applies its caps (threads at most the CPUs and 4,
-        // memory at most half the RAM) and the read-back is the configuration to measure.
-        device
-            .settings_handle()
-            .set_pbkdf_type(&requested)
-            .map_err(|error| libcryptsetup_error("setting the PBKDF", error))?;
-        let capped = device
-            .settings_handle()
-            .get_pbkdf_type()
-            .map_err(|error| libcryptsetup_error("reading the PBKDF", error))?;
-        let key = BenchKey {
-            kind: kdf_name(&capped.type_).to_string(),
-            hash: capped.hash.clone().unwrap_or_else(|| HASH.to_string()),
-            time_ms: capped.time_ms,
-            max_memory_kb: capped.max_memory_kb,
-            parallel_threads: capped.parallel_threads,
-            key_bytes: VOLUME_KEY_BYTES,
-        };
-        let cache = bench::cache();
-        let idle = context.idle;
-        let (measured, origin) = cache.get_or_measure(&key, idle, |key| {
-            let _ = events.send(Event::Stage(Stage::Benchmarking));
+        let (capped, key) = capped_configuration(device, &requested)?;
+        let (measured, origin) = bench::cache().get_or_measure(&key, idle, |key| {
+            on_measure();
             bench::measure(key)
         })?;
         benchmark = Some(Benchmark {
@@ -760,6 +736,57 @@ fn fixed_settings(
         });
     }
     Ok((set, benchmark))
+}
+
+/// `requested` as libcryptsetup caps it on `device` (threads at most the CPUs and 4, memory at
+/// most half the RAM: set as asked, then read back), and the benchmark configuration that is.
+fn capped_configuration(
+    device: &mut CryptDevice,
+    requested: &CryptPbkdfType,
+) -> Result<(CryptPbkdfType, BenchKey)> {
+    device
+        .settings_handle()
+        .set_pbkdf_type(requested)
+        .map_err(|error| libcryptsetup_error("setting the PBKDF", error))?;
+    let capped = device
+        .settings_handle()
+        .get_pbkdf_type()
+        .map_err(|error| libcryptsetup_error("reading the PBKDF", error))?;
+    let key = BenchKey {
+        kind: kdf_name(&capped.type_).to_string(),
+        hash: capped.hash.clone().unwrap_or_else(|| HASH.to_string()),
+        time_ms: capped.time_ms,
+        max_memory_kb: capped.max_memory_kb,
+        parallel_threads: capped.parallel_threads,
+        key_bytes: VOLUME_KEY_BYTES,
+    };
+    Ok((capped, key))
+}
+
+/// The benchmark configuration a header made to `spec` measures (libcryptsetup's caps
+/// applied), or None when `spec` gives fixed iterations. Formats nothing: the caps are read on
+/// a scratch device.
+pub fn benchmark_configuration(spec: &HeaderSpec) -> Result<Option<BenchKey>> {
+    spec.validate()?;
+    let requested = spec.pbkdf_settings()?;
+    if requested.flags.contains(CryptPbkdf::NO_BENCHMARK) {
+        return Ok(None);
+    }
+    let (_image, mut device) = scratch_device()?;
+    Ok(Some(capped_configuration(&mut device, &requested)?.1))
+}
+
+/// A libcryptsetup context on a fresh, empty scratch memfd (kept open by the returned file).
+fn scratch_device() -> Result<(File, CryptDevice)> {
+    route_libcryptsetup_logs();
+    clear_errors();
+    let image = memfd::create("imgcrypt-luks-scratch")?;
+    image
+        .set_len(SCRATCH_DEVICE_BYTES)
+        .map_err(|error| Error::io("sizing the scratch LUKS device", error))?;
+    let device = CryptInit::init(&memfd::proc_path(&image))
+        .map_err(|error| libcryptsetup_error("opening the scratch LUKS device", error))?;
+    Ok((image, device))
 }
 
 /// libcryptsetup's name of a KDF.
@@ -865,14 +892,7 @@ fn format_without_keyslot(
 /// A keyslot-less LUKS2 header with a fixed-iteration digest on a throwaway memfd: the first
 /// serialised libcryptsetup call that sets up its crypto backend ([`bench::ensure_crypto_backend`]).
 pub(super) fn scratch_format() -> Result<()> {
-    route_libcryptsetup_logs();
-    clear_errors();
-    let image = memfd::create("imgcrypt-luks-scratch")?;
-    image
-        .set_len(SCRATCH_DEVICE_BYTES)
-        .map_err(|error| Error::io("sizing the scratch LUKS device", error))?;
-    let mut device = CryptInit::init(&memfd::proc_path(&image))
-        .map_err(|error| libcryptsetup_error("opening the scratch LUKS device", error))?;
+    let (_image, mut device) = scratch_device()?;
     let spec = HeaderSpec {
         pbkdf: Pbkdf {
             kind: Some(PbkdfKind::Pbkdf2),

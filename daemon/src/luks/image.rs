@@ -370,6 +370,21 @@ impl LuksImage {
         key: &CandidateKey,
         pbkdf: &Pbkdf,
     ) -> Result<u32> {
+        self.add_keyslot_with(volume_key, key, pbkdf, &|| false)
+            .map(|(keyslot, _)| keyslot)
+    }
+
+    /// [`Self::add_keyslot`], saying how the keyslot's iterations were benchmarked (None for
+    /// fixed iterations). Like a new header's ([`super::header`]), a benchmarked keyslot gets
+    /// explicit iterations from [`super::bench`]'s cache (measured now if none is fresh, and
+    /// cached when `idle` says no other job runs) with libcryptsetup's no-benchmark flag.
+    pub fn add_keyslot_with(
+        &mut self,
+        volume_key: &SecretBytes,
+        key: &CandidateKey,
+        pbkdf: &Pbkdf,
+        idle: &dyn Fn() -> bool,
+    ) -> Result<(u32, Option<super::header::Benchmark>)> {
         let spec = HeaderSpec {
             version: self.version,
             // Only the PBKDF part of the spec applies to a keyslot.
@@ -377,13 +392,9 @@ impl LuksImage {
             pbkdf: pbkdf.clone(),
         };
         spec.validate()?;
-        let settings = spec.pbkdf_settings()?;
         let is_luks2 = self.version == LuksVersion::Luks2;
         let added = self.open_device().and_then(|mut device| {
-            device
-                .settings_handle()
-                .set_pbkdf_type(&settings)
-                .map_err(|error| libcryptsetup_error("setting the PBKDF", error))?;
+            let (_, benchmark) = super::header::fixed_settings(&mut device, &spec, idle, &|| {})?;
             let keyslot = device
                 .keyslot_handle()
                 .add_by_key(
@@ -397,7 +408,7 @@ impl LuksImage {
             if is_luks2 && strength::may_store_fingerprint(key.key.passphrase.as_bytes())? {
                 token::add(&mut device, keyslot, &key.key.fingerprint)?;
             }
-            Ok(keyslot)
+            Ok((keyslot, benchmark))
         });
         self.settle(added)
     }

@@ -229,7 +229,7 @@ fn run(
         systemd::notify("READY=1");
         // After READY, on a thread of its own: it never delays start-up or the first call.
         if startup_benchmark {
-            imgcryptd::jobs::startup::start(state.clone());
+            imgcryptd::jobs::startup::start(state.context.clone());
         } else {
             tracing::info!(
                 "--no-startup-benchmark: PBKDF configurations are measured on first use"

@@ -199,7 +199,7 @@ pub fn new_luks_header(
     spec: &crate::luks::HeaderSpec,
     key: &crate::keys::KeyFile,
     caps: &crate::luks::cost::KdfCaps,
-    state: &crate::server::ServerState,
+    state: &crate::context::DaemonContext,
 ) -> Result<(crate::keys::SecretBytes, crate::luks::FormattedHeader)> {
     let volume_key = crate::keys::SecretBytes::random(crate::luks::VOLUME_KEY_BYTES)?;
     let idle = || only_job(state);
@@ -220,7 +220,7 @@ pub fn new_luks_header(
 
 /// Whether the calling job is the only one running: a PBKDF benchmark taken now may be cached
 /// (see [`crate::luks::bench`]).
-pub fn only_job(state: &crate::server::ServerState) -> bool {
+pub fn only_job(state: &crate::context::DaemonContext) -> bool {
     state.running_jobs() <= 1
 }
 

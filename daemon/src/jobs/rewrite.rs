@@ -197,7 +197,7 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
 /// image is only read, so it stays valid until the client renames the new one over it.
 fn reencrypt_qcow2(
     job: &Job<RewriteParameters>,
-    state: &ServerState,
+    state: &DaemonContext,
     image: &File,
     output: &CheckedFile,
     keys: &JobKeys,

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::luks::bench::{self, Background};
-use crate::server::ServerState;
+use crate::context::DaemonContext;
 
 /// Starts the start-up benchmark on a thread of its own and returns at once.
-pub fn start(state: Arc<ServerState>) {
+pub fn start(state: Arc<DaemonContext>) {
     let spawned = std::thread::Builder::new()
         .name("imgcrypt-startup-bench".to_string())
         .spawn(move || run(&state));
@@ -26,7 +26,7 @@ pub fn start(state: Arc<ServerState>) {
 }
 
 /// The benchmark itself, on the calling thread.
-fn run(state: &ServerState) {
+fn run(state: &DaemonContext) {
     let started = Instant::now();
     // Any job created from now on (even one still queued) ends the run: its measurement must
     // not count another job's CPU, and a job must not wait behind it.

@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::luks::bench::{self, Background};
 use crate::context::DaemonContext;
+use crate::luks::bench::{self, Background};
 
 /// Starts the start-up benchmark on a thread of its own and returns at once.
 pub fn start(state: Arc<DaemonContext>) {

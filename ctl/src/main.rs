@@ -18,7 +18,7 @@ mod test_peer;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Turn virtual-machine disk images into LUKS-encrypted images, without root.
 #[derive(Debug, Parser)]
@@ -55,6 +55,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `imgctl --generate-docs DIR`: man pages and completions for packaging (scripts/package).
+    if let Some(code) = imgcrypt_clidoc::generate_if_asked(Cli::command, "1") {
+        return code;
+    }
     output::install_interrupt_cleanup();
     let cli = Cli::parse();
     let ring = keyring::RingLocation::from_environment(cli.keyring);

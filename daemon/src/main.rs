@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use imgcrypt_proto::api::EngineChoice;
 use imgcrypt_proto::paths;
 use imgcryptd::context::{DaemonConfig, DaemonContext, Mode};
@@ -120,6 +120,10 @@ fn parse_octal(text: &str) -> Result<u32, String> {
 }
 
 fn main() -> ExitCode {
+    // `imgcryptd --generate-docs DIR`: man pages and completions for packaging (scripts/package).
+    if let Some(code) = imgcrypt_clidoc::generate_if_asked(Args::command, "8") {
+        return code;
+    }
     let args = Args::parse();
     // Before anything else: the environment is read and cleaned while single-threaded.
     let activated = systemd::take_activated_listener();

@@ -13,9 +13,10 @@ use common::*;
 fn staged_units(dir: &Path) {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
     let service = fs::read_to_string(source.join("imgcryptd.service")).unwrap();
-    assert!(service.contains("ExecStart=/usr/local/bin/imgcryptd"));
+    // Where the Debian package (and the documented plain install) puts the daemon.
+    assert!(service.contains("ExecStart=/usr/sbin/imgcryptd "));
     let service = service.replace(
-        "ExecStart=/usr/local/bin/imgcryptd",
+        "ExecStart=/usr/sbin/imgcryptd",
         &format!("ExecStart={}", binary("imgcryptd").display()),
     );
     fs::write(dir.join("imgcryptd.service"), service).unwrap();
@@ -54,13 +55,13 @@ fn units_pass_systemd_analyze_verify() {
 fn service_exposure_is_low() {
     let dir = scratch();
     staged_units(dir.path());
-    // A score above 2.5 means a hardening option was lost.
+    // A score above 2.0 (the bound; 1.9 today) means a hardening option was lost.
     let output = run(Command::new("systemd-analyze")
-        .args(["security", "--offline=true", "--threshold=25"])
+        .args(["security", "--offline=true", "--threshold=20"])
         .arg(dir.path().join("imgcryptd.service")));
     assert!(
         output.status.success(),
-        "exposure above 2.5:\n{}",
+        "exposure above 2.0:\n{}",
         describe(&output)
     );
 }

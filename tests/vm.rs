@@ -30,10 +30,14 @@ use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::guest::{
+    self, ext4_image, kernel_tree, panic_text, parse_console, repository, vm_dir, vmlinuz,
+    CheckResult, Disk, GuestSpec, Timings,
+};
 use common::*;
 
 /// The guest runs on one host core per vCPU; two let the kernel engine copy on both.
@@ -43,8 +47,6 @@ const GUEST_MEMORY_MIB: &str = "1024";
 /// tests/vm), so a slow shared host does not fail the suite, and a hang still ends it.
 const USERSPACE_BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const KERNEL_BOOT_TIMEOUT: Duration = Duration::from_secs(1500);
-/// After IMGCRYPT-DONE the guest powers off at once; this only bounds a stuck poweroff.
-const POWEROFF_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read latency of the slow disk (dm-delay) that holds the source of the mid-copy checks.
 const SLOW_DELAY_MS: u32 = 50;
 /// The blank disk under the guest's failing devices (tests/vm/checks.sh, `scratch_device`).
@@ -99,14 +101,6 @@ impl Boot {
             .find(|boot| boot.checks().contains(&check))
             .unwrap_or_else(|| panic!("{check} is in no boot's list"))
     }
-}
-
-/// One `IMGCRYPT-RESULT` line.
-#[derive(Debug, Clone)]
-struct CheckResult {
-    passed: bool,
-    seconds: String,
-    detail: String,
 }
 
 /// What one boot produced.
@@ -318,64 +312,6 @@ impl GuestRun {
     }
 }
 
-fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
-#[derive(Default)]
-struct Timings {
-    text: String,
-}
-
-impl Timings {
-    fn measure<T>(&mut self, what: &str, work: impl FnOnce() -> T) -> T {
-        let start = Instant::now();
-        let value = work();
-        self.record(what, start.elapsed());
-        value
-    }
-
-    fn record(&mut self, what: &str, elapsed: Duration) {
-        let _ = writeln!(self.text, "  {what}: {:.1} s", elapsed.as_secs_f64());
-    }
-}
-
-fn repository() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// `target/vm`: the initramfs, console logs and timings (kept for CI artifacts).
-fn vm_dir() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| repository().join("target"), PathBuf::from);
-    let dir = target.join("vm");
-    fs::create_dir_all(&dir).expect("create target/vm");
-    dir
-}
-
-/// Debian's kernel, from tests/vm/fetch-kernel's cache (it downloads only the first time).
-fn kernel_tree() -> PathBuf {
-    let output = run_ok(&mut Command::new(
-        repository().join("tests/vm/fetch-kernel"),
-    ));
-    PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
-}
-
-fn vmlinuz(tree: &Path) -> PathBuf {
-    fs::read_dir(tree.join("boot"))
-        .expect("kernel tree has boot/")
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .find(|path| {
-            path.file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with("vmlinuz-"))
-        })
-        .unwrap_or_else(|| panic!("no boot/vmlinuz-* in {}", tree.display()))
-}
-
 /// The initramfs, built once per test process from the binaries under test.
 fn shared_initramfs(kernel: &Path) -> &'static Result<PathBuf, String> {
     static INITRAMFS: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -394,13 +330,6 @@ fn shared_initramfs(kernel: &Path) -> &'static Result<PathBuf, String> {
             ))
         }
     })
-}
-
-/// A virtio disk for the guest, found there by its serial number.
-struct Disk {
-    path: PathBuf,
-    serial: &'static str,
-    read_only: bool,
 }
 
 /// The variants of check b: guest check name, disk serial, imgctl arguments, sector size.
@@ -451,20 +380,12 @@ fn userspace_disks(dir: &Path) -> Vec<Disk> {
             "b_{var}_serial={serial}\nb_{var}_vsize={vsize}\nb_{var}_sha256={sha256}\n\
              b_{var}_payload_size={payload_size}\nb_{var}_sector_size={sector_size}"
         );
-        disks.push(Disk {
-            path: output,
-            serial,
-            read_only: true,
-        });
+        disks.push(Disk::read_only(output, serial));
     }
     fs::write(payload.join("manifest.sh"), manifest).unwrap();
     disks.insert(
         0,
-        Disk {
-            path: ext4_image(dir, "payload", &payload, "32M"),
-            serial: "payload",
-            read_only: false,
-        },
+        Disk::writable(ext4_image(dir, "payload", &payload, "32M"), "payload"),
     );
     disks
 }
@@ -547,40 +468,11 @@ fn kernel_disks(dir: &Path) -> Vec<Disk> {
         .and_then(|file| file.set_len(SCRATCH_DISK_BYTES))
         .expect("create the scratch disk");
     vec![
-        Disk {
-            path: ext4_image(dir, "payload", &payload, "512M"),
-            serial: "payload",
-            read_only: false,
-        },
-        Disk {
-            path: ext4_image(dir, "slow", &slow, "64M"),
-            serial: "slow",
-            read_only: true,
-        },
-        Disk {
-            path: small,
-            serial: "small-ext2",
-            read_only: false,
-        },
-        Disk {
-            path: scratch,
-            serial: "scratch",
-            read_only: false,
-        },
+        Disk::writable(ext4_image(dir, "payload", &payload, "512M"), "payload"),
+        Disk::read_only(ext4_image(dir, "slow", &slow, "64M"), "slow"),
+        Disk::writable(small, "small-ext2"),
+        Disk::writable(scratch, "scratch"),
     ]
-}
-
-/// A sparse ext4 image holding `contents`, owned by root inside.
-fn ext4_image(dir: &Path, name: &str, contents: &Path, size: &str) -> PathBuf {
-    let image = dir.join(format!("{name}.ext4"));
-    run_ok(
-        Command::new("mke2fs")
-            .args(["-q", "-F", "-t", "ext4", "-E", "root_owner=0:0", "-d"])
-            .arg(contents)
-            .arg(&image)
-            .arg(size),
-    );
-    image
 }
 
 /// sha256 of the source's plaintext as qemu-img converts it: what the guest must decrypt.
@@ -614,169 +506,35 @@ fn boot_guest(
     disks: &[Disk],
     timings: &mut Timings,
 ) -> GuestRun {
-    let console_path = vm_dir().join(format!("{}-console.log", boot.name()));
-    let stderr_path = vm_dir().join(format!("{}-qemu-stderr.log", boot.name()));
     let checks = boot.checks();
     let append = format!(
         "console=ttyS0 panic=-1 quiet imgcrypt_checks={}",
         checks.join(",")
     );
-    let mut command = Command::new("qemu-system-x86_64");
-    command
-        .args(["-accel", "tcg", "-cpu", "max"])
-        .args(["-m", GUEST_MEMORY_MIB, "-smp", GUEST_CPUS])
-        .args(["-nographic", "-no-reboot", "-nic", "none"])
-        .arg("-kernel")
-        .arg(vmlinuz(kernel))
-        .arg("-initrd")
-        .arg(initramfs)
-        .args(["-append", &append]);
-    for (index, disk) in disks.iter().enumerate() {
-        let read_only = if disk.read_only { ",readonly=on" } else { "" };
-        command.arg("-drive").arg(format!(
-            "file={},format=raw,if=none,id=disk{index}{read_only}",
-            disk.path.display()
-        ));
-        command.arg("-device").arg(format!(
-            "virtio-blk-pci,drive=disk{index},serial={}",
-            disk.serial
-        ));
-    }
-    let started = Instant::now();
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&console_path).unwrap())
-        .stderr(fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64 (scripts/install-deps): {e}"));
-
-    // Poll the console file until the guest powers off or the deadline passes.
-    let deadline = started + boot.timeout();
-    let mut booted_at = None;
-    let mut done_at: Option<Instant> = None;
-    let mut failure = None;
-    loop {
-        let console = fs::read_to_string(&console_path).unwrap_or_default();
-        if booted_at.is_none() && console.contains("IMGCRYPT-BOOTED") {
-            booted_at = Some(started.elapsed());
-        }
-        if done_at.is_none() && console.contains("IMGCRYPT-DONE") {
-            done_at = Some(Instant::now());
-        }
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) => {}
-            Err(e) => {
-                failure = Some(format!("waiting for qemu: {e}"));
-                break;
-            }
-        }
-        if done_at.is_some_and(|at| at.elapsed() > POWEROFF_TIMEOUT) {
-            failure = Some(format!(
-                "the guest reported IMGCRYPT-DONE but did not power off within {} s",
-                POWEROFF_TIMEOUT.as_secs()
-            ));
-            break;
-        }
-        if Instant::now() > deadline {
-            failure = Some(format!(
-                "timeout: the guest did not finish within {} s",
-                boot.timeout().as_secs()
-            ));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if failure.is_some() {
-        let _ = child.kill();
-    }
-    let status = child.wait().ok();
-    timings.record("guest run (boot to power-off)", started.elapsed());
-    if let Some(booted) = booted_at {
+    let console = guest::boot(&GuestSpec {
+        name: boot.name(),
+        kernel: &vmlinuz(kernel),
+        initramfs,
+        append: &append,
+        disks,
+        cpus: GUEST_CPUS,
+        memory_mib: GUEST_MEMORY_MIB,
+        timeout: boot.timeout(),
+    });
+    timings.record("guest run (boot to power-off)", console.elapsed);
+    if let Some(booted) = console.booted_after {
         timings.record("boot (qemu start to IMGCRYPT-BOOTED)", booted);
     }
-
-    let mut console = fs::read_to_string(&console_path).unwrap_or_default();
-    let qemu_stderr = fs::read_to_string(&stderr_path).unwrap_or_default();
-    if !qemu_stderr.trim().is_empty() {
-        let _ = write!(console, "\n----- qemu stderr -----\n{qemu_stderr}");
-    }
-    let _ = writeln!(
-        console,
-        "\n----- console saved in {}; qemu exit: {status:?} -----",
-        console_path.display()
-    );
-    let (results, mut broken) = parse_console(&console, checks);
-    if let Some(why) = failure {
+    let (results, mut broken) = parse_console(&console.text, checks);
+    if let Some(why) = console.failure {
         broken = Some(why);
     }
     GuestRun {
-        console,
+        console: console.text,
         broken,
         results,
         timings: String::new(),
     }
-}
-
-/// Reads the guest's report. The result map holds every well-formed result; the second value
-/// says what makes the run as a whole untrustworthy.
-fn parse_console(
-    console: &str,
-    expected: &[&str],
-) -> (HashMap<String, CheckResult>, Option<String>) {
-    let mut results = HashMap::new();
-    let mut problems = Vec::new();
-    let mut done = None;
-    for line in console.lines() {
-        // Markers may follow firmware escape codes on the same line.
-        let Some(at) = line.find("IMGCRYPT-") else {
-            continue;
-        };
-        let line = line[at..].trim_end_matches('\r');
-        let mut words = line.splitn(5, ' ');
-        match words.next() {
-            Some("IMGCRYPT-RESULT") => {
-                let (Some(name), Some(verdict), Some(seconds)) =
-                    (words.next(), words.next(), words.next())
-                else {
-                    problems.push(format!("malformed line: {line}"));
-                    continue;
-                };
-                let passed = match verdict {
-                    "PASS" => true,
-                    "FAIL" => false,
-                    _ => {
-                        problems.push(format!("malformed verdict: {line}"));
-                        continue;
-                    }
-                };
-                if !expected.contains(&name) {
-                    problems.push(format!("result for a check not asked for: {line}"));
-                }
-                let result = CheckResult {
-                    passed,
-                    seconds: seconds.to_string(),
-                    detail: words.next().unwrap_or("").to_string(),
-                };
-                if results.insert(name.to_string(), result).is_some() {
-                    problems.push(format!("two results for {name}"));
-                }
-            }
-            Some("IMGCRYPT-DONE") => done = words.next().map(str::to_string),
-            Some("IMGCRYPT-FATAL") => problems.push(format!("guest set-up failed: {line}")),
-            _ => {}
-        }
-    }
-    match done {
-        None => problems.push("the guest never printed IMGCRYPT-DONE".to_string()),
-        Some(count) if count != expected.len().to_string() => problems.push(format!(
-            "the guest ran {count} checks, {} were asked for",
-            expected.len()
-        )),
-        Some(_) => {}
-    }
-    let broken = (!problems.is_empty()).then(|| problems.join("; "));
-    (results, broken)
 }
 
 // --- the harness's own reading of the console (no guest needed) ---------------------------

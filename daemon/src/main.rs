@@ -230,7 +230,8 @@ fn run(
         let listener = tokio::net::UnixListener::from_std(std_listener)
             .map_err(|e| format!("registering the listener: {e}"))?;
         let state = ServerState::new(context, config);
-        systemd::notify("READY=1");
+        systemd::notify(&format!("READY=1\nSTATUS={}", systemd::jobs_status(0)));
+        let status = tokio::spawn(report_status(state.clone()));
         // After READY, on a thread of its own: it never delays start-up or the first call.
         if startup_benchmark {
             imgcryptd::jobs::startup::start(state.context.clone());
@@ -242,9 +243,25 @@ fn run(
         server::run(listener, state, shutdown_signal())
             .await
             .map_err(|e| format!("server failed: {e}"))?;
-        systemd::notify("STOPPING=1");
+        status.abort();
+        systemd::notify("STOPPING=1\nSTATUS=stopping");
         Ok(())
     })
+}
+
+/// Keeps systemd's STATUS= (`systemctl status imgcryptd`) at the number of running jobs: looked
+/// at every second and sent when it changed.
+async fn report_status(state: Arc<ServerState>) {
+    let mut reported = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let running = state.context.running_jobs();
+        if running != reported {
+            systemd::notify(&format!("STATUS={}", systemd::jobs_status(running)));
+            reported = running;
+        }
+    }
 }
 
 /// The connection caps and timeouts, the overall cap fitted to the descriptor limit.

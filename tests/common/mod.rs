@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod guest;
 pub mod raw_client;
 
 use std::ffi::OsStr;

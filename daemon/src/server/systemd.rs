@@ -1,5 +1,5 @@
 //! The two systemd conventions the daemon speaks: socket activation (`LISTEN_FDS`) and
-//! readiness notification (`NOTIFY_SOCKET`). Both are small enough to do here rather than pull
+//! notification (`NOTIFY_SOCKET`: READY, STOPPING, and a STATUS text with the running jobs). Both are small enough to do here rather than pull
 //! in crates for them.
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -40,15 +40,29 @@ pub fn take_activated_listener() -> Option<UnixListener> {
     Some(listener)
 }
 
-/// Tells systemd (if it is listening) that the daemon is ready or stopping.
+/// The STATUS= text `systemctl status` shows for `running` jobs.
+pub fn jobs_status(running: usize) -> String {
+    match running {
+        0 => "idle, 0 jobs running".to_string(),
+        1 => "1 job running".to_string(),
+        n => format!("{n} jobs running"),
+    }
+}
+
+/// Sends `state` (newline-separated `KEY=value` assignments: READY=1, STATUS=…, STOPPING=1)
+/// to systemd, if it is listening.
 pub fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
+    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
+        notify_to(&path, state);
+    }
+}
+
+/// [`notify`] to the socket `path` (NOTIFY_SOCKET's value: a path, or `@` and an abstract name).
+fn notify_to(path: &std::ffi::OsStr, state: &str) {
     let bytes = path.as_encoded_bytes();
     let address = match bytes.first() {
         Some(b'@') => SocketAddr::from_abstract_name(&bytes[1..]),
-        Some(b'/') => SocketAddr::from_pathname(&path),
+        Some(b'/') => SocketAddr::from_pathname(path),
         _ => return,
     };
     let sent = address.and_then(|address| {
@@ -57,5 +71,28 @@ pub fn notify(state: &str) {
     });
     if let Err(error) = sent {
         tracing::debug!(%error, "sd_notify failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_the_running_jobs() {
+        assert_eq!(jobs_status(0), "idle, 0 jobs running");
+        assert_eq!(jobs_status(1), "1 job running");
+        assert_eq!(jobs_status(3), "3 jobs running");
+    }
+
+    #[test]
+    fn notify_sends_the_assignments_to_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        notify_to(path.as_os_str(), "READY=1\nSTATUS=idle, 0 jobs running");
+        let mut buffer = [0u8; 256];
+        let length = receiver.recv(&mut buffer).unwrap();
+        assert_eq!(&buffer[..length], b"READY=1\nSTATUS=idle, 0 jobs running");
     }
 }

@@ -21,6 +21,9 @@
 //! - `kernel-engine`: `--engine kernel` works inside the sandbox (loop + dm-crypt), leaves no
 //!   device, and decrypts to the source;
 //! - `journal-fields`: `journalctl -o json` has the job's structured fields;
+//! - `stop-mid-job`: while the job reads its source (behind dm-delay), `systemctl status` shows
+//!   "1 job running"; mid-copy, `systemctl stop` tears down the job's mapper and loop device, imgctl fails and
+//!   leaves no output; after `systemctl start` the same command completes;
 //! - `idle-exit`: socket-activated, the service exits when idle and the next call starts it.
 //!
 //! A FAIL, a missing or unexpected result, a timeout or a guest that does not power off fails
@@ -52,8 +55,13 @@ const CHECKS: &[&str] = &[
     "status-text",
     "kernel-engine",
     "journal-fields",
+    "stop-mid-job",
     "idle-exit",
 ];
+/// Read latency of the slow disk (dm-delay) under the source of the mid-job check: the job's
+/// first read of the source must outlast waiting for the status text (a few `systemctl status`
+/// under TCG).
+const SLOW_DELAY_MS: u32 = 200;
 /// Several times a run on this machine (boot ~40 s under load, checks ~1 min), so a slow shared
 /// host does not fail the suite and a hang still ends it.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -136,6 +144,11 @@ fn systemd_kernel_engine_works_inside_the_sandbox() {
 #[test]
 fn systemd_journal_has_the_structured_job_fields() {
     assert_guest_check("journal-fields");
+}
+
+#[test]
+fn systemd_stop_mid_job_tears_down_devices_and_a_rerun_after_start_completes() {
+    assert_guest_check("stop-mid-job");
 }
 
 #[test]
@@ -275,6 +288,7 @@ fn run_boot() -> GuestRun {
             .clone()?;
         let scratch = scratch();
         let payload = timings.measure("payload disk", || payload_disk(scratch.path(), &deb));
+        let slow = timings.measure("slow disk", || slow_disk(scratch.path()));
         let append = format!(
             "console=ttyS0 panic=-1 quiet systemd.show_status=error imgcrypt_checks={}",
             CHECKS.join(",")
@@ -285,6 +299,7 @@ fn run_boot() -> GuestRun {
                 ..Disk::writable(rootfs.join("rootfs.ext4"), "rootfs")
             },
             Disk::writable(payload, "payload"),
+            Disk::read_only(slow, "slow"),
         ];
         let console = guest::boot(&GuestSpec {
             name: "systemd",
@@ -381,9 +396,30 @@ fn payload_disk(dir: &Path, deb: &Path) -> PathBuf {
         payload.join("manifest.sh"),
         format!(
             "KEY=/mnt/payload/secret.dek\nSOURCE_A=/mnt/payload/a.vhd\nA_VSIZE={vsize}\n\
-             A_SHA256={sha256}\n"
+             A_SHA256={sha256}\nSLOW_SOURCE=slow.vhd\nSLOW_DELAY_MS={SLOW_DELAY_MS}\n"
         ),
     )
     .unwrap();
     ext4_image(dir, "payload", &payload, "256M")
+}
+
+/// The slow disk: an ext4 holding a 48 MiB dynamic VHD with every block written, which the guest
+/// reads through dm-delay so a copy lasts seconds.
+fn slow_disk(dir: &Path) -> PathBuf {
+    let slow = dir.join("slow");
+    fs::create_dir(&slow).unwrap();
+    let source = slow.join("slow.vhd");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        source.to_str().unwrap(),
+        "48M",
+    ]);
+    qemu_io("vpc", &source, &["write -P 0x5a 0 47M"]);
+    fs::set_permissions(&source, fs::Permissions::from_mode(0o644)).unwrap();
+    ext4_image(dir, "slow", &slow, "64M")
 }

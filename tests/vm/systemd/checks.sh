@@ -193,6 +193,58 @@ check_journal_fields() {
     echo "$line" | tr ',' '\n' | grep '"F_'
 }
 
+# --- systemctl stop mid-job tears down; STATUS while it runs; a re-run after start completes -----
+
+status_one_job() {
+    systemctl status --no-pager imgcryptd.service | grep -q 'Status: "1 job running"'
+}
+
+check_stop_mid_job() {
+    out=/home/$MEMBER/stopped.luks
+    # The source behind dm-delay (vm-checks.sh), so the copy lasts seconds.
+    mount_slow_source
+    drop_caches
+    user_encrypt "$MEMBER" "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/stop --engine kernel &
+    client=$!
+    # The job holds its slot from the (slow) read of the source on: the status says so.
+    if ! wait_until 60 status_one_job; then
+        show_result /tmp/stop
+        show_service
+        fail "during the job, systemctl status does not show Status: \"1 job running\""
+    fi
+    systemctl status --no-pager imgcryptd.service | grep 'Status:'
+    if ! wait_until 120 mid_copy; then
+        show_result /tmp/stop
+        show_service
+        fail "never saw the kernel engine's mapper mid-copy within 120 s"
+    fi
+    # At once: the copy itself is fast once the source is cached. That the job really was
+    # stopped mid-way is proven below by imgctl failing.
+    systemctl stop imgcryptd.service || fail "systemctl stop failed"
+    echo "stopped mid-copy"
+    service_inactive || fail "imgcryptd.service is $(service_state) after systemctl stop"
+    wait_until 60 proc_gone "$client" || fail "imgctl did not exit within 60 s of the stop"
+    if wait "$client"; then
+        fail "imgctl succeeded although the service was stopped mid-copy"
+    fi
+    show_result /tmp/stop
+    assert_no_leftovers "$out"
+    assert_no_output "$out"
+    journalctl --no-pager -u imgcryptd.service | grep -q "SIGTERM received" ||
+        fail "the daemon did not log SIGTERM"
+
+    # After a start the same command completes (from scratch: the daemon has no resume yet).
+    systemctl start imgcryptd.service || fail "systemctl start failed"
+    if ! user_encrypt "$MEMBER" "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/rerun --engine kernel; then
+        show_result /tmp/rerun
+        show_service
+        fail "the re-run after systemctl start failed: $(tail -n 1 /tmp/rerun.err)"
+    fi
+    cryptsetup open --test-passphrase --key-file "$KEY" "$out" ||
+        fail "cryptsetup rejects the re-run's output"
+    assert_no_leftovers "$out"
+}
+
 # --- idle exit: socket-activated, the service stops when unused; the socket starts it again ----
 
 check_idle_exit() {
@@ -229,6 +281,7 @@ run_guest_check() {
     status-text) check_status_text ;;
     kernel-engine) check_kernel_engine ;;
     journal-fields) check_journal_fields ;;
+    stop-mid-job) check_stop_mid_job ;;
     idle-exit) check_idle_exit ;;
     *) fail "unknown check $1" ;;
     esac

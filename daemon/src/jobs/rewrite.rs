@@ -220,12 +220,7 @@ fn reencrypt_qcow2(
     };
     caps.check_request(&spec)?;
     let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps)?;
-    let container = Qcow2Output::plan(
-        plaintext.virtual_size(),
-        plaintext.allocated_ranges(),
-        &header.image,
-        header.data_offset,
-    )?;
+    let container = Qcow2Output::new(plaintext.virtual_size(), &header.image, header.data_offset)?;
     let written = write_container(
         job,
         plaintext,
@@ -680,11 +675,7 @@ fn reencrypt_vhd(
     let new_raw = crate::keys::raw_vhd_key(&new_key.key)?;
     let opened = unlock::open_plaintext(&job, image, keys)?;
     let plaintext = opened.plaintext;
-    let container = VhdOutput::plan(
-        plaintext.virtual_size(),
-        plaintext.allocated_ranges(),
-        new_raw.as_bytes(),
-    )?;
+    let container = VhdOutput::new(plaintext.virtual_size(), new_raw.as_bytes())?;
     if let Some(text) = crate::outputs::vhd::tweak_reuse_notice(container.virtual_size()) {
         job.notice(text);
     }

@@ -184,8 +184,8 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &ServerState) -> Result
 }
 
 /// Re-encrypts a qcow2 image into a new qcow2 with a new volume key and one keyslot for the
-/// new key, read from the old image's decrypted guest view: the same data clusters, re-laid
-/// out by [`Qcow2Output`].
+/// new key, read from the old image's decrypted guest view through the same allocated copy as
+/// Encrypt: its data clusters that hold a non-zero byte, placed anew by [`Qcow2Output`].
 ///
 /// Not resumable, unlike raw LUKS: the new file's layout is only final once its metadata is
 /// written, so an interrupted run starts over (the partial file is emptied first). The old
@@ -652,8 +652,9 @@ fn vhd_needs_reencryption() -> Error {
 
 /// `--reencrypt` of a vhd-util VHD: the whole image is written anew into the partial file with
 /// the new key's decoded bytes ([`VhdOutput`]), from the old image's decrypted guest view,
-/// through the shared pipeline. No checkpoints: a VHD's blocks are placed by the plan, and
-/// an interrupted run starts over (the partial file is emptied first); the old image is only
+/// through the shared pipeline (the allocated copy: blocks holding a non-zero byte, placed as
+/// they are read). No checkpoints: a VHD's blocks are placed as the copy goes, and an
+/// interrupted run starts over (the partial file is emptied first); the old image is only
 /// read, so it stays valid until the client's rename.
 fn reencrypt_vhd(
     job: Job<RewriteParameters>,

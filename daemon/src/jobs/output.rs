@@ -35,8 +35,9 @@ pub struct Written {
 }
 
 /// Reserves `output` for `container`, runs `engine` over the container's payload reading
-/// `source` (an allocated payload is reserved as it is placed), makes the payload durable (`fdatasync`), calls `before_metadata` (an encryption
-/// waits there for its keyslot's derivation, which ran alongside the copy), writes the
+/// `source` (an allocated payload is reserved as it is placed), makes the payload durable
+/// (`fdatasync`), calls `before_metadata` (an encryption waits there for its keyslot's
+/// derivation, which ran alongside the copy), writes the
 /// container's metadata last, and makes that durable too. Progress goes to the job's reporter
 /// (copy, sync, whatever `before_metadata` reports, header); the job's cancel flag stops the
 /// copy and is checked again before the metadata, so a cancelled job never writes it.

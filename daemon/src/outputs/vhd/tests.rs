@@ -1,6 +1,6 @@
 //! The VHD output's placement and metadata, checked against what others make of them: qemu-img
-//! reads the container, and the metadata equals what blktap's own `vhd-util copy` wrote for the same
-//! disk (the corpus), field for field, except the creation time and the disk's UUID.
+//! reads the container, and the metadata equals what blktap's own `vhd-util copy` wrote for the
+//! same disk (the corpus), field for field, except the creation time and the disk's UUID.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -7,8 +7,11 @@
 //! 2. a LUKS header is formatted on daemon-owned memory, never on the client's descriptor,
 //!    with the PBKDF iterations its benchmark chose (cached per configuration); the keyslot's
 //!    key derivation runs on its own thread while the payload is copied;
-//! 3. space for the output is reserved before the copy, so a full disk is reported at once
-//!    rather than after minutes of work;
+//! 3. space for the output is reserved before it is written: all of a raw LUKS output before
+//!    the copy, so a full disk is reported at once rather than after minutes of work; a sparse
+//!    container's clusters or blocks as the copy places them (how many hold data is known only
+//!    once they are read; an upper bound from the allocated ranges would refuse a `dd`-made
+//!    raw disk that is mostly zeros), so its full disk is reported when the copy reaches it;
 //! 4. the payload is written first and made durable, and the metadata (the LUKS header with
 //!    its derived keyslot) last ([`Container::write_metadata`]), so an interrupted job never
 //!    leaves something that looks like a valid image;

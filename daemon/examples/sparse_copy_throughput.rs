@@ -115,7 +115,7 @@ fn time_engine(path: &Path, dir: &Path) -> f64 {
     drop_caches();
     let image = formats::open(File::open(path).expect("opening the source")).expect("format");
     let size = image.virtual_size();
-    let out_path = dir.join("imgcrypt-scan-bench.out");
+    let out_path = dir.join("imgcrypt-sparse-bench.out");
     let output = OpenOptions::new()
         .read(true)
         .write(true)
@@ -160,7 +160,7 @@ fn main() {
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
     let size = gib << 30;
     for (name, zeros) in [("non-zero data", false), ("written zeros", true)] {
-        let path = dir.join("imgcrypt-scan-bench.src");
+        let path = dir.join("imgcrypt-sparse-bench.src");
         make_file(&path, size, zeros);
         let (mut dd, mut planned, mut sparse) = (vec![], vec![], vec![]);
         let mut stored = 0;

@@ -224,7 +224,7 @@ fn progress_names_the_phases_in_order() {
     ));
     assert_phases(
         &container,
-        &["scan", "format", "copy", "sync", "derive", "header"],
+        &["format", "copy", "sync", "derive", "header"],
         &["copy", "derive"],
     );
 }

@@ -135,8 +135,8 @@ fn round_trip(dir: &Path, source: &Path, key_len: usize) -> serde_json::Value {
     assert_eq!(facts["batmap_checksum_ok"], true);
     assert_plaintext_matches(&plaintext, &expected);
 
-    // Sparse: a block is allocated exactly when the source has a non-zero byte in it (the zero
-    // scan drops allocated blocks of zeros, such as the one a fixed VHD's footer shares a
+    // Sparse: a block is allocated exactly when the source has a non-zero byte in it (the
+    // copy's zero check drops allocated blocks of zeros, such as the one a fixed VHD's footer shares a
     // file-system block with), and the file holds little more than those.
     let plain = fs::read(&expected).unwrap();
     let with_data: Vec<u64> = plain

@@ -154,6 +154,7 @@ fn phase_label(phase: Phase) -> &'static str {
         Phase::Benchmark => "benchmarking the key derivation",
         Phase::Derive => "deriving the keyslot key",
         Phase::Header => "writing the header",
+        // Sent only by daemons before the zero check moved into the copy.
         Phase::Scan => "scanning for data",
         Phase::Copy => "copying",
         Phase::Sync => "syncing",

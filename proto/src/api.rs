@@ -290,8 +290,9 @@ pub enum Phase {
     /// Writing the LUKS header (or the container's metadata with it) after the payload is
     /// durable.
     Header,
-    /// Reading the source's allocated ranges for data, so a sparse container (qcow2, VHD)
-    /// stores no all-zero cluster or block; `bytes_total` is the source's allocated bytes.
+    /// A separate read of the source for data before the copy, which daemons before the
+    /// fused copy sent for qcow2 and VHD outputs. No longer sent (the copy drops all-zero
+    /// clusters and blocks itself); kept so that clients still parse such a daemon's stream.
     Scan,
     /// Encrypting and writing the payload.
     Copy,

@@ -1,9 +1,11 @@
 //! Engines write the encrypted payload of an image: the one shared pipeline that reads the
 //! source, encrypts and writes.
 //!
-//! The job formats any header and an output container ([`crate::outputs`]) plans the file: a
-//! list of [`Extent`]s saying which guest bytes go where, under which IV. An engine only turns
-//! the source's plaintext into ciphertext at those places. Two engines implement [`Engine`]:
+//! The job formats any header and an output container ([`crate::outputs`]) says where the
+//! bytes go: a list of [`Extent`]s planned before the copy (raw LUKS), or an
+//! [`Allocator`] that places the granules holding data as the copy reads them (the sparse
+//! qcow2 and VHD outputs, [`Engine::write_allocated`]). An engine only turns the source's
+//! plaintext into ciphertext at those places. Two engines implement [`Engine`]:
 //! [`userspace`] (AES-XTS in this process, runs anywhere, every output format) and [`kernel`]
 //! (loop device + dm-crypt, where the kernel has them; raw LUKS only, since dm-crypt maps one
 //! contiguous payload).
@@ -18,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use imgcrypt_proto::api::EngineKind;
 
 use crate::formats::SourceImage;
-use crate::outputs::Extent;
+use crate::outputs::{Allocator, Extent};
 use crate::Result;
 use xts::IvMode;
 
@@ -32,7 +34,8 @@ pub struct PayloadJob<'a> {
     /// for every extent.
     pub output: &'a File,
     /// Where the payload goes: sorted by guest offset, disjoint, sector-aligned (an output
-    /// container's plan, checked by [`crate::outputs::check_extents`]).
+    /// container's plan, checked by [`crate::outputs::check_extents`]). Empty for
+    /// [`Engine::write_allocated`], whose allocator places the payload.
     pub extents: &'a [Extent],
     /// Encryption sector size: 512 or 4096.
     pub sector_size: u32,
@@ -40,7 +43,8 @@ pub struct PayloadJob<'a> {
     pub key: &'a [u8],
     /// How sector numbers become tweaks.
     pub iv: IvMode,
-    /// Called with the cumulative payload bytes written, from any worker thread.
+    /// Called with the cumulative payload bytes written (for [`Engine::write_allocated`]: guest
+    /// bytes gone through, stored or dropped as zeros), from any worker thread.
     pub progress: &'a (dyn Fn(u64) + Sync),
     /// Set when the job must stop; the engine returns [`crate::Error::Cancelled`] promptly.
     pub cancel: &'a AtomicBool,
@@ -72,6 +76,22 @@ pub trait Engine: Send + Sync {
     /// Writes the whole payload of `job`, durable or not (the job syncs), and returns the bytes
     /// written.
     fn write_payload(&self, job: &PayloadJob<'_>) -> Result<u64>;
+
+    /// Writes a sparse container's payload: goes through the source's allocated ranges in
+    /// `allocator`'s granules, drops the all-zero ones, and writes the others where `allocator`
+    /// places them (see [`crate::outputs`]). Returns the payload bytes written. Only the
+    /// userspace engine can: dm-crypt maps one contiguous payload.
+    fn write_allocated(&self, job: &PayloadJob<'_>, allocator: &dyn Allocator) -> Result<u64> {
+        let _ = (job, allocator);
+        Err(crate::Error::InvalidOption {
+            parameter: "engine",
+            message: format!(
+                "the {:?} engine writes raw LUKS only (one contiguous payload); a sparse qcow2 \
+                 or VHD output is written by the userspace engine: use --engine userspace",
+                self.kind()
+            ),
+        })
+    }
 }
 
 /// The engines this daemon can run, and what `auto` means here.

@@ -70,17 +70,34 @@
 //! nothing and cost memory (and six contend with the other load for two cores), so the default
 //! stays one worker per core plus one with 4 MiB chunks: 12 MiB of buffers in flight.
 //!
+//! # Sparse outputs: the zero check in the copy
+//!
+//! For qcow2 and VHD ([`Engine::write_allocated`]) there are no extents in advance: the chunks
+//! are the source's allocated ranges in the output's granules (64 KiB clusters, 2 MiB blocks;
+//! [`crate::outputs::granule_runs`]), claimed with a ticket each. A worker reads its chunk into
+//! its buffer, finds the granules holding a non-zero byte ([`crate::formats::scan::is_zero`]),
+//! waits until the chunk before its own is placed, has the output place its granules
+//! ([`crate::outputs::Allocator::place`], which answers with file offsets and IVs: qcow2's IV
+//! is the host offset, so placement comes before encryption), passes the turn on, and
+//! encrypts and writes the placed pieces of the buffer it holds. The data is read once; the
+//! file is laid out in guest order, the same for any number of workers or chunk size; memory
+//! stays `workers × chunk_size` plus the output's own bounded state. The serial part is the
+//! placement alone; a worker waiting for its turn holds its read chunk, so at most `workers`
+//! chunks are in flight as before.
+//!
 //! # Errors and cancellation
 //!
-//! Workers check the job's cancel flag and a shared stop flag between chunks. The first error
-//! any worker meets is kept, sets the stop flag, and is what the call returns; errors the other
+//! Workers check the job's cancel flag and a shared stop flag between chunks (and while waiting
+//! for their turn to place). The first error any worker meets is kept, sets the stop flag,
+//! wakes the waiting workers, and is what the call returns; errors the other
 //! workers meet afterwards are dropped. O_DIRECT is restored on the output on every path (a
 //! guard restores it on drop). Nothing is synced: the job does that.
 
 use std::fs::File;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::Duration;
 
 use imgcrypt_proto::api::EngineKind;
 use nix::fcntl::OFlag;
@@ -88,8 +105,9 @@ use nix::fcntl::OFlag;
 use crate::engines::xts::{XtsCipher, IV_SECTOR_BYTES};
 use crate::engines::{Engine, PayloadJob};
 use crate::error::Descriptor;
+use crate::formats::scan::is_zero;
 use crate::formats::SourceImage;
-use crate::outputs::Extent;
+use crate::outputs::{granule_runs, Allocator, Extent};
 use crate::sys::aligned::{AlignedBuffer, DIRECT_IO_ALIGNMENT};
 use crate::sys::direct_io::{enable_direct_io, status_flags, write_all_at};
 use crate::{Error, Result};
@@ -274,6 +292,43 @@ impl Engine for UserspaceEngine {
         restored?;
         Ok(payload_bytes)
     }
+
+    fn write_allocated(&self, job: &PayloadJob<'_>, allocator: &dyn Allocator) -> Result<u64> {
+        check_layout(job)?;
+        let cipher = XtsCipher::new(job.key, job.iv)?;
+        if status_flags(job.output)?.contains(OFlag::O_APPEND) {
+            return Err(Error::bad_descriptor(
+                Descriptor::Output,
+                "is open for appending (O_APPEND), which would put every positioned write at the \
+                 end of the file; open the output without O_APPEND",
+            ));
+        }
+        let copy = Copy::new(
+            self.workers,
+            self.chunk_size,
+            job,
+            Some(&cipher),
+            Destination::Output(job.output),
+        )
+        .allocating(allocator)?;
+        // The allocator's extents are 4096-aligned (its contract, checked per write).
+        let direct = direct_io_if_aligned(job.output, &copy)?;
+        tracing::debug!(
+            direct_io = direct.as_ref().is_some_and(|d| d.is_direct()),
+            workers = copy.workers,
+            chunk_size = copy.chunk_size,
+            granule = allocator.granule(),
+            "userspace engine sparse copy starting"
+        );
+        let copied = copy.run();
+        let restored = direct.map_or(Ok(()), |direct| direct.restore());
+        copied?;
+        restored?;
+        Ok(copy
+            .allocation
+            .as_ref()
+            .map_or(0, |allocation| allocation.stored.load(Ordering::SeqCst)))
+    }
 }
 
 /// Rejects a job whose geometry an engine would otherwise write wrongly.
@@ -348,6 +403,13 @@ pub(crate) enum Destination<'f> {
 /// The extents (clipped to the range being copied) are cut into chunks of at most `chunk_size`
 /// bytes, each starting on its extent's start or a multiple of `chunk_size` after it; workers
 /// claim chunks by index from one shared counter.
+///
+/// An allocated copy ([`Self::allocating`]) has no extents: workers claim chunks of the
+/// source's allocated ranges in the allocator's granules, each with a ticket; a worker reads its
+/// chunk, finds the granules holding a non-zero byte, waits for its ticket's turn, has the
+/// allocator place them, passes the turn on, then encrypts and writes them where they were
+/// placed. Only the placement is serial (a few microseconds per chunk); reads, the zero check,
+/// encryption and writes overlap as in a planned copy.
 pub(crate) struct Copy<'j, 'a> {
     job: &'j PayloadJob<'a>,
     cipher: Option<&'j XtsCipher>,
@@ -365,6 +427,29 @@ pub(crate) struct Copy<'j, 'a> {
     written: Mutex<u64>,
     /// What the target is, when it is not the output itself (the kernel engine's dm device).
     target_note: Option<String>,
+    /// Set for an allocated copy.
+    allocation: Option<Allocation<'j>>,
+}
+
+/// The shared state of an allocated copy.
+struct Allocation<'j> {
+    allocator: &'j dyn Allocator,
+    granule: u64,
+    /// The chunks still to claim, and the next ticket.
+    cursor: Mutex<Cursor<'j>>,
+    /// The ticket whose chunk is placed next.
+    turn: Mutex<u64>,
+    turn_changed: Condvar,
+    /// Payload bytes placed (and written, once the copy succeeds).
+    stored: AtomicU64,
+}
+
+/// Where the next chunk of an allocated copy starts.
+struct Cursor<'j> {
+    runs: Box<dyn Iterator<Item = Range<u64>> + Send + 'j>,
+    /// What is left of the run being cut.
+    current: Range<u64>,
+    next_ticket: u64,
 }
 
 /// One chunk: guest bytes `guest..guest + len`, written at `write_at` with IV `iv`.
@@ -398,6 +483,7 @@ impl<'j, 'a> Copy<'j, 'a> {
             first_error: Mutex::new(None),
             written: Mutex::new(0),
             target_note: None,
+            allocation: None,
         };
         copy.count_chunks();
         copy
@@ -426,6 +512,49 @@ impl<'j, 'a> Copy<'j, 'a> {
         self.runs = std::borrow::Cow::Owned(clipped);
         self.count_chunks();
         self
+    }
+
+    /// Makes this an allocated copy: the source's allocated ranges in `allocator`'s granules
+    /// (see [`Copy`]), each chunk a whole number of granules.
+    pub(crate) fn allocating(mut self, allocator: &'j dyn Allocator) -> Result<Self> {
+        let granule = allocator.granule();
+        let chunk = self.chunk_size / granule.max(1) * granule;
+        if !granule.is_power_of_two()
+            || granule % DIRECT_IO_ALIGNMENT as u64 != 0
+            || chunk == 0
+            || allocator.payload_end() % DIRECT_IO_ALIGNMENT as u64 != 0
+        {
+            return Err(Error::io(
+                "laying out the encrypted payload",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "the output's granule ({granule} bytes) must be a power of two of at \
+                         least 4096 and no larger than the engine's {}-byte chunks, and its \
+                         payload end ({}) a multiple of 4096",
+                        self.chunk_size,
+                        allocator.payload_end()
+                    ),
+                ),
+            ));
+        }
+        self.chunk_size = chunk;
+        self.runs = std::borrow::Cow::Owned(Vec::new());
+        self.first_chunk = vec![0];
+        let ranges: &'j [Range<u64>] = self.job.source.allocated_ranges();
+        self.allocation = Some(Allocation {
+            allocator,
+            granule,
+            cursor: Mutex::new(Cursor {
+                runs: Box::new(granule_runs(ranges, granule, allocator.payload_end())),
+                current: 0..0,
+                next_ticket: 0,
+            }),
+            turn: Mutex::new(0),
+            turn_changed: Condvar::new(),
+            stored: AtomicU64::new(0),
+        });
+        Ok(self)
     }
 
     fn count_chunks(&mut self) {
@@ -518,6 +647,15 @@ impl<'j, 'a> Copy<'j, 'a> {
             *slot = Some(error);
         }
         self.stop.store(true, Ordering::SeqCst);
+        drop(slot);
+        if let Some(allocation) = &self.allocation {
+            // Wake the workers waiting for their turn, so they see the stop.
+            let _turn = allocation
+                .turn
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            allocation.turn_changed.notify_all();
+        }
     }
 
     fn worker(&self) {
@@ -529,6 +667,9 @@ impl<'j, 'a> Copy<'j, 'a> {
     }
 
     fn copy_chunks(&self) -> Result<()> {
+        if let Some(allocation) = &self.allocation {
+            return self.copy_allocated(allocation);
+        }
         let mut buffer = AlignedBuffer::new(self.chunk_size as usize)?;
         let target = match self.destination {
             Destination::Output(file) | Destination::PlaintextDevice(file) => file,
@@ -560,6 +701,120 @@ impl<'j, 'a> Copy<'j, 'a> {
         }
     }
 
+    /// The worker loop of an allocated copy (see [`Copy`]).
+    fn copy_allocated(&self, allocation: &Allocation<'_>) -> Result<()> {
+        let mut buffer = AlignedBuffer::new(self.chunk_size as usize)?;
+        let target = match self.destination {
+            Destination::Output(file) | Destination::PlaintextDevice(file) => file,
+        };
+        let mut kept: Vec<Range<u64>> = Vec::new();
+        let mut placed: Vec<Extent> = Vec::new();
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            if self.job.cancel.load(Ordering::SeqCst) {
+                return Err(Error::Cancelled);
+            }
+            let Some((ticket, chunk)) = self.claim(allocation) else {
+                return Ok(());
+            };
+            let len = (chunk.end - chunk.start) as usize;
+            let bytes = &mut buffer[..len];
+            read_source(self.job.source, bytes, chunk.start).map_err(source_context)?;
+            nonzero_granules(bytes, chunk.start, allocation.granule, &mut kept);
+
+            placed.clear();
+            if !self.wait_for_turn(allocation, ticket) {
+                return Ok(());
+            }
+            let placing = kept
+                .iter()
+                .try_for_each(|run| allocation.allocator.place(run.clone(), target, &mut placed));
+            // The next chunk's turn whatever happened: on an error the stop flag ends the copy.
+            {
+                let mut turn = allocation
+                    .turn
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                *turn += 1;
+                allocation.turn_changed.notify_all();
+            }
+            placing?;
+
+            for extent in &placed {
+                let from = extent.guest_offset.checked_sub(chunk.start);
+                let inside = from.is_some_and(|from| from + extent.length <= len as u64);
+                let aligned = extent.output_offset % DIRECT_IO_ALIGNMENT as u64 == 0
+                    && extent.length % DIRECT_IO_ALIGNMENT as u64 == 0;
+                let (Some(from), true, true) = (from, inside, aligned) else {
+                    return Err(Error::io(
+                        "laying out the encrypted payload",
+                        std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!(
+                                "the output placed {extent:?}, which is outside chunk \
+                                 {chunk:?} or not 4096-aligned"
+                            ),
+                        ),
+                    ));
+                };
+                let piece = &mut bytes[from as usize..(from + extent.length) as usize];
+                if let Some(cipher) = self.cipher {
+                    cipher.encrypt_sectors(
+                        piece,
+                        self.job.sector_size as usize,
+                        extent.first_iv,
+                    )?;
+                }
+                write_all_at(target, piece, extent.output_offset)
+                    .map_err(|error| self.output_context(error))?;
+                allocation.stored.fetch_add(extent.length, Ordering::SeqCst);
+            }
+
+            let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+            *written += len as u64;
+            (self.job.progress)(*written);
+        }
+    }
+
+    /// The next chunk of an allocated copy and its ticket; `None` when all are claimed.
+    fn claim(&self, allocation: &Allocation<'_>) -> Option<(u64, Range<u64>)> {
+        let mut cursor = allocation
+            .cursor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if cursor.current.is_empty() {
+            cursor.current = cursor.runs.next()?;
+        }
+        let start = cursor.current.start;
+        let end = cursor.current.end.min(start + self.chunk_size);
+        cursor.current.start = end;
+        let ticket = cursor.next_ticket;
+        cursor.next_ticket += 1;
+        Some((ticket, start..end))
+    }
+
+    /// Waits until chunk `ticket` may be placed; `false` when the copy stopped meanwhile.
+    fn wait_for_turn(&self, allocation: &Allocation<'_>, ticket: u64) -> bool {
+        let mut turn = allocation
+            .turn
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while *turn != ticket {
+            if self.stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            // Timed, so that a stop set without a notification (a panicking worker) is seen.
+            turn = allocation
+                .turn_changed
+                .wait_timeout(turn, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        !self.stop.load(Ordering::SeqCst)
+    }
+
     /// Says which descriptor a write error concerns, and how much the output needs in total.
     fn output_context(&self, error: Error) -> Error {
         let note = self
@@ -574,6 +829,9 @@ impl<'j, 'a> Copy<'j, 'a> {
             .max()
             .unwrap_or(0);
         match error {
+            // An allocated output's size is known only at the end; the allocator's reservation
+            // reports what it needed.
+            Error::NoSpace { .. } if required == 0 => error,
             Error::NoSpace { message, .. } => Error::NoSpace {
                 required_bytes: required,
                 message: format!(
@@ -599,8 +857,6 @@ impl Drop for StopOnPanic<'_> {
     }
 }
 
-/// Fills `chunk` with the source's bytes at payload offset `start`: reads only the allocated
-/// ranges and zero-fills the gaps and anything past the source's end.
 /// Says that a read error concerns the source, and what to check: it is never the output's fault.
 fn source_context(error: Error) -> Error {
     match error {
@@ -615,6 +871,25 @@ fn source_context(error: Error) -> Error {
     }
 }
 
+/// The runs of `granule`s of `chunk` (guest bytes from `start`, a granule boundary) holding a
+/// non-zero byte, into `kept`; a last granule cut short by the chunk's end counts as one.
+fn nonzero_granules(chunk: &[u8], start: u64, granule: u64, kept: &mut Vec<Range<u64>>) {
+    kept.clear();
+    for (index, piece) in chunk.chunks(granule as usize).enumerate() {
+        if is_zero(piece) {
+            continue;
+        }
+        let from = start + index as u64 * granule;
+        let to = from + piece.len() as u64;
+        match kept.last_mut() {
+            Some(last) if last.end == from => last.end = to,
+            _ => kept.push(from..to),
+        }
+    }
+}
+
+/// Fills `chunk` with the source's bytes at payload offset `start`: reads only the allocated
+/// ranges and zero-fills the gaps and anything past the source's end.
 fn read_source(source: &dyn SourceImage, chunk: &mut [u8], start: u64) -> Result<()> {
     let end = start + chunk.len() as u64;
     let readable_end = end.min(source.virtual_size());
@@ -791,6 +1066,167 @@ mod tests {
         }
         let read = source.bytes.load(std::sync::atomic::Ordering::Relaxed);
         assert!((3 << 20..=4 << 20).contains(&read), "{read} bytes read");
+    }
+
+    /// A guest disk in memory, all of it allocated.
+    #[derive(Debug)]
+    struct MemorySource {
+        bytes: Vec<u8>,
+        allocated: Vec<Range<u64>>,
+    }
+
+    impl SourceImage for MemorySource {
+        fn format(&self) -> SourceFormat {
+            SourceFormat::Raw
+        }
+        fn virtual_size(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn read_at(&self, buffer: &mut [u8], offset: u64) -> Result<()> {
+            let start = offset as usize;
+            buffer.copy_from_slice(&self.bytes[start..start + buffer.len()]);
+            Ok(())
+        }
+        fn allocated_ranges(&self) -> &[Range<u64>] {
+            &self.allocated
+        }
+    }
+
+    /// Places every run at its guest offset (IV 0), records the runs, and fails its
+    /// `fail_at`-th placement.
+    struct IdentityAllocator {
+        granule: u64,
+        end: u64,
+        runs: Mutex<Vec<Range<u64>>>,
+        fail_at: Option<usize>,
+    }
+
+    impl Allocator for IdentityAllocator {
+        fn granule(&self) -> u64 {
+            self.granule
+        }
+        fn payload_end(&self) -> u64 {
+            self.end
+        }
+        fn place(&self, run: Range<u64>, _: &File, placed: &mut Vec<Extent>) -> Result<()> {
+            let mut runs = self.runs.lock().unwrap();
+            if Some(runs.len()) == self.fail_at {
+                return Err(Error::io("placing", std::io::Error::other("test failure")));
+            }
+            runs.push(run.clone());
+            placed.push(Extent {
+                guest_offset: run.start,
+                length: run.end - run.start,
+                output_offset: run.start,
+                first_iv: 0,
+            });
+            Ok(())
+        }
+    }
+
+    fn allocated_copy(
+        source: &MemorySource,
+        allocator: &IdentityAllocator,
+        workers: usize,
+        chunk: usize,
+    ) -> (Result<u64>, Vec<u8>) {
+        let output = tempfile::tempfile_in("/var/tmp").unwrap();
+        let cancel = AtomicBool::new(false);
+        let engine = UserspaceEngine::with_config(workers, chunk).unwrap();
+        let key: Vec<u8> = (1..=64).collect();
+        let result = engine.write_allocated(
+            &PayloadJob {
+                job_id: 0,
+                source,
+                output: &output,
+                extents: &[],
+                sector_size: 512,
+                key: &key,
+                iv: crate::engines::xts::IvMode::Plain64,
+                progress: &|_| {},
+                cancel: &cancel,
+            },
+            allocator,
+        );
+        let mut written = Vec::new();
+        std::io::Read::read_to_end(&mut &output, &mut written).unwrap();
+        (result, written)
+    }
+
+    #[test]
+    fn the_allocated_copy_places_only_non_zero_granules_in_guest_order() {
+        const G: u64 = 64 << 10;
+        // 64 granules; data in granules 0, 1, 5, 9..12, 40 and the last; granules 2..4 are
+        // allocated zeros; 20..30 are a hole (never read, never placed).
+        let mut bytes = vec![0u8; 64 * G as usize];
+        for granule in [0u64, 1, 5, 9, 10, 11, 40, 63] {
+            bytes[(granule * G + 100) as usize] = 0x11;
+        }
+        let source = MemorySource {
+            bytes,
+            allocated: vec![0..20 * G, 30 * G..64 * G],
+        };
+        for (workers, chunk) in [(1, 4 << 20), (3, 128 << 10), (4, 64 << 10)] {
+            let allocator = IdentityAllocator {
+                granule: G,
+                end: 64 * G,
+                runs: Mutex::new(Vec::new()),
+                fail_at: None,
+            };
+            let (stored, written) = allocated_copy(&source, &allocator, workers, chunk as usize);
+            let runs = allocator.runs.into_inner().unwrap();
+            let mut granules: Vec<u64> = runs
+                .iter()
+                .flat_map(|run| run.start / G..run.end / G)
+                .collect();
+            // Placed in guest order, each once, only the granules with data.
+            assert!(
+                runs.windows(2).all(|pair| pair[0].end <= pair[1].start),
+                "{runs:?}"
+            );
+            assert_eq!(
+                granules,
+                [0, 1, 5, 9, 10, 11, 40, 63],
+                "{workers} × {chunk}"
+            );
+            assert_eq!(stored.unwrap(), 8 * G);
+            // Every placed granule was written (ciphertext, not zeros), nothing else.
+            granules.sort_unstable();
+            for granule in 0..64u64 {
+                let piece = written
+                    .get((granule * G) as usize..((granule + 1) * G) as usize)
+                    .unwrap_or(&[]);
+                let has_bytes = piece.iter().any(|&byte| byte != 0);
+                assert_eq!(has_bytes, granules.contains(&granule), "granule {granule}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_placement_stops_every_worker_and_is_the_error() {
+        const G: u64 = 64 << 10;
+        let source = MemorySource {
+            bytes: vec![0x5a; 256 * G as usize],
+            allocated: std::iter::once(0..256 * G).collect(),
+        };
+        let allocator = IdentityAllocator {
+            granule: G,
+            end: 256 * G,
+            runs: Mutex::new(Vec::new()),
+            fail_at: Some(5),
+        };
+        let (result, _) = allocated_copy(&source, &allocator, 4, 64 << 10);
+        let error = result.unwrap_err().to_string();
+        assert!(error.contains("test failure"), "{error}");
+        assert_eq!(allocator.runs.lock().unwrap().len(), 5);
+        // A granule larger than the chunks is refused before anything is read.
+        let coarse = IdentityAllocator {
+            granule: 2 << 20,
+            end: 256 * G,
+            runs: Mutex::new(Vec::new()),
+            fail_at: None,
+        };
+        assert!(allocated_copy(&source, &coarse, 2, 1 << 20).0.is_err());
     }
 
     #[test]

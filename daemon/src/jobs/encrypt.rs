@@ -7,8 +7,11 @@
 //! 2. a LUKS header is formatted on daemon-owned memory, never on the client's descriptor,
 //!    with the PBKDF iterations its benchmark chose (cached per configuration); the keyslot's
 //!    key derivation runs on its own thread while the payload is copied;
-//! 3. space for the output is reserved before the copy, so a full disk is reported at once
-//!    rather than after minutes of work;
+//! 3. space for the output is reserved before it is written: all of a raw LUKS output before
+//!    the copy, so a full disk is reported at once rather than after minutes of work; a sparse
+//!    container's clusters or blocks as the copy places them (how many hold data is known only
+//!    once they are read; an upper bound from the allocated ranges would refuse a `dd`-made
+//!    raw disk that is mostly zeros), so its full disk is reported when the copy reaches it;
 //! 4. the payload is written first and made durable, and the metadata (the LUKS header with
 //!    its derived keyslot) last ([`Container::write_metadata`]), so an interrupted job never
 //!    leaves something that looks like a valid image;
@@ -18,7 +21,6 @@
 //! The three formats share all of that ([`super::output::write_container`]); each arm below
 //! only formats its header (if any) and plans its container.
 
-use std::ops::Range;
 use std::time::Instant;
 
 use imgcrypt_proto::api::{
@@ -29,12 +31,12 @@ use crate::engines::xts::IvMode;
 use crate::engines::Engine;
 use crate::error::Descriptor;
 use crate::formats::files::{FileKey, SourceFiles};
-use crate::formats::{scan, SourceImage};
+use crate::formats::SourceImage;
 use crate::keys::ring;
 use crate::keys::{self, secret::SecretBytes, strength, CandidateKey, KeyFile};
 use crate::luks::cost::KdfCaps;
 use crate::luks::{self, HeaderContext, HeaderSpec, Stage, VOLUME_KEY_BYTES};
-use crate::outputs::{luks::LuksOutput, qcow2, qcow2::Qcow2Output, vhd, vhd::VhdOutput, Container};
+use crate::outputs::{luks::LuksOutput, qcow2::Qcow2Output, vhd::VhdOutput, Container};
 use crate::sys::descriptors::{self, CheckedFile};
 use crate::sys::storage::StorageKind;
 use crate::{formats, Error, Result};
@@ -437,7 +439,7 @@ fn encrypt_luks(
 }
 
 /// qcow2 with qemu's LUKS: a LUKS1 header inside the file, data clusters only where the source
-/// has data, IVs from host offsets ([`outputs::qcow2`]).
+/// has non-zero data (found by the copy as it reads), IVs from host offsets ([`outputs::qcow2`]).
 fn encrypt_qcow2(
     job: &Job<EncryptParameters>,
     inputs: Inputs,
@@ -445,13 +447,12 @@ fn encrypt_qcow2(
 ) -> Result<Summary> {
     let parameters = &job.parameters;
     let header_spec = header_spec(parameters, OutputFormat::Qcow2);
-    let data = scan_for_data(job, inputs.image.as_ref(), qcow2::CLUSTER_BYTES)?;
     // LUKS1 has no tokens: the key's fingerprint cannot travel with the image, and jobs that
     // open it later find the key by trial.
     let virtual_size = inputs.image.virtual_size();
     let (container, written, header) =
         encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
-            Qcow2Output::plan(virtual_size, &data, image, data_offset)
+            Qcow2Output::new(virtual_size, image, data_offset)
         })?;
     Ok(Summary {
         source_format: inputs.image.format(),
@@ -479,30 +480,6 @@ fn encrypt_qcow2(
     })
 }
 
-/// The guest ranges a sparse container stores: the `granule`-sized units (its cluster or
-/// block) of the source's allocated ranges that hold a non-zero byte ([`scan`]). Raw LUKS never
-/// calls this: it writes every sector anyway.
-fn scan_for_data(
-    job: &Job<EncryptParameters>,
-    image: &dyn SourceImage,
-    granule: u64,
-) -> Result<Vec<Range<u64>>> {
-    job.check_cancel()?;
-    let started = Instant::now();
-    let progress = |done: u64, total: u64| job.reporter.progress(Phase::Scan, done, total);
-    let found = scan::nonzero_ranges(image, granule, &progress, &job.cancel)?;
-    tracing::info!(
-        job = job.id,
-        scanned_bytes = found.scanned_bytes,
-        data_bytes = found.data_bytes(),
-        ranges = found.ranges.len(),
-        granule = found.granule,
-        elapsed_ms = millis(started.elapsed()),
-        "scanned the source for data"
-    );
-    Ok(found.ranges)
-}
-
 /// A blktap-encrypted VHD: the key file's decoded bytes are the AES-XTS key ([`outputs::vhd`]).
 fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> {
     if job.parameters.sector_size != VHD_SECTOR_BYTES {
@@ -518,10 +495,9 @@ fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> 
     // Decoded and checked (32 or 64 bytes, halves differ) before anything is written.
     let raw_key = keys::raw_vhd_key(&inputs.key)?;
     let virtual_size = inputs.image.virtual_size();
-    let data = scan_for_data(job, inputs.image.as_ref(), vhd::BLOCK_SIZE)?;
     job.check_cancel()?;
     job.reporter.progress(Phase::Format, 0, 0);
-    let container = VhdOutput::plan(virtual_size, &data, raw_key.as_bytes())?;
+    let container = VhdOutput::new(virtual_size, raw_key.as_bytes())?;
     if let Some(text) = crate::outputs::vhd::tweak_reuse_notice(container.virtual_size()) {
         tracing::info!(job = job.id, "{text}");
         job.reporter.notice(text);
@@ -557,7 +533,7 @@ fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> 
         cipher: "aes-xts-plain".to_string(),
         key_size_bits: key_bits,
         sector_size: VHD_SECTOR_BYTES,
-        data_offset: container.extents().first().map_or(0, |e| e.output_offset),
+        data_offset: container.data_offset(),
         payload_size: allocated,
         output_size: container.output_size(),
         key_fingerprint: inputs.key.fingerprint.clone(),

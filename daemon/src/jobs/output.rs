@@ -1,24 +1,22 @@
 //! The output side every job that writes an encrypted image shares: reserving the output for
-//! a container, running the one pipeline over the container's extents, writing the container's
-//! metadata last, and making it durable.
+//! a container, running the one pipeline over the container's payload (planned extents, or an
+//! allocator placing the granules that hold data as the copy reads them), writing the
+//! container's metadata last, and making it durable.
 //!
 //! Encrypt uses it for every format, and re-encryption (`Rewrite --reencrypt`) of qcow2 and VHD
 //! images for theirs, so what an interrupted or failed job leaves behind is the same everywhere.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use imgcrypt_proto::api::Phase;
-use nix::errno::Errno;
-use nix::fcntl::{fallocate, FallocateFlags};
 
 use crate::engines::xts::IvMode;
 use crate::engines::{Engine, PayloadJob};
 use crate::formats::SourceImage;
 use crate::luks::crash;
-use crate::outputs::{self, Container};
+use crate::outputs::{self, no_space, reserve, Container, Payload};
 use crate::sys::descriptors::CheckedFile;
 use crate::sys::storage::{self, StorageKind};
 use crate::{Error, Result};
@@ -36,9 +34,10 @@ pub struct Written {
     pub copy_elapsed: Duration,
 }
 
-/// Reserves `output` for `container`, runs `engine` over the container's extents reading
-/// `source`, makes the payload durable (`fdatasync`), calls `before_metadata` (an encryption
-/// waits there for its keyslot's derivation, which ran alongside the copy), writes the
+/// Reserves `output` for `container`, runs `engine` over the container's payload reading
+/// `source` (an allocated payload is reserved as it is placed), makes the payload durable
+/// (`fdatasync`), calls `before_metadata` (an encryption waits there for its keyslot's
+/// derivation, which ran alongside the copy), writes the
 /// container's metadata last, and makes that durable too. Progress goes to the job's reporter
 /// (copy, sync, whatever `before_metadata` reports, header); the job's cancel flag stops the
 /// copy and is checked again before the metadata, so a cancelled job never writes it.
@@ -57,13 +56,29 @@ pub fn write_container<P: Sync>(
     iv: IvMode,
     before_metadata: &mut dyn FnMut() -> Result<()>,
 ) -> Result<Written> {
-    let output_size = container.output_size();
-    outputs::check_extents(container.extents(), u64::from(sector_size), output_size)?;
+    let (extents, total) = match container.payload() {
+        Payload::Planned(extents) => {
+            let output_size = container.output_size();
+            outputs::check_extents(extents, u64::from(sector_size), output_size)?;
+            (extents, extents.iter().map(|e| e.length).sum())
+        }
+        // The copy goes through the granules of the source's allocated ranges, whether it then
+        // stores them or drops them as zeros: that is its progress.
+        Payload::Allocated(allocator) => (
+            &[][..],
+            outputs::granule_runs(
+                source.allocated_ranges(),
+                allocator.granule(),
+                allocator.payload_end(),
+            )
+            .map(|run| run.end - run.start)
+            .sum(),
+        ),
+    };
     job.check_cancel()?;
     prepare_container_output(output, container)?;
 
     let cancel: &AtomicBool = &job.cancel;
-    let total: u64 = container.extents().iter().map(|e| e.length).sum();
     job.reporter.progress(Phase::Copy, 0, total);
     let copy_started = Instant::now();
     let progress = |done: u64| {
@@ -72,17 +87,21 @@ pub fn write_container<P: Sync>(
         }
         job.reporter.progress(Phase::Copy, done, total)
     };
-    let payload_bytes = engine.write_payload(&PayloadJob {
+    let payload = PayloadJob {
         job_id: job.id,
         source,
         output: &output.file,
-        extents: container.extents(),
+        extents,
         sector_size,
         key,
         iv,
         progress: &progress,
         cancel,
-    })?;
+    };
+    let payload_bytes = match container.payload() {
+        Payload::Planned(_) => engine.write_payload(&payload)?,
+        Payload::Allocated(allocator) => engine.write_allocated(&payload, allocator)?,
+    };
     let copy_elapsed = copy_started.elapsed();
 
     // The payload is durable before any byte that makes the file look like an image is
@@ -109,9 +128,17 @@ pub fn write_container<P: Sync>(
 
 /// Reserves the output for `container`: raw LUKS fills its whole file, so all of it is
 /// reserved; a sparse container starts from an empty file (so its holes read as zeros, never
-/// as an earlier file's bytes) and only its extents are reserved.
+/// as an earlier file's bytes), its extents reserved as the copy places them.
 pub fn prepare_container_output(output: &CheckedFile, container: &dyn Container) -> Result<()> {
-    let extents = container.extents();
+    let extents = match container.payload() {
+        Payload::Planned(extents) => extents,
+        Payload::Allocated(_) => {
+            return output
+                .file
+                .set_len(0)
+                .map_err(|e| Error::io("emptying the output", e))
+        }
+    };
     let dense =
         matches!(extents, [only] if only.output_offset + only.length == container.output_size());
     if dense || output.kind != StorageKind::RegularFile {
@@ -135,23 +162,6 @@ pub fn prepare_container_output(output: &CheckedFile, container: &dyn Container)
         "reserved the container's extents"
     );
     Ok(())
-}
-
-/// `fallocate`s `length` bytes at `offset`; ENOSPC is the no-space error at once.
-fn reserve(file: &File, offset: u64, length: u64, required: u64) -> Result<()> {
-    let (Ok(at), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
-        return Err(no_space(required, None));
-    };
-    match fallocate(file, FallocateFlags::empty(), at, len) {
-        Ok(()) => Ok(()),
-        Err(Errno::ENOSPC) | Err(Errno::EDQUOT) => Err(no_space(required, None)),
-        // Filesystems without fallocate still work; ENOSPC then surfaces on write.
-        Err(Errno::EOPNOTSUPP) => Ok(()),
-        Err(errno) => Err(Error::io(
-            "reserving space for the output (fallocate)",
-            errno,
-        )),
-    }
 }
 
 /// Makes the output exactly `output_size` bytes with all of it reserved, or reports that it
@@ -184,23 +194,5 @@ pub fn prepare_output(output: &CheckedFile, output_size: u64, data_offset: u64) 
             }
             Ok(())
         }
-    }
-}
-
-fn no_space(required: u64, device_size: Option<u64>) -> Error {
-    let message = match device_size {
-        Some(size) => format!(
-            "the output device holds {size} bytes but the encrypted image needs {required} \
-             bytes: use a larger device"
-        ),
-        None => format!(
-            "not enough space for the output: the encrypted image needs {required} bytes \
-             ({} MiB); free space or write it to another filesystem",
-            required.div_ceil(1 << 20)
-        ),
-    };
-    Error::NoSpace {
-        required_bytes: required,
-        message,
     }
 }

@@ -189,8 +189,8 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
 }
 
 /// Re-encrypts a qcow2 image into a new qcow2 with a new volume key and one keyslot for the
-/// new key, read from the old image's decrypted guest view: the same data clusters, re-laid
-/// out by [`Qcow2Output`].
+/// new key, read from the old image's decrypted guest view through the same allocated copy as
+/// Encrypt: its data clusters that hold a non-zero byte, placed anew by [`Qcow2Output`].
 ///
 /// Not resumable, unlike raw LUKS: the new file's layout is only final once its metadata is
 /// written, so an interrupted run starts over (the partial file is emptied first). The old
@@ -227,12 +227,7 @@ fn reencrypt_qcow2(
     caps.check_request(&spec)?;
     let (new_volume_key, header) = super::new_luks_header(&spec, &new_key.key, caps, state)?;
     let pbkdf_benchmark = super::benchmark_summary(header.benchmark);
-    let container = Qcow2Output::plan(
-        plaintext.virtual_size(),
-        plaintext.allocated_ranges(),
-        &header.image,
-        header.data_offset,
-    )?;
+    let container = Qcow2Output::new(plaintext.virtual_size(), &header.image, header.data_offset)?;
     let written = write_container(
         job,
         plaintext,
@@ -670,8 +665,9 @@ fn vhd_needs_reencryption() -> Error {
 
 /// `--reencrypt` of a vhd-util VHD: the whole image is written anew into the partial file with
 /// the new key's decoded bytes ([`VhdOutput`]), from the old image's decrypted guest view,
-/// through the shared pipeline. No checkpoints: a VHD's blocks are placed by the plan, and
-/// an interrupted run starts over (the partial file is emptied first); the old image is only
+/// through the shared pipeline (the allocated copy: blocks holding a non-zero byte, placed as
+/// they are read). No checkpoints: a VHD's blocks are placed as the copy goes, and an
+/// interrupted run starts over (the partial file is emptied first); the old image is only
 /// read, so it stays valid until the client's rename.
 fn reencrypt_vhd(
     job: Job<RewriteParameters>,
@@ -693,11 +689,7 @@ fn reencrypt_vhd(
     let new_raw = crate::keys::raw_vhd_key(&new_key.key)?;
     let opened = unlock::open_plaintext(&job, image, keys)?;
     let plaintext = opened.plaintext;
-    let container = VhdOutput::plan(
-        plaintext.virtual_size(),
-        plaintext.allocated_ranges(),
-        new_raw.as_bytes(),
-    )?;
+    let container = VhdOutput::new(plaintext.virtual_size(), new_raw.as_bytes())?;
     if let Some(text) = crate::outputs::vhd::tweak_reuse_notice(container.virtual_size()) {
         job.notice(text);
     }

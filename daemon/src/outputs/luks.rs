@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use super::{Container, Extent};
+use super::{Container, Extent, Payload};
 use crate::luks::layout;
 use crate::{Error, Result};
 
@@ -54,8 +54,8 @@ impl LuksOutput {
 }
 
 impl Container for LuksOutput {
-    fn extents(&self) -> &[Extent] {
-        &self.extents
+    fn payload(&self) -> Payload<'_> {
+        Payload::Planned(&self.extents)
     }
 
     fn output_size(&self) -> u64 {

@@ -2,11 +2,24 @@
 //! the output file, under which IV, and the metadata written around it.
 //!
 //! Data flows one way. A source format ([`crate::formats`]) says where the guest's bytes are;
-//! an output format plans the file as a list of [`Extent`]s (guest bytes → file offset and IV)
-//! plus its metadata; the one shared pipeline ([`crate::engines`]) reads, encrypts and writes
-//! every extent; the container then writes its metadata ([`Container::write_metadata`]), with
-//! the bytes that make the file a valid image last, so an interrupted job never leaves a file a
-//! reader accepts. A new output format is a new module here, never a new copy loop.
+//! an output format says where they go in the file and under which IV; the one shared pipeline
+//! ([`crate::engines`]) reads, encrypts and writes them; the container then writes its
+//! metadata ([`Container::write_metadata`]), with the bytes that make the file a valid image
+//! last, so an interrupted job never leaves a file a reader accepts. A new output format is a
+//! new module here, never a new copy loop.
+//!
+//! An output says where the bytes go in one of two ways ([`Payload`]):
+//! - **planned**: a list of [`Extent`]s (guest bytes → file offset and IV) fixed before the
+//!   copy. Raw LUKS: one extent, every sector written whatever it holds.
+//! - **allocated**: an [`Allocator`] that places guest runs as the copy reaches them. The sparse
+//!   containers (qcow2, VHD) store only the granules (a qcow2 cluster, a VHD block) that hold a
+//!   non-zero byte, and which those are is known only once the bytes are read. The pipeline
+//!   walks the source's allocated ranges cut into granule-aligned chunks ([`granule_runs`]); a
+//!   worker reads a chunk, drops its all-zero granules, and asks the allocator to place the
+//!   rest, in guest order (chunk *i* is placed after chunk *i − 1*, so the file is laid out in
+//!   guest order and the same source always gives the same file); the allocator answers with
+//!   extents, whose IVs may depend on the placement (qcow2's IV is the host offset), and the
+//!   worker encrypts and writes the buffer it already holds. Every source byte is read once.
 //!
 //! - [`luks`]: raw LUKS, the whole payload as one extent after the header (dm-crypt's layout);
 //! - [`qcow2`]: qcow2 v3 with qemu's LUKS encryption (IBM Cloud VPC, OpenStack);
@@ -18,8 +31,12 @@ pub mod qcow2;
 pub mod vhd;
 
 use std::fs::File;
+use std::ops::Range;
 
-use crate::Result;
+use nix::errno::Errno;
+use nix::fcntl::{fallocate, FallocateFlags};
+
+use crate::{Error, Result};
 
 /// One run of the payload: guest bytes and where their ciphertext lands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,13 +61,80 @@ impl Extent {
     }
 }
 
+/// How an output says where its payload goes (see the module documentation).
+#[derive(Clone, Copy)]
+pub enum Payload<'a> {
+    /// Fixed before the copy: sorted by guest offset, disjoint.
+    Planned(&'a [Extent]),
+    /// Placed during the copy, granule by granule, skipping all-zero granules.
+    Allocated(&'a dyn Allocator),
+}
+
+/// A sparse output that places the payload as the pipeline reads it.
+///
+/// The pipeline calls [`Allocator::place`] from one worker at a time, in ascending guest
+/// order, with runs that do not overlap; the allocator keeps its own state behind a lock.
+pub trait Allocator: Send + Sync {
+    /// The allocation unit: a power of two, at least 4096. A granule whose bytes are all zero
+    /// is not stored (readers see zeros there).
+    fn granule(&self) -> u64;
+
+    /// Guest bytes below this are the payload: the output's virtual size, rounded up to 4096
+    /// so that every write suits O_DIRECT (bytes past the source's end are encrypted zeros).
+    fn payload_end(&self) -> u64;
+
+    /// Places the guest run `run` (starting on a granule boundary, ending on one or at
+    /// [`Self::payload_end`]) and appends to `placed` the extents that hold it, in guest
+    /// order, each starting and ending on 4096-byte boundaries of the file. May reserve space
+    /// in `output` and write metadata that is complete by then (qcow2's finished L2 tables),
+    /// never anything that makes the file look like a valid image.
+    fn place(&self, run: Range<u64>, output: &File, placed: &mut Vec<Extent>) -> Result<()>;
+}
+
+/// The granule-aligned guest runs a sparse copy goes through: each of `allocated` (sorted,
+/// disjoint) widened to whole `granule`s, clipped to `end`, overlaps and contacts merged. Their
+/// total is the copy's progress total; holes between them are never read.
+pub fn granule_runs(
+    allocated: &[Range<u64>],
+    granule: u64,
+    end: u64,
+) -> impl Iterator<Item = Range<u64>> + '_ {
+    let mut ranges = allocated.iter().peekable();
+    std::iter::from_fn(move || {
+        let mut run: Option<Range<u64>> = None;
+        while let Some(range) = ranges.peek() {
+            if range.is_empty() {
+                ranges.next();
+                continue;
+            }
+            let start = (range.start / granule * granule).min(end);
+            let stop = range.end.div_ceil(granule).saturating_mul(granule).min(end);
+            let start = match &run {
+                Some(current) if start <= current.end => current.end.max(start),
+                Some(_) => break,
+                None => start,
+            };
+            ranges.next();
+            if start >= stop {
+                continue;
+            }
+            match &mut run {
+                Some(current) => current.end = current.end.max(stop),
+                None => run = Some(start..stop),
+            }
+        }
+        run
+    })
+}
+
 /// What an output format tells the shared pipeline.
 pub trait Container: Send + Sync {
-    /// Where the payload goes: sorted by guest offset, disjoint.
-    fn extents(&self) -> &[Extent];
+    /// Where the payload goes.
+    fn payload(&self) -> Payload<'_>;
 
     /// The output file's final length. Container outputs are sparse: what no extent or
-    /// metadata covers stays a hole.
+    /// metadata covers stays a hole. An allocated output knows it only once the payload is
+    /// placed.
     fn output_size(&self) -> u64;
 
     /// Writes everything that is not payload. Called after the whole payload is written and
@@ -100,6 +184,44 @@ pub fn check_extents(extents: &[Extent], sector_size: u64, output_size: u64) -> 
     Ok(())
 }
 
+/// `fallocate`s `length` bytes at `offset` of `file` (growing it); ENOSPC is the no-space
+/// error at once, with `required` the bytes the output needs as far as known.
+pub fn reserve(file: &File, offset: u64, length: u64, required: u64) -> Result<()> {
+    let (Ok(at), Ok(len)) = (i64::try_from(offset), i64::try_from(length)) else {
+        return Err(no_space(required, None));
+    };
+    match fallocate(file, FallocateFlags::empty(), at, len) {
+        Ok(()) => Ok(()),
+        Err(Errno::ENOSPC) | Err(Errno::EDQUOT) => Err(no_space(required, None)),
+        // Filesystems without fallocate still work; ENOSPC then surfaces on write.
+        Err(Errno::EOPNOTSUPP) => Ok(()),
+        Err(errno) => Err(Error::io(
+            "reserving space for the output (fallocate)",
+            errno,
+        )),
+    }
+}
+
+/// The no-space error for an output that needs `required` bytes (on a device of
+/// `device_size`, if it is one).
+pub fn no_space(required: u64, device_size: Option<u64>) -> Error {
+    let message = match device_size {
+        Some(size) => format!(
+            "the output device holds {size} bytes but the encrypted image needs {required} \
+             bytes: use a larger device"
+        ),
+        None => format!(
+            "not enough space for the output: the encrypted image needs {required} bytes \
+             ({} MiB); free space or write it to another filesystem",
+            required.div_ceil(1 << 20)
+        ),
+    };
+    Error::NoSpace {
+        required_bytes: required,
+        message,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +246,32 @@ mod tests {
         assert!(check_extents(&[extent(0, 1000, 0)], 512, 16384).is_err());
         assert!(check_extents(&[extent(0, 4096, 16000)], 512, 16384).is_err());
         assert!(check_extents(&[extent(0, 0, 0)], 512, 16384).is_err());
+    }
+
+    #[test]
+    fn granule_runs_widen_merge_and_clip() {
+        const K: u64 = 1024;
+        let runs = |allocated: &[Range<u64>], end: u64| {
+            granule_runs(allocated, 64 * K, end).collect::<Vec<_>>()
+        };
+        // Widened to whole granules; ranges sharing or touching a granule merge; a gap of a
+        // whole granule does not.
+        assert_eq!(
+            runs(&[100..200, 65 * K..70 * K, 200 * K..300 * K], 1 << 30),
+            vec![0..128 * K, 192 * K..320 * K]
+        );
+        // Clipped to the end, which need not be a granule boundary; past it nothing.
+        assert_eq!(runs(&[0..K, 100 * K..10 << 20], 132 * K), vec![0..132 * K]);
+        let past_the_end = 200 * K..300 * K;
+        assert_eq!(
+            runs(std::slice::from_ref(&past_the_end), 132 * K),
+            Vec::<Range<u64>>::new()
+        );
+        assert_eq!(runs(&[], 1 << 30), Vec::<Range<u64>>::new());
+        // Empty ranges count for nothing.
+        assert_eq!(
+            runs(&[5..5, 70 * K..70 * K], 1 << 30),
+            Vec::<Range<u64>>::new()
+        );
     }
 }

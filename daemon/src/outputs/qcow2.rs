@@ -33,33 +33,36 @@
 //!
 //! # Layout
 //!
-//! 64 KiB clusters, 16-bit refcounts. In file order: the header cluster, the LUKS header, the
-//! refcount table, the refcount blocks, the L1 table, the L2 tables in guest order, then one data
-//! cluster per allocated guest cluster, in guest order. Every cluster of the file is therefore in
-//! use (refcount 1) and each run of allocated guest clusters is one contiguous run in the file: one
-//! [`Extent`], whose IV counts on with the host offset as qemu expects. Guest clusters outside the
-//! ranges planned from have no L2 entry (or no L2 table): qemu reads zeros there and the file has
-//! no bytes for them. The encrypt job plans from [`crate::formats::scan::nonzero_ranges`] at
-//! [`CLUSTER_BYTES`], so a cluster the source allocates but fills with zeros is not stored either
+//! 64 KiB clusters, 16-bit refcounts. In file order: the header cluster, the LUKS header, then
+//! the data clusters as the copy places them ([`Allocator`]), in guest order, each L2 table
+//! appended right after the data of the 512 MiB it maps (once the copy has moved past it), then
+//! the last L2 table, the L1 table, the refcount blocks and the refcount table. qcow2 allows
+//! metadata anywhere; putting it after the data is what lets the data be placed before anyone
+//! knows how much of it there is. Every cluster of the file is in use (refcount 1, so the
+//! refcounts are all ones up to the last cluster), and each run of stored guest clusters is one
+//! contiguous run in the file unless an L2 table lands inside it: one [`Extent`], whose IV
+//! counts on with the host offset as qemu expects. Guest clusters that are not stored have no L2
+//! entry (or no L2 table): qemu reads zeros there and the file has no bytes for them. The
+//! pipeline stores only the clusters of the source's allocated ranges that hold a non-zero byte
 //! (like `qemu-img convert`).
 //!
 //! # Memory
 //!
-//! Planning keeps only the extents (one per run of allocated clusters, at most [`MAX_RUNS`]:
-//! a source fragmented into more ranges has them joined across ever larger holes, whose
-//! clusters are then stored as encrypted zeros) and a few counters.
-//! [`Qcow2Output::write_metadata`] streams the refcount blocks and L2 tables one cluster at a
-//! time; only the L1 table (8 bytes per 512 MiB of virtual size: 1 MiB at the 64 TiB limit) and
-//! the refcount table are built whole.
+//! Whatever the source's fragmentation: the L1 table (8 bytes per 512 MiB of virtual size:
+//! 1 MiB at the 64 TiB limit), the one L2 table being filled (64 KiB), and a few counters. A
+//! finished L2 table is written out at once, so nothing grows with the number of runs (the
+//! old plan kept one extent per run, up to 2²⁰, and joined holes beyond that).
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, PoisonError};
 
-use super::{Container, Extent};
+use super::{Allocator, Container, Extent, Payload};
 use crate::formats::qcow2::{
     CRYPT_LUKS, EXT_CRYPTO_HEADER, EXT_END, HEADER_LENGTH_V3, MAGIC, OFLAG_COPIED,
 };
+use crate::sys::aligned::AlignedBuffer;
 use crate::{Error, Result};
 
 /// log2 of the cluster size: 64 KiB, qemu-img's default.
@@ -86,76 +89,51 @@ pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 /// leaves room for any alignment a caller might choose.
 const MAX_LUKS_HEADER_BYTES: u64 = 16 << 20;
 
+/// Where the LUKS header sits: right after the header cluster.
+const LUKS_OFFSET: u64 = CLUSTER_BYTES;
+
 /// Copy buffer for the LUKS header.
 const COPY_CHUNK: usize = 1 << 20;
 
-/// Most runs of allocated clusters a plan keeps (one [`Extent`] each, 48 bytes with the run:
-/// 48 MiB). A 64 TiB disk fits in 2²⁰ runs once holes under 64 MiB are joined.
-pub const MAX_RUNS: usize = 1 << 20;
-
-/// The 64 KiB guest clusters touching `allocated` (sorted, disjoint), clipped to
-/// `virtual_size`, as runs joined when fewer than `join_gap` bytes apart; `None` when they make
-/// more than [`MAX_RUNS`] runs.
-fn cluster_runs(
-    allocated: &[Range<u64>],
-    virtual_size: u64,
-    join_gap: u64,
-) -> Result<Option<Vec<Range<u64>>>> {
-    let guest_end = div_ceil(virtual_size, CLUSTER_BYTES) * CLUSTER_BYTES;
-    let mut runs: Vec<Range<u64>> = Vec::new();
-    for range in allocated {
-        let start = range.start / CLUSTER_BYTES * CLUSTER_BYTES;
-        let end = div_ceil(range.end.min(virtual_size), CLUSTER_BYTES) * CLUSTER_BYTES;
-        let end = end.min(guest_end);
-        if start >= end {
-            continue;
-        }
-        let full = runs.len() == MAX_RUNS;
-        match runs.last_mut() {
-            Some(last) if start < last.start => {
-                return Err(Error::io(
-                    "planning the qcow2 output",
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "the source's allocated ranges are not sorted",
-                    ),
-                ))
-            }
-            // Ranges that share a cluster, touch, or lie closer than the gap become one run.
-            Some(last) if start <= last.end.saturating_add(join_gap) => {
-                last.end = last.end.max(end)
-            }
-            _ if full => return Ok(None),
-            _ => runs.push(start..end),
-        }
-    }
-    Ok(Some(runs))
-}
-
-/// Where each structure sits, in clusters and bytes.
+/// Where the metadata after the payload goes, from what the copy placed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Layout {
-    luks_offset: u64,
-    luks_length: u64,
-    reftable_offset: u64,
-    reftable_clusters: u64,
+struct Tail {
+    /// Where the last L2 table goes, when one is still being filled.
+    last_l2_offset: Option<u64>,
+    l1_offset: u64,
+    l1_clusters: u64,
     refblocks_offset: u64,
     refblocks: u64,
-    l1_offset: u64,
-    l1_entries: u64,
-    l2_offset: u64,
-    l2_tables: u64,
-    data_offset: u64,
-    data_clusters: u64,
+    reftable_offset: u64,
+    reftable_clusters: u64,
     total_clusters: u64,
 }
 
-/// A planned qcow2+LUKS output: the extents for the pipeline and the metadata to write after.
+/// What the copy has placed so far.
+#[derive(Debug)]
+struct State {
+    /// The first cluster of the file not yet used.
+    next_cluster: u64,
+    data_clusters: u64,
+    /// L2 tables written so far (the one being filled not counted).
+    l2_tables: u64,
+    /// Index (guest offset / 512 MiB) of the L2 table being filled, whose entries are `l2`.
+    table: Option<u64>,
+    l2: AlignedBuffer,
+    /// L1 entries as they go on disk (host offset | COPIED, 0 for none).
+    l1: Vec<u64>,
+    /// Guest end of the last run placed: runs come in ascending order.
+    placed_end: u64,
+}
+
+/// A qcow2+LUKS output: places the data clusters as the copy reaches them, then writes the
+/// metadata after them.
 #[derive(Debug)]
 pub struct Qcow2Output {
     virtual_size: u64,
-    layout: Layout,
-    extents: Vec<Extent>,
+    luks_length: u64,
+    l1_entries: u64,
+    state: Mutex<State>,
     /// The libcryptsetup-formatted LUKS1 header (a daemon-owned memfd), `luks_length` bytes.
     luks_header: File,
 }
@@ -165,16 +143,10 @@ fn div_ceil(value: u64, divisor: u64) -> u64 {
 }
 
 impl Qcow2Output {
-    /// Plans a qcow2 image of `virtual_size` guest bytes (rounded up to 512) whose data clusters
-    /// are the 64 KiB guest clusters that touch `allocated` (sorted, disjoint guest ranges, as
-    /// [`crate::formats::SourceImage::allocated_ranges`] gives them), encrypted under the LUKS1
-    /// header in `luks_header` (`luks_length` bytes, from [`crate::luks::format_header`]).
-    pub fn plan(
-        virtual_size: u64,
-        allocated: &[Range<u64>],
-        luks_header: &File,
-        luks_length: u64,
-    ) -> Result<Self> {
+    /// A qcow2 image of `virtual_size` guest bytes (rounded up to 512) encrypted under the
+    /// LUKS1 header in `luks_header` (`luks_length` bytes, from [`crate::luks::format_header`]),
+    /// its data clusters to be placed by the copy.
+    pub fn new(virtual_size: u64, luks_header: &File, luks_length: u64) -> Result<Self> {
         if virtual_size > MAX_VIRTUAL_SIZE {
             return Err(Error::UnsupportedImage {
                 message: format!(
@@ -196,39 +168,43 @@ impl Qcow2Output {
         let luks_header = luks_header
             .try_clone()
             .map_err(|error| Error::io("duplicating the LUKS header's memfd", error))?;
-
-        // Guest runs of whole clusters, clipped to the disk and merged when they touch; a
-        // source fragmented into more runs than [`MAX_RUNS`] is joined across ever larger holes
-        // (their clusters are written as encrypted zeros), so the plan stays bounded.
-        let mut join_gap = 0u64;
-        let runs = loop {
-            if let Some(runs) = cluster_runs(allocated, virtual_size, join_gap)? {
-                break runs;
-            }
-            join_gap = (join_gap * 2).max(CLUSTER_BYTES);
-        };
-
-        let data_clusters: u64 = runs.iter().map(|r| (r.end - r.start) / CLUSTER_BYTES).sum();
-        let mut l2_tables = 0u64;
-        let mut last_table: Option<u64> = None;
-        for run in &runs {
-            let first = run.start / L2_SPAN;
-            let last = (run.end - 1) / L2_SPAN;
-            l2_tables += last - first + 1;
-            if last_table == Some(first) {
-                l2_tables -= 1;
-            }
-            last_table = Some(last);
-        }
-
         let l1_entries = div_ceil(virtual_size, L2_SPAN);
-        let l1_clusters = div_ceil(l1_entries * 8, CLUSTER_BYTES).max(1);
         let luks_clusters = div_ceil(luks_length, CLUSTER_BYTES);
-        let fixed = 1 + luks_clusters + l1_clusters + l2_tables + data_clusters;
+        Ok(Self {
+            virtual_size,
+            luks_length,
+            l1_entries,
+            state: Mutex::new(State {
+                next_cluster: 1 + luks_clusters,
+                data_clusters: 0,
+                l2_tables: 0,
+                table: None,
+                l2: AlignedBuffer::new(CLUSTER_BYTES as usize)?,
+                l1: vec![0; l1_entries as usize],
+                placed_end: 0,
+            }),
+            luks_header,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the metadata after the payload goes, given what is placed.
+    fn tail(&self, state: &State) -> Tail {
+        let mut next = state.next_cluster;
+        let last_l2_offset = state.table.map(|_| {
+            next += 1;
+            (next - 1) * CLUSTER_BYTES
+        });
+        let l1_clusters = div_ceil(self.l1_entries * 8, CLUSTER_BYTES).max(1);
+        let l1_offset = next * CLUSTER_BYTES;
+        next += l1_clusters;
         // The refcount blocks count themselves and the table: grow both until they cover all.
         let (mut refblocks, mut reftable_clusters) = (1u64, 1u64);
         loop {
-            let total = fixed + reftable_clusters + refblocks;
+            let total = next + reftable_clusters + refblocks;
             let need_blocks = div_ceil(total, REFCOUNTS_PER_BLOCK);
             let need_table = div_ceil(need_blocks, REFTABLE_ENTRIES_PER_CLUSTER).max(1);
             if need_blocks <= refblocks && need_table <= reftable_clusters {
@@ -237,53 +213,28 @@ impl Qcow2Output {
             refblocks = refblocks.max(need_blocks);
             reftable_clusters = reftable_clusters.max(need_table);
         }
-
-        let luks_offset = CLUSTER_BYTES;
-        let reftable_offset = luks_offset + luks_clusters * CLUSTER_BYTES;
-        let refblocks_offset = reftable_offset + reftable_clusters * CLUSTER_BYTES;
-        let l1_offset = refblocks_offset + refblocks * CLUSTER_BYTES;
-        let l2_offset = l1_offset + l1_clusters * CLUSTER_BYTES;
-        let data_offset = l2_offset + l2_tables * CLUSTER_BYTES;
-        let total_clusters = data_offset / CLUSTER_BYTES + data_clusters;
-        debug_assert_eq!(total_clusters, fixed + reftable_clusters + refblocks);
-
-        let mut extents = Vec::with_capacity(runs.len());
-        let mut host = data_offset;
-        // The last run stops at the disk's end rounded up to 4 KiB (still inside its cluster:
-        // the pipeline encrypts zeros past the source), so every extent suits O_DIRECT.
-        let payload_end = virtual_size.div_ceil(4096) * 4096;
-        for run in &runs {
-            let length = run.end.min(payload_end) - run.start;
-            extents.push(Extent {
-                guest_offset: run.start,
-                length,
-                output_offset: host,
-                first_iv: host / 512,
-            });
-            host += run.end - run.start;
+        let refblocks_offset = next * CLUSTER_BYTES;
+        let reftable_offset = refblocks_offset + refblocks * CLUSTER_BYTES;
+        Tail {
+            last_l2_offset,
+            l1_offset,
+            l1_clusters,
+            refblocks_offset,
+            refblocks,
+            reftable_offset,
+            reftable_clusters,
+            total_clusters: next + refblocks + reftable_clusters,
         }
-        drop(runs);
+    }
 
-        Ok(Self {
-            virtual_size,
-            layout: Layout {
-                luks_offset,
-                luks_length,
-                reftable_offset,
-                reftable_clusters,
-                refblocks_offset,
-                refblocks,
-                l1_offset,
-                l1_entries,
-                l2_offset,
-                l2_tables,
-                data_offset,
-                data_clusters,
-                total_clusters,
-            },
-            extents,
-            luks_header,
-        })
+    /// Writes the filled L2 table `table` at the next free cluster and points L1 to it.
+    fn flush_table(&self, state: &mut State, table: u64, output: &File) -> Result<()> {
+        let host = state.next_cluster * CLUSTER_BYTES;
+        self.write(output, &state.l2, host, "L2 table")?;
+        state.l1[table as usize] = host | OFLAG_COPIED;
+        state.next_cluster += 1;
+        state.l2_tables += 1;
+        Ok(())
     }
 
     /// The guest disk's size in the header (the source's, rounded up to 512).
@@ -291,24 +242,26 @@ impl Qcow2Output {
         self.virtual_size
     }
 
-    /// Payload bytes stored: the allocated data clusters.
+    /// Payload bytes stored: the data clusters placed.
     pub fn allocated_bytes(&self) -> u64 {
-        self.layout.data_clusters * CLUSTER_BYTES
+        self.state().data_clusters * CLUSTER_BYTES
     }
 
     /// Bytes of metadata written: the header cluster's header, the LUKS header, refcounts, L1
     /// and L2 tables.
     pub fn metadata_bytes(&self) -> u64 {
-        let layout = &self.layout;
-        self.header().len() as u64
-            + layout.luks_length
-            + (layout.reftable_clusters + layout.refblocks + layout.l2_tables) * CLUSTER_BYTES
-            + div_ceil(layout.l1_entries * 8, CLUSTER_BYTES).max(1) * CLUSTER_BYTES
+        let state = self.state();
+        let tail = self.tail(&state);
+        let l2_tables = state.l2_tables + u64::from(tail.last_l2_offset.is_some());
+        self.header(&tail).len() as u64
+            + self.luks_length
+            + (tail.reftable_clusters + tail.refblocks + l2_tables + tail.l1_clusters)
+                * CLUSTER_BYTES
     }
 
     /// Where the LUKS header sits in the file (the crypto header extension's offset).
     pub fn luks_offset(&self) -> u64 {
-        self.layout.luks_offset
+        LUKS_OFFSET
     }
 
     fn write(&self, output: &File, bytes: &[u8], offset: u64, what: &str) -> Result<()> {
@@ -326,33 +279,27 @@ impl Qcow2Output {
     fn write_luks_header(&self, output: &File) -> Result<()> {
         let mut buffer = vec![0u8; COPY_CHUNK];
         let mut done = 0u64;
-        while done < self.layout.luks_length {
-            let n = (self.layout.luks_length - done).min(COPY_CHUNK as u64) as usize;
+        while done < self.luks_length {
+            let n = (self.luks_length - done).min(COPY_CHUNK as u64) as usize;
             self.luks_header
                 .read_exact_at(&mut buffer[..n], done)
                 .map_err(|error| {
                     Error::io(format!("reading the LUKS header's memfd at {done}"), error)
                 })?;
-            self.write(
-                output,
-                &buffer[..n],
-                self.layout.luks_offset + done,
-                "LUKS header",
-            )?;
+            self.write(output, &buffer[..n], LUKS_OFFSET + done, "LUKS header")?;
             done += n as u64;
         }
         Ok(())
     }
 
-    fn write_refcounts(&self, output: &File) -> Result<()> {
-        let layout = &self.layout;
-        let mut table = vec![0u8; (layout.reftable_clusters * CLUSTER_BYTES) as usize];
+    fn write_refcounts(&self, tail: &Tail, output: &File) -> Result<()> {
+        let mut table = vec![0u8; (tail.reftable_clusters * CLUSTER_BYTES) as usize];
         for (index, entry) in table
             .chunks_exact_mut(8)
-            .take(layout.refblocks as usize)
+            .take(tail.refblocks as usize)
             .enumerate()
         {
-            let block = layout.refblocks_offset + index as u64 * CLUSTER_BYTES;
+            let block = tail.refblocks_offset + index as u64 * CLUSTER_BYTES;
             entry.copy_from_slice(&block.to_be_bytes());
         }
         // Every cluster of the file is in use exactly once: all blocks but the last are full of
@@ -361,9 +308,9 @@ impl Qcow2Output {
         for entry in block.chunks_exact_mut(2) {
             entry.copy_from_slice(&1u16.to_be_bytes());
         }
-        for index in 0..layout.refblocks {
+        for index in 0..tail.refblocks {
             let first = index * REFCOUNTS_PER_BLOCK;
-            let used = layout
+            let used = tail
                 .total_clusters
                 .saturating_sub(first)
                 .min(REFCOUNTS_PER_BLOCK);
@@ -373,61 +320,28 @@ impl Qcow2Output {
             self.write(
                 output,
                 &block,
-                layout.refblocks_offset + index * CLUSTER_BYTES,
+                tail.refblocks_offset + index * CLUSTER_BYTES,
                 "refcount block",
             )?;
         }
-        self.write(output, &table, layout.reftable_offset, "refcount table")
+        self.write(output, &table, tail.reftable_offset, "refcount table")
     }
 
-    fn write_tables(&self, output: &File) -> Result<()> {
-        let layout = &self.layout;
-        let l1_bytes = div_ceil(layout.l1_entries * 8, CLUSTER_BYTES).max(1) * CLUSTER_BYTES;
-        let mut l1 = vec![0u8; l1_bytes as usize];
-        let mut l2 = vec![0u8; CLUSTER_BYTES as usize];
-        let mut current: Option<u64> = None;
-        let mut written = 0u64;
-        let mut flush = |table: u64, l2: &mut Vec<u8>, l1: &mut Vec<u8>| -> Result<()> {
-            let host = layout.l2_offset + written * CLUSTER_BYTES;
-            self.write(output, l2, host, "L2 table")?;
-            l2.fill(0);
-            let slot = table as usize * 8;
-            l1[slot..slot + 8].copy_from_slice(&(host | OFLAG_COPIED).to_be_bytes());
-            written += 1;
-            Ok(())
-        };
-        for extent in &self.extents {
-            let clusters = div_ceil(extent.length, CLUSTER_BYTES);
-            for cluster in 0..clusters {
-                let guest = extent.guest_offset + cluster * CLUSTER_BYTES;
-                let host = extent.output_offset + cluster * CLUSTER_BYTES;
-                let table = guest / L2_SPAN;
-                if let Some(previous) = current.filter(|&previous| previous != table) {
-                    flush(previous, &mut l2, &mut l1)?;
-                }
-                current = Some(table);
-                let slot = ((guest % L2_SPAN) / CLUSTER_BYTES) as usize * 8;
-                l2[slot..slot + 8].copy_from_slice(&(host | OFLAG_COPIED).to_be_bytes());
-            }
+    /// The last L2 table (the one still being filled) and the L1 table.
+    fn write_tables(&self, state: &mut State, tail: &Tail, output: &File) -> Result<()> {
+        if let (Some(table), Some(at)) = (state.table, tail.last_l2_offset) {
+            self.write(output, &state.l2, at, "L2 table")?;
+            state.l1[table as usize] = at | OFLAG_COPIED;
         }
-        if let Some(last) = current {
-            flush(last, &mut l2, &mut l1)?;
+        let mut l1 = vec![0u8; (tail.l1_clusters * CLUSTER_BYTES) as usize];
+        for (entry, value) in l1.chunks_exact_mut(8).zip(&state.l1) {
+            entry.copy_from_slice(&value.to_be_bytes());
         }
-        if written != layout.l2_tables {
-            return Err(Error::io(
-                "writing the qcow2 L2 tables",
-                std::io::Error::other(format!(
-                    "planned {} L2 tables but wrote {written}",
-                    layout.l2_tables
-                )),
-            ));
-        }
-        self.write(output, &l1, layout.l1_offset, "L1 table")
+        self.write(output, &l1, tail.l1_offset, "L1 table")
     }
 
     /// The header cluster's bytes: the v3 header and its extensions.
-    fn header(&self) -> Vec<u8> {
-        let layout = &self.layout;
+    fn header(&self, tail: &Tail) -> Vec<u8> {
         let mut header = Vec::with_capacity(256);
         header.extend_from_slice(MAGIC);
         header.extend_from_slice(&3u32.to_be_bytes()); // version
@@ -436,10 +350,10 @@ impl Qcow2Output {
         header.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
         header.extend_from_slice(&self.virtual_size.to_be_bytes());
         header.extend_from_slice(&CRYPT_LUKS.to_be_bytes());
-        header.extend_from_slice(&(layout.l1_entries as u32).to_be_bytes());
-        header.extend_from_slice(&layout.l1_offset.to_be_bytes());
-        header.extend_from_slice(&layout.reftable_offset.to_be_bytes());
-        header.extend_from_slice(&(layout.reftable_clusters as u32).to_be_bytes());
+        header.extend_from_slice(&(self.l1_entries as u32).to_be_bytes());
+        header.extend_from_slice(&tail.l1_offset.to_be_bytes());
+        header.extend_from_slice(&tail.reftable_offset.to_be_bytes());
+        header.extend_from_slice(&(tail.reftable_clusters as u32).to_be_bytes());
         header.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
         header.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
         header.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
@@ -451,34 +365,105 @@ impl Qcow2Output {
         header.resize(HEADER_LENGTH_V3 as usize, 0);
         header.extend_from_slice(&EXT_CRYPTO_HEADER.to_be_bytes());
         header.extend_from_slice(&16u32.to_be_bytes());
-        header.extend_from_slice(&layout.luks_offset.to_be_bytes());
-        header.extend_from_slice(&layout.luks_length.to_be_bytes());
+        header.extend_from_slice(&LUKS_OFFSET.to_be_bytes());
+        header.extend_from_slice(&self.luks_length.to_be_bytes());
         header.extend_from_slice(&EXT_END.to_be_bytes());
         header.extend_from_slice(&0u32.to_be_bytes());
         header
     }
 }
 
+impl Allocator for Qcow2Output {
+    fn granule(&self) -> u64 {
+        CLUSTER_BYTES
+    }
+
+    /// The disk's end rounded up to 4 KiB (still inside its last cluster: the pipeline
+    /// encrypts zeros past the source), so every extent suits O_DIRECT.
+    fn payload_end(&self) -> u64 {
+        self.virtual_size.next_multiple_of(4096)
+    }
+
+    /// One data cluster per guest cluster of `run`, at the next free clusters of the file; an
+    /// L2 table the run moves past is written first, at the next free cluster.
+    fn place(&self, run: Range<u64>, output: &File, placed: &mut Vec<Extent>) -> Result<()> {
+        let mut state = self.state();
+        if run.start % CLUSTER_BYTES != 0 || run.start < state.placed_end || run.is_empty() {
+            return Err(Error::io(
+                "placing the qcow2 output's data clusters",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "run {run:?} is empty, not cluster-aligned, or before the last run \
+                         placed (which ended at {})",
+                        state.placed_end
+                    ),
+                ),
+            ));
+        }
+        let end = run.end.min(self.payload_end());
+        let first_new = state.next_cluster;
+        let mut guest = run.start;
+        while guest < end {
+            let table = guest / L2_SPAN;
+            if state.table != Some(table) {
+                if let Some(previous) = state.table {
+                    self.flush_table(&mut state, previous, output)?;
+                }
+                state.table = Some(table);
+                state.l2.fill(0);
+            }
+            let host = state.next_cluster * CLUSTER_BYTES;
+            state.next_cluster += 1;
+            state.data_clusters += 1;
+            let slot = ((guest % L2_SPAN) / CLUSTER_BYTES) as usize * 8;
+            state.l2[slot..slot + 8].copy_from_slice(&(host | OFLAG_COPIED).to_be_bytes());
+            let length = (end - guest).min(CLUSTER_BYTES);
+            match placed.last_mut() {
+                Some(last)
+                    if last.guest_end() == guest && last.output_offset + last.length == host =>
+                {
+                    last.length += length
+                }
+                _ => placed.push(Extent {
+                    guest_offset: guest,
+                    length,
+                    output_offset: host,
+                    first_iv: host / 512,
+                }),
+            }
+            guest += CLUSTER_BYTES;
+        }
+        state.placed_end = end;
+        let reserved = (state.next_cluster - first_new) * CLUSTER_BYTES;
+        let required = state.next_cluster * CLUSTER_BYTES;
+        super::reserve(output, first_new * CLUSTER_BYTES, reserved, required)
+    }
+}
+
 impl Container for Qcow2Output {
-    fn extents(&self) -> &[Extent] {
-        &self.extents
+    fn payload(&self) -> Payload<'_> {
+        Payload::Allocated(self)
     }
 
     fn output_size(&self) -> u64 {
-        self.layout.total_clusters * CLUSTER_BYTES
+        self.tail(&self.state()).total_clusters * CLUSTER_BYTES
     }
 
-    /// Writes the LUKS header, refcounts, L2 and L1 tables, makes them durable, and only then
-    /// writes the header cluster: until its magic is on disk, no reader takes the file for a
-    /// qcow2 image, and once it is, everything it points to is already there.
+    /// Writes the LUKS header, the last L2 table, the L1 table and the refcounts, makes them
+    /// durable, and only then writes the header cluster: until its magic is on disk, no reader
+    /// takes the file for a qcow2 image, and once it is, everything it points to is already
+    /// there.
     fn write_metadata(&self, output: &File) -> Result<()> {
+        let mut state = self.state();
+        let tail = self.tail(&state);
         self.write_luks_header(output)?;
-        self.write_refcounts(output)?;
-        self.write_tables(output)?;
+        self.write_tables(&mut state, &tail, output)?;
+        self.write_refcounts(&tail, output)?;
         output
             .sync_data()
             .map_err(|error| Error::io("fdatasync on the output before the qcow2 header", error))?;
-        self.write(output, &self.header(), 0, "header")
+        self.write(output, &self.header(&tail), 0, "header")
     }
 }
 

@@ -14,12 +14,12 @@
 //!
 //! # Which blocks, which sectors
 //!
-//! A block is allocated when any byte of it lies in the ranges planned from; the encrypt job
-//! passes [`crate::formats::scan::nonzero_ranges`] at [`BLOCK_SIZE`], the blocks of the
-//! source's allocated ranges that hold a non-zero byte (so a block the source allocates but
-//! fills with zeros is not stored either). The others stay unallocated, so the output is sparse
-//! and **reveals which 2 MiB blocks of the disk are in use** (also readable from the plaintext
-//! BAT). Every sector of an allocated block is
+//! A block is allocated when the copy finds a non-zero byte in it: the pipeline reads the
+//! blocks of the source's allocated ranges and places ([`Allocator`]) those that are not all
+//! zeros, in guest order, each right after the previous one in the file (so a block the
+//! source allocates but fills with zeros is not stored either). The others stay unallocated,
+//! so the output is sparse and **reveals which 2 MiB blocks of the disk are in use** (also
+//! readable from the plaintext BAT). Every sector of an allocated block is
 //! encrypted, its bitmap is all ones and its batmap bit set: tapdisk then decrypts exactly what
 //! was encrypted. (`vhd-util copy` encrypts only the sectors present in its source's bitmap but
 //! marks the whole block present, so a guest reads garbage where the source had none.)
@@ -47,18 +47,19 @@
 //!
 //! At most 8 TiB of virtual size (2²² blocks, what the reader holds), and all block data below
 //! 2 TiB of file offset (BAT entries are 32-bit sector numbers; libvhd refuses beyond). qemu
-//! opens only VHDs up to 2040 GiB; blktap has no such limit. The plan keeps one [`Extent`] per
-//! allocated block (32 bytes each; at most 2²⁰ blocks fit below 2 TiB, so 32 MiB at worst), and
-//! [`Container::write_metadata`] writes the BAT in 1 MiB pieces and the batmap (at most 512 KiB)
-//! whole.
+//! opens only VHDs up to 2040 GiB; blktap has no such limit. The output keeps the BAT in
+//! memory as the copy fills it (4 bytes per block of virtual size: 16 MiB at the 8 TiB limit,
+//! 4 MiB for a 2 TiB disk), and [`Container::write_metadata`] writes it in 1 MiB pieces and the
+//! batmap (at most 512 KiB) whole.
 
 use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use imgcrypt_proto::keyfile::{KeyFileError, RAW_KEY_AES128, RAW_KEY_AES256};
 
-use super::{Container, Extent};
+use super::{Allocator, Container, Extent, Payload};
 use crate::formats::vhd::batmap::{self, KeyHash};
 use crate::formats::vhd::footer::{checksum, COOKIE as FOOTER_COOKIE, FOOTER_SIZE};
 use crate::keys::fingerprint::vhd_key_hash;
@@ -132,24 +133,32 @@ pub fn check_raw_key(raw_key: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A planned encrypted VHD: where every allocated block goes, and the metadata around them.
+/// An encrypted VHD: its blocks placed as the copy reaches them, the metadata around them.
 #[derive(Debug)]
 pub struct VhdOutput {
     virtual_size: u64,
     key_hash: KeyHash,
-    /// One per allocated block, in guest order.
-    extents: Vec<Extent>,
     /// End of the batmap: where blocks may start.
     metadata_end: u64,
-    output_size: u64,
+    state: Mutex<State>,
     uuid: [u8; 16],
     timestamp: u32,
 }
 
+/// What the copy has placed so far.
+#[derive(Debug)]
+struct State {
+    /// One entry per block: the sector of its bitmap, or [`UNALLOCATED`].
+    bat: Vec<u32>,
+    blocks: u64,
+    /// Where the next block's bitmap may start.
+    next_free: u64,
+}
+
 impl VhdOutput {
-    /// Plans the VHD for a source of `source_size` bytes whose data lies in `allocated` (sorted,
-    /// disjoint guest ranges), encrypted with `raw_key` (32 or 64 bytes).
-    pub fn plan(source_size: u64, allocated: &[Range<u64>], raw_key: &[u8]) -> Result<Self> {
+    /// A VHD for a source of `source_size` bytes, encrypted with `raw_key` (32 or 64 bytes), its
+    /// blocks to be placed by the copy.
+    pub fn new(source_size: u64, raw_key: &[u8]) -> Result<Self> {
         check_raw_key(raw_key)?;
         let virtual_size = source_size.next_multiple_of(BLOCK_SIZE);
         if virtual_size == 0 || virtual_size > MAX_VIRTUAL_SIZE {
@@ -165,50 +174,6 @@ impl VhdOutput {
         let entries_u32 = entries as u32;
         let map_at = batmap::header_offset(TABLE_AT, entries_u32) + batmap::HEADER_SIZE as u64;
         let metadata_end = map_at + u64::from(batmap::map_sectors(entries_u32)) * SECTOR;
-
-        let mut extents = Vec::new();
-        let mut next_free = metadata_end;
-        let mut last_block: Option<u64> = None;
-        for range in allocated {
-            if range.is_empty() {
-                continue;
-            }
-            let end = range.end.min(virtual_size);
-            if range.start >= end {
-                continue;
-            }
-            let first = range.start / BLOCK_SIZE;
-            let last = (end - 1) / BLOCK_SIZE;
-            let first = match last_block {
-                Some(done) if done >= first => done + 1,
-                _ => first,
-            };
-            for block in first..=last {
-                // The bitmap sector sits just before the aligned data.
-                let data_at = (next_free + SECTOR).next_multiple_of(DATA_ALIGNMENT);
-                let bitmap_sector = data_at / SECTOR - 1;
-                if bitmap_sector > u64::from(u32::MAX) {
-                    return Err(Error::UnsupportedImage {
-                        message: format!(
-                            "the source holds data in more 2 MiB blocks than a VHD can place: \
-                             block {block} would start past 2 TiB of the file, beyond the reach \
-                             of its 32-bit block allocation table; write a smaller disk or \
-                             trim its free space first"
-                        ),
-                    });
-                }
-                extents.push(Extent {
-                    guest_offset: block * BLOCK_SIZE,
-                    length: BLOCK_SIZE,
-                    output_offset: data_at,
-                    first_iv: block * BLOCK_SIZE / SECTOR,
-                });
-                next_free = data_at + BLOCK_SIZE;
-            }
-            last_block = Some(last_block.map_or(last, |done| done.max(last)));
-        }
-        extents.shrink_to_fit();
-        let output_size = next_free + FOOTER_SIZE as u64;
 
         let nonce = [0u8; 32];
         let key_hash = KeyHash {
@@ -228,12 +193,24 @@ impl VhdOutput {
         Ok(Self {
             virtual_size,
             key_hash,
-            extents,
             metadata_end,
-            output_size,
+            state: Mutex::new(State {
+                bat: vec![UNALLOCATED; entries as usize],
+                blocks: 0,
+                next_free: metadata_end,
+            }),
             uuid,
             timestamp,
         })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Where the first block's data starts (or would): the summary's data offset.
+    pub fn data_offset(&self) -> u64 {
+        (self.metadata_end + SECTOR).next_multiple_of(DATA_ALIGNMENT)
     }
 
     /// The disk size the VHD declares (the source's, rounded up to 2 MiB).
@@ -243,7 +220,7 @@ impl VhdOutput {
 
     /// Payload bytes stored: whole allocated blocks.
     pub fn allocated_bytes(&self) -> u64 {
-        self.extents.len() as u64 * BLOCK_SIZE
+        self.state().blocks * BLOCK_SIZE
     }
 
     /// Bytes [`Container::write_metadata`] writes: footers, header, BAT, batmap, bitmaps.
@@ -255,7 +232,7 @@ impl VhdOutput {
             + table
             + batmap::HEADER_SIZE as u64
             + map
-            + self.extents.len() as u64 * BITMAP_BYTES as u64
+            + self.state().blocks * BITMAP_BYTES as u64
     }
 
     /// The key hash stored in the batmap header.
@@ -301,31 +278,18 @@ impl VhdOutput {
         bytes
     }
 
-    fn write_table(&self, output: &File) -> Result<()> {
+    fn write_table(&self, bat: &[u32], output: &File) -> Result<()> {
         let entries = self.entries();
         let table_bytes = (entries * 4).next_multiple_of(SECTOR);
         let mut chunk = vec![0u8; TABLE_CHUNK.min(table_bytes as usize)];
-        let mut extents = self.extents.iter().peekable();
         let mut written = 0u64;
         while written < table_bytes {
             let length = (table_bytes - written).min(chunk.len() as u64) as usize;
             let piece = &mut chunk[..length];
             for (slot, raw) in piece.chunks_exact_mut(4).enumerate() {
                 let index = written / 4 + slot as u64;
-                let entry = if index >= entries {
-                    // The sector's padding: zeros, as libvhd leaves it.
-                    0
-                } else {
-                    match extents.peek() {
-                        Some(extent) if extent.guest_offset / BLOCK_SIZE == index => {
-                            let sector = extent.output_offset / SECTOR - 1;
-                            extents.next();
-                            // Checked against u32::MAX when planned.
-                            sector as u32
-                        }
-                        _ => UNALLOCATED,
-                    }
-                };
+                // Past the entries, the sector's padding: zeros, as libvhd leaves it.
+                let entry = bat.get(index as usize).copied().unwrap_or(0);
                 raw.copy_from_slice(&entry.to_be_bytes());
             }
             write_at(output, piece, TABLE_AT + written, "block allocation table")?;
@@ -334,14 +298,18 @@ impl VhdOutput {
         Ok(())
     }
 
-    fn write_batmap(&self, output: &File) -> Result<()> {
+    fn write_batmap(&self, bat: &[u32], output: &File) -> Result<()> {
         let entries = self.entries() as u32;
         let header_at = batmap::header_offset(TABLE_AT, entries);
         let map_at = header_at + batmap::HEADER_SIZE as u64;
         let map_sectors = batmap::map_sectors(entries);
         let mut map = vec![0u8; map_sectors as usize * SECTOR as usize];
-        for extent in &self.extents {
-            batmap::set_bit(&mut map, extent.guest_offset / BLOCK_SIZE);
+        for (block, _) in bat
+            .iter()
+            .enumerate()
+            .filter(|(_, &entry)| entry != UNALLOCATED)
+        {
+            batmap::set_bit(&mut map, block as u64);
         }
         // The whole map is written (libvhd would leave its last sector unwritten for sizes
         // just above a multiple of 8 GiB), but the checksum covers what libvhd checks.
@@ -358,43 +326,98 @@ impl VhdOutput {
     }
 }
 
+impl Allocator for VhdOutput {
+    fn granule(&self) -> u64 {
+        BLOCK_SIZE
+    }
+
+    /// The virtual size: whole blocks, so every block is encrypted whole.
+    fn payload_end(&self) -> u64 {
+        self.virtual_size
+    }
+
+    /// Each block of `run` after the previous one: its bitmap sector, then its data on the
+    /// next 4096-byte boundary.
+    fn place(&self, run: Range<u64>, output: &File, placed: &mut Vec<Extent>) -> Result<()> {
+        let mut state = self.state();
+        let end = run.end.min(self.virtual_size);
+        if run.start % BLOCK_SIZE != 0 || run.start >= end {
+            return Err(Error::io(
+                "placing the VHD output's blocks",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("run {run:?} is empty or not aligned to the 2 MiB block"),
+                ),
+            ));
+        }
+        let first_free = state.next_free;
+        for block in run.start / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE) {
+            if state.bat[block as usize] != UNALLOCATED {
+                return Err(Error::io(
+                    "placing the VHD output's blocks",
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        format!("block {block} was placed twice"),
+                    ),
+                ));
+            }
+            // The bitmap sector sits just before the aligned data.
+            let data_at = (state.next_free + SECTOR).next_multiple_of(DATA_ALIGNMENT);
+            let bitmap_sector = data_at / SECTOR - 1;
+            let Ok(entry) = u32::try_from(bitmap_sector) else {
+                return Err(Error::UnsupportedImage {
+                    message: format!(
+                        "the source holds data in more 2 MiB blocks than a VHD can place: \
+                         block {block} would start past 2 TiB of the file, beyond the reach \
+                         of its 32-bit block allocation table; write a smaller disk or \
+                         trim its free space first"
+                    ),
+                });
+            };
+            state.bat[block as usize] = entry;
+            state.blocks += 1;
+            placed.push(Extent {
+                guest_offset: block * BLOCK_SIZE,
+                length: BLOCK_SIZE,
+                output_offset: data_at,
+                first_iv: block * BLOCK_SIZE / SECTOR,
+            });
+            state.next_free = data_at + BLOCK_SIZE;
+        }
+        let required = state.next_free + FOOTER_SIZE as u64;
+        super::reserve(output, first_free, state.next_free - first_free, required)
+    }
+}
+
 impl Container for VhdOutput {
-    fn extents(&self) -> &[Extent] {
-        &self.extents
+    fn payload(&self) -> Payload<'_> {
+        Payload::Allocated(self)
     }
 
     fn output_size(&self) -> u64 {
-        self.output_size
+        self.state().next_free + FOOTER_SIZE as u64
     }
 
     /// Bitmaps, BAT, batmap, then the dynamic header and the two footers: until the footers
     /// are written the file is not a VHD, so an interrupted job leaves nothing a reader takes
     /// for one.
     fn write_metadata(&self, output: &File) -> Result<()> {
+        let state = self.state();
         let bitmap = [0xffu8; BITMAP_BYTES];
-        for extent in &self.extents {
+        for &entry in state.bat.iter().filter(|&&entry| entry != UNALLOCATED) {
             write_at(
                 output,
                 &bitmap,
-                extent.output_offset - SECTOR,
+                u64::from(entry) * SECTOR,
                 "a block's sector bitmap",
             )?;
         }
-        self.write_table(output)?;
-        self.write_batmap(output)?;
-        debug_assert!(self
-            .extents
-            .first()
-            .is_none_or(|first| { first.output_offset - SECTOR >= self.metadata_end }));
+        self.write_table(&state.bat, output)?;
+        self.write_batmap(&state.bat, output)?;
         write_at(output, &self.header(), HEADER_AT, "dynamic disk header")?;
         let footer = self.footer();
         write_at(output, &footer, 0, "footer copy")?;
-        write_at(
-            output,
-            &footer,
-            self.output_size - FOOTER_SIZE as u64,
-            "footer",
-        )
+        write_at(output, &footer, state.next_free, "footer")
     }
 }
 

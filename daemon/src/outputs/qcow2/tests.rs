@@ -1,4 +1,5 @@
-//! The writer, checked by the real qemu-img: plan, encrypt the extents here, write the metadata.
+//! The writer, checked by the real qemu-img: the userspace engine's allocated copy places and
+//! writes the payload, then the metadata is written; and the allocator on its own.
 
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::process::{Command, Output};
@@ -7,7 +8,7 @@ use imgcrypt_proto::api::{LuksVersion, Pbkdf, PbkdfKind};
 use tempfile::NamedTempFile;
 
 use super::*;
-use crate::engines::xts::{IvMode, XtsCipher};
+use crate::engines::xts::IvMode;
 use crate::formats::qcow2::test_images::{
     image_opts, qemu_raw_encrypted, secret_object, sparse_source, temp_with, MIB,
 };
@@ -38,45 +39,55 @@ fn luks1_header(volume_key: &SecretBytes) -> crate::luks::FormattedHeader {
     format_header(&spec, volume_key, &secret(KEY_FILE), &fingerprint).unwrap()
 }
 
-/// Writes `plan`'s payload from `source` (plaintext; past its end zeros) the way the pipeline
-/// does: each extent encrypted with IVs from `first_iv`.
-fn write_payload(plan: &Qcow2Output, source: &File, volume_key: &SecretBytes, output: &File) {
-    let cipher = XtsCipher::new(volume_key.as_bytes(), IvMode::Plain64).unwrap();
-    let source_size = source.metadata().unwrap().len();
-    for extent in plan.extents() {
-        let mut done = 0;
-        while done < extent.length {
-            let n = (extent.length - done).min(MIB) as usize;
-            let mut chunk = vec![0u8; n];
-            let guest = extent.guest_offset + done;
-            if guest < source_size {
-                let have = (source_size - guest).min(n as u64) as usize;
-                source.read_exact_at(&mut chunk[..have], guest).unwrap();
-            }
-            cipher
-                .encrypt_sectors(&mut chunk, 512, extent.first_iv + done / 512)
-                .unwrap();
-            output
-                .write_all_at(&chunk, extent.output_offset + done)
-                .unwrap();
-            done += n as u64;
-        }
-    }
+/// Writes `output`'s payload from `source` through the shared pipeline (the userspace engine's
+/// allocated copy, `workers` × `chunk` bytes), then its metadata.
+pub(crate) fn write_through_engine(
+    output: &Qcow2Output,
+    source: &dyn crate::formats::SourceImage,
+    volume_key: &SecretBytes,
+    file: &File,
+    workers: usize,
+    chunk: usize,
+) -> u64 {
+    let engine = crate::engines::userspace::UserspaceEngine::with_config(workers, chunk).unwrap();
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let written = crate::engines::Engine::write_allocated(
+        &engine,
+        &crate::engines::PayloadJob {
+            job_id: 0,
+            source,
+            output: file,
+            extents: &[],
+            sector_size: 512,
+            key: volume_key.as_bytes(),
+            iv: IvMode::Plain64,
+            progress: &|_| {},
+            cancel: &cancel,
+        },
+        output,
+    )
+    .unwrap();
+    output.write_metadata(file).unwrap();
+    assert_eq!(file.metadata().unwrap().len(), output.output_size());
+    written
 }
 
 /// An encrypted qcow2 of `source` made by this module; returns it and its volume key.
 pub(crate) fn encrypt_to_qcow2(source: &NamedTempFile) -> (NamedTempFile, SecretBytes) {
-    let file = source.as_file();
-    let size = file.metadata().unwrap().len();
+    let size = source.as_file().metadata().unwrap().len();
     let opened = crate::formats::open(source.reopen().unwrap()).unwrap();
-    let ranges = opened.allocated_ranges().to_vec();
     let volume_key = SecretBytes::random(64).unwrap();
     let header = luks1_header(&volume_key);
-    let plan = Qcow2Output::plan(size, &ranges, &header.image, header.data_offset).unwrap();
+    let plan = Qcow2Output::new(size, &header.image, header.data_offset).unwrap();
     let output = NamedTempFile::new_in("/tmp").unwrap();
-    output.as_file().set_len(plan.output_size()).unwrap();
-    write_payload(&plan, file, &volume_key, output.as_file());
-    plan.write_metadata(output.as_file()).unwrap();
+    write_through_engine(
+        &plan,
+        opened.as_ref(),
+        &volume_key,
+        output.as_file(),
+        3,
+        1 << 20,
+    );
     (output, volume_key)
 }
 
@@ -177,37 +188,63 @@ fn an_empty_source_makes_a_valid_image() {
     assert!(check.status.success(), "{check:?}");
 }
 
-fn plan_for(size: u64, allocated: &[Range<u64>]) -> Qcow2Output {
+fn output_for(size: u64) -> Qcow2Output {
     let header = crate::sys::memfd::create("test-luks").unwrap();
     header.set_len(2 * MIB).unwrap();
-    Qcow2Output::plan(size, allocated, &header, 2 * MIB).unwrap()
+    Qcow2Output::new(size, &header, 2 * MIB).unwrap()
+}
+
+/// Places `runs` in order on a scratch file; returns the extents.
+fn place_all(output: &Qcow2Output, runs: &[Range<u64>], file: &File) -> Vec<Extent> {
+    let mut placed = Vec::new();
+    for run in runs {
+        output.place(run.clone(), file, &mut placed).unwrap();
+    }
+    placed
 }
 
 #[test]
-fn huge_disks_plan_small_metadata() {
+fn huge_disks_have_small_metadata() {
     let tib = 1u64 << 40;
-    let sparse = plan_for(64 * tib, &[0..MIB, 40 * tib..40 * tib + 5]);
-    assert_eq!(sparse.layout.l1_entries, 131_072);
-    assert_eq!(sparse.layout.l2_tables, 2);
-    assert_eq!(sparse.extents().len(), 2);
+    let scratch = tempfile::tempfile_in("/var/tmp").unwrap();
+    let sparse = output_for(64 * tib);
+    assert_eq!(sparse.l1_entries, 131_072);
+    let placed = place_all(
+        &sparse,
+        &[0..MIB, 40 * tib..40 * tib + CLUSTER_BYTES],
+        &scratch,
+    );
+    assert_eq!(placed.len(), 2);
     assert_eq!(sparse.allocated_bytes(), 17 * CLUSTER_BYTES);
+    // The first L2 table was written when the copy moved past its 512 MiB, between the runs.
+    assert_eq!(sparse.state().l2_tables, 1);
+    assert_eq!(
+        placed[1].output_offset,
+        placed[0].output_offset + 17 * CLUSTER_BYTES
+    );
     assert!(sparse.output_size() < 8 * MIB, "{}", sparse.output_size());
 
-    let whole = 0..64 * tib;
-    let full = plan_for(64 * tib, std::slice::from_ref(&whole));
-    assert_eq!(full.extents().len(), 1);
-    assert_eq!(full.layout.l2_tables, 131_072);
-    assert_eq!(full.layout.data_clusters, 64 * tib / CLUSTER_BYTES);
-    // Every cluster of the file has its refcount entry.
-    assert!(full.layout.refblocks * REFCOUNTS_PER_BLOCK >= full.layout.total_clusters);
-    assert!(full.layout.reftable_clusters * REFTABLE_ENTRIES_PER_CLUSTER >= full.layout.refblocks);
-    let extent = full.extents()[0];
-    assert_eq!(extent.output_offset, full.layout.data_offset);
-    assert_eq!(extent.first_iv, extent.output_offset / 512);
+    // A whole 64 TiB disk: every cluster of the file has its refcount entry.
+    let full = output_for(64 * tib);
+    {
+        let mut state = full.state();
+        state.next_cluster = 1 + 32 + 64 * tib / CLUSTER_BYTES + 131_071;
+        state.table = Some(131_071);
+    }
+    let tail = full.tail(&full.state());
+    assert!(tail.refblocks * REFCOUNTS_PER_BLOCK >= tail.total_clusters);
+    assert!(tail.reftable_clusters * REFTABLE_ENTRIES_PER_CLUSTER >= tail.refblocks);
+    assert_eq!(
+        tail.refblocks_offset,
+        tail.l1_offset + tail.l1_clusters * CLUSTER_BYTES
+    );
+    assert_eq!(
+        tail.total_clusters * CLUSTER_BYTES,
+        tail.reftable_offset + tail.reftable_clusters * CLUSTER_BYTES
+    );
 
-    let error = Qcow2Output::plan(
+    let error = Qcow2Output::new(
         64 * tib + 512,
-        &[],
         &crate::sys::memfd::create("x").unwrap(),
         2 * MIB,
     )
@@ -216,61 +253,108 @@ fn huge_disks_plan_small_metadata() {
 }
 
 #[test]
-fn extents_are_cluster_runs_contiguous_in_the_file() {
-    let plan = plan_for(
-        10 * MIB + 512,
+fn runs_are_placed_contiguously_in_guest_order_with_l2_tables_after_their_data() {
+    let scratch = tempfile::tempfile_in("/var/tmp").unwrap();
+    let size = 600 * MIB + 512;
+    let output = output_for(size);
+    let data_start = CLUSTER_BYTES + 2 * MIB;
+    let placed = place_all(
+        &output,
         &[
-            100..200,
-            70_000..140_000,
-            5 * MIB..5 * MIB + 1,
-            10 * MIB..10 * MIB + 512,
+            0..3 * CLUSTER_BYTES,
+            5 * MIB..5 * MIB + CLUSTER_BYTES,
+            // Across the first L2 table's end: its table lands before the next cluster.
+            512 * MIB - CLUSTER_BYTES..512 * MIB + CLUSTER_BYTES,
+            600 * MIB..size.next_multiple_of(4096),
         ],
+        &scratch,
     );
-    let extents = plan.extents();
-    // 0..64K and 64K..192K touch after rounding: one run of three clusters.
-    assert_eq!(extents[0].guest_offset, 0);
-    assert_eq!(extents[0].length, 3 * CLUSTER_BYTES);
-    assert_eq!(extents[1].guest_offset, 5 * MIB);
+    let offsets: Vec<(u64, u64, u64)> = placed
+        .iter()
+        .map(|e| (e.guest_offset, e.length, e.output_offset))
+        .collect();
+    let c = CLUSTER_BYTES;
     assert_eq!(
-        extents[1].output_offset,
-        extents[0].output_offset + 3 * CLUSTER_BYTES
+        offsets,
+        vec![
+            // Runs that follow each other in the file join into one extent.
+            (0, 3 * c, data_start),
+            (5 * MIB, c, data_start + 3 * c),
+            (512 * MIB - c, c, data_start + 4 * c),
+            // Cluster data_start + 5c holds the first L2 table.
+            (512 * MIB, c, data_start + 6 * c),
+            // The last cluster is cut at the virtual size rounded up to 4 KiB.
+            (600 * MIB, 4096, data_start + 7 * c),
+        ]
     );
-    // The last cluster is cut at the virtual size rounded up to 4 KiB.
-    assert_eq!(extents[2].guest_offset, 10 * MIB);
-    assert_eq!(extents[2].length, 4096);
-    for extent in extents {
-        assert_eq!(extent.output_offset % 4096, 0);
+    for extent in &placed {
         assert_eq!(extent.first_iv, extent.output_offset / 512);
     }
-    assert_eq!(plan.output_size(), extents[2].output_offset + CLUSTER_BYTES);
+    assert_eq!(output.state().l1[0], (data_start + 5 * c) | OFLAG_COPIED);
+    // The last L2 table, the L1 table and the refcounts follow the last data cluster.
+    let tail = output.tail(&output.state());
+    assert_eq!(tail.last_l2_offset, Some(data_start + 8 * c));
+    assert_eq!(tail.l1_offset, data_start + 9 * c);
+    // Out of order or unaligned: refused.
+    let mut more = Vec::new();
+    assert!(output.place(0..c, &scratch, &mut more).is_err());
+    assert!(output
+        .place(601 * MIB + 512..602 * MIB, &scratch, &mut more)
+        .is_err());
 }
 
 #[test]
-fn a_source_fragmented_into_millions_of_ranges_plans_a_bounded_image() {
-    // 4 KiB of data every 16 MiB of a 64 TiB disk: 2^22 ranges, as a hostile sparse source
-    // could report them. One extent per range would be 2^22 extents (192 MiB with the runs).
-    let tib = 1u64 << 40;
-    let step = 16 * MIB;
-    let ranges: Vec<Range<u64>> = (0..64 * tib / step)
-        .map(|index| index * step + 8192..index * step + 12288)
-        .collect();
-    let plan = plan_for(64 * tib, &ranges);
-    assert!(
-        plan.extents().len() <= 1 << 20,
-        "{} extents",
-        plan.extents().len()
-    );
-    crate::outputs::check_extents(plan.extents(), 512, plan.output_size()).unwrap();
-    // Every byte of data is still in some extent, in guest order.
-    let mut extents = plan.extents().iter().peekable();
-    for range in &ranges {
-        while extents.peek().is_some_and(|e| e.guest_end() <= range.start) {
-            extents.next();
-        }
-        let extent = extents.peek().expect("a range past the last extent");
-        assert!(
-            extent.guest_offset <= range.start && range.end <= extent.guest_end(),
-            "{range:?} not in {extent:?}"
+fn the_copy_drops_zero_clusters_and_is_deterministic() {
+    // Data, an allocated cluster of zeros (written as zeros: allocated in the source file),
+    // data spread over many small ranges (a fragmented source), and an odd size.
+    let size = 530 * MIB + 3 * 512;
+    let mut data: Vec<(u64, u64)> = vec![(0, 4096), (512 * MIB - 100_000, 300_000)];
+    data.extend((0..300).map(|index| (20 * MIB + index * 3 * CLUSTER_BYTES + 512, 1024)));
+    data.push((size - 1000, 1000));
+    let source = sparse_source(size, &data);
+    source
+        .as_file()
+        .write_all_at(&vec![0u8; 2 * CLUSTER_BYTES as usize], 8 * MIB)
+        .unwrap();
+    let opened = crate::formats::open(source.reopen().unwrap()).unwrap();
+    assert!(opened
+        .allocated_ranges()
+        .iter()
+        .any(|range| range.contains(&(8 * MIB))));
+    let volume_key = SecretBytes::random(64).unwrap();
+    let header = luks1_header(&volume_key);
+    let mut outputs = Vec::new();
+    for (workers, chunk) in [(3, 256 << 10), (1, 4 << 20), (4, CLUSTER_BYTES as usize)] {
+        let output = Qcow2Output::new(size, &header.image, header.data_offset).unwrap();
+        let file = NamedTempFile::new_in("/tmp").unwrap();
+        let written = write_through_engine(
+            &output,
+            opened.as_ref(),
+            &volume_key,
+            file.as_file(),
+            workers,
+            chunk,
         );
+        // The clusters holding data: 1 + 6 (300 000 bytes across 512 MiB) + 300 + the last
+        // (cut to 4 KiB); the zero clusters at 8 MiB are not stored.
+        assert_eq!(output.allocated_bytes(), 308 * CLUSTER_BYTES);
+        assert_eq!(written, 307 * CLUSTER_BYTES + 4096);
+        outputs.push(std::fs::read(file.path()).unwrap());
+        let key = temp_with(KEY_FILE);
+        let object = secret_object(key.path());
+        let opts = image_opts(file.path());
+        let check = qemu_img(&["check", "--object", &object, "--image-opts", &opts]);
+        assert!(check.status.success(), "qemu-img check: {check:?}");
+        let compare = qemu_img(&[
+            "compare",
+            "--object",
+            &object,
+            "--image-opts",
+            &opts,
+            &format!("driver=raw,file.filename={}", source.path().display()),
+        ]);
+        assert!(compare.status.success(), "qemu-img compare: {compare:?}");
     }
+    // Whatever the workers and chunks, the same file: placement follows guest order.
+    assert!(outputs.windows(2).all(|pair| pair[0] == pair[1]));
 }

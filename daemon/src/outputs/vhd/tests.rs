@@ -1,6 +1,6 @@
-//! The VHD output's plan and metadata, checked against what others make of them: qemu-img reads
-//! the container, and the metadata equals what blktap's own `vhd-util copy` wrote for the same
-//! disk (the corpus), field for field, except the creation time and the disk's UUID.
+//! The VHD output's placement and metadata, checked against what others make of them: qemu-img
+//! reads the container, and the metadata equals what blktap's own `vhd-util copy` wrote for the
+//! same disk (the corpus), field for field, except the creation time and the disk's UUID.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -22,11 +22,29 @@ fn pattern(offset: u64) -> u8 {
     ((offset / 512).wrapping_mul(31) ^ (offset % 251)) as u8 | 1
 }
 
-/// Writes `plan`'s payload (the pattern at each extent's guest offsets) and metadata to a file.
-fn write(plan: &VhdOutput) -> tempfile::NamedTempFile {
+/// A VHD for `size` bytes with the blocks touching `allocated` placed (as the copy places the
+/// blocks it finds data in) on a new file; returns it, its extents and the file.
+fn planned(
+    size: u64,
+    allocated: &[Range<u64>],
+    raw_key: &[u8],
+) -> Result<(VhdOutput, Vec<Extent>, tempfile::NamedTempFile)> {
+    let plan = VhdOutput::new(size, raw_key)?;
     let file = tempfile::NamedTempFile::new_in("/tmp").unwrap();
-    file.as_file().set_len(plan.output_size()).unwrap();
-    for extent in plan.extents() {
+    let mut extents = Vec::new();
+    for run in crate::outputs::granule_runs(allocated, BLOCK_SIZE, plan.payload_end()) {
+        plan.place(run, file.as_file(), &mut extents)?;
+    }
+    Ok((plan, extents, file))
+}
+
+/// Writes the payload (the pattern at each extent's guest offsets) and the metadata to `file`.
+fn write(
+    plan: &VhdOutput,
+    extents: &[Extent],
+    file: tempfile::NamedTempFile,
+) -> tempfile::NamedTempFile {
+    for extent in extents {
         let data: Vec<u8> = (0..extent.length)
             .map(|i| pattern(extent.guest_offset + i))
             .collect();
@@ -35,6 +53,7 @@ fn write(plan: &VhdOutput) -> tempfile::NamedTempFile {
             .unwrap();
     }
     plan.write_metadata(file.as_file()).unwrap();
+    assert_eq!(file.as_file().metadata().unwrap().len(), plan.output_size());
     file
 }
 
@@ -46,16 +65,15 @@ fn blocks_with_any_allocated_byte_are_allocated_with_aligned_data_and_sector_ivs
         (6 * MIB - 512)..(6 * MIB + 512),
         (7 * MIB)..(7 * MIB + 1),
     ];
-    let plan = VhdOutput::plan(9 * MIB + 512, &allocated, &key(64)).unwrap();
+    let (plan, extents, _file) = planned(9 * MIB + 512, &allocated, &key(64)).unwrap();
     assert_eq!(plan.virtual_size(), 10 * MIB);
-    let blocks: Vec<u64> = plan
-        .extents()
+    let blocks: Vec<u64> = extents
         .iter()
         .map(|extent| extent.guest_offset / BLOCK_SIZE)
         .collect();
     assert_eq!(blocks, [0, 2, 3]);
     let mut previous_end = 0;
-    for extent in plan.extents() {
+    for extent in &extents {
         assert_eq!(extent.length, BLOCK_SIZE);
         assert_eq!(extent.output_offset % 4096, 0, "{extent:?}");
         assert_eq!(extent.first_iv, extent.guest_offset / 512);
@@ -75,18 +93,18 @@ fn virtual_size_is_rounded_up_to_whole_2_mib_blocks() {
         (2 * MIB + 512, 4 * MIB),
         (5_257_216, 6 * MIB),
     ] {
-        let plan = VhdOutput::plan(source, &[], &key(32)).unwrap();
+        let plan = VhdOutput::new(source, &key(32)).unwrap();
         assert_eq!(plan.virtual_size(), expected, "{source}");
-        assert!(plan.extents().is_empty());
+        assert_eq!(plan.allocated_bytes(), 0);
     }
-    assert!(VhdOutput::plan(0, &[], &key(32)).is_err());
-    assert!(VhdOutput::plan(MAX_VIRTUAL_SIZE + 1, &[], &key(32)).is_err());
+    assert!(VhdOutput::new(0, &key(32)).is_err());
+    assert!(VhdOutput::new(MAX_VIRTUAL_SIZE + 1, &key(32)).is_err());
 }
 
 #[test]
 fn keys_of_other_sizes_or_with_equal_halves_are_refused() {
     for len in [0usize, 16, 31, 33, 48, 63, 65, 128] {
-        let error = VhdOutput::plan(MIB, &[], &key(len)).unwrap_err();
+        let error = VhdOutput::new(MIB, &key(len)).unwrap_err();
         assert!(
             matches!(
                 error,
@@ -97,7 +115,7 @@ fn keys_of_other_sizes_or_with_equal_halves_are_refused() {
     }
     for len in [32usize, 64] {
         let half = key(len / 2);
-        let error = VhdOutput::plan(MIB, &[], &[half.clone(), half].concat()).unwrap_err();
+        let error = VhdOutput::new(MIB, &[half.clone(), half].concat()).unwrap_err();
         assert!(
             matches!(error, Error::KeyFile(KeyFileError::RawKeyHalvesEqual)),
             "{error:?}"
@@ -118,8 +136,8 @@ fn geometry_is_libvhd_s_wrapping_above_2_tib_included() {
 fn qemu_img_reads_the_container_with_its_size_and_blocks() {
     // An odd size whose last block holds data, and a hole between two blocks.
     let size = 5 * MIB + 3 * 512;
-    let plan = VhdOutput::plan(size, &[0..4096, (5 * MIB)..size], &key(32)).unwrap();
-    let file = write(&plan);
+    let (plan, extents, file) = planned(size, &[0..4096, (5 * MIB)..size], &key(32)).unwrap();
+    let file = write(&plan, &extents, file);
     let info = Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "vpc"])
         .arg(file.path())
@@ -162,8 +180,8 @@ fn compare_with_vhd_util(reference: &str, key_file: &str, virtual_size: u64, blo
         .iter()
         .map(|block| block * BLOCK_SIZE..block * BLOCK_SIZE + 1)
         .collect();
-    let plan = VhdOutput::plan(virtual_size, &allocated, &raw_key).unwrap();
-    let ours_file = write(&plan);
+    let (plan, extents, file) = planned(virtual_size, &allocated, &raw_key).unwrap();
+    let ours_file = write(&plan, &extents, file);
     let ours = ours_file.as_file();
     assert_eq!(
         ours.metadata().unwrap().len(),
@@ -198,7 +216,7 @@ fn compare_with_vhd_util(reference: &str, key_file: &str, virtual_size: u64, blo
         "{reference}: batmap header and map"
     );
     // Every block's bitmap is full, and every block's data is where vhd-util put it.
-    for extent in plan.extents() {
+    for extent in &extents {
         assert_eq!(
             bytes_at(&theirs, extent.output_offset - 512, 512),
             [0xff; 512],
@@ -232,13 +250,13 @@ fn the_whole_batmap_is_written_where_libvhd_skips_its_last_sector() {
         (2 << 40) + 4 * MIB,
         &[0, 1 << 20],
     );
-    let plan = VhdOutput::plan(
+    let (plan, extents, file) = planned(
         (2 << 40) + 4 * MIB,
         &[0..1, (2 << 40)..(2 << 40) + 1],
         &key(64),
     )
     .unwrap();
-    let file = write(&plan);
+    let file = write(&plan, &extents, file);
     let header_at = batmap::header_offset(TABLE_AT, plan.entries() as u32);
     let header: [u8; 512] = bytes_at(file.as_file(), header_at, 512).try_into().unwrap();
     let header = batmap::parse(&header).unwrap();
@@ -248,4 +266,30 @@ fn the_whole_batmap_is_written_where_libvhd_skips_its_last_sector() {
     assert_eq!(map.iter().filter(|&&b| b != 0).count(), 2);
     // The checksum is libvhd's: over the first 256 sectors.
     assert_eq!(header.checksum, !0x80u32);
+}
+
+#[test]
+fn blocks_are_placed_once_in_guest_order() {
+    let (plan, extents, file) = planned(10 * MIB, &[0..1, 4 * MIB..4 * MIB + 1], &key(32)).unwrap();
+    let mut more = Vec::new();
+    // A block already placed, an unaligned run, a run past the disk: refused.
+    assert!(plan
+        .place(4 * MIB..6 * MIB, file.as_file(), &mut more)
+        .is_err());
+    assert!(plan
+        .place(6 * MIB + 512..8 * MIB, file.as_file(), &mut more)
+        .is_err());
+    assert!(plan
+        .place(10 * MIB..12 * MIB, file.as_file(), &mut more)
+        .is_err());
+    assert!(more.is_empty());
+    // The next block goes right after the last one: its bitmap sector, then its data.
+    plan.place(8 * MIB..10 * MIB, file.as_file(), &mut more)
+        .unwrap();
+    assert_eq!(
+        more[0].output_offset,
+        extents[1].output_offset + BLOCK_SIZE + 4096
+    );
+    assert_eq!(plan.output_size(), more[0].output_offset + BLOCK_SIZE + 512);
+    assert_eq!(plan.data_offset(), extents[0].output_offset);
 }

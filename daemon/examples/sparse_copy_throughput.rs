@@ -1,13 +1,15 @@
-//! Measures the zero scan ([`imgcryptd::formats::scan`]) on real files with a cold page cache,
-//! against `dd bs=4M of=/dev/null` of the same file, and what the scan adds to a container job
-//! on a fully allocated source (the copy then reads the source a second time).
+//! Measures the sparse outputs' copy (the userspace engine's allocated copy into a qcow2, with
+//! the zero check on the buffers it reads, [`imgcryptd::formats::scan`]) on real files with a
+//! cold page cache, against `dd bs=4M of=/dev/null` of the same file and against the planned
+//! copy that writes every sector (raw LUKS's), so what the zero check and the placement cost
+//! shows.
 //!
-//! `cargo run --release -p imgcryptd --example scan_throughput -- [DIR] [GiB] [ROUNDS]`
+//! `cargo run --release -p imgcryptd --example sparse_copy_throughput -- [DIR] [GiB] [ROUNDS]`
 //! (defaults: /var/tmp 2 3). Must run as root: every timed run starts with
 //! `sync; echo 3 > /proc/sys/vm/drop_caches`. It writes two fully allocated files in DIR (one
-//! of non-zero data, one of written zeros), runs per round and per file: dd, the scan, the
-//! userspace engine alone (the copy step of a job, to a file in DIR), and the scan followed by
-//! the engine, then prints medians. The files are removed at the end.
+//! of non-zero data, one of written zeros), runs per round and per file: dd, the planned copy
+//! and the sparse copy (each to a file in DIR, alternating which goes first), then prints
+//! medians. The files are removed at the end.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -19,8 +21,9 @@ use std::time::Instant;
 use imgcryptd::engines::userspace::UserspaceEngine;
 use imgcryptd::engines::xts::IvMode;
 use imgcryptd::engines::{Engine, PayloadJob};
-use imgcryptd::formats::{self, scan};
+use imgcryptd::formats;
 use imgcryptd::outputs::luks::payload_extent;
+use imgcryptd::outputs::qcow2::Qcow2Output;
 
 const MIB: u64 = 1 << 20;
 
@@ -64,26 +67,55 @@ fn time_dd(path: &Path) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
-/// Seconds the scan takes; also returns the data bytes it kept.
-fn time_scan(path: &Path, cold: bool) -> (f64, u64) {
-    if cold {
-        drop_caches();
-    }
+/// Seconds the sparse copy into a qcow2 takes (payload only, synced); also returns the bytes
+/// it stored.
+fn time_sparse(path: &Path, dir: &Path) -> (f64, u64) {
+    drop_caches();
     let image = formats::open(File::open(path).expect("opening the source")).expect("format");
+    let out_path = dir.join("imgcrypt-sparse-bench.out");
+    let output = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&out_path)
+        .expect("creating the output");
+    // The LUKS header's bytes play no part in the copy.
+    let header = imgcryptd::sys::memfd::create("bench-luks").expect("memfd");
+    header.set_len(2 * MIB).expect("sizing the memfd");
+    let qcow2 = Qcow2Output::new(image.virtual_size(), &header, 2 * MIB).expect("qcow2");
     let cancel = AtomicBool::new(false);
+    let key: Vec<u8> = (0..64).collect();
     let started = Instant::now();
-    let found = scan::nonzero_ranges(image.as_ref(), 64 << 10, &|_, _| {}, &cancel).expect("scan");
-    (started.elapsed().as_secs_f64(), found.data_bytes())
+    let stored = UserspaceEngine::new()
+        .write_allocated(
+            &PayloadJob {
+                job_id: 1,
+                source: image.as_ref(),
+                output: &output,
+                extents: &[],
+                sector_size: 512,
+                key: &key,
+                iv: IvMode::Plain64,
+                progress: &|_| {},
+                cancel: &cancel,
+            },
+            &qcow2,
+        )
+        .expect("sparse copy");
+    output.sync_data().expect("fdatasync");
+    let seconds = started.elapsed().as_secs_f64();
+    drop(output);
+    let _ = std::fs::remove_file(&out_path);
+    (seconds, stored)
 }
 
-/// Seconds the engine takes to encrypt the whole source into a new file in `dir`.
-fn time_engine(path: &Path, dir: &Path, cold: bool) -> f64 {
-    if cold {
-        drop_caches();
-    }
+/// Seconds the planned copy (every sector, raw LUKS's) takes into a new file in `dir`.
+fn time_engine(path: &Path, dir: &Path) -> f64 {
+    drop_caches();
     let image = formats::open(File::open(path).expect("opening the source")).expect("format");
     let size = image.virtual_size();
-    let out_path = dir.join("imgcrypt-scan-bench.out");
+    let out_path = dir.join("imgcrypt-sparse-bench.out");
     let output = OpenOptions::new()
         .read(true)
         .write(true)
@@ -128,54 +160,39 @@ fn main() {
     let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
     let size = gib << 30;
     for (name, zeros) in [("non-zero data", false), ("written zeros", true)] {
-        let path = dir.join("imgcrypt-scan-bench.src");
+        let path = dir.join("imgcrypt-sparse-bench.src");
         make_file(&path, size, zeros);
-        let (mut dd, mut scanned, mut engine, mut both) = (vec![], vec![], vec![], vec![]);
-        let mut kept = 0;
+        let (mut dd, mut planned, mut sparse) = (vec![], vec![], vec![]);
+        let mut stored = 0;
         for round in 0..rounds {
-            // Alternate which goes first, so a drift of the disk's speed within a round (or a
+            // Alternate the order, so a drift of the disk's speed within a round (or a
             // host-side cache) favours neither.
+            let mut run_sparse = || {
+                let (seconds, bytes) = time_sparse(&path, &dir);
+                sparse.push(seconds);
+                stored = bytes;
+            };
             if round % 2 == 0 {
                 dd.push(time_dd(&path));
-            }
-            let (seconds, data) = time_scan(&path, true);
-            scanned.push(seconds);
-            kept = data;
-            if round % 2 == 1 {
+                planned.push(time_engine(&path, &dir));
+                run_sparse();
+            } else {
+                run_sparse();
+                planned.push(time_engine(&path, &dir));
                 dd.push(time_dd(&path));
             }
-            if !zeros {
-                // A job: cold scan, then the copy finds what the scan left in the page cache.
-                let job = || time_scan(&path, true).0 + time_engine(&path, &dir, false);
-                if round % 2 == 0 {
-                    engine.push(time_engine(&path, &dir, true));
-                    both.push(job());
-                } else {
-                    both.push(job());
-                    engine.push(time_engine(&path, &dir, true));
-                }
-            }
         }
-        // From the page cache: the scan's own cost (copying out of the cache and the check).
-        let mut warm: Vec<f64> = (0..rounds).map(|_| time_scan(&path, false).0).collect();
         let rate = |seconds: f64| size as f64 / seconds / 1e6;
-        let (dd, scanned, warm) = (median(&mut dd), median(&mut scanned), median(&mut warm));
+        let (dd, planned, sparse) = (median(&mut dd), median(&mut planned), median(&mut sparse));
         println!(
-            "{gib} GiB of {name}, medians of {rounds}: dd {dd:.2} s ({:.0} MB/s), scan \
-             {scanned:.2} s ({:.0} MB/s), scan/dd {:.2}, kept {kept} bytes; scan from the page \
-             cache {warm:.2} s ({:.0} MB/s)",
+            "{gib} GiB of {name}, medians of {rounds}: dd read {dd:.2} s ({:.0} MB/s), planned \
+             copy {planned:.2} s ({:.0} MB/s), sparse copy {sparse:.2} s ({:.0} MB/s, stored \
+             {stored} bytes), sparse/planned {:.2}",
             rate(dd),
-            rate(scanned),
-            scanned / dd,
-            rate(warm)
+            rate(planned),
+            rate(sparse),
+            sparse / planned
         );
-        if !zeros {
-            let (engine, both) = (median(&mut engine), median(&mut both));
-            println!(
-                "  copy alone {engine:.2} s, scan + copy {both:.2} s: the scan adds {:.0}%",
-                (both / engine - 1.0) * 100.0
-            );
-        }
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -124,6 +124,7 @@ struct State {
     l1: Vec<u64>,
     /// Guest end of the last run placed: runs come in ascending order.
     placed_end: u64,
+    reserved: super::ReservedSpace,
 }
 
 /// A qcow2+LUKS output: places the data clusters as the copy reaches them, then writes the
@@ -182,6 +183,7 @@ impl Qcow2Output {
                 l2: AlignedBuffer::new(CLUSTER_BYTES as usize)?,
                 l1: vec![0; l1_entries as usize],
                 placed_end: 0,
+                reserved: super::ReservedSpace::default(),
             }),
             luks_header,
         })
@@ -402,7 +404,6 @@ impl Allocator for Qcow2Output {
             ));
         }
         let end = run.end.min(self.payload_end());
-        let first_new = state.next_cluster;
         let mut guest = run.start;
         while guest < end {
             let table = guest / L2_SPAN;
@@ -435,9 +436,8 @@ impl Allocator for Qcow2Output {
             guest += CLUSTER_BYTES;
         }
         state.placed_end = end;
-        let reserved = (state.next_cluster - first_new) * CLUSTER_BYTES;
         let required = state.next_cluster * CLUSTER_BYTES;
-        super::reserve(output, first_new * CLUSTER_BYTES, reserved, required)
+        state.reserved.cover(output, required, required)
     }
 }
 
@@ -457,6 +457,7 @@ impl Container for Qcow2Output {
     fn write_metadata(&self, output: &File) -> Result<()> {
         let mut state = self.state();
         let tail = self.tail(&state);
+        super::ReservedSpace::cut(output, tail.total_clusters * CLUSTER_BYTES)?;
         self.write_luks_header(output)?;
         self.write_tables(&mut state, &tail, output)?;
         self.write_refcounts(&tail, output)?;

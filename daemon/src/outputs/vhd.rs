@@ -153,6 +153,7 @@ struct State {
     blocks: u64,
     /// Where the next block's bitmap may start.
     next_free: u64,
+    reserved: super::ReservedSpace,
 }
 
 impl VhdOutput {
@@ -198,6 +199,7 @@ impl VhdOutput {
                 bat: vec![UNALLOCATED; entries as usize],
                 blocks: 0,
                 next_free: metadata_end,
+                reserved: super::ReservedSpace::default(),
             }),
             uuid,
             timestamp,
@@ -350,7 +352,6 @@ impl Allocator for VhdOutput {
                 ),
             ));
         }
-        let first_free = state.next_free;
         for block in run.start / BLOCK_SIZE..end.div_ceil(BLOCK_SIZE) {
             if state.bat[block as usize] != UNALLOCATED {
                 return Err(Error::io(
@@ -385,7 +386,8 @@ impl Allocator for VhdOutput {
             state.next_free = data_at + BLOCK_SIZE;
         }
         let required = state.next_free + FOOTER_SIZE as u64;
-        super::reserve(output, first_free, state.next_free - first_free, required)
+        let end = state.next_free;
+        state.reserved.cover(output, end, required)
     }
 }
 
@@ -403,6 +405,7 @@ impl Container for VhdOutput {
     /// for one.
     fn write_metadata(&self, output: &File) -> Result<()> {
         let state = self.state();
+        super::ReservedSpace::cut(output, state.next_free + FOOTER_SIZE as u64)?;
         let bitmap = [0xffu8; BITMAP_BYTES];
         for &entry in state.bat.iter().filter(|&&entry| entry != UNALLOCATED) {
             write_at(

@@ -120,6 +120,18 @@ pub const DEFAULT_CHUNK_SIZE: usize = 4 << 20;
 /// under 64 MiB during a copy whatever the image size.
 pub const MAX_BUFFERED_BYTES: usize = 32 << 20;
 
+/// Positioned writes to a file open with O_APPEND would all land at its end: refused.
+fn refuse_append(output: &File) -> Result<()> {
+    if status_flags(output)?.contains(OFlag::O_APPEND) {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            "is open for appending (O_APPEND), which would put every positioned write at the end \
+             of the file; open the output without O_APPEND",
+        ));
+    }
+    Ok(())
+}
+
 /// AES-XTS-plain64 in this process, spread over a few worker threads.
 #[derive(Debug, Clone)]
 pub struct UserspaceEngine {
@@ -261,13 +273,7 @@ impl Engine for UserspaceEngine {
         if payload_bytes == 0 {
             return Ok(0);
         }
-        if status_flags(job.output)?.contains(OFlag::O_APPEND) {
-            return Err(Error::bad_descriptor(
-                Descriptor::Output,
-                "is open for appending (O_APPEND), which would put every positioned write at the \
-                 end of the file; open the output without O_APPEND",
-            ));
-        }
+        refuse_append(job.output)?;
 
         let copy = Copy::new(
             self.workers,
@@ -296,13 +302,7 @@ impl Engine for UserspaceEngine {
     fn write_allocated(&self, job: &PayloadJob<'_>, allocator: &dyn Allocator) -> Result<u64> {
         check_layout(job)?;
         let cipher = XtsCipher::new(job.key, job.iv)?;
-        if status_flags(job.output)?.contains(OFlag::O_APPEND) {
-            return Err(Error::bad_descriptor(
-                Descriptor::Output,
-                "is open for appending (O_APPEND), which would put every positioned write at the \
-                 end of the file; open the output without O_APPEND",
-            ));
-        }
+        refuse_append(job.output)?;
         let copy = Copy::new(
             self.workers,
             self.chunk_size,

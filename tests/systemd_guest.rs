@@ -409,16 +409,7 @@ fn slow_disk(dir: &Path) -> PathBuf {
     let slow = dir.join("slow");
     fs::create_dir(&slow).unwrap();
     let source = slow.join("slow.vhd");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        source.to_str().unwrap(),
-        "48M",
-    ]);
+    qemu_create(&source, "vpc", &["-o", "subformat=dynamic"], "48M");
     qemu_io("vpc", &source, &["write -P 0x5a 0 47M"]);
     fs::set_permissions(&source, fs::Permissions::from_mode(0o644)).unwrap();
     ext4_image(dir, "slow", &slow, "64M")

@@ -421,16 +421,7 @@ fn kernel_disks(dir: &Path) -> Vec<Disk> {
     let measured = dir.join("E");
     fs::create_dir(&measured).unwrap();
     let source_e = measured.join("e.vhd");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        source_e.to_str().unwrap(),
-        "64M",
-    ]);
+    qemu_create(&source_e, "vpc", &["-o", "subformat=dynamic"], "64M");
     qemu_io("vpc", &source_e, &["write -P 0x3c 0 48M"]);
     let vsize = qemu_virtual_size(&source_e);
     let sha256 = plaintext_sha256(&source_e, &measured);
@@ -441,16 +432,7 @@ fn kernel_disks(dir: &Path) -> Vec<Disk> {
     );
     // Every block allocated: the copy must read all of it through dm-delay.
     let slow_source = slow.join("slow.vhd");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "vpc",
-        "-o",
-        "subformat=dynamic",
-        slow_source.to_str().unwrap(),
-        "48M",
-    ]);
+    qemu_create(&slow_source, "vpc", &["-o", "subformat=dynamic"], "48M");
     qemu_io("vpc", &slow_source, &["write -P 0x5a 0 47M"]);
     manifest.push_str("SLOW_SOURCE=slow.vhd\n");
     fs::write(payload.join("manifest.sh"), manifest).unwrap();

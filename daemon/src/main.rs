@@ -37,16 +37,18 @@ struct Args {
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     idle_timeout: u64,
 
-    /// Jobs that may run at once; further ones wait.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    max_jobs: usize,
+    /// Jobs that may run at once, all users together; further ones wait in the queue.
+    /// Default: the number of CPUs the daemon may run on (available_parallelism).
+    #[arg(long, value_name = "N")]
+    max_jobs: Option<usize>,
 
-    /// Jobs of one user that may run at once (at most --max-jobs).
+    /// Jobs of one user that may run at once (at most --max-jobs), so one user cannot take
+    /// every slot.
     #[arg(long, value_name = "N", default_value_t = 2)]
     max_jobs_per_user: usize,
 
-    /// Jobs of one user that may wait for a slot; one more is refused with TooManyJobs
-    /// (root is exempt).
+    /// Jobs of one user that may wait for a slot; one more is refused at once with
+    /// TooManyJobs (root is exempt).
     #[arg(long, value_name = "N", default_value_t = 8)]
     max_queued_per_user: usize,
 
@@ -205,19 +207,27 @@ fn run(
     })?;
     tracing::info!(kept = ?retained.effective, dropped = retained.dropped, "capabilities reduced");
 
+    let max_jobs = args.max_jobs.unwrap_or_else(default_max_jobs);
     let context = DaemonContext::new(
         engines,
         DaemonConfig {
             mode,
-            max_jobs: args.max_jobs,
+            max_jobs,
             max_jobs_per_uid: args.max_jobs_per_user,
             max_queued_per_uid: args.max_queued_per_user,
             key_ring,
         },
     );
+    let limits = context.scheduler().limits();
+    tracing::info!(
+        max_jobs = limits.max_jobs,
+        max_jobs_per_user = limits.max_running_per_uid,
+        max_queued_per_user = limits.max_queued_per_uid,
+        "job limits"
+    );
     let config = ServerConfig {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
-        connections: connection_limits(&args, descriptor_limit),
+        connections: connection_limits(&args, max_jobs, descriptor_limit),
         ..ServerConfig::default()
     };
     let startup_benchmark = !args.no_startup_benchmark;
@@ -265,8 +275,12 @@ async fn report_status(state: Arc<ServerState>) {
 }
 
 /// The connection caps and timeouts, the overall cap fitted to the descriptor limit.
-fn connection_limits(args: &Args, descriptor_limit: u64) -> server::ConnectionLimits {
-    let fitting = server::connections_fitting(descriptor_limit, args.max_jobs);
+fn connection_limits(
+    args: &Args,
+    max_jobs: usize,
+    descriptor_limit: u64,
+) -> server::ConnectionLimits {
+    let fitting = server::connections_fitting(descriptor_limit, max_jobs);
     let max_total = match args.max_connections {
         Some(explicit) => {
             if explicit > fitting {
@@ -304,6 +318,12 @@ fn connection_limits(args: &Args, descriptor_limit: u64) -> server::ConnectionLi
         "connection limits"
     );
     limits
+}
+
+/// The default of `--max-jobs`: one job per CPU the daemon may run on, since a job keeps about
+/// one core busy (AES-XTS, the PBKDF); 1 when that cannot be read.
+fn default_max_jobs() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// Raises the soft descriptor limit to the hard one: connections and jobs need far more than
@@ -423,8 +443,11 @@ fn init_logging() {
         EnvFilter::try_from_env("IMGCRYPTD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // No field prefix: a tracing field `job_id` is the journal's `JOB_ID` (and
+        // `message_id` its `MESSAGE_ID`), so operators match the names docs/operator-guide.md
+        // lists. No field of ours is named like a journal field we do not mean.
         if let Ok(journald) = tracing_journald::layer() {
-            registry.with(journald).init();
+            registry.with(journald.with_field_prefix(None)).init();
             return;
         }
     }

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use std::ops::Range;
 
-use imgcrypt_proto::api::{DecryptParameters, DecryptSummary, OutputFormat, Phase};
+use imgcrypt_proto::api::{DecryptParameters, DecryptSummary, EngineKind, OutputFormat, Phase};
 
 use crate::context::DaemonContext;
 use crate::engines::userspace::UserspaceEngine;
@@ -77,6 +77,7 @@ pub fn run(mut job: Job<DecryptParameters>, state: &DaemonContext) -> Result<Dec
     };
     let total: u64 = ranges.iter().map(|range| range.end - range.start).sum();
     let copy_started = Instant::now();
+    job.reporter.audit().engine(EngineKind::Userspace);
     job.reporter.progress(Phase::Copy, 0, total);
     let mut done = 0u64;
     let extents = [payload_extent(0, payload_size)];

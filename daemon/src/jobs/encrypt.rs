@@ -178,6 +178,8 @@ fn check_inputs(
         job.reporter.notice(warning.clone());
     }
     tracing::info!(job = job_id, key = %key_name, fingerprint = %key.fingerprint, "key");
+    job.reporter.audit().encryption_key(&key.fingerprint);
+    job.reporter.audit().engine(engine.kind());
 
     if let Some(source_key) = source_key {
         let volume_key = unlock_source(job, &source, &source_key)?;

@@ -4,6 +4,7 @@
 //! connection only through a [`Reporter`] (progress and notices out) and a cancel flag (in), so
 //! the same job code serves the socket, tests, and any future front end.
 
+pub mod audit;
 pub mod decrypt;
 pub mod encrypt;
 pub mod inspect;
@@ -110,6 +111,8 @@ pub struct PassedDescriptors {
     identities: Vec<Option<(u64, u64)>>,
     /// The role each descriptor was taken for, for messages.
     roles: Vec<Option<Descriptor>>,
+    /// Where the identities of the files taken go for the job's audit record.
+    audit: Option<audit::AuditFacts>,
 }
 
 impl PassedDescriptors {
@@ -121,7 +124,14 @@ impl PassedDescriptors {
             slots: descriptors.into_iter().map(Some).collect(),
             identities,
             roles,
+            audit: None,
         }
+    }
+
+    /// Records the identity of every source, image and output taken from now on in `facts`
+    /// (see [`audit`]).
+    pub fn audit_into(&mut self, facts: audit::AuditFacts) {
+        self.audit = Some(facts);
     }
 
     /// Takes descriptor `index` for the role `which`.
@@ -144,8 +154,12 @@ impl PassedDescriptors {
             )
         })?;
         self.roles[position] = Some(which);
-        if is_read_write(&fd) {
+        let read_write = is_read_write(&fd);
+        if read_write {
             self.refuse_shared_file(which, position)?;
+        }
+        if let Some(facts) = &self.audit {
+            facts.took(which, &fd, read_write);
         }
         Ok(fd)
     }
@@ -260,6 +274,8 @@ pub fn next_job_id() -> u64 {
 pub struct Reporter {
     progress: watch::Sender<Progress>,
     notices: mpsc::UnboundedSender<String>,
+    /// What the job's audit record will say (see [`audit`]).
+    audit: audit::AuditFacts,
 }
 
 /// The receiving side of a [`Reporter`].
@@ -283,6 +299,7 @@ impl Reporter {
             Self {
                 progress: progress_tx,
                 notices: notice_tx,
+                audit: audit::AuditFacts::default(),
             },
             ReportReceiver {
                 progress: progress_rx,
@@ -293,11 +310,17 @@ impl Reporter {
 
     /// Reports the current phase and byte counts.
     pub fn progress(&self, phase: Phase, bytes_done: u64, bytes_total: u64) {
+        self.audit.progressed(bytes_done);
         self.progress.send_replace(Progress {
             phase,
             bytes_done,
             bytes_total,
         });
+    }
+
+    /// The facts of the job's audit record, for the job to fill in as it learns them.
+    pub fn audit(&self) -> &audit::AuditFacts {
+        &self.audit
     }
 
     /// Tells the user something that does not stop the job.

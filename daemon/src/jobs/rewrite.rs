@@ -33,8 +33,8 @@ use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use imgcrypt_proto::api::{
-    LuksVersion, OutputFormat, Pbkdf, PbkdfBenchmark, Phase, RemovedKeyslot, RewriteParameters,
-    RewriteSummary, Unlocked,
+    EngineKind, LuksVersion, OutputFormat, Pbkdf, PbkdfBenchmark, Phase, RemovedKeyslot,
+    RewriteParameters, RewriteSummary, Unlocked,
 };
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,9 @@ fn rotate_header(mut job: Job<RewriteParameters>, state: &DaemonContext) -> Resu
         Purpose::Other,
     )?;
     let new_key = keys.encryption_key()?;
+    job.reporter
+        .audit()
+        .encryption_key(&new_key.key.fingerprint);
     let pbkdf = chosen_pbkdf(&job, &keys)?;
     let caps = unlock::caps(&job);
     let image = unlock::lock_image(image.file, true)?;
@@ -503,6 +506,9 @@ fn reencrypt(
         Purpose::Other,
     )?;
     let new_key = keys.encryption_key()?;
+    job.reporter
+        .audit()
+        .encryption_key(&new_key.key.fingerprint);
     let pbkdf = chosen_pbkdf(&job, &keys)?;
     let caps = unlock::caps(&job);
     let image = unlock::lock_image(image.file, false)?;
@@ -587,6 +593,7 @@ fn reencrypt(
     let output_size = data_offset + payload_size;
     let mut done = resumed_from.unwrap_or(0);
     let engine = UserspaceEngine::new();
+    job.reporter.audit().engine(EngineKind::Userspace);
     job.reporter.progress(Phase::Copy, done, payload_size);
     while done < payload_size {
         job.check_cancel()?;

@@ -268,6 +268,7 @@ pub fn open_plaintext<P>(job: &Job<P>, image: &File, keys: &JobKeys) -> Result<O
                 cipher = plaintext.cipher_name(),
                 "unlocked a vhd-util VHD (key hash matched)"
             );
+            job.reporter.audit().unlock_key(&unlocked.fingerprint);
             Ok(OpenedImage {
                 format: OutputFormat::Vhd,
                 plaintext: Box::new(plaintext),
@@ -337,5 +338,6 @@ fn unlock_image<P>(
         attempts = unlocked.attempts,
         "unlocked"
     );
+    job.reporter.audit().unlock_key(&unlocked.fingerprint);
     Ok((luks, volume_key, unlocked))
 }

@@ -464,7 +464,16 @@ impl Connection {
                     reporter: reporter.clone(),
                     cancel: cancel.clone(),
                 };
-                work(job, context)
+                jobs::audit::audited(
+                    &what,
+                    jobs::audit::Caller {
+                        gid: peer.gid,
+                        pid: peer.pid,
+                    },
+                    job,
+                    context,
+                    work,
+                )
             },
         )
         .await

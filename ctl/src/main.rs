@@ -52,6 +52,8 @@ enum Command {
     Verify(commands::verify::VerifyArgs),
     /// Rotate a LUKS image to the key ring's encryption_key (-k), optionally re-encrypting it.
     Rewrite(commands::rewrite::RewriteArgs),
+    /// Ask the daemon about itself: `imgctl daemon status` (version, engines, jobs, limits).
+    Daemon(commands::daemon::DaemonArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         Command::Decrypt(args) => commands::decrypt::run(args, socket, &ring),
         Command::Verify(args) => commands::verify::run(args, socket, &ring),
         Command::Rewrite(args) => commands::rewrite::run(args, socket, &ring),
+        Command::Daemon(args) => commands::daemon::run(args, socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

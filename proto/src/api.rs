@@ -864,6 +864,167 @@ impl ErrorParameters {
     }
 }
 
+// --- daemon status ---
+
+/// `imgctl daemon status`: the daemon's version, engines, jobs, limits and uptime.
+pub const GET_DAEMON_STATUS: &str = "io.imgcrypt.GetDaemonStatus";
+
+/// Who a daemon serves.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonMode {
+    /// The system daemon: every user who may open its socket.
+    System,
+    /// A per-user daemon (`imgcryptd --user`): its own user only.
+    User,
+}
+
+/// One engine: whether it can run here, and if not, why.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// Which engine.
+    pub engine: EngineKind,
+    /// Whether jobs may use it.
+    pub available: bool,
+    /// Why not, and what to do (absent when available).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Whether a job asking for `auto` gets this engine.
+    pub auto: bool,
+}
+
+/// Jobs holding a slot and jobs waiting for one.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobCounts {
+    /// Jobs running.
+    pub running: u64,
+    /// Jobs waiting for a slot.
+    pub queued: u64,
+}
+
+/// One user's share of the daemon (shown to root only).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserJobs {
+    /// The user.
+    pub uid: u32,
+    /// Jobs running.
+    pub running: u64,
+    /// Jobs waiting for a slot.
+    pub queued: u64,
+}
+
+/// The daemon's limits in force (after its adjustments).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DaemonLimits {
+    /// Jobs running at once, all users together (--max-jobs).
+    pub max_jobs: u64,
+    /// Jobs of one user running at once (--max-jobs-per-user).
+    pub max_jobs_per_user: u64,
+    /// Jobs of one user waiting for a slot (--max-queued-per-user; root is exempt).
+    pub max_queued_per_user: u64,
+    /// Connections of all users together (--max-connections).
+    pub max_connections: u64,
+    /// Connections of one user (--max-connections-per-user; root is exempt).
+    pub max_connections_per_user: u64,
+    /// Seconds an idle connection stays open (--idle-connection-timeout).
+    pub idle_connection_timeout_s: u64,
+}
+
+/// The reply of `GetDaemonStatus`. Every caller sees the totals and its own counts; only root
+/// sees `users` (who else is using the daemon is not other users' business).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DaemonStatus {
+    /// The daemon's version (as `GetInfo`'s).
+    pub version: String,
+    /// System or per-user daemon.
+    pub mode: DaemonMode,
+    /// Seconds since the daemon started serving.
+    pub uptime_s: u64,
+    /// Each engine, the kernel's with why it cannot run here.
+    pub engines: Vec<EngineStatus>,
+    /// Jobs of all users.
+    pub jobs: JobCounts,
+    /// The caller's own jobs.
+    pub own_jobs: JobCounts,
+    /// Connections open now, all users together (this one included).
+    pub connections: u64,
+    /// Limits in force.
+    pub limits: DaemonLimits,
+    /// PBKDF configurations whose benchmark is cached (the start-up benchmark caches the two a
+    /// job with default settings uses).
+    pub pbkdf_benchmarks_cached: u64,
+    /// Per-user counts of every user with a job running or queued (root only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub users: Option<Vec<UserJobs>>,
+}
+
+#[cfg(test)]
+mod daemon_status_tests {
+    use super::*;
+
+    /// Every field of the reply is in the documented method, and the method is defined.
+    #[test]
+    fn daemon_status_is_documented() {
+        let status = DaemonStatus {
+            version: "0".into(),
+            mode: DaemonMode::User,
+            uptime_s: 1,
+            engines: vec![EngineStatus {
+                engine: EngineKind::Kernel,
+                available: false,
+                reason: Some("no dm_mod".into()),
+                auto: false,
+            }],
+            jobs: JobCounts::default(),
+            own_jobs: JobCounts::default(),
+            connections: 1,
+            limits: DaemonLimits {
+                max_jobs: 2,
+                max_jobs_per_user: 1,
+                max_queued_per_user: 8,
+                max_connections: 256,
+                max_connections_per_user: 16,
+                idle_connection_timeout_s: 120,
+            },
+            pbkdf_benchmarks_cached: 0,
+            users: Some(vec![UserJobs {
+                uid: 1000,
+                running: 1,
+                queued: 0,
+            }]),
+        };
+        let value = serde_json::to_value(&status).unwrap();
+        let mut names = Vec::new();
+        fn keys(value: &serde_json::Value, out: &mut Vec<String>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (key, inner) in map {
+                        out.push(key.clone());
+                        keys(inner, out);
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter().for_each(|item| keys(item, out)),
+                _ => {}
+            }
+        }
+        keys(&value, &mut names);
+        let block = INTERFACE_DESCRIPTION
+            .split("# --- daemon status ---")
+            .nth(1)
+            .expect("the daemon status block in docs/io.imgcrypt.varlink");
+        for name in names {
+            assert!(block.contains(&format!("{name}:")), "{name} undocumented");
+        }
+        assert_eq!(value["mode"], "user");
+        assert_eq!(value["engines"][0]["engine"], "kernel");
+        let members = crate::varlink::grammar::check(INTERFACE_DESCRIPTION).unwrap();
+        let short = GET_DAEMON_STATUS.strip_prefix("io.imgcrypt.").unwrap();
+        assert!(members.iter().any(|member| member == short));
+        let back: DaemonStatus = serde_json::from_value(value).unwrap();
+        assert_eq!(back, status);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

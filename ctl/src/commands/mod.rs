@@ -1,5 +1,6 @@
 //! One module per imgctl subcommand.
 
+pub mod daemon;
 pub mod decrypt;
 pub mod encrypt;
 pub mod inspect;

@@ -150,6 +150,33 @@ impl Scheduler {
         self.lock().running
     }
 
+    /// Jobs waiting for a slot now, all uids together.
+    pub fn queued(&self) -> usize {
+        self.lock().queued.values().map(VecDeque::len).sum()
+    }
+
+    /// `(uid, running, queued)` of every uid with a job running or waiting, by uid.
+    pub fn by_uid(&self) -> Vec<(u32, usize, usize)> {
+        let inner = self.lock();
+        let mut uids: Vec<u32> = inner
+            .running_by_uid
+            .keys()
+            .chain(inner.queued.keys())
+            .copied()
+            .collect();
+        uids.sort_unstable();
+        uids.dedup();
+        uids.into_iter()
+            .map(|uid| {
+                (
+                    uid,
+                    inner.running_by_uid.get(&uid).copied().unwrap_or(0),
+                    inner.queued.get(&uid).map_or(0, VecDeque::len),
+                )
+            })
+            .collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The critical sections cannot panic half-way; a poisoned lock still holds sound counts.
         self.inner
@@ -325,6 +352,23 @@ mod tests {
         let _q2 = queued(scheduler.admit(1000).unwrap());
         assert_eq!(scheduler.admit(1000).unwrap_err(), QueueFull { limit: 2 });
         let _root: Vec<_> = (0..5).map(|_| scheduler.admit(0).unwrap()).collect();
+    }
+
+    #[test]
+    fn counts_running_and_queued_by_uid() {
+        let slots = scheduler(2, 1, 8);
+        let _a = running(slots.admit(1000).unwrap());
+        let _b = running(slots.admit(1001).unwrap());
+        let _c = queued(slots.admit(1000).unwrap());
+        let d = queued(slots.admit(1000).unwrap());
+        let _e = queued(slots.admit(1002).unwrap());
+        assert_eq!((slots.running(), slots.queued()), (2, 3));
+        assert_eq!(
+            slots.by_uid(),
+            vec![(1000, 1, 2), (1001, 1, 0), (1002, 0, 1)]
+        );
+        drop(d);
+        assert_eq!(slots.queued(), 2);
     }
 
     #[test]

@@ -131,6 +131,19 @@ impl EngineSet {
         })
     }
 
+    /// Why the kernel engine cannot run here, or `None` when it can.
+    pub fn kernel_unavailable(&self) -> Option<&str> {
+        self.kernel.as_ref().err().map(String::as_str)
+    }
+
+    /// The engine a job asking for `auto` gets.
+    pub fn auto(&self) -> EngineKind {
+        match self.auto {
+            imgcrypt_proto::api::EngineChoice::Kernel => EngineKind::Kernel,
+            _ => EngineKind::Userspace,
+        }
+    }
+
     /// The engine for a job that asked for `choice`.
     pub fn resolve(
         &self,

@@ -169,6 +169,17 @@ impl Cache {
         Some((entry.measured, age))
     }
 
+    /// Configurations with a measurement still fresh at `now` on `cpus` CPUs.
+    pub fn fresh(&self, now: Instant, cpus: usize) -> usize {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .values()
+            .filter(|entry| {
+                now.saturating_duration_since(entry.at) < self.ttl && entry.cpus == cpus
+            })
+            .count()
+    }
+
     /// Remembers `measured` for `key`, taken at `at` with `cpus` CPUs.
     pub fn insert(&self, key: BenchKey, measured: Measured, at: Instant, cpus: usize) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());

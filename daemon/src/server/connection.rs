@@ -414,6 +414,7 @@ impl Connection {
                     .job::<_, RewriteReply>(call, fds, state, stop, jobs::rewrite::run)
                     .await
             }
+            api::GET_DAEMON_STATUS => Reply::ok(super::status::daemon_status(state, peer.uid)),
             other => unknown_method(other),
         };
         if call.oneway {

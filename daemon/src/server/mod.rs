@@ -15,6 +15,7 @@
 
 mod connection;
 pub mod listener;
+mod status;
 pub mod systemd;
 
 use std::collections::HashMap;
@@ -108,6 +109,8 @@ pub struct ServerState {
     pub config: ServerConfig,
     /// Open connections, counted for the caps.
     connections: Arc<Mutex<ConnectionCounts>>,
+    /// When the server state was made: the daemon's uptime counts from here.
+    started: Instant,
 }
 
 impl ServerState {
@@ -117,7 +120,21 @@ impl ServerState {
             context,
             connections: Arc::default(),
             config,
+            started: Instant::now(),
         })
+    }
+
+    /// Connections open now, all users together.
+    pub fn open_connections(&self) -> usize {
+        self.connections
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .total
+    }
+
+    /// How long the daemon has served.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// Counts a new connection of `uid`, or says which cap it would exceed.

@@ -1012,3 +1012,42 @@ pub fn daemon_with_ring(dir: &Path) -> Daemon {
         &["--socket-mode", "0666", "--keyring", ring.to_str().unwrap()],
     )
 }
+
+/// The journald `MESSAGE_ID` of the daemon's audit records (daemon/src/jobs/audit.rs).
+pub const AUDIT_MESSAGE_ID: &str = "35db536a90ca4c43b8300e87186d9a9a";
+
+/// The audit records in a daemon's stderr log (target `imgcryptd::audit`), each as its fields
+/// (`job_id`, `result`, ...) plus `message`, the text before the fields.
+pub fn audit_records(log: &str) -> Vec<std::collections::HashMap<String, String>> {
+    log.lines()
+        .filter_map(|line| line.split_once(" imgcryptd::audit: "))
+        .map(|(_, rest)| {
+            let mut fields = std::collections::HashMap::new();
+            let mut message = Vec::new();
+            for word in rest.split_whitespace() {
+                match word.split_once('=') {
+                    Some((name, value))
+                        if !name.is_empty()
+                            && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') =>
+                    {
+                        fields.insert(name.to_string(), value.trim_matches('"').to_string());
+                    }
+                    _ => message.push(word),
+                }
+            }
+            fields.insert("message".to_string(), message.join(" "));
+            fields
+        })
+        .collect()
+}
+
+/// `imgctl daemon status --json` by `command` (an imgctl aimed at the daemon), parsed.
+pub fn daemon_status(mut command: Command) -> serde_json::Value {
+    let output = run_ok(command.args(["daemon", "status", "--json"]));
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "daemon status --json is not JSON ({e}): {}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    })
+}

@@ -29,8 +29,8 @@ const SOURCE_BYTES: usize = 3 << 20;
 /// Longest a short call may take to be answered while the load runs.
 const ANSWER_BOUND: Duration = Duration::from_secs(2);
 /// The daemon's peak resident memory may not exceed this (VmHWM; about 40 MiB here, debug
-/// build). Two jobs' buffers plus
-/// 50 connections; a leak per job or per connection would show well above it.
+/// build): two jobs' buffers plus 50 connections. A leak per job or per connection would show
+/// well above it.
 const MEMORY_CEILING_KIB: u64 = 128 * 1024;
 /// The whole load must be done within this.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(120);

@@ -20,7 +20,10 @@
 //! - `status-text`: `systemctl status` shows the daemon's STATUS= text;
 //! - `kernel-engine`: `--engine kernel` works inside the sandbox (loop + dm-crypt), leaves no
 //!   device, and decrypts to the source;
-//! - `journal-fields`: `journalctl -o json` has the job's structured fields;
+//! - `journal-fields`: `journalctl -o json` has the job's structured fields under their own
+//!   names (`JOB_ID`, `USER_UID`, `ENGINE`, ...; no `F_` prefix), and
+//!   `journalctl MESSAGE_ID=<the audit id>` one audit record per job with `BYTES`, `RESULT`,
+//!   the files' identity and the key's fingerprint;
 //! - `stop-mid-job`: while the job reads its source (behind dm-delay), `systemctl status` shows
 //!   "1 job running"; mid-copy, `systemctl stop` tears down the job's mapper and loop device, imgctl fails and
 //!   leaves no output; after `systemctl start` the same command completes;

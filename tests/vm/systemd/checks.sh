@@ -20,6 +20,8 @@ LOSETUP=/usr/sbin/losetup
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 SOCKET=/run/imgcrypt/io.imgcrypt
+# The MESSAGE_ID of the daemon's audit records (daemon/src/jobs/audit.rs).
+AUDIT_MESSAGE_ID=35db536a90ca4c43b8300e87186d9a9a
 MEMBER=alice
 OUTSIDER=bob
 
@@ -181,16 +183,39 @@ check_journal_fields() {
     # Both jobs of the earlier checks.
     [ "$(wc -l </tmp/encrypted.json)" -ge 2 ] || fail "fewer than two 'encrypted' entries"
     line=$(head -n 1 /tmp/encrypted.json)
-    for field in '"F_JOB":"' '"F_FORMAT":"luks"' '"F_FINGERPRINT":"' '"F_OUTPUT_SIZE":"' \
+    # The event's own fields and the job span's (JOB_ID, USER_UID, ENGINE), with no prefix.
+    for field in '"JOB":"' '"FORMAT":"luks"' '"FINGERPRINT":"' '"OUTPUT_SIZE":"' \
+        '"JOB_ID":"' '"USER_UID":"' '"ENGINE":"' \
         '"_SYSTEMD_UNIT":"imgcryptd.service"' '"PRIORITY":"5"'; do
         case $line in
         *"$field"*) ;;
         *) fail "the journal entry lacks $field: $line" ;;
         esac
     done
+    if grep -q '"F_' /tmp/journal.json; then
+        fail "a field still has tracing-journald's F_ prefix: $(grep -o '"F_[A-Z_]*"' /tmp/journal.json | sort -u | tr '\n' ' ')"
+    fi
     grep -q '"MESSAGE":"kernel engine (loop device + dm-crypt) available"' /tmp/journal.json ||
         fail "the daemon did not log the kernel engine as available"
-    echo "$line" | tr ',' '\n' | grep '"F_'
+    echo "$line" | tr ',' '\n' | grep -E '"(JOB|JOB_ID|USER_UID|ENGINE|FORMAT|FINGERPRINT|OUTPUT_SIZE)"'
+
+    # One audit record per job, found by its MESSAGE_ID (daemon/src/jobs/audit.rs).
+    journalctl --no-pager -u imgcryptd.service -o json MESSAGE_ID="$AUDIT_MESSAGE_ID" \
+        >/tmp/audit.json || fail "journalctl MESSAGE_ID=$AUDIT_MESSAGE_ID failed"
+    grep '"METHOD":"encrypt"' /tmp/audit.json | grep '"RESULT":"succeeded"' >/tmp/audit-encrypt.json
+    [ "$(wc -l </tmp/audit-encrypt.json)" -ge 2 ] ||
+        fail "fewer than two succeeded encrypt audit records: $(cat /tmp/audit.json)"
+    line=$(grep '"ENGINE":"kernel"' /tmp/audit-encrypt.json | head -n 1)
+    [ -n "$line" ] || fail "no audit record of the kernel engine's job: $(cat /tmp/audit-encrypt.json)"
+    for field in '"JOB_ID":"' '"USER_UID":"' '"USER_GID":"' '"USER_PID":"' '"BYTES":"' \
+        '"SOURCE_DEV":"' '"SOURCE_INO":"' '"SOURCE_SIZE":"' '"SOURCE_MTIME":"' \
+        '"OUTPUT_DEV":"' '"OUTPUT_INO":"' '"KEY_FINGERPRINT":"' '"DURATION_MS":"'; do
+        case $line in
+        *"$field"*) ;;
+        *) fail "the audit record lacks $field: $line" ;;
+        esac
+    done
+    echo "$line" | tr ',' '\n' | grep -E '"(MESSAGE|METHOD|RESULT|ENGINE|BYTES|USER_UID|KEY_FINGERPRINT)"'
 }
 
 # --- systemctl stop mid-job tears down; STATUS while it runs; a re-run after start completes -----

@@ -299,9 +299,12 @@ mod tests {
     use super::*;
     use crate::jobs::{PassedDescriptors, Reporter};
 
-    /// Every event seen: its target and its fields (span fields first, as `span.NAME`).
+    /// One event seen: its target and its fields (its spans' fields as `span.NAME`).
+    type Event = (String, BTreeMap<String, String>);
+
+    /// Every event seen.
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<(String, BTreeMap<String, String>)>>>);
+    struct Captured(Arc<Mutex<Vec<Event>>>);
 
     struct Fields<'a>(&'a mut BTreeMap<String, String>, &'a str);
 

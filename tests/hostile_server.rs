@@ -9,7 +9,7 @@ mod common;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,13 +23,6 @@ use serde_json::json;
 
 /// The start of a call whose terminating NUL never comes.
 const UNFINISHED: &[u8] = br#"{"method":"io.imgcrypt.Encrypt","parameters":{"#;
-
-/// A root daemon every test user may connect to, with `extra` flags.
-fn shared_daemon(dir: &Path, extra: &[&str]) -> Daemon {
-    let mut arguments = vec!["--socket-mode", "0666"];
-    arguments.extend_from_slice(extra);
-    Daemon::start(dir, &arguments)
-}
 
 /// A connection made by `user` (SO_PEERCRED is taken at connect time).
 fn connect_as(user: TestUser, socket: &Path) -> RawClient {
@@ -124,17 +117,6 @@ fn log_lines(daemon: &Daemon, message: &str, uid: u32) -> usize {
 fn logged_for(line: &str, uid: u32) -> bool {
     let field = format!("uid={uid}");
     line.split_whitespace().any(|word| word == field)
-}
-
-/// A directory owned by `user` holding a raw source of `size`, a key and room for outputs.
-fn user_files(dir: &Path, user: TestUser, name: &str, size: &str) -> (PathBuf, PathBuf, PathBuf) {
-    let home = dir.join(name);
-    fs::create_dir(&home).unwrap();
-    let source = make_source(&home, SourceKind::Raw, size);
-    let key = home.join("key");
-    write_key(&key);
-    user.own(&[&home, &source, &key]);
-    (home, source, key)
 }
 
 /// `imgctl encrypt` as `user`, cheap keyslot, no progress bar.

@@ -12,28 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A root daemon every test user may connect to.
-fn shared_daemon(dir: &Path, extra: &[&str]) -> Daemon {
-    let mut arguments = vec!["--socket-mode", "0666"];
-    arguments.extend_from_slice(extra);
-    Daemon::start(dir, &arguments)
-}
-
-/// A directory owned by `user` with a raw source of `size`, a key, room for outputs.
-fn user_files(
-    dir: &Path,
-    user: TestUser,
-    name: &str,
-    size: &str,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let home = shared_dir(dir, name);
-    let source = make_source(&home, SourceKind::Raw, size);
-    let key = home.join("key");
-    write_key(&key);
-    user.own(&[&home, &source, &key]);
-    (home, source, key)
-}
-
 fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {

@@ -1051,3 +1051,26 @@ pub fn daemon_status(mut command: Command) -> serde_json::Value {
         )
     })
 }
+
+/// A root daemon every test user may connect to (socket mode 0666), with `extra` flags.
+pub fn shared_daemon(dir: &Path, extra: &[&str]) -> Daemon {
+    let mut arguments = vec!["--socket-mode", "0666"];
+    arguments.extend_from_slice(extra);
+    Daemon::start(dir, &arguments)
+}
+
+/// A directory `dir/name` owned by `user` holding a raw source of `size` (see
+/// [`make_source`]), a key and room for outputs: `(home, source, key)`.
+pub fn user_files(
+    dir: &Path,
+    user: TestUser,
+    name: &str,
+    size: &str,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let home = shared_dir(dir, name);
+    let source = make_source(&home, SourceKind::Raw, size);
+    let key = home.join("key");
+    write_key(&key);
+    user.own(&[&home, &source, &key]);
+    (home, source, key)
+}

@@ -297,7 +297,7 @@ mod tests {
     use tracing_subscriber::registry::LookupSpan;
 
     use super::*;
-    use crate::jobs::{PassedDescriptors, Reporter};
+    use crate::jobs::{testing, PassedDescriptors, Reporter};
 
     /// One event seen: its target and its fields (its spans' fields as `span.NAME`).
     type Event = (String, BTreeMap<String, String>);
@@ -381,12 +381,6 @@ mod tests {
     fn one_record_per_job_with_every_field_and_never_the_key() {
         use std::os::unix::fs::PermissionsExt;
 
-        use imgcrypt_proto::api::{EncryptParameters, EngineChoice, LuksVersion, Pbkdf, PbkdfKind};
-
-        use crate::context::DaemonConfig;
-        use crate::engines::userspace::UserspaceEngine;
-        use crate::engines::EngineSet;
-
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let source = dir.path().join("disk.raw");
         let bytes: Vec<u8> = (0..2u32 << 20).map(|i| (i % 251) as u8).collect();
@@ -397,35 +391,12 @@ mod tests {
         let output = dir.path().join("disk.luks.partial");
         std::fs::File::create(&output).unwrap();
 
-        let engines = EngineSet::new(
-            EngineChoice::Userspace,
-            Arc::new(UserspaceEngine::new()),
-            Err("not probed in a unit test".to_string()),
-        )
-        .unwrap();
-        let context = DaemonContext::new(engines, DaemonConfig::default());
+        let context = testing::userspace_context();
         let (reporter, _reports) = Reporter::channel();
-        let parameters = EncryptParameters {
-            source: 0,
-            companions: Vec::new(),
-            output: 1,
-            key: Some(2),
-            source_key: None,
-            luks_version: LuksVersion::Luks2,
-            sector_size: 512,
-            pbkdf: Some(Pbkdf {
-                kind: Some(PbkdfKind::Pbkdf2),
-                iterations: Some(1000),
-                ..Pbkdf::default()
-            }),
-            engine: EngineChoice::Userspace,
-            format: None,
-            target: None,
-        };
         let job = Job {
             id: 4242,
             caller_uid: 1234,
-            parameters,
+            parameters: testing::cheap_encrypt(),
             descriptors: PassedDescriptors::new(vec![
                 open(&source, false),
                 open(&output, true),
@@ -506,13 +477,7 @@ mod tests {
     /// A failing and a cancelled job each get their record, with the error kind.
     #[test]
     fn failures_and_cancellations_are_recorded() {
-        let engines = crate::engines::EngineSet::new(
-            imgcrypt_proto::api::EngineChoice::Userspace,
-            Arc::new(crate::engines::userspace::UserspaceEngine::new()),
-            Err("not probed".to_string()),
-        )
-        .unwrap();
-        let context = DaemonContext::new(engines, crate::context::DaemonConfig::default());
+        let context = testing::userspace_context();
         let job = || {
             let (reporter, _) = Reporter::channel();
             Job {

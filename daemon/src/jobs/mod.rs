@@ -331,6 +331,52 @@ impl Reporter {
     }
 }
 
+/// What unit tests of jobs share: a context with the userspace engine only, and Encrypt
+/// parameters with a cheap keyslot.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use imgcrypt_proto::api::{EncryptParameters, EngineChoice, LuksVersion, Pbkdf, PbkdfKind};
+
+    use crate::context::{DaemonConfig, DaemonContext};
+    use crate::engines::userspace::UserspaceEngine;
+    use crate::engines::EngineSet;
+
+    /// A context with the default limits whose only engine is the userspace one.
+    pub fn userspace_context() -> Arc<DaemonContext> {
+        let engines = EngineSet::new(
+            EngineChoice::Userspace,
+            Arc::new(UserspaceEngine::new()),
+            Err("not probed in a unit test".to_string()),
+        )
+        .unwrap();
+        DaemonContext::new(engines, DaemonConfig::default())
+    }
+
+    /// Encrypt descriptor 0 into descriptor 1 with the key file at descriptor 2: raw LUKS2,
+    /// the userspace engine, pbkdf2 with 1000 iterations.
+    pub fn cheap_encrypt() -> EncryptParameters {
+        EncryptParameters {
+            source: 0,
+            companions: Vec::new(),
+            output: 1,
+            key: Some(2),
+            source_key: None,
+            luks_version: LuksVersion::Luks2,
+            sector_size: 512,
+            pbkdf: Some(Pbkdf {
+                kind: Some(PbkdfKind::Pbkdf2),
+                iterations: Some(1000),
+                ..Pbkdf::default()
+            }),
+            engine: EngineChoice::Userspace,
+            format: None,
+            target: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -407,14 +453,7 @@ mod tests {
         use std::io::Write;
         use std::os::unix::fs::PermissionsExt;
 
-        use imgcrypt_proto::api::{
-            EncryptParameters, EngineChoice, KeyRef, LuksVersion, OutputFormat, Pbkdf, PbkdfKind,
-            VerifyParameters,
-        };
-
-        use crate::context::{DaemonConfig, DaemonContext};
-        use crate::engines::userspace::UserspaceEngine;
-        use crate::engines::EngineSet;
+        use imgcrypt_proto::api::{KeyRef, OutputFormat, VerifyParameters};
 
         let dir = tempfile::tempdir_in("/var/tmp").unwrap();
         let source = dir.path().join("disk.raw");
@@ -431,13 +470,7 @@ mod tests {
         let output = dir.path().join("disk.luks.partial");
         std::fs::File::create(&output).unwrap();
 
-        let engines = EngineSet::new(
-            EngineChoice::Userspace,
-            Arc::new(UserspaceEngine::new()),
-            Err("not probed in a unit test".to_string()),
-        )
-        .unwrap();
-        let context = DaemonContext::new(engines, DaemonConfig::default());
+        let context = testing::userspace_context();
         let (reporter, _reports) = Reporter::channel();
         fn job<P>(parameters: P, descriptors: Vec<OwnedFd>, reporter: &Reporter) -> Job<P> {
             Job {
@@ -450,23 +483,7 @@ mod tests {
             }
         }
 
-        let encrypt = EncryptParameters {
-            source: 0,
-            companions: Vec::new(),
-            output: 1,
-            key: Some(2),
-            source_key: None,
-            luks_version: LuksVersion::Luks2,
-            sector_size: 512,
-            pbkdf: Some(Pbkdf {
-                kind: Some(PbkdfKind::Pbkdf2),
-                iterations: Some(1000),
-                ..Pbkdf::default()
-            }),
-            engine: EngineChoice::Userspace,
-            format: None,
-            target: None,
-        };
+        let encrypt = testing::cheap_encrypt();
         let descriptors = vec![open(&source, false), open(&output, true), open(&key, false)];
         let summary = encrypt::run(job(encrypt, descriptors, &reporter), &context).unwrap();
         assert_eq!(summary.output_format, OutputFormat::Luks);

@@ -219,10 +219,26 @@ fn daemon_status_shows_engines_jobs_and_limits_and_other_users_only_to_root() {
         assert!(text.contains(expected), "{expected:?} not in:\n{text}");
     }
 
-    for mut job in jobs {
+    // The queued job's client first, so its job cannot take the slot the other frees.
+    for mut job in jobs.into_iter().rev() {
         let _ = job.kill();
         let _ = job.wait();
+        wait_until("the queued job to leave", Duration::from_secs(20), || {
+            daemon.log_text().contains("job left the queue")
+        });
     }
+    // The running job was cancelled when its client died: its audit record says so. The
+    // queued one never ran and has none.
+    wait_until(
+        "the cancelled job's audit record",
+        Duration::from_secs(20),
+        || !audit_records(&daemon.log_text()).is_empty(),
+    );
+    let records = audit_records(&daemon.log_text());
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0]["result"], "cancelled");
+    assert_eq!(records[0]["user_uid"], first.uid.to_string());
+    assert!(!records[0].contains_key("error_kind"), "{records:#?}");
 }
 
 #[test]

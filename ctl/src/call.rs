@@ -173,6 +173,36 @@ where
     }
 }
 
+/// Re-attaches to job `id` (`Wait`): shows its progress and notices on `display` like
+/// [`run_job`] and returns the job's own final reply, whichever call it was.
+pub fn wait_job(client: &mut Client, id: u64, display: &mut Display) -> Result<api::WaitReply> {
+    let method = api::WAIT;
+    client.send(&new_call(method, &api::JobId { id }, true), &[])?;
+    loop {
+        let reply = client.receive()?;
+        if let Some(error) = daemon_error(&reply) {
+            if let CtlError::Daemon { name, message } = &error {
+                display.error(Some(name), message);
+            }
+            return Err(error);
+        }
+        let parameters = reply.parameters.unwrap_or_default();
+        if !reply.continues {
+            return serde_json::from_value(parameters)
+                .map_err(|e| CtlError::Protocol(format!("malformed {method} reply: {e}")));
+        }
+        match event::<api::EncryptReply>(method, parameters)? {
+            Event::Progress(progress) => display.progress(&progress),
+            Event::Notice(text) => display.notice(&text),
+            Event::Done(_) => {
+                return Err(CtlError::Protocol(format!(
+                    "the daemon sent {method}'s result in a partial reply"
+                )))
+            }
+        }
+    }
+}
+
 fn new_call(method: &str, parameters: &impl Serialize, more: bool) -> Call {
     Call {
         method: method.to_string(),
@@ -308,6 +338,7 @@ mod tests {
             phase: Phase::Unlock,
             bytes_done: 1,
             bytes_total: 2,
+            queue_position: None,
         };
         assert_eq!(
             event::<DecryptReply>("D", wire(DecryptReply::progress(progress))).unwrap(),

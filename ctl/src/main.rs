@@ -52,6 +52,9 @@ enum Command {
     Verify(commands::verify::VerifyArgs),
     /// Rotate a LUKS image to the key ring's encryption_key (-k), optionally re-encrypting it.
     Rewrite(commands::rewrite::RewriteArgs),
+    /// `jobs`, `status ID`, `cancel ID`, `wait ID`: the daemon's jobs.
+    #[command(flatten)]
+    Jobs(commands::jobs::JobCommand),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Decrypt(args) => commands::decrypt::run(args, socket, &ring),
         Command::Verify(args) => commands::verify::run(args, socket, &ring),
         Command::Rewrite(args) => commands::rewrite::run(args, socket, &ring),
+        Command::Jobs(command) => commands::jobs::run(command, socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -173,6 +177,33 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.to_string(), commands::rewrite::NEEDS_K);
         assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn job_commands_are_top_level() {
+        use commands::jobs::JobCommand;
+        assert!(matches!(
+            parse(&["jobs", "--json"]).unwrap(),
+            Command::Jobs(JobCommand::Jobs(args)) if args.json
+        ));
+        assert!(matches!(
+            parse(&["wait", "12"]).unwrap(),
+            Command::Jobs(JobCommand::Wait(args)) if args.id == 12
+        ));
+        assert!(matches!(
+            parse(&["status", "3"]).unwrap(),
+            Command::Jobs(JobCommand::Status(_))
+        ));
+        assert!(matches!(
+            parse(&["cancel", "3"]).unwrap(),
+            Command::Jobs(JobCommand::Cancel(_))
+        ));
+        assert!(parse(&["wait"]).is_err());
+        let Command::Encrypt(args) = parse(&["encrypt", "s", "-o", "o", "--detach"]).unwrap()
+        else {
+            panic!("not encrypt")
+        };
+        assert!(args.detach);
     }
 
     #[test]

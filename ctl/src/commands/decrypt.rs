@@ -111,6 +111,7 @@ mod tests {
                     phase: Phase::Copy,
                     bytes_done: 1,
                     bytes_total: 9,
+                    queue_position: None,
                 })),
                 Reply::partial(DecryptReply::notice("a notice".into())),
                 Reply::ok(DecryptReply::done(DecryptSummary {

@@ -11,8 +11,8 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use imgcrypt_proto::api::{
-    self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, OutputFormat, Pbkdf,
-    PbkdfKind, Target,
+    self, EncryptParameters, EncryptReply, EngineChoice, JobNames, LuksVersion, OutputFormat,
+    Pbkdf, PbkdfKind, Target,
 };
 
 use crate::call;
@@ -66,6 +66,13 @@ pub struct EncryptArgs {
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Hand the job to the daemon and return: prints the job's id. The job runs on after
+    /// imgctl exits, writing OUT.partial; `imgctl wait ID` follows it and, once it succeeded,
+    /// renames OUT.partial to OUT (the daemon never renames). `imgctl status ID` and
+    /// `imgctl cancel ID` see or stop it. A source that needs its backing files cannot be
+    /// detached (they are asked for while the job runs): run it without --detach.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// Key-derivation options of a new keyslot, shared by `encrypt` and `rewrite -k`.
@@ -204,6 +211,15 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     // The source key, if any, follows the key (or the output, without one).
     parameters.source_key = source_key.as_ref().map(|_| fds.len() as u32);
     fds.extend(source_key.as_ref().map(|key| key.as_fd()));
+    parameters.names = Some(names(&args));
+    if args.detach {
+        parameters.detach = Some(true);
+        let id = detached_job(client, &parameters, &fds)?;
+        drop(fds);
+        output.leave_to_detached_job();
+        report_detached(id, &args, &mut display);
+        return Ok(());
+    }
     let mut companions = Companions::new(&args.source);
     let summary = companions::with_companions(&mut companions, |companions| {
         parameters.companions = companions.refs(fds.len() as u32);
@@ -231,6 +247,55 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     };
     display.summary(&args.source, &final_path, &summary, &next);
     Ok(())
+}
+
+/// How the job's files are named in `imgctl jobs` and where `imgctl wait` renames: absolute,
+/// so that a `wait` from another directory finds them.
+fn names(args: &EncryptArgs) -> JobNames {
+    let absolute = |path: &std::path::Path| {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    };
+    JobNames {
+        source: Some(absolute(&args.source)),
+        output: Some(absolute(&args.output)),
+    }
+}
+
+/// `--detach`: the daemon answers with the job's id at once; `OUT.partial` is left to the job
+/// (kept when imgctl exits) and to `imgctl wait`, which renames it.
+fn detached_job(
+    mut client: crate::client::Client,
+    parameters: &EncryptParameters,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<u64> {
+    let reply: EncryptReply = call::call_once(&mut client, api::ENCRYPT, parameters, fds)?;
+    reply.job_id.ok_or_else(|| {
+        CtlError::Protocol(
+            "the daemon did not answer a detached Encrypt with a job id: it is older than \
+             imgctl; run without --detach"
+                .to_string(),
+        )
+    })
+}
+
+/// Prints a detached job's id (stdout) and what to do next (stderr).
+fn report_detached(id: u64, args: &EncryptArgs, display: &mut Display) {
+    let hint = format!(
+        "job {id} runs on in imgcryptd, writing {}.partial; `imgctl wait {id}` finishes it \
+         (follows it and renames the output to {}), `imgctl status {id}` shows it",
+        args.output.display(),
+        args.output.display()
+    );
+    display.finish(
+        serde_json::json!({ "event": "detached", "job_id": id, "output": args.output }),
+        &format!("{id}\n"),
+    );
+    if !args.json {
+        eprintln!("imgctl: {hint}");
+    }
 }
 
 /// Protocol parameters from the options, with the checks that need no daemon.
@@ -281,6 +346,8 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
         },
         format: (format != OutputFormat::Luks || args.format.is_some()).then_some(format),
         target,
+        detach: None,
+        names: None,
     })
 }
 

@@ -3,6 +3,7 @@
 pub mod decrypt;
 pub mod encrypt;
 pub mod inspect;
+pub mod jobs;
 pub mod key;
 pub mod rewrite;
 pub mod verify;

@@ -836,7 +836,9 @@ streamed_reply!(RewriteReply, rewritten, RewriteSummary);
 // --- jobs ---
 
 /// Longest source or output name a job keeps (longer ones are cut at a character boundary).
-pub const MAX_JOB_NAME_LEN: usize = 1024;
+pub const MAX_JOB_NAME_LEN: usize = 512;
+/// Most jobs one `Jobs` reply lists (the newest ones the caller may see).
+pub const MAX_LISTED_JOBS: usize = 256;
 
 /// How the client names a job's files: for display, and for `imgctl wait`'s rename.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -972,7 +974,8 @@ pub struct JobId {
 /// Reply of `Jobs`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JobsReply {
-    /// The caller's jobs (everyone's for root and the operator group), oldest first.
+    /// The caller's jobs (everyone's for root and the operator group), oldest first; at most
+    /// the newest [`MAX_LISTED_JOBS`].
     pub jobs: Vec<JobInfo>,
 }
 

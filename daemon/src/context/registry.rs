@@ -21,7 +21,8 @@
 //! entry keeps at most [`MAX_NOTICES`] notices of at most [`MAX_NOTICE_LEN`] bytes (older ones
 //! are dropped, and a re-attaching client is told how many); progress is one latest value; and
 //! finished jobs are kept for [`RETENTION`]: 24 h, at most the 32 newest per uid and 1024 in
-//! all, then forgotten (a `Wait` or `Status` after that gets `NoSuchJob`).
+//! all, then forgotten (a `Wait` or `Status` after that gets `NoSuchJob`); names are cut to
+//! `MAX_JOB_NAME_LEN` and one `Jobs` reply lists at most `MAX_LISTED_JOBS`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use imgcrypt_proto::api::{
     EngineKind, ErrorParameters, FileIdentity, JobInfo, JobKind, JobNames, JobState, Phase,
-    Progress, StreamedReply, MAX_JOB_NAME_LEN,
+    Progress, StreamedReply, MAX_JOB_NAME_LEN, MAX_LISTED_JOBS,
 };
 use imgcrypt_proto::varlink::Reply;
 use tokio::sync::{watch, Notify};
@@ -244,14 +245,20 @@ impl Registry {
             .cloned()
     }
 
-    /// The jobs `viewer` may see, oldest first.
+    /// The jobs `viewer` may see, oldest first: the newest [`MAX_LISTED_JOBS`] of them, so
+    /// that one reply stays small (an operator could otherwise be sent every uid's kept jobs).
     pub fn list(&self, viewer: Viewer) -> Vec<JobInfo> {
         self.prune();
-        self.lock()
+        let mut jobs: Vec<JobInfo> = self
+            .lock()
             .values()
+            .rev()
             .filter(|entry| viewer.may_see(entry.uid))
+            .take(MAX_LISTED_JOBS)
             .map(|entry| entry.info())
-            .collect()
+            .collect();
+        jobs.reverse();
+        jobs
     }
 
     /// Cancels every queued or running job: the daemon is stopping.

@@ -153,13 +153,7 @@ where
 {
     client.send(&new_call(method, parameters, true), fds)?;
     loop {
-        let reply = client.receive()?;
-        if let Some(error) = daemon_error(&reply) {
-            if let CtlError::Daemon { name, message } = &error {
-                display.error(Some(name), message);
-            }
-            return Err(error);
-        }
+        let reply = receive_shown(client, display)?;
         match event::<R>(method, reply.parameters.unwrap_or_default())? {
             Event::Progress(progress) => display.progress(&progress),
             Event::Notice(text) => display.notice(&text),
@@ -179,13 +173,7 @@ pub fn wait_job(client: &mut Client, id: u64, display: &mut Display) -> Result<a
     let method = api::WAIT;
     client.send(&new_call(method, &api::JobId { id }, true), &[])?;
     loop {
-        let reply = client.receive()?;
-        if let Some(error) = daemon_error(&reply) {
-            if let CtlError::Daemon { name, message } = &error {
-                display.error(Some(name), message);
-            }
-            return Err(error);
-        }
+        let reply = receive_shown(client, display)?;
         let parameters = reply.parameters.unwrap_or_default();
         if !reply.continues {
             return serde_json::from_value(parameters)
@@ -200,6 +188,20 @@ pub fn wait_job(client: &mut Client, id: u64, display: &mut Display) -> Result<a
                 )))
             }
         }
+    }
+}
+
+/// The next reply of a job's stream; a daemon error is shown on `display` and returned.
+fn receive_shown(client: &mut Client, display: &mut Display) -> Result<Reply> {
+    let reply = client.receive()?;
+    match daemon_error(&reply) {
+        Some(error) => {
+            if let CtlError::Daemon { name, message } = &error {
+                display.error(Some(name), message);
+            }
+            Err(error)
+        }
+        None => Ok(reply),
     }
 }
 

@@ -170,7 +170,8 @@ struct EntryState {
 pub struct Update {
     /// Notices since the follower's cursor (with a line saying so first if some were dropped).
     pub notices: Vec<String>,
-    /// The latest progress.
+    /// The latest progress; `None` for a job that has started but not reported yet (its
+    /// progress would still say `queued`).
     pub progress: Option<Progress>,
     /// The job's final reply, once it has ended.
     pub final_reply: Option<Reply>,
@@ -508,9 +509,10 @@ impl JobEntry {
         let skip = (*cursor - first_kept) as usize;
         notices.extend(state.notices.iter().skip(skip).cloned());
         *cursor = first_kept + state.notices.len() as u64;
+        let unreported = state.progress.phase == Phase::Queued && state.state != JobState::Queued;
         Update {
             notices,
-            progress: Some(state.progress),
+            progress: (!unreported).then_some(state.progress),
             final_reply: state.final_reply.clone(),
         }
     }

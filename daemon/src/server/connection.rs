@@ -564,6 +564,13 @@ impl Connection {
     ) -> Result<(), Closed> {
         let peer = self.peer;
         let job_id = entry.id;
+        // Inspect's replies have no progress or notice field: its partials would be empty.
+        let carries = |reply: R| {
+            serde_json::to_value(reply)
+                .is_ok_and(|value| value.as_object().is_some_and(|o| !o.is_empty()))
+        };
+        let streaming_progress = streaming && carries(R::progress(entry.info().progress));
+        let streaming_notices = streaming && carries(R::notice(String::new()));
         let mut changes = entry.subscribe();
         let mut cursor = 0;
         let mut last_sent: Option<(Instant, Progress)> = None;
@@ -571,7 +578,7 @@ impl Connection {
         let mut stopping = false;
         loop {
             let update = entry.follow(&mut cursor);
-            if streaming {
+            if streaming_notices {
                 for notice in update.notices {
                     self.send_or_leave(&Reply::partial(R::notice(notice)), entry, cancel_on_leave)
                         .await?;
@@ -585,7 +592,7 @@ impl Connection {
                     Ok(())
                 };
             }
-            if streaming {
+            if streaming_progress {
                 if let Some(progress) = update.progress {
                     let changed = last_sent.is_none_or(|(_, sent)| sent != progress);
                     if changed {

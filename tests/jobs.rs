@@ -108,6 +108,14 @@ fn detach_then_wait_renames_the_output_and_it_decrypts() {
     );
     let text = run_ok(daemon.imgctl().args(["status", &id.to_string()]));
     assert!(String::from_utf8_lossy(&text.stdout).contains("renamed"));
+
+    // Decrypt detaches the same way; its wait renames RAW.partial to RAW.
+    let raw = dir.join("plain.raw");
+    let id = detach(&mut daemon.decrypt(&out, &raw, &key));
+    let waited = run(daemon.imgctl().args(["wait", &id.to_string()]));
+    daemon.assert_ok(&waited, "wait for decrypt");
+    assert!(raw.exists() && !partial(&raw).exists());
+    assert_plaintext_matches(&raw, &source);
 }
 
 #[test]
@@ -146,6 +154,16 @@ fn jobs_and_status_show_progress_and_cancel_stops_a_detached_job() {
         .unwrap()
         .iter()
         .any(|j| j["id"] == id));
+
+    // A wait that follows the running copy and is killed leaves the job running.
+    let mut follower = start_until(
+        daemon.imgctl().args(["wait", &id.to_string(), "--json"]),
+        |line| line["event"] == "progress" && line["progress"]["phase"] == "copy",
+    );
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(status(&daemon, id)["state"], "running");
 
     let cancelled = run(daemon.imgctl().args(["cancel", &id.to_string()]));
     daemon.assert_ok(&cancelled, "cancel");

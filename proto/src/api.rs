@@ -626,6 +626,12 @@ pub struct DecryptParameters {
     /// Candidate keys in ring order; empty: the daemon's own ring.
     #[serde(default)]
     pub keys: Vec<KeyRef>,
+    /// As Encrypt's `detach`: reply at once with the job's id ([`DecryptReply::job_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detach: Option<bool>,
+    /// As Encrypt's `names` (`source`: the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<JobNames>,
 }
 
 /// What `Decrypt` produced.
@@ -653,6 +659,9 @@ pub struct DecryptReply {
     /// The result (final reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decrypted: Option<DecryptSummary>,
+    /// The job's id: the only field of the final reply to a call with `detach: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
 }
 
 /// Parameters of `io.imgcrypt.Verify`.

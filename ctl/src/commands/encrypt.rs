@@ -11,11 +11,12 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use imgcrypt_proto::api::{
-    self, EncryptParameters, EncryptReply, EngineChoice, JobNames, LuksVersion, OutputFormat,
-    Pbkdf, PbkdfKind, Target,
+    self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, OutputFormat, Pbkdf,
+    PbkdfKind, Target,
 };
 
 use crate::call;
+use crate::commands::jobs;
 use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
@@ -211,13 +212,13 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     // The source key, if any, follows the key (or the output, without one).
     parameters.source_key = source_key.as_ref().map(|_| fds.len() as u32);
     fds.extend(source_key.as_ref().map(|key| key.as_fd()));
-    parameters.names = Some(names(&args));
+    parameters.names = Some(jobs::names(&args.source, &args.output));
     if args.detach {
         parameters.detach = Some(true);
-        let id = detached_job(client, &parameters, &fds)?;
+        let id = jobs::submit_detached(client, api::ENCRYPT, &parameters, &fds)?;
         drop(fds);
         output.leave_to_detached_job();
-        report_detached(id, &args, &mut display);
+        jobs::report_detached(id, &args.output, args.json, &mut display);
         return Ok(());
     }
     let mut companions = Companions::new(&args.source);
@@ -247,55 +248,6 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     };
     display.summary(&args.source, &final_path, &summary, &next);
     Ok(())
-}
-
-/// How the job's files are named in `imgctl jobs` and where `imgctl wait` renames: absolute,
-/// so that a `wait` from another directory finds them.
-fn names(args: &EncryptArgs) -> JobNames {
-    let absolute = |path: &std::path::Path| {
-        std::path::absolute(path)
-            .unwrap_or_else(|_| path.to_path_buf())
-            .to_string_lossy()
-            .into_owned()
-    };
-    JobNames {
-        source: Some(absolute(&args.source)),
-        output: Some(absolute(&args.output)),
-    }
-}
-
-/// `--detach`: the daemon answers with the job's id at once; `OUT.partial` is left to the job
-/// (kept when imgctl exits) and to `imgctl wait`, which renames it.
-fn detached_job(
-    mut client: crate::client::Client,
-    parameters: &EncryptParameters,
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<u64> {
-    let reply: EncryptReply = call::call_once(&mut client, api::ENCRYPT, parameters, fds)?;
-    reply.job_id.ok_or_else(|| {
-        CtlError::Protocol(
-            "the daemon did not answer a detached Encrypt with a job id: it is older than \
-             imgctl; run without --detach"
-                .to_string(),
-        )
-    })
-}
-
-/// Prints a detached job's id (stdout) and what to do next (stderr).
-fn report_detached(id: u64, args: &EncryptArgs, display: &mut Display) {
-    let hint = format!(
-        "job {id} runs on in imgcryptd, writing {}.partial; `imgctl wait {id}` finishes it \
-         (follows it and renames the output to {}), `imgctl status {id}` shows it",
-        args.output.display(),
-        args.output.display()
-    );
-    display.finish(
-        serde_json::json!({ "event": "detached", "job_id": id, "output": args.output }),
-        &format!("{id}\n"),
-    );
-    if !args.json {
-        eprintln!("imgctl: {hint}");
-    }
 }
 
 /// Protocol parameters from the options, with the checks that need no daemon.

@@ -10,10 +10,11 @@
 //! if the file there is still the very file the job wrote (the daemon reports the output
 //! descriptor's `(st_dev, st_ino)`); `imgctl cancel ID` removes it on the same condition.
 
-use std::path::PathBuf;
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
 
 use imgcrypt_proto::api::{
-    self, JobId, JobInfo, JobKind, JobReply, JobState, JobsReply, Phase, WaitReply,
+    self, JobId, JobInfo, JobKind, JobNames, JobReply, JobState, JobsReply, Phase, WaitReply,
 };
 
 use crate::call;
@@ -150,7 +151,10 @@ fn wait(client: &mut Client, args: &IdArgs) -> Result<()> {
         display.summary(&source, &final_path, summary, &[]);
         return Ok(());
     }
-    let output = output_name.unwrap_or_else(|| "(output)".into());
+    let output = match (&done.decrypted, detached_output(&job)) {
+        (Some(_), Some((path, identity))) => output::finish_detached(&path, identity)?,
+        _ => output_name.unwrap_or_else(|| "(output)".into()),
+    };
     let (event, text) = if let Some(s) = &done.decrypted {
         ("decrypted", progress::render_decrypt(&source, &output, s))
     } else if let Some(s) = &done.verified {
@@ -174,9 +178,63 @@ fn wait(client: &mut Client, args: &IdArgs) -> Result<()> {
     Ok(())
 }
 
-/// A detached encryption's final output path and the identity of the file its job writes.
+/// How a job's files are named in `imgctl jobs` and where `imgctl wait` renames: absolute,
+/// so that a `wait` from another directory finds them.
+pub fn names(source: &Path, output: &Path) -> JobNames {
+    let absolute = |path: &Path| {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    };
+    JobNames {
+        source: Some(absolute(source)),
+        output: Some(absolute(output)),
+    }
+}
+
+/// `--detach`: sends the job call (with `detach: true` in `parameters`); the daemon answers
+/// with the job's id at once.
+pub fn submit_detached(
+    mut client: Client,
+    method: &str,
+    parameters: &impl serde::Serialize,
+    fds: &[BorrowedFd<'_>],
+) -> Result<u64> {
+    #[derive(serde::Deserialize)]
+    struct Detached {
+        job_id: Option<u64>,
+    }
+    let reply: Detached = call::call_once(&mut client, method, parameters, fds)?;
+    reply.job_id.ok_or_else(|| {
+        CtlError::Protocol(format!(
+            "the daemon did not answer a detached {method} with a job id: it is older than \
+             imgctl; run without --detach"
+        ))
+    })
+}
+
+/// Prints a detached job's id (stdout) and what to do next (stderr). `OUT.partial` is left to
+/// the job (kept when imgctl exits) and to `imgctl wait`, which renames it.
+pub fn report_detached(id: u64, output: &Path, json: bool, display: &mut Display) {
+    display.finish(
+        serde_json::json!({ "event": "detached", "job_id": id, "output": output }),
+        &format!("{id}\n"),
+    );
+    if !json {
+        eprintln!(
+            "imgctl: job {id} runs on in imgcryptd, writing {}.partial; `imgctl wait {id}` \
+             finishes it (follows it and renames the output to {}), `imgctl status {id}` shows it",
+            output.display(),
+            output.display()
+        );
+    }
+}
+
+/// A detached encryption's or decryption's final output path and the identity of the file its
+/// job writes.
 fn detached_output(job: &JobInfo) -> Option<(PathBuf, (u64, u64))> {
-    if !job.detached || job.kind != JobKind::Encrypt {
+    if !job.detached || !matches!(job.kind, JobKind::Encrypt | JobKind::Decrypt) {
         return None;
     }
     let path = job.names.as_ref()?.output.as_ref()?;
@@ -367,7 +425,7 @@ fn duration(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use imgcrypt_proto::api::{JobNames, Progress};
+    use imgcrypt_proto::api::Progress;
 
     fn job(state: JobState) -> JobInfo {
         JobInfo {

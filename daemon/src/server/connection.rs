@@ -543,6 +543,7 @@ impl Connection {
             }
         };
         if detached {
+            // `{"job_id": N}`: the same shape in every method's reply that has the field.
             let reply = EncryptReply {
                 job_id: Some(job_id),
                 ..EncryptReply::default()
@@ -796,6 +797,12 @@ impl JobParameters for api::EncryptParameters {
 
 impl JobParameters for api::DecryptParameters {
     const KIND: JobKind = JobKind::Decrypt;
+    fn detach(&self) -> bool {
+        self.detach == Some(true)
+    }
+    fn names(&self) -> Option<JobNames> {
+        self.names.clone()
+    }
     fn output(&self) -> Option<u32> {
         Some(self.output)
     }

@@ -423,3 +423,43 @@ fn idle_exit_waits_for_a_detached_job() {
     }
     assert!(daemon.log_text().contains("exiting"));
 }
+
+#[test]
+fn a_stopping_daemon_cancels_detached_jobs_as_a_stop() {
+    let dir = scratch();
+    let dir = dir.path();
+    let mut daemon = Daemon::start(dir, &[]);
+    let key = dir.join("key");
+    write_key(&key);
+    let source = sparse(&dir.join("big.raw"), BIG);
+    let out = dir.join("big.luks");
+    let id = detach(&mut daemon.encrypt(&source, &out, &key));
+    wait_for(&daemon, id, "copied", copying);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while daemon.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "did not stop:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = daemon.log_text();
+    // The job was told it is a stop (not a user's cancel), and it ended before the daemon.
+    assert!(
+        log.contains(&format!("job cancel asked for job={id}")),
+        "{log}"
+    );
+    assert!(log.contains("reason=DaemonStopping"), "{log}");
+    assert!(
+        !log.contains("did not finish within the shutdown grace"),
+        "{log}"
+    );
+    // The daemon renamed and removed nothing: the partial is the owner's to deal with.
+    assert!(partial(&out).exists() && !out.exists());
+}

@@ -199,6 +199,8 @@ fn a_group_writable_set_uid_program_cannot_be_decrypted_into() {
                 fd: 2,
                 name: "--key-file".to_string(),
             }],
+            detach: None,
+            names: None,
         })
         .unwrap();
         varlink_call(

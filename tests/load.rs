@@ -161,6 +161,7 @@ fn fifty_clients_of_three_users_all_complete_with_bounded_memory_and_prompt_answ
         vec![
             (varlink::GET_INFO, json!({})),
             (api::GET_DAEMON_STATUS, json!({})),
+            (api::JOBS, json!({})),
         ],
     );
     let started = Instant::now();
@@ -249,6 +250,7 @@ fn fifty_clients_of_three_users_all_complete_with_bounded_memory_and_prompt_answ
     // Short calls were answered promptly all along, and saw the limits kept.
     let mut slowest = Duration::ZERO;
     let mut most_queued = 0;
+    let mut most_listed = 0;
     for answer in &answers {
         assert_eq!(
             answer.reply.error, None,
@@ -270,18 +272,41 @@ fn fifty_clients_of_three_users_all_complete_with_bounded_memory_and_prompt_answ
             }
             most_queued = most_queued.max(status["jobs"]["queued"].as_u64().unwrap());
         }
+        if answer.method == api::JOBS {
+            let jobs = answer.reply.parameters.as_ref().unwrap()["jobs"]
+                .as_array()
+                .unwrap()
+                .len();
+            most_listed = most_listed.max(jobs);
+        }
     }
-    let rounds = answers.len() / 2;
+    let rounds = answers.len() / 3;
     assert!(rounds >= 3, "only {rounds} rounds of calls during the load");
     assert!(
         most_queued > 0,
         "the status never showed a queued job: no load?"
     );
+    // Root sees every user's jobs; once all ended, each is listed as succeeded.
+    assert!(most_listed > 0, "Jobs never listed a job during the load");
+    let mut root = RawClient::connect(&daemon.socket);
+    root.call(api::JOBS, json!({}), &[], false);
+    let listed = root.final_reply();
+    let states: Vec<&str> = listed.parameters.as_ref().unwrap()["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|job| job["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states.iter().filter(|state| **state == "succeeded").count(),
+        CLIENTS,
+        "after the load, Jobs lists {states:?}"
+    );
 
     println!(
         "load: {CLIENTS} clients of {} users in {took:.1?}; daemon memory: VmRSS {rss_before} KiB \
          before, {rss_after} KiB after, VmHWM {peak} KiB (ceiling {MEMORY_CEILING_KIB} KiB); \
-         {rounds} rounds of GetInfo + GetDaemonStatus, slowest answer {slowest:?}, most queued \
+         {rounds} rounds of GetInfo + GetDaemonStatus + Jobs, slowest answer {slowest:?}, most queued \
          {most_queued}",
         files.len()
     );

@@ -2,7 +2,7 @@
 //! `varlink`, installed by scripts/install-deps) parses the served interface description, builds
 //! its proxy from it, and calls the daemon through that proxy (tests/support/varlink_client.py):
 //! GetInfo, GetInterfaceDescription of both interfaces, Inspect of a source and of an encrypted
-//! image with descriptors passed, and an error reply.
+//! image with descriptors passed, an error reply, and the job registry (`Jobs`, `Status`).
 
 mod common;
 
@@ -118,4 +118,29 @@ fn the_reference_python_client_parses_the_interface_and_calls_through_its_proxy(
     assert_eq!(got["error"]["name"], "io.imgcrypt.BadDescriptor", "{got}");
     assert_eq!(got["error"]["parameters"]["descriptor"], "image", "{got}");
     assert_eq!(got["inspect_again"], got["inspect_source"], "{got}");
+
+    // Jobs through the proxy: imgctl's encryption and the proxy's own inspections, all ended.
+    let jobs = got["jobs"]["jobs"].as_array().unwrap();
+    let kinds: Vec<&str> = jobs.iter().map(|j| j["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["encrypt", "inspect", "inspect", "inspect", "inspect"],
+        "{got}"
+    );
+    assert_eq!(jobs[0]["state"], "succeeded", "{got}");
+    assert_eq!(jobs[0]["engine"], "userspace", "{got}");
+    assert_eq!(
+        jobs[0]["names"]["output"].as_str(),
+        Some(image.to_str().unwrap()),
+        "{got}"
+    );
+    assert_eq!(jobs[3]["state"], "failed", "{got}");
+    assert_eq!(jobs[3]["error"], "io.imgcrypt.BadDescriptor", "{got}");
+    assert_eq!(
+        got["jobs_raw"],
+        serde_json::json!([{"parameters": got["jobs"]}]),
+        "fields the interface does not declare"
+    );
+    assert_eq!(got["no_such_job"]["name"], "io.imgcrypt.NoSuchJob", "{got}");
+    assert_eq!(got["no_such_job"]["parameters"]["id"], 999999, "{got}");
 }

@@ -153,13 +153,7 @@ where
 {
     client.send(&new_call(method, parameters, true), fds)?;
     loop {
-        let reply = client.receive()?;
-        if let Some(error) = daemon_error(&reply) {
-            if let CtlError::Daemon { name, message } = &error {
-                display.error(Some(name), message);
-            }
-            return Err(error);
-        }
+        let reply = receive_shown(client, display)?;
         match event::<R>(method, reply.parameters.unwrap_or_default())? {
             Event::Progress(progress) => display.progress(&progress),
             Event::Notice(text) => display.notice(&text),
@@ -170,6 +164,44 @@ where
                 "the daemon ended {method} without a result"
             )));
         }
+    }
+}
+
+/// Re-attaches to job `id` (`Wait`): shows its progress and notices on `display` like
+/// [`run_job`] and returns the job's own final reply, whichever call it was.
+pub fn wait_job(client: &mut Client, id: u64, display: &mut Display) -> Result<api::WaitReply> {
+    let method = api::WAIT;
+    client.send(&new_call(method, &api::JobId { id }, true), &[])?;
+    loop {
+        let reply = receive_shown(client, display)?;
+        let parameters = reply.parameters.unwrap_or_default();
+        if !reply.continues {
+            return serde_json::from_value(parameters)
+                .map_err(|e| CtlError::Protocol(format!("malformed {method} reply: {e}")));
+        }
+        match event::<api::EncryptReply>(method, parameters)? {
+            Event::Progress(progress) => display.progress(&progress),
+            Event::Notice(text) => display.notice(&text),
+            Event::Done(_) => {
+                return Err(CtlError::Protocol(format!(
+                    "the daemon sent {method}'s result in a partial reply"
+                )))
+            }
+        }
+    }
+}
+
+/// The next reply of a job's stream; a daemon error is shown on `display` and returned.
+fn receive_shown(client: &mut Client, display: &mut Display) -> Result<Reply> {
+    let reply = client.receive()?;
+    match daemon_error(&reply) {
+        Some(error) => {
+            if let CtlError::Daemon { name, message } = &error {
+                display.error(Some(name), message);
+            }
+            Err(error)
+        }
+        None => Ok(reply),
     }
 }
 
@@ -308,6 +340,7 @@ mod tests {
             phase: Phase::Unlock,
             bytes_done: 1,
             bytes_total: 2,
+            queue_position: None,
         };
         assert_eq!(
             event::<DecryptReply>("D", wire(DecryptReply::progress(progress))).unwrap(),

@@ -8,6 +8,11 @@ use imgcrypt_proto::fdpass::{recv_with_fds, send_with_fds};
 use imgcrypt_proto::varlink::{self, Call, Reply, ServiceInfo};
 use imgcrypt_proto::wire::{self, FrameDecoder, MAX_FRAME_LEN};
 
+/// Largest reply accepted. The daemon's frames are bounded by what it sends, not by what a
+/// peer may make it hold, and one reply can be larger than a call: `Jobs` for an operator
+/// lists up to 256 jobs with their names (a few KiB each at worst).
+const MAX_REPLY_LEN: usize = 128 * MAX_FRAME_LEN;
+
 use crate::error::{CtlError, Result};
 
 /// A connection to imgcryptd.
@@ -21,7 +26,7 @@ impl Client {
     pub fn connect(path: &Path) -> std::io::Result<Self> {
         Ok(Self {
             stream: UnixStream::connect(path)?,
-            decoder: FrameDecoder::new(MAX_FRAME_LEN),
+            decoder: FrameDecoder::new(MAX_REPLY_LEN),
         })
     }
 

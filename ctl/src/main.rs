@@ -54,6 +54,9 @@ enum Command {
     Rewrite(commands::rewrite::RewriteArgs),
     /// Ask the daemon about itself: `imgctl daemon status` (version, engines, jobs, limits).
     Daemon(commands::daemon::DaemonArgs),
+    /// `jobs`, `status ID`, `cancel ID`, `wait ID`: the daemon's jobs.
+    #[command(flatten)]
+    Jobs(commands::jobs::JobCommand),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
         Command::Verify(args) => commands::verify::run(args, socket, &ring),
         Command::Rewrite(args) => commands::rewrite::run(args, socket, &ring),
         Command::Daemon(args) => commands::daemon::run(args, socket),
+        Command::Jobs(command) => commands::jobs::run(command, socket),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -176,6 +180,33 @@ mod tests {
         .unwrap_err();
         assert_eq!(error.to_string(), commands::rewrite::NEEDS_K);
         assert_eq!(error.exit_code(), 2);
+    }
+
+    #[test]
+    fn job_commands_are_top_level() {
+        use commands::jobs::JobCommand;
+        assert!(matches!(
+            parse(&["jobs", "--json"]).unwrap(),
+            Command::Jobs(JobCommand::Jobs(args)) if args.json
+        ));
+        assert!(matches!(
+            parse(&["wait", "12"]).unwrap(),
+            Command::Jobs(JobCommand::Wait(args)) if args.id == 12
+        ));
+        assert!(matches!(
+            parse(&["status", "3"]).unwrap(),
+            Command::Jobs(JobCommand::Status(_))
+        ));
+        assert!(matches!(
+            parse(&["cancel", "3"]).unwrap(),
+            Command::Jobs(JobCommand::Cancel(_))
+        ));
+        assert!(parse(&["wait"]).is_err());
+        let Command::Encrypt(args) = parse(&["encrypt", "s", "-o", "o", "--detach"]).unwrap()
+        else {
+            panic!("not encrypt")
+        };
+        assert!(args.detach);
     }
 
     #[test]

@@ -116,6 +116,20 @@ impl Output {
         }
     }
 
+    /// Leaves the output to a detached job: `OUT.partial` stays (neither removed now nor on an
+    /// interrupt from here on) for `imgctl wait` to rename once the job succeeded.
+    pub fn leave_to_detached_job(self) {
+        match self {
+            Self::File(mut partial) => {
+                let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+                *pending = None;
+                // Not committed, but not ours to remove either: the job writes it on.
+                partial.committed = true;
+            }
+            Self::Device { .. } => {}
+        }
+    }
+
     /// Gives the data its final name; called only after the daemon reported it durable.
     pub fn commit(self) -> Result<PathBuf> {
         match self {
@@ -135,9 +149,7 @@ pub struct PartialFile {
 
 impl PartialFile {
     fn create(final_path: &Path, force: bool) -> Result<Self> {
-        let mut name = final_path.as_os_str().to_owned();
-        name.push(".partial");
-        let partial_path = PathBuf::from(name);
+        let partial_path = partial_path(final_path);
         let open = || {
             OpenOptions::new()
                 .read(true)
@@ -225,6 +237,69 @@ pub fn keep_on_interrupt(path: &Path, remove: bool) {
         let _ = std::fs::remove_file(path);
     }
     *pending = None;
+}
+
+/// `OUT.partial` for the final name `OUT`.
+pub fn partial_path(final_path: &Path) -> PathBuf {
+    let mut name = final_path.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+/// Gives a detached job's output its final name, in the user's own process with the user's
+/// own rights: renames `OUT.partial` to `OUT` only if the file at `OUT.partial` is still the
+/// very file the job wrote (`identity`: `(st_dev, st_ino)` of the daemon's own fstat of the
+/// descriptor it was given). Anything else there (replaced, moved, a link) is refused, so
+/// nobody who can write the directory makes us rename their file in. Idempotent: an output
+/// already renamed by an earlier `wait` is reported as done.
+pub fn finish_detached(final_path: &Path, identity: (u64, u64)) -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let partial = partial_path(final_path);
+    let same = |metadata: &std::fs::Metadata| {
+        metadata.file_type().is_file() && (metadata.dev(), metadata.ino()) == identity
+    };
+    match std::fs::symlink_metadata(&partial) {
+        Ok(metadata) if same(&metadata) => {
+            std::fs::rename(&partial, final_path).map_err(|e| {
+                CtlError::file(final_path, "rename the finished output into place", e)
+            })?;
+            sync_directory_of(final_path);
+            Ok(final_path.to_path_buf())
+        }
+        Ok(_) => Err(CtlError::File {
+            path: partial,
+            message: "is not the file the job wrote (it was replaced or moved since): not \
+                      renaming it; the job's output is the file with the identity `imgctl status` \
+                      shows — find it, check it and rename it yourself"
+                .to_string(),
+        }),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            match std::fs::symlink_metadata(final_path) {
+                Ok(metadata) if same(&metadata) => Ok(final_path.to_path_buf()),
+                _ => Err(CtlError::File {
+                    path: partial,
+                    message: "does not exist any more, and the output is not under its final \
+                              name either: it was moved or removed"
+                        .to_string(),
+                }),
+            }
+        }
+        Err(error) => Err(CtlError::file(&partial, "examine the job's output", error)),
+    }
+}
+
+/// Whether the file at `path` is the one with `identity` (not following links).
+pub fn is_file_with_identity(path: &Path, identity: (u64, u64)) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .is_ok_and(|m| m.file_type().is_file() && (m.dev(), m.ino()) == identity)
+}
+
+/// Removes a cancelled or failed detached job's `OUT.partial`, but only if it is still the
+/// file the job wrote. Returns whether it did.
+pub fn remove_detached_partial(final_path: &Path, identity: (u64, u64)) -> bool {
+    let partial = partial_path(final_path);
+    is_file_with_identity(&partial, identity) && std::fs::remove_file(&partial).is_ok()
 }
 
 fn forget_pending() {
@@ -391,6 +466,37 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_detached_output_is_renamed_only_if_it_is_the_jobs_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let partial = partial_path(&out);
+        std::fs::write(&partial, b"the job's").unwrap();
+        let metadata = std::fs::metadata(&partial).unwrap();
+        let identity = (metadata.dev(), metadata.ino());
+
+        // Replaced by another file under the same name: refused, nothing renamed.
+        std::fs::rename(&partial, dir.path().join("moved")).unwrap();
+        std::fs::write(&partial, b"someone else's").unwrap();
+        let error = finish_detached(&out, identity).unwrap_err().to_string();
+        assert!(error.contains("is not the file the job wrote"), "{error}");
+        assert!(!out.exists());
+        // A symbolic link to the job's file is refused too.
+        std::fs::remove_file(&partial).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("moved"), &partial).unwrap();
+        assert!(finish_detached(&out, identity).is_err());
+        assert!(!out.exists());
+
+        // The job's own file: renamed, and a second wait finds it done.
+        std::fs::remove_file(&partial).unwrap();
+        std::fs::rename(dir.path().join("moved"), &partial).unwrap();
+        assert_eq!(finish_detached(&out, identity).unwrap(), out);
+        assert_eq!(std::fs::read(&out).unwrap(), b"the job's");
+        assert!(!partial.exists());
+        assert_eq!(finish_detached(&out, identity).unwrap(), out);
+    }
 
     #[test]
     fn reencrypt_partial_sits_beside_the_image() {

@@ -47,7 +47,12 @@ impl Display {
                     bar.reset_eta();
                     *phase = progress.phase;
                 }
-                bar.set_message(phase_label(progress.phase));
+                bar.set_message(match progress.queue_position {
+                    Some(position) if progress.phase == Phase::Queued => {
+                        format!("queued (position {position})")
+                    }
+                    _ => phase_label(progress.phase).to_string(),
+                });
                 if progress.bytes_total > 0 {
                     bar.set_style(bytes_style());
                     bar.set_length(progress.bytes_total);
@@ -147,7 +152,8 @@ fn spinner_style() -> ProgressStyle {
     ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("static template is valid")
 }
 
-fn phase_label(phase: Phase) -> &'static str {
+/// What a phase is called on the bar and in `imgctl jobs`.
+pub fn phase_label(phase: Phase) -> &'static str {
     match phase {
         Phase::Queued => "queued",
         Phase::Format => "formatting the header",

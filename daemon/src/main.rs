@@ -79,6 +79,11 @@ struct Args {
     #[arg(long, value_name = "GROUP")]
     socket_group: Option<String>,
 
+    /// Members of this group (primary or supplementary) see every user's jobs in `imgctl jobs`
+    /// and may wait on and cancel them, as root may. Default: none (only root).
+    #[arg(long, value_name = "GROUP")]
+    operator_group: Option<String>,
+
     /// The daemon's key ring, used when a client passes no key. Default for the system daemon:
     /// the systemd credential keys.toml, else /etc/imgcrypt/keys.toml if it exists; the per-user
     /// daemon has none unless given.
@@ -208,6 +213,10 @@ fn run(
     tracing::info!(kept = ?retained.effective, dropped = retained.dropped, "capabilities reduced");
 
     let max_jobs = args.max_jobs.unwrap_or_else(default_max_jobs);
+    let operator_gid = match &args.operator_group {
+        Some(name) => Some(group_id("--operator-group", name)?),
+        None => None,
+    };
     let context = DaemonContext::new(
         engines,
         DaemonConfig {
@@ -216,6 +225,7 @@ fn run(
             max_jobs_per_uid: args.max_jobs_per_user,
             max_queued_per_uid: args.max_queued_per_user,
             key_ring,
+            operator_gid,
         },
     );
     let limits = context.scheduler().limits();
@@ -411,15 +421,18 @@ fn socket_path(args: &Args) -> Result<PathBuf, String> {
     }
 }
 
+/// The gid of the group `name` (`option` names the flag in the error).
+fn group_id(option: &str, name: &str) -> Result<u32, String> {
+    Ok(nix::unistd::Group::from_name(name)
+        .map_err(|e| format!("looking up group {name}: {e}"))?
+        .ok_or_else(|| format!("{option}: no group named {name}"))?
+        .gid
+        .as_raw())
+}
+
 fn socket_access(args: &Args) -> Result<listener::SocketAccess, String> {
     let group = match &args.socket_group {
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)
-                .map_err(|e| format!("looking up group {name}: {e}"))?
-                .ok_or_else(|| format!("--socket-group: no group named {name}"))?
-                .gid
-                .as_raw(),
-        ),
+        Some(name) => Some(group_id("--socket-group", name)?),
         None => None,
     };
     let mode = args.socket_mode.unwrap_or(match (args.user, group) {

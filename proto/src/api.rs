@@ -20,6 +20,15 @@ pub const DECRYPT: &str = "io.imgcrypt.Decrypt";
 pub const VERIFY: &str = "io.imgcrypt.Verify";
 /// `io.imgcrypt.Rewrite`.
 pub const REWRITE: &str = "io.imgcrypt.Rewrite";
+// --- jobs ---
+/// `io.imgcrypt.Jobs`.
+pub const JOBS: &str = "io.imgcrypt.Jobs";
+/// `io.imgcrypt.Status`.
+pub const STATUS: &str = "io.imgcrypt.Status";
+/// `io.imgcrypt.Cancel`.
+pub const CANCEL: &str = "io.imgcrypt.Cancel";
+/// `io.imgcrypt.Wait`.
+pub const WAIT: &str = "io.imgcrypt.Wait";
 
 /// Error names of `io.imgcrypt`, one per kind of failure a client may want to match.
 pub mod errors {
@@ -55,6 +64,10 @@ pub mod errors {
     pub const TOO_MANY_CONNECTIONS: &str = "io.imgcrypt.TooManyConnections";
     /// The source names a file (backing file, parent, extent) that was not passed.
     pub const NEED_FILE: &str = "io.imgcrypt.NeedFile";
+    // --- jobs ---
+    /// No job with this id that the caller may see (unknown, expired, or another user's:
+    /// the same error for all three).
+    pub const NO_SUCH_JOB: &str = "io.imgcrypt.NoSuchJob";
 }
 
 /// LUKS on-disk format version.
@@ -270,6 +283,15 @@ pub struct EncryptParameters {
     /// target's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
+    /// Reply at once with the job's id ([`EncryptReply::job_id`]) and let the job run on
+    /// without this connection (`Wait` re-attaches). Absent or false: the job is cancelled when
+    /// the connection closes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detach: Option<bool>,
+    /// How the client names the source and the output, shown by `Jobs`/`Status` only (the
+    /// daemon never opens them; at most [`MAX_JOB_NAME_LEN`] bytes are kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<JobNames>,
 }
 
 /// Stage of an encryption job.
@@ -315,6 +337,9 @@ pub struct Progress {
     pub bytes_done: u64,
     /// Payload bytes in all.
     pub bytes_total: u64,
+    /// With phase `queued`: the job's place in the dispatch order (1: starts next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
 }
 
 /// Source image formats recognised by content. On the wire in snake case (`vhd_fixed`): Varlink
@@ -439,6 +464,9 @@ pub struct EncryptReply {
     /// The result (final reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<Summary>,
+    /// The job's id: the only field of the final reply to a call with `detach: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
 }
 
 /// How an image was unlocked.
@@ -598,6 +626,12 @@ pub struct DecryptParameters {
     /// Candidate keys in ring order; empty: the daemon's own ring.
     #[serde(default)]
     pub keys: Vec<KeyRef>,
+    /// As Encrypt's `detach`: reply at once with the job's id ([`DecryptReply::job_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detach: Option<bool>,
+    /// As Encrypt's `names` (`source`: the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<JobNames>,
 }
 
 /// What `Decrypt` produced.
@@ -625,6 +659,9 @@ pub struct DecryptReply {
     /// The result (final reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decrypted: Option<DecryptSummary>,
+    /// The job's id: the only field of the final reply to a call with `detach: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
 }
 
 /// Parameters of `io.imgcrypt.Verify`.
@@ -805,6 +842,210 @@ streamed_reply!(DecryptReply, decrypted, DecryptSummary);
 streamed_reply!(VerifyReply, verified, VerifySummary);
 streamed_reply!(RewriteReply, rewritten, RewriteSummary);
 
+// --- jobs ---
+
+/// Longest source or output name a job keeps (longer ones are cut at a character boundary).
+pub const MAX_JOB_NAME_LEN: usize = 512;
+/// Most jobs one `Jobs` reply lists (the newest ones the caller may see).
+pub const MAX_LISTED_JOBS: usize = 256;
+
+/// How the client names a job's files: for display, and for `imgctl wait`'s rename.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobNames {
+    /// The source as the user named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// The final output path (absolute), without `.partial`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// What a job does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// `Encrypt`.
+    Encrypt,
+    /// `Decrypt`.
+    Decrypt,
+    /// `Verify`.
+    Verify,
+    /// `Rewrite`.
+    Rewrite,
+    /// `Inspect`.
+    Inspect,
+}
+
+impl JobKind {
+    /// Lower-case name, as on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Encrypt => "encrypt",
+            Self::Decrypt => "decrypt",
+            Self::Verify => "verify",
+            Self::Rewrite => "rewrite",
+            Self::Inspect => "inspect",
+        }
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a slot (`queue_position` says where).
+    Queued,
+    /// Holding a slot.
+    Running,
+    /// Ended with its result.
+    Succeeded,
+    /// Ended with an error.
+    Failed,
+    /// Cancelled (by its owner, an operator, its client leaving, or the daemon stopping).
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// One job as `Jobs`, `Status` and `Cancel` report it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobInfo {
+    /// Its id (`jobs::next_job_id`).
+    pub id: u64,
+    /// The uid that submitted it (SO_PEERCRED).
+    pub uid: u32,
+    /// What it does.
+    pub kind: JobKind,
+    /// Where it is.
+    pub state: JobState,
+    /// With state `queued`: its place in the dispatch order (1: starts next).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
+    /// Latest progress report.
+    pub progress: Progress,
+    /// Bytes per second in the current phase (absent until measurable).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
+    /// Estimated milliseconds left in the current phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_ms: Option<u64>,
+    /// The engine, once known (from the result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<EngineKind>,
+    /// Milliseconds since the Unix epoch when it was submitted, started, ended.
+    pub created_ms: u64,
+    /// See `created_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// See `created_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+    /// Submitted with `detach`: runs without a client.
+    pub detached: bool,
+    /// The source and output as the client named them (informational).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<JobNames>,
+    /// `st_dev` and `st_ino` of the output descriptor, from the daemon's own fstat: what
+    /// `imgctl wait` compares with `OUT.partial` before it renames.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_identity: Option<FileIdentity>,
+    /// For a failed job: the error's name (`io.imgcrypt.NoSpace`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For a failed or cancelled job: what happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A file's identity: `(st_dev, st_ino)`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileIdentity {
+    /// `st_dev`.
+    pub device: u64,
+    /// `st_ino`.
+    pub inode: u64,
+}
+
+/// Parameters of `Status`, `Cancel` and `Wait`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct JobId {
+    /// The job.
+    pub id: u64,
+}
+
+/// Reply of `Jobs`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobsReply {
+    /// The caller's jobs (everyone's for root and the operator group), oldest first; at most
+    /// the newest [`MAX_LISTED_JOBS`].
+    pub jobs: Vec<JobInfo>,
+}
+
+/// Reply of `Status` and `Cancel`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct JobReply {
+    /// The job (for `Cancel`: as it is right after the cancel was asked for).
+    pub job: JobInfo,
+}
+
+/// One reply of `Wait`: progress and notices like the job's own call, then that call's final
+/// reply (its `summary`, `decrypted`, `verified`, `rewritten`, or Inspect's `image`/`source`),
+/// or its error.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WaitReply {
+    /// A progress report (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// A notice (partial replies only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
+    /// Encrypt's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Summary>,
+    /// Decrypt's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decrypted: Option<DecryptSummary>,
+    /// Verify's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifySummary>,
+    /// Rewrite's result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewritten: Option<RewriteSummary>,
+    /// Inspect's result for an encrypted image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
+    /// Inspect's result for a source image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourceInfo>,
+}
+
+/// `Wait` streams like the job calls; its final reply is the job's own, sent as recorded.
+impl StreamedReply for WaitReply {
+    type Done = WaitReply;
+    fn progress(progress: Progress) -> Self {
+        Self {
+            progress: Some(progress),
+            ..Self::default()
+        }
+    }
+    fn notice(text: String) -> Self {
+        Self {
+            notice: Some(text),
+            ..Self::default()
+        }
+    }
+    fn done(done: WaitReply) -> Self {
+        done
+    }
+}
+
 /// Parameters of every `io.imgcrypt` error: a message for people, plus what a program matches.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorParameters {
@@ -852,6 +1093,9 @@ pub struct ErrorParameters {
     /// The names the referencing file records for it, in the order to try (`NeedFile`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidates: Option<Vec<String>>,
+    /// The job asked for (`NoSuchJob`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
 }
 
 impl ErrorParameters {
@@ -1086,6 +1330,39 @@ mod tests {
                 engine: EngineChoice::Auto,
                 format: Some(OutputFormat::Qcow2),
                 target: Some(Target::IbmVpc),
+                detach: Some(true),
+                names: Some(JobNames {
+                    source: Some(String::new()),
+                    output: Some(String::new()),
+                }),
+            })
+            .unwrap(),
+            serde_json::to_value(JobInfo {
+                id: 1,
+                uid: 0,
+                kind: JobKind::Encrypt,
+                state: JobState::Queued,
+                queue_position: Some(1),
+                progress: Progress {
+                    phase: Phase::Queued,
+                    bytes_done: 0,
+                    bytes_total: 0,
+                    queue_position: Some(1),
+                },
+                rate: Some(1),
+                eta_ms: Some(1),
+                engine: Some(EngineKind::Userspace),
+                created_ms: 0,
+                started_ms: Some(0),
+                ended_ms: Some(0),
+                detached: true,
+                names: None,
+                output_identity: Some(FileIdentity {
+                    device: 0,
+                    inode: 0,
+                }),
+                error: Some(String::new()),
+                message: Some(String::new()),
             })
             .unwrap(),
             serde_json::to_value(VhdKeyInfo {
@@ -1098,6 +1375,7 @@ mod tests {
                 phase: Phase::Copy,
                 bytes_done: 0,
                 bytes_total: 0,
+                queue_position: None,
             })
             .unwrap(),
         ];
@@ -1133,6 +1411,12 @@ mod tests {
             "notice",
             "summary",
             "progress",
+            "job_id",
+            "jobs",
+            "job",
+            "decrypted",
+            "verified",
+            "rewritten",
         ] {
             names.push(name.to_string());
         }
@@ -1156,6 +1440,7 @@ mod tests {
             errors::PROTOCOL_ERROR,
             errors::TOO_MANY_JOBS,
             errors::TOO_MANY_CONNECTIONS,
+            errors::NO_SUCH_JOB,
         ] {
             let short = error.strip_prefix("io.imgcrypt.").unwrap();
             assert!(
@@ -1186,6 +1471,11 @@ mod tests {
             DECRYPT,
             VERIFY,
             REWRITE,
+            JOBS,
+            STATUS,
+            CANCEL,
+            WAIT,
+            errors::NO_SUCH_JOB,
             errors::INVALID_KEY_FILE,
             errors::UNSUPPORTED_IMAGE,
             errors::CORRUPT_IMAGE,

@@ -170,6 +170,8 @@ pub fn cheap_encrypt_parameters(key: Option<u32>) -> serde_json::Value {
         engine: EngineChoice::Auto,
         format: None,
         target: None,
+        detach: None,
+        names: None,
     })
     .unwrap()
 }

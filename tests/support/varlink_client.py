@@ -97,6 +97,17 @@ def main():
     # The connection is still usable after the error.
     passing(source)
     out["inspect_again"] = imgcrypt.Inspect(image=0)
+    connection.raw_replies()
+
+    # The job registry through the proxy: every job above is listed, and an unknown id is
+    # the interface's NoSuchJob.
+    out["jobs"] = imgcrypt.Jobs()
+    out["jobs_raw"] = connection.raw_replies()
+    try:
+        imgcrypt.Status(id=999999)
+        out["no_such_job"] = None
+    except varlink.VarlinkError as error:
+        out["no_such_job"] = {"name": error.error(), "parameters": error.parameters()}
 
     imgcrypt.close()
     for fd in files:

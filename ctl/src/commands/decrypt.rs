@@ -9,6 +9,7 @@ use imgcrypt_proto::api::{self, DecryptParameters, DecryptReply};
 use serde_json::json;
 
 use crate::call;
+use crate::commands::jobs;
 use crate::connect;
 use crate::error::Result;
 use crate::keyring::RingLocation;
@@ -32,6 +33,10 @@ pub struct DecryptArgs {
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Hand the job to the daemon and return, printing its id, as `encrypt --detach` does:
+    /// `imgctl wait ID` renames RAW.partial to RAW once it succeeded.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// Runs the command.
@@ -52,7 +57,16 @@ pub fn run(args: DecryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
         image: 0,
         output: 1,
         keys: keys.refs.clone(),
+        detach: args.detach.then_some(true),
+        names: Some(jobs::names(&args.image, &args.output)),
     };
+    if args.detach {
+        let id = jobs::submit_detached(client, api::DECRYPT, &parameters, &fds)?;
+        drop(fds);
+        output.leave_to_detached_job();
+        jobs::report_detached(id, &args.output, args.json, &mut display);
+        return Ok(());
+    }
     let summary =
         call::run_job::<DecryptReply>(&mut client, api::DECRYPT, &parameters, &fds, &mut display)?;
     drop(fds);
@@ -85,6 +99,7 @@ mod tests {
             key_file: None,
             force: false,
             json: false,
+            detach: false,
         }
     }
 
@@ -111,6 +126,7 @@ mod tests {
                     phase: Phase::Copy,
                     bytes_done: 1,
                     bytes_total: 9,
+                    queue_position: None,
                 })),
                 Reply::partial(DecryptReply::notice("a notice".into())),
                 Reply::ok(DecryptReply::done(DecryptSummary {

@@ -16,6 +16,7 @@ use imgcrypt_proto::api::{
 };
 
 use crate::call;
+use crate::commands::jobs;
 use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
@@ -66,6 +67,13 @@ pub struct EncryptArgs {
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Hand the job to the daemon and return: prints the job's id. The job runs on after
+    /// imgctl exits, writing OUT.partial; `imgctl wait ID` follows it and, once it succeeded,
+    /// renames OUT.partial to OUT (the daemon never renames). `imgctl status ID` and
+    /// `imgctl cancel ID` see or stop it. A source that needs its backing files cannot be
+    /// detached (they are asked for while the job runs): run it without --detach.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// Key-derivation options of a new keyslot, shared by `encrypt` and `rewrite -k`.
@@ -204,6 +212,15 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     // The source key, if any, follows the key (or the output, without one).
     parameters.source_key = source_key.as_ref().map(|_| fds.len() as u32);
     fds.extend(source_key.as_ref().map(|key| key.as_fd()));
+    parameters.names = Some(jobs::names(&args.source, &args.output));
+    if args.detach {
+        parameters.detach = Some(true);
+        let id = jobs::submit_detached(client, api::ENCRYPT, &parameters, &fds)?;
+        drop(fds);
+        output.leave_to_detached_job();
+        jobs::report_detached(id, &args.output, args.json, &mut display);
+        return Ok(());
+    }
     let mut companions = Companions::new(&args.source);
     let summary = companions::with_companions(&mut companions, |companions| {
         parameters.companions = companions.refs(fds.len() as u32);
@@ -281,6 +298,8 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
         },
         format: (format != OutputFormat::Luks || args.format.is_some()).then_some(format),
         target,
+        detach: None,
+        names: None,
     })
 }
 

@@ -4,6 +4,7 @@ pub mod daemon;
 pub mod decrypt;
 pub mod encrypt;
 pub mod inspect;
+pub mod jobs;
 pub mod key;
 pub mod rewrite;
 pub mod verify;

@@ -1,15 +1,18 @@
-//! What every job shares, below the server: the daemon's [`Mode`], the engines, the key ring
-//! and the job slots ([`scheduler`]), held by one [`DaemonContext`].
+//! What every job shares, below the server: the daemon's [`Mode`], the engines, the key ring,
+//! the job slots ([`scheduler`]) and the jobs themselves ([`registry`]), held by one
+//! [`DaemonContext`].
 //!
 //! The server builds a context at start-up and hands it to each job it runs; the jobs use only
 //! this, never the server, so a job can be constructed and run without a socket
 //! (`jobs::tests::jobs_run_with_a_context_and_no_server` does). Socket business (connection
 //! caps, idle and frame timeouts, shutdown) stays in `server`.
 
+pub mod registry;
 pub mod scheduler;
 
 use std::sync::Arc;
 
+use registry::Registry;
 use scheduler::{Scheduler, SchedulerLimits};
 
 use crate::engines::EngineSet;
@@ -29,6 +32,9 @@ pub struct DaemonConfig {
     pub max_queued_per_uid: usize,
     /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
     pub key_ring: Option<Arc<DaemonRing>>,
+    /// Members of this group (primary or supplementary, as the kernel reports the peer's)
+    /// see and may cancel every user's jobs, like root; `None`: only root.
+    pub operator_gid: Option<u32>,
 }
 
 impl Default for DaemonConfig {
@@ -39,6 +45,7 @@ impl Default for DaemonConfig {
             max_jobs_per_uid: 2,
             max_queued_per_uid: 8,
             key_ring: None,
+            operator_gid: None,
         }
     }
 }
@@ -51,6 +58,8 @@ pub struct DaemonContext {
     pub config: DaemonConfig,
     /// Job slots, shared fairly between uids.
     scheduler: Arc<Scheduler>,
+    /// Every job, live or recently ended.
+    registry: Registry,
 }
 
 impl DaemonContext {
@@ -65,12 +74,18 @@ impl DaemonContext {
             engines,
             config,
             scheduler,
+            registry: Registry::new(registry::RETENTION),
         })
     }
 
     /// Job slots: a job runs only while it holds one of its [`scheduler::Permit`]s.
     pub fn scheduler(&self) -> &Arc<Scheduler> {
         &self.scheduler
+    }
+
+    /// The jobs: submitted, followed, listed, cancelled here.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Jobs running now (holding a slot), the caller's included.

@@ -12,6 +12,11 @@
 //!   FIFO, and a uid with many waiting jobs gets one turn per round like every other.
 //!
 //! A waiting job that is dropped (its client left, the daemon stops) leaves its queue at once.
+//!
+//! A waiting job's place ([`Queued::position`]) is computed from the same rule: the round-robin
+//! order from the uid served last, each uid's queue in turn, as if every freed slot went to the
+//! next job in that order (the per-uid running limit can let a later job of another uid start
+//! first, so the position is the order of turns, not a promise).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -177,6 +182,28 @@ impl Scheduler {
             .collect()
     }
 
+    /// The 1-based place of `uid`'s waiting job `ticket` in dispatch order (see the module
+    /// documentation), or `None` if it waits no more.
+    fn position(&self, uid: u32, ticket: u64) -> Option<u32> {
+        let inner = self.lock();
+        let own = inner.queued.get(&uid)?;
+        let index = own.iter().position(|waiter| waiter.ticket == ticket)?;
+        // Uids served before `uid` in this round: those after the cursor and before `uid` in
+        // rotation order.
+        let comes_before = |other: u32| match inner.last_served {
+            Some(last) if uid > last => other > last && other < uid,
+            Some(last) => other > last || other < uid,
+            None => other < uid,
+        };
+        let ahead: usize = inner
+            .queued
+            .iter()
+            .filter(|(other, _)| **other != uid)
+            .map(|(other, queue)| queue.len().min(index + usize::from(comes_before(*other))))
+            .sum();
+        u32::try_from(ahead + index + 1).ok()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // The critical sections cannot panic half-way; a poisoned lock still holds sound counts.
         self.inner
@@ -246,19 +273,32 @@ impl Inner {
 }
 
 impl Queued {
+    /// This job's place in dispatch order (1: next), `None` once it has been given a slot.
+    pub fn position(&self) -> Option<u32> {
+        self.scheduler.position(self.uid, self.ticket)
+    }
+
     /// Waits for the slot.
     pub async fn start(mut self) -> Permit {
-        let started = self.start.take().expect("start is awaited once");
-        // The sender lives in the queue until it is used; the queue entry is only removed by
-        // dispatch (which sends) or by our own drop.
-        let _ = started.await;
-        let permit = Permit {
+        self.started().await
+    }
+
+    /// Waits for the slot without giving up the place: cancel-safe, so it can be raced
+    /// against a timer that reads [`Queued::position`] meanwhile. Once it has returned, the
+    /// slot belongs to the permit and dropping `self` does nothing.
+    pub async fn started(&mut self) -> Permit {
+        if let Some(started) = self.start.as_mut() {
+            // The sender lives in the queue until it is used; the queue entry is only removed
+            // by dispatch (which sends) or by our own drop.
+            let _ = started.await;
+        }
+        self.start = None;
+        // Ours now: the drop must neither leave the queue nor give the slot back.
+        self.ticket = u64::MAX;
+        Permit {
             scheduler: self.scheduler.clone(),
             uid: self.uid,
-        };
-        // Ours now: the drop below must neither leave the queue nor give the slot back.
-        self.ticket = u64::MAX;
-        permit
+        }
     }
 }
 
@@ -381,6 +421,28 @@ mod tests {
         let mut next = queued(scheduler.admit(1000).unwrap());
         drop(running_job);
         assert!(has_started(&mut next));
+    }
+
+    #[test]
+    fn positions_follow_the_round_robin_and_move_up() {
+        let scheduler = scheduler(1, 1, 8);
+        let first = running(scheduler.admit(1000).unwrap()); // cursor: uid 1000
+        let a1 = queued(scheduler.admit(1000).unwrap());
+        let a2 = queued(scheduler.admit(1000).unwrap());
+        let b1 = queued(scheduler.admit(2000).unwrap());
+        let c1 = queued(scheduler.admit(500).unwrap());
+        // After 1000 come 2000, then (wrapping) 500, then 1000's own.
+        assert_eq!(b1.position(), Some(1));
+        assert_eq!(c1.position(), Some(2));
+        assert_eq!(a1.position(), Some(3));
+        assert_eq!(a2.position(), Some(4));
+        drop(first); // b1 starts; cursor 2000.
+        assert_eq!(b1.position(), None);
+        assert_eq!(c1.position(), Some(1));
+        assert_eq!(a1.position(), Some(2));
+        drop(c1);
+        assert_eq!(a1.position(), Some(1));
+        assert_eq!(a2.position(), Some(2));
     }
 
     #[test]

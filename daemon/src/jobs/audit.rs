@@ -404,6 +404,7 @@ mod tests {
             ]),
             reporter,
             cancel: Arc::new(AtomicBool::new(false)),
+            stopping: Arc::default(),
         };
         let caller = Caller {
             gid: 5678,
@@ -487,6 +488,7 @@ mod tests {
                 descriptors: PassedDescriptors::new(Vec::new()),
                 reporter,
                 cancel: Arc::default(),
+                stopping: Arc::default(),
             }
         };
         let caller = Caller {

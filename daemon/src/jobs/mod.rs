@@ -39,8 +39,11 @@ pub struct Job<P> {
     pub descriptors: PassedDescriptors,
     /// Progress and notices out.
     pub reporter: Reporter,
-    /// Set when the client left or the daemon stops.
+    /// Set when the client left, the job was cancelled, or the daemon stops.
     pub cancel: Arc<AtomicBool>,
+    /// Set (before `cancel`) when the cancel is the daemon stopping rather than a user's:
+    /// a job may then leave resumable state behind instead of giving up.
+    pub stopping: Arc<AtomicBool>,
 }
 
 impl<P> Job<P> {
@@ -51,6 +54,11 @@ impl<P> Job<P> {
         } else {
             Ok(())
         }
+    }
+
+    /// Whether a cancel (if any) is the daemon stopping, not the user.
+    pub fn daemon_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     /// Logs and forwards something the user should know.
@@ -269,21 +277,27 @@ pub fn next_job_id() -> u64 {
 /// How a running job reports to whoever started it.
 ///
 /// Progress is a "latest value" channel: workers may report hundreds of times a second and the
-/// connection forwards only what it has time for. Notices are few and must all arrive.
+/// connection forwards only what it has time for. Notices are few; the channel holds at most
+/// [`PENDING_NOTICES`] not yet taken by the job's registry task (which takes them as they come
+/// and keeps its own bounded log, `context::registry`); one more is dropped from the stream
+/// (it is still in the daemon's log).
 #[derive(Clone)]
 pub struct Reporter {
     progress: watch::Sender<Progress>,
-    notices: mpsc::UnboundedSender<String>,
+    notices: mpsc::Sender<String>,
     /// What the job's audit record will say (see [`audit`]).
     audit: audit::AuditFacts,
 }
+
+/// Notices a reporter holds before its receiver takes them.
+pub const PENDING_NOTICES: usize = 64;
 
 /// The receiving side of a [`Reporter`].
 pub struct ReportReceiver {
     /// Latest progress.
     pub progress: watch::Receiver<Progress>,
     /// Notices in order.
-    pub notices: mpsc::UnboundedReceiver<String>,
+    pub notices: mpsc::Receiver<String>,
 }
 
 impl Reporter {
@@ -293,8 +307,9 @@ impl Reporter {
             phase: Phase::Queued,
             bytes_done: 0,
             bytes_total: 0,
+            queue_position: None,
         });
-        let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+        let (notice_tx, notice_rx) = mpsc::channel(PENDING_NOTICES);
         (
             Self {
                 progress: progress_tx,
@@ -315,6 +330,7 @@ impl Reporter {
             phase,
             bytes_done,
             bytes_total,
+            queue_position: None,
         });
     }
 
@@ -325,9 +341,9 @@ impl Reporter {
 
     /// Tells the user something that does not stop the job.
     pub fn notice(&self, text: impl Into<String>) {
-        // The receiver is gone only when the connection is gone, and then the job is being
-        // cancelled anyway.
-        let _ = self.notices.send(text.into());
+        // Full only if the registry's task stopped taking them; gone only when the job has
+        // ended. Either way the notice is in the daemon's log ([`Job::notice`]).
+        let _ = self.notices.try_send(text.into());
     }
 }
 
@@ -373,6 +389,8 @@ pub(crate) mod testing {
             engine: EngineChoice::Userspace,
             format: None,
             target: None,
+            detach: None,
+            names: None,
         }
     }
 }
@@ -480,6 +498,7 @@ mod tests {
                 descriptors: PassedDescriptors::new(descriptors),
                 reporter: reporter.clone(),
                 cancel: Arc::default(),
+                stopping: Arc::default(),
             }
         }
 

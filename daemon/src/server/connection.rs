@@ -20,13 +20,12 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use imgcrypt_proto::api::{
-    self, DecryptReply, EncryptReply, ErrorParameters, Phase, RewriteReply, StreamedReply,
-    VerifyReply,
+    self, DecryptReply, EncryptReply, ErrorParameters, FileIdentity, JobId, JobKind, JobNames,
+    JobReply, JobsReply, Progress, RewriteReply, StreamedReply, VerifyReply, WaitReply,
 };
 use imgcrypt_proto::fdpass::{recv_with_fds, MAX_FDS_PER_MESSAGE};
 use imgcrypt_proto::varlink::{
@@ -40,9 +39,10 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::{ConnectionLimits, ConnectionRefused, ServerState};
-use crate::context::scheduler::{Admission, QueueFull};
+use crate::context::registry::{self, CancelReason, JobEntry, Submission, Viewer, Work};
+use crate::context::scheduler::QueueFull;
 use crate::context::{DaemonContext, Mode};
-use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors, Reporter};
+use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors};
 
 /// Least time between two progress replies: enough for a smooth bar, cheap for the socket.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -60,13 +60,48 @@ const JOB_METHODS: [&str; 5] = [
     api::VERIFY,
     api::REWRITE,
 ];
+// `Wait` follows a job like a job call but starts none: pipelined behind a job it is answered
+// after it, like GetInfo.
 
-/// Who is on the other end, from SO_PEERCRED (the kernel's word, not the client's).
+/// Who is on the other end, from SO_PEERCRED and SO_PEERGROUPS (the kernel's word, not the
+/// client's).
 #[derive(Debug, Clone, Copy)]
 struct Peer {
     uid: u32,
     gid: u32,
     pid: Option<i32>,
+    /// Root, or in the operator group: sees and cancels every job.
+    operator: bool,
+}
+
+impl Peer {
+    fn viewer(self) -> Viewer {
+        Viewer {
+            uid: self.uid,
+            sees_all: self.operator,
+        }
+    }
+}
+
+/// Whether the peer is root or in the operator group (its primary gid or, per SO_PEERGROUPS,
+/// a supplementary one). Groups that cannot be read make the peer an ordinary user.
+fn is_operator(stream: &UnixStream, uid: u32, gid: u32, operator_gid: Option<u32>) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Some(operator_gid) = operator_gid else {
+        return false;
+    };
+    if gid == operator_gid {
+        return true;
+    }
+    match crate::sys::peer::peer_groups(stream.as_fd()) {
+        Ok(groups) => groups.contains(&operator_gid),
+        Err(error) => {
+            tracing::warn!(uid, %error, "SO_PEERGROUPS failed; treating the peer as no operator");
+            false
+        }
+    }
 }
 
 /// Why a connection ends.
@@ -109,6 +144,12 @@ pub(super) async fn serve(
             uid: cred.uid(),
             gid: cred.gid(),
             pid: cred.pid(),
+            operator: is_operator(
+                &stream,
+                cred.uid(),
+                cred.gid(),
+                state.context.config.operator_gid,
+            ),
         },
         Err(error) => {
             tracing::warn!(%error, "SO_PEERCRED failed; dropping connection");
@@ -415,6 +456,8 @@ impl Connection {
                     .await
             }
             api::GET_DAEMON_STATUS => Reply::ok(super::status::daemon_status(state, peer.uid)),
+            api::JOBS | api::STATUS | api::CANCEL => self.job_query(&call, state),
+            api::WAIT if !call.oneway => return self.wait(&call, state, stop).await,
             other => unknown_method(other),
         };
         if call.oneway {
@@ -423,7 +466,8 @@ impl Connection {
         self.send(&reply).await
     }
 
-    /// Parses a job call's parameters and runs it with [`Self::run_job`].
+    /// Parses a job call's parameters and submits it to the registry; then either replies at
+    /// once with its id (`detach`) or follows it to its end with [`Self::follow`].
     async fn job<P, R>(
         &mut self,
         call: Call,
@@ -433,7 +477,7 @@ impl Connection {
         work: fn(Job<P>, &DaemonContext) -> crate::Result<R::Done>,
     ) -> Result<(), Closed>
     where
-        P: DeserializeOwned + Send + 'static,
+        P: DeserializeOwned + JobParameters + Send + 'static,
         R: StreamedReply,
         R::Done: Send + 'static,
     {
@@ -443,82 +487,48 @@ impl Connection {
         };
         let job_id = jobs::next_job_id();
         let peer = self.peer;
-        // "encrypt requested", "rewrite requested", ...: operators grep for these.
-        let what = call
-            .method
-            .rsplit('.')
-            .next()
-            .unwrap_or_default()
-            .to_lowercase();
-        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "{what} requested");
-        self.run_job::<R>(
-            call.more,
-            job_id,
-            state,
-            stop,
-            move |context, reporter, cancel| {
-                let job = Job {
-                    id: job_id,
-                    caller_uid: peer.uid,
-                    parameters,
-                    descriptors: PassedDescriptors::new(fds),
-                    reporter: reporter.clone(),
-                    cancel: cancel.clone(),
-                };
-                jobs::audit::audited(
-                    &what,
-                    jobs::audit::Caller {
-                        gid: peer.gid,
-                        pid: peer.pid,
-                    },
-                    job,
-                    context,
-                    work,
-                )
-            },
-        )
-        .await
-    }
-
-    /// Runs a job on a blocking thread once a job slot is free, streaming its progress and
-    /// notices when the caller asked for `more`, and cancelling it when the client leaves or the
-    /// daemon stops.
-    async fn run_job<R>(
-        &mut self,
-        streaming: bool,
-        job_id: u64,
-        state: &Arc<ServerState>,
-        stop: &mut watch::Receiver<bool>,
-        work: impl FnOnce(&DaemonContext, &Reporter, &Arc<AtomicBool>) -> crate::Result<R::Done>
-            + Send
-            + 'static,
-    ) -> Result<(), Closed>
-    where
-        R: StreamedReply,
-        R::Done: Send + 'static,
-    {
-        let peer = self.peer;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let (reporter, mut reports) = Reporter::channel();
-
-        // Wait for a job slot, telling the client it is queued, and noticing if it leaves.
-        let permit = match state.context.scheduler().admit(peer.uid) {
-            Ok(Admission::Running(permit)) => permit,
-            Ok(Admission::Queued(queued)) => {
-                tracing::info!(job = job_id, uid = peer.uid, "job queued");
-                if streaming {
-                    self.send(&Reply::partial(R::progress(queued_progress())))
-                        .await?;
-                }
-                tokio::select! {
-                    permit = queued.start() => permit,
-                    result = self.watch_client(job_id) => {
-                        tracing::info!(job = job_id, uid = peer.uid, "client went away while queued; job left the queue");
-                        return result;
-                    }
-                    _ = stop.changed() => return Err(Closed::Stopping),
-                }
-            }
+        let detached = parameters.detach();
+        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, detached,
+            "{} requested", P::KIND.name());
+        // The daemon's own fstat of the output it was given: what the client's rename checks.
+        let output_identity = parameters
+            .output()
+            .and_then(|index| fds.get(index as usize))
+            .and_then(|fd| nix::sys::stat::fstat(fd).ok())
+            .map(|stat| FileIdentity {
+                device: stat.st_dev,
+                inode: stat.st_ino,
+            });
+        let submission = Submission {
+            kind: P::KIND,
+            uid: peer.uid,
+            detached,
+            names: parameters.names(),
+            output_identity,
+        };
+        let caller_uid = peer.uid;
+        let caller = jobs::audit::Caller {
+            gid: peer.gid,
+            pid: peer.pid,
+        };
+        let work: Work<R::Done> = Box::new(move |context, reporter, cancel, stopping| {
+            let job = Job {
+                id: job_id,
+                caller_uid,
+                parameters,
+                descriptors: PassedDescriptors::new(fds),
+                reporter: reporter.clone(),
+                cancel: cancel.clone(),
+                stopping: stopping.clone(),
+            };
+            jobs::audit::audited(P::KIND.name(), caller, job, context, work)
+        });
+        let context = &state.context;
+        let entry = match context
+            .registry()
+            .submit::<R>(context, job_id, submission, work)
+        {
+            Ok(entry) => entry,
             Err(QueueFull { limit }) => {
                 tracing::warn!(
                     job = job_id,
@@ -537,94 +547,185 @@ impl Connection {
                     .await;
             }
         };
-        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, "job started");
+        if detached {
+            // `{"job_id": N}`: the same shape in every method's reply that has the field.
+            let reply = EncryptReply {
+                job_id: Some(job_id),
+                ..EncryptReply::default()
+            };
+            return self.send(&Reply::ok(reply)).await;
+        }
+        self.follow::<R>(&entry, call.more, true, stop).await
+    }
 
-        let job = {
-            let context = state.context.clone();
-            let cancel = cancel.clone();
-            tokio::task::spawn_blocking(move || work(&context, &reporter, &cancel))
+    /// Streams a job's progress and notices (when the caller asked for `more`) until its final
+    /// reply, which it sends. With `cancel_on_leave` (the call that submitted a job that is not
+    /// detached), a client that leaves cancels the job; a `Wait` that leaves does not.
+    async fn follow<R: StreamedReply>(
+        &mut self,
+        entry: &Arc<JobEntry>,
+        streaming: bool,
+        cancel_on_leave: bool,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Closed> {
+        let peer = self.peer;
+        let job_id = entry.id;
+        // Inspect's replies have no progress or notice field: its partials would be empty.
+        let carries = |reply: R| {
+            serde_json::to_value(reply)
+                .is_ok_and(|value| value.as_object().is_some_and(|o| !o.is_empty()))
         };
-        tokio::pin!(job);
-
-        let mut client_gone = false;
-        let mut broken = None;
+        let streaming_progress = streaming && carries(R::progress(entry.info().progress));
+        let streaming_notices = streaming && carries(R::notice(String::new()));
+        let mut changes = entry.subscribe();
+        let mut cursor = 0;
+        let mut last_sent: Option<(Instant, Progress)> = None;
+        let mut pending: Option<Progress> = None;
         let mut stopping = false;
-        let mut last_progress: Option<(Instant, Phase)> = None;
-        let outcome = loop {
-            tokio::select! {
-                result = &mut job => break result,
-                Some(notice) = reports.notices.recv(), if streaming && !client_gone => {
-                    if self.send(&Reply::partial(R::notice(notice))).await.is_err() {
-                        client_gone = client_left(job_id, peer, &cancel, "a reply could not be sent");
+        loop {
+            let update = entry.follow(&mut cursor);
+            if streaming_notices {
+                for notice in update.notices {
+                    self.send_or_leave(&Reply::partial(R::notice(notice)), entry, cancel_on_leave)
+                        .await?;
+                }
+            }
+            if let Some(reply) = update.final_reply {
+                self.send(&reply).await?;
+                return if stopping {
+                    Err(Closed::Stopping)
+                } else {
+                    Ok(())
+                };
+            }
+            if streaming_progress {
+                if let Some(progress) = update.progress {
+                    let changed = last_sent.is_none_or(|(_, sent)| sent != progress);
+                    if changed {
+                        pending = Some(progress);
                     }
                 }
-                Ok(()) = reports.progress.changed(), if streaming && !client_gone => {
-                    let progress = *reports.progress.borrow_and_update();
-                    let due = match last_progress {
-                        Some((at, phase)) => phase != progress.phase || at.elapsed() >= PROGRESS_INTERVAL,
+                if let Some(progress) = pending {
+                    let due = match last_sent {
+                        Some((at, sent)) => {
+                            sent.phase != progress.phase
+                                || sent.queue_position != progress.queue_position
+                                || at.elapsed() >= PROGRESS_INTERVAL
+                        }
                         None => true,
                     };
                     if due {
-                        last_progress = Some((Instant::now(), progress.phase));
-                        if self.send(&Reply::partial(R::progress(progress))).await.is_err() {
-                            client_gone = client_left(job_id, peer, &cancel, "a reply could not be sent");
-                        }
+                        self.send_or_leave(
+                            &Reply::partial(R::progress(progress)),
+                            entry,
+                            cancel_on_leave,
+                        )
+                        .await?;
+                        last_sent = Some((Instant::now(), progress));
+                        pending = None;
                     }
                 }
-                result = self.watch_client(job_id), if !client_gone => {
-                    if let Err(Closed::Broken(message)) = result {
-                        broken = Some(message);
+            }
+            let next_due = last_sent
+                .filter(|_| pending.is_some())
+                .map(|(at, _)| tokio::time::Instant::from_std(at + PROGRESS_INTERVAL));
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The entry is gone with its sender: cannot happen while we hold it.
+                        return Err(Closed::Gone);
                     }
-                    client_gone = client_left(job_id, peer, &cancel, "its connection closed or broke the protocol");
+                }
+                _ = async { tokio::time::sleep_until(next_due.expect("guarded")).await }, if next_due.is_some() => {}
+                result = self.watch_client(job_id) => {
+                    if cancel_on_leave {
+                        tracing::info!(job = job_id, uid = peer.uid, pid = ?peer.pid,
+                            "client went away; cancelling");
+                        entry.cancel(CancelReason::ClientLeft);
+                    } else {
+                        tracing::info!(job = job_id, uid = peer.uid, pid = ?peer.pid,
+                            "client stopped following the job; it runs on");
+                    }
+                    return Err(match result {
+                        Err(Closed::Broken(message)) => Closed::Broken(message),
+                        _ => Closed::Gone,
+                    });
                 }
                 _ = stop.changed(), if !stopping => {
-                    tracing::info!(job = job_id, "daemon stopping; cancelling");
+                    // The server cancels every job; its final reply still goes to the client.
                     stopping = true;
-                    cancel.store(true, Ordering::Relaxed);
                 }
             }
-        };
-        drop(permit);
+        }
+    }
 
-        let result = outcome.unwrap_or_else(|panic| {
-            tracing::error!(job = job_id, %panic, "job panicked");
-            Err(crate::Error::io(
-                "job",
-                std::io::Error::other("internal error: the job panicked"),
-            ))
-        });
-        if client_gone {
-            match &result {
-                Ok(_) => tracing::info!(job = job_id, "job ended after its client left: finished"),
-                Err(error) => {
-                    tracing::info!(job = job_id, "job ended after its client left: {error}")
-                }
-            }
-            return Err(broken.map_or(Closed::Gone, Closed::Broken));
-        }
-        if streaming {
-            while let Ok(notice) = reports.notices.try_recv() {
-                self.send(&Reply::partial(R::notice(notice))).await?;
+    /// Sends a partial reply; a client that does not take it is gone (and the job cancelled
+    /// when it was the submitting call's).
+    async fn send_or_leave(
+        &mut self,
+        reply: &Reply,
+        entry: &JobEntry,
+        cancel_on_leave: bool,
+    ) -> Result<(), Closed> {
+        let sent = self.send(reply).await;
+        if sent.is_err() {
+            tracing::info!(
+                job = entry.id,
+                uid = self.peer.uid,
+                "client went away (a reply could not be sent)"
+            );
+            if cancel_on_leave {
+                entry.cancel(CancelReason::ClientLeft);
             }
         }
-        let reply = match result {
-            Ok(done) => Reply::ok(R::done(done)),
-            Err(error) => {
-                tracing::warn!(
-                    job = job_id,
-                    uid = peer.uid,
-                    kind = error.varlink_name(),
-                    "{error}"
-                );
-                Reply::error(error.varlink_name(), error.varlink_parameters())
-            }
+        sent
+    }
+
+    /// `Jobs`, `Status`, `Cancel`: answered at once.
+    fn job_query(&self, call: &Call, state: &ServerState) -> Reply {
+        let registry = state.context.registry();
+        let viewer = self.peer.viewer();
+        if call.method == api::JOBS {
+            return Reply::ok(JobsReply {
+                jobs: registry.list(viewer),
+            });
+        }
+        let id = match parameters::<JobId>(call) {
+            Ok(query) => query.id,
+            Err(reply) => return reply,
         };
-        self.send(&reply).await?;
-        if stopping {
-            Err(Closed::Stopping)
-        } else {
-            Ok(())
+        let Some(entry) = registry.get(viewer, id) else {
+            return no_such_job_reply(self.peer, &call.method, id);
+        };
+        if call.method == api::CANCEL {
+            tracing::info!(
+                job = id,
+                uid = self.peer.uid,
+                owner = entry.uid,
+                "cancel requested"
+            );
+            entry.cancel(CancelReason::Requested);
         }
+        Reply::ok(JobReply { job: entry.info() })
+    }
+
+    /// `Wait`: follows a job the caller may see, without cancelling it on leaving.
+    async fn wait(
+        &mut self,
+        call: &Call,
+        state: &ServerState,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Closed> {
+        let id = match parameters::<JobId>(call) {
+            Ok(query) => query.id,
+            Err(reply) => return self.send(&reply).await,
+        };
+        let Some(entry) = state.context.registry().get(self.peer.viewer(), id) else {
+            let reply = no_such_job_reply(self.peer, &call.method, id);
+            return self.send(&reply).await;
+        };
+        self.follow::<WaitReply>(&entry, call.more, false, stop)
+            .await
     }
 
     /// Resolves when the client closes its end (or breaks the protocol) while its job is
@@ -662,12 +763,69 @@ impl Connection {
     }
 }
 
-/// Cancels a job whose client is gone, however that was noticed, and says so in the log.
-/// Returns `true`, the new value of the connection's `client_gone`.
-fn client_left(job_id: u64, peer: Peer, cancel: &AtomicBool, how: &str) -> bool {
-    tracing::info!(job = job_id, uid = peer.uid, pid = ?peer.pid, "client went away ({how}); cancelling");
-    cancel.store(true, Ordering::Relaxed);
-    true
+/// The same answer for an unknown id and another user's job (no information leak).
+fn no_such_job_reply(peer: Peer, method: &str, id: u64) -> Reply {
+    tracing::info!(uid = peer.uid, job = id, %method, "no such job for this caller");
+    Reply::error(api::errors::NO_SUCH_JOB, registry::no_such_job(id))
+}
+
+/// What the connection needs to know of a job call's parameters.
+trait JobParameters {
+    /// The job's kind.
+    const KIND: JobKind;
+    /// Whether the caller asked to detach.
+    fn detach(&self) -> bool {
+        false
+    }
+    /// The names the client gave.
+    fn names(&self) -> Option<JobNames> {
+        None
+    }
+    /// Index of the descriptor the job writes its output to.
+    fn output(&self) -> Option<u32> {
+        None
+    }
+}
+
+impl JobParameters for api::EncryptParameters {
+    const KIND: JobKind = JobKind::Encrypt;
+    fn detach(&self) -> bool {
+        self.detach == Some(true)
+    }
+    fn names(&self) -> Option<JobNames> {
+        self.names.clone()
+    }
+    fn output(&self) -> Option<u32> {
+        Some(self.output)
+    }
+}
+
+impl JobParameters for api::DecryptParameters {
+    const KIND: JobKind = JobKind::Decrypt;
+    fn detach(&self) -> bool {
+        self.detach == Some(true)
+    }
+    fn names(&self) -> Option<JobNames> {
+        self.names.clone()
+    }
+    fn output(&self) -> Option<u32> {
+        Some(self.output)
+    }
+}
+
+impl JobParameters for api::VerifyParameters {
+    const KIND: JobKind = JobKind::Verify;
+}
+
+impl JobParameters for api::RewriteParameters {
+    const KIND: JobKind = JobKind::Rewrite;
+    fn output(&self) -> Option<u32> {
+        self.reencrypt_output
+    }
+}
+
+impl JobParameters for api::InspectParameters {
+    const KIND: JobKind = JobKind::Inspect;
 }
 
 /// Parses a call's parameters, or builds the `InvalidParameter` reply. The reply names the
@@ -765,14 +923,6 @@ fn remove_path(value: &mut Value, path: &[String]) {
     }
     if let Value::Object(map) = current {
         map.remove(last);
-    }
-}
-
-fn queued_progress() -> api::Progress {
-    api::Progress {
-        phase: Phase::Queued,
-        bytes_done: 0,
-        bytes_total: 0,
     }
 }
 

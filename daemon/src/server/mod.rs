@@ -32,7 +32,7 @@ use crate::context::DaemonContext;
 /// Settings of a running server (the socket's; what jobs see is in [`DaemonContext`]).
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Exit after this long with no connection (the auto-started per-user daemon).
+    /// Exit after this long with no connection and no job (the auto-started per-user daemon).
     pub idle_timeout: Option<Duration>,
     /// Connection caps and timeouts.
     pub connections: ConnectionLimits,
@@ -239,9 +239,10 @@ impl AcceptFailures {
     }
 }
 
-/// Serves `listener` until `shutdown` resolves or, with an idle timeout, until no client has
-/// been connected for that long. On the way out, running jobs are cancelled and given
-/// `shutdown_grace` to tear down.
+/// Serves `listener` until `shutdown` resolves or, with an idle timeout, until for that long no
+/// client has been connected and no job (detached ones included) has been queued or running.
+/// On the way out, every job is cancelled (as a daemon stop: `Job::stopping` is set) and the
+/// jobs and connections are given `shutdown_grace` to tear down.
 pub async fn run(
     listener: UnixListener,
     state: Arc<ServerState>,
@@ -250,11 +251,17 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut accept_failures = AcceptFailures::default();
+    let mut active_jobs = state.context.registry().active();
     tokio::pin!(shutdown);
 
     loop {
-        // Re-armed on every event, so it measures time since the last connection closed.
-        let idle_for = state.config.idle_timeout.filter(|_| connections.is_empty());
+        // Re-armed on every event (a connection closing, a job ending), so it measures time
+        // since the last connection closed and the last job ended, whichever came later.
+        let no_jobs = *active_jobs.borrow_and_update() == 0;
+        let idle_for = state
+            .config
+            .idle_timeout
+            .filter(|_| connections.is_empty() && no_jobs);
         let idle = async move {
             match idle_for {
                 Some(timeout) => tokio::time::sleep(timeout).await,
@@ -284,12 +291,15 @@ pub async fn run(
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            Ok(()) = active_jobs.changed() => {}
         }
     }
 
     let _ = stop_tx.send(true);
+    state.context.registry().cancel_all();
     let drained = tokio::time::timeout(state.config.shutdown_grace, async {
         while connections.join_next().await.is_some() {}
+        let _ = active_jobs.wait_for(|active| *active == 0).await;
     })
     .await;
     if drained.is_err() {

@@ -5,5 +5,6 @@ pub mod capabilities;
 pub mod descriptors;
 pub mod direct_io;
 pub mod memfd;
+pub mod peer;
 pub mod source_io;
 pub mod storage;

@@ -1,0 +1,493 @@
+//! `imgctl jobs`, `imgctl status ID`, `imgctl cancel ID`, `imgctl wait ID`: the daemon's jobs.
+//!
+//! A user sees their own jobs (root and the daemon's operator group see all); an id the caller
+//! may not see is answered like an unknown one.
+//!
+//! A detached job (`imgctl encrypt --detach`) leaves its output as `OUT.partial`: the daemon,
+//! running as root, never renames or removes anything by path for a user (it could be made to
+//! rename inside a directory the user merely can read). `imgctl wait ID`, the user's own process
+//! with the user's own rights, renames `OUT.partial` to `OUT` once the job succeeded, and only
+//! if the file there is still the very file the job wrote (the daemon reports the output
+//! descriptor's `(st_dev, st_ino)`); `imgctl cancel ID` removes it on the same condition.
+
+use std::os::fd::BorrowedFd;
+use std::path::{Path, PathBuf};
+
+use imgcrypt_proto::api::{
+    self, JobId, JobInfo, JobKind, JobNames, JobReply, JobState, JobsReply, Phase, WaitReply,
+};
+
+use crate::call;
+use crate::client::Client;
+use crate::connect;
+use crate::error::{CtlError, Result};
+use crate::output;
+use crate::progress::{self, Display};
+
+/// The job subcommands (flattened into imgctl's own).
+#[derive(Debug, clap::Subcommand)]
+pub enum JobCommand {
+    /// List your jobs (root and the daemon's operator group see everyone's): id, user, kind,
+    /// state, progress, rate, ETA, output. Finished jobs are kept for 24 h (the last 32).
+    Jobs(ListArgs),
+    /// Show one job; for a finished detached encryption, whether its rename is pending.
+    Status(IdArgs),
+    /// Cancel a queued or running job; for your own detached encryption, remove its
+    /// OUT.partial once the job has stopped.
+    Cancel(IdArgs),
+    /// Follow a job (re-attach after `encrypt --detach` or after imgctl was killed) with the
+    /// same progress and summary as the original command; for a detached encryption, rename
+    /// OUT.partial to OUT once it succeeded. Leaving a wait (Ctrl-C) does not cancel the job.
+    Wait(IdArgs),
+}
+
+/// Options of `imgctl jobs`.
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    /// Print the jobs as one JSON object (`{"jobs": [...]}`, the daemon's JobInfo).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of the commands that take a job id.
+#[derive(Debug, clap::Args)]
+pub struct IdArgs {
+    /// The job's id (`imgctl jobs` lists them; `encrypt --detach` prints it).
+    pub id: u64,
+    /// Print JSON (`status`, `cancel`: the job; `wait`: progress lines and the summary).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a job subcommand.
+pub fn run(command: JobCommand, socket: Option<PathBuf>) -> Result<()> {
+    let mut client = connect::connect(socket.as_deref())?;
+    match command {
+        JobCommand::Jobs(args) => list(&mut client, &args),
+        JobCommand::Status(args) => status(&mut client, &args),
+        JobCommand::Cancel(args) => cancel(&mut client, &args),
+        JobCommand::Wait(args) => wait(&mut client, &args),
+    }
+}
+
+fn list(client: &mut Client, args: &ListArgs) -> Result<()> {
+    let reply: JobsReply = call::call_once(client, api::JOBS, &serde_json::json!({}), &[])?;
+    if args.json {
+        println!("{}", serde_json::to_string(&reply).expect("jobs serialise"));
+        return Ok(());
+    }
+    print!("{}", render_table(&reply.jobs));
+    Ok(())
+}
+
+fn job_info(client: &mut Client, method: &str, id: u64) -> Result<JobInfo> {
+    let reply: JobReply = call::call_once(client, method, &JobId { id }, &[])?;
+    Ok(reply.job)
+}
+
+fn status(client: &mut Client, args: &IdArgs) -> Result<()> {
+    let job = job_info(client, api::STATUS, args.id)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&job).expect("job serialises"));
+    } else {
+        print!("{}", render_status(&job));
+    }
+    Ok(())
+}
+
+fn cancel(client: &mut Client, args: &IdArgs) -> Result<()> {
+    let job = job_info(client, api::CANCEL, args.id)?;
+    if job.state.is_final() {
+        println!("job {} had already ended: {}", job.id, state_text(&job));
+        return Ok(());
+    }
+    // Wait for the job to stop (no progress asked: one final reply), then clean up our own
+    // detached output. The job's final reply is the cancellation error, expected here.
+    let ended = call::call_once::<WaitReply>(client, api::WAIT, &JobId { id: job.id }, &[]);
+    let job = job_info(client, api::STATUS, args.id).unwrap_or(job);
+    let removed = match detached_output(&job) {
+        Some((path, identity))
+            if job.state != JobState::Succeeded && job.uid == nix::unistd::getuid().as_raw() =>
+        {
+            output::remove_detached_partial(&path, identity).then(|| output::partial_path(&path))
+        }
+        _ => None,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&job).expect("job serialises"));
+    } else {
+        println!("job {}: {}", job.id, state_text(&job));
+        if let Some(path) = removed {
+            println!("removed {}", path.display());
+        }
+    }
+    match (job.state, ended) {
+        (JobState::Succeeded, _) => Err(CtlError::Usage(format!(
+            "job {} finished before the cancel reached it: run `imgctl wait {}` to give its \
+             output its final name",
+            job.id, job.id
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn wait(client: &mut Client, args: &IdArgs) -> Result<()> {
+    let job = job_info(client, api::STATUS, args.id)?;
+    let mut display = Display::new(args.json);
+    let done = call::wait_job(client, args.id, &mut display)?;
+    let name = |which: fn(&api::JobNames) -> &Option<String>| {
+        job.names
+            .as_ref()
+            .and_then(|names| which(names).clone())
+            .map(PathBuf::from)
+    };
+    let source = name(|names| &names.source).unwrap_or_else(|| format!("job {}", job.id).into());
+    let output_name = name(|names| &names.output);
+    if let Some(summary) = &done.summary {
+        let final_path = match detached_output(&job) {
+            Some((path, identity)) => output::finish_detached(&path, identity)?,
+            None => output_name.unwrap_or_else(|| "(output)".into()),
+        };
+        display.summary(&source, &final_path, summary, &[]);
+        return Ok(());
+    }
+    let output = match (&done.decrypted, detached_output(&job)) {
+        (Some(_), Some((path, identity))) => output::finish_detached(&path, identity)?,
+        _ => output_name.unwrap_or_else(|| "(output)".into()),
+    };
+    let (event, text) = if let Some(s) = &done.decrypted {
+        ("decrypted", progress::render_decrypt(&source, &output, s))
+    } else if let Some(s) = &done.verified {
+        ("verified", progress::render_verify(&source, None, s))
+    } else if let Some(s) = &done.rewritten {
+        ("rewritten", progress::render_rewrite(&source, s))
+    } else if let Some(info) = &done.image {
+        ("inspected", progress::render_inspect(&source, info))
+    } else if let Some(info) = &done.source {
+        ("inspected", progress::render_source(&source, info))
+    } else {
+        return Err(CtlError::Protocol(format!(
+            "the daemon ended Wait for job {} without a result",
+            job.id
+        )));
+    };
+    display.finish(
+        serde_json::json!({ "event": event, "job": job.id, "result": done }),
+        &text,
+    );
+    Ok(())
+}
+
+/// How a job's files are named in `imgctl jobs` and where `imgctl wait` renames: absolute,
+/// so that a `wait` from another directory finds them.
+pub fn names(source: &Path, output: &Path) -> JobNames {
+    let absolute = |path: &Path| {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    };
+    JobNames {
+        source: Some(absolute(source)),
+        output: Some(absolute(output)),
+    }
+}
+
+/// `--detach`: sends the job call (with `detach: true` in `parameters`); the daemon answers
+/// with the job's id at once.
+pub fn submit_detached(
+    mut client: Client,
+    method: &str,
+    parameters: &impl serde::Serialize,
+    fds: &[BorrowedFd<'_>],
+) -> Result<u64> {
+    #[derive(serde::Deserialize)]
+    struct Detached {
+        job_id: Option<u64>,
+    }
+    let reply: Detached = call::call_once(&mut client, method, parameters, fds)?;
+    reply.job_id.ok_or_else(|| {
+        CtlError::Protocol(format!(
+            "the daemon did not answer a detached {method} with a job id: it is older than \
+             imgctl; run without --detach"
+        ))
+    })
+}
+
+/// Prints a detached job's id (stdout) and what to do next (stderr). `OUT.partial` is left to
+/// the job (kept when imgctl exits) and to `imgctl wait`, which renames it.
+pub fn report_detached(id: u64, output: &Path, json: bool, display: &mut Display) {
+    display.finish(
+        serde_json::json!({ "event": "detached", "job_id": id, "output": output }),
+        &format!("{id}\n"),
+    );
+    if !json {
+        eprintln!(
+            "imgctl: job {id} runs on in imgcryptd, writing {}.partial; `imgctl wait {id}` \
+             finishes it (follows it and renames the output to {}), `imgctl status {id}` shows it",
+            output.display(),
+            output.display()
+        );
+    }
+}
+
+/// A detached encryption's or decryption's final output path and the identity of the file its
+/// job writes.
+fn detached_output(job: &JobInfo) -> Option<(PathBuf, (u64, u64))> {
+    if !job.detached || !matches!(job.kind, JobKind::Encrypt | JobKind::Decrypt) {
+        return None;
+    }
+    let path = job.names.as_ref()?.output.as_ref()?;
+    let identity = job.output_identity?;
+    Some((PathBuf::from(path), (identity.device, identity.inode)))
+}
+
+/// `queued (position 2)`, `running: copying 45%`, `failed: <message>` ...
+fn state_text(job: &JobInfo) -> String {
+    match job.state {
+        JobState::Queued => match job.queue_position {
+            Some(position) => format!("queued (position {position})"),
+            None => "queued".to_string(),
+        },
+        JobState::Running => match percent(job) {
+            Some(percent) => format!(
+                "running: {} {percent}%",
+                progress::phase_label(job.progress.phase)
+            ),
+            None => format!("running: {}", progress::phase_label(job.progress.phase)),
+        },
+        JobState::Succeeded => "succeeded".to_string(),
+        JobState::Failed | JobState::Cancelled => {
+            let what = if job.state == JobState::Failed {
+                "failed"
+            } else {
+                "cancelled"
+            };
+            match &job.message {
+                Some(message) if job.state == JobState::Failed => format!("{what}: {message}"),
+                Some(message) => message.clone(),
+                None => what.to_string(),
+            }
+        }
+    }
+}
+
+fn percent(job: &JobInfo) -> Option<u64> {
+    let progress = &job.progress;
+    (progress.bytes_total > 0 && progress.phase != Phase::Queued)
+        .then(|| progress.bytes_done.min(progress.bytes_total) * 100 / progress.bytes_total)
+}
+
+/// The `imgctl status` text, one fact per line.
+fn render_status(job: &JobInfo) -> String {
+    let mut text = format!(
+        "job {}: {} by {}\nstate: {}\n",
+        job.id,
+        job.kind.name(),
+        user_name(job.uid),
+        state_text(job)
+    );
+    if job.state == JobState::Running && job.progress.bytes_total > 0 {
+        text.push_str(&format!(
+            "progress: {} of {} ({}), {} left\n",
+            bytes(job.progress.bytes_done),
+            bytes(job.progress.bytes_total),
+            job.rate
+                .map_or("rate not yet known".to_string(), |r| format!(
+                    "{}/s",
+                    bytes(r)
+                )),
+            job.eta_ms.map_or("time".to_string(), duration)
+        ));
+    }
+    if let Some(engine) = job.engine {
+        text.push_str(&format!("engine: {engine:?}\n").to_lowercase());
+    }
+    if let Some(names) = &job.names {
+        if let Some(source) = &names.source {
+            text.push_str(&format!("source: {source}\n"));
+        }
+        if let Some(output) = &names.output {
+            text.push_str(&format!("output: {output}\n"));
+        }
+    }
+    if job.detached {
+        text.push_str("detached: yes\n");
+    }
+    if let Some((path, identity)) = detached_output(job) {
+        let partial = output::partial_path(&path);
+        let line = match job.state {
+            JobState::Succeeded if output::is_file_with_identity(&partial, identity) => format!(
+                "rename pending: run `imgctl wait {}` to rename {} to {}",
+                job.id,
+                partial.display(),
+                path.display()
+            ),
+            JobState::Succeeded if output::is_file_with_identity(&path, identity) => {
+                "renamed: the output is under its final name".to_string()
+            }
+            JobState::Succeeded => format!(
+                "rename pending, but {} is not the file the job wrote any more",
+                partial.display()
+            ),
+            state if state.is_final() => format!(
+                "no output: `imgctl cancel {}` or removing {} cleans up",
+                job.id,
+                partial.display()
+            ),
+            _ => format!("writing {}", partial.display()),
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+/// The `imgctl jobs` table.
+fn render_table(jobs: &[JobInfo]) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".to_string();
+    }
+    let mut rows = vec![[
+        "ID".to_string(),
+        "USER".to_string(),
+        "KIND".to_string(),
+        "STATE".to_string(),
+        "PROGRESS".to_string(),
+        "RATE".to_string(),
+        "ETA".to_string(),
+        "OUTPUT".to_string(),
+    ]];
+    for job in jobs {
+        let state = match job.state {
+            JobState::Queued => match job.queue_position {
+                Some(position) => format!("queued (position {position})"),
+                None => "queued".to_string(),
+            },
+            other => format!("{other:?}").to_lowercase(),
+        };
+        rows.push([
+            job.id.to_string(),
+            user_name(job.uid),
+            job.kind.name().to_string(),
+            state,
+            percent(job).map_or("-".to_string(), |p| format!("{p}%")),
+            job.rate
+                .map_or("-".to_string(), |r| format!("{}/s", bytes(r))),
+            job.eta_ms.map_or("-".to_string(), duration),
+            job.names
+                .as_ref()
+                .and_then(|names| names.output.clone())
+                .unwrap_or_else(|| "-".to_string()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|column| {
+            rows.iter()
+                .map(|row| row[column].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut text = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(column, cell)| format!("{cell:<width$}", width = widths[column]))
+            .collect();
+        text.push_str(cells.join("  ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+fn user_name(uid: u32) -> String {
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |user| user.name)
+}
+
+fn bytes(count: u64) -> String {
+    indicatif::BinaryBytes(count).to_string()
+}
+
+fn duration(ms: u64) -> String {
+    let seconds = ms / 1000;
+    if seconds >= 3600 {
+        format!("{}h{:02}m", seconds / 3600, seconds % 3600 / 60)
+    } else {
+        format!("{}m{:02}s", seconds / 60, seconds % 60)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imgcrypt_proto::api::Progress;
+
+    fn job(state: JobState) -> JobInfo {
+        JobInfo {
+            id: 7,
+            uid: 0,
+            kind: JobKind::Encrypt,
+            state,
+            queue_position: (state == JobState::Queued).then_some(2),
+            progress: Progress {
+                phase: if state == JobState::Queued {
+                    Phase::Queued
+                } else {
+                    Phase::Copy
+                },
+                bytes_done: 1 << 20,
+                bytes_total: 4 << 20,
+                queue_position: None,
+            },
+            rate: Some(1 << 20),
+            eta_ms: Some(3000),
+            engine: None,
+            created_ms: 0,
+            started_ms: None,
+            ended_ms: None,
+            detached: true,
+            names: Some(JobNames {
+                source: Some("/s.vhd".into()),
+                output: Some("/o.luks".into()),
+            }),
+            output_identity: None,
+            error: None,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn the_table_shows_position_percent_rate_eta_and_output() {
+        let table = render_table(&[job(JobState::Queued), job(JobState::Running)]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("ID") && lines[0].contains("OUTPUT"),
+            "{table}"
+        );
+        assert!(lines[1].contains("queued (position 2)"), "{table}");
+        assert!(
+            lines[2].contains("running") && lines[2].contains("25%"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("1.00 MiB/s") && lines[2].contains("0m03s"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains("/o.luks") && lines[2].contains("root"),
+            "{table}"
+        );
+        assert_eq!(render_table(&[]), "no jobs\n");
+    }
+
+    #[test]
+    fn status_says_queued_with_position() {
+        assert_eq!(state_text(&job(JobState::Queued)), "queued (position 2)");
+        assert!(render_status(&job(JobState::Running)).contains("running: copying 25%"));
+    }
+}

@@ -673,6 +673,7 @@ mod tests {
             allocated_bytes: 10 << 20,
             vhd_key_hash: None,
             target: None,
+            resumed_from: None,
         };
         let text = render_summary(Path::new("in.vhd"), Path::new("out.luks"), &summary);
         for expected in [

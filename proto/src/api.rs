@@ -412,6 +412,11 @@ pub struct Summary {
     /// The target whose rules were checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
+    // --- resume ---
+    /// The payload byte this run resumed from (an interrupted run's durable checkpoint);
+    /// absent when it started from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 /// How a keyslot's benchmarked iteration count was obtained ([`Summary::pbkdf_benchmark`]).

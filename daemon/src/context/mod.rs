@@ -6,9 +6,13 @@
 //! (`jobs::tests::jobs_run_with_a_context_and_no_server` does). Socket business (connection
 //! caps, idle and frame timeouts, shutdown) stays in `server`.
 
+pub mod checkpoints;
 pub mod scheduler;
 
+use std::path::PathBuf;
 use std::sync::Arc;
+
+use checkpoints::CheckpointStore;
 
 use scheduler::{Scheduler, SchedulerLimits};
 
@@ -29,6 +33,9 @@ pub struct DaemonConfig {
     pub max_queued_per_uid: usize,
     /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
     pub key_ring: Option<Arc<DaemonRing>>,
+    /// The daemon's state directory (resume checkpoints, [`checkpoints`]); `None`: encryptions
+    /// are not checkpointed and an interrupted one restarts from scratch.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -39,6 +46,7 @@ impl Default for DaemonConfig {
             max_jobs_per_uid: 2,
             max_queued_per_uid: 8,
             key_ring: None,
+            state_dir: None,
         }
     }
 }
@@ -51,6 +59,8 @@ pub struct DaemonContext {
     pub config: DaemonConfig,
     /// Job slots, shared fairly between uids.
     scheduler: Arc<Scheduler>,
+    /// Resume checkpoints, when the daemon has a usable state directory.
+    checkpoints: Option<CheckpointStore>,
 }
 
 impl DaemonContext {
@@ -61,16 +71,32 @@ impl DaemonContext {
             max_running_per_uid: config.max_jobs_per_uid,
             max_queued_per_uid: config.max_queued_per_uid,
         });
+        let checkpoints = config.state_dir.as_deref().and_then(|dir| {
+            CheckpointStore::open(dir)
+                .inspect(
+                    |store| tracing::info!(path = %store.root().display(), "resume checkpoints"),
+                )
+                .inspect_err(|error| {
+                    tracing::warn!("{error}; encryptions are not resumable until it is fixed")
+                })
+                .ok()
+        });
         Arc::new(Self {
             engines,
             config,
             scheduler,
+            checkpoints,
         })
     }
 
     /// Job slots: a job runs only while it holds one of its [`scheduler::Permit`]s.
     pub fn scheduler(&self) -> &Arc<Scheduler> {
         &self.scheduler
+    }
+
+    /// Resume checkpoints, if the daemon has a state directory.
+    pub fn checkpoints(&self) -> Option<&CheckpointStore> {
+        self.checkpoints.as_ref()
     }
 
     /// Jobs running now (holding a slot), the caller's included.

@@ -517,8 +517,9 @@ impl Copier<'_, '_> {
     fn save(&mut self, done: u64, pbkdf: String) {
         self.checkpoint.done = done;
         self.checkpoint.pbkdf = pbkdf;
-        if let Err(error) = self.store.save(&self.checkpoint) {
-            tracing::warn!(job = self.job.id, "{error}; this job cannot be resumed");
+        match self.store.save(&self.checkpoint) {
+            Ok(()) => tracing::debug!(job = self.job.id, done, "checkpoint saved"),
+            Err(error) => tracing::warn!(job = self.job.id, "{error}; this job cannot be resumed"),
         }
     }
 

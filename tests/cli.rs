@@ -88,7 +88,9 @@ fn stale_partial_file_is_restarted_for_luks_and_refused_for_qcow2_without_force(
     // with --force.
     let qcow2 = output.with_extension("qcow2");
     fs::write(partial_of(&qcow2), b"left by a crash").unwrap();
-    let result = run(daemon.encrypt(&source, &qcow2, &key).args(["--format", "qcow2"]));
+    let result = run(daemon
+        .encrypt(&source, &qcow2, &key)
+        .args(["--format", "qcow2"]));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success());
     assert!(stderr.contains("interrupted run"), "{}", describe(&result));

@@ -79,9 +79,16 @@ fn a_daemon_killed_mid_copy_leaves_no_output_for_any_container() {
         );
         assert!(!output.exists(), "{format}: an output under the final name");
         if format == "luks" {
-            assert!(partial.exists(), "luks: the resumable partial file was removed");
+            assert!(
+                partial.exists(),
+                "luks: the resumable partial file was removed"
+            );
             let bytes = std::fs::read(&partial).unwrap();
-            assert_ne!(&bytes[..6], b"LUKS\xba\xbe", "luks: the partial file has the magic");
+            assert_ne!(
+                &bytes[..6],
+                b"LUKS\xba\xbe",
+                "luks: the partial file has the magic"
+            );
         } else {
             assert!(
                 !partial.exists(),

@@ -223,7 +223,11 @@ impl CheckpointStore {
 /// Creates `dir` (and missing parents, as a per-user daemon's `~/.local/state` may be) with
 /// mode 0700 if missing; refuses one that is not a directory.
 fn make_private_dir(dir: &Path) -> Result<()> {
-    match fs::DirBuilder::new().recursive(true).mode(0o700).create(dir) {
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
         Err(e) => Err(Error::io(

@@ -12,7 +12,7 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -269,7 +269,8 @@ fn ctrl_c_keeps_the_partial_file_and_the_rerun_resumes() {
 
     let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
     let from = summary_resumed_from(&output).expect("resumed");
-    assert!(from >= 8 << 20, "resumed from {from}");
+    // Copying past 8 MiB means the first 4 MiB range was checkpointed.
+    assert!(from >= 4 << 20, "resumed from {from}");
     assert_decrypts_to_source(&setup, &setup.key);
 }
 
@@ -353,7 +354,8 @@ fn sigterm_checkpoints_the_job_and_a_rerun_after_the_restart_resumes() {
     let daemon = start_daemon(&setup.dir);
     let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
     let from = summary_resumed_from(&output).expect("resumed");
-    assert!(from >= 8 << 20, "resumed from {from}");
+    // Copying past 8 MiB means the first 4 MiB range was checkpointed.
+    assert!(from >= 4 << 20, "resumed from {from}");
     assert_decrypts_to_source(&setup, &setup.key);
 }
 

@@ -284,6 +284,7 @@ pub fn encrypt(
             job,
             inputs,
             store,
+            durable: checkpoint.done,
             checkpoint,
         };
         let written = copier.run(&container, recovered.volume_key.as_bytes(), &mut |_| {
@@ -403,6 +404,7 @@ fn fresh(
             job,
             inputs,
             store,
+            durable: checkpoint.done,
             checkpoint,
         };
         let written = copier.run(&container, volume_key.as_bytes(), &mut staged)?;
@@ -429,8 +431,11 @@ struct Copier<'j, 'i> {
     job: &'j Job<EncryptParameters>,
     inputs: &'j ResumeInputs<'i>,
     store: &'j CheckpointStore,
-    /// What the next save writes; `done` is the durable payload so far.
+    /// What the last save wrote (`done`: the payload it says is durable).
     checkpoint: Checkpoint,
+    /// Payload bytes from the start that are durable now (saved or not: before the header is
+    /// staged there is nothing to save them with).
+    durable: u64,
 }
 
 /// Called after each durable range (and with `true` when the copy stops or ends, then waiting
@@ -492,6 +497,7 @@ impl Copier<'_, '_> {
                 .sync_data()
                 .map_err(|e| Error::io("fdatasync on the output's payload", e))?;
             done = end;
+            self.durable = done;
             if let Some(pbkdf) = after_range(false)? {
                 self.save(done, pbkdf);
             }
@@ -527,7 +533,7 @@ impl Copier<'_, '_> {
     /// checkpointed (the header staged first, waiting for its derivation if need be) and the
     /// error says how to resume.
     fn stop(&mut self, after_range: &mut AfterRange<'_>) -> Error {
-        let done = self.checkpoint.done;
+        let done = self.durable;
         let payload_size = self.checkpoint.payload_size;
         let staged = match self
             .inputs

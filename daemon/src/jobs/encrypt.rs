@@ -351,17 +351,8 @@ fn encrypt_with_luks<C: Container>(
         idle: &idle,
     };
     std::thread::scope(|scope| {
-        let (prepared, pending) = luks::start_format(
-            scope,
-            spec,
-            &volume_key,
-            &inputs.key.passphrase,
-            &inputs.key.fingerprint,
-            &context,
-            &mut |stage| match stage {
-                Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
-            },
-        )?;
+        let (prepared, pending) =
+            start_format(scope, job, &inputs.key, spec, &volume_key, &context)?;
         let container = plan(&prepared.image, prepared.data_offset)?;
         let mut pending = Some(pending);
         let mut formatted = None;
@@ -397,6 +388,30 @@ fn encrypt_with_luks<C: Container>(
         })?;
         Ok((container, written, header))
     })
+}
+
+/// Starts formatting `spec`'s header for `key` around `volume_key` on a thread of `scope`
+/// ([`luks::start_format`]: the keyslot's derivation goes on there), reporting a benchmark as
+/// the job's phase.
+pub(super) fn start_format<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    job: &Job<EncryptParameters>,
+    key: &'env KeyFile,
+    spec: &'env HeaderSpec,
+    volume_key: &'env SecretBytes,
+    context: &'env HeaderContext<'env>,
+) -> Result<(luks::PreparedHeader, luks::PendingKeyslot<'scope>)> {
+    luks::start_format(
+        scope,
+        spec,
+        volume_key,
+        &key.passphrase,
+        &key.fingerprint,
+        context,
+        &mut |stage| match stage {
+            Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
+        },
+    )
 }
 
 /// The summary's account of the benchmark behind the keyslot.
@@ -447,15 +462,7 @@ fn encrypt_luks(
                 encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
                     LuksOutput::plan(image, data_offset, virtual_size)
                 })?;
-            let facts = resume::HeaderFacts {
-                cipher: header.cipher.clone(),
-                key_size_bits: header.key_size_bits,
-                data_offset: header.data_offset,
-                pbkdf: header.pbkdf.clone(),
-                formatted: Some(header),
-                resumed_from: None,
-            };
-            (container, written, facts)
+            (container, written, resume::HeaderFacts::fresh(header))
         }
     };
     let payload_size = container.payload_size();

@@ -58,7 +58,7 @@ use crate::formats::SourceImage;
 use crate::keys::{CandidateKey, KeyFile, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
-use crate::luks::{self, crash, FormattedHeader, HeaderContext, HeaderSpec, LuksImage, Stage};
+use crate::luks::{self, crash, FormattedHeader, HeaderContext, HeaderSpec, LuksImage};
 use crate::outputs::luks::{copy_header, LuksOutput};
 use crate::outputs::{Container, Extent};
 use crate::sys::aligned::AlignedBuffer;
@@ -226,6 +226,20 @@ pub struct HeaderFacts {
     pub resumed_from: Option<u64>,
 }
 
+impl HeaderFacts {
+    /// The facts of a header formatted by this run.
+    pub fn fresh(header: FormattedHeader) -> Self {
+        Self {
+            cipher: header.cipher.clone(),
+            key_size_bits: header.key_size_bits,
+            data_offset: header.data_offset,
+            pbkdf: header.pbkdf.clone(),
+            formatted: Some(header),
+            resumed_from: None,
+        }
+    }
+}
+
 /// The checked inputs a resumable encryption uses.
 pub struct ResumeInputs<'a> {
     /// The source.
@@ -280,13 +294,7 @@ pub fn encrypt(
         tracing::info!(job = job.id, from, "resuming from a checkpoint");
         let pbkdf = checkpoint.pbkdf.clone();
         let data_offset = checkpoint.data_offset;
-        let mut copier = Copier {
-            job,
-            inputs,
-            store,
-            durable: checkpoint.done,
-            checkpoint,
-        };
+        let mut copier = Copier::new(job, inputs, store, checkpoint);
         let written = copier.run(&container, recovered.volume_key.as_bytes(), &mut |_| {
             Ok(Some(pbkdf.clone()))
         })?;
@@ -357,17 +365,8 @@ fn fresh(
         idle: &idle,
     };
     std::thread::scope(|scope| {
-        let (prepared, pending) = luks::start_format(
-            scope,
-            spec,
-            &volume_key,
-            &inputs.key.passphrase,
-            &inputs.key.fingerprint,
-            &context,
-            &mut |stage| match stage {
-                Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
-            },
-        )?;
+        let (prepared, pending) =
+            super::encrypt::start_format(scope, job, inputs.key, spec, &volume_key, &context)?;
         let virtual_size = inputs.image.virtual_size();
         let container = LuksOutput::plan(&prepared.image, prepared.data_offset, virtual_size)?;
         job.check_cancel()?;
@@ -400,13 +399,7 @@ fn fresh(
             }
             Ok(formatted.as_ref().map(|header| header.pbkdf.clone()))
         };
-        let mut copier = Copier {
-            job,
-            inputs,
-            store,
-            durable: checkpoint.done,
-            checkpoint,
-        };
+        let mut copier = Copier::new(job, inputs, store, checkpoint);
         let written = copier.run(&container, volume_key.as_bytes(), &mut staged)?;
         staged(true)?;
         copier.finish(&container)?;
@@ -414,15 +407,7 @@ fn fresh(
             operation: "format",
             message: "the keyslot was never derived".to_string(),
         })?;
-        let facts = HeaderFacts {
-            cipher: header.cipher.clone(),
-            key_size_bits: header.key_size_bits,
-            data_offset: header.data_offset,
-            pbkdf: header.pbkdf.clone(),
-            formatted: Some(header),
-            resumed_from: None,
-        };
-        Ok((container, written, facts))
+        Ok((container, written, HeaderFacts::fresh(header)))
     })
 }
 
@@ -443,7 +428,22 @@ struct Copier<'j, 'i> {
 /// recovers the volume key, `None` while it does not (nothing to checkpoint yet).
 type AfterRange<'a> = dyn FnMut(bool) -> Result<Option<String>> + 'a;
 
-impl Copier<'_, '_> {
+impl<'j, 'i> Copier<'j, 'i> {
+    fn new(
+        job: &'j Job<EncryptParameters>,
+        inputs: &'j ResumeInputs<'i>,
+        store: &'j CheckpointStore,
+        checkpoint: Checkpoint,
+    ) -> Self {
+        Self {
+            job,
+            inputs,
+            store,
+            durable: checkpoint.done,
+            checkpoint,
+        }
+    }
+
     /// Copies the payload from `checkpoint.done` to its end, range by range, saving a
     /// checkpoint after each durable range once `after_range` says the header is staged.
     fn run(

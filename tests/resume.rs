@@ -6,7 +6,8 @@
 //! or source restarts from scratch and says why; the checkpoint holds no key material.
 //!
 //! The jobs are slowed by the debug builds' `IMGCRYPTD_TEST_CHECKPOINT_DELAY_MS` (a pause after
-//! each checkpoint) so that a 48 MiB source can be interrupted at random points.
+//! each checkpoint) so that a 128 MiB source (eight 16 MiB checkpoint ranges) can be
+//! interrupted at random points.
 
 mod common;
 
@@ -17,11 +18,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Pause after each checkpoint: 48 MiB in 4 MiB ranges takes at least 12 × this.
-const DELAY: (&str, &str) = ("IMGCRYPTD_TEST_CHECKPOINT_DELAY_MS", "150");
+/// Pause after each checkpoint: 128 MiB in 16 MiB ranges takes at least 8 × this.
+const DELAY: (&str, &str) = ("IMGCRYPTD_TEST_CHECKPOINT_DELAY_MS", "250");
 
-/// Source size: a whole number of 4 MiB checkpoint ranges.
-const SOURCE_BYTES: usize = 48 << 20;
+/// Source size: eight 16 MiB checkpoint ranges.
+const SOURCE_BYTES: usize = 128 << 20;
+
+/// One checkpoint range of a [`SOURCE_BYTES`] payload.
+const RANGE: u64 = 16 << 20;
 
 fn partial_of(output: &Path) -> PathBuf {
     PathBuf::from(format!("{}.partial", output.display()))
@@ -191,12 +195,13 @@ fn a_daemon_killed_at_random_points_resumes_each_time_and_the_image_decrypts_to_
     for round in 0..3 {
         let mut daemon = start_daemon(&setup.dir);
         // Past the last checkpoint by at least one range, then at a random point within the
-        // next two (the job pauses 150 ms per 4 MiB range).
+        // next (the job pauses 250 ms per range): each round costs at most two of the eight.
+        // (Progress inside the next range means the last one is checkpointed.)
         let child = start_past(
             &mut encrypt(&daemon, &setup, &setup.key),
-            durable + (4 << 20),
+            durable + RANGE + 1,
         );
-        std::thread::sleep(random_millis(0..300));
+        std::thread::sleep(random_millis(0..250));
         daemon.child.kill().unwrap();
         daemon.child.wait().unwrap();
         let output = collect(child);
@@ -256,7 +261,7 @@ fn a_daemon_killed_at_random_points_resumes_each_time_and_the_image_decrypts_to_
 fn ctrl_c_keeps_the_partial_file_and_the_rerun_resumes() {
     let setup = setup();
     let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 8 << 20);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
     assert_eq!(interrupt(&mut child), Some(130));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -269,8 +274,8 @@ fn ctrl_c_keeps_the_partial_file_and_the_rerun_resumes() {
 
     let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
     let from = summary_resumed_from(&output).expect("resumed");
-    // Copying past 8 MiB means the first 4 MiB range was checkpointed.
-    assert!(from >= 4 << 20, "resumed from {from}");
+    // Copying past the second range means the first was checkpointed.
+    assert!(from >= RANGE, "resumed from {from}");
     assert_decrypts_to_source(&setup, &setup.key);
 }
 
@@ -278,7 +283,7 @@ fn ctrl_c_keeps_the_partial_file_and_the_rerun_resumes() {
 fn a_changed_key_restarts_from_scratch_and_only_the_new_key_opens_the_image() {
     let setup = setup();
     let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 8 << 20);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
     interrupt(&mut child);
     wait_for_log(&daemon, "progress checkpointed");
     let new_key = setup.dir.join("k2");
@@ -302,7 +307,7 @@ fn a_changed_key_restarts_from_scratch_and_only_the_new_key_opens_the_image() {
 fn a_changed_source_restarts_from_scratch() {
     let setup = setup();
     let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 8 << 20);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
     interrupt(&mut child);
     wait_for_log(&daemon, "progress checkpointed");
     // Rewrite one sector at the start (size unchanged).
@@ -326,7 +331,7 @@ fn a_changed_source_restarts_from_scratch() {
 fn sigterm_checkpoints_the_job_and_a_rerun_after_the_restart_resumes() {
     let setup = setup();
     let mut daemon = start_daemon(&setup.dir);
-    let child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 8 << 20);
+    let child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemon.child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -354,8 +359,8 @@ fn sigterm_checkpoints_the_job_and_a_rerun_after_the_restart_resumes() {
     let daemon = start_daemon(&setup.dir);
     let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
     let from = summary_resumed_from(&output).expect("resumed");
-    // Copying past 8 MiB means the first 4 MiB range was checkpointed.
-    assert!(from >= 4 << 20, "resumed from {from}");
+    // Copying past the second range means the first was checkpointed.
+    assert!(from >= RANGE, "resumed from {from}");
     assert_decrypts_to_source(&setup, &setup.key);
 }
 
@@ -363,7 +368,7 @@ fn sigterm_checkpoints_the_job_and_a_rerun_after_the_restart_resumes() {
 fn force_discards_the_partial_file_and_starts_over() {
     let setup = setup();
     let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 8 << 20);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
     interrupt(&mut child);
     wait_for_log(&daemon, "progress checkpointed");
     let output = run_ok(encrypt(&daemon, &setup, &setup.key).arg("--force"));

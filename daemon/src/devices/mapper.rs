@@ -416,6 +416,19 @@ mod tests {
     }
 
     #[test]
+    fn a_range_of_a_payload_counts_its_ivs_from_its_first_sector() {
+        // 16 MiB of a payload from guest byte 32 MiB (sector 65536), at 48 MiB of the output.
+        let target = CryptTarget::new(16 << 20, ":64:logon:imgcrypt:job-7", (7, 1), 48 << 20, 4096)
+            .unwrap()
+            .with_iv_offset(65_536);
+        assert_eq!(
+            target.table_line(),
+            "0 32768 crypt aes-xts-plain64 :64:logon:imgcrypt:job-7 65536 7:1 98304 1 \
+             sector_size:4096"
+        );
+    }
+
+    #[test]
     fn table_for_4096_byte_sectors_and_luks1() {
         // LUKS1 header (2 MiB = 4096 sectors), 4096-byte encryption sectors, loop 7:12.
         let target =

@@ -516,6 +516,45 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn a_resumable_partial_is_reopened_untruncated_and_kept_only_with_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let partial = dir.path().join("disk.luks.partial");
+
+        // A fresh run that fails outright leaves nothing.
+        let output = Output::create_resumable(&out, false).unwrap();
+        assert!(partial.exists());
+        assert_eq!(output.abandon(false), None);
+        assert!(!partial.exists());
+
+        // Interrupted with progress: kept, with the advice.
+        let mut output = Output::create_resumable(&out, false).unwrap();
+        if let Output::File(file) = &mut output {
+            file.file.write_all(b"progress").unwrap();
+        }
+        let advice = output.abandon(true).unwrap();
+        assert!(
+            advice.contains("run the same imgctl encrypt command"),
+            "{advice}"
+        );
+        assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
+
+        // The next run reopens it without truncating, and keeps it whatever fails.
+        let output = Output::create_resumable(&out, false).unwrap();
+        assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
+        assert!(output.abandon(false).is_some());
+        assert!(partial.exists());
+
+        // --force starts over; other outputs still refuse a stale partial.
+        let output = Output::create_resumable(&out, true).unwrap();
+        assert_eq!(std::fs::read(&partial).unwrap(), b"");
+        drop(output);
+        std::fs::write(&partial, b"stale").unwrap();
+        let refused = Output::create(&out, false).err().unwrap().to_string();
+        assert!(refused.contains("interrupted run"), "{refused}");
+    }
+
+    #[test]
     fn reencrypt_partial_sits_beside_the_image() {
         assert_eq!(
             reencrypt_partial_path(Path::new("/imgs/disk.luks")),

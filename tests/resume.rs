@@ -221,6 +221,12 @@ fn a_daemon_killed_at_random_points_resumes_each_time_and_the_image_decrypts_to_
         let files = checkpoint_files(&setup.dir);
         assert_eq!(files.len(), 1, "round {round}: {files:?}");
         for file in files {
+            // Private to the daemon: the file 0600, its directories 0700.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+            assert_eq!(mode(file.parent().unwrap()), 0o700);
+            assert_eq!(mode(&setup.dir.join("state/checkpoints")), 0o700);
             let bytes = fs::read(&file).unwrap();
             let checkpoint: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
             let done = checkpoint["done"].as_u64().unwrap();

@@ -698,6 +698,7 @@ fn unlock_partial(
         });
     }
     luks.check_payload_supported()?;
+    job.reporter.progress(Phase::Unlock, 0, 0);
     let candidates = [CandidateKey {
         name: inputs.key_name.to_string(),
         key: inputs.key.duplicate()?,

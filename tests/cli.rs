@@ -68,23 +68,44 @@ fn existing_output_is_kept_without_force_and_replaced_with_it() {
 }
 
 #[test]
-fn stale_partial_file_is_reported_and_force_clears_it() {
+fn stale_partial_file_is_restarted_for_luks_and_refused_for_qcow2_without_force() {
     let (_scratch, daemon, source, key, output) = setup(SourceKind::Raw, "2M");
     fs::write(partial_of(&output), b"left by a crash").unwrap();
 
-    let result = run(&mut daemon.encrypt(&source, &output, &key));
+    // Raw LUKS resumes an interrupted run's partial file; one no checkpoint describes is
+    // written from scratch, and the notice says why.
+    let result = run_ok(&mut daemon.encrypt(&source, &output, &key));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        stderr.contains("from scratch") && stderr.contains("no checkpoint"),
+        "{}",
+        describe(&result)
+    );
+    assert!(test_passphrase(&output, &key));
+    assert!(!partial_of(&output).exists());
+
+    // The sparse containers are not resumed: their stale partial is refused, and replaced
+    // with --force.
+    let qcow2 = output.with_extension("qcow2");
+    fs::write(partial_of(&qcow2), b"left by a crash").unwrap();
+    let result = run(daemon
+        .encrypt(&source, &qcow2, &key)
+        .args(["--format", "qcow2"]));
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success());
     assert!(stderr.contains("interrupted run"), "{}", describe(&result));
     assert_eq!(
-        fs::read(partial_of(&output)).unwrap(),
+        fs::read(partial_of(&qcow2)).unwrap(),
         b"left by a crash",
         "not ours to delete"
     );
-
-    run_ok(daemon.encrypt(&source, &output, &key).arg("--force"));
-    assert!(output.exists());
-    assert!(!partial_of(&output).exists());
+    run_ok(
+        daemon
+            .encrypt(&source, &qcow2, &key)
+            .args(["--format", "qcow2", "--force"]),
+    );
+    assert!(qcow2.exists());
+    assert!(!partial_of(&qcow2).exists());
 }
 
 #[test]
@@ -202,7 +223,7 @@ fn human_summary_names_the_essentials() {
 }
 
 #[test]
-fn interrupt_removes_the_partial_file_and_cancels_the_job() {
+fn interrupt_keeps_the_partial_file_for_a_resume_and_cancels_the_job() {
     let dir = scratch();
     let dir = dir.path();
     let daemon = Daemon::start(dir, &[]);
@@ -223,13 +244,16 @@ fn interrupt_removes_the_partial_file_and_cancels_the_job() {
         "the partial file exists while writing"
     );
     assert_eq!(interrupt(&mut child), Some(130), "exit status after SIGINT");
-    assert!(!partial_of(&output).exists(), "partial file removed");
+    // Raw LUKS is resumable: the partial file stays (tests/resume.rs resumes it), and it is no
+    // image meanwhile.
+    assert!(partial_of(&output).exists(), "partial file kept");
+    assert!(!test_passphrase(&partial_of(&output), &key));
     assert!(!output.exists(), "nothing under the final name");
 
     let deadline = Instant::now() + Duration::from_secs(20);
     while !daemon
         .log_text()
-        .contains("job ended after its client left: cancelled")
+        .contains("job ended after its client left: the encryption stopped")
     {
         assert!(
             Instant::now() < deadline,

@@ -142,6 +142,8 @@ fn a_group_writable_ring_stops_start_up_naming_the_file() {
         .arg(&socket)
         .arg("--keyring")
         .arg(&ring)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

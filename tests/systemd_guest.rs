@@ -25,8 +25,10 @@
 //!   `journalctl MESSAGE_ID=<the audit id>` one audit record per job with `BYTES`, `RESULT`,
 //!   the files' identity and the key's fingerprint;
 //! - `stop-mid-job`: while the job reads its source (behind dm-delay), `systemctl status` shows
-//!   "1 job running"; mid-copy, `systemctl stop` tears down the job's mapper and loop device, imgctl fails and
-//!   leaves no output; after `systemctl start` the same command completes;
+//!   "1 job running"; past a resume checkpoint (in the StateDirectory) and mid-copy,
+//!   `systemctl stop` checkpoints the job and tears down its mapper and loop device, imgctl
+//!   fails saying how to resume and keeps `OUT.partial`; after `systemctl start` the same
+//!   command resumes past 0 and completes;
 //! - `idle-exit`: socket-activated, the service exits when idle and the next call starts it.
 //!
 //! A FAIL, a missing or unexpected result, a timeout or a guest that does not power off fails
@@ -150,7 +152,7 @@ fn systemd_journal_has_the_structured_job_fields() {
 }
 
 #[test]
-fn systemd_stop_mid_job_tears_down_devices_and_a_rerun_after_start_completes() {
+fn systemd_stop_mid_job_tears_down_devices_and_a_rerun_after_start_resumes() {
     assert_guest_check("stop-mid-job");
 }
 

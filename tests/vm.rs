@@ -434,7 +434,12 @@ fn kernel_disks(dir: &Path) -> Vec<Disk> {
     let slow_source = slow.join("slow.vhd");
     qemu_create(&slow_source, "vpc", &["-o", "subformat=dynamic"], "48M");
     qemu_io("vpc", &slow_source, &["write -P 0x5a 0 47M"]);
-    manifest.push_str("SLOW_SOURCE=slow.vhd\n");
+    let vsize = qemu_virtual_size(&slow_source);
+    let sha256 = plaintext_sha256(&slow_source, &slow);
+    let _ = writeln!(
+        manifest,
+        "SLOW_SOURCE=slow.vhd\nSLOW_VSIZE={vsize}\nSLOW_SHA256={sha256}"
+    );
     fs::write(payload.join("manifest.sh"), manifest).unwrap();
 
     let small = dir.join("small-ext2.img");

@@ -2,8 +2,13 @@
 //! made the data durable, and removed on any failure or interruption, so nothing half-written
 //! ever sits under the final name.
 //!
-//! A re-encryption's new image is the exception: `IMAGE.reencrypt.partial` is kept on failure or
-//! interruption, because the daemon resumes it on the next run ([`ReencryptOutput`]).
+//! The exceptions are the files the daemon resumes on the next run: a re-encryption's new image,
+//! `IMAGE.reencrypt.partial` ([`ReencryptOutput`]), and an encryption's raw LUKS `OUT.partial`
+//! ([`Output::create_resumable`]). They are kept on interruption (Ctrl-C, SIGTERM, the daemon
+//! going away or stopping) with advice on resuming or discarding them; they are not valid
+//! images meanwhile (a raw LUKS partial's header has its magic masked until the end). A run of
+//! `encrypt` that finds `OUT.partial` opens it without truncating it and lets the daemon resume
+//! or restart it; `--force` removes it first (start over, never resume).
 //!
 //! Interruption is handled by a signal thread (SIGINT, SIGTERM, SIGHUP are blocked in every
 //! other thread and waited for there), which can take the same lock as the rename: either the
@@ -27,6 +32,41 @@ enum OnInterrupt {
     Remove(PathBuf),
     /// Keep the file (it can be resumed) and tell the user so.
     Keep(String),
+    /// Keep the file with this advice unless it is empty and this run created it (nothing to
+    /// resume), then remove it.
+    KeepUnlessEmpty {
+        path: PathBuf,
+        created: bool,
+        advice: String,
+    },
+}
+
+impl OnInterrupt {
+    /// Does what the registration says; the text for the user.
+    fn apply(self) -> String {
+        match self {
+            Self::Remove(path) => {
+                let _ = std::fs::remove_file(&path);
+                format!("interrupted; removed {}", path.display())
+            }
+            Self::Keep(message) => message,
+            Self::KeepUnlessEmpty {
+                path,
+                created,
+                advice,
+            } => {
+                let empty = std::fs::metadata(&path)
+                    .map(|m| m.len() == 0)
+                    .unwrap_or(true);
+                if created && empty {
+                    let _ = std::fs::remove_file(&path);
+                    format!("interrupted; removed {}", path.display())
+                } else {
+                    format!("interrupted: {advice}")
+                }
+            }
+        }
+    }
 }
 
 /// Blocks the termination signals in this thread (and every thread it starts) and starts the
@@ -42,13 +82,8 @@ pub fn install_interrupt_cleanup() {
     std::thread::spawn(move || {
         let Ok(signal) = signals.wait() else { return };
         let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-        match pending.take() {
-            Some(OnInterrupt::Remove(path)) => {
-                let _ = std::fs::remove_file(&path);
-                eprintln!("\nimgctl: interrupted; removed {}", path.display());
-            }
-            Some(OnInterrupt::Keep(message)) => eprintln!("\nimgctl: {message}"),
-            None => {}
+        if let Some(action) = pending.take() {
+            eprintln!("\nimgctl: {}", action.apply());
         }
         // 128 + signal number, as shells report it.
         std::process::exit(128 + signal as i32);
@@ -71,6 +106,10 @@ pub enum Output {
 impl Output {
     /// Prepares `path` for writing. Refuses to replace anything without `force`.
     pub fn create(path: &Path, force: bool) -> Result<Self> {
+        Self::create_inner(path, force, false)
+    }
+
+    fn create_inner(path: &Path, force: bool, resumable: bool) -> Result<Self> {
         match std::fs::metadata(path) {
             Ok(metadata) if metadata.file_type().is_block_device() => {
                 if !force {
@@ -104,8 +143,42 @@ impl Output {
                 path: path.to_path_buf(),
                 message: "already exists; pass --force to replace it".to_string(),
             }),
-            _ => PartialFile::create(path, force).map(Self::File),
+            _ => PartialFile::create(path, force, resumable).map(Self::File),
         }
+    }
+
+    /// [`Self::create`] for an output the daemon can resume (an encryption's raw LUKS): an
+    /// existing `OUT.partial` is opened read-write without truncation for the daemon to resume
+    /// (or restart, saying why); `force` removes it first. On interruption it is kept.
+    pub fn create_resumable(path: &Path, force: bool) -> Result<Self> {
+        Self::create_inner(path, force, true)
+    }
+
+    /// After a failure: a resumable partial file that holds progress is kept (an earlier
+    /// run's always, since this run did not make it) when `interrupted` (the daemon stopped or
+    /// went away), and the advice on resuming it is returned; anything else is removed.
+    pub fn abandon(self, interrupted: bool) -> Option<String> {
+        let Self::File(mut partial) = self else {
+            return None;
+        };
+        if !partial.resumable {
+            return None;
+        }
+        let empty = partial
+            .file
+            .metadata()
+            .map(|m| m.len() == 0)
+            .unwrap_or(true);
+        if partial.reopened || (interrupted && !empty) {
+            partial.committed = true;
+            forget_pending();
+            return Some(format!(
+                "{} is kept (it is not a valid image yet): {}",
+                partial.partial_path.display(),
+                encrypt_resume_advice(&partial.partial_path)
+            ));
+        }
+        None
     }
 
     /// The descriptor the daemon writes to.
@@ -145,10 +218,14 @@ pub struct PartialFile {
     partial_path: PathBuf,
     final_path: PathBuf,
     committed: bool,
+    /// The daemon can resume it: kept on interruption.
+    resumable: bool,
+    /// An earlier run's file, reopened.
+    reopened: bool,
 }
 
 impl PartialFile {
-    fn create(final_path: &Path, force: bool) -> Result<Self> {
+    fn create(final_path: &Path, force: bool, resumable: bool) -> Result<Self> {
         let partial_path = partial_path(final_path);
         let open = || {
             OpenOptions::new()
@@ -159,15 +236,49 @@ impl PartialFile {
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&partial_path)
         };
+        let advice = encrypt_resume_advice(&partial_path);
+        let on_interrupt = |created: bool| {
+            if resumable {
+                OnInterrupt::KeepUnlessEmpty {
+                    path: partial_path.clone(),
+                    created,
+                    advice: advice.clone(),
+                }
+            } else {
+                OnInterrupt::Remove(partial_path.clone())
+            }
+        };
         // Register before creating, so an interrupt between the two still cleans up.
-        *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(OnInterrupt::Remove(partial_path.clone()));
+        *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) = Some(on_interrupt(true));
+        let mut reopened = false;
         let file = match open() {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && force => {
                 std::fs::remove_file(&partial_path).map_err(|e| {
                     CtlError::file(&partial_path, "remove the stale partial file", e)
                 })?;
                 open()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && resumable => {
+                // An earlier run's: the daemon resumes it, or restarts it and says why.
+                reopened = true;
+                *PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(on_interrupt(false));
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                    .open(&partial_path);
+                match file {
+                    Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => Ok(file),
+                    Ok(_) => {
+                        forget_pending();
+                        return Err(CtlError::File {
+                            path: partial_path,
+                            message: "exists and is not a regular file: remove it".to_string(),
+                        });
+                    }
+                    Err(e) => Err(e),
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 forget_pending();
@@ -189,6 +300,8 @@ impl PartialFile {
             partial_path,
             final_path: final_path.to_path_buf(),
             committed: false,
+            resumable,
+            reopened,
         })
     }
 
@@ -454,6 +567,16 @@ impl ReencryptOutput {
     }
 }
 
+/// What to do with a kept `OUT.partial` of an encryption.
+fn encrypt_resume_advice(partial: &Path) -> String {
+    format!(
+        "run the same imgctl encrypt command again to resume from its checkpoint (with the same \
+         key; another key or a changed source starts over), or delete {} (or pass --force) to \
+         start over",
+        partial.display()
+    )
+}
+
 fn resume_advice(partial: &Path) -> String {
     format!(
         "run the same command again to resume from {}, or delete it to start over",
@@ -496,6 +619,45 @@ mod tests {
         assert_eq!(std::fs::read(&out).unwrap(), b"the job's");
         assert!(!partial.exists());
         assert_eq!(finish_detached(&out, identity).unwrap(), out);
+    }
+
+    #[test]
+    fn a_resumable_partial_is_reopened_untruncated_and_kept_only_with_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let partial = dir.path().join("disk.luks.partial");
+
+        // A fresh run that fails outright leaves nothing.
+        let output = Output::create_resumable(&out, false).unwrap();
+        assert!(partial.exists());
+        assert_eq!(output.abandon(false), None);
+        assert!(!partial.exists());
+
+        // Interrupted with progress: kept, with the advice.
+        let mut output = Output::create_resumable(&out, false).unwrap();
+        if let Output::File(file) = &mut output {
+            file.file.write_all(b"progress").unwrap();
+        }
+        let advice = output.abandon(true).unwrap();
+        assert!(
+            advice.contains("run the same imgctl encrypt command"),
+            "{advice}"
+        );
+        assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
+
+        // The next run reopens it without truncating, and keeps it whatever fails.
+        let output = Output::create_resumable(&out, false).unwrap();
+        assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
+        assert!(output.abandon(false).is_some());
+        assert!(partial.exists());
+
+        // --force starts over; other outputs still refuse a stale partial.
+        let output = Output::create_resumable(&out, true).unwrap();
+        assert_eq!(std::fs::read(&partial).unwrap(), b"");
+        drop(output);
+        std::fs::write(&partial, b"stale").unwrap();
+        let refused = Output::create(&out, false).err().unwrap().to_string();
+        assert!(refused.contains("interrupted run"), "{refused}");
     }
 
     #[test]

@@ -182,7 +182,8 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
     let copy_seconds = seconds(s.copy_ms);
     // Over the copy alone: the key derivation's deliberate slowness is not I/O speed.
     let copied = if s.output_format == OutputFormat::Luks {
-        s.payload_size
+        // A resumed run copied the payload from where the interrupted one got to.
+        s.payload_size - s.resumed_from.unwrap_or(0).min(s.payload_size)
     } else {
         s.allocated_bytes
     };
@@ -245,6 +246,12 @@ pub fn render_summary(source: &Path, output: &Path, s: &Summary) -> String {
         rows.push(("benchmark", render_benchmark(benchmark)));
     }
     rows.push(("engine", format!("{:?}", s.engine).to_lowercase()));
+    if let Some(offset) = s.resumed_from {
+        rows.push((
+            "resumed from",
+            format!("payload byte {offset} (an interrupted run's checkpoint)"),
+        ));
+    }
     rows.push((
         "time",
         format!("{total_seconds:.2} s (copy {copy_seconds:.2} s)"),
@@ -679,6 +686,7 @@ mod tests {
             allocated_bytes: 10 << 20,
             vhd_key_hash: None,
             target: None,
+            resumed_from: None,
         };
         let text = render_summary(Path::new("in.vhd"), Path::new("out.luks"), &summary);
         for expected in [
@@ -695,6 +703,16 @@ mod tests {
             "10.0 MiB/s",
             "cached, measured 2 min 5 s ago",
         ] {
+            assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+        }
+        assert!(!text.contains("resumed"), "{text}");
+        // A resumed run: where it resumed, and the throughput of what it copied.
+        let resumed = Summary {
+            resumed_from: Some(5 << 20),
+            ..summary
+        };
+        let text = render_summary(Path::new("in.vhd"), Path::new("out.luks"), &resumed);
+        for expected in ["resumed from", "payload byte 5242880", "5.0 MiB/s"] {
             assert!(text.contains(expected), "missing {expected:?} in\n{text}");
         }
     }

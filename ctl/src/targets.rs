@@ -166,6 +166,7 @@ mod tests {
             allocated_bytes: 1 << 20,
             vhd_key_hash: vhd_key_hash.map(str::to_string),
             target: Some(target),
+            resumed_from: None,
         }
     }
 

@@ -184,6 +184,20 @@ pub enum Error {
     /// The client went away or the daemon is shutting down.
     #[error("cancelled")]
     Cancelled,
+
+    /// An encryption stopped (cancelled, or the daemon is stopping) after its durable progress
+    /// was checkpointed: the same call again resumes at `done`.
+    #[error(
+        "the encryption stopped at payload byte {done} of {total} (the daemon is stopping, or \
+         the job was cancelled); its progress is checkpointed: run the same `imgctl encrypt` \
+         command again to resume from there (imgctl keeps OUT.partial for it)"
+    )]
+    Interrupted {
+        /// Payload bytes durable and checkpointed.
+        done: u64,
+        /// The payload's size.
+        total: u64,
+    },
 }
 
 impl Error {
@@ -225,6 +239,7 @@ impl Error {
             Self::EngineUnavailable { .. } => errors::ENGINE_UNAVAILABLE,
             Self::Luks { .. } => errors::LUKS_ERROR,
             Self::Io { .. } | Self::Cancelled => errors::IO_ERROR,
+            Self::Interrupted { .. } => errors::INTERRUPTED,
             Self::PermissionDenied(_) => errors::PERMISSION_DENIED,
             Self::WrongKey { .. } => errors::WRONG_KEY,
             Self::NoKey(_) => errors::NO_KEY,
@@ -239,6 +254,7 @@ impl Error {
             Self::KeyFile(error) => parameters.rule = Some(error.rule().to_string()),
             Self::UnsupportedFormat { format, .. } => parameters.format = Some(format.to_string()),
             Self::CorruptImage { offset, .. } => parameters.offset = *offset,
+            Self::Interrupted { done, .. } => parameters.offset = Some(*done),
             Self::BadDescriptor { descriptor, .. } => {
                 parameters.descriptor = Some(descriptor.name().to_string())
             }

@@ -96,6 +96,12 @@ struct Args {
     #[arg(long, overrides_with = "startup_benchmark")]
     no_startup_benchmark: bool,
 
+    /// Directory for the daemon's state: resume checkpoints of interrupted encryptions (no key
+    /// material). Default: systemd's $STATE_DIRECTORY, else /var/lib/imgcrypt; with --user
+    /// $XDG_STATE_HOME/imgcrypt (~/.local/state/imgcrypt).
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
     /// Benchmark the default PBKDF configurations at start-up (the default; overrides an
     /// earlier --no-startup-benchmark).
     #[arg(long, overrides_with = "no_startup_benchmark")]
@@ -226,6 +232,7 @@ fn run(
             max_queued_per_uid: args.max_queued_per_user,
             key_ring,
             operator_gid,
+            state_dir: state_dir(&args),
         },
     );
     let limits = context.scheduler().limits();
@@ -267,6 +274,29 @@ fn run(
         systemd::notify("STOPPING=1\nSTATUS=stopping");
         Ok(())
     })
+}
+
+/// The state directory: `--state-dir`, else the mode's default (see [`Args::state_dir`]);
+/// `None` when a per-user daemon has no home to put it in.
+fn state_dir(args: &Args) -> Option<PathBuf> {
+    if let Some(dir) = &args.state_dir {
+        return Some(dir.clone());
+    }
+    let non_empty = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty());
+    if args.user {
+        non_empty("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| non_empty("HOME").map(|home| Path::new(&home).join(".local/state")))
+            .map(|base| base.join("imgcrypt"))
+    } else {
+        // systemd's StateDirectory= (may be a list; the first is ours).
+        let from_systemd = non_empty("STATE_DIRECTORY").and_then(|dirs| {
+            dirs.to_str()
+                .and_then(|dirs| dirs.split(':').next())
+                .map(PathBuf::from)
+        });
+        Some(from_systemd.unwrap_or_else(|| PathBuf::from("/var/lib/imgcrypt")))
+    }
 }
 
 /// Keeps systemd's STATUS= (`systemctl status imgcryptd`) at the number of running jobs: looked

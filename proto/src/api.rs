@@ -64,6 +64,9 @@ pub mod errors {
     pub const TOO_MANY_CONNECTIONS: &str = "io.imgcrypt.TooManyConnections";
     /// The source names a file (backing file, parent, extent) that was not passed.
     pub const NEED_FILE: &str = "io.imgcrypt.NeedFile";
+    /// An encryption stopped with its progress checkpointed (`offset`: the payload bytes
+    /// kept): the same call again resumes there.
+    pub const INTERRUPTED: &str = "io.imgcrypt.Interrupted";
     // --- jobs ---
     /// No job with this id that the caller may see (unknown, expired, or another user's:
     /// the same error for all three).
@@ -437,6 +440,11 @@ pub struct Summary {
     /// The target whose rules were checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
+    // --- resume ---
+    /// The payload byte this run resumed from (an interrupted run's durable checkpoint);
+    /// absent when it started from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_from: Option<u64>,
 }
 
 /// How a keyslot's benchmarked iteration count was obtained ([`Summary::pbkdf_benchmark`]).

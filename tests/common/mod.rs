@@ -373,6 +373,9 @@ impl Daemon {
             .arg("--socket")
             .arg(&socket)
             .arg("--no-startup-benchmark")
+            // Resume checkpoints of its own, never the host's /var/lib/imgcrypt.
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .args(extra)
             .envs(env.iter().copied())
             .env("IMGCRYPTD_LOG", "debug")

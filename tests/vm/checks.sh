@@ -183,8 +183,9 @@ daemon_start() {
     DAEMON_STARTS=$((DAEMON_STARTS + 1))
     DAEMON_LOG=/tmp/imgcryptd.$DAEMON_STARTS.log
     # No start-up PBKDF benchmark: seconds of argon2 in a TCG guest, racing the first check.
+    # Resume checkpoints in the guest's tmpfs: they outlive a daemon restart within the boot.
     IMGCRYPTD_LOG=debug imgcryptd --socket "$SOCKET" --engine kernel --socket-mode 0666 \
-        --no-startup-benchmark >"$DAEMON_LOG" 2>&1 &
+        --no-startup-benchmark --state-dir /tmp/imgcrypt-state >"$DAEMON_LOG" 2>&1 &
     DAEMON_PID=$!
     remember_pid "$DAEMON_PID"
     wait_until 60 daemon_ready || fail "imgcryptd did not listen within 60 s"
@@ -360,11 +361,47 @@ start_slow_encrypt() {
     fi
 }
 
+# The running job has saved a resume checkpoint (a whole checkpoint range is durable).
+checkpoint_saved() {
+    grep -q "checkpoint saved" "$DAEMON_LOG"
+}
+
+# start_checkpointed_encrypt OUTPUT RESULT_PREFIX: start_slow_encrypt, then returns once a
+# checkpoint is saved and the copy of the next range is under way (its mapper mid-copy).
+start_checkpointed_encrypt() {
+    start_slow_encrypt "$1" "$2"
+    if ! wait_until 120 checkpoint_saved || ! wait_until 120 mid_copy; then
+        show_result "$2"
+        show_daemon_log
+        fail "never saw a checkpoint and the next range mid-copy within 120 s"
+    fi
+}
+
+# resume_slow_encrypt OUTPUT RESULT_PREFIX: re-runs the interrupted job of start_slow_encrypt on
+# the running daemon; it must resume past 0, leave no device, and decrypt to the source.
+resume_slow_encrypt() {
+    [ -e "$1.partial" ] || fail "imgctl did not keep $1.partial for the re-run"
+    [ ! -e "$1" ] || fail "$1 exists after the interrupted job"
+    if ! encrypt "/mnt/slow/$SLOW_SOURCE" "$1" "$2"; then
+        show_result "$2"
+        show_daemon_log
+        fail "the re-run failed: $(tail -n 1 "$2.err")"
+    fi
+    show_result "$2"
+    from=$(sed -n 's/.*"resumed_from":\([0-9]*\).*/\1/p' "$2.json")
+    [ -n "$from" ] && [ "$from" -gt 0 ] || fail "the re-run did not resume past 0 (resumed_from '$from')"
+    grep '"event":"summary"' "$2.json" | grep -q '"engine":"kernel"' ||
+        fail "the re-run's summary does not name engine kernel"
+    assert_no_leftovers "$1"
+    daemon_stop
+    verify_luks "$1" "vmcheck-$(basename "$1" .luks)" "$SLOW_VSIZE" "$SLOW_SHA256"
+}
+
 # --- c: kill -9 mid-copy, restart: the crash's mapper and loop are cleaned up -----------------
 
 check_kill9_restart() {
     out=/mnt/payload/c.luks
-    start_slow_encrypt "$out" /tmp/c
+    start_checkpointed_encrypt "$out" /tmp/c
     mapper=$(imgcrypt_mappers | head -n 1)
     echo "mid-copy: $mapper, $(awk '{ print $7 }' "$(dm_sysfs "$mapper")/stat") sectors written"
     kill -9 "$DAEMON_PID"
@@ -388,9 +425,9 @@ check_kill9_restart() {
     "$LOSETUP" "/dev/$loop" >/dev/null 2>&1 && fail "/dev/$loop is still attached after the restart"
     [ ! -e "$out" ] || fail "$out exists after the killed job"
     grep -q "$mapper" "$DAEMON_LOG" || fail "the restarted daemon did not log removing $mapper"
-    daemon_stop
-    # imgctl removes its partial file when the daemon dies (docs/user-guide.md, "What is written").
-    [ ! -e "$out.partial" ] || fail "$out.partial remains after the killed job"
+    # imgctl keeps a raw LUKS partial file when the daemon dies, and the re-run resumes it
+    # (docs/user-guide.md, "Resuming").
+    resume_slow_encrypt "$out" /tmp/c2
 }
 
 # --- d: an unprivileged user through the root daemon --------------------------------------------
@@ -466,9 +503,12 @@ check_teardown_enospc_write() {
 }
 
 # SIGTERM to the daemon mid-copy cancels the job and tears down before the daemon exits.
+# SIGTERM mid-copy: the job saves a final checkpoint, its devices are torn down, the daemon
+# exits, imgctl fails saying how to resume and keeps OUT.partial; after a restart the re-run
+# resumes and the image decrypts to the source.
 check_teardown_sigterm() {
     out=/mnt/payload/t.luks
-    start_slow_encrypt "$out" /tmp/t
+    start_checkpointed_encrypt "$out" /tmp/t
     echo "mid-copy: $(imgcrypt_mappers | head -n 1); sending SIGTERM"
     kill -TERM "$DAEMON_PID"
     wait_until 120 proc_gone "$DAEMON_PID" || fail "imgcryptd did not exit within 120 s of SIGTERM"
@@ -476,7 +516,14 @@ check_teardown_sigterm() {
     show_daemon_log
     wait_until 60 proc_gone "$client" || fail "imgctl did not exit within 60 s"
     wait "$client"
-    expect_failure $? /tmp/t "$out"
+    status=$?
+    show_result /tmp/t
+    [ "$status" -ne 0 ] || fail "imgctl succeeded although the daemon stopped"
+    assert_no_leftovers "$out"
+    grep -q "progress checkpointed" "$DAEMON_LOG" || fail "the daemon did not checkpoint the job"
+    grep -q "again to resume" /tmp/t.err || fail "imgctl's error does not say how to resume"
+    daemon_start
+    resume_slow_encrypt "$out" /tmp/t2
 }
 
 # --- teardown on I/O errors and when the client goes away ---------------------------------------
@@ -620,7 +667,7 @@ check_teardown_cancel() {
     ended=$(grep 'job ended after its client left' "$DAEMON_LOG")
     echo "daemon: $ended"
     case $ended in
-    *"left: cancelled"*) ;;
+    *"left: cancelled"* | *"left: the encryption stopped"*"checkpointed"*) ;;
     *"left: finished"*) fail "precondition: the copy finished before the daemon cancelled it" ;;
     *) fail "the job ended otherwise than by cancellation: $ended" ;;
     esac

@@ -6,6 +6,12 @@
 //! fourth, `--source-key-file`, read-only, for an encrypted qcow2 source), plus the files the
 //! source references when the daemon asks for them. No key's bytes pass through imgctl's
 //! memory; the daemon reads and checks them.
+//!
+//! A raw LUKS output is resumable: an interrupted run (Ctrl-C, the daemon killed or stopped)
+//! keeps `OUT.partial`, and the same command run again passes it back untruncated; the daemon
+//! resumes from its checkpoint when the source, the key and the options are unchanged, and
+//! otherwise starts over and says why ([`crate::output::Output::create_resumable`]). `--force`
+//! discards it and starts over.
 
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -61,7 +67,8 @@ pub struct EncryptArgs {
     /// implies the target's --format.
     #[arg(long, value_enum)]
     pub target: Option<TargetArg>,
-    /// Replace OUT (or a stale OUT.partial) if it exists; required to write to a block device.
+    /// Replace OUT if it exists, and discard an interrupted run's OUT.partial instead of
+    /// resuming it; required to write to a block device.
     #[arg(long)]
     pub force: bool,
     /// Print progress and the summary as JSON lines on stdout.
@@ -200,7 +207,13 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     };
     let source = call::open_read_only(&args.source, "open the source image")?;
     let mut display = Display::new(args.json);
-    let output = Output::create(&args.output, args.force)?;
+    // Raw LUKS resumes an interrupted run's OUT.partial; the sparse containers start over.
+    let resumable = parameters.format.unwrap_or(OutputFormat::Luks) == OutputFormat::Luks;
+    let output = if resumable {
+        Output::create_resumable(&args.output, args.force)?
+    } else {
+        Output::create(&args.output, args.force)?
+    };
 
     let mut client = connect::connect(socket.as_deref())?;
     let source_key = match &args.source_key_file {
@@ -234,7 +247,23 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
             ))
         }
         (error, _) => error,
-    })?;
+    });
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(error) => {
+            // The daemon went away, or stopped the job with its progress checkpointed: the
+            // partial file is what the next run resumes.
+            let interrupted = match &error {
+                CtlError::Protocol(_) => true,
+                CtlError::Daemon { name, .. } => name == api::errors::INTERRUPTED,
+                _ => false,
+            };
+            if let Some(advice) = output.abandon(interrupted) {
+                eprintln!("imgctl: {advice}");
+            }
+            return Err(error);
+        }
+    };
     let final_path = output.commit()?;
     let next = match summary.target {
         Some(target) => targets::next_steps(

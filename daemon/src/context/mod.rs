@@ -1,17 +1,20 @@
 //! What every job shares, below the server: the daemon's [`Mode`], the engines, the key ring,
-//! the job slots ([`scheduler`]) and the jobs themselves ([`registry`]), held by one
-//! [`DaemonContext`].
+//! the job slots ([`scheduler`]), the jobs themselves ([`registry`]) and the resume checkpoints
+//! in the state directory ([`checkpoints`]), held by one [`DaemonContext`].
 //!
 //! The server builds a context at start-up and hands it to each job it runs; the jobs use only
 //! this, never the server, so a job can be constructed and run without a socket
 //! (`jobs::tests::jobs_run_with_a_context_and_no_server` does). Socket business (connection
 //! caps, idle and frame timeouts, shutdown) stays in `server`.
 
+pub mod checkpoints;
 pub mod registry;
 pub mod scheduler;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use checkpoints::CheckpointStore;
 use registry::Registry;
 use scheduler::{Scheduler, SchedulerLimits};
 
@@ -35,6 +38,9 @@ pub struct DaemonConfig {
     /// Members of this group (primary or supplementary, as the kernel reports the peer's)
     /// see and may cancel every user's jobs, like root; `None`: only root.
     pub operator_gid: Option<u32>,
+    /// The daemon's state directory (resume checkpoints, [`checkpoints`]); `None`: encryptions
+    /// are not checkpointed and an interrupted one restarts from scratch.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -46,6 +52,7 @@ impl Default for DaemonConfig {
             max_queued_per_uid: 8,
             key_ring: None,
             operator_gid: None,
+            state_dir: None,
         }
     }
 }
@@ -60,6 +67,8 @@ pub struct DaemonContext {
     scheduler: Arc<Scheduler>,
     /// Every job, live or recently ended.
     registry: Registry,
+    /// Resume checkpoints, when the daemon has a usable state directory.
+    checkpoints: Option<CheckpointStore>,
 }
 
 impl DaemonContext {
@@ -70,11 +79,22 @@ impl DaemonContext {
             max_running_per_uid: config.max_jobs_per_uid,
             max_queued_per_uid: config.max_queued_per_uid,
         });
+        let checkpoints = config.state_dir.as_deref().and_then(|dir| {
+            CheckpointStore::open(dir)
+                .inspect(
+                    |store| tracing::info!(path = %store.root().display(), "resume checkpoints"),
+                )
+                .inspect_err(|error| {
+                    tracing::warn!("{error}; encryptions are not resumable until it is fixed")
+                })
+                .ok()
+        });
         Arc::new(Self {
             engines,
             config,
             scheduler,
             registry: Registry::new(registry::RETENTION),
+            checkpoints,
         })
     }
 
@@ -86,6 +106,11 @@ impl DaemonContext {
     /// The jobs: submitted, followed, listed, cancelled here.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Resume checkpoints, if the daemon has a state directory.
+    pub fn checkpoints(&self) -> Option<&CheckpointStore> {
+        self.checkpoints.as_ref()
     }
 
     /// Jobs running now (holding a slot), the caller's included.

@@ -389,7 +389,10 @@ async fn run<R>(
                 kind = error.varlink_name(),
                 "{error}"
             );
-            let state = if matches!(error, crate::Error::Cancelled) {
+            let state = if matches!(
+                error,
+                crate::Error::Cancelled | crate::Error::Interrupted { .. }
+            ) {
                 JobState::Cancelled
             } else {
                 JobState::Failed

@@ -62,6 +62,8 @@ pub struct CryptTarget {
     backing: (u32, u32),
     offset_sectors: u64,
     sector_size: u32,
+    /// Added to each 512-byte sector number to make its IV (dm-crypt's `iv_offset`).
+    iv_offset: u64,
 }
 
 impl CryptTarget {
@@ -112,7 +114,16 @@ impl CryptTarget {
             backing,
             offset_sectors: data_offset / TABLE_SECTOR_BYTES,
             sector_size,
+            iv_offset: 0,
         })
+    }
+
+    /// The same target with IVs counted from `iv_offset` (512-byte units, as LUKS's plain64
+    /// IVs are without `iv_large_sectors`): a mapping of part of a payload, from guest sector
+    /// `iv_offset` on.
+    pub fn with_iv_offset(mut self, iv_offset: u64) -> Self {
+        self.iv_offset = iv_offset;
+        self
     }
 
     /// Length of the mapping in 512-byte sectors.
@@ -124,8 +135,8 @@ impl CryptTarget {
     pub fn params(&self) -> String {
         let (major, minor) = self.backing;
         let mut params = format!(
-            "{CIPHER} {} 0 {major}:{minor} {}",
-            self.key_reference, self.offset_sectors
+            "{CIPHER} {} {} {major}:{minor} {}",
+            self.key_reference, self.iv_offset, self.offset_sectors
         );
         if self.sector_size != 512 {
             params.push_str(&format!(" 1 sector_size:{}", self.sector_size));
@@ -401,6 +412,19 @@ mod tests {
                 "crypt".to_string(),
                 "aes-xts-plain64 :64:logon:imgcrypt:job-5 0 7:3 32768".to_string()
             )]
+        );
+    }
+
+    #[test]
+    fn a_range_of_a_payload_counts_its_ivs_from_its_first_sector() {
+        // 16 MiB of a payload from guest byte 32 MiB (sector 65536), at 48 MiB of the output.
+        let target = CryptTarget::new(16 << 20, ":64:logon:imgcrypt:job-7", (7, 1), 48 << 20, 4096)
+            .unwrap()
+            .with_iv_offset(65_536);
+        assert_eq!(
+            target.table_line(),
+            "0 32768 crypt aes-xts-plain64 :64:logon:imgcrypt:job-7 65536 7:1 98304 1 \
+             sector_size:4096"
         );
     }
 

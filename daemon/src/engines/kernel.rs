@@ -75,7 +75,7 @@ impl Engine for KernelEngine {
 
     fn write_payload(&self, job: &PayloadJob<'_>) -> Result<u64> {
         check_layout(job)?;
-        let Some((data_offset, payload_size)) = job.single_run() else {
+        let Some((data_offset, guest_offset, payload_size)) = job.single_run() else {
             return Err(Error::EngineUnavailable {
                 engine: "kernel",
                 reason: "dm-crypt maps one contiguous payload, so the kernel engine writes raw \
@@ -115,8 +115,18 @@ impl Engine for KernelEngine {
         }
         let names = JobDeviceNames::for_job(job.job_id);
 
-        let backing = AttachedLoop::attach(job.output, 0, data_offset + payload_size, true)?;
-        let mapping = map_payload(job, data_offset, payload_size, &names, &backing)?;
+        // A run that starts past the payload's start (a resumed copy) maps just that run: the
+        // device's offset 0 is guest byte `guest_offset`, its IVs start at `guest_offset / 512`.
+        let run_offset = data_offset + guest_offset;
+        let backing = AttachedLoop::attach(job.output, 0, run_offset + payload_size, true)?;
+        let mapping = map_payload(
+            job,
+            run_offset,
+            guest_offset,
+            payload_size,
+            &names,
+            &backing,
+        )?;
         let device = mapping.open()?;
         tracing::info!(
             job = job.job_id,
@@ -130,10 +140,9 @@ impl Engine for KernelEngine {
         );
 
         let note = format!(
-            "through the dm-crypt device {}, whose offsets count from the payload at byte {} of \
-             the output",
+            "through the dm-crypt device {}, whose offsets count from guest byte {guest_offset} \
+             at byte {run_offset} of the output",
             device.path().display(),
-            data_offset
         );
         let copied = Copy::new(
             self.workers,
@@ -143,6 +152,7 @@ impl Engine for KernelEngine {
             Destination::PlaintextDevice(device.file()),
         )
         .describing_target(note)
+        .device_starting_at(guest_offset)
         .run()
         .and_then(|()| {
             device.file().sync_all().map_err(|e| {
@@ -172,10 +182,12 @@ impl Engine for KernelEngine {
     }
 }
 
-/// Loads the key, maps dm-crypt over the loop device, and drops the key from the keyring.
+/// Loads the key, maps dm-crypt over the loop device (`payload_size` bytes at `data_offset`,
+/// IVs from `guest_offset / 512`), and drops the key from the keyring.
 fn map_payload(
     job: &PayloadJob<'_>,
     data_offset: u64,
+    guest_offset: u64,
     payload_size: u64,
     names: &JobDeviceNames,
     backing: &AttachedLoop<'_>,
@@ -187,7 +199,8 @@ fn map_payload(
         backing.device_number(),
         data_offset,
         job.sector_size,
-    )?;
+    )?
+    .with_iv_offset(guest_offset / 512);
     // Same thread as the key: dm-crypt looks it up in this thread's keyring.
     let mapping = Mapping::create(names, &target)?;
     key.remove()?;

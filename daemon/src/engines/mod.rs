@@ -56,12 +56,22 @@ impl PayloadJob<'_> {
         self.extents.iter().map(|extent| extent.length).sum()
     }
 
-    /// `(data_offset, payload_size)` when the payload is one run from guest offset 0 with IVs
-    /// counted from 0: raw LUKS, the only layout dm-crypt can map.
-    pub fn single_run(&self) -> Option<(u64, u64)> {
+    /// The payload as dm-crypt maps it, when it is one run of a raw LUKS payload: the whole
+    /// payload (from guest offset 0, IVs counted from 0), or a part of one that starts at guest
+    /// offset `g` with IV `g / 512` (a resumed or checkpointed copy writes its payload range by
+    /// range). Returns `(data_offset, guest_offset, length)`: the payload's start in the output,
+    /// the run's first guest byte, and its length.
+    pub fn single_run(&self) -> Option<(u64, u64, u64)> {
         match self.extents {
-            [only] if only.guest_offset == 0 && only.first_iv == 0 => {
-                Some((only.output_offset, only.length))
+            [only]
+                if only.first_iv.checked_mul(512) == Some(only.guest_offset)
+                    && only.output_offset >= only.guest_offset =>
+            {
+                Some((
+                    only.output_offset - only.guest_offset,
+                    only.guest_offset,
+                    only.length,
+                ))
             }
             _ => None,
         }

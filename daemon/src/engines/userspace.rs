@@ -429,6 +429,8 @@ pub(crate) struct Copy<'j, 'a> {
     target_note: Option<String>,
     /// Set for an allocated copy.
     allocation: Option<Allocation<'j>>,
+    /// The guest offset a [`Destination::PlaintextDevice`] presents at its offset 0.
+    device_base: u64,
 }
 
 /// The shared state of an allocated copy.
@@ -484,6 +486,7 @@ impl<'j, 'a> Copy<'j, 'a> {
             written: Mutex::new(0),
             target_note: None,
             allocation: None,
+            device_base: 0,
         };
         copy.count_chunks();
         copy
@@ -598,7 +601,7 @@ impl<'j, 'a> Copy<'j, 'a> {
             len: self.chunk_size.min(run.length - skipped) as usize,
             write_at: match self.destination {
                 Destination::Output(_) => run.output_offset + skipped,
-                Destination::PlaintextDevice(_) => guest,
+                Destination::PlaintextDevice(_) => guest - self.device_base,
             },
             iv: run.first_iv + skipped / IV_SECTOR_BYTES as u64,
         }
@@ -608,6 +611,13 @@ impl<'j, 'a> Copy<'j, 'a> {
     /// error, for targets that are not the output itself.
     pub(crate) fn describing_target(mut self, note: String) -> Self {
         self.target_note = Some(note);
+        self
+    }
+
+    /// For a [`Destination::PlaintextDevice`] that maps only part of the payload: its offset 0
+    /// is guest byte `guest_offset` (the first byte copied).
+    pub(crate) fn device_starting_at(mut self, guest_offset: u64) -> Self {
+        self.device_base = guest_offset;
         self
     }
 

@@ -42,7 +42,7 @@ use crate::sys::storage::StorageKind;
 use crate::{formats, Error, Result};
 
 use super::output::{self, Written};
-use super::{millis, targets, unlock, Job};
+use super::{millis, resume, targets, unlock, Job};
 use crate::context::DaemonContext;
 
 /// What every format's arm starts from: the checked inputs.
@@ -53,6 +53,8 @@ struct Inputs {
     key: KeyFile,
     engine: std::sync::Arc<dyn Engine>,
     caps: &'static KdfCaps,
+    /// The source file's identity, for a resume checkpoint.
+    stat: resume::SourceStat,
 }
 
 /// Runs the job to completion on the calling (blocking) thread.
@@ -77,6 +79,16 @@ pub fn run(mut job: Job<EncryptParameters>, state: &DaemonContext) -> Result<Sum
             tracing::info!(job = job.id, target = target.cli_name(), "{notice}");
             job.reporter.notice(notice);
         }
+    }
+    if format != OutputFormat::Luks
+        && inputs.output.kind == StorageKind::RegularFile
+        && crate::sys::storage::size_of(&inputs.output.file)? > 0
+    {
+        job.notice(format!(
+            "the output already holds data (an interrupted run's?): it is written from scratch, \
+             since resuming covers raw LUKS output (--format luks) only, not {}",
+            format.cli_name()
+        ));
     }
     let mut summary = match format {
         OutputFormat::Luks => encrypt_luks(&job, inputs, state)?,
@@ -125,6 +137,7 @@ fn check_inputs(
     let passed = &mut job.descriptors;
     let source = descriptors::check_source(passed.take(Descriptor::Source, parameters.source)?)?;
     let source_kind = source.kind;
+    let stat = resume::SourceStat::of(&source.file)?;
     let mut source = super::source_files(passed, source, &parameters.companions)?;
     let source_key = match parameters.source_key {
         Some(index) => Some(descriptors::check_key(
@@ -210,6 +223,7 @@ fn check_inputs(
         key,
         engine,
         caps,
+        stat,
     })
 }
 
@@ -339,17 +353,8 @@ fn encrypt_with_luks<C: Container>(
         idle: &idle,
     };
     std::thread::scope(|scope| {
-        let (prepared, pending) = luks::start_format(
-            scope,
-            spec,
-            &volume_key,
-            &inputs.key.passphrase,
-            &inputs.key.fingerprint,
-            &context,
-            &mut |stage| match stage {
-                Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
-            },
-        )?;
+        let (prepared, pending) =
+            start_format(scope, job, &inputs.key, spec, &volume_key, &context)?;
         let container = plan(&prepared.image, prepared.data_offset)?;
         let mut pending = Some(pending);
         let mut formatted = None;
@@ -387,6 +392,30 @@ fn encrypt_with_luks<C: Container>(
     })
 }
 
+/// Starts formatting `spec`'s header for `key` around `volume_key` on a thread of `scope`
+/// ([`luks::start_format`]: the keyslot's derivation goes on there), reporting a benchmark as
+/// the job's phase.
+pub(super) fn start_format<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    job: &Job<EncryptParameters>,
+    key: &'env KeyFile,
+    spec: &'env HeaderSpec,
+    volume_key: &'env SecretBytes,
+    context: &'env HeaderContext<'env>,
+) -> Result<(luks::PreparedHeader, luks::PendingKeyslot<'scope>)> {
+    luks::start_format(
+        scope,
+        spec,
+        volume_key,
+        &key.passphrase,
+        &key.fingerprint,
+        context,
+        &mut |stage| match stage {
+            Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
+        },
+    )
+}
+
 /// The summary's account of the benchmark behind the keyslot.
 fn benchmark_summary(header: &luks::FormattedHeader) -> Option<PbkdfBenchmark> {
     super::benchmark_summary(header.benchmark)
@@ -409,10 +438,35 @@ fn encrypt_luks(
         }
     }
     let virtual_size = inputs.image.virtual_size();
-    let (container, written, header) =
-        encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
-            LuksOutput::plan(image, data_offset, virtual_size)
-        })?;
+    // A regular file is checkpointed and resumable (see `resume`); a block device, or a daemon
+    // without a state directory, copies in one go as the container outputs do.
+    let store = state
+        .checkpoints()
+        .filter(|_| inputs.output.kind == StorageKind::RegularFile);
+    let (container, written, facts) = match store {
+        Some(store) => resume::encrypt(
+            job,
+            &resume::ResumeInputs {
+                image: inputs.image.as_ref(),
+                stat: &inputs.stat,
+                output: &inputs.output,
+                key: &inputs.key,
+                key_name: &inputs.key_name,
+                engine: inputs.engine.as_ref(),
+                caps: inputs.caps,
+            },
+            state,
+            store,
+            &header_spec,
+        )?,
+        None => {
+            let (container, written, header) =
+                encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
+                    LuksOutput::plan(image, data_offset, virtual_size)
+                })?;
+            (container, written, resume::HeaderFacts::fresh(header))
+        }
+    };
     let payload_size = container.payload_size();
     let output_size = container.output_size();
     Ok(Summary {
@@ -421,22 +475,23 @@ fn encrypt_luks(
         output_format: OutputFormat::Luks,
         output_virtual_size: payload_size,
         luks_version: Some(parameters.luks_version),
-        cipher: header.cipher.clone(),
-        key_size_bits: header.key_size_bits,
+        cipher: facts.cipher,
+        key_size_bits: facts.key_size_bits,
         sector_size: parameters.sector_size,
-        data_offset: header.data_offset,
+        data_offset: facts.data_offset,
         payload_size,
         output_size,
         key_fingerprint: inputs.key.fingerprint.clone(),
-        pbkdf_benchmark: benchmark_summary(&header),
-        pbkdf: header.pbkdf,
+        pbkdf_benchmark: facts.formatted.as_ref().and_then(benchmark_summary),
+        pbkdf: facts.pbkdf,
         engine: inputs.engine.kind(),
         elapsed_ms: 0,
         copy_ms: millis(written.copy_elapsed),
-        bytes_written: header.data_offset + written.payload_bytes,
-        allocated_bytes: written.payload_bytes,
+        bytes_written: facts.data_offset + written.payload_bytes,
+        allocated_bytes: payload_size,
         vhd_key_hash: None,
         target: None,
+        resumed_from: facts.resumed_from,
     })
 }
 
@@ -479,6 +534,7 @@ fn encrypt_qcow2(
         allocated_bytes: written.payload_bytes,
         vhd_key_hash: None,
         target: None,
+        resumed_from: None,
     })
 }
 
@@ -548,6 +604,7 @@ fn encrypt_vhd(job: &Job<EncryptParameters>, inputs: Inputs) -> Result<Summary> 
         allocated_bytes: allocated,
         vhd_key_hash: Some(container.key_hash().hash_hex()),
         target: None,
+        resumed_from: None,
     })
 }
 

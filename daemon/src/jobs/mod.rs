@@ -9,6 +9,7 @@ pub mod decrypt;
 pub mod encrypt;
 pub mod inspect;
 pub mod output;
+pub mod resume;
 pub mod rewrite;
 pub mod startup;
 pub mod targets;

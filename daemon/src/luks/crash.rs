@@ -36,6 +36,35 @@
 //! | `encrypt:copying`         | the first payload bytes; no header                            |
 //! | `encrypt:payload-durable` | the whole payload, synced; no header (it is written next)     |
 
+//!
+//! A resumable raw LUKS encryption ([`crate::jobs::resume`]) also fires `encrypt:checkpoint`
+//! after each checkpoint is saved, and [`delay`] there slows the copy down by
+//! [`DELAY_ENV`] milliseconds per checkpoint, so a test can interrupt a small job at random
+//! points (debug builds only, like the crash points).
+
+/// Milliseconds [`delay`] sleeps (debug builds only): `IMGCRYPTD_TEST_CHECKPOINT_DELAY_MS`.
+pub const DELAY_ENV: &str = "IMGCRYPTD_TEST_CHECKPOINT_DELAY_MS";
+
+/// Sleeps [`DELAY_ENV`] milliseconds if it is set (debug builds only).
+#[cfg(debug_assertions)]
+pub fn delay() {
+    static MILLIS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let millis = *MILLIS.get_or_init(|| {
+        std::env::var(DELAY_ENV)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(0)
+    });
+    if millis > 0 {
+        std::thread::sleep(std::time::Duration::from_millis(millis));
+    }
+}
+
+/// Does nothing: the test delay exists in debug builds only.
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub fn delay() {}
+
 /// The environment variable naming the crash point.
 pub const ENV: &str = "IMGCRYPTD_CRASH_AT";
 

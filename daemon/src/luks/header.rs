@@ -525,6 +525,11 @@ pub fn start_format<'scope, 'env>(
 }
 
 impl PendingKeyslot<'_> {
+    /// Whether the derivation is over ([`Self::finish`] would not wait).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Waits for the keyslot's derivation and returns the complete header.
     pub fn finish(self) -> Result<FormattedHeader> {
         let derived = match self.thread.join() {

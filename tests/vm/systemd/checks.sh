@@ -218,10 +218,15 @@ check_journal_fields() {
     echo "$line" | tr ',' '\n' | grep -E '"(MESSAGE|METHOD|RESULT|ENGINE|BYTES|USER_UID|KEY_FINGERPRINT)"'
 }
 
-# --- systemctl stop mid-job tears down; STATUS while it runs; a re-run after start completes -----
+# --- systemctl stop mid-job checkpoints and tears down; STATUS while it runs; a re-run resumes --
 
 status_one_job() {
     systemctl status --no-pager imgcryptd.service | grep -q 'Status: "1 job running"'
+}
+
+# A resume checkpoint of the running job is in the service's StateDirectory.
+checkpoint_saved() {
+    ls /var/lib/imgcrypt/checkpoints/*/*.json >/dev/null 2>&1
 }
 
 check_stop_mid_job() {
@@ -238,10 +243,11 @@ check_stop_mid_job() {
         fail "during the job, systemctl status does not show Status: \"1 job running\""
     fi
     systemctl status --no-pager imgcryptd.service | grep 'Status:'
-    if ! wait_until 120 mid_copy; then
+    # Past a checkpoint and into the next range, so the re-run has something to resume.
+    if ! wait_until 120 checkpoint_saved || ! wait_until 120 mid_copy; then
         show_result /tmp/stop
         show_service
-        fail "never saw the kernel engine's mapper mid-copy within 120 s"
+        fail "never saw a checkpoint and the kernel engine's mapper mid-copy within 120 s"
     fi
     # At once: the copy itself is fast once the source is cached. That the job really was
     # stopped mid-way is proven below by imgctl failing.
@@ -254,19 +260,28 @@ check_stop_mid_job() {
     fi
     show_result /tmp/stop
     assert_no_leftovers "$out"
-    assert_no_output "$out"
+    [ ! -e "$out" ] || fail "$out exists after the stopped job"
+    [ -e "$out.partial" ] || fail "imgctl did not keep $out.partial for the re-run"
     journalctl --no-pager -u imgcryptd.service | grep -q "SIGTERM received" ||
         fail "the daemon did not log SIGTERM"
+    journalctl --no-pager -u imgcryptd.service | grep -q "progress checkpointed" ||
+        fail "the daemon did not checkpoint the stopped job"
+    grep -q "again to resume" /tmp/stop.err || fail "imgctl's error does not say how to resume"
 
-    # After a start the same command completes (from scratch: the daemon has no resume yet).
+    # After a start the same command resumes from the checkpoint.
     systemctl start imgcryptd.service || fail "systemctl start failed"
     if ! user_encrypt "$MEMBER" "/mnt/slow/$SLOW_SOURCE" "$out" /tmp/rerun --engine kernel; then
         show_result /tmp/rerun
         show_service
         fail "the re-run after systemctl start failed: $(tail -n 1 /tmp/rerun.err)"
     fi
+    from=$(sed -n 's/.*"resumed_from":\([0-9]*\).*/\1/p' /tmp/rerun.json)
+    [ -n "$from" ] && [ "$from" -gt 0 ] ||
+        fail "the re-run did not resume past 0 (resumed_from '$from')"
+    echo "the re-run resumed from payload byte $from"
     cryptsetup open --test-passphrase --key-file "$KEY" "$out" ||
         fail "cryptsetup rejects the re-run's output"
+    [ ! -e "$out.partial" ] || fail "$out.partial remains after the re-run"
     assert_no_leftovers "$out"
 }
 

@@ -75,7 +75,7 @@
 //! For qcow2 and VHD ([`Engine::write_allocated`]) there are no extents in advance: the chunks
 //! are the source's allocated ranges in the output's granules (64 KiB clusters, 2 MiB blocks;
 //! [`crate::outputs::granule_runs`]), claimed with a ticket each. A worker reads its chunk into
-//! its buffer, finds the granules holding a non-zero byte ([`crate::formats::scan::is_zero`]),
+//! its buffer, finds the granules holding a non-zero byte (`formats::scan::is_zero`),
 //! waits until the chunk before its own is placed, has the output place its granules
 //! ([`crate::outputs::Allocator::place`], which answers with file offsets and IVs: qcow2's IV
 //! is the host offset, so placement comes before encryption), passes the turn on, and

@@ -14,7 +14,7 @@
 //!
 //! - pbkdf2: `iterations * blocks / rate(hash)` where `blocks` is how many hash outputs the
 //!   derived key needs (a 64-byte keyslot key is two SHA-256 blocks) and `rate` the measured
-//!   iterations per second ([`PBKDF2_RATES`]); an unknown hash gets the slowest rate.
+//!   iterations per second (`PBKDF2_RATES`); an unknown hash gets the slowest rate.
 //! - argon2i/argon2id: `time * memory * ms_per_gib_pass` with 1150 ms per pass over 1 GiB when
 //!   it may use 2 threads and 1950 ms with one (measured: t=4, 1 GiB took 4.6 s with 2 threads,
 //!   7.8 s with 1).

@@ -10,7 +10,7 @@
 //! - [`unlock`]: which candidate key opens an image, by token first and by trial only where the
 //!   image carries no fingerprint.
 //! - [`payload`]: the decrypted payload of an image as a [`crate::formats::SourceImage`].
-//! - [`bench`]: the PBKDF benchmark, measured once per configuration and cached for an hour.
+//! - [`bench`](mod@bench): the PBKDF benchmark, measured once per configuration and cached for an hour.
 //! - [`cost`]: what deriving a keyslot costs, and the caps a keyslot must fit before it is
 //!   derived.
 //! - [`crash`]: kill points for the write-back's crash tests.

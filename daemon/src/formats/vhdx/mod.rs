@@ -5,11 +5,11 @@
 //! The file identifier `vhdxfile` at offset 0 marks a VHDX ([`super::open`] looks for it after
 //! the VHD rule found no VHD). Then, all checked before any block is read:
 //!
-//! 1. the current header ([`header::current_header`]): of the two at 64 KiB and 128 KiB, each
+//! 1. the current header (`header::current_header`): of the two at 64 KiB and 128 KiB, each
 //!    with a CRC-32C, the valid one with the higher sequence number; two valid headers with the
 //!    same number are accepted only if identical (Microsoft's Disk2VHD writes them so), as qemu
 //!    accepts them;
-//! 2. the log ([`log`]): a log GUID in the current header with a valid active sequence means
+//! 2. the log (`log`): a log GUID in the current header with a valid active sequence means
 //!    metadata updates that were never written in place. qemu replays such a log when it opens
 //!    the image read-write and refuses it read-only; this reader replays it in memory, into an
 //!    overlay through which everything below is read, and never writes the source. A log that
@@ -19,7 +19,7 @@
 //!    overlap each other, the header section or the log;
 //! 4. the metadata items ([`metadata`]): block size, leave-blocks-allocated (fixed disks),
 //!    has-parent, virtual disk size, logical (512 or 4096) and physical sector size, and for a
-//!    differencing disk the parent locator ([`parent`]);
+//!    differencing disk the parent locator (`parent`);
 //! 5. the BAT ([`map`]): only as many entries as the virtual size needs, each present block
 //!    inside the file and outside the structures above, and the sector bitmaps of partly
 //!    present blocks.
@@ -173,7 +173,7 @@ impl Layout for VhdxLayout {
     }
 }
 
-/// Opens the VHDX `key` of `files` (which [`detect`] recognised) as the layer below `above`,
+/// Opens the VHDX `key` of `files` (which `detect` recognised) as the layer below `above`,
 /// with its parent when it is a differencing disk.
 pub fn open(files: &SourceFiles, key: FileKey, above: &[FileKey]) -> Result<Box<dyn SourceImage>> {
     let file = files.file(key);

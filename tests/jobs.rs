@@ -128,6 +128,13 @@ fn jobs_and_status_show_progress_and_cancel_stops_a_detached_job() {
     let id = detach(&mut daemon.encrypt(&source, &out, &key));
     let job = wait_for(&daemon, id, "copied", copying);
     assert_eq!(job["kind"], "encrypt");
+    // The engine is known while the job runs (from the job's audit facts), not only from
+    // its final summary; `status` says it in text too.
+    let engine = job["engine"].as_str().unwrap_or_else(|| panic!("no engine: {job}"));
+    assert!(["userspace", "kernel"].contains(&engine), "{job}");
+    let text = run_ok(daemon.imgctl().args(["status", &id.to_string()]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("engine: {engine}")), "{text}");
     assert_eq!(job["progress"]["bytes_total"], BIG);
     assert!(job["started_ms"].as_u64().unwrap() >= job["created_ms"].as_u64().unwrap());
     // Rate and ETA appear once the copy has run a moment.

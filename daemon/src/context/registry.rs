@@ -38,6 +38,7 @@ use tokio::sync::{watch, Notify};
 
 use super::scheduler::{Admission, QueueFull};
 use super::DaemonContext;
+use crate::jobs::audit::AuditFacts;
 use crate::jobs::Reporter;
 
 /// How long and how many finished jobs are kept.
@@ -152,7 +153,10 @@ struct EntryState {
     phase_start: Option<(Phase, Instant, u64)>,
     rate: Option<u64>,
     eta_ms: Option<u64>,
+    /// The engine of a finished job, from its summary.
     engine: Option<EngineKind>,
+    /// The running job's audit facts: the engine it chose, before its summary says so.
+    audit: Option<AuditFacts>,
     started: Option<SystemTime>,
     ended: Option<SystemTime>,
     ended_at: Option<Instant>,
@@ -341,6 +345,10 @@ async fn run<R>(
     });
 
     let (reporter, mut reports) = Reporter::channel();
+    // The job records its engine in its audit facts when it chooses it: `Status` and `Jobs`
+    // read it from there while the job runs.
+    let facts = reporter.audit().clone();
+    entry.update(|state| state.audit = Some(facts));
     let job = {
         let context = context.clone();
         let cancel = entry.cancel.clone();
@@ -437,6 +445,7 @@ impl JobEntry {
                 rate: None,
                 eta_ms: None,
                 engine: None,
+                audit: None,
                 started: (!queued).then(SystemTime::now),
                 ended: None,
                 ended_at: None,
@@ -529,7 +538,7 @@ impl JobEntry {
             progress: state.progress,
             rate: state.rate,
             eta_ms: state.eta_ms,
-            engine: state.engine,
+            engine: state.engine.or_else(|| state.chosen_engine()),
             created_ms: epoch_ms(self.created),
             started_ms: state.started.map(epoch_ms),
             ended_ms: state.ended.map(epoch_ms),
@@ -564,9 +573,12 @@ impl JobEntry {
             state.ended = Some(SystemTime::now());
             state.ended_at = Some(Instant::now());
             let parameters = reply.parameters.as_ref();
+            // The summary's engine, else (a job that failed or was cancelled after choosing
+            // one) the engine it ran with.
             state.engine = parameters
                 .and_then(|p| p.pointer("/summary/engine"))
-                .and_then(|engine| serde_json::from_value(engine.clone()).ok());
+                .and_then(|engine| serde_json::from_value(engine.clone()).ok())
+                .or_else(|| state.chosen_engine());
             if reply.error.is_some() {
                 state.error = reply.error.clone();
                 let message = parameters
@@ -588,6 +600,11 @@ impl JobEntry {
 }
 
 impl EntryState {
+    /// The engine the job chose, from its audit facts (none before it chose one).
+    fn chosen_engine(&self) -> Option<EngineKind> {
+        self.audit.as_ref().and_then(AuditFacts::engine_chosen)
+    }
+
     fn set_position(&mut self, position: Option<u32>) {
         if self.state == JobState::Queued {
             self.queue_position = position;

@@ -19,6 +19,7 @@ use imgcrypt_proto::api::{
 
 use crate::call;
 use crate::client::Client;
+use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::output;
@@ -212,6 +213,28 @@ pub fn submit_detached(
              imgctl; run without --detach"
         ))
     })
+}
+
+/// The files a detached job's source references (backing files, parents, extents), found
+/// before it is submitted: a detached job cannot ask for them (no client is there to open
+/// them), so a cheap `Inspect` of the source (metadata only, no key) goes through the same
+/// `NeedFile` loop as an attached call, and the job is then submitted with all of them.
+pub fn companions_for_detach(
+    client: &mut Client,
+    source_path: &Path,
+    source: BorrowedFd<'_>,
+) -> Result<Companions> {
+    let mut found = Companions::new(source_path);
+    let _: api::InspectReply = companions::with_companions(&mut found, |companions| {
+        let parameters = api::InspectParameters {
+            image: 0,
+            companions: companions.refs(1),
+            keys: Vec::new(),
+        };
+        let all: Vec<_> = std::iter::once(source).chain(companions.fds()).collect();
+        call::call_once(client, api::INSPECT, &parameters, &all)
+    })?;
+    Ok(found)
 }
 
 /// Prints a detached job's id (stdout) and what to do next (stderr). `OUT.partial` is left to

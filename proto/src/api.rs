@@ -1166,6 +1166,9 @@ pub struct DaemonLimits {
     pub max_jobs_per_user: u64,
     /// Jobs of one user waiting for a slot (--max-queued-per-user; root is exempt).
     pub max_queued_per_user: u64,
+    /// Jobs of all users together waiting for a slot (--max-queued; root may exceed it by
+    /// max_queued_per_user).
+    pub max_queued: u64,
     /// Connections of all users together (--max-connections).
     pub max_connections: u64,
     /// Connections of one user (--max-connections-per-user; root is exempt).
@@ -1226,6 +1229,7 @@ mod daemon_status_tests {
                 max_jobs: 2,
                 max_jobs_per_user: 1,
                 max_queued_per_user: 8,
+                max_queued: 64,
                 max_connections: 256,
                 max_connections_per_user: 16,
                 idle_connection_timeout_s: 120,

@@ -215,7 +215,7 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     parameters.names = Some(jobs::names(&args.source, &args.output));
     if args.detach {
         parameters.detach = Some(true);
-        let companions = jobs::companions_for_detach(&mut client, &args.source, source.as_fd())?;
+        let companions = jobs::companions_for_detach(&mut client, &args.source, &source)?;
         parameters.companions = companions.refs(fds.len() as u32);
         fds.extend(companions.fds());
         let id = jobs::submit_detached(client, api::ENCRYPT, &parameters, &fds)?;

@@ -10,7 +10,7 @@
 //! if the file there is still the very file the job wrote (the daemon reports the output
 //! descriptor's `(st_dev, st_ino)`); `imgctl cancel ID` removes it on the same condition.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use imgcrypt_proto::api::{
@@ -218,13 +218,19 @@ pub fn submit_detached(
 /// The files a detached job's source references (backing files, parents, extents), found
 /// before it is submitted: a detached job cannot ask for them (no client is there to open
 /// them), so a cheap `Inspect` of the source (metadata only, no key) goes through the same
-/// `NeedFile` loop as an attached call, and the job is then submitted with all of them.
+/// `NeedFile` loop as an attached call, and the job is then submitted with all of them. A
+/// source without any format's signature (a RAW disk) skips the `Inspect`, which would wait for
+/// a job slot like any job ([`companions::may_reference_files`]).
 pub fn companions_for_detach(
     client: &mut Client,
     source_path: &Path,
-    source: BorrowedFd<'_>,
+    source: &std::fs::File,
 ) -> Result<Companions> {
     let mut found = Companions::new(source_path);
+    if !companions::may_reference_files(source) {
+        return Ok(found);
+    }
+    let source = source.as_fd();
     let _: api::InspectReply = companions::with_companions(&mut found, |companions| {
         let parameters = api::InspectParameters {
             image: 0,

@@ -40,7 +40,7 @@ use tokio::sync::watch;
 
 use super::{ConnectionLimits, ConnectionRefused, ServerState};
 use crate::context::registry::{self, CancelReason, JobEntry, Submission, Viewer, Work};
-use crate::context::scheduler::QueueFull;
+use crate::context::scheduler::{QueueFull, QueueLimit};
 use crate::context::{DaemonContext, Mode};
 use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors};
 
@@ -529,18 +529,37 @@ impl Connection {
             .submit::<R>(context, job_id, submission, work)
         {
             Ok(entry) => entry,
-            Err(QueueFull { limit }) => {
-                tracing::warn!(
-                    job = job_id,
-                    uid = peer.uid,
-                    limit,
-                    "job refused: the uid already has {limit} jobs queued"
-                );
-                let mut parameters = ErrorParameters::message(format!(
-                    "you already have {limit} jobs waiting for a slot, the most one user may \
-                     queue (imgcryptd --max-queued-per-user); wait for one of them to finish, \
-                     then call again"
-                ));
+            Err(QueueFull { which, limit }) => {
+                let text = match which {
+                    QueueLimit::PerUid => {
+                        tracing::warn!(
+                            job = job_id,
+                            uid = peer.uid,
+                            limit,
+                            "job refused: the uid already has {limit} jobs queued"
+                        );
+                        format!(
+                            "you already have {limit} jobs waiting for a slot, the most one user \
+                             may queue (imgcryptd --max-queued-per-user); wait for one of them to \
+                             finish, then call again"
+                        )
+                    }
+                    QueueLimit::Total => {
+                        tracing::warn!(
+                            job = job_id,
+                            uid = peer.uid,
+                            limit,
+                            "job refused: {limit} jobs of all users are queued"
+                        );
+                        format!(
+                            "the daemon's queue is full: {limit} jobs of all users are waiting \
+                             for a slot, the most it holds (imgcryptd --max-queued); call again \
+                             when some have started (`imgctl daemon status` shows the queue), \
+                             or ask the operator to raise --max-queued"
+                        )
+                    }
+                };
+                let mut parameters = ErrorParameters::message(text);
                 parameters.limit = Some(limit as u64);
                 return self
                     .send(&Reply::error(api::errors::TOO_MANY_JOBS, parameters))

@@ -115,7 +115,7 @@ fn log_lines(daemon: &Daemon, message: &str, uid: u32) -> usize {
 }
 
 fn logged_for(line: &str, uid: u32) -> bool {
-    let field = format!("uid={uid}");
+    let field = format!("user_uid={uid}");
     line.split_whitespace().any(|word| word == field)
 }
 

@@ -486,7 +486,7 @@ fn a_stopping_daemon_cancels_detached_jobs_as_a_stop() {
     let log = daemon.log_text();
     // The job was told it is a stop (not a user's cancel), and it ended before the daemon.
     assert!(
-        log.contains(&format!("job cancel asked for job={id}")),
+        log.contains(&format!("job cancel asked for job_id={id}")),
         "{log}"
     );
     assert!(log.contains("reason=DaemonStopping"), "{log}");

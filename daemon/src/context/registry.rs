@@ -317,7 +317,7 @@ async fn run<R>(
     let permit = match admission {
         Admission::Running(permit) => permit,
         Admission::Queued(mut waiting) => {
-            tracing::info!(job = entry.id, uid = entry.uid, "job queued");
+            tracing::info!(job_id = entry.id, user_uid = entry.uid, "job queued");
             let mut tick = tokio::time::interval(POSITION_INTERVAL);
             loop {
                 if entry.cancel.load(Ordering::Relaxed) {
@@ -336,7 +336,7 @@ async fn run<R>(
             }
         }
     };
-    tracing::info!(job = entry.id, uid = entry.uid, "job started");
+    tracing::info!(job_id = entry.id, user_uid = entry.uid, "job started");
     entry.update(|state| {
         state.state = JobState::Running;
         state.queue_position = None;
@@ -371,7 +371,7 @@ async fn run<R>(
         entry.update(|state| state.notice(notice));
     }
     let result = outcome.unwrap_or_else(|panic| {
-        tracing::error!(job = entry.id, %panic, "job panicked");
+        tracing::error!(job_id = entry.id, %panic, "job panicked");
         Err(crate::Error::io(
             "job",
             std::io::Error::other("internal error: the job panicked"),
@@ -379,21 +379,21 @@ async fn run<R>(
     });
     if entry.lock_state().cancel_reason == Some(CancelReason::ClientLeft) {
         match &result {
-            Ok(_) => tracing::info!(job = entry.id, "job ended after its client left: finished"),
+            Ok(_) => tracing::info!(job_id = entry.id, "job ended after its client left: finished"),
             Err(error) => {
-                tracing::info!(job = entry.id, "job ended after its client left: {error}")
+                tracing::info!(job_id = entry.id, "job ended after its client left: {error}")
             }
         }
     }
     let (state, reply) = match result {
         Ok(done) => {
-            tracing::info!(job = entry.id, uid = entry.uid, "job succeeded");
+            tracing::info!(job_id = entry.id, user_uid = entry.uid, "job succeeded");
             (JobState::Succeeded, Reply::ok(R::done(done)))
         }
         Err(error) => {
             tracing::warn!(
-                job = entry.id,
-                uid = entry.uid,
+                job_id = entry.id,
+                user_uid = entry.uid,
                 kind = error.varlink_name(),
                 "{error}"
             );
@@ -487,8 +487,8 @@ impl JobEntry {
         self.cancel.store(true, Ordering::SeqCst);
         self.cancelled.notify_one();
         tracing::info!(
-            job = self.id,
-            uid = self.uid,
+            job_id = self.id,
+            user_uid = self.uid,
             ?reason,
             "job cancel asked for"
         );
@@ -552,8 +552,8 @@ impl JobEntry {
 
     fn finish_cancelled_while_queued(&self) {
         tracing::info!(
-            job = self.id,
-            uid = self.uid,
+            job_id = self.id,
+            user_uid = self.uid,
             "job left the queue: cancelled"
         );
         let error = crate::Error::Cancelled;

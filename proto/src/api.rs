@@ -745,6 +745,12 @@ pub struct RewriteParameters {
     /// Key derivation of the new keyslot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pbkdf: Option<Pbkdf>,
+    /// As Encrypt's `detach`: reply at once with the job's id ([`RewriteReply::job_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detach: Option<bool>,
+    /// As Encrypt's `names` (`source`: the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<JobNames>,
 }
 
 /// A keyslot removed by a rotation.
@@ -797,6 +803,9 @@ pub struct RewriteReply {
     /// The result (final reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewritten: Option<RewriteSummary>,
+    /// The job's id: the only field of the final reply to a call with `detach: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
 }
 
 /// Replies streamed by a job: progress and notices, then one result.

@@ -260,6 +260,22 @@ pub fn report_detached(id: u64, output: &Path, json: bool, display: &mut Display
     }
 }
 
+/// Prints the id of a detached job that works in place (`rewrite -k --detach`: nothing to
+/// rename), and how to follow it.
+pub fn report_detached_in_place(id: u64, image: &Path, json: bool, display: &mut Display) {
+    display.finish(
+        serde_json::json!({ "event": "detached", "job_id": id, "image": image }),
+        &format!("{id}\n"),
+    );
+    if !json {
+        eprintln!(
+            "imgctl: job {id} runs on in imgcryptd, rewriting {} in place; `imgctl wait {id}` \
+             shows its result, `imgctl status {id}` shows it",
+            image.display()
+        );
+    }
+}
+
 /// A detached encryption's or decryption's final output path and the identity of the file its
 /// job writes.
 fn detached_output(job: &JobInfo) -> Option<(PathBuf, (u64, u64))> {

@@ -838,6 +838,12 @@ impl JobParameters for api::VerifyParameters {
 
 impl JobParameters for api::RewriteParameters {
     const KIND: JobKind = JobKind::Rewrite;
+    fn detach(&self) -> bool {
+        self.detach == Some(true)
+    }
+    fn names(&self) -> Option<JobNames> {
+        self.names.clone()
+    }
     fn output(&self) -> Option<u32> {
         self.reencrypt_output
     }

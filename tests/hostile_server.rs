@@ -630,7 +630,11 @@ fn detached_jobs_of_many_users_cannot_grow_the_queue_past_its_total_cap() {
             .arg("--detach")
             .stdin(Stdio::null()));
         if n < 2 {
-            assert!(output.status.success(), "root job {n}: {}", describe(&output));
+            assert!(
+                output.status.success(),
+                "root job {n}: {}",
+                describe(&output)
+            );
         } else {
             assert!(!output.status.success(), "root past its reserve");
             let stderr = String::from_utf8_lossy(&output.stderr);

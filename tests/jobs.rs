@@ -126,10 +126,22 @@ fn a_detached_qcow2_overlay_gets_its_backing_file_passed_and_decrypts_flattened(
     let top = dir.join("top.qcow2");
     let name = |path: &Path| path.to_str().unwrap().to_string();
     qemu_img(&["create", "-q", "-f", "qcow2", &name(&base), "8M"]);
-    qemu_io("qcow2", &base, &["write -P 0x5a 0 2M", "write -P 0x33 6M 1M"]);
+    qemu_io(
+        "qcow2",
+        &base,
+        &["write -P 0x5a 0 2M", "write -P 0x33 6M 1M"],
+    );
     // The overlay names its backing file relatively, as most chains do.
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &name(&top),
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &name(&top),
     ]);
     qemu_io("qcow2", &top, &["write -P 0xc1 1M 2M"]);
     let out = dir.join("top.luks");
@@ -157,7 +169,9 @@ fn jobs_and_status_show_progress_and_cancel_stops_a_detached_job() {
     assert_eq!(job["kind"], "encrypt");
     // The engine is known while the job runs (from the job's audit facts), not only from
     // its final summary; `status` says it in text too.
-    let engine = job["engine"].as_str().unwrap_or_else(|| panic!("no engine: {job}"));
+    let engine = job["engine"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no engine: {job}"));
     assert!(["userspace", "kernel"].contains(&engine), "{job}");
     let text = run_ok(daemon.imgctl().args(["status", &id.to_string()]));
     let text = String::from_utf8_lossy(&text.stdout);

@@ -158,8 +158,14 @@ fn a_detached_header_only_rotation_is_followed_by_wait() {
     assert!(waited.status.success(), "wait: {}", describe(&waited));
     let text = String::from_utf8_lossy(&waited.stdout);
     assert!(text.contains(&coreutils_fingerprint(&keys.new)), "{text}");
-    assert!(test_passphrase(&image, &keys.new), "the new key does not open");
-    assert!(!test_passphrase(&image, &keys.old), "the old key still opens");
+    assert!(
+        test_passphrase(&image, &keys.new),
+        "the new key does not open"
+    );
+    assert!(
+        !test_passphrase(&image, &keys.old),
+        "the old key still opens"
+    );
     let status = run_ok(daemon.imgctl().args(["status", &id.to_string(), "--json"]));
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(

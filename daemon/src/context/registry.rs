@@ -379,9 +379,15 @@ async fn run<R>(
     });
     if entry.lock_state().cancel_reason == Some(CancelReason::ClientLeft) {
         match &result {
-            Ok(_) => tracing::info!(job_id = entry.id, "job ended after its client left: finished"),
+            Ok(_) => tracing::info!(
+                job_id = entry.id,
+                "job ended after its client left: finished"
+            ),
             Err(error) => {
-                tracing::info!(job_id = entry.id, "job ended after its client left: {error}")
+                tracing::info!(
+                    job_id = entry.id,
+                    "job ended after its client left: {error}"
+                )
             }
         }
     }

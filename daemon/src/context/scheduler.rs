@@ -467,7 +467,9 @@ mod tests {
         assert_eq!(scheduler.admit(1002).unwrap_err(), total_full);
         assert_eq!(scheduler.admit(1001).unwrap_err(), total_full);
         // Root goes on into its reserve, up to the bound, and no further.
-        let _root: Vec<_> = (0..2).map(|_| queued(scheduler.admit(0).unwrap())).collect();
+        let _root: Vec<_> = (0..2)
+            .map(|_| queued(scheduler.admit(0).unwrap()))
+            .collect();
         assert_eq!(scheduler.queued(), scheduler.queued_bound());
         assert_eq!(
             scheduler.admit(0).unwrap_err(),

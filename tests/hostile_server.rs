@@ -432,6 +432,13 @@ fn spawn_attacker_job(
     .unwrap()
 }
 
+/// A shared daemon that runs one job at a time, with the queue limits in `queue_limits`.
+fn one_slot_daemon(dir: &Path, queue_limits: &[&str]) -> Daemon {
+    let mut arguments = vec!["--max-jobs", "1", "--max-jobs-per-user", "1"];
+    arguments.extend_from_slice(queue_limits);
+    shared_daemon(dir, &arguments)
+}
+
 fn kill(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -442,17 +449,7 @@ fn one_user_queueing_many_jobs_cannot_push_another_users_job_behind_them() {
     let (victim, attacker) = two_users();
     let dir = scratch();
     let dir = dir.path();
-    let daemon = shared_daemon(
-        dir,
-        &[
-            "--max-jobs",
-            "1",
-            "--max-jobs-per-user",
-            "1",
-            "--max-queued-per-user",
-            "3",
-        ],
-    );
+    let daemon = one_slot_daemon(dir, &["--max-queued-per-user", "3"]);
     let (victim_home, victim_source, victim_key) = user_files(dir, victim, "victim", "8M");
     let (home, _, key) = user_files(dir, attacker, "attacker", "1M");
 
@@ -558,19 +555,7 @@ fn detached_jobs_of_many_users_cannot_grow_the_queue_past_its_total_cap() {
     let (victim, attacker) = two_users();
     let dir = scratch();
     let dir = dir.path();
-    let daemon = shared_daemon(
-        dir,
-        &[
-            "--max-jobs",
-            "1",
-            "--max-jobs-per-user",
-            "1",
-            "--max-queued-per-user",
-            "2",
-            "--max-queued",
-            "2",
-        ],
-    );
+    let daemon = one_slot_daemon(dir, &["--max-queued-per-user", "2", "--max-queued", "2"]);
     let (victim_home, victim_source, victim_key) = user_files(dir, victim, "victim", "1M");
     let (home, _, key) = user_files(dir, attacker, "attacker", "1M");
     assert_eq!(daemon_status(&daemon)["limits"]["max_queued"], 2);

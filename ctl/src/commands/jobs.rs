@@ -246,33 +246,41 @@ pub fn companions_for_detach(
 /// Prints a detached job's id (stdout) and what to do next (stderr). `OUT.partial` is left to
 /// the job (kept when imgctl exits) and to `imgctl wait`, which renames it.
 pub fn report_detached(id: u64, output: &Path, json: bool, display: &mut Display) {
-    display.finish(
+    announce(
+        id,
+        json,
+        display,
         serde_json::json!({ "event": "detached", "job_id": id, "output": output }),
-        &format!("{id}\n"),
-    );
-    if !json {
-        eprintln!(
-            "imgctl: job {id} runs on in imgcryptd, writing {}.partial; `imgctl wait {id}` \
-             finishes it (follows it and renames the output to {}), `imgctl status {id}` shows it",
+        &format!(
+            "writing {}.partial; `imgctl wait {id}` finishes it (follows it and renames the \
+             output to {})",
             output.display(),
             output.display()
-        );
-    }
+        ),
+    );
 }
 
 /// Prints the id of a detached job that works in place (`rewrite -k --detach`: nothing to
 /// rename), and how to follow it.
 pub fn report_detached_in_place(id: u64, image: &Path, json: bool, display: &mut Display) {
-    display.finish(
+    announce(
+        id,
+        json,
+        display,
         serde_json::json!({ "event": "detached", "job_id": id, "image": image }),
-        &format!("{id}\n"),
-    );
-    if !json {
-        eprintln!(
-            "imgctl: job {id} runs on in imgcryptd, rewriting {} in place; `imgctl wait {id}` \
-             shows its result, `imgctl status {id}` shows it",
+        &format!(
+            "rewriting {} in place; `imgctl wait {id}` shows its result",
             image.display()
-        );
+        ),
+    );
+}
+
+/// The id on stdout (or `event` with `--json`), and on stderr what the job does and how to
+/// see it.
+fn announce(id: u64, json: bool, display: &mut Display, event: serde_json::Value, doing: &str) {
+    display.finish(event, &format!("{id}\n"));
+    if !json {
+        eprintln!("imgctl: job {id} runs on in imgcryptd, {doing}, `imgctl status {id}` shows it");
     }
 }
 

@@ -944,7 +944,7 @@ pub struct JobInfo {
     /// Estimated milliseconds left in the current phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
-    /// The engine, once known (from the result).
+    /// The engine, once the job has chosen it (while it runs too, not only from its result).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineKind>,
     /// Milliseconds since the Unix epoch when it was submitted, started, ended.

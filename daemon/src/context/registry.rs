@@ -13,6 +13,10 @@
 //! - the daemon stopping ([`Registry::cancel_all`]), which also sets the job's `stopping` flag
 //!   first, so a job can tell a stop (checkpoint and go) from a user's cancel.
 //!
+//! A job's engine is read from its audit facts ([`AuditFacts`]), which the job fills in when
+//! it chooses one, so `Status` and `Jobs` show it while the job runs, not only once its summary
+//! says so.
+//!
 //! Visibility: a [`Viewer`] sees its own jobs only, unless it is root or in the operator group;
 //! an id it may not see is answered exactly like an unknown id ([`Registry::get`] returns
 //! `None` for both).

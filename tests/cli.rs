@@ -325,7 +325,7 @@ fn unprivileged_user_encrypts_through_the_root_daemon() {
     );
     assert!(!stolen.exists() && !partial_of(&stolen).exists());
     assert!(
-        daemon.log_text().contains(&format!("uid={uid}")),
+        daemon.log_text().contains(&format!("user_uid={uid}")),
         "the daemon logs who called:\n{}",
         daemon.log_text()
     );

@@ -42,6 +42,8 @@ fn reencrypt_with_ring(socket: &Path, image: &Path, output: &Path) -> Reply {
         encryption_key: None,
         reencrypt_output: Some(1),
         pbkdf: None,
+        detach: None,
+        names: None,
     })
     .unwrap();
     varlink_in_out(socket, api::REWRITE, parameters, image, output)

@@ -115,7 +115,7 @@ fn log_lines(daemon: &Daemon, message: &str, uid: u32) -> usize {
 }
 
 fn logged_for(line: &str, uid: u32) -> bool {
-    let field = format!("uid={uid}");
+    let field = format!("user_uid={uid}");
     line.split_whitespace().any(|word| word == field)
 }
 
@@ -432,6 +432,13 @@ fn spawn_attacker_job(
     .unwrap()
 }
 
+/// A shared daemon that runs one job at a time, with the queue limits in `queue_limits`.
+fn one_slot_daemon(dir: &Path, queue_limits: &[&str]) -> Daemon {
+    let mut arguments = vec!["--max-jobs", "1", "--max-jobs-per-user", "1"];
+    arguments.extend_from_slice(queue_limits);
+    shared_daemon(dir, &arguments)
+}
+
 fn kill(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -442,17 +449,7 @@ fn one_user_queueing_many_jobs_cannot_push_another_users_job_behind_them() {
     let (victim, attacker) = two_users();
     let dir = scratch();
     let dir = dir.path();
-    let daemon = shared_daemon(
-        dir,
-        &[
-            "--max-jobs",
-            "1",
-            "--max-jobs-per-user",
-            "1",
-            "--max-queued-per-user",
-            "3",
-        ],
-    );
+    let daemon = one_slot_daemon(dir, &["--max-queued-per-user", "3"]);
     let (victim_home, victim_source, victim_key) = user_files(dir, victim, "victim", "8M");
     let (home, _, key) = user_files(dir, attacker, "attacker", "1M");
 
@@ -545,6 +542,91 @@ fn one_user_queueing_many_jobs_cannot_push_another_users_job_behind_them() {
     for child in queued {
         kill(child);
     }
+}
+
+/// `imgctl daemon status --json` as root.
+fn daemon_status(daemon: &Daemon) -> serde_json::Value {
+    let output = run_ok(daemon.imgctl().args(["daemon", "status", "--json"]));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn detached_jobs_of_many_users_cannot_grow_the_queue_past_its_total_cap() {
+    let (victim, attacker) = two_users();
+    let dir = scratch();
+    let dir = dir.path();
+    let daemon = one_slot_daemon(dir, &["--max-queued-per-user", "2", "--max-queued", "2"]);
+    let (victim_home, victim_source, victim_key) = user_files(dir, victim, "victim", "1M");
+    let (home, _, key) = user_files(dir, attacker, "attacker", "1M");
+    assert_eq!(daemon_status(&daemon)["limits"]["max_queued"], 2);
+
+    // Detached jobs: each holds its descriptors in the daemon with no connection left. One
+    // runs, two fill the queue (each user is under its own cap).
+    for n in 0..3 {
+        // 16 GiB: the running one cannot finish (and let a queued one start) during the test.
+        let source = home.join(format!("big{n}.raw"));
+        sparse_source(&source, attacker, 16 << 30);
+        let mut command = encrypt_as(
+            attacker,
+            &daemon,
+            &source,
+            &home.join(format!("out{n}.luks")),
+            &key,
+        );
+        let output = run(command.arg("--detach"));
+        assert!(output.status.success(), "job {n}: {}", describe(&output));
+    }
+    let jobs = &daemon_status(&daemon)["jobs"];
+    assert_eq!(
+        (jobs["running"].as_u64(), jobs["queued"].as_u64()),
+        (Some(1), Some(2)),
+        "{}",
+        String::from_utf8_lossy(&run(daemon.imgctl().args(["jobs", "--json"])).stdout)
+    );
+
+    // Another user, with nothing queued of its own, is refused by the total cap, and told so.
+    let refused = run(&mut encrypt_as(
+        victim,
+        &daemon,
+        &victim_source,
+        &victim_home.join("out.luks"),
+        &victim_key,
+    ));
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("queue is full") && stderr.contains("--max-queued)"),
+        "{stderr}"
+    );
+    assert!(!victim_home.join("out.luks.partial").exists());
+
+    // Root's jobs count towards the cap but have a reserve above it (--max-queued-per-user):
+    // users filling the queue cannot refuse the operator's first jobs. Beyond it, root too.
+    let root_source = dir.join("root.raw");
+    fs::File::create(&root_source)
+        .unwrap()
+        .set_len(16 << 30)
+        .unwrap();
+    let root_key = dir.join("root.key");
+    write_key(&root_key);
+    for n in 0..3 {
+        let output = run(daemon
+            .encrypt(&root_source, &dir.join(format!("root{n}.luks")), &root_key)
+            .arg("--detach")
+            .stdin(Stdio::null()));
+        if n < 2 {
+            assert!(
+                output.status.success(),
+                "root job {n}: {}",
+                describe(&output)
+            );
+        } else {
+            assert!(!output.status.success(), "root past its reserve");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.contains("4 jobs of all users"), "{stderr}");
+        }
+    }
+    assert_eq!(daemon_status(&daemon)["jobs"]["queued"], 4);
 }
 
 /// A raw client of `user` with a running encrypt of a sparse `size`-byte source (streaming),

@@ -119,6 +119,45 @@ fn detach_then_wait_renames_the_output_and_it_decrypts() {
 }
 
 #[test]
+fn a_detached_qcow2_overlay_gets_its_backing_file_passed_and_decrypts_flattened() {
+    let (scratch_dir, daemon, key) = daemon_and_key();
+    let dir = scratch_dir.path();
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let name = |path: &Path| path.to_str().unwrap().to_string();
+    qemu_img(&["create", "-q", "-f", "qcow2", &name(&base), "8M"]);
+    qemu_io(
+        "qcow2",
+        &base,
+        &["write -P 0x5a 0 2M", "write -P 0x33 6M 1M"],
+    );
+    // The overlay names its backing file relatively, as most chains do.
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &name(&top),
+    ]);
+    qemu_io("qcow2", &top, &["write -P 0xc1 1M 2M"]);
+    let out = dir.join("top.luks");
+    // Without the backing file resolved before the hand-over, the job would fail later with
+    // NeedFile: no client is there to open it.
+    let id = detach(&mut daemon.encrypt(&top, &out, &key));
+    let waited = run(daemon.imgctl().args(["wait", &id.to_string(), "--json"]));
+    daemon.assert_ok(&waited, "wait for the detached overlay");
+    let summary = last_json_summary(&waited.stdout);
+    assert_eq!(summary["source_format"], "qcow2", "{summary}");
+    let expected = dir.join("flat.raw");
+    qemu_plaintext_as("qcow2", &top, &expected);
+    assert_plaintext_matches(&independent_decrypt(&out, &key, dir), &expected);
+}
+
+#[test]
 fn jobs_and_status_show_progress_and_cancel_stops_a_detached_job() {
     let (scratch_dir, daemon, key) = daemon_and_key();
     let dir = scratch_dir.path();
@@ -128,6 +167,15 @@ fn jobs_and_status_show_progress_and_cancel_stops_a_detached_job() {
     let id = detach(&mut daemon.encrypt(&source, &out, &key));
     let job = wait_for(&daemon, id, "copied", copying);
     assert_eq!(job["kind"], "encrypt");
+    // The engine is known while the job runs (from the job's audit facts), not only from
+    // its final summary; `status` says it in text too.
+    let engine = job["engine"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no engine: {job}"));
+    assert!(["userspace", "kernel"].contains(&engine), "{job}");
+    let text = run_ok(daemon.imgctl().args(["status", &id.to_string()]));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("engine: {engine}")), "{text}");
     assert_eq!(job["progress"]["bytes_total"], BIG);
     assert!(job["started_ms"].as_u64().unwrap() >= job["created_ms"].as_u64().unwrap());
     // Rate and ETA appear once the copy has run a moment.
@@ -452,7 +500,7 @@ fn a_stopping_daemon_cancels_detached_jobs_as_a_stop() {
     let log = daemon.log_text();
     // The job was told it is a stop (not a user's cancel), and it ended before the daemon.
     assert!(
-        log.contains(&format!("job cancel asked for job={id}")),
+        log.contains(&format!("job cancel asked for job_id={id}")),
         "{log}"
     );
     assert!(log.contains("reason=DaemonStopping"), "{log}");

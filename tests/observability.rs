@@ -250,5 +250,7 @@ fn the_default_job_limit_is_one_per_cpu() {
     assert_eq!(status["limits"]["max_jobs"], cpus as u64, "{status}");
     assert_eq!(status["limits"]["max_jobs_per_user"], 2.min(cpus) as u64);
     assert_eq!(status["limits"]["max_queued_per_user"], 8);
+    assert_eq!(status["limits"]["max_queued"], 64, "{status}");
     assert!(daemon.log_text().contains(&format!("max_jobs={cpus}")));
+    assert!(daemon.log_text().contains("max_queued=64"));
 }

@@ -140,6 +140,50 @@ const LUKS1_CRASH_POINTS: &[(&str, bool)] = &[
 ];
 
 #[test]
+fn a_detached_header_only_rotation_is_followed_by_wait() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start(dir, &[]);
+    let keys = keys(dir);
+    let (_, image) = encrypted_image(&daemon, dir, &keys.old, &[]);
+    let detached = run(rewrite(&daemon, &keys.ring, &image)
+        .arg("--detach")
+        .stdin(std::process::Stdio::null()));
+    assert!(detached.status.success(), "{}", describe(&detached));
+    let id: u64 = String::from_utf8_lossy(&detached.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("no job id ({e}): {}", describe(&detached)));
+    let waited = run(daemon.imgctl().args(["wait", &id.to_string()]));
+    assert!(waited.status.success(), "wait: {}", describe(&waited));
+    let text = String::from_utf8_lossy(&waited.stdout);
+    assert!(text.contains(&coreutils_fingerprint(&keys.new)), "{text}");
+    assert!(
+        test_passphrase(&image, &keys.new),
+        "the new key does not open"
+    );
+    assert!(
+        !test_passphrase(&image, &keys.old),
+        "the old key still opens"
+    );
+    let status = run_ok(daemon.imgctl().args(["status", &id.to_string(), "--json"]));
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(
+        (&status["kind"], &status["detached"], &status["state"]),
+        (&"rewrite".into(), &true.into(), &"succeeded".into()),
+        "{status}"
+    );
+    // A re-encryption is not detached: its rename is imgctl's own.
+    let refused = run(rewrite(&daemon, &keys.ring, &image).args(["--reencrypt", "--detach"]));
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--detach is for the header-only"),
+        "{}",
+        describe(&refused)
+    );
+}
+
+#[test]
 fn a_kill_at_each_step_of_a_rotation_leaves_an_image_a_ring_key_opens() {
     for (luks1, points) in [(false, LUKS2_CRASH_POINTS), (true, LUKS1_CRASH_POINTS)] {
         let scratch_dir = scratch();

@@ -195,6 +195,45 @@ fn fix(relation: &str, image: &Path) -> String {
     }
 }
 
+/// Whether `file` may be an image that references other files (qcow2, VHD, VHDX, VMDK or its
+/// descriptor, a tar/OVA), by the signatures the daemon detects formats by. Only a hint for
+/// `--detach`, which resolves companions beforehand with an `Inspect` that, like any job,
+/// waits for a slot: a source with none of these signatures (a RAW disk) is detached at once.
+/// The daemon still decides what the file is: a wrong "no" only means the detached job fails
+/// with `NeedFile`, a wrong "yes" costs one `Inspect`. An unreadable file says "yes".
+pub fn may_reference_files(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; 512];
+    let Ok(read) = file.read_at(&mut head, 0) else {
+        return true;
+    };
+    let head = &head[..read];
+    let signature_at = |bytes: &[u8], offset: usize, signature: &[u8]| {
+        bytes.get(offset..offset + signature.len()) == Some(signature)
+    };
+    let signed = [&b"QFI\xfb"[..], b"vhdxfile", b"conectix", b"KDMV", b"COWD"]
+        .iter()
+        .any(|signature| signature_at(head, 0, signature))
+        || signature_at(head, 257, b"ustar");
+    // A VMDK descriptor is text; a disk's first sector almost never is.
+    let text = !head.is_empty()
+        && head
+            .iter()
+            .all(|&byte| byte.is_ascii_graphic() || byte.is_ascii_whitespace());
+    // A VHD's footer is its last 512 bytes (511 for some old writers).
+    let size = match file.metadata() {
+        Ok(metadata) if metadata.is_file() => metadata.len(),
+        _ => return true,
+    };
+    let mut tail = [0u8; 513];
+    let tail_start = size.saturating_sub(513);
+    let footer = match file.read_at(&mut tail, tail_start) {
+        Ok(read) => tail[..read].windows(8).any(|window| window == b"conectix"),
+        Err(_) => true,
+    };
+    signed || text || footer
+}
+
 /// Runs `call` with the companions found so far, adding the file the daemon asks for after each
 /// `NeedFile` answer, until the call succeeds or fails otherwise.
 pub fn with_companions<T>(
@@ -263,6 +302,32 @@ mod tests {
             companions.add(&need(9, &["x"])),
             Err(CtlError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn only_files_with_a_format_signature_may_reference_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let check = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).unwrap();
+            may_reference_files(&File::open(&path).unwrap())
+        };
+        let mut raw = vec![0u8; 1 << 20];
+        raw[510] = 0x55;
+        raw[511] = 0xaa;
+        assert!(!check("disk.raw", &raw));
+        let mut qcow2 = raw.clone();
+        qcow2[..4].copy_from_slice(b"QFI\xfb");
+        assert!(check("disk.qcow2", &qcow2));
+        let mut vhd = raw.clone();
+        let footer = vhd.len() - 512;
+        vhd[footer..footer + 8].copy_from_slice(b"conectix");
+        assert!(check("disk.vhd", &vhd));
+        assert!(check("disk.vmdk", b"# Disk DescriptorFile\nversion=1\n"));
+        // A block device is left to the daemon.
+        if let Ok(device) = File::open("/dev/loop-control") {
+            assert!(may_reference_files(&device));
+        }
     }
 
     #[test]

@@ -52,6 +52,12 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 8)]
     max_queued_per_user: usize,
 
+    /// Jobs of all users together that may wait for a slot (a queued detached job holds its
+    /// descriptors with no connection); one more is refused at once with TooManyJobs. Root's
+    /// jobs count towards it, and root alone may go --max-queued-per-user further.
+    #[arg(long, value_name = "N", default_value_t = imgcryptd::context::DEFAULT_MAX_QUEUED)]
+    max_queued: usize,
+
     /// Connections of all users together. Default: 256, lowered to what the descriptor limit
     /// holds at 112 descriptors a connection.
     #[arg(long, value_name = "N")]
@@ -230,6 +236,7 @@ fn run(
             max_jobs,
             max_jobs_per_uid: args.max_jobs_per_user,
             max_queued_per_uid: args.max_queued_per_user,
+            max_queued: args.max_queued,
             key_ring,
             operator_gid,
             state_dir: state_dir(&args),
@@ -240,11 +247,17 @@ fn run(
         max_jobs = limits.max_jobs,
         max_jobs_per_user = limits.max_running_per_uid,
         max_queued_per_user = limits.max_queued_per_uid,
+        max_queued = limits.max_queued,
         "job limits"
     );
     let config = ServerConfig {
         idle_timeout: (args.idle_timeout > 0).then(|| Duration::from_secs(args.idle_timeout)),
-        connections: connection_limits(&args, max_jobs, descriptor_limit),
+        connections: connection_limits(
+            &args,
+            max_jobs,
+            context.scheduler().queued_bound(),
+            descriptor_limit,
+        ),
         ..ServerConfig::default()
     };
     let startup_benchmark = !args.no_startup_benchmark;
@@ -318,9 +331,10 @@ async fn report_status(state: Arc<ServerState>) {
 fn connection_limits(
     args: &Args,
     max_jobs: usize,
+    queued_bound: usize,
     descriptor_limit: u64,
 ) -> server::ConnectionLimits {
-    let fitting = server::connections_fitting(descriptor_limit, max_jobs);
+    let fitting = server::connections_fitting(descriptor_limit, max_jobs, queued_bound);
     let max_total = match args.max_connections {
         Some(explicit) => {
             if explicit > fitting {

@@ -753,6 +753,12 @@ pub struct RewriteParameters {
     /// Key derivation of the new keyslot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pbkdf: Option<Pbkdf>,
+    /// As Encrypt's `detach`: reply at once with the job's id ([`RewriteReply::job_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detach: Option<bool>,
+    /// As Encrypt's `names` (`source`: the image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<JobNames>,
 }
 
 /// A keyslot removed by a rotation.
@@ -805,6 +811,9 @@ pub struct RewriteReply {
     /// The result (final reply).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewritten: Option<RewriteSummary>,
+    /// The job's id: the only field of the final reply to a call with `detach: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
 }
 
 /// Replies streamed by a job: progress and notices, then one result.
@@ -943,7 +952,7 @@ pub struct JobInfo {
     /// Estimated milliseconds left in the current phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_ms: Option<u64>,
-    /// The engine, once known (from the result).
+    /// The engine, once the job has chosen it (while it runs too, not only from its result).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineKind>,
     /// Milliseconds since the Unix epoch when it was submitted, started, ended.
@@ -1174,6 +1183,9 @@ pub struct DaemonLimits {
     pub max_jobs_per_user: u64,
     /// Jobs of one user waiting for a slot (--max-queued-per-user; root is exempt).
     pub max_queued_per_user: u64,
+    /// Jobs of all users together waiting for a slot (--max-queued; root may exceed it by
+    /// max_queued_per_user).
+    pub max_queued: u64,
     /// Connections of all users together (--max-connections).
     pub max_connections: u64,
     /// Connections of one user (--max-connections-per-user; root is exempt).
@@ -1234,6 +1246,7 @@ mod daemon_status_tests {
                 max_jobs: 2,
                 max_jobs_per_user: 1,
                 max_queued_per_user: 8,
+                max_queued: 64,
                 max_connections: 256,
                 max_connections_per_user: 16,
                 idle_connection_timeout_s: 120,

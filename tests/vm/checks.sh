@@ -640,9 +640,9 @@ assert_error_offset_within() {
     fi
 }
 
-# The client that asked, as the daemon saw it (SO_PEERCRED): "encrypt requested ... pid=Some(P)".
+# The client that asked, as the daemon saw it (SO_PEERCRED): "encrypt requested ... user_pid=Some(P)".
 job_client_pid() {
-    sed -n 's/.*encrypt requested .*pid=Some(\([0-9]*\)).*/\1/p' "$DAEMON_LOG" | tail -n 1
+    sed -n 's/.*encrypt requested .*user_pid=Some(\([0-9]*\)).*/\1/p' "$DAEMON_LOG" | tail -n 1
 }
 
 job_ended_without_client() {

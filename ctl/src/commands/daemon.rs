@@ -101,11 +101,12 @@ pub fn render(status: &DaemonStatus) -> String {
     let _ = writeln!(out, "connections: {} open", status.connections);
     let _ = writeln!(
         out,
-        "limits: {} jobs at once, {} per user, {} queued per user (root exempt); {} \
-         connections, {} per user; idle connections closed after {} s",
+        "limits: {} jobs at once, {} per user, {} queued per user (root exempt), {} queued in \
+         all; {} connections, {} per user; idle connections closed after {} s",
         limits.max_jobs,
         limits.max_jobs_per_user,
         limits.max_queued_per_user,
+        limits.max_queued,
         limits.max_connections,
         limits.max_connections_per_user,
         limits.idle_connection_timeout_s
@@ -173,6 +174,7 @@ mod tests {
                 max_jobs: 2,
                 max_jobs_per_user: 1,
                 max_queued_per_user: 20,
+                max_queued: 64,
                 max_connections: 256,
                 max_connections_per_user: 16,
                 idle_connection_timeout_s: 120,

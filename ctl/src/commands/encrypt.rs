@@ -77,8 +77,8 @@ pub struct EncryptArgs {
     /// Hand the job to the daemon and return: prints the job's id. The job runs on after
     /// imgctl exits, writing OUT.partial; `imgctl wait ID` follows it and, once it succeeded,
     /// renames OUT.partial to OUT (the daemon never renames). `imgctl status ID` and
-    /// `imgctl cancel ID` see or stop it. A source that needs its backing files cannot be
-    /// detached (they are asked for while the job runs): run it without --detach.
+    /// `imgctl cancel ID` see or stop it. The files the source references (backing
+    /// files, parent disks, extents) are found and passed before the job is handed over.
     #[arg(long)]
     pub detach: bool,
 }
@@ -228,6 +228,9 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     parameters.names = Some(jobs::names(&args.source, &args.output));
     if args.detach {
         parameters.detach = Some(true);
+        let companions = jobs::companions_for_detach(&mut client, &args.source, &source)?;
+        parameters.companions = companions.refs(fds.len() as u32);
+        fds.extend(companions.fds());
         let id = jobs::submit_detached(client, api::ENCRYPT, &parameters, &fds)?;
         drop(fds);
         output.leave_to_detached_job();

@@ -10,7 +10,7 @@
 //! if the file there is still the very file the job wrote (the daemon reports the output
 //! descriptor's `(st_dev, st_ino)`); `imgctl cancel ID` removes it on the same condition.
 
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use imgcrypt_proto::api::{
@@ -19,6 +19,7 @@ use imgcrypt_proto::api::{
 
 use crate::call;
 use crate::client::Client;
+use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::output;
@@ -214,20 +215,72 @@ pub fn submit_detached(
     })
 }
 
+/// The files a detached job's source references (backing files, parents, extents), found
+/// before it is submitted: a detached job cannot ask for them (no client is there to open
+/// them), so a cheap `Inspect` of the source (metadata only, no key) goes through the same
+/// `NeedFile` loop as an attached call, and the job is then submitted with all of them. A
+/// source without any format's signature (a RAW disk) skips the `Inspect`, which would wait for
+/// a job slot like any job ([`companions::may_reference_files`]).
+pub fn companions_for_detach(
+    client: &mut Client,
+    source_path: &Path,
+    source: &std::fs::File,
+) -> Result<Companions> {
+    let mut found = Companions::new(source_path);
+    if !companions::may_reference_files(source) {
+        return Ok(found);
+    }
+    let source = source.as_fd();
+    let _: api::InspectReply = companions::with_companions(&mut found, |companions| {
+        let parameters = api::InspectParameters {
+            image: 0,
+            companions: companions.refs(1),
+            keys: Vec::new(),
+        };
+        let all: Vec<_> = std::iter::once(source).chain(companions.fds()).collect();
+        call::call_once(client, api::INSPECT, &parameters, &all)
+    })?;
+    Ok(found)
+}
+
 /// Prints a detached job's id (stdout) and what to do next (stderr). `OUT.partial` is left to
 /// the job (kept when imgctl exits) and to `imgctl wait`, which renames it.
 pub fn report_detached(id: u64, output: &Path, json: bool, display: &mut Display) {
-    display.finish(
+    announce(
+        id,
+        json,
+        display,
         serde_json::json!({ "event": "detached", "job_id": id, "output": output }),
-        &format!("{id}\n"),
-    );
-    if !json {
-        eprintln!(
-            "imgctl: job {id} runs on in imgcryptd, writing {}.partial; `imgctl wait {id}` \
-             finishes it (follows it and renames the output to {}), `imgctl status {id}` shows it",
+        &format!(
+            "writing {}.partial; `imgctl wait {id}` finishes it (follows it and renames the \
+             output to {})",
             output.display(),
             output.display()
-        );
+        ),
+    );
+}
+
+/// Prints the id of a detached job that works in place (`rewrite -k --detach`: nothing to
+/// rename), and how to follow it.
+pub fn report_detached_in_place(id: u64, image: &Path, json: bool, display: &mut Display) {
+    announce(
+        id,
+        json,
+        display,
+        serde_json::json!({ "event": "detached", "job_id": id, "image": image }),
+        &format!(
+            "rewriting {} in place; `imgctl wait {id}` shows its result",
+            image.display()
+        ),
+    );
+}
+
+/// The id on stdout (or `event` with `--json`), and on stderr what the job does and how to
+/// see it.
+fn announce(id: u64, json: bool, display: &mut Display, event: serde_json::Value, doing: &str) {
+    display.finish(event, &format!("{id}\n"));
+    if !json {
+        eprintln!("imgctl: job {id} runs on in imgcryptd, {doing}, `imgctl status {id}` shows it");
     }
 }
 

@@ -7,6 +7,11 @@
 //! `--reencrypt`: a new volume key and every sector re-encrypted into `IMAGE.reencrypt.partial`
 //! beside the image, which replaces the image by rename once the daemon reports it durable. On
 //! failure or interruption that file is kept, and the next run resumes it.
+//!
+//! `--detach` (header-only): the job is handed to the daemon, which rotates the image in place
+//! through the descriptor it was given; nothing is renamed, so `imgctl wait ID` only shows the
+//! result. A re-encryption is not detached: its new image replaces the image by a rename that
+//! only the user's own imgctl does, once the daemon reports it durable.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -17,6 +22,7 @@ use serde_json::json;
 
 use crate::call;
 use crate::commands::encrypt::PbkdfArgs;
+use crate::commands::jobs;
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::keyring::{self, RingLocation};
@@ -44,6 +50,10 @@ pub struct RewriteArgs {
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Hand the (header-only) rotation to the daemon and return, printing its id, as
+    /// `encrypt --detach` does; `imgctl wait ID` shows its result. Not with --reencrypt.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 /// What `rewrite` without `-k` is told.
@@ -53,6 +63,14 @@ pub const NEEDS_K: &str = "rewrite needs -k (rotate to the key ring's encryption
 pub fn run(args: RewriteArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
     if !args.rotate {
         return Err(CtlError::Usage(NEEDS_K.to_string()));
+    }
+    if args.detach && args.reencrypt {
+        return Err(CtlError::Usage(
+            "--detach is for the header-only rotation: a re-encryption's new image replaces the \
+             image by a rename imgctl does when the daemon reports it durable; run it without \
+             --detach (an interrupted re-encryption resumes where it stopped)"
+                .to_string(),
+        ));
     }
     let rotation = keyring::rotation_keys(args.key_file.clone(), ring)?;
     call::warn_all(&rotation.warnings);
@@ -78,11 +96,24 @@ pub fn run(args: RewriteArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
         encryption_key,
         reencrypt_output: args.reencrypt.then_some(1),
         pbkdf: args.pbkdf.to_protocol(),
+        detach: args.detach.then_some(true),
+        // In place: the image is the job's source, and it has no output to rename.
+        names: args.detach.then(|| api::JobNames {
+            output: None,
+            ..jobs::names(&args.image, &args.image)
+        }),
     };
 
     let mut display = Display::new(args.json);
     if !args.reencrypt {
         let image = call::open_read_write(&args.image, "open the image read-write")?;
+        if args.detach {
+            let fds: Vec<_> = std::iter::once(image.as_fd()).chain(keys.fds()).collect();
+            let client = connect::connect(socket.as_deref())?;
+            let id = jobs::submit_detached(client, api::REWRITE, &parameters, &fds)?;
+            jobs::report_detached_in_place(id, &args.image, args.json, &mut display);
+            return Ok(());
+        }
         let summary = rewrite(socket, &parameters, &image, None, &keys, &mut display)?;
         return finish(&args, &summary, &mut display);
     }
@@ -165,6 +196,7 @@ mod tests {
             key_file,
             pbkdf: PbkdfArgs::default(),
             json: false,
+            detach: false,
         }
     }
 

@@ -22,6 +22,9 @@ use crate::engines::EngineSet;
 use crate::keys::ring::DaemonRing;
 pub use crate::mode::Mode;
 
+/// The default of `imgcryptd --max-queued`: waiting jobs of all users together.
+pub const DEFAULT_MAX_QUEUED: usize = 64;
+
 /// Settings jobs see.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -33,6 +36,9 @@ pub struct DaemonConfig {
     pub max_jobs_per_uid: usize,
     /// Jobs of one uid that may wait for a slot; one more is refused (root is exempt).
     pub max_queued_per_uid: usize,
+    /// Jobs of all uids together that may wait for a slot (root has a reserve of
+    /// `max_queued_per_uid` above it; see [`scheduler`]).
+    pub max_queued: usize,
     /// The daemon's own key ring, used when a client passes no key; `None`: no ring.
     pub key_ring: Option<Arc<DaemonRing>>,
     /// Members of this group (primary or supplementary, as the kernel reports the peer's)
@@ -50,6 +56,7 @@ impl Default for DaemonConfig {
             max_jobs: 4,
             max_jobs_per_uid: 2,
             max_queued_per_uid: 8,
+            max_queued: DEFAULT_MAX_QUEUED,
             key_ring: None,
             operator_gid: None,
             state_dir: None,
@@ -78,6 +85,7 @@ impl DaemonContext {
             max_jobs: config.max_jobs,
             max_running_per_uid: config.max_jobs_per_uid,
             max_queued_per_uid: config.max_queued_per_uid,
+            max_queued: config.max_queued,
         });
         let checkpoints = config.state_dir.as_deref().and_then(|dir| {
             CheckpointStore::open(dir)

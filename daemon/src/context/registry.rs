@@ -13,6 +13,10 @@
 //! - the daemon stopping ([`Registry::cancel_all`]), which also sets the job's `stopping` flag
 //!   first, so a job can tell a stop (checkpoint and go) from a user's cancel.
 //!
+//! A job's engine is read from its audit facts ([`AuditFacts`]), which the job fills in when
+//! it chooses one, so `Status` and `Jobs` show it while the job runs, not only once its summary
+//! says so.
+//!
 //! Visibility: a [`Viewer`] sees its own jobs only, unless it is root or in the operator group;
 //! an id it may not see is answered exactly like an unknown id ([`Registry::get`] returns
 //! `None` for both).
@@ -38,6 +42,7 @@ use tokio::sync::{watch, Notify};
 
 use super::scheduler::{Admission, QueueFull};
 use super::DaemonContext;
+use crate::jobs::audit::AuditFacts;
 use crate::jobs::Reporter;
 
 /// How long and how many finished jobs are kept.
@@ -152,7 +157,10 @@ struct EntryState {
     phase_start: Option<(Phase, Instant, u64)>,
     rate: Option<u64>,
     eta_ms: Option<u64>,
+    /// The engine of a finished job, from its summary.
     engine: Option<EngineKind>,
+    /// The running job's audit facts: the engine it chose, before its summary says so.
+    audit: Option<AuditFacts>,
     started: Option<SystemTime>,
     ended: Option<SystemTime>,
     ended_at: Option<Instant>,
@@ -313,7 +321,7 @@ async fn run<R>(
     let permit = match admission {
         Admission::Running(permit) => permit,
         Admission::Queued(mut waiting) => {
-            tracing::info!(job = entry.id, uid = entry.uid, "job queued");
+            tracing::info!(job_id = entry.id, user_uid = entry.uid, "job queued");
             let mut tick = tokio::time::interval(POSITION_INTERVAL);
             loop {
                 if entry.cancel.load(Ordering::Relaxed) {
@@ -332,7 +340,7 @@ async fn run<R>(
             }
         }
     };
-    tracing::info!(job = entry.id, uid = entry.uid, "job started");
+    tracing::info!(job_id = entry.id, user_uid = entry.uid, "job started");
     entry.update(|state| {
         state.state = JobState::Running;
         state.queue_position = None;
@@ -341,6 +349,10 @@ async fn run<R>(
     });
 
     let (reporter, mut reports) = Reporter::channel();
+    // The job records its engine in its audit facts when it chooses it: `Status` and `Jobs`
+    // read it from there while the job runs.
+    let facts = reporter.audit().clone();
+    entry.update(|state| state.audit = Some(facts));
     let job = {
         let context = context.clone();
         let cancel = entry.cancel.clone();
@@ -363,7 +375,7 @@ async fn run<R>(
         entry.update(|state| state.notice(notice));
     }
     let result = outcome.unwrap_or_else(|panic| {
-        tracing::error!(job = entry.id, %panic, "job panicked");
+        tracing::error!(job_id = entry.id, %panic, "job panicked");
         Err(crate::Error::io(
             "job",
             std::io::Error::other("internal error: the job panicked"),
@@ -371,21 +383,27 @@ async fn run<R>(
     });
     if entry.lock_state().cancel_reason == Some(CancelReason::ClientLeft) {
         match &result {
-            Ok(_) => tracing::info!(job = entry.id, "job ended after its client left: finished"),
+            Ok(_) => tracing::info!(
+                job_id = entry.id,
+                "job ended after its client left: finished"
+            ),
             Err(error) => {
-                tracing::info!(job = entry.id, "job ended after its client left: {error}")
+                tracing::info!(
+                    job_id = entry.id,
+                    "job ended after its client left: {error}"
+                )
             }
         }
     }
     let (state, reply) = match result {
         Ok(done) => {
-            tracing::info!(job = entry.id, uid = entry.uid, "job succeeded");
+            tracing::info!(job_id = entry.id, user_uid = entry.uid, "job succeeded");
             (JobState::Succeeded, Reply::ok(R::done(done)))
         }
         Err(error) => {
             tracing::warn!(
-                job = entry.id,
-                uid = entry.uid,
+                job_id = entry.id,
+                user_uid = entry.uid,
                 kind = error.varlink_name(),
                 "{error}"
             );
@@ -440,6 +458,7 @@ impl JobEntry {
                 rate: None,
                 eta_ms: None,
                 engine: None,
+                audit: None,
                 started: (!queued).then(SystemTime::now),
                 ended: None,
                 ended_at: None,
@@ -481,8 +500,8 @@ impl JobEntry {
         self.cancel.store(true, Ordering::SeqCst);
         self.cancelled.notify_one();
         tracing::info!(
-            job = self.id,
-            uid = self.uid,
+            job_id = self.id,
+            user_uid = self.uid,
             ?reason,
             "job cancel asked for"
         );
@@ -532,7 +551,7 @@ impl JobEntry {
             progress: state.progress,
             rate: state.rate,
             eta_ms: state.eta_ms,
-            engine: state.engine,
+            engine: state.engine.or_else(|| state.chosen_engine()),
             created_ms: epoch_ms(self.created),
             started_ms: state.started.map(epoch_ms),
             ended_ms: state.ended.map(epoch_ms),
@@ -546,8 +565,8 @@ impl JobEntry {
 
     fn finish_cancelled_while_queued(&self) {
         tracing::info!(
-            job = self.id,
-            uid = self.uid,
+            job_id = self.id,
+            user_uid = self.uid,
             "job left the queue: cancelled"
         );
         let error = crate::Error::Cancelled;
@@ -567,9 +586,12 @@ impl JobEntry {
             state.ended = Some(SystemTime::now());
             state.ended_at = Some(Instant::now());
             let parameters = reply.parameters.as_ref();
+            // The summary's engine, else (a job that failed or was cancelled after choosing
+            // one) the engine it ran with.
             state.engine = parameters
                 .and_then(|p| p.pointer("/summary/engine"))
-                .and_then(|engine| serde_json::from_value(engine.clone()).ok());
+                .and_then(|engine| serde_json::from_value(engine.clone()).ok())
+                .or_else(|| state.chosen_engine());
             if reply.error.is_some() {
                 state.error = reply.error.clone();
                 let message = parameters
@@ -591,6 +613,11 @@ impl JobEntry {
 }
 
 impl EntryState {
+    /// The engine the job chose, from its audit facts (none before it chose one).
+    fn chosen_engine(&self) -> Option<EngineKind> {
+        self.audit.as_ref().and_then(AuditFacts::engine_chosen)
+    }
+
     fn set_position(&mut self, position: Option<u32>) {
         if self.state == JobState::Queued {
             self.queue_position = position;

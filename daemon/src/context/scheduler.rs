@@ -4,9 +4,16 @@
 //! them. Here every uid has its own queue and its own limits:
 //! - at most `max_jobs` jobs run at once, and at most `max_running_per_uid` of one uid;
 //! - at most `max_queued_per_uid` jobs of one uid wait; one more is refused at once
-//!   ([`QueueFull`]), so the queue is bounded by the number of uids that can connect. Root's
-//!   jobs are exempt from this cap (the operator's scripts must not fail because they queue)
-//!   but not from the running limit or the turn order;
+//!   ([`QueueFull`] with [`QueueLimit::PerUid`]). Root's jobs are exempt from this cap (the
+//!   operator's scripts must not fail because they queue) but not from the running limit or
+//!   the turn order;
+//! - at most `max_queued` jobs of all users together wait ([`QueueLimit::Total`]): a queued
+//!   detached job holds the descriptors its call passed without any connection, so without
+//!   this cap many uids could queue enough of them to empty the daemon's descriptor table.
+//!   Root's jobs count towards it; root alone may go past it, by a reserve of
+//!   `max_queued_per_uid` places, so users who fill the queue cannot refuse the operator's
+//!   jobs (the first few of them). Waiting jobs are therefore never more than
+//!   [`Scheduler::queued_bound`], which the server's descriptor budget reserves for;
 //! - when a slot frees, the next job is taken round-robin over the uids that have a job waiting
 //!   and are under their running limit, starting after the uid served last: each uid's queue is
 //!   FIFO, and a uid with many waiting jobs gets one turn per round like every other.
@@ -33,12 +40,26 @@ pub struct SchedulerLimits {
     pub max_running_per_uid: usize,
     /// Jobs of one uid waiting for a slot (root is exempt).
     pub max_queued_per_uid: usize,
+    /// Jobs of all uids together waiting for a slot (root may exceed it by
+    /// `max_queued_per_uid`).
+    pub max_queued: usize,
 }
 
-/// A job was refused because its uid already has `limit` jobs waiting.
+/// Which queue limit refused a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueLimit {
+    /// The uid already has `max_queued_per_uid` jobs waiting.
+    PerUid,
+    /// All users together have `max_queued` jobs waiting (for root: that plus its reserve).
+    Total,
+}
+
+/// A job was refused because a queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueueFull {
-    /// The per-uid queued limit in force.
+    /// Which limit.
+    pub which: QueueLimit,
+    /// The limit in force (for root's [`QueueLimit::Total`], with its reserve).
     pub limit: usize,
 }
 
@@ -103,6 +124,7 @@ impl Scheduler {
                 max_jobs,
                 max_running_per_uid: limits.max_running_per_uid.clamp(1, max_jobs),
                 max_queued_per_uid: limits.max_queued_per_uid,
+                max_queued: limits.max_queued,
             },
             inner: Mutex::new(Inner::default()),
         })
@@ -111,6 +133,11 @@ impl Scheduler {
     /// The limits in force (after [`Scheduler::new`]'s adjustments).
     pub fn limits(&self) -> SchedulerLimits {
         self.limits
+    }
+
+    /// The most jobs that can ever wait at once: `max_queued` and root's reserve above it.
+    pub fn queued_bound(&self) -> usize {
+        queued_bound(&self.limits)
     }
 
     /// Admits a job of `uid`: a slot now, a place in its queue, or [`QueueFull`].
@@ -131,7 +158,19 @@ impl Scheduler {
         }
         if uid != 0 && waiting >= self.limits.max_queued_per_uid {
             return Err(QueueFull {
+                which: QueueLimit::PerUid,
                 limit: self.limits.max_queued_per_uid,
+            });
+        }
+        let total_limit = if uid == 0 {
+            self.queued_bound()
+        } else {
+            self.limits.max_queued
+        };
+        if inner.queued.values().map(VecDeque::len).sum::<usize>() >= total_limit {
+            return Err(QueueFull {
+                which: QueueLimit::Total,
+                limit: total_limit,
             });
         }
         let ticket = inner.next_ticket;
@@ -253,6 +292,12 @@ impl Scheduler {
     }
 }
 
+/// [`Scheduler::queued_bound`] of `limits` as given (the server sizes its descriptor budget
+/// from it before the scheduler exists).
+pub fn queued_bound(limits: &SchedulerLimits) -> usize {
+    limits.max_queued.saturating_add(limits.max_queued_per_uid)
+}
+
 impl Inner {
     fn start(&mut self, uid: u32) {
         self.running += 1;
@@ -341,6 +386,7 @@ mod tests {
             max_jobs,
             max_running_per_uid: per_uid,
             max_queued_per_uid: queued,
+            max_queued: 64,
         })
     }
 
@@ -390,8 +436,52 @@ mod tests {
         let _running = running(scheduler.admit(1000).unwrap());
         let _q1 = queued(scheduler.admit(1000).unwrap());
         let _q2 = queued(scheduler.admit(1000).unwrap());
-        assert_eq!(scheduler.admit(1000).unwrap_err(), QueueFull { limit: 2 });
+        assert_eq!(
+            scheduler.admit(1000).unwrap_err(),
+            QueueFull {
+                which: QueueLimit::PerUid,
+                limit: 2
+            }
+        );
         let _root: Vec<_> = (0..5).map(|_| scheduler.admit(0).unwrap()).collect();
+    }
+
+    #[test]
+    fn the_total_queue_is_bounded_for_every_uid_and_root_has_a_reserve() {
+        let scheduler = Scheduler::new(SchedulerLimits {
+            max_jobs: 1,
+            max_running_per_uid: 1,
+            max_queued_per_uid: 2,
+            max_queued: 3,
+        });
+        assert_eq!(scheduler.queued_bound(), 5);
+        let _running = running(scheduler.admit(1000).unwrap());
+        // Three uids, each under its own cap, fill the total.
+        let _a = queued(scheduler.admit(1000).unwrap());
+        let _b = queued(scheduler.admit(1001).unwrap());
+        let _root_first = queued(scheduler.admit(0).unwrap());
+        let total_full = QueueFull {
+            which: QueueLimit::Total,
+            limit: 3,
+        };
+        assert_eq!(scheduler.admit(1002).unwrap_err(), total_full);
+        assert_eq!(scheduler.admit(1001).unwrap_err(), total_full);
+        // Root goes on into its reserve, up to the bound, and no further.
+        let _root: Vec<_> = (0..2)
+            .map(|_| queued(scheduler.admit(0).unwrap()))
+            .collect();
+        assert_eq!(scheduler.queued(), scheduler.queued_bound());
+        assert_eq!(
+            scheduler.admit(0).unwrap_err(),
+            QueueFull {
+                which: QueueLimit::Total,
+                limit: 5
+            }
+        );
+        // A place freed is a place for a user again.
+        drop(_a);
+        drop(_root);
+        let _c = queued(scheduler.admit(1002).unwrap());
     }
 
     #[test]

@@ -147,6 +147,12 @@ impl AuditFacts {
         }
     }
 
+    /// The engine recorded by [`Self::engine`], if any yet (the registry shows it while the job
+    /// runs).
+    pub fn engine_chosen(&self) -> Option<EngineKind> {
+        self.lock().engine
+    }
+
     /// Notes `bytes_done` of a progress report.
     pub fn progressed(&self, bytes_done: u64) {
         let mut facts = self.lock();

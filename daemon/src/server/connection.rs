@@ -40,7 +40,7 @@ use tokio::sync::watch;
 
 use super::{ConnectionLimits, ConnectionRefused, ServerState};
 use crate::context::registry::{self, CancelReason, JobEntry, Submission, Viewer, Work};
-use crate::context::scheduler::QueueFull;
+use crate::context::scheduler::{QueueFull, QueueLimit};
 use crate::context::{DaemonContext, Mode};
 use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors};
 
@@ -163,10 +163,10 @@ pub(super) async fn serve(
         pipelined: VecDeque::new(),
         peer,
     };
-    tracing::debug!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "client connected");
+    tracing::debug!(user_uid = peer.uid, user_gid = peer.gid, user_pid = ?peer.pid, "client connected");
 
     if let Err(message) = authorize(&state, peer) {
-        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "{message}");
+        tracing::warn!(user_uid = peer.uid, user_pid = ?peer.pid, "{message}");
         let reply = Reply::error(
             api::errors::PERMISSION_DENIED,
             ErrorParameters::message(message),
@@ -250,7 +250,7 @@ impl Connection {
                 ),
             ),
         };
-        tracing::warn!(uid = peer.uid, pid = ?peer.pid, limit, "refusing connection: {message}");
+        tracing::warn!(user_uid = peer.uid, user_pid = ?peer.pid, limit, "refusing connection: {message}");
         let mut parameters = ErrorParameters::message(message);
         parameters.limit = Some(limit as u64);
         let _ = self
@@ -289,8 +289,8 @@ impl Connection {
                 Err(_) if frame_deadline.is_some() => {
                     let seconds = limits.frame_timeout.as_secs();
                     tracing::warn!(
-                        uid = peer.uid,
-                        pid = ?peer.pid,
+                        user_uid = peer.uid,
+                        user_pid = ?peer.pid,
                         descriptors = self.pending_fds.len(),
                         "closing connection: a message without its terminating NUL for {seconds} s"
                     );
@@ -301,8 +301,8 @@ impl Connection {
                 }
                 Err(_) => {
                     tracing::info!(
-                        uid = peer.uid,
-                        pid = ?peer.pid,
+                        user_uid = peer.uid,
+                        user_pid = ?peer.pid,
                         "closing connection idle for {} s (--idle-connection-timeout)",
                         limits.idle_timeout.as_secs()
                     );
@@ -333,7 +333,7 @@ impl Connection {
                             "more than {MAX_FDS_PER_MESSAGE} descriptors without a message to \
                              carry them"
                         );
-                        tracing::warn!(uid = peer.uid, pid = ?peer.pid, "closing connection: {error}");
+                        tracing::warn!(user_uid = peer.uid, user_pid = ?peer.pid, "closing connection: {error}");
                         return Err(Closed::Broken(error));
                     }
                     self.decoder.extend(&buffer[..n]);
@@ -341,11 +341,11 @@ impl Connection {
                 }
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(error) if error.kind() == std::io::ErrorKind::InvalidData => {
-                    tracing::warn!(uid = peer.uid, pid = ?peer.pid, %error, "closing connection");
+                    tracing::warn!(user_uid = peer.uid, user_pid = ?peer.pid, %error, "closing connection");
                     return Err(Closed::Broken(error.to_string()));
                 }
                 Err(error) => {
-                    tracing::debug!(%error, uid = peer.uid, "read failed");
+                    tracing::debug!(%error, user_uid = peer.uid, "read failed");
                     return Err(Closed::Gone);
                 }
             }
@@ -354,7 +354,7 @@ impl Connection {
 
     /// Logs a framing error and turns it into the [`Closed::Broken`] that reports it.
     fn protocol_error(&self, error: &FrameError) -> Closed {
-        tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, %error, "closing connection");
+        tracing::warn!(user_uid = self.peer.uid, user_pid = ?self.peer.pid, %error, "closing connection");
         Closed::Broken(error.to_string())
     }
 
@@ -386,7 +386,7 @@ impl Connection {
         let call: Call = match serde_json::from_slice(frame) {
             Ok(call) => call,
             Err(error) => {
-                tracing::warn!(uid = self.peer.uid, %error, "malformed message");
+                tracing::warn!(user_uid = self.peer.uid, %error, "malformed message");
                 let message = format!("malformed message: {error}");
                 let reply = Reply::error(
                     api::errors::PROTOCOL_ERROR,
@@ -395,21 +395,21 @@ impl Connection {
                 return self.send(&reply).await;
             }
         };
-        tracing::debug!(method = %call.method, uid = self.peer.uid, pid = ?self.peer.pid, "call");
+        tracing::debug!(method = %call.method, user_uid = self.peer.uid, user_pid = ?self.peer.pid, "call");
         let peer = self.peer;
         if JOB_METHODS.contains(&call.method.as_str()) {
             if call.oneway {
                 drop(fds);
                 tracing::warn!(
-                    uid = peer.uid,
-                    pid = ?peer.pid,
+                    user_uid = peer.uid,
+                    user_pid = ?peer.pid,
                     method = %call.method,
                     "oneway job call not run: nobody would hear its outcome (no reply sent)"
                 );
                 return Ok(());
             }
             if let Some(job) = during_job {
-                tracing::warn!(uid = peer.uid, pid = ?peer.pid, method = %call.method, job,
+                tracing::warn!(user_uid = peer.uid, user_pid = ?peer.pid, method = %call.method, job_id = job,
                     "refused a job call pipelined behind a running job");
                 let message = format!(
                     "this {} call arrived while job {job} was running on the same connection; a \
@@ -488,7 +488,7 @@ impl Connection {
         let job_id = jobs::next_job_id();
         let peer = self.peer;
         let detached = parameters.detach();
-        tracing::info!(job = job_id, uid = peer.uid, gid = peer.gid, pid = ?peer.pid, detached,
+        tracing::info!(job_id, user_uid = peer.uid, user_gid = peer.gid, user_pid = ?peer.pid, detached,
             "{} requested", P::KIND.name());
         // The daemon's own fstat of the output it was given: what the client's rename checks.
         let output_identity = parameters
@@ -529,18 +529,37 @@ impl Connection {
             .submit::<R>(context, job_id, submission, work)
         {
             Ok(entry) => entry,
-            Err(QueueFull { limit }) => {
-                tracing::warn!(
-                    job = job_id,
-                    uid = peer.uid,
-                    limit,
-                    "job refused: the uid already has {limit} jobs queued"
-                );
-                let mut parameters = ErrorParameters::message(format!(
-                    "you already have {limit} jobs waiting for a slot, the most one user may \
-                     queue (imgcryptd --max-queued-per-user); wait for one of them to finish, \
-                     then call again"
-                ));
+            Err(QueueFull { which, limit }) => {
+                let text = match which {
+                    QueueLimit::PerUid => {
+                        tracing::warn!(
+                            job_id,
+                            user_uid = peer.uid,
+                            limit,
+                            "job refused: the uid already has {limit} jobs queued"
+                        );
+                        format!(
+                            "you already have {limit} jobs waiting for a slot, the most one user \
+                             may queue (imgcryptd --max-queued-per-user); wait for one of them to \
+                             finish, then call again"
+                        )
+                    }
+                    QueueLimit::Total => {
+                        tracing::warn!(
+                            job_id,
+                            user_uid = peer.uid,
+                            limit,
+                            "job refused: {limit} jobs of all users are queued"
+                        );
+                        format!(
+                            "the daemon's queue is full: {limit} jobs of all users are waiting \
+                             for a slot, the most it holds (imgcryptd --max-queued); call again \
+                             when some have started (`imgctl daemon status` shows the queue), \
+                             or ask the operator to raise --max-queued"
+                        )
+                    }
+                };
+                let mut parameters = ErrorParameters::message(text);
                 parameters.limit = Some(limit as u64);
                 return self
                     .send(&Reply::error(api::errors::TOO_MANY_JOBS, parameters))
@@ -639,11 +658,11 @@ impl Connection {
                 _ = async { tokio::time::sleep_until(next_due.expect("guarded")).await }, if next_due.is_some() => {}
                 result = self.watch_client(job_id) => {
                     if cancel_on_leave {
-                        tracing::info!(job = job_id, uid = peer.uid, pid = ?peer.pid,
+                        tracing::info!(job_id, user_uid = peer.uid, user_pid = ?peer.pid,
                             "client went away; cancelling");
                         entry.cancel(CancelReason::ClientLeft);
                     } else {
-                        tracing::info!(job = job_id, uid = peer.uid, pid = ?peer.pid,
+                        tracing::info!(job_id, user_uid = peer.uid, user_pid = ?peer.pid,
                             "client stopped following the job; it runs on");
                     }
                     return Err(match result {
@@ -670,8 +689,8 @@ impl Connection {
         let sent = self.send(reply).await;
         if sent.is_err() {
             tracing::info!(
-                job = entry.id,
-                uid = self.peer.uid,
+                job_id = entry.id,
+                user_uid = self.peer.uid,
                 "client went away (a reply could not be sent)"
             );
             if cancel_on_leave {
@@ -699,8 +718,8 @@ impl Connection {
         };
         if call.method == api::CANCEL {
             tracing::info!(
-                job = id,
-                uid = self.peer.uid,
+                job_id = id,
+                user_uid = self.peer.uid,
                 owner = entry.uid,
                 "cancel requested"
             );
@@ -744,7 +763,7 @@ impl Connection {
                                 "more than {MAX_PIPELINED} calls sent while job {job_id} runs on \
                                  this connection; wait for replies before sending more"
                             );
-                            tracing::warn!(uid = self.peer.uid, pid = ?self.peer.pid, "closing connection: {message}");
+                            tracing::warn!(user_uid = self.peer.uid, user_pid = ?self.peer.pid, "closing connection: {message}");
                             return Err(Closed::Broken(message));
                         }
                         self.pipelined.push_back(Pipelined {
@@ -765,7 +784,7 @@ impl Connection {
 
 /// The same answer for an unknown id and another user's job (no information leak).
 fn no_such_job_reply(peer: Peer, method: &str, id: u64) -> Reply {
-    tracing::info!(uid = peer.uid, job = id, %method, "no such job for this caller");
+    tracing::info!(user_uid = peer.uid, job_id = id, %method, "no such job for this caller");
     Reply::error(api::errors::NO_SUCH_JOB, registry::no_such_job(id))
 }
 
@@ -819,6 +838,12 @@ impl JobParameters for api::VerifyParameters {
 
 impl JobParameters for api::RewriteParameters {
     const KIND: JobKind = JobKind::Rewrite;
+    fn detach(&self) -> bool {
+        self.detach == Some(true)
+    }
+    fn names(&self) -> Option<JobNames> {
+        self.names.clone()
+    }
     fn output(&self) -> Option<u32> {
         self.reencrypt_output
     }

@@ -83,21 +83,26 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
 /// descriptors and ones it opened.
 pub const DESCRIPTORS_PER_CONNECTION: u64 = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64 + 8;
 
-/// Descriptors kept free of connections: the daemon's own (listener, runtime, logging), each
-/// running job's (devices, engine threads, temporary files, and the private O_DIRECT
-/// description of each source file it reads data from: up to one per descriptor its call
-/// passed, see `sys::source_io`), and the excess over 104 of the up to 253 a single `recvmsg`
-/// may install before it is refused, once per runtime thread (2).
-pub fn reserved_descriptors(max_jobs: usize) -> u64 {
+/// Descriptors kept free of connections: the daemon's own (listener, runtime, logging); each
+/// running job's (devices, engine threads, temporary files, the private O_DIRECT description
+/// of each source file it reads data from — up to one per descriptor its call passed, see
+/// `sys::source_io` — and the passed descriptors themselves, which a detached job holds after
+/// its connection, and that connection's budget, are gone); each queued job's passed
+/// descriptors (a queued detached job holds them with no connection either; `queued_bound` is
+/// the scheduler's [`crate::context::scheduler::queued_bound`]); and the excess over 104 of the
+/// up to 253 a single `recvmsg` may install before it is refused, once per runtime thread (2).
+pub fn reserved_descriptors(max_jobs: usize, queued_bound: usize) -> u64 {
     let per_message = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64;
     let excess_per_read = 253 - per_message;
-    64 + (32 + per_message) * max_jobs as u64 + 2 * excess_per_read
+    64 + (32 + 2 * per_message) * max_jobs as u64
+        + per_message * queued_bound as u64
+        + 2 * excess_per_read
 }
 
 /// The largest overall connection cap whose descriptors fit `descriptor_limit` next to
 /// [`reserved_descriptors`] (at least 2, so root and one user can still connect).
-pub fn connections_fitting(descriptor_limit: u64, max_jobs: usize) -> usize {
-    let room = descriptor_limit.saturating_sub(reserved_descriptors(max_jobs));
+pub fn connections_fitting(descriptor_limit: u64, max_jobs: usize, queued_bound: usize) -> usize {
+    let room = descriptor_limit.saturating_sub(reserved_descriptors(max_jobs, queued_bound));
     (room / DESCRIPTORS_PER_CONNECTION).max(2) as usize
 }
 
@@ -307,4 +312,32 @@ pub async fn run(
         connections.abort_all();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reservation_covers_running_and_queued_jobs_descriptors() {
+        let per_message = imgcrypt_proto::fdpass::MAX_FDS_PER_MESSAGE as u64;
+        let idle = reserved_descriptors(0, 0);
+        // A running job: its own, one O_DIRECT description and one passed descriptor per
+        // passed descriptor at most.
+        assert_eq!(reserved_descriptors(1, 0) - idle, 32 + 2 * per_message);
+        // A queued job: the descriptors its call passed.
+        assert_eq!(reserved_descriptors(0, 1) - idle, per_message);
+        // The defaults (2 jobs, 64 queued and root's reserve of 8).
+        assert_eq!(
+            reserved_descriptors(2, 72),
+            idle + 2 * (32 + 2 * per_message) + 72 * per_message
+        );
+        // Whatever fits next to that is for connections, each with a message's worth.
+        let limit = reserved_descriptors(2, 72) + 10 * DESCRIPTORS_PER_CONNECTION + 5;
+        assert_eq!(connections_fitting(limit, 2, 72), 10);
+        // Queued jobs' descriptors come out of the connections' room...
+        assert_eq!(connections_fitting(limit, 2, 73), 9);
+        // ...and never below the two connections root and one user need.
+        assert_eq!(connections_fitting(1024, 2, 72), 2);
+    }
 }

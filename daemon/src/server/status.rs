@@ -60,6 +60,7 @@ pub(super) fn daemon_status(state: &ServerState, uid: u32) -> DaemonStatus {
             max_jobs: count(limits.max_jobs),
             max_jobs_per_user: count(limits.max_running_per_uid),
             max_queued_per_user: count(limits.max_queued_per_uid),
+            max_queued: count(limits.max_queued),
             max_connections: count(connections.max_total),
             max_connections_per_user: count(connections.max_per_uid),
             idle_connection_timeout_s: connections.idle_timeout.as_secs(),

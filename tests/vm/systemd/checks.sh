@@ -184,7 +184,7 @@ check_journal_fields() {
     [ "$(wc -l </tmp/encrypted.json)" -ge 2 ] || fail "fewer than two 'encrypted' entries"
     line=$(head -n 1 /tmp/encrypted.json)
     # The event's own fields and the job span's (JOB_ID, USER_UID, ENGINE), with no prefix.
-    for field in '"JOB":"' '"FORMAT":"luks"' '"FINGERPRINT":"' '"OUTPUT_SIZE":"' \
+    for field in '"FORMAT":"luks"' '"FINGERPRINT":"' '"OUTPUT_SIZE":"' \
         '"JOB_ID":"' '"USER_UID":"' '"ENGINE":"' \
         '"_SYSTEMD_UNIT":"imgcryptd.service"' '"PRIORITY":"5"'; do
         case $line in
@@ -198,6 +198,23 @@ check_journal_fields() {
     grep -q '"MESSAGE":"kernel engine (loop device + dm-crypt) available"' /tmp/journal.json ||
         fail "the daemon did not log the kernel engine as available"
     echo "$line" | tr ',' '\n' | grep -E '"(JOB|JOB_ID|USER_UID|ENGINE|FORMAT|FINGERPRINT|OUTPUT_SIZE)"'
+
+    # The connection's and the registry's job lines name the job and the caller with the same
+    # fields as the job's own records: JOB_ID and USER_UID, never JOB or UID.
+    for message in 'encrypt requested' 'job started' 'job succeeded'; do
+        line=$(grep "\"MESSAGE\":\"$message\"" /tmp/journal.json | head -n 1)
+        [ -n "$line" ] || fail "no '$message' entry in the journal"
+        for field in '"JOB_ID":"' '"USER_UID":"'; do
+            case $line in
+            *"$field"*) ;;
+            *) fail "the '$message' entry lacks $field: $line" ;;
+            esac
+        done
+        case $line in
+        *'"JOB":"'* | *'"UID":"'* | *'"GID":"'* | *'"PID":"'*)
+            fail "the '$message' entry still has JOB/UID/GID/PID: $line" ;;
+        esac
+    done
 
     # One audit record per job, found by its MESSAGE_ID (daemon/src/jobs/audit.rs).
     journalctl --no-pager -u imgcryptd.service -o json MESSAGE_ID="$AUDIT_MESSAGE_ID" \

@@ -225,6 +225,13 @@ impl Error {
         }
     }
 
+    /// Whether the job stopped because it was cancelled (by its user, its client leaving or
+    /// the daemon stopping) rather than failing: plain [`Error::Cancelled`], or
+    /// [`Error::Interrupted`] with its progress checkpointed.
+    pub fn is_cancellation(&self) -> bool {
+        matches!(self, Self::Cancelled | Self::Interrupted { .. })
+    }
+
     /// The Varlink error name this error is reported as.
     pub fn varlink_name(&self) -> &'static str {
         match self {

@@ -407,10 +407,7 @@ async fn run<R>(
                 kind = error.varlink_name(),
                 "{error}"
             );
-            let state = if matches!(
-                error,
-                crate::Error::Cancelled | crate::Error::Interrupted { .. }
-            ) {
+            let state = if error.is_cancellation() {
                 JobState::Cancelled
             } else {
                 JobState::Failed

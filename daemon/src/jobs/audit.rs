@@ -224,9 +224,9 @@ pub fn audited<P, D>(
             record.emit(Outcome::Succeeded, None);
             Ok(done)
         }
-        Ok(Err(Error::Cancelled)) => {
+        Ok(Err(error)) if error.is_cancellation() => {
             record.emit(Outcome::Cancelled, None);
-            Err(Error::Cancelled)
+            Err(error)
         }
         Ok(Err(error)) => {
             record.emit(Outcome::Failed, Some(short_error_name(&error)));

@@ -393,6 +393,120 @@ fn users_cannot_see_each_others_jobs_and_operators_see_all() {
     assert!(!out.exists());
 }
 
+/// `command` as the attacker test user with the operator group as a supplementary group.
+fn as_operator(user: &TestUser, gid: u32, daemon: &Daemon) -> Command {
+    let mut command = Command::new("/usr/bin/setpriv");
+    command
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .arg(format!("--groups={gid}"))
+        .arg(binary("imgctl"))
+        .arg("--socket")
+        .arg(&daemon.socket);
+    command
+}
+
+#[test]
+fn only_the_owner_renames_and_gets_the_summary_of_a_wait() {
+    let (victim, attacker) = two_users();
+    let (group, gid) = operator_group();
+    let dir = scratch();
+    let dir = dir.path();
+    let daemon = Daemon::start(dir, &["--socket-mode", "0666", "--operator-group", &group]);
+    let home = shared_dir(dir, "victim");
+    let source = make_source(&home, SourceKind::Raw, "16M");
+    let key = home.join("key");
+    write_key(&key);
+    victim.own(&[&home, &source, &key]);
+    let out = home.join("small.luks");
+    let mut command = victim.imgctl(&daemon);
+    encrypt_arguments(&mut command, &source, &out, &key);
+    let id = detach(&mut command);
+    wait_for(&daemon, id, "succeeded", |job| job["state"] == "succeeded");
+
+    // An operator's wait: the outcome only, no summary (key fingerprint, header hashes).
+    let waited =
+        run(as_operator(&attacker, gid, &daemon).args(["wait", &id.to_string(), "--json"]));
+    daemon.assert_ok(&waited, "operator wait");
+    let stdout = String::from_utf8_lossy(&waited.stdout);
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    for secret in ["summary", "key_fingerprint", "vhd_key_hash", "sha256"] {
+        assert!(
+            !stdout.contains(secret),
+            "{secret} sent to an operator: {stdout}"
+        );
+    }
+    // Root's wait renames nothing of the victim's (the names are the client's word).
+    let waited = run(daemon.imgctl().args(["wait", &id.to_string()]));
+    daemon.assert_ok(&waited, "root's wait");
+    let stdout = String::from_utf8_lossy(&waited.stdout);
+    assert!(
+        stdout.contains(&format!("its owner's `imgctl wait {id}`")),
+        "{stdout}"
+    );
+    assert!(
+        partial(&out).exists() && !out.exists(),
+        "root's wait renamed the output"
+    );
+
+    // The owner's wait gets the summary and renames.
+    let waited = run(victim
+        .imgctl(&daemon)
+        .args(["wait", &id.to_string(), "--json"]));
+    daemon.assert_ok(&waited, "owner's wait");
+    assert_eq!(last_json_summary(&waited.stdout)["virtual_size"], 16 << 20);
+    assert!(out.exists() && !partial(&out).exists());
+}
+
+#[test]
+fn wait_does_not_replace_an_output_that_appeared_unless_forced() {
+    let (scratch_dir, daemon, key) = daemon_and_key();
+    let dir = scratch_dir.path();
+    let source = make_source(dir, SourceKind::Raw, "16M");
+    let out = dir.join("out.luks");
+    let id = detach(&mut daemon.encrypt(&source, &out, &key));
+    wait_for(&daemon, id, "succeeded", |job| job["state"] == "succeeded");
+    fs::write(&out, b"made after submit").unwrap();
+    let waited = run(daemon.imgctl().args(["wait", &id.to_string()]));
+    assert!(!waited.status.success(), "{}", describe(&waited));
+    assert!(
+        String::from_utf8_lossy(&waited.stderr).contains("--force"),
+        "{}",
+        describe(&waited)
+    );
+    assert_eq!(fs::read(&out).unwrap(), b"made after submit");
+    assert!(partial(&out).exists());
+    daemon.assert_ok(
+        &run(daemon.imgctl().args(["wait", &id.to_string(), "--force"])),
+        "forced wait",
+    );
+    assert!(!partial(&out).exists());
+    assert_eq!(luks_dump(&out).version, 2);
+}
+
+#[test]
+fn cancel_of_a_failed_detached_job_removes_its_partial() {
+    let (scratch_dir, daemon, key) = daemon_and_key();
+    let dir = scratch_dir.path();
+    let source = sparse(&dir.join("big.raw"), BIG);
+    let out = dir.join("big.luks");
+    let id = detach(&mut daemon.encrypt(&source, &out, &key));
+    wait_for(&daemon, id, "copied", copying);
+    // The source shrinks under the job: it fails on its own, and nothing removed its partial.
+    fs::File::options()
+        .write(true)
+        .open(&source)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    wait_for(&daemon, id, "failed", |job| job["state"] == "failed");
+    assert!(partial(&out).exists());
+    let again = run_ok(daemon.imgctl().args(["cancel", &id.to_string()]));
+    let text = String::from_utf8_lossy(&again.stdout);
+    assert!(text.contains("removed"), "{text}");
+    assert!(!partial(&out).exists());
+}
+
 #[test]
 fn idle_exit_waits_for_a_detached_job() {
     let dir = scratch();

@@ -741,13 +741,10 @@ pub fn no_such_job(id: u64) -> ErrorParameters {
 /// that reorder what a terminal shows) replaced by U+FFFD, so that `imgctl jobs` of root or an
 /// operator cannot be sent escape sequences or forged lines; then cut to [`MAX_JOB_NAME_LEN`].
 fn cut_name(name: String) -> String {
-    let unsafe_char = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    let mut name = if name.chars().any(unsafe_char) {
+    use imgcrypt_proto::api::is_unsafe_in_names;
+    let mut name = if name.chars().any(is_unsafe_in_names) {
         name.chars()
-            .map(|c| if unsafe_char(c) { '\u{fffd}' } else { c })
+            .map(|c| if is_unsafe_in_names(c) { '\u{fffd}' } else { c })
             .collect()
     } else {
         name

@@ -313,18 +313,48 @@ fn operator_group() -> (String, u32) {
     (name.to_string(), gid)
 }
 
-#[test]
-fn users_cannot_see_each_others_jobs_and_operators_see_all() {
+/// Two test users, a daemon both may use with the operator group set, and the victim's directory
+/// with a key in it.
+struct Shared {
+    victim: TestUser,
+    attacker: TestUser,
+    gid: u32,
+    daemon: Daemon,
+    home: PathBuf,
+    key: PathBuf,
+}
+
+fn shared(dir: &Path) -> Shared {
     let (victim, attacker) = two_users();
     let (group, gid) = operator_group();
-    let dir = scratch();
-    let dir = dir.path();
     let daemon = Daemon::start(dir, &["--socket-mode", "0666", "--operator-group", &group]);
     let home = shared_dir(dir, "victim");
-    let source = sparse(&home.join("big.raw"), BIG);
     let key = home.join("key");
     write_key(&key);
-    victim.own(&[&home, &source, &key]);
+    victim.own(&[&home, &key]);
+    Shared {
+        victim,
+        attacker,
+        gid,
+        daemon,
+        home,
+        key,
+    }
+}
+
+#[test]
+fn users_cannot_see_each_others_jobs_and_operators_see_all() {
+    let dir = scratch();
+    let Shared {
+        victim,
+        attacker,
+        gid,
+        daemon,
+        home,
+        key,
+    } = shared(dir.path());
+    let source = sparse(&home.join("big.raw"), BIG);
+    victim.own(&[&source]);
     let out = home.join("big.luks");
     let mut command = victim.imgctl(&daemon);
     encrypt_arguments(&mut command, &source, &out, &key);
@@ -398,16 +428,17 @@ fn as_operator(user: &TestUser, gid: u32, daemon: &Daemon) -> Command {
 
 #[test]
 fn only_the_owner_renames_and_gets_the_summary_of_a_wait() {
-    let (victim, attacker) = two_users();
-    let (group, gid) = operator_group();
     let dir = scratch();
-    let dir = dir.path();
-    let daemon = Daemon::start(dir, &["--socket-mode", "0666", "--operator-group", &group]);
-    let home = shared_dir(dir, "victim");
+    let Shared {
+        victim,
+        attacker,
+        gid,
+        daemon,
+        home,
+        key,
+    } = shared(dir.path());
     let source = make_source(&home, SourceKind::Raw, "16M");
-    let key = home.join("key");
-    write_key(&key);
-    victim.own(&[&home, &source, &key]);
+    victim.own(&[&source]);
     let out = home.join("small.luks");
     let mut command = victim.imgctl(&daemon);
     encrypt_arguments(&mut command, &source, &out, &key);

@@ -7,8 +7,12 @@
 //! running as root, never renames or removes anything by path for a user (it could be made to
 //! rename inside a directory the user merely can read). `imgctl wait ID`, the user's own process
 //! with the user's own rights, renames `OUT.partial` to `OUT` once the job succeeded, and only
-//! if the file there is still the very file the job wrote (the daemon reports the output
-//! descriptor's `(st_dev, st_ino)`); `imgctl cancel ID` removes it on the same condition.
+//! if the job is the caller's own (the names are the submitting client's word: root's or an
+//! operator's `wait` on another user's job renames nothing) and the file there is still the
+//! very file the job wrote (the daemon reports the output descriptor's `(st_dev, st_ino)`),
+//! never over an `OUT` that appeared meanwhile unless `--force` ([`output::finish_detached`]);
+//! `imgctl cancel ID` removes it on the same conditions. Names and messages from the daemon
+//! are printed with non-printable characters escaped ([`printable`]).
 
 use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,13 @@
 //!   cancels, as before jobs had a registry);
 //! - `Cancel` from the owner, root or the operator group ([`Viewer`]);
 //! - the daemon stopping ([`Registry::cancel_all`]), which also sets the job's `stopping` flag
-//!   first, so a job can tell a stop (checkpoint and go) from a user's cancel.
+//!   first, so a job can tell a stop (checkpoint and go) from a user's cancel; from then on
+//!   `submit` refuses new jobs ([`Refused::Stopping`]), under the same lock, so none escapes.
+//!
+//! A job's task ends its entry however it ends: a panic outside the work (in building the final
+//! reply, say) finishes it as failed and counts it out of `active` (a drop guard), so shutdown
+//! and the idle exit never wait for it. The client's descriptors a job holds are closed on a
+//! blocking thread when the job never runs (refused, or cancelled while queued).
 //!
 //! Visibility: a [`Viewer`] sees its own jobs only, unless it is root or in the operator group;
 //! an id it may not see is answered exactly like an unknown id ([`Registry::get`] returns

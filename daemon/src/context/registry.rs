@@ -375,7 +375,7 @@ struct TaskGuard {
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         if !self.entry.lock_state().state.is_final() {
-            tracing::error!(job = self.entry.id, "job task ended without an outcome");
+            tracing::error!(job_id = self.entry.id, "job task ended without an outcome");
             self.entry.finish(
                 JobState::Failed,
                 Reply::error(

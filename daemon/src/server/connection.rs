@@ -527,7 +527,7 @@ impl Connection {
         {
             Ok(identified) => identified,
             Err(error) => {
-                tracing::error!(job = job_id, %error, "identifying the output failed");
+                tracing::error!(job_id, %error, "identifying the output failed");
                 return self
                     .send(&Reply::error(
                         api::errors::IO_ERROR,
@@ -570,8 +570,8 @@ impl Connection {
             Ok(entry) => entry,
             Err(Refused::Stopping) => {
                 tracing::warn!(
-                    job = job_id,
-                    uid = peer.uid,
+                    job_id,
+                    user_uid = peer.uid,
                     "job refused: the daemon is stopping"
                 );
                 return self

@@ -359,45 +359,161 @@ pub fn partial_path(final_path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// A detached job's output directory, opened once (`O_DIRECTORY | O_NOFOLLOW`): the check of
+/// `OUT.partial`'s identity and the rename or removal that follows both go through this one
+/// descriptor, so nobody can swap the directory (or a link to another one) in between.
+struct OutputDirectory {
+    dir: std::os::fd::OwnedFd,
+    final_name: std::ffi::OsString,
+    partial_name: std::ffi::OsString,
+}
+
+impl OutputDirectory {
+    fn open(final_path: &Path) -> Result<Self> {
+        use nix::fcntl::OFlag;
+        let final_name = final_path
+            .file_name()
+            .ok_or_else(|| CtlError::File {
+                path: final_path.to_path_buf(),
+                message: "has no file name: the job's names are not a file's".to_string(),
+            })?
+            .to_os_string();
+        let directory = match final_path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let dir = nix::fcntl::open(
+            directory,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| CtlError::file(directory, "open the output's directory", e.into()))?;
+        let mut partial_name = final_name.clone();
+        partial_name.push(".partial");
+        Ok(Self {
+            dir,
+            final_name,
+            partial_name,
+        })
+    }
+
+    /// Whether `name` in the directory is a regular file (not a link) with `identity`;
+    /// `Err` for a name that cannot be examined, `ENOENT` included.
+    fn is_job_file(&self, name: &std::ffi::OsStr, identity: (u64, u64)) -> nix::Result<bool> {
+        let stat =
+            nix::sys::stat::fstatat(&self.dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let regular = stat.st_mode & libc::S_IFMT == libc::S_IFREG;
+        Ok(regular && (stat.st_dev, stat.st_ino) == identity)
+    }
+
+    /// Renames `OUT.partial` to `OUT` within the directory; without `replace`, fails with
+    /// `EEXIST` if `OUT` exists.
+    fn rename(&self, replace: bool) -> nix::Result<()> {
+        use nix::fcntl::RenameFlags;
+        let (from, to) = (self.partial_name.as_os_str(), self.final_name.as_os_str());
+        if replace {
+            return nix::fcntl::renameat(&self.dir, from, &self.dir, to);
+        }
+        match nix::fcntl::renameat2(
+            &self.dir,
+            from,
+            &self.dir,
+            to,
+            RenameFlags::RENAME_NOREPLACE,
+        ) {
+            // A file system without RENAME_NOREPLACE: check, then rename (a window remains
+            // there, for whoever else may write the user's directory).
+            Err(nix::errno::Errno::EINVAL) => {
+                match nix::sys::stat::fstatat(
+                    &self.dir,
+                    to,
+                    nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                ) {
+                    Err(nix::errno::Errno::ENOENT) => {
+                        nix::fcntl::renameat(&self.dir, from, &self.dir, to)
+                    }
+                    Ok(_) => Err(nix::errno::Errno::EEXIST),
+                    Err(error) => Err(error),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn sync(&self) {
+        let _ = nix::unistd::fsync(&self.dir);
+    }
+}
+
+/// Whether `path` is a block device (following links, as [`Output::create`] does): a detached
+/// job then wrote it in place, and there is no `OUT.partial` to rename or remove.
+pub fn is_block_device(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+}
+
 /// Gives a detached job's output its final name, in the user's own process with the user's
 /// own rights: renames `OUT.partial` to `OUT` only if the file at `OUT.partial` is still the
 /// very file the job wrote (`identity`: `(st_dev, st_ino)` of the daemon's own fstat of the
 /// descriptor it was given). Anything else there (replaced, moved, a link) is refused, so
-/// nobody who can write the directory makes us rename their file in. Idempotent: an output
-/// already renamed by an earlier `wait` is reported as done.
-pub fn finish_detached(final_path: &Path, identity: (u64, u64)) -> Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt;
+/// nobody who can write the directory makes us rename their file in. The check and the rename
+/// go through one descriptor of the directory ([`OutputDirectory`]), and an `OUT` that appeared
+/// since the job was submitted is not replaced unless `replace` (`imgctl wait --force`).
+/// Idempotent: an output already renamed by an earlier `wait` is reported as done. A block
+/// device was written in place: nothing to rename.
+pub fn finish_detached(final_path: &Path, identity: (u64, u64), replace: bool) -> Result<PathBuf> {
+    if is_block_device(final_path) {
+        return Ok(final_path.to_path_buf());
+    }
+    let dir = OutputDirectory::open(final_path)?;
     let partial = partial_path(final_path);
-    let same = |metadata: &std::fs::Metadata| {
-        metadata.file_type().is_file() && (metadata.dev(), metadata.ino()) == identity
+    let rename_error = |e: nix::errno::Errno| {
+        CtlError::file(
+            final_path,
+            "rename the finished output into place",
+            e.into(),
+        )
     };
-    match std::fs::symlink_metadata(&partial) {
-        Ok(metadata) if same(&metadata) => {
-            std::fs::rename(&partial, final_path).map_err(|e| {
-                CtlError::file(final_path, "rename the finished output into place", e)
-            })?;
-            sync_directory_of(final_path);
+    match dir.is_job_file(&dir.partial_name, identity) {
+        Ok(true) => {
+            match dir.rename(replace) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EEXIST) => {
+                    return Err(CtlError::File {
+                        path: final_path.to_path_buf(),
+                        message: format!(
+                            "already exists (it appeared after the job was submitted): not \
+                             replacing it; the job's output stays {}: pass --force to replace \
+                             the file there",
+                            partial.display()
+                        ),
+                    })
+                }
+                Err(error) => return Err(rename_error(error)),
+            }
+            dir.sync();
             Ok(final_path.to_path_buf())
         }
-        Ok(_) => Err(CtlError::File {
+        Ok(false) => Err(CtlError::File {
             path: partial,
             message: "is not the file the job wrote (it was replaced or moved since): not \
                       renaming it; the job's output is the file with the identity `imgctl status` \
                       shows — find it, check it and rename it yourself"
                 .to_string(),
         }),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            match std::fs::symlink_metadata(final_path) {
-                Ok(metadata) if same(&metadata) => Ok(final_path.to_path_buf()),
-                _ => Err(CtlError::File {
-                    path: partial,
-                    message: "does not exist any more, and the output is not under its final \
-                              name either: it was moved or removed"
-                        .to_string(),
-                }),
-            }
-        }
-        Err(error) => Err(CtlError::file(&partial, "examine the job's output", error)),
+        Err(nix::errno::Errno::ENOENT) => match dir.is_job_file(&dir.final_name, identity) {
+            Ok(true) => Ok(final_path.to_path_buf()),
+            _ => Err(CtlError::File {
+                path: partial,
+                message: "does not exist any more, and the output is not under its final \
+                          name either: it was moved or removed"
+                    .to_string(),
+            }),
+        },
+        Err(error) => Err(CtlError::file(
+            &partial,
+            "examine the job's output",
+            error.into(),
+        )),
     }
 }
 
@@ -409,10 +525,22 @@ pub fn is_file_with_identity(path: &Path, identity: (u64, u64)) -> bool {
 }
 
 /// Removes a cancelled or failed detached job's `OUT.partial`, but only if it is still the
-/// file the job wrote. Returns whether it did.
+/// file the job wrote (checked and removed through one descriptor of the directory). Returns
+/// whether it did. A block device was written in place: nothing is removed.
 pub fn remove_detached_partial(final_path: &Path, identity: (u64, u64)) -> bool {
-    let partial = partial_path(final_path);
-    is_file_with_identity(&partial, identity) && std::fs::remove_file(&partial).is_ok()
+    if is_block_device(final_path) {
+        return false;
+    }
+    let Ok(dir) = OutputDirectory::open(final_path) else {
+        return false;
+    };
+    dir.is_job_file(&dir.partial_name, identity) == Ok(true)
+        && nix::unistd::unlinkat(
+            &dir.dir,
+            dir.partial_name.as_os_str(),
+            nix::unistd::UnlinkatFlags::NoRemoveDir,
+        )
+        .is_ok()
 }
 
 fn forget_pending() {
@@ -603,22 +731,97 @@ mod tests {
         // Replaced by another file under the same name: refused, nothing renamed.
         std::fs::rename(&partial, dir.path().join("moved")).unwrap();
         std::fs::write(&partial, b"someone else's").unwrap();
-        let error = finish_detached(&out, identity).unwrap_err().to_string();
+        let error = finish_detached(&out, identity, false)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("is not the file the job wrote"), "{error}");
         assert!(!out.exists());
         // A symbolic link to the job's file is refused too.
         std::fs::remove_file(&partial).unwrap();
         std::os::unix::fs::symlink(dir.path().join("moved"), &partial).unwrap();
-        assert!(finish_detached(&out, identity).is_err());
+        assert!(finish_detached(&out, identity, false).is_err());
         assert!(!out.exists());
 
         // The job's own file: renamed, and a second wait finds it done.
         std::fs::remove_file(&partial).unwrap();
         std::fs::rename(dir.path().join("moved"), &partial).unwrap();
-        assert_eq!(finish_detached(&out, identity).unwrap(), out);
+        assert_eq!(finish_detached(&out, identity, false).unwrap(), out);
         assert_eq!(std::fs::read(&out).unwrap(), b"the job's");
         assert!(!partial.exists());
-        assert_eq!(finish_detached(&out, identity).unwrap(), out);
+        assert_eq!(finish_detached(&out, identity, false).unwrap(), out);
+    }
+
+    /// The job's file and its identity, at `out`'s partial name.
+    fn job_partial(out: &Path, data: &[u8]) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let partial = partial_path(out);
+        std::fs::write(&partial, data).unwrap();
+        let metadata = std::fs::metadata(&partial).unwrap();
+        (metadata.dev(), metadata.ino())
+    }
+
+    #[test]
+    fn a_detached_output_does_not_replace_a_file_that_appeared_unless_forced() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let identity = job_partial(&out, b"the job's");
+        std::fs::write(&out, b"made after submit").unwrap();
+        let error = finish_detached(&out, identity, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("already exists") && error.contains("--force"),
+            "{error}"
+        );
+        assert_eq!(std::fs::read(&out).unwrap(), b"made after submit");
+        assert!(partial_path(&out).exists());
+        assert_eq!(finish_detached(&out, identity, true).unwrap(), out);
+        assert_eq!(std::fs::read(&out).unwrap(), b"the job's");
+        assert!(!partial_path(&out).exists());
+    }
+
+    #[test]
+    fn a_detached_output_is_not_renamed_or_removed_through_a_linked_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let identity = job_partial(&real.join("disk.luks"), b"the job's");
+        // The job's directory, swapped for a link to it after submit: refused.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let out = link.join("disk.luks");
+        assert!(finish_detached(&out, identity, false).is_err());
+        assert!(!remove_detached_partial(&out, identity));
+        assert!(partial_path(&real.join("disk.luks")).exists());
+        assert!(!real.join("disk.luks").exists());
+    }
+
+    #[test]
+    fn only_the_jobs_own_partial_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let identity = job_partial(&out, b"the job's");
+        std::fs::rename(partial_path(&out), dir.path().join("moved")).unwrap();
+        std::fs::write(partial_path(&out), b"someone else's").unwrap();
+        assert!(!remove_detached_partial(&out, identity));
+        assert!(partial_path(&out).exists());
+        std::fs::remove_file(partial_path(&out)).unwrap();
+        std::fs::rename(dir.path().join("moved"), partial_path(&out)).unwrap();
+        assert!(remove_detached_partial(&out, identity));
+        assert!(!partial_path(&out).exists());
+    }
+
+    #[test]
+    fn a_device_output_has_nothing_to_rename() {
+        let Some(device) = ["/dev/loop0", "/dev/ram0", "/dev/sda", "/dev/vda"]
+            .into_iter()
+            .map(Path::new)
+            .find(|path| is_block_device(path))
+        else {
+            panic!("no block device node to test with");
+        };
+        assert_eq!(finish_detached(device, (0, 0), false).unwrap(), device);
+        assert!(!remove_detached_partial(device, (0, 0)));
     }
 
     #[test]

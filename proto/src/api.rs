@@ -866,6 +866,17 @@ pub const MAX_JOB_NAME_LEN: usize = 512;
 /// Most jobs one `Jobs` reply lists (the newest ones the caller may see).
 pub const MAX_LISTED_JOBS: usize = 256;
 
+/// Whether `c` must not reach a terminal from a job's names: a control character, or one of the
+/// bidirectional-text controls that reorder what is shown. The daemon replaces these when it
+/// stores names; imgctl escapes them when it prints anything the daemon was told.
+pub fn is_unsafe_in_names(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+        )
+}
+
 /// How the client names a job's files: for display, and for `imgctl wait`'s rename.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

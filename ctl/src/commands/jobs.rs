@@ -7,8 +7,12 @@
 //! running as root, never renames or removes anything by path for a user (it could be made to
 //! rename inside a directory the user merely can read). `imgctl wait ID`, the user's own process
 //! with the user's own rights, renames `OUT.partial` to `OUT` once the job succeeded, and only
-//! if the file there is still the very file the job wrote (the daemon reports the output
-//! descriptor's `(st_dev, st_ino)`); `imgctl cancel ID` removes it on the same condition.
+//! if the job is the caller's own (the names are the submitting client's word: root's or an
+//! operator's `wait` on another user's job renames nothing) and the file there is still the
+//! very file the job wrote (the daemon reports the output descriptor's `(st_dev, st_ino)`),
+//! never over an `OUT` that appeared meanwhile unless `--force` ([`output::finish_detached`]);
+//! `imgctl cancel ID` removes it on the same conditions. Names and messages from the daemon
+//! are printed with non-printable characters escaped ([`printable`]).
 
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
@@ -39,7 +43,7 @@ pub enum JobCommand {
     /// Follow a job (re-attach after `encrypt --detach` or after imgctl was killed) with the
     /// same progress and summary as the original command; for a detached encryption, rename
     /// OUT.partial to OUT once it succeeded. Leaving a wait (Ctrl-C) does not cancel the job.
-    Wait(IdArgs),
+    Wait(WaitArgs),
 }
 
 /// Options of `imgctl jobs`.
@@ -58,6 +62,20 @@ pub struct IdArgs {
     /// Print JSON (`status`, `cancel`: the job; `wait`: progress lines and the summary).
     #[arg(long)]
     pub json: bool,
+}
+
+/// Options of `imgctl wait`.
+#[derive(Debug, clap::Args)]
+pub struct WaitArgs {
+    /// The job's id (`imgctl jobs` lists them; `encrypt --detach` prints it).
+    pub id: u64,
+    /// Print progress lines and the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Replace a file that appeared under the output's final name after the job was
+    /// submitted (without it, the rename refuses and OUT.partial stays).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Runs a job subcommand.
@@ -97,19 +115,18 @@ fn status(client: &mut Client, args: &IdArgs) -> Result<()> {
 }
 
 fn cancel(client: &mut Client, args: &IdArgs) -> Result<()> {
-    let job = job_info(client, api::CANCEL, args.id)?;
-    if job.state.is_final() {
-        println!("job {} had already ended: {}", job.id, state_text(&job));
-        return Ok(());
-    }
-    // Wait for the job to stop (no progress asked: one final reply), then clean up our own
-    // detached output. The job's final reply is the cancellation error, expected here.
-    let ended = call::call_once::<WaitReply>(client, api::WAIT, &JobId { id: job.id }, &[]);
-    let job = job_info(client, api::STATUS, args.id).unwrap_or(job);
-    let removed = match detached_output(&job) {
-        Some((path, identity))
-            if job.state != JobState::Succeeded && job.uid == nix::unistd::getuid().as_raw() =>
-        {
+    let asked = job_info(client, api::CANCEL, args.id)?;
+    // Wait for the job to stop (no progress asked: one final reply; at once for a job that had
+    // already ended), then clean up our own detached output. The job's final reply is the
+    // cancellation error, expected here.
+    let ended = call::call_once::<WaitReply>(client, api::WAIT, &JobId { id: asked.id }, &[]);
+    let job = job_info(client, api::STATUS, args.id)
+        .ok()
+        .filter(|job| job.state.is_final());
+    let outcome = final_outcome(job.as_ref(), &ended);
+    let job = job.unwrap_or(asked);
+    let removed = match (detached_output(&job), outcome) {
+        (Some((path, identity)), Some(false)) if is_own(&job) => {
             output::remove_detached_partial(&path, identity).then(|| output::partial_path(&path))
         }
         _ => None,
@@ -117,13 +134,25 @@ fn cancel(client: &mut Client, args: &IdArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&job).expect("job serialises"));
     } else {
-        println!("job {}: {}", job.id, state_text(&job));
+        match outcome {
+            Some(_) => println!("job {}: {}", job.id, printable(&state_text(&job))),
+            None => println!(
+                "job {}: cancel asked for; whether it has ended is not known (the daemon did                  not say): `imgctl status {}` shows it",
+                job.id, job.id
+            ),
+        }
         if let Some(path) = removed {
-            println!("removed {}", path.display());
+            println!("removed {}", printable(&path.display().to_string()));
+        } else if !is_own(&job) && detached_output(&job).is_some() && outcome == Some(false) {
+            println!(
+                "its output's partial file is its owner's to remove (`imgctl cancel {}` as {})",
+                job.id,
+                user_name(job.uid)
+            );
         }
     }
-    match (job.state, ended) {
-        (JobState::Succeeded, _) => Err(CtlError::Usage(format!(
+    match outcome {
+        Some(true) => Err(CtlError::Usage(format!(
             "job {} finished before the cancel reached it: run `imgctl wait {}` to give its \
              output its final name",
             job.id, job.id
@@ -132,10 +161,52 @@ fn cancel(client: &mut Client, args: &IdArgs) -> Result<()> {
     }
 }
 
-fn wait(client: &mut Client, args: &IdArgs) -> Result<()> {
-    let job = job_info(client, api::STATUS, args.id)?;
+/// How a job ended, from its final state or else from its Wait: `Some(true)` succeeded,
+/// `Some(false)` failed or cancelled, `None` not known (neither said; nothing is removed then).
+fn final_outcome(job: Option<&JobInfo>, ended: &Result<WaitReply>) -> Option<bool> {
+    if let Some(job) = job {
+        return Some(job.state == JobState::Succeeded);
+    }
+    match ended {
+        Ok(_) => Some(true),
+        Err(CtlError::Daemon { name, .. }) if name != api::errors::NO_SUCH_JOB => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// Whether the job is the caller's own: only then does imgctl rename or remove its output
+/// (the names are the client's word; another user's, followed by root or an operator, must
+/// not make root's imgctl rename in that user's directory).
+fn is_own(job: &JobInfo) -> bool {
+    job.uid == nix::unistd::getuid().as_raw()
+}
+
+fn wait(client: &mut Client, args: &WaitArgs) -> Result<()> {
     let mut display = Display::new(args.json);
     let done = call::wait_job(client, args.id, &mut display)?;
+    // After the job's end: its state is final, and the names are what it was submitted with.
+    let job = job_info(client, api::STATUS, args.id)?;
+    if !is_own(&job) {
+        // The daemon sends another user's job only its outcome (not the summary), and its
+        // output is its owner's to rename.
+        let mut text = format!(
+            "job {} of {}: {}\n",
+            job.id,
+            user_name(job.uid),
+            printable(&state_text(&job))
+        );
+        if detached_output(&job).is_some() && job.state == JobState::Succeeded {
+            text.push_str(&format!(
+                "its owner's `imgctl wait {}` gives its output its final name\n",
+                job.id
+            ));
+        }
+        display.finish(
+            serde_json::json!({ "event": "waited", "job": job.id, "state": job.state }),
+            &text,
+        );
+        return Ok(());
+    }
     let name = |which: fn(&api::JobNames) -> &Option<String>| {
         job.names
             .as_ref()
@@ -143,19 +214,21 @@ fn wait(client: &mut Client, args: &IdArgs) -> Result<()> {
             .map(PathBuf::from)
     };
     let source = name(|names| &names.source).unwrap_or_else(|| format!("job {}", job.id).into());
+    let source = shown(&source);
     let output_name = name(|names| &names.output);
     if let Some(summary) = &done.summary {
         let final_path = match detached_output(&job) {
-            Some((path, identity)) => output::finish_detached(&path, identity)?,
+            Some((path, identity)) => output::finish_detached(&path, identity, args.force)?,
             None => output_name.unwrap_or_else(|| "(output)".into()),
         };
-        display.summary(&source, &final_path, summary, &[]);
+        display.summary(&source, &shown(&final_path), summary, &[]);
         return Ok(());
     }
     let output = match (&done.decrypted, detached_output(&job)) {
-        (Some(_), Some((path, identity))) => output::finish_detached(&path, identity)?,
+        (Some(_), Some((path, identity))) => output::finish_detached(&path, identity, args.force)?,
         _ => output_name.unwrap_or_else(|| "(output)".into()),
     };
+    let output = shown(&output);
     let (event, text) = if let Some(s) = &done.decrypted {
         ("decrypted", progress::render_decrypt(&source, &output, s))
     } else if let Some(s) = &done.verified {
@@ -180,18 +253,42 @@ fn wait(client: &mut Client, args: &IdArgs) -> Result<()> {
 }
 
 /// How a job's files are named in `imgctl jobs` and where `imgctl wait` renames: absolute,
-/// so that a `wait` from another directory finds them.
+/// so that a `wait` from another directory finds them. The output's directory is resolved
+/// (links followed) now, in the user's process: `wait` opens it without following a link
+/// ([`output::finish_detached`]).
 pub fn names(source: &Path, output: &Path) -> JobNames {
-    let absolute = |path: &Path| {
-        std::path::absolute(path)
-            .unwrap_or_else(|_| path.to_path_buf())
-            .to_string_lossy()
-            .into_owned()
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let output = absolute(output);
+    let resolved = match (output.parent(), output.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|dir| dir.join(name))
+            .unwrap_or(output),
+        _ => output,
     };
     JobNames {
-        source: Some(absolute(source)),
-        output: Some(absolute(output)),
+        source: Some(absolute(source).to_string_lossy().into_owned()),
+        output: Some(resolved.to_string_lossy().into_owned()),
     }
+}
+
+/// `text` with control characters (and the bidirectional-text controls that reorder what a
+/// terminal shows) escaped: names and messages come from the daemon, which has them from
+/// whoever submitted the job, and must not drive the terminal of root or an operator.
+pub fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if api::is_unsafe_in_names(c) {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
+/// A path from the daemon as it may be printed.
+fn shown(path: &Path) -> PathBuf {
+    PathBuf::from(printable(&path.to_string_lossy()))
 }
 
 /// `--detach`: sends the job call (with `detach: true` in `parameters`); the daemon answers
@@ -338,7 +435,7 @@ fn render_status(job: &JobInfo) -> String {
         job.id,
         job.kind.name(),
         user_name(job.uid),
-        state_text(job)
+        printable(&state_text(job))
     );
     if job.state == JobState::Running && job.progress.bytes_total > 0 {
         text.push_str(&format!(
@@ -358,10 +455,10 @@ fn render_status(job: &JobInfo) -> String {
     }
     if let Some(names) = &job.names {
         if let Some(source) = &names.source {
-            text.push_str(&format!("source: {source}\n"));
+            text.push_str(&format!("source: {}\n", printable(source)));
         }
         if let Some(output) = &names.output {
-            text.push_str(&format!("output: {output}\n"));
+            text.push_str(&format!("output: {}\n", printable(output)));
         }
     }
     if job.detached {
@@ -369,26 +466,30 @@ fn render_status(job: &JobInfo) -> String {
     }
     if let Some((path, identity)) = detached_output(job) {
         let partial = output::partial_path(&path);
+        let (shown_partial, shown_path) = (shown(&partial), shown(&path));
         let line = match job.state {
+            _ if output::is_block_device(&path) => {
+                format!("written in place to the device {}", shown_path.display())
+            }
             JobState::Succeeded if output::is_file_with_identity(&partial, identity) => format!(
-                "rename pending: run `imgctl wait {}` to rename {} to {}",
+                "rename pending: its owner's `imgctl wait {}` renames {} to {}",
                 job.id,
-                partial.display(),
-                path.display()
+                shown_partial.display(),
+                shown_path.display()
             ),
             JobState::Succeeded if output::is_file_with_identity(&path, identity) => {
                 "renamed: the output is under its final name".to_string()
             }
             JobState::Succeeded => format!(
                 "rename pending, but {} is not the file the job wrote any more",
-                partial.display()
+                shown_partial.display()
             ),
             state if state.is_final() => format!(
-                "no output: `imgctl cancel {}` or removing {} cleans up",
+                "no output: its owner's `imgctl cancel {}` or removing {} cleans up",
                 job.id,
-                partial.display()
+                shown_partial.display()
             ),
-            _ => format!("writing {}", partial.display()),
+            _ => format!("writing {}", shown_partial.display()),
         };
         text.push_str(&line);
         text.push('\n');
@@ -430,8 +531,8 @@ fn render_table(jobs: &[JobInfo]) -> String {
             job.eta_ms.map_or("-".to_string(), duration),
             job.names
                 .as_ref()
-                .and_then(|names| names.output.clone())
-                .unwrap_or_else(|| "-".to_string()),
+                .and_then(|names| names.output.as_deref())
+                .map_or_else(|| "-".to_string(), printable),
         ]);
     }
     let widths: Vec<usize> = (0..8)
@@ -536,6 +637,55 @@ mod tests {
             "{table}"
         );
         assert_eq!(render_table(&[]), "no jobs\n");
+    }
+
+    #[test]
+    fn names_from_the_daemon_cannot_drive_the_terminal() {
+        let mut hostile = job(JobState::Running);
+        hostile.names = Some(JobNames {
+            source: Some("/s\u{1b}]0;owned\u{7}.vhd".into()),
+            output: Some("/o\u{1b}[2J\n\r\u{202e}kcah.luks".into()),
+        });
+        hostile.message = Some("bad\u{1b}[31m".into());
+        for text in [render_table(&[hostile.clone()]), render_status(&hostile)] {
+            assert!(
+                !text
+                    .chars()
+                    .any(|c| c == '\u{1b}' || c == '\r' || c == '\u{202e}'),
+                "{text:?}"
+            );
+            assert!(text.contains("\\u{1b}"), "{text:?}");
+        }
+        // One line per job: an embedded newline does not forge a row.
+        assert_eq!(render_table(&[hostile]).lines().count(), 2);
+        assert_eq!(printable("plain/päth.luks"), "plain/päth.luks");
+    }
+
+    #[test]
+    fn cancel_decides_from_the_final_state_or_the_wait() {
+        let failed = Err(CtlError::Daemon {
+            name: api::errors::IO_ERROR.into(),
+            message: "cancelled".into(),
+        });
+        let gone = Err(CtlError::Daemon {
+            name: api::errors::NO_SUCH_JOB.into(),
+            message: "no job".into(),
+        });
+        let lost = Err(CtlError::Protocol("connection closed".into()));
+        let ended = job(JobState::Cancelled);
+        assert_eq!(
+            final_outcome(Some(&ended), &Ok(WaitReply::default())),
+            Some(false)
+        );
+        assert_eq!(
+            final_outcome(Some(&job(JobState::Succeeded)), &failed),
+            Some(true)
+        );
+        // No Status after the Wait: the Wait's own outcome decides, never a stale state.
+        assert_eq!(final_outcome(None, &Ok(WaitReply::default())), Some(true));
+        assert_eq!(final_outcome(None, &failed), Some(false));
+        assert_eq!(final_outcome(None, &gone), None);
+        assert_eq!(final_outcome(None, &lost), None);
     }
 
     #[test]

@@ -11,7 +11,13 @@
 //!   cancels, as before jobs had a registry);
 //! - `Cancel` from the owner, root or the operator group ([`Viewer`]);
 //! - the daemon stopping ([`Registry::cancel_all`]), which also sets the job's `stopping` flag
-//!   first, so a job can tell a stop (checkpoint and go) from a user's cancel.
+//!   first, so a job can tell a stop (checkpoint and go) from a user's cancel; from then on
+//!   `submit` refuses new jobs ([`Refused::Stopping`]), under the same lock, so none escapes.
+//!
+//! A job's task ends its entry however it ends: a panic outside the work (in building the final
+//! reply, say) finishes it as failed and counts it out of `active` (a drop guard), so shutdown
+//! and the idle exit never wait for it. The client's descriptors a job holds are closed on a
+//! blocking thread when the job never runs (refused, or cancelled while queued).
 //!
 //! A job's engine is read from its audit facts ([`AuditFacts`]), which the job fills in when
 //! it chooses one, so `Status` and `Jobs` show it while the job runs, not only once its summary
@@ -44,6 +50,7 @@ use super::scheduler::{Admission, QueueFull};
 use super::DaemonContext;
 use crate::jobs::audit::AuditFacts;
 use crate::jobs::Reporter;
+use crate::sys::descriptors::close_in_background;
 
 /// How long and how many finished jobs are kept.
 #[derive(Debug, Clone, Copy)]
@@ -119,9 +126,19 @@ pub type Work<D> = Box<
         + Send,
 >;
 
+/// Why [`Registry::submit`] refused a job.
+#[derive(Debug)]
+pub enum Refused {
+    /// The scheduler's queue for the uid is full.
+    Queue(QueueFull),
+    /// The daemon is stopping ([`Registry::cancel_all`] ran): a job admitted now would never
+    /// be cancelled.
+    Stopping,
+}
+
 /// All jobs; see the module documentation.
 pub struct Registry {
-    inner: Mutex<BTreeMap<u64, Arc<JobEntry>>>,
+    inner: Mutex<Jobs>,
     retention: Retention,
     /// Jobs queued or running: the server's idle exit and shutdown wait on it.
     active: watch::Sender<usize>,
@@ -189,13 +206,13 @@ impl Registry {
     /// An empty registry with `retention`.
     pub fn new(retention: Retention) -> Self {
         Self {
-            inner: Mutex::new(BTreeMap::new()),
+            inner: Mutex::new(Jobs::default()),
             retention,
             active: watch::channel(0).0,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<u64, Arc<JobEntry>>> {
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -206,40 +223,61 @@ impl Registry {
         self.active.subscribe()
     }
 
-    /// Admits a job (or refuses it: [`QueueFull`]) and starts it as a task owned by the
+    /// Admits a job (or refuses it: [`Refused`]) and starts it as a task owned by the
     /// registry. `R` is the reply type of the job's call: its final reply is built from it.
+    /// A refused job's work (it holds the client's descriptors) is dropped off the runtime.
     pub fn submit<R>(
         &self,
         context: &Arc<DaemonContext>,
         id: u64,
         submission: Submission,
         work: Work<R::Done>,
-    ) -> Result<Arc<JobEntry>, QueueFull>
+    ) -> Result<Arc<JobEntry>, Refused>
     where
         R: StreamedReply,
         R::Done: Send + 'static,
     {
-        let admission = context.scheduler().admit(submission.uid)?;
+        let admission = match context.scheduler().admit(submission.uid) {
+            Ok(admission) => admission,
+            Err(full) => {
+                close_in_background(work);
+                return Err(Refused::Queue(full));
+            }
+        };
         let queued = matches!(admission, Admission::Queued(_));
         let entry = Arc::new(JobEntry::new(id, submission, queued));
         if let Admission::Queued(waiting) = &admission {
             entry.update(|state| state.set_position(waiting.position()));
         }
-        self.insert(entry.clone());
+        {
+            // Under the same lock as `cancel_all`'s `closed`: either this job is in the map
+            // that `cancel_all` cancels, or it is refused here.
+            let mut jobs = self.lock();
+            if jobs.closed {
+                drop(jobs);
+                drop(admission);
+                close_in_background(work);
+                return Err(Refused::Stopping);
+            }
+            jobs.insert(entry.id, entry.clone());
+        }
+        self.prune();
         self.active.send_modify(|active| *active += 1);
         let task_entry = entry.clone();
         let context = context.clone();
         tokio::spawn(async move {
+            // Ends the entry and counts it out even if the task panics outside the work.
+            let guard = TaskGuard {
+                context: context.clone(),
+                entry: task_entry.clone(),
+            };
             run::<R>(&context, &task_entry, admission, work).await;
-            let registry = context.registry();
-            registry
-                .active
-                .send_modify(|active| *active = active.saturating_sub(1));
-            registry.prune();
+            drop(guard);
         });
         Ok(entry)
     }
 
+    #[cfg(test)]
     fn insert(&self, entry: Arc<JobEntry>) {
         self.lock().insert(entry.id, entry);
         self.prune();
@@ -270,9 +308,13 @@ impl Registry {
         jobs
     }
 
-    /// Cancels every queued or running job: the daemon is stopping.
+    /// Cancels every queued or running job and refuses new ones: the daemon is stopping.
     pub fn cancel_all(&self) {
-        let entries: Vec<_> = self.lock().values().cloned().collect();
+        let entries: Vec<_> = {
+            let mut jobs = self.lock();
+            jobs.closed = true;
+            jobs.values().cloned().collect()
+        };
         for entry in entries {
             entry.cancel(CancelReason::DaemonStopping);
         }
@@ -308,6 +350,60 @@ impl Registry {
     }
 }
 
+/// The jobs, and whether the registry still takes new ones (derefs to the map).
+#[derive(Default)]
+struct Jobs {
+    map: BTreeMap<u64, Arc<JobEntry>>,
+    /// Set by [`Registry::cancel_all`]: no job is admitted after it.
+    closed: bool,
+}
+
+impl std::ops::Deref for Jobs {
+    type Target = BTreeMap<u64, Arc<JobEntry>>;
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for Jobs {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+/// Held by a job's task: when the task ends, however it ends (a panic outside the work, in
+/// `R::done` say, included), the entry is finished (as failed, if nothing finished it) and
+/// the job no longer counts as active, so shutdown and the idle exit do not wait for it
+/// forever.
+struct TaskGuard {
+    context: Arc<DaemonContext>,
+    entry: Arc<JobEntry>,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if !self.entry.lock_state().state.is_final() {
+            tracing::error!(job_id = self.entry.id, "job task ended without an outcome");
+            self.entry.finish(
+                JobState::Failed,
+                Reply::error(
+                    imgcrypt_proto::api::errors::IO_ERROR,
+                    ErrorParameters::message(
+                        "internal error: the job's task ended without an outcome; see the \
+                         daemon's log"
+                            .to_string(),
+                    ),
+                ),
+            );
+        }
+        let registry = self.context.registry();
+        registry
+            .active
+            .send_modify(|active| *active = active.saturating_sub(1));
+        registry.prune();
+    }
+}
+
 /// The job's task: wait for a slot, run, record the end.
 async fn run<R>(
     context: &Arc<DaemonContext>,
@@ -326,6 +422,7 @@ async fn run<R>(
             loop {
                 if entry.cancel.load(Ordering::Relaxed) {
                     drop(waiting);
+                    close_in_background(work);
                     entry.finish_cancelled_while_queued();
                     return;
                 }
@@ -673,7 +770,18 @@ pub fn no_such_job(id: u64) -> ErrorParameters {
     parameters
 }
 
-fn cut_name(mut name: String) -> String {
+/// A client-given name as it is kept: control characters (and the bidirectional-text controls
+/// that reorder what a terminal shows) replaced by U+FFFD, so that `imgctl jobs` of root or an
+/// operator cannot be sent escape sequences or forged lines; then cut to [`MAX_JOB_NAME_LEN`].
+fn cut_name(name: String) -> String {
+    use imgcrypt_proto::api::is_unsafe_in_names;
+    let mut name = if name.chars().any(is_unsafe_in_names) {
+        name.chars()
+            .map(|c| if is_unsafe_in_names(c) { '\u{fffd}' } else { c })
+            .collect()
+    } else {
+        name
+    };
     if name.len() > MAX_JOB_NAME_LEN {
         let mut end = MAX_JOB_NAME_LEN;
         while !name.is_char_boundary(end) {
@@ -793,6 +901,81 @@ mod tests {
         assert_eq!(update.notices.len(), MAX_NOTICES + 1);
         assert!(update.notices.last().unwrap().len() <= MAX_NOTICE_LEN + 3);
         assert!(entry.follow(&mut cursor).notices.is_empty());
+    }
+
+    #[test]
+    fn names_are_kept_without_control_characters() {
+        let entry = JobEntry::new(
+            1,
+            Submission {
+                names: Some(JobNames {
+                    source: Some("/a\u{1b}]0;x\u{7}\n\u{202e}b".into()),
+                    output: Some("/plain/päth.luks".into()),
+                }),
+                ..submission(ALICE.uid)
+            },
+            false,
+        );
+        let names = entry.info().names.unwrap();
+        assert_eq!(
+            names.source.unwrap(),
+            "/a\u{fffd}]0;x\u{fffd}\u{fffd}\u{fffd}b"
+        );
+        assert_eq!(names.output.unwrap(), "/plain/päth.luks");
+    }
+
+    /// A reply type whose final reply panics: a panic in the job's task outside its work.
+    #[derive(serde::Serialize, Default)]
+    struct PanicsWhenDone {}
+
+    impl StreamedReply for PanicsWhenDone {
+        type Done = ();
+        fn progress(_: Progress) -> Self {
+            Self {}
+        }
+        fn notice(_: String) -> Self {
+            Self {}
+        }
+        fn done((): ()) -> Self {
+            panic!("R::done panicked (the test's)")
+        }
+    }
+
+    fn no_work() -> Work<()> {
+        Box::new(|_, _, _, _| Ok(()))
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_the_task_still_ends_the_job_and_counts_it_out() {
+        let context = crate::jobs::testing::userspace_context();
+        let registry = context.registry();
+        let mut active = registry.active();
+        let entry = registry
+            .submit::<PanicsWhenDone>(&context, 1, submission(ALICE.uid), no_work())
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(10), active.wait_for(|n| *n == 0))
+            .await
+            .expect("the job was never counted out")
+            .unwrap();
+        let info = entry.info();
+        assert_eq!(info.state, JobState::Failed);
+        assert!(info.message.unwrap().contains("internal error"));
+    }
+
+    #[tokio::test]
+    async fn no_job_is_admitted_once_the_daemon_stops() {
+        let context = crate::jobs::testing::userspace_context();
+        let registry = context.registry();
+        registry.cancel_all();
+        let refused = registry.submit::<imgcrypt_proto::api::EncryptReply>(
+            &context,
+            1,
+            submission(ALICE.uid),
+            Box::new(|_, _, _, _| unreachable!("a job ran after cancel_all")),
+        );
+        assert!(matches!(refused, Err(Refused::Stopping)));
+        assert!(registry.get(ALICE, 1).is_none());
+        assert_eq!(*registry.active().borrow(), 0);
     }
 
     #[test]

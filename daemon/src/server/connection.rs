@@ -39,10 +39,11 @@ use tokio::net::UnixStream;
 use tokio::sync::watch;
 
 use super::{ConnectionLimits, ConnectionRefused, ServerState};
-use crate::context::registry::{self, CancelReason, JobEntry, Submission, Viewer, Work};
+use crate::context::registry::{self, CancelReason, JobEntry, Refused, Submission, Viewer, Work};
 use crate::context::scheduler::{QueueFull, QueueLimit};
 use crate::context::{DaemonContext, Mode};
 use crate::jobs::{self, inspect::InspectOnly, Job, PassedDescriptors};
+use crate::sys::descriptors::close_in_background;
 
 /// Least time between two progress replies: enough for a smooth bar, cheap for the socket.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(200);
@@ -131,6 +132,12 @@ struct Connection {
     /// Calls waiting to be answered after the running job, in arrival order.
     pipelined: VecDeque<Pipelined>,
     peer: Peer,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        close_in_background(std::mem::take(&mut self.pending_fds));
+    }
 }
 
 /// Serves one connection until the client leaves or the daemon stops.
@@ -328,7 +335,7 @@ impl Connection {
             }) {
                 Ok(n) => {
                     if self.pending_fds.len() > MAX_FDS_PER_MESSAGE {
-                        self.pending_fds.clear();
+                        close_in_background(std::mem::take(&mut self.pending_fds));
                         let error = format!(
                             "more than {MAX_FDS_PER_MESSAGE} descriptors without a message to \
                              carry them"
@@ -386,6 +393,7 @@ impl Connection {
         let call: Call = match serde_json::from_slice(frame) {
             Ok(call) => call,
             Err(error) => {
+                close_in_background(fds);
                 tracing::warn!(user_uid = self.peer.uid, %error, "malformed message");
                 let message = format!("malformed message: {error}");
                 let reply = Reply::error(
@@ -399,7 +407,7 @@ impl Connection {
         let peer = self.peer;
         if JOB_METHODS.contains(&call.method.as_str()) {
             if call.oneway {
-                drop(fds);
+                close_in_background(fds);
                 tracing::warn!(
                     user_uid = peer.uid,
                     user_pid = ?peer.pid,
@@ -424,6 +432,13 @@ impl Connection {
                 return self.send(&reply).await;
             }
         }
+        let fds = if JOB_METHODS.contains(&call.method.as_str()) {
+            fds
+        } else {
+            // No other call takes descriptors.
+            close_in_background(fds);
+            Vec::new()
+        };
         let reply = match call.method.as_str() {
             varlink::GET_INFO => Reply::ok(service_info()),
             varlink::GET_INTERFACE_DESCRIPTION => match parameters::<InterfaceQuery>(&call) {
@@ -483,7 +498,10 @@ impl Connection {
     {
         let parameters: P = match parameters(&call) {
             Ok(parameters) => parameters,
-            Err(reply) => return self.send(&reply).await,
+            Err(reply) => {
+                close_in_background(fds);
+                return self.send(&reply).await;
+            }
         };
         let job_id = jobs::next_job_id();
         let peer = self.peer;
@@ -491,14 +509,35 @@ impl Connection {
         tracing::info!(job_id, user_uid = peer.uid, user_gid = peer.gid, user_pid = ?peer.pid, detached,
             "{} requested", P::KIND.name());
         // The daemon's own fstat of the output it was given: what the client's rename checks.
-        let output_identity = parameters
-            .output()
-            .and_then(|index| fds.get(index as usize))
-            .and_then(|fd| nix::sys::stat::fstat(fd).ok())
-            .map(|stat| FileIdentity {
-                device: stat.st_dev,
-                inode: stat.st_ino,
-            });
+        // On a blocking thread: fstat of a user's FUSE file waits for its GETATTR, which may
+        // never come. Taken before the job is queued, so that a job cancelled while queued
+        // still tells its owner's `imgctl cancel` which partial file to remove.
+        let output = parameters.output();
+        let (fds, output_identity) = match tokio::task::spawn_blocking(move || {
+            let identity = output
+                .and_then(|index| fds.get(index as usize))
+                .and_then(|fd| nix::sys::stat::fstat(fd).ok())
+                .map(|stat| FileIdentity {
+                    device: stat.st_dev,
+                    inode: stat.st_ino,
+                });
+            (fds, identity)
+        })
+        .await
+        {
+            Ok(identified) => identified,
+            Err(error) => {
+                tracing::error!(job_id, %error, "identifying the output failed");
+                return self
+                    .send(&Reply::error(
+                        api::errors::IO_ERROR,
+                        ErrorParameters::message(
+                            "internal error examining the output descriptor; retry".to_string(),
+                        ),
+                    ))
+                    .await;
+            }
+        };
         let submission = Submission {
             kind: P::KIND,
             uid: peer.uid,
@@ -529,7 +568,24 @@ impl Connection {
             .submit::<R>(context, job_id, submission, work)
         {
             Ok(entry) => entry,
-            Err(QueueFull { which, limit }) => {
+            Err(Refused::Stopping) => {
+                tracing::warn!(
+                    job_id,
+                    user_uid = peer.uid,
+                    "job refused: the daemon is stopping"
+                );
+                return self
+                    .send(&Reply::error(
+                        api::errors::IO_ERROR,
+                        ErrorParameters::message(
+                            "imgcryptd is stopping and starts no more jobs; retry after it \
+                             restarts"
+                                .to_string(),
+                        ),
+                    ))
+                    .await;
+            }
+            Err(Refused::Queue(QueueFull { which, limit })) => {
                 let text = match which {
                     QueueLimit::PerUid => {
                         tracing::warn!(
@@ -574,17 +630,19 @@ impl Connection {
             };
             return self.send(&Reply::ok(reply)).await;
         }
-        self.follow::<R>(&entry, call.more, true, stop).await
+        self.follow::<R>(&entry, call.more, true, true, stop).await
     }
 
     /// Streams a job's progress and notices (when the caller asked for `more`) until its final
     /// reply, which it sends. With `cancel_on_leave` (the call that submitted a job that is not
-    /// detached), a client that leaves cancels the job; a `Wait` that leaves does not.
+    /// detached), a client that leaves cancels the job; a `Wait` that leaves does not. Without
+    /// `with_result` the final reply is only the job's outcome ([`outcome_only`]).
     async fn follow<R: StreamedReply>(
         &mut self,
         entry: &Arc<JobEntry>,
         streaming: bool,
         cancel_on_leave: bool,
+        with_result: bool,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Closed> {
         let peer = self.peer;
@@ -610,6 +668,11 @@ impl Connection {
                 }
             }
             if let Some(reply) = update.final_reply {
+                let reply = if with_result {
+                    reply
+                } else {
+                    outcome_only(entry)
+                };
                 self.send(&reply).await?;
                 return if stopping {
                     Err(Closed::Stopping)
@@ -743,7 +806,11 @@ impl Connection {
             let reply = no_such_job_reply(self.peer, &call.method, id);
             return self.send(&reply).await;
         };
-        self.follow::<WaitReply>(&entry, call.more, false, stop)
+        // Only the owner gets the job's result: an operator's (or root's) Wait on another
+        // user's job is sent the outcome alone, never a summary (key fingerprints, header
+        // hashes, a verify's digest and first difference).
+        let owner = entry.uid == self.peer.uid;
+        self.follow::<WaitReply>(&entry, call.more, false, owner, stop)
             .await
     }
 
@@ -757,7 +824,7 @@ impl Connection {
             loop {
                 match self.decoder.next_frame() {
                     Ok(Some(frame)) => {
-                        self.pending_fds.clear();
+                        close_in_background(std::mem::take(&mut self.pending_fds));
                         if self.pipelined.len() >= MAX_PIPELINED {
                             let message = format!(
                                 "more than {MAX_PIPELINED} calls sent while job {job_id} runs on \
@@ -779,6 +846,22 @@ impl Connection {
                 return Err(Closed::Gone);
             }
         }
+    }
+}
+
+/// A finished job's final reply as someone other than its owner gets it: success with no
+/// result, or the error and the message its `JobInfo` shows anyway.
+fn outcome_only(entry: &JobEntry) -> Reply {
+    let info = entry.info();
+    match info.error {
+        Some(error) => Reply::error(
+            &error,
+            ErrorParameters::message(
+                info.message
+                    .unwrap_or_else(|| format!("job {} failed", info.id)),
+            ),
+        ),
+        None => Reply::ok(WaitReply::default()),
     }
 }
 

@@ -163,6 +163,17 @@ fn identity(file: &File) -> Result<(u64, u64)> {
     Ok((metadata.dev(), metadata.ino()))
 }
 
+/// Closes descriptors a client passed (or anything holding them: a job's work not run) on a
+/// blocking thread, never on an async worker: the last close of a file on FUSE sends FLUSH, and
+/// a user's file system that never answers it would freeze the worker (two would freeze the
+/// daemon). Outside a runtime (unit tests) they are closed here.
+pub fn close_in_background<T: Send + 'static>(held: T) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(move || drop(held))),
+        Err(_) => drop(held),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +182,38 @@ mod tests {
 
     fn open(path: &std::path::Path, options: &mut OpenOptions) -> OwnedFd {
         OwnedFd::from(options.open(path).unwrap())
+    }
+
+    /// Stands for a FUSE file whose FLUSH is not answered: its drop blocks until released.
+    struct StuckClose {
+        release: std::sync::mpsc::Receiver<()>,
+        closed_on: std::sync::mpsc::Sender<std::thread::ThreadId>,
+    }
+
+    impl Drop for StuckClose {
+        fn drop(&mut self) {
+            let _ = self.release.recv_timeout(std::time::Duration::from_secs(5));
+            let _ = self.closed_on.send(std::thread::current().id());
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_close_that_never_returns_does_not_hold_the_async_thread() {
+        let (release, release_rx) = std::sync::mpsc::channel();
+        let (closed_on_tx, closed_on) = std::sync::mpsc::channel();
+        let started = std::time::Instant::now();
+        close_in_background(StuckClose {
+            release: release_rx,
+            closed_on: closed_on_tx,
+        });
+        // The runtime's only thread goes on at once.
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        release.send(()).unwrap();
+        let thread = closed_on
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .unwrap();
+        assert_ne!(thread, std::thread::current().id());
     }
 
     #[test]

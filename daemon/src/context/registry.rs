@@ -763,7 +763,8 @@ impl EntryState {
 pub fn no_such_job(id: u64) -> ErrorParameters {
     let mut parameters = ErrorParameters::message(format!(
         "no job {id} of yours: `imgctl jobs` lists your jobs (a finished job is kept for 24 h, \
-         the last {} per user)",
+         the last {} per user; jobs are forgotten when imgcryptd restarts: run an interrupted \
+         `imgctl encrypt` again and it resumes from its checkpoint)",
         RETENTION.per_uid
     ));
     parameters.id = Some(id);

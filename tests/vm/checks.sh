@@ -402,7 +402,17 @@ resume_slow_encrypt() {
 check_kill9_restart() {
     out=/mnt/payload/c.luks
     start_checkpointed_encrypt "$out" /tmp/c
-    mapper=$(imgcrypt_mappers | head -n 1)
+    # Each checkpoint range has a mapping of its own, so between two ranges there is none: freeze
+    # the daemon (SIGSTOP stops every thread at once) and kill it only while one exists.
+    mapper=
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        kill -STOP "$DAEMON_PID"
+        mapper=$(imgcrypt_mappers | head -n 1)
+        [ -n "$mapper" ] && break
+        kill -CONT "$DAEMON_PID"
+        wait_until 30 mid_copy
+    done
+    [ -n "$mapper" ] || fail "precondition: never froze the daemon while a range's mapper existed"
     echo "mid-copy: $mapper, $(awk '{ print $7 }' "$(dm_sysfs "$mapper")/stat") sectors written"
     kill -9 "$DAEMON_PID"
     wait_until 30 proc_gone "$DAEMON_PID" || fail "imgcryptd survived kill -9"

@@ -381,3 +381,27 @@ fn force_discards_the_partial_file_and_starts_over() {
     assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
     assert_decrypts_to_source(&setup, &setup.key);
 }
+
+#[test]
+fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
+    let setup = setup();
+    let mut daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    let partial = partial_of(&setup.output);
+    let before = fs::read(&partial).unwrap();
+    // After a reboot, before the socket is up: the re-run reopens the partial, then fails to
+    // connect.
+    let mut rerun = encrypt(&daemon, &setup, &setup.key);
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let output = rerun.output().unwrap();
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert_eq!(fs::read(&partial).unwrap(), before, "the partial file changed");
+
+    let daemon = start_daemon(&setup.dir);
+    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    assert!(summary_resumed_from(&output).is_some(), "{}", describe(&output));
+    assert_decrypts_to_source(&setup, &setup.key);
+}

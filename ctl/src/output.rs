@@ -161,15 +161,7 @@ impl Output {
         let Self::File(mut partial) = self else {
             return None;
         };
-        if !partial.resumable {
-            return None;
-        }
-        let empty = partial
-            .file
-            .metadata()
-            .map(|m| m.len() == 0)
-            .unwrap_or(true);
-        if partial.reopened || (interrupted && !empty) {
+        if partial.kept(interrupted) {
             partial.committed = true;
             forget_pending();
             return Some(format!(
@@ -305,6 +297,15 @@ impl PartialFile {
         })
     }
 
+    /// Whether an uncommitted partial file stays when the run ends without success: a
+    /// resumable one that an earlier run left (it may hold hours of checkpointed work, and
+    /// whether the daemon restarted it is not ours to guess), or one this run created that
+    /// the daemon stopped, checkpointed, and wrote something into (`interrupted`).
+    fn kept(&self, interrupted: bool) -> bool {
+        let empty = self.file.metadata().map(|m| m.len() == 0).unwrap_or(true);
+        self.resumable && (self.reopened || (interrupted && !empty))
+    }
+
     fn commit(mut self) -> Result<PathBuf> {
         let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::rename(&self.partial_path, &self.final_path).map_err(|e| {
@@ -319,10 +320,14 @@ impl PartialFile {
 }
 
 impl Drop for PartialFile {
+    /// An early error (no daemon, a companion that fails, TooManyJobs) drops the output:
+    /// removed, unless [`PartialFile::kept`] says it stays.
     fn drop(&mut self) {
         if !self.committed {
             let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = std::fs::remove_file(&self.partial_path);
+            if !self.kept(false) {
+                let _ = std::fs::remove_file(&self.partial_path);
+            }
             *pending = None;
         }
     }
@@ -658,6 +663,28 @@ mod tests {
         std::fs::write(&partial, b"stale").unwrap();
         let refused = Output::create(&out, false).err().unwrap().to_string();
         assert!(refused.contains("interrupted run"), "{refused}");
+    }
+
+    #[test]
+    fn dropping_a_reopened_partial_keeps_it_and_a_fresh_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let partial = partial_path(&out);
+
+        // This run's own file, dropped by an early error (say no daemon): removed.
+        drop(Output::create_resumable(&out, false).unwrap());
+        assert!(!partial.exists());
+
+        // An earlier run's checkpointed file, reopened, then dropped by the same early
+        // error: kept as it was.
+        std::fs::write(&partial, b"hours of work").unwrap();
+        drop(Output::create_resumable(&out, false).unwrap());
+        assert_eq!(std::fs::read(&partial).unwrap(), b"hours of work");
+
+        // Outputs that cannot resume still remove theirs.
+        std::fs::remove_file(&partial).unwrap();
+        drop(Output::create(&out, false).unwrap());
+        assert!(!partial.exists());
     }
 
     #[test]

@@ -297,11 +297,13 @@ pub fn encrypt(
         let pbkdf = checkpoint.pbkdf.clone();
         let data_offset = checkpoint.data_offset;
         let mut copier = Copier::new(job, inputs, store, checkpoint);
-        let written = copier.run(&container, recovered.volume_key.as_bytes(), &mut |_| {
-            Ok(Some(pbkdf.clone()))
-        })?;
+        let written = copier
+            .run(&container, recovered.volume_key.as_bytes(), &mut |_| {
+                Ok(Some(pbkdf.clone()))
+            })
+            .map_err(|e| copier.failed(e))?;
         drop(recovered.volume_key);
-        copier.finish(&container)?;
+        copier.finish(&container).map_err(|e| copier.failed(e))?;
         let facts = HeaderFacts {
             cipher: recovered.cipher,
             key_size_bits: recovered.key_size_bits,
@@ -402,9 +404,11 @@ fn fresh(
             Ok(formatted.as_ref().map(|header| header.pbkdf.clone()))
         };
         let mut copier = Copier::new(job, inputs, store, checkpoint);
-        let written = copier.run(&container, volume_key.as_bytes(), &mut staged)?;
-        staged(true)?;
-        copier.finish(&container)?;
+        let written = copier
+            .run(&container, volume_key.as_bytes(), &mut staged)
+            .map_err(|e| copier.failed(e))?;
+        staged(true).map_err(|e| copier.failed(e))?;
+        copier.finish(&container).map_err(|e| copier.failed(e))?;
         let header = formatted.ok_or_else(|| Error::Luks {
             operation: "format",
             message: "the keyslot was never derived".to_string(),
@@ -423,6 +427,8 @@ struct Copier<'j, 'i> {
     /// Payload bytes from the start that are durable now (saved or not: before the header is
     /// staged there is nothing to save them with).
     durable: u64,
+    /// A checkpoint of this output is in the store (saved by this run, or the one resumed).
+    checkpointed: bool,
 }
 
 /// Called after each durable range (and with `true` when the copy stops or ends, then waiting
@@ -442,7 +448,23 @@ impl<'j, 'i> Copier<'j, 'i> {
             inputs,
             store,
             durable: checkpoint.done,
+            checkpointed: checkpoint.done > 0,
             checkpoint,
+        }
+    }
+
+    /// `error` as the job reports it: once a checkpoint is saved, a failure (say EIO) keeps
+    /// the partial file resumable, so it is reported as [`Error::FailedAfterCheckpoint`] (an
+    /// `Interrupted` on the wire, on which imgctl keeps `OUT.partial`).
+    fn failed(&self, error: Error) -> Error {
+        match error {
+            Error::Interrupted { .. } | Error::FailedAfterCheckpoint { .. } => error,
+            error if self.checkpointed => Error::FailedAfterCheckpoint {
+                source: Box::new(error),
+                done: self.checkpoint.done,
+                total: self.checkpoint.payload_size,
+            },
+            error => error,
         }
     }
 
@@ -526,7 +548,10 @@ impl<'j, 'i> Copier<'j, 'i> {
         self.checkpoint.done = done;
         self.checkpoint.pbkdf = pbkdf;
         match self.store.save(&self.checkpoint) {
-            Ok(()) => tracing::debug!(job = self.job.id, done, "checkpoint saved"),
+            Ok(()) => {
+                self.checkpointed = true;
+                tracing::debug!(job = self.job.id, done, "checkpoint saved")
+            }
             Err(error) => tracing::warn!(job = self.job.id, "{error}; this job cannot be resumed"),
         }
     }

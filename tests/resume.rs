@@ -400,8 +400,22 @@ fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
     assert!(!output.status.success(), "{}", describe(&output));
     assert_eq!(fs::read(&partial).unwrap(), before, "the partial file changed");
 
+    // An flock on the partial file (anyone's who can open it) no longer holds the job up:
+    // the daemon serialises the jobs on one output itself.
+    let held = nix::fcntl::Flock::lock(
+        fs::File::open(&partial).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
     let daemon = start_daemon(&setup.dir);
+    let started = Instant::now();
     let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
     assert!(summary_resumed_from(&output).is_some(), "{}", describe(&output));
+    assert!(started.elapsed() < Duration::from_secs(25), "waited for the flock");
+    drop(held);
     assert_decrypts_to_source(&setup, &setup.key);
+    // The finished image stays private to its owner, as its partial file was.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&setup.output).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
 }

@@ -224,7 +224,9 @@ impl PartialFile {
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .mode(0o666)
+                // A resumable partial lives long and holds the keyslot from early on: private
+                // to its owner (and so is the finished image; `chmod` it to share it).
+                .mode(if resumable { 0o600 } else { 0o666 })
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&partial_path)
         };
@@ -634,7 +636,8 @@ mod tests {
 
         // A fresh run that fails outright leaves nothing.
         let output = Output::create_resumable(&out, false).unwrap();
-        assert!(partial.exists());
+        let mode = std::fs::metadata(&partial).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "a resumable partial is private: {mode:o}");
         assert_eq!(output.abandon(false), None);
         assert!(!partial.exists());
 

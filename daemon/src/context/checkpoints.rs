@@ -20,6 +20,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -36,7 +39,7 @@ pub const MAX_BYTES: usize = 4096;
 pub const VERSION: u32 = 1;
 
 /// The identity of a file as `fstat` gives it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileIdentity {
     /// `st_dev`.
     pub dev: u64,
@@ -103,6 +106,32 @@ pub struct Checkpoint {
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     root: PathBuf,
+    /// The outputs a job is writing now (shared by clones).
+    claims: Arc<Claims>,
+}
+
+/// Outputs being written, so that two jobs never write the same `OUT.partial` at once. Kept in
+/// the daemon rather than as an `flock` on the file: any user who can open the file could hold
+/// an `flock` and block its owner's encryption.
+#[derive(Debug, Default)]
+struct Claims {
+    busy: Mutex<HashSet<FileIdentity>>,
+    freed: Condvar,
+}
+
+/// One job's claim on an output ([`CheckpointStore::claim`]), released on drop.
+#[derive(Debug)]
+pub struct OutputClaim<'a> {
+    claims: &'a Claims,
+    output: FileIdentity,
+}
+
+impl Drop for OutputClaim<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.claims.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.remove(&self.output);
+        self.claims.freed.notify_all();
+    }
 }
 
 impl CheckpointStore {
@@ -111,7 +140,48 @@ impl CheckpointStore {
         let root = state_dir.join("checkpoints");
         make_private_dir(state_dir)?;
         make_private_dir(&root)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            claims: Arc::default(),
+        })
+    }
+
+    /// Claims `output` for one job: waits (up to `wait`, calling `check` every 100 ms, whose
+    /// error ends the wait) while another job holds it, say an interrupted run still saving
+    /// its last checkpoint.
+    pub fn claim(
+        &self,
+        output: &FileIdentity,
+        wait: Duration,
+        check: impl Fn() -> Result<()>,
+    ) -> Result<OutputClaim<'_>> {
+        let deadline = Instant::now() + wait;
+        let mut busy = self.claims.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.contains(output) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::io(
+                    "claiming OUT.partial: another imgcrypt job (an interrupted run still \
+                     stopping?) is writing it; try again when it has finished",
+                    std::io::Error::from(std::io::ErrorKind::WouldBlock),
+                ));
+            }
+            drop(busy);
+            check()?;
+            busy = self.claims.busy.lock().unwrap_or_else(|e| e.into_inner());
+            let step = (deadline - now).min(Duration::from_millis(100));
+            busy = self
+                .claims
+                .freed
+                .wait_timeout(busy, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        busy.insert(output.clone());
+        Ok(OutputClaim {
+            claims: &self.claims,
+            output: output.clone(),
+        })
     }
 
     /// Where the checkpoints live.
@@ -251,6 +321,35 @@ fn sync_dir(dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn one_job_at_a_time_claims_an_output_and_the_next_waits_or_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        let output = FileIdentity { dev: 1, ino: 7 };
+        let other = FileIdentity { dev: 1, ino: 8 };
+        let ok = || Ok(());
+        let first = store.claim(&output, Duration::ZERO, ok).unwrap();
+        // Another output is free; the same one is refused, saying why.
+        drop(store.claim(&other, Duration::ZERO, ok).unwrap());
+        let refused = store
+            .claim(&output, Duration::from_millis(150), ok)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("another imgcrypt job"), "{refused}");
+        // A cancelled waiter stops waiting.
+        let cancelled = store.claim(&output, Duration::from_secs(10), || Err(Error::Cancelled));
+        assert!(matches!(cancelled, Err(Error::Cancelled)));
+        // A waiter gets it once the holder lets go (a clone of the store shares the claims).
+        let clone = store.clone();
+        std::thread::scope(|scope| {
+            let waiter =
+                scope.spawn(|| clone.claim(&output, Duration::from_secs(10), ok).is_ok());
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+            assert!(waiter.join().unwrap());
+        });
+    }
 
     fn checkpoint(uid: u32, ino: u64) -> Checkpoint {
         Checkpoint {

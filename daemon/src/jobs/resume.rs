@@ -270,11 +270,14 @@ pub fn encrypt(
     spec: &HeaderSpec,
 ) -> Result<(LuksOutput, Written, HeaderFacts)> {
     let virtual_size = inputs.image.virtual_size();
-    let _lock = lock_output(job, &inputs.output.file)?;
+    // One job at a time per output, so that a re-run never writes the partial file while the
+    // interrupted run is still stopping (serialised in the daemon: see `CheckpointStore::claim`).
+    let output_identity = FileIdentity::of(&inputs.output.file)?;
+    let _claim = store.claim(&output_identity, CLAIM_WAIT, || job.check_cancel())?;
     let template = Checkpoint {
         version: VERSION,
         uid: job.caller_uid,
-        output: FileIdentity::of(&inputs.output.file)?,
+        output: output_identity.clone(),
         output_size: 0,
         source: source_identity(inputs.stat, inputs.image)?,
         key_fingerprint: inputs.key.fingerprint.clone(),
@@ -319,34 +322,7 @@ pub fn encrypt(
 
 /// How long a job waits for another job on the same `OUT.partial` to let go: an interrupted
 /// run still saving its last checkpoint (waiting for its keyslot's derivation at most).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// An exclusive `flock` on the output for the job's lifetime, so that a re-run never writes
-/// the partial file while the interrupted run is still stopping (it waits up to [`LOCK_WAIT`]).
-fn lock_output(job: &Job<EncryptParameters>, output: &File) -> Result<nix::fcntl::Flock<File>> {
-    use nix::fcntl::{Flock, FlockArg};
-    let deadline = Instant::now() + LOCK_WAIT;
-    let mut file = output
-        .try_clone()
-        .map_err(|e| Error::io("duplicating the output descriptor", e))?;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                job.check_cancel()?;
-                file = back;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            Err((_, errno)) => {
-                return Err(Error::io(
-                    "locking OUT.partial: another imgcrypt job (an interrupted run still \
-                     stopping?) is writing it; try again when it has finished",
-                    errno,
-                ))
-            }
-        }
-    }
-}
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A fresh start: the header formatted with its keyslot derived alongside the copy (as
 /// [`super::encrypt`]'s other outputs do), staged masked in the partial file once derived.

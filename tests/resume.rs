@@ -419,3 +419,36 @@ fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
     let mode = fs::metadata(&setup.output).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
 }
+
+#[test]
+fn the_daemon_restarts_rather_than_resumes_a_partial_file_the_caller_does_not_own() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to give the partial file to another user");
+        return;
+    }
+    let setup = setup();
+    let daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    // Someone else's file that the caller (root here) may write: imgctl refuses it...
+    let partial = partial_of(&setup.output);
+    std::os::unix::fs::chown(&partial, Some(65534), None).unwrap();
+    let output = encrypt(&daemon, &setup, &setup.key).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("belongs to uid 65534"), "{stderr}");
+    assert!(partial.exists());
+    // ... and a client that passes it anyway gets no resume from its bytes.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    let source = fs::File::open(&setup.source).unwrap();
+    let key = fs::File::open(&setup.key).unwrap();
+    let mut client = common::raw_client::RawClient::connect(&daemon.socket);
+    client.encrypt(&source, &file, &key);
+    wait_for_log(&daemon, "OUT.partial belongs to uid 65534, not to the caller");
+    assert!(!daemon.log_text().contains("resuming from a checkpoint"));
+}

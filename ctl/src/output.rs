@@ -263,14 +263,19 @@ impl PartialFile {
                     .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                     .open(&partial_path);
                 match file {
-                    Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => Ok(file),
-                    Ok(_) => {
-                        forget_pending();
-                        return Err(CtlError::File {
-                            path: partial_path,
-                            message: "exists and is not a regular file: remove it".to_string(),
-                        });
-                    }
+                    Ok(file) => match reopen_refusal(&file) {
+                        None => Ok(file),
+                        Some(why) => {
+                            forget_pending();
+                            return Err(CtlError::File {
+                                path: partial_path,
+                                message: format!(
+                                    "{why}: it is not resumed; delete it or pass --force to \
+                                     start over"
+                                ),
+                            });
+                        }
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -357,6 +362,33 @@ pub fn keep_on_interrupt(path: &Path, remove: bool) {
         let _ = std::fs::remove_file(path);
     }
     *pending = None;
+}
+
+/// Why an existing `OUT.partial` is not ours to resume, if it is not: it must be a regular file
+/// we own with no other name (a hard link planted by someone else, or their file, would have
+/// the daemon write into a file that is not this run's).
+fn reopen_refusal(file: &File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = match file.metadata() {
+        Ok(metadata) => metadata,
+        Err(e) => return Some(format!("cannot be examined ({e})")),
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    if !metadata.is_file() {
+        Some("exists and is not a regular file".to_string())
+    } else if metadata.uid() != euid {
+        Some(format!(
+            "exists and belongs to uid {}, not to you (uid {euid})",
+            metadata.uid()
+        ))
+    } else if metadata.nlink() != 1 {
+        Some(format!(
+            "exists with {} hard links (an interrupted run leaves it with one)",
+            metadata.nlink()
+        ))
+    } else {
+        None
+    }
 }
 
 /// `OUT.partial` for the final name `OUT`.
@@ -658,6 +690,22 @@ mod tests {
         assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
         assert!(output.abandon(false).is_some());
         assert!(partial.exists());
+
+        // A second name for it is refused (the file is kept as it was).
+        let link = dir.path().join("elsewhere");
+        std::fs::hard_link(&partial, &link).unwrap();
+        let refused = Output::create_resumable(&out, false).err().unwrap().to_string();
+        assert!(refused.contains("2 hard links"), "{refused}");
+        assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
+        std::fs::remove_file(&link).unwrap();
+        // Another user's is refused too (root can make one).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&partial, Some(65534), None).unwrap();
+            let refused = Output::create_resumable(&out, false).err().unwrap().to_string();
+            assert!(refused.contains("belongs to uid 65534"), "{refused}");
+            assert!(partial.exists());
+            std::os::unix::fs::chown(&partial, Some(0), None).unwrap();
+        }
 
         // --force starts over; other outputs still refuse a stale partial.
         let output = Output::create_resumable(&out, true).unwrap();

@@ -596,6 +596,19 @@ fn recover(
         job.notice(text);
         Ok(None)
     };
+    let owner = inputs
+        .output
+        .file
+        .metadata()
+        .map_err(|e| Error::io("fstat on OUT.partial", e))?
+        .uid();
+    if owner != job.caller_uid {
+        // Someone else's file the caller may write: never resumed from its bytes.
+        return restart(format!(
+            "OUT.partial belongs to uid {owner}, not to the caller (uid {})",
+            job.caller_uid
+        ));
+    }
     let Some(checkpoint) = store.load(template.uid, &template.output) else {
         return restart(
             "no checkpoint of an interrupted run was found for it (it was not left by an \
@@ -626,11 +639,19 @@ fn recover(
     let planned = luks::output_size(checkpoint.data_offset, virtual_size).ok();
     if planned != Some(checkpoint.output_size)
         || size != checkpoint.output_size
-        || checkpoint.done > checkpoint.payload_size
     {
         return restart(format!(
             "OUT.partial is {size} bytes, not the {} the interrupted run left",
             checkpoint.output_size
+        ));
+    }
+    // Checkpoints are saved at whole MiB ranges (or the end) within the payload.
+    if checkpoint.done > checkpoint.payload_size
+        || (checkpoint.done % (1 << 20) != 0 && checkpoint.done != checkpoint.payload_size)
+    {
+        return restart(format!(
+            "its checkpoint's progress ({} of {} payload bytes) is not one this daemon saves",
+            checkpoint.done, checkpoint.payload_size
         ));
     }
     match unlock_partial(job, inputs, &checkpoint) {

@@ -452,3 +452,31 @@ fn the_daemon_restarts_rather_than_resumes_a_partial_file_the_caller_does_not_ow
     wait_for_log(&daemon, "OUT.partial belongs to uid 65534, not to the caller");
     assert!(!daemon.log_text().contains("resuming from a checkpoint"));
 }
+
+#[test]
+fn a_partial_file_whose_staged_header_was_altered_restarts_from_scratch() {
+    let setup = setup();
+    let daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    // One byte of the header area that nothing parses (past the keyslot material): only the
+    // checkpoint's hash of the staged header notices.
+    let partial = fs::OpenOptions::new()
+        .write(true)
+        .open(partial_of(&setup.output))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&partial, &[0x5a], 1 << 20).unwrap();
+    drop(partial);
+
+    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
+    let notices = notices(&output);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("from scratch") && n.contains("not the one the interrupted run")),
+        "{notices:?}"
+    );
+    assert_decrypts_to_source(&setup, &setup.key);
+}

@@ -36,7 +36,7 @@ pub const MAX_PER_UID: usize = 16;
 pub const MAX_BYTES: usize = 4096;
 
 /// Format version of [`Checkpoint`]; another version is ignored (the job restarts).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The identity of a file as `fstat` gives it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -100,6 +100,9 @@ pub struct Checkpoint {
     pub done: u64,
     /// The keyslot's key derivation as the summary describes it (public header metadata).
     pub pbkdf: String,
+    /// Hex SHA-256 of the masked header staged in the partial file (`0..data_offset`): a
+    /// resume opens only that header.
+    pub header_sha256: String,
 }
 
 /// The checkpoints of every uid, under one state directory.
@@ -370,6 +373,7 @@ mod tests {
             payload_size: 4096,
             done: 0,
             pbkdf: "pbkdf2".into(),
+            header_sha256: "ab".repeat(32),
         }
     }
 

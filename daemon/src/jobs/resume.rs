@@ -154,6 +154,22 @@ fn parameters_sha256(parameters: &EncryptParameters) -> String {
     hex(&Sha256::digest(shaping.to_string().as_bytes()))
 }
 
+/// Hex SHA-256 of `0..length` of `file`: the staged masked header, which binds a checkpoint to
+/// the header it was saved with.
+fn header_sha256(file: &File, length: u64) -> Result<String> {
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < length {
+        let chunk = (length - offset).min(buffer.len() as u64) as usize;
+        file.read_exact_at(&mut buffer[..chunk], offset)
+            .map_err(|e| Error::io("reading the header to hash it", e))?;
+        hash.update(&buffer[..chunk]);
+        offset += chunk as u64;
+    }
+    Ok(hex(&hash.finalize()))
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -192,14 +208,31 @@ fn swap_magic(header: &File, restore: bool) -> Result<bool> {
 
 /// Writes the formatted `header` (`data_offset` bytes of a daemon memfd) into the output with
 /// its magic masked, and syncs: from now on the partial file holds what recovers the volume key.
-fn stage_masked_header(header: &File, output: &File, data_offset: u64) -> Result<()> {
-    swap_magic(header, false)?;
-    let copied = copy_header(header, output, data_offset);
+/// Returns the masked header's [`header_sha256`].
+fn stage_masked_header(header: &File, output: &File, data_offset: u64) -> Result<String> {
+    if !swap_magic(header, false)? {
+        return Err(Error::Luks {
+            operation: "format",
+            message: "the formatted header carries no LUKS magic to mask".to_string(),
+        });
+    }
+    let staged = copy_header(header, output, data_offset)
+        .and_then(|()| header_sha256(header, data_offset));
     swap_magic(header, true)?;
-    copied?;
+    let digest = staged?;
     output
         .sync_data()
-        .map_err(|e| Error::io("fdatasync after the partial file's masked header", e))
+        .map_err(|e| Error::io("fdatasync after the partial file's masked header", e))?;
+    Ok(digest)
+}
+
+/// The partial file's staged header as checkpoints record it.
+#[derive(Clone)]
+struct Staged {
+    /// The keyslot's key derivation as the summary describes it.
+    pbkdf: String,
+    /// [`header_sha256`] of the masked header.
+    header_sha256: String,
 }
 
 /// What a resumed job recovered from the partial file.
@@ -286,6 +319,7 @@ pub fn encrypt(
         payload_size: 0,
         done: 0,
         pbkdf: String::new(),
+        header_sha256: String::new(),
     };
     if let Some(recovered) = recover(job, inputs, store, &template)? {
         let checkpoint = recovered.checkpoint;
@@ -298,11 +332,15 @@ pub fn encrypt(
         ));
         tracing::info!(job = job.id, from, "resuming from a checkpoint");
         let pbkdf = checkpoint.pbkdf.clone();
+        let staged = Staged {
+            pbkdf: pbkdf.clone(),
+            header_sha256: checkpoint.header_sha256.clone(),
+        };
         let data_offset = checkpoint.data_offset;
         let mut copier = Copier::new(job, inputs, store, checkpoint);
         let written = copier
             .run(&container, recovered.volume_key.as_bytes(), &mut |_| {
-                Ok(Some(pbkdf.clone()))
+                Ok(Some(staged.clone()))
             })
             .map_err(|e| copier.failed(e))?;
         drop(recovered.volume_key);
@@ -355,10 +393,10 @@ fn fresh(
         checkpoint.data_offset = prepared.data_offset;
         checkpoint.payload_size = container.payload_size();
         let mut pending = Some(pending);
-        let mut formatted: Option<FormattedHeader> = None;
+        let mut formatted: Option<(FormattedHeader, String)> = None;
         // After each durable range: once the keyslot is derived (`wait`: now, waiting for
         // it), the masked header goes into the partial file and checkpoints start.
-        let mut staged = |wait: bool| -> Result<Option<String>> {
+        let mut staged = |wait: bool| -> Result<Option<Staged>> {
             if formatted.is_none() && (wait || pending.as_ref().is_some_and(|p| p.is_finished())) {
                 let Some(pending) = pending.take() else {
                     return Ok(None);
@@ -374,10 +412,14 @@ fn fresh(
                 );
                 // What was derived, checked as every reader will check it.
                 inputs.caps.check_created(&header.cost)?;
-                stage_masked_header(&header.image, &inputs.output.file, header.data_offset)?;
-                formatted = Some(header);
+                let digest =
+                    stage_masked_header(&header.image, &inputs.output.file, header.data_offset)?;
+                formatted = Some((header, digest));
             }
-            Ok(formatted.as_ref().map(|header| header.pbkdf.clone()))
+            Ok(formatted.as_ref().map(|(header, digest)| Staged {
+                pbkdf: header.pbkdf.clone(),
+                header_sha256: digest.clone(),
+            }))
         };
         let mut copier = Copier::new(job, inputs, store, checkpoint);
         let written = copier
@@ -385,7 +427,7 @@ fn fresh(
             .map_err(|e| copier.failed(e))?;
         staged(true).map_err(|e| copier.failed(e))?;
         copier.finish(&container).map_err(|e| copier.failed(e))?;
-        let header = formatted.ok_or_else(|| Error::Luks {
+        let (header, _) = formatted.ok_or_else(|| Error::Luks {
             operation: "format",
             message: "the keyslot was never derived".to_string(),
         })?;
@@ -410,7 +452,7 @@ struct Copier<'j, 'i> {
 /// Called after each durable range (and with `true` when the copy stops or ends, then waiting
 /// for what it needs): the keyslot's description once the partial file holds the header that
 /// recovers the volume key, `None` while it does not (nothing to checkpoint yet).
-type AfterRange<'a> = dyn FnMut(bool) -> Result<Option<String>> + 'a;
+type AfterRange<'a> = dyn FnMut(bool) -> Result<Option<Staged>> + 'a;
 
 impl<'j, 'i> Copier<'j, 'i> {
     fn new(
@@ -498,8 +540,8 @@ impl<'j, 'i> Copier<'j, 'i> {
                 .map_err(|e| Error::io("fdatasync on the output's payload", e))?;
             done = end;
             self.durable = done;
-            if let Some(pbkdf) = after_range(false)? {
-                self.save(done, pbkdf);
+            if let Some(staged) = after_range(false)? {
+                self.save(done, staged);
             }
             crash::point("encrypt:checkpoint");
             crash::delay();
@@ -520,9 +562,10 @@ impl<'j, 'i> Copier<'j, 'i> {
 
     /// Saves a checkpoint at `done` (best effort: a state directory that fails costs the
     /// resume, not the job).
-    fn save(&mut self, done: u64, pbkdf: String) {
+    fn save(&mut self, done: u64, staged: Staged) {
         self.checkpoint.done = done;
-        self.checkpoint.pbkdf = pbkdf;
+        self.checkpoint.pbkdf = staged.pbkdf;
+        self.checkpoint.header_sha256 = staged.header_sha256;
         match self.store.save(&self.checkpoint) {
             Ok(()) => {
                 self.checkpointed = true;
@@ -549,10 +592,10 @@ impl<'j, 'i> Copier<'j, 'i> {
             Ok(staged) => staged,
             Err(error) => return error,
         };
-        let Some(pbkdf) = staged else {
+        let Some(staged) = staged else {
             return Error::Cancelled;
         };
-        self.save(done, pbkdf);
+        self.save(done, staged);
         tracing::info!(job = self.job.id, done, "stopped; progress checkpointed");
         Error::Interrupted {
             done,
@@ -696,6 +739,14 @@ fn unlock_partial(
         .set_len(checkpoint.output_size)
         .map_err(|e| Error::io("sizing the in-memory copy of the partial header", e))?;
     copy_header(&inputs.output.file, &header, checkpoint.data_offset)?;
+    // Hashed masked: a header already unmasked (the payload was complete and the header
+    // written, but the checkpoint's removal was lost) is still the one the checkpoint names.
+    swap_magic(&header, false)?;
+    if header_sha256(&header, checkpoint.data_offset)? != checkpoint.header_sha256 {
+        return Err(Error::UnsupportedImage {
+            message: "its header is not the one the interrupted run staged".to_string(),
+        });
+    }
     if !swap_magic(&header, true)? {
         return Err(Error::UnsupportedImage {
             message: "it carries no masked LUKS header where the interrupted run wrote one"

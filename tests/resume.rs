@@ -480,3 +480,53 @@ fn a_partial_file_whose_staged_header_was_altered_restarts_from_scratch() {
     );
     assert_decrypts_to_source(&setup, &setup.key);
 }
+
+#[test]
+fn a_restart_into_a_complete_old_image_never_leaves_its_header_over_a_partial_payload() {
+    let setup = setup();
+    {
+        let daemon = start_daemon(&setup.dir);
+        run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    }
+    // A complete image under the partial name (its rename was lost), no checkpoint for it.
+    fs::rename(&setup.output, partial_of(&setup.output)).unwrap();
+    let new_key = setup.dir.join("k2");
+    write_key(&new_key);
+    let daemon = Daemon::start_with_env(
+        &setup.dir,
+        &["--engine", "userspace"],
+        &[DELAY, ("IMGCRYPTD_CRASH_AT", "encrypt:copying")],
+    );
+    let output = encrypt(&daemon, &setup, &new_key).output().unwrap();
+    assert!(!output.status.success(), "{}", describe(&output));
+    // Killed with the first payload bytes of the restart written: the old header is gone.
+    assert_partial_is_not_an_image(&setup.output);
+}
+
+#[test]
+fn a_finished_image_whose_checkpoint_outlived_it_is_completed_by_the_rerun() {
+    let setup = setup();
+    {
+        // Killed with the header (magic and all) durable, its checkpoint not yet removed.
+        let daemon = Daemon::start_with_env(
+            &setup.dir,
+            &["--engine", "userspace"],
+            &[("IMGCRYPTD_CRASH_AT", "encrypt:header-written")],
+        );
+        let output = encrypt(&daemon, &setup, &setup.key).output().unwrap();
+        assert!(!output.status.success(), "{}", describe(&output));
+        assert!(partial_of(&setup.output).exists());
+        assert_eq!(checkpoint_files(&setup.dir).len(), 1);
+    }
+    let daemon = start_daemon(&setup.dir);
+    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    // Its unmasked header is the staged one: resumed at the end, nothing copied again.
+    assert_eq!(
+        summary_resumed_from(&output),
+        Some(SOURCE_BYTES as u64),
+        "{}",
+        describe(&output)
+    );
+    assert!(checkpoint_files(&setup.dir).is_empty());
+    assert_decrypts_to_source(&setup, &setup.key);
+}

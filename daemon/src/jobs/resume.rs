@@ -362,6 +362,32 @@ pub fn encrypt(
 /// run still saving its last checkpoint (waiting for its keyslot's derivation at most).
 const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Bytes a fresh start zeroes at the start of a non-empty partial file: past every place a LUKS1
+/// or LUKS2 magic can be (LUKS2's secondary header sits at its primary's size, 4 MiB at most).
+const OLD_HEADER_CLEAR: u64 = 16 << 20;
+
+/// Zeroes the start of a non-empty partial file (at most [`OLD_HEADER_CLEAR`] bytes) and syncs,
+/// so that no earlier image's header survives over a payload this run only partly rewrites.
+fn clear_old_header(output: &File) -> Result<()> {
+    let size = crate::sys::storage::size_of(output)?;
+    let length = size.min(OLD_HEADER_CLEAR);
+    if length == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < length {
+        let chunk = (length - offset).min(zeros.len() as u64) as usize;
+        output
+            .write_all_at(&zeros[..chunk], offset)
+            .map_err(|e| Error::io(format!("clearing OUT.partial's old header at {offset}"), e))?;
+        offset += chunk as u64;
+    }
+    output
+        .sync_data()
+        .map_err(|e| Error::io("fdatasync after clearing OUT.partial's old header", e))
+}
+
 /// A fresh start: the header formatted with its keyslot derived alongside the copy (as
 /// [`super::encrypt`]'s other outputs do), staged masked in the partial file once derived.
 fn fresh(
@@ -374,6 +400,9 @@ fn fresh(
 ) -> Result<(LuksOutput, Written, HeaderFacts)> {
     // Before anything is written: a checkpoint must never describe bytes this run overwrites.
     store.remove(checkpoint.uid, &checkpoint.output);
+    // Nor may an earlier run's header (a complete image left as OUT.partial) sit over the
+    // payload this run rewrites: it goes first, durably.
+    clear_old_header(&inputs.output.file)?;
     job.check_cancel()?;
     job.reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(luks::VOLUME_KEY_BYTES)?;
@@ -613,6 +642,7 @@ impl<'j, 'i> Copier<'j, 'i> {
         output
             .sync_data()
             .map_err(|e| Error::io("fdatasync on the output", e))?;
+        crash::point("encrypt:header-written");
         self.store
             .remove(self.checkpoint.uid, &self.checkpoint.output);
         Ok(())

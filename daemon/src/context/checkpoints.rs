@@ -142,7 +142,9 @@ impl CheckpointStore {
     pub fn open(state_dir: &Path) -> Result<Self> {
         let root = state_dir.join("checkpoints");
         make_private_dir(state_dir)?;
+        check_private_dir(state_dir, fs::metadata(state_dir))?;
         make_private_dir(&root)?;
+        check_private_dir(&root, fs::symlink_metadata(&root))?;
         Ok(Self {
             root,
             claims: Arc::default(),
@@ -213,9 +215,12 @@ impl CheckpointStore {
         let path = self.path(uid, output);
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&path)
             .ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
         let mut bytes = Vec::new();
         file.take(MAX_BYTES as u64 + 1)
             .read_to_end(&mut bytes)
@@ -233,6 +238,7 @@ impl CheckpointStore {
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<()> {
         let dir = self.uid_dir(checkpoint.uid);
         make_private_dir(&dir)?;
+        check_private_dir(&dir, fs::symlink_metadata(&dir))?;
         let path = self.path(checkpoint.uid, &checkpoint.output);
         if !path.exists() {
             self.make_room(&dir)?;
@@ -279,8 +285,13 @@ impl CheckpointStore {
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
             .filter_map(|entry| {
                 let entry = entry.ok()?;
-                let modified = entry.metadata().ok()?.modified().ok()?;
-                Some((modified, entry.path()))
+                // Only what `save` writes: regular files named like its checkpoints.
+                let metadata = entry.metadata().ok()?;
+                let name = entry.file_name();
+                if !metadata.is_file() || !is_checkpoint_name(name.to_str()?) {
+                    return None;
+                }
+                Some((metadata.modified().ok()?, entry.path()))
             })
             .collect();
         entries.sort();
@@ -310,6 +321,46 @@ fn make_private_dir(dir: &Path) -> Result<()> {
                 dir.display()
             ),
             e,
+        )),
+    }
+}
+
+/// A name [`CheckpointStore::save`] writes: 32 hex digits, `.json` or `.json.tmp`.
+fn is_checkpoint_name(name: &str) -> bool {
+    let stem = name
+        .strip_suffix(".json")
+        .or_else(|| name.strip_suffix(".json.tmp"));
+    stem.is_some_and(|stem| {
+        stem.len() == 32 && stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Refuses a state directory (given `metadata`, of its `lstat` below the state directory) that
+/// is not a directory owned by the daemon's euid, or that others may write: the daemon trusts
+/// what it reads there, and with every level its own and closed to others nobody else can put
+/// a symbolic link or a file in its way.
+fn check_private_dir(dir: &Path, metadata: std::io::Result<fs::Metadata>) -> Result<()> {
+    let metadata =
+        metadata.map_err(|e| Error::io(format!("examining the state directory {}", dir.display()), e))?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let why = if !metadata.is_dir() {
+        Some("is not a directory".to_string())
+    } else if metadata.uid() != euid {
+        Some(format!("belongs to uid {}, not the daemon's {euid}", metadata.uid()))
+    } else if metadata.mode() & 0o022 != 0 {
+        Some(format!("is writable by others (mode {:o})", metadata.mode() & 0o7777))
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(Error::io(
+            format!(
+                "using the state directory {} (it {why}; give the daemon a directory of its own, \
+                 not group- or world-writable, with --state-dir)",
+                dir.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
         )),
     }
 }
@@ -435,5 +486,47 @@ mod tests {
         assert_eq!(store.load(3, &saved.output), None);
         fs::write(&path, b"{not json").unwrap();
         assert_eq!(store.load(3, &saved.output), None);
+        // A FIFO under a checkpoint's name neither blocks nor loads.
+        fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(store.load(3, &saved.output), None);
+    }
+
+    #[test]
+    fn making_room_removes_only_checkpoint_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        store.save(&checkpoint(4, 0)).unwrap();
+        let uid_dir = store.uid_dir(4);
+        let foreign = uid_dir.join("notes.txt");
+        fs::write(&foreign, b"not ours").unwrap();
+        let odd_dir = uid_dir.join(format!("{}.json", "0".repeat(32)));
+        fs::create_dir(&odd_dir).unwrap();
+        for ino in 1..=MAX_PER_UID as u64 + 2 {
+            store.save(&checkpoint(4, ino)).unwrap();
+        }
+        assert!(foreign.exists() && odd_dir.is_dir());
+        assert!(is_checkpoint_name(&format!("{}.json.tmp", "ab".repeat(16))));
+        assert!(!is_checkpoint_name(&format!("{}.json", "AB".repeat(16))));
+        assert!(!is_checkpoint_name("x.json"));
+    }
+
+    #[test]
+    fn a_state_directory_others_may_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        let error = CheckpointStore::open(&state).unwrap_err().to_string();
+        assert!(error.contains("writable by others"), "{error}");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        // A symbolic link in place of the checkpoints directory is refused too.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.join("checkpoints")).unwrap();
+        let error = CheckpointStore::open(&state).unwrap_err().to_string();
+        assert!(error.contains("is not a directory"), "{error}");
+        fs::remove_file(state.join("checkpoints")).unwrap();
+        assert!(CheckpointStore::open(&state).is_ok());
     }
 }

@@ -530,3 +530,35 @@ fn a_finished_image_whose_checkpoint_outlived_it_is_completed_by_the_rerun() {
     assert!(checkpoint_files(&setup.dir).is_empty());
     assert_decrypts_to_source(&setup, &setup.key);
 }
+
+#[test]
+fn an_edit_with_its_modification_time_set_back_still_restarts_from_scratch() {
+    let setup = setup();
+    let daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    // One sector away from the sampled blocks, size unchanged, mtime put back as it was: only
+    // the inode change time (which no user can set) tells.
+    let modified = fs::metadata(&setup.source).unwrap().modified().unwrap();
+    let source = fs::OpenOptions::new()
+        .write(true)
+        .open(&setup.source)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&source, &[0x42; 512], 32 << 20).unwrap();
+    source
+        .set_times(fs::FileTimes::new().set_modified(modified))
+        .unwrap();
+    drop(source);
+
+    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
+    let notices = notices(&output);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("from scratch") && n.contains("inode change time")),
+        "{notices:?}"
+    );
+    assert_decrypts_to_source(&setup, &setup.key);
+}

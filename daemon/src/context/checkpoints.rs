@@ -69,6 +69,9 @@ pub struct SourceIdentity {
     pub size: u64,
     /// Its modification time, in nanoseconds since the epoch.
     pub mtime_ns: i128,
+    /// Its inode change time (`st_ctime`), in nanoseconds since the epoch: unlike the
+    /// modification time, no user can set it.
+    pub ctime_ns: i128,
     /// The guest disk's virtual size.
     pub virtual_size: u64,
     /// Hex SHA-256 of a sample of the guest data (blocks at the start, middle and end).
@@ -415,6 +418,7 @@ mod tests {
                 file: FileIdentity { dev: 1, ino: 99 },
                 size: 4096,
                 mtime_ns: 5,
+                ctime_ns: 6,
                 virtual_size: 4096,
                 sample_sha256: "00".into(),
             },

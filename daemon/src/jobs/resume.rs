@@ -100,6 +100,7 @@ pub struct SourceStat {
     file: FileIdentity,
     size: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl SourceStat {
@@ -116,6 +117,9 @@ impl SourceStat {
             size: crate::sys::storage::size_of(file)?,
             mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000
                 + i128::from(metadata.mtime_nsec()),
+            // Unlike the modification time, no user can set it back.
+            ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000
+                + i128::from(metadata.ctime_nsec()),
         })
     }
 }
@@ -136,6 +140,7 @@ fn source_identity(stat: &SourceStat, image: &dyn SourceImage) -> Result<SourceI
         file: stat.file.clone(),
         size: stat.size,
         mtime_ns: stat.mtime_ns,
+        ctime_ns: stat.ctime_ns,
         virtual_size: size,
         sample_sha256: hex(&hash.finalize()),
     })
@@ -750,6 +755,8 @@ fn source_change(then: &SourceIdentity, now: &SourceIdentity) -> Option<&'static
         Some("its size differs")
     } else if then.mtime_ns != now.mtime_ns {
         Some("its modification time differs")
+    } else if then.ctime_ns != now.ctime_ns {
+        Some("its inode change time differs: it was written, renamed, linked or had its mode or owner changed")
     } else if then.sample_sha256 != now.sample_sha256 {
         Some("its content differs where sampled")
     } else {

@@ -282,6 +282,8 @@ fn ctrl_c_keeps_the_partial_file_and_the_rerun_resumes() {
     let from = summary_resumed_from(&output).expect("resumed");
     // Copying past the second range means the first was checkpointed.
     assert!(from >= RANGE, "resumed from {from}");
+    // The audit record says so too.
+    wait_for_log(&daemon, &format!("resumed_from={from}"));
     assert_decrypts_to_source(&setup, &setup.key);
 }
 

@@ -336,6 +336,7 @@ pub fn encrypt(
             checkpoint.payload_size
         ));
         tracing::info!(job = job.id, from, "resuming from a checkpoint");
+        job.reporter.audit().resumed_from(from);
         let pbkdf = checkpoint.pbkdf.clone();
         let staged = Staged {
             pbkdf: pbkdf.clone(),

@@ -564,3 +564,38 @@ fn an_edit_with_its_modification_time_set_back_still_restarts_from_scratch() {
     );
     assert_decrypts_to_source(&setup, &setup.key);
 }
+
+#[test]
+fn a_guessable_key_is_not_fingerprinted_in_the_checkpoint_and_its_keyslot_tells_a_change() {
+    let setup = setup();
+    let weak = setup.dir.join("weak");
+    // Valid base64, but of printable text: not a generated key.
+    let text_key = |text: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    };
+    fs::write(&weak, text_key("my disk passphrase is not random at all!")).unwrap();
+    fs::set_permissions(&weak, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, &setup, &weak), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    let files = checkpoint_files(&setup.dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let checkpoint: serde_json::Value = serde_json::from_slice(&fs::read(&files[0]).unwrap()).unwrap();
+    assert!(checkpoint["key_fingerprint"].is_null(), "{checkpoint}");
+
+    let other = setup.dir.join("weak2");
+    fs::write(&other, text_key("another passphrase that is not random at all")).unwrap();
+    fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let output = run_ok(&mut encrypt(&daemon, &setup, &other));
+    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
+    let notices = notices(&output);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("does not open the interrupted run's keyslot")),
+        "{notices:?}"
+    );
+    assert_decrypts_to_source(&setup, &other);
+}

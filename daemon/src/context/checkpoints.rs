@@ -92,7 +92,9 @@ pub struct Checkpoint {
     /// The source.
     pub source: SourceIdentity,
     /// Base64 SHA-256 fingerprint of the key file (as the summary shows it); never the key.
-    pub key_fingerprint: String,
+    /// `None` for a key that does not look generated (the rule a LUKS2 header's fingerprint
+    /// token follows): the keyslot then tells a changed key.
+    pub key_fingerprint: Option<String>,
     /// Hex SHA-256 of the parameters that shape the output.
     pub parameters_sha256: String,
     /// Where the payload starts (the header's size).
@@ -422,7 +424,7 @@ mod tests {
                 virtual_size: 4096,
                 sample_sha256: "00".into(),
             },
-            key_fingerprint: "fp".into(),
+            key_fingerprint: Some("fp".into()),
             parameters_sha256: "pp".into(),
             data_offset: 4096,
             payload_size: 4096,

@@ -55,7 +55,7 @@ use crate::context::DaemonContext;
 use crate::engines::xts::IvMode;
 use crate::engines::{Engine, PayloadJob};
 use crate::formats::SourceImage;
-use crate::keys::{CandidateKey, KeyFile, SecretBytes};
+use crate::keys::{strength, CandidateKey, KeyFile, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
 use crate::luks::{self, crash, FormattedHeader, HeaderContext, HeaderSpec, LuksImage};
@@ -318,7 +318,11 @@ pub fn encrypt(
         output: output_identity.clone(),
         output_size: 0,
         source: source_identity(inputs.stat, inputs.image)?,
-        key_fingerprint: inputs.key.fingerprint.clone(),
+        // Only where a header may carry it too: an unsalted SHA-256 of a guessable key would
+        // let whoever reads the state directory test guesses fast. Without it the keyslot
+        // itself tells a changed key (see `recover`).
+        key_fingerprint: strength::may_store_fingerprint(inputs.key.passphrase.as_bytes())?
+            .then(|| inputs.key.fingerprint.clone()),
         parameters_sha256: parameters_sha256(&job.parameters),
         data_offset: 0,
         payload_size: 0,
@@ -695,12 +699,24 @@ fn recover(
                 .to_string(),
         );
     };
-    if checkpoint.key_fingerprint != template.key_fingerprint {
-        return restart(format!(
-            "the key changed: the interrupted run used the key with fingerprint {}, this run's \
-             key ({}) has {}; a run with another key always starts over",
-            checkpoint.key_fingerprint, inputs.key_name, template.key_fingerprint
-        ));
+    match (&checkpoint.key_fingerprint, &template.key_fingerprint) {
+        (Some(then), Some(now)) if then != now => {
+            return restart(format!(
+                "the key changed: the interrupted run used the key with fingerprint {then}, \
+                 this run's key ({}) has {now}; a run with another key always starts over",
+                inputs.key_name
+            ))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return restart(format!(
+                "the key changed: this run's key ({}) is not the interrupted run's; a run with \
+                 another key always starts over",
+                inputs.key_name
+            ))
+        }
+        // Both recorded and equal, or neither (a key too guessable to fingerprint): the
+        // keyslot decides below.
+        _ => {}
     }
     if let Some(why) = source_change(&checkpoint.source, &template.source) {
         return restart(format!(
@@ -742,6 +758,11 @@ fn recover(
             key_size_bits,
         })),
         Err(Error::Cancelled) => Err(Error::Cancelled),
+        Err(Error::WrongKey { .. }) => restart(format!(
+            "the key changed: this run's key ({}) does not open the interrupted run's keyslot; \
+             a run with another key always starts over",
+            inputs.key_name
+        )),
         Err(error) => restart(format!(
             "its masked header could not be opened with this key: {error}"
         )),

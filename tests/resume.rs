@@ -400,7 +400,11 @@ fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
     daemon.child.wait().unwrap();
     let output = rerun.output().unwrap();
     assert!(!output.status.success(), "{}", describe(&output));
-    assert_eq!(fs::read(&partial).unwrap(), before, "the partial file changed");
+    assert_eq!(
+        fs::read(&partial).unwrap(),
+        before,
+        "the partial file changed"
+    );
 
     // An flock on the partial file (anyone's who can open it) no longer holds the job up:
     // the daemon serialises the jobs on one output itself.
@@ -412,8 +416,15 @@ fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
     let daemon = start_daemon(&setup.dir);
     let started = Instant::now();
     let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
-    assert!(summary_resumed_from(&output).is_some(), "{}", describe(&output));
-    assert!(started.elapsed() < Duration::from_secs(25), "waited for the flock");
+    assert!(
+        summary_resumed_from(&output).is_some(),
+        "{}",
+        describe(&output)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "waited for the flock"
+    );
     drop(held);
     assert_decrypts_to_source(&setup, &setup.key);
     // The finished image stays private to its owner, as its partial file was.
@@ -451,7 +462,10 @@ fn the_daemon_restarts_rather_than_resumes_a_partial_file_the_caller_does_not_ow
     let key = fs::File::open(&setup.key).unwrap();
     let mut client = common::raw_client::RawClient::connect(&daemon.socket);
     client.encrypt(&source, &file, &key);
-    wait_for_log(&daemon, "OUT.partial belongs to uid 65534, not to the caller");
+    wait_for_log(
+        &daemon,
+        "OUT.partial belongs to uid 65534, not to the caller",
+    );
     assert!(!daemon.log_text().contains("resuming from a checkpoint"));
 }
 
@@ -582,11 +596,16 @@ fn a_guessable_key_is_not_fingerprinted_in_the_checkpoint_and_its_keyslot_tells_
     wait_for_log(&daemon, "progress checkpointed");
     let files = checkpoint_files(&setup.dir);
     assert_eq!(files.len(), 1, "{files:?}");
-    let checkpoint: serde_json::Value = serde_json::from_slice(&fs::read(&files[0]).unwrap()).unwrap();
+    let checkpoint: serde_json::Value =
+        serde_json::from_slice(&fs::read(&files[0]).unwrap()).unwrap();
     assert!(checkpoint["key_fingerprint"].is_null(), "{checkpoint}");
 
     let other = setup.dir.join("weak2");
-    fs::write(&other, text_key("another passphrase that is not random at all")).unwrap();
+    fs::write(
+        &other,
+        text_key("another passphrase that is not random at all"),
+    )
+    .unwrap();
     fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let output = run_ok(&mut encrypt(&daemon, &setup, &other));
     assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));

@@ -694,14 +694,20 @@ mod tests {
         // A second name for it is refused (the file is kept as it was).
         let link = dir.path().join("elsewhere");
         std::fs::hard_link(&partial, &link).unwrap();
-        let refused = Output::create_resumable(&out, false).err().unwrap().to_string();
+        let refused = Output::create_resumable(&out, false)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(refused.contains("2 hard links"), "{refused}");
         assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
         std::fs::remove_file(&link).unwrap();
         // Another user's is refused too (root can make one).
         if nix::unistd::geteuid().is_root() {
             std::os::unix::fs::chown(&partial, Some(65534), None).unwrap();
-            let refused = Output::create_resumable(&out, false).err().unwrap().to_string();
+            let refused = Output::create_resumable(&out, false)
+                .err()
+                .unwrap()
+                .to_string();
             assert!(refused.contains("belongs to uid 65534"), "{refused}");
             assert!(partial.exists());
             std::os::unix::fs::chown(&partial, Some(0), None).unwrap();

@@ -16,13 +16,13 @@
 //! directory; a crash leaves the old checkpoint or the new one, never a torn one (a stray
 //! temporary file is replaced by the next write under the same name).
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -345,15 +345,25 @@ fn is_checkpoint_name(name: &str) -> bool {
 /// what it reads there, and with every level its own and closed to others nobody else can put
 /// a symbolic link or a file in its way.
 fn check_private_dir(dir: &Path, metadata: std::io::Result<fs::Metadata>) -> Result<()> {
-    let metadata =
-        metadata.map_err(|e| Error::io(format!("examining the state directory {}", dir.display()), e))?;
+    let metadata = metadata.map_err(|e| {
+        Error::io(
+            format!("examining the state directory {}", dir.display()),
+            e,
+        )
+    })?;
     let euid = nix::unistd::geteuid().as_raw();
     let why = if !metadata.is_dir() {
         Some("is not a directory".to_string())
     } else if metadata.uid() != euid {
-        Some(format!("belongs to uid {}, not the daemon's {euid}", metadata.uid()))
+        Some(format!(
+            "belongs to uid {}, not the daemon's {euid}",
+            metadata.uid()
+        ))
     } else if metadata.mode() & 0o022 != 0 {
-        Some(format!("is writable by others (mode {:o})", metadata.mode() & 0o7777))
+        Some(format!(
+            "is writable by others (mode {:o})",
+            metadata.mode() & 0o7777
+        ))
     } else {
         None
     };
@@ -402,8 +412,7 @@ mod tests {
         // A waiter gets it once the holder lets go (a clone of the store shares the claims).
         let clone = store.clone();
         std::thread::scope(|scope| {
-            let waiter =
-                scope.spawn(|| clone.claim(&output, Duration::from_secs(10), ok).is_ok());
+            let waiter = scope.spawn(|| clone.claim(&output, Duration::from_secs(10), ok).is_ok());
             std::thread::sleep(Duration::from_millis(200));
             drop(first);
             assert!(waiter.join().unwrap());

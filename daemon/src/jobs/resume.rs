@@ -221,8 +221,8 @@ fn stage_masked_header(header: &File, output: &File, data_offset: u64) -> Result
             message: "the formatted header carries no LUKS magic to mask".to_string(),
         });
     }
-    let staged = copy_header(header, output, data_offset)
-        .and_then(|()| header_sha256(header, data_offset));
+    let staged =
+        copy_header(header, output, data_offset).and_then(|()| header_sha256(header, data_offset));
     swap_magic(header, true)?;
     let digest = staged?;
     output
@@ -732,9 +732,7 @@ fn recover(
     }
     let virtual_size = inputs.image.virtual_size();
     let planned = luks::output_size(checkpoint.data_offset, virtual_size).ok();
-    if planned != Some(checkpoint.output_size)
-        || size != checkpoint.output_size
-    {
+    if planned != Some(checkpoint.output_size) || size != checkpoint.output_size {
         return restart(format!(
             "OUT.partial is {size} bytes, not the {} the interrupted run left",
             checkpoint.output_size

@@ -181,6 +181,31 @@ fn summary_resumed_from(output: &Output) -> Option<u64> {
     last_json_summary(&output.stdout)["resumed_from"].as_u64()
 }
 
+/// A daemon with an interrupted encryption of `setup` with `key`: stopped past its second
+/// checkpoint range with Ctrl-C, its progress checkpointed.
+fn interrupted_run(setup: &Setup, key: &Path) -> Daemon {
+    let daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, setup, key), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    daemon
+}
+
+/// Re-runs with `key` and checks that it started from scratch saying `why`, and that the image
+/// decrypts to the source.
+fn assert_restarts(daemon: &Daemon, setup: &Setup, key: &Path, why: &str) {
+    let output = run_ok(&mut encrypt(daemon, setup, key));
+    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
+    let notices = notices(&output);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("from scratch") && n.contains(why)),
+        "{notices:?}"
+    );
+    assert_decrypts_to_source(setup, key);
+}
+
 #[test]
 fn a_daemon_killed_at_random_points_resumes_each_time_and_the_image_decrypts_to_the_source() {
     let setup = setup();
@@ -314,25 +339,13 @@ fn a_changed_key_restarts_from_scratch_and_only_the_new_key_opens_the_image() {
 #[test]
 fn a_changed_source_restarts_from_scratch() {
     let setup = setup();
-    let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let daemon = interrupted_run(&setup, &setup.key);
     // Rewrite one sector at the start (size unchanged).
     let mut bytes = fs::read(&setup.source).unwrap();
     bytes[..512].fill(0x42);
     fs::write(&setup.source, bytes).unwrap();
 
-    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
-    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
-    let notices = notices(&output);
-    assert!(
-        notices
-            .iter()
-            .any(|n| n.contains("from scratch") && n.contains("the source changed")),
-        "{notices:?}"
-    );
-    assert_decrypts_to_source(&setup, &setup.key);
+    assert_restarts(&daemon, &setup, &setup.key, "the source changed");
 }
 
 #[test]
@@ -387,10 +400,7 @@ fn force_discards_the_partial_file_and_starts_over() {
 #[test]
 fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
     let setup = setup();
-    let mut daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let mut daemon = interrupted_run(&setup, &setup.key);
     let partial = partial_of(&setup.output);
     let before = fs::read(&partial).unwrap();
     // After a reboot, before the socket is up: the re-run reopens the partial, then fails to
@@ -440,10 +450,7 @@ fn the_daemon_restarts_rather_than_resumes_a_partial_file_the_caller_does_not_ow
         return;
     }
     let setup = setup();
-    let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let daemon = interrupted_run(&setup, &setup.key);
     // Someone else's file that the caller (root here) may write: imgctl refuses it...
     let partial = partial_of(&setup.output);
     std::os::unix::fs::chown(&partial, Some(65534), None).unwrap();
@@ -472,10 +479,7 @@ fn the_daemon_restarts_rather_than_resumes_a_partial_file_the_caller_does_not_ow
 #[test]
 fn a_partial_file_whose_staged_header_was_altered_restarts_from_scratch() {
     let setup = setup();
-    let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let daemon = interrupted_run(&setup, &setup.key);
     // One byte of the header area that nothing parses (past the keyslot material): only the
     // checkpoint's hash of the staged header notices.
     let partial = fs::OpenOptions::new()
@@ -485,16 +489,12 @@ fn a_partial_file_whose_staged_header_was_altered_restarts_from_scratch() {
     std::os::unix::fs::FileExt::write_all_at(&partial, &[0x5a], 1 << 20).unwrap();
     drop(partial);
 
-    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
-    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
-    let notices = notices(&output);
-    assert!(
-        notices
-            .iter()
-            .any(|n| n.contains("from scratch") && n.contains("not the one the interrupted run")),
-        "{notices:?}"
+    assert_restarts(
+        &daemon,
+        &setup,
+        &setup.key,
+        "not the one the interrupted run",
     );
-    assert_decrypts_to_source(&setup, &setup.key);
 }
 
 #[test]
@@ -550,10 +550,7 @@ fn a_finished_image_whose_checkpoint_outlived_it_is_completed_by_the_rerun() {
 #[test]
 fn an_edit_with_its_modification_time_set_back_still_restarts_from_scratch() {
     let setup = setup();
-    let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let daemon = interrupted_run(&setup, &setup.key);
     // One sector away from the sampled blocks, size unchanged, mtime put back as it was: only
     // the inode change time (which no user can set) tells.
     let modified = fs::metadata(&setup.source).unwrap().modified().unwrap();
@@ -567,16 +564,7 @@ fn an_edit_with_its_modification_time_set_back_still_restarts_from_scratch() {
         .unwrap();
     drop(source);
 
-    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
-    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
-    let notices = notices(&output);
-    assert!(
-        notices
-            .iter()
-            .any(|n| n.contains("from scratch") && n.contains("inode change time")),
-        "{notices:?}"
-    );
-    assert_decrypts_to_source(&setup, &setup.key);
+    assert_restarts(&daemon, &setup, &setup.key, "inode change time");
 }
 
 #[test]
@@ -590,10 +578,7 @@ fn a_guessable_key_is_not_fingerprinted_in_the_checkpoint_and_its_keyslot_tells_
     };
     fs::write(&weak, text_key("my disk passphrase is not random at all!")).unwrap();
     fs::set_permissions(&weak, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &weak), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let daemon = interrupted_run(&setup, &weak);
     let files = checkpoint_files(&setup.dir);
     assert_eq!(files.len(), 1, "{files:?}");
     let checkpoint: serde_json::Value =
@@ -607,14 +592,10 @@ fn a_guessable_key_is_not_fingerprinted_in_the_checkpoint_and_its_keyslot_tells_
     )
     .unwrap();
     fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let output = run_ok(&mut encrypt(&daemon, &setup, &other));
-    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
-    let notices = notices(&output);
-    assert!(
-        notices
-            .iter()
-            .any(|n| n.contains("does not open the interrupted run's keyslot")),
-        "{notices:?}"
+    assert_restarts(
+        &daemon,
+        &setup,
+        &other,
+        "does not open the interrupted run's keyslot",
     );
-    assert_decrypts_to_source(&setup, &other);
 }

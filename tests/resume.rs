@@ -181,6 +181,31 @@ fn summary_resumed_from(output: &Output) -> Option<u64> {
     last_json_summary(&output.stdout)["resumed_from"].as_u64()
 }
 
+/// A daemon with an interrupted encryption of `setup` with `key`: stopped past its second
+/// checkpoint range with Ctrl-C, its progress checkpointed.
+fn interrupted_run(setup: &Setup, key: &Path) -> Daemon {
+    let daemon = start_daemon(&setup.dir);
+    let mut child = start_past(&mut encrypt(&daemon, setup, key), 2 * RANGE);
+    interrupt(&mut child);
+    wait_for_log(&daemon, "progress checkpointed");
+    daemon
+}
+
+/// Re-runs with `key` and checks that it started from scratch saying `why`, and that the image
+/// decrypts to the source.
+fn assert_restarts(daemon: &Daemon, setup: &Setup, key: &Path, why: &str) {
+    let output = run_ok(&mut encrypt(daemon, setup, key));
+    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
+    let notices = notices(&output);
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("from scratch") && n.contains(why)),
+        "{notices:?}"
+    );
+    assert_decrypts_to_source(setup, key);
+}
+
 #[test]
 fn a_daemon_killed_at_random_points_resumes_each_time_and_the_image_decrypts_to_the_source() {
     let setup = setup();
@@ -282,6 +307,8 @@ fn ctrl_c_keeps_the_partial_file_and_the_rerun_resumes() {
     let from = summary_resumed_from(&output).expect("resumed");
     // Copying past the second range means the first was checkpointed.
     assert!(from >= RANGE, "resumed from {from}");
+    // The audit record says so too.
+    wait_for_log(&daemon, &format!("resumed_from={from}"));
     assert_decrypts_to_source(&setup, &setup.key);
 }
 
@@ -312,25 +339,13 @@ fn a_changed_key_restarts_from_scratch_and_only_the_new_key_opens_the_image() {
 #[test]
 fn a_changed_source_restarts_from_scratch() {
     let setup = setup();
-    let daemon = start_daemon(&setup.dir);
-    let mut child = start_past(&mut encrypt(&daemon, &setup, &setup.key), 2 * RANGE);
-    interrupt(&mut child);
-    wait_for_log(&daemon, "progress checkpointed");
+    let daemon = interrupted_run(&setup, &setup.key);
     // Rewrite one sector at the start (size unchanged).
     let mut bytes = fs::read(&setup.source).unwrap();
     bytes[..512].fill(0x42);
     fs::write(&setup.source, bytes).unwrap();
 
-    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
-    assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
-    let notices = notices(&output);
-    assert!(
-        notices
-            .iter()
-            .any(|n| n.contains("from scratch") && n.contains("the source changed")),
-        "{notices:?}"
-    );
-    assert_decrypts_to_source(&setup, &setup.key);
+    assert_restarts(&daemon, &setup, &setup.key, "the source changed");
 }
 
 #[test]
@@ -380,4 +395,207 @@ fn force_discards_the_partial_file_and_starts_over() {
     let output = run_ok(encrypt(&daemon, &setup, &setup.key).arg("--force"));
     assert_eq!(summary_resumed_from(&output), None, "{}", describe(&output));
     assert_decrypts_to_source(&setup, &setup.key);
+}
+
+#[test]
+fn a_rerun_that_cannot_reach_the_daemon_keeps_the_checkpointed_partial_file() {
+    let setup = setup();
+    let mut daemon = interrupted_run(&setup, &setup.key);
+    let partial = partial_of(&setup.output);
+    let before = fs::read(&partial).unwrap();
+    // After a reboot, before the socket is up: the re-run reopens the partial, then fails to
+    // connect.
+    let mut rerun = encrypt(&daemon, &setup, &setup.key);
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let output = rerun.output().unwrap();
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert_eq!(
+        fs::read(&partial).unwrap(),
+        before,
+        "the partial file changed"
+    );
+
+    // An flock on the partial file (anyone's who can open it) no longer holds the job up:
+    // the daemon serialises the jobs on one output itself.
+    let held = nix::fcntl::Flock::lock(
+        fs::File::open(&partial).unwrap(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    )
+    .unwrap();
+    let daemon = start_daemon(&setup.dir);
+    let started = Instant::now();
+    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    assert!(
+        summary_resumed_from(&output).is_some(),
+        "{}",
+        describe(&output)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "waited for the flock"
+    );
+    drop(held);
+    assert_decrypts_to_source(&setup, &setup.key);
+    // The finished image stays private to its owner, as its partial file was.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(&setup.output).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
+#[test]
+fn the_daemon_restarts_rather_than_resumes_a_partial_file_the_caller_does_not_own() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to give the partial file to another user");
+        return;
+    }
+    let setup = setup();
+    let daemon = interrupted_run(&setup, &setup.key);
+    // Someone else's file that the caller (root here) may write: imgctl refuses it...
+    let partial = partial_of(&setup.output);
+    std::os::unix::fs::chown(&partial, Some(65534), None).unwrap();
+    let output = encrypt(&daemon, &setup, &setup.key).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("belongs to uid 65534"), "{stderr}");
+    assert!(partial.exists());
+    // ... and a client that passes it anyway gets no resume from its bytes.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&partial)
+        .unwrap();
+    let source = fs::File::open(&setup.source).unwrap();
+    let key = fs::File::open(&setup.key).unwrap();
+    let mut client = common::raw_client::RawClient::connect(&daemon.socket);
+    client.encrypt(&source, &file, &key);
+    wait_for_log(
+        &daemon,
+        "OUT.partial belongs to uid 65534, not to the caller",
+    );
+    assert!(!daemon.log_text().contains("resuming from a checkpoint"));
+}
+
+#[test]
+fn a_partial_file_whose_staged_header_was_altered_restarts_from_scratch() {
+    let setup = setup();
+    let daemon = interrupted_run(&setup, &setup.key);
+    // One byte of the header area that nothing parses (past the keyslot material): only the
+    // checkpoint's hash of the staged header notices.
+    let partial = fs::OpenOptions::new()
+        .write(true)
+        .open(partial_of(&setup.output))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&partial, &[0x5a], 1 << 20).unwrap();
+    drop(partial);
+
+    assert_restarts(
+        &daemon,
+        &setup,
+        &setup.key,
+        "not the one the interrupted run",
+    );
+}
+
+#[test]
+fn a_restart_into_a_complete_old_image_never_leaves_its_header_over_a_partial_payload() {
+    let setup = setup();
+    {
+        let daemon = start_daemon(&setup.dir);
+        run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    }
+    // A complete image under the partial name (its rename was lost), no checkpoint for it.
+    fs::rename(&setup.output, partial_of(&setup.output)).unwrap();
+    let new_key = setup.dir.join("k2");
+    write_key(&new_key);
+    let daemon = Daemon::start_with_env(
+        &setup.dir,
+        &["--engine", "userspace"],
+        &[DELAY, ("IMGCRYPTD_CRASH_AT", "encrypt:copying")],
+    );
+    let output = encrypt(&daemon, &setup, &new_key).output().unwrap();
+    assert!(!output.status.success(), "{}", describe(&output));
+    // Killed with the first payload bytes of the restart written: the old header is gone.
+    assert_partial_is_not_an_image(&setup.output);
+}
+
+#[test]
+fn a_finished_image_whose_checkpoint_outlived_it_is_completed_by_the_rerun() {
+    let setup = setup();
+    {
+        // Killed with the header (magic and all) durable, its checkpoint not yet removed.
+        let daemon = Daemon::start_with_env(
+            &setup.dir,
+            &["--engine", "userspace"],
+            &[("IMGCRYPTD_CRASH_AT", "encrypt:header-written")],
+        );
+        let output = encrypt(&daemon, &setup, &setup.key).output().unwrap();
+        assert!(!output.status.success(), "{}", describe(&output));
+        assert!(partial_of(&setup.output).exists());
+        assert_eq!(checkpoint_files(&setup.dir).len(), 1);
+    }
+    let daemon = start_daemon(&setup.dir);
+    let output = run_ok(&mut encrypt(&daemon, &setup, &setup.key));
+    // Its unmasked header is the staged one: resumed at the end, nothing copied again.
+    assert_eq!(
+        summary_resumed_from(&output),
+        Some(SOURCE_BYTES as u64),
+        "{}",
+        describe(&output)
+    );
+    assert!(checkpoint_files(&setup.dir).is_empty());
+    assert_decrypts_to_source(&setup, &setup.key);
+}
+
+#[test]
+fn an_edit_with_its_modification_time_set_back_still_restarts_from_scratch() {
+    let setup = setup();
+    let daemon = interrupted_run(&setup, &setup.key);
+    // One sector away from the sampled blocks, size unchanged, mtime put back as it was: only
+    // the inode change time (which no user can set) tells.
+    let modified = fs::metadata(&setup.source).unwrap().modified().unwrap();
+    let source = fs::OpenOptions::new()
+        .write(true)
+        .open(&setup.source)
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&source, &[0x42; 512], 32 << 20).unwrap();
+    source
+        .set_times(fs::FileTimes::new().set_modified(modified))
+        .unwrap();
+    drop(source);
+
+    assert_restarts(&daemon, &setup, &setup.key, "inode change time");
+}
+
+#[test]
+fn a_guessable_key_is_not_fingerprinted_in_the_checkpoint_and_its_keyslot_tells_a_change() {
+    let setup = setup();
+    let weak = setup.dir.join("weak");
+    // Valid base64, but of printable text: not a generated key.
+    let text_key = |text: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(text)
+    };
+    fs::write(&weak, text_key("my disk passphrase is not random at all!")).unwrap();
+    fs::set_permissions(&weak, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let daemon = interrupted_run(&setup, &weak);
+    let files = checkpoint_files(&setup.dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let checkpoint: serde_json::Value =
+        serde_json::from_slice(&fs::read(&files[0]).unwrap()).unwrap();
+    assert!(checkpoint["key_fingerprint"].is_null(), "{checkpoint}");
+
+    let other = setup.dir.join("weak2");
+    fs::write(
+        &other,
+        text_key("another passphrase that is not random at all"),
+    )
+    .unwrap();
+    fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    assert_restarts(
+        &daemon,
+        &setup,
+        &other,
+        "does not open the interrupted run's keyslot",
+    );
 }

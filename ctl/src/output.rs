@@ -161,15 +161,7 @@ impl Output {
         let Self::File(mut partial) = self else {
             return None;
         };
-        if !partial.resumable {
-            return None;
-        }
-        let empty = partial
-            .file
-            .metadata()
-            .map(|m| m.len() == 0)
-            .unwrap_or(true);
-        if partial.reopened || (interrupted && !empty) {
+        if partial.kept(interrupted) {
             partial.committed = true;
             forget_pending();
             return Some(format!(
@@ -232,7 +224,9 @@ impl PartialFile {
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .mode(0o666)
+                // A resumable partial lives long and holds the keyslot from early on: private
+                // to its owner (and so is the finished image; `chmod` it to share it).
+                .mode(if resumable { 0o600 } else { 0o666 })
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&partial_path)
         };
@@ -269,14 +263,19 @@ impl PartialFile {
                     .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                     .open(&partial_path);
                 match file {
-                    Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => Ok(file),
-                    Ok(_) => {
-                        forget_pending();
-                        return Err(CtlError::File {
-                            path: partial_path,
-                            message: "exists and is not a regular file: remove it".to_string(),
-                        });
-                    }
+                    Ok(file) => match reopen_refusal(&file) {
+                        None => Ok(file),
+                        Some(why) => {
+                            forget_pending();
+                            return Err(CtlError::File {
+                                path: partial_path,
+                                message: format!(
+                                    "{why}: it is not resumed; delete it or pass --force to \
+                                     start over"
+                                ),
+                            });
+                        }
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -305,6 +304,15 @@ impl PartialFile {
         })
     }
 
+    /// Whether an uncommitted partial file stays when the run ends without success: a
+    /// resumable one that an earlier run left (it may hold hours of checkpointed work, and
+    /// whether the daemon restarted it is not ours to guess), or one this run created that
+    /// the daemon stopped, checkpointed, and wrote something into (`interrupted`).
+    fn kept(&self, interrupted: bool) -> bool {
+        let empty = self.file.metadata().map(|m| m.len() == 0).unwrap_or(true);
+        self.resumable && (self.reopened || (interrupted && !empty))
+    }
+
     fn commit(mut self) -> Result<PathBuf> {
         let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::rename(&self.partial_path, &self.final_path).map_err(|e| {
@@ -319,10 +327,14 @@ impl PartialFile {
 }
 
 impl Drop for PartialFile {
+    /// An early error (no daemon, a companion that fails, TooManyJobs) drops the output:
+    /// removed, unless [`PartialFile::kept`] says it stays.
     fn drop(&mut self) {
         if !self.committed {
             let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = std::fs::remove_file(&self.partial_path);
+            if !self.kept(false) {
+                let _ = std::fs::remove_file(&self.partial_path);
+            }
             *pending = None;
         }
     }
@@ -350,6 +362,33 @@ pub fn keep_on_interrupt(path: &Path, remove: bool) {
         let _ = std::fs::remove_file(path);
     }
     *pending = None;
+}
+
+/// Why an existing `OUT.partial` is not ours to resume, if it is not: it must be a regular file
+/// we own with no other name (a hard link planted by someone else, or their file, would have
+/// the daemon write into a file that is not this run's).
+fn reopen_refusal(file: &File) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = match file.metadata() {
+        Ok(metadata) => metadata,
+        Err(e) => return Some(format!("cannot be examined ({e})")),
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    if !metadata.is_file() {
+        Some("exists and is not a regular file".to_string())
+    } else if metadata.uid() != euid {
+        Some(format!(
+            "exists and belongs to uid {}, not to you (uid {euid})",
+            metadata.uid()
+        ))
+    } else if metadata.nlink() != 1 {
+        Some(format!(
+            "exists with {} hard links (an interrupted run leaves it with one)",
+            metadata.nlink()
+        ))
+    } else {
+        None
+    }
 }
 
 /// `OUT.partial` for the final name `OUT`.
@@ -832,7 +871,8 @@ mod tests {
 
         // A fresh run that fails outright leaves nothing.
         let output = Output::create_resumable(&out, false).unwrap();
-        assert!(partial.exists());
+        let mode = std::fs::metadata(&partial).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "a resumable partial is private: {mode:o}");
         assert_eq!(output.abandon(false), None);
         assert!(!partial.exists());
 
@@ -854,6 +894,28 @@ mod tests {
         assert!(output.abandon(false).is_some());
         assert!(partial.exists());
 
+        // A second name for it is refused (the file is kept as it was).
+        let link = dir.path().join("elsewhere");
+        std::fs::hard_link(&partial, &link).unwrap();
+        let refused = Output::create_resumable(&out, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("2 hard links"), "{refused}");
+        assert_eq!(std::fs::read(&partial).unwrap(), b"progress");
+        std::fs::remove_file(&link).unwrap();
+        // Another user's is refused too (root can make one).
+        if nix::unistd::geteuid().is_root() {
+            std::os::unix::fs::chown(&partial, Some(65534), None).unwrap();
+            let refused = Output::create_resumable(&out, false)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(refused.contains("belongs to uid 65534"), "{refused}");
+            assert!(partial.exists());
+            std::os::unix::fs::chown(&partial, Some(0), None).unwrap();
+        }
+
         // --force starts over; other outputs still refuse a stale partial.
         let output = Output::create_resumable(&out, true).unwrap();
         assert_eq!(std::fs::read(&partial).unwrap(), b"");
@@ -861,6 +923,28 @@ mod tests {
         std::fs::write(&partial, b"stale").unwrap();
         let refused = Output::create(&out, false).err().unwrap().to_string();
         assert!(refused.contains("interrupted run"), "{refused}");
+    }
+
+    #[test]
+    fn dropping_a_reopened_partial_keeps_it_and_a_fresh_one_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.luks");
+        let partial = partial_path(&out);
+
+        // This run's own file, dropped by an early error (say no daemon): removed.
+        drop(Output::create_resumable(&out, false).unwrap());
+        assert!(!partial.exists());
+
+        // An earlier run's checkpointed file, reopened, then dropped by the same early
+        // error: kept as it was.
+        std::fs::write(&partial, b"hours of work").unwrap();
+        drop(Output::create_resumable(&out, false).unwrap());
+        assert_eq!(std::fs::read(&partial).unwrap(), b"hours of work");
+
+        // Outputs that cannot resume still remove theirs.
+        std::fs::remove_file(&partial).unwrap();
+        drop(Output::create(&out, false).unwrap());
+        assert!(!partial.exists());
     }
 
     #[test]

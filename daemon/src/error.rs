@@ -198,6 +198,23 @@ pub enum Error {
         /// The payload's size.
         total: u64,
     },
+
+    /// An encryption failed (an I/O or LUKS error, not a cancellation) after a checkpoint was
+    /// saved: the partial file is worth keeping, so it is reported as `Interrupted` (imgctl
+    /// keeps `OUT.partial`), with the underlying error in the message.
+    #[error(
+        "{source}; the progress up to payload byte {done} of {total} is checkpointed: once \
+         that is fixed, run the same `imgctl encrypt` command again to resume from there \
+         (imgctl keeps OUT.partial for it)"
+    )]
+    FailedAfterCheckpoint {
+        /// What failed.
+        source: Box<Error>,
+        /// Payload bytes durable and checkpointed.
+        done: u64,
+        /// The payload's size.
+        total: u64,
+    },
 }
 
 impl Error {
@@ -246,7 +263,7 @@ impl Error {
             Self::EngineUnavailable { .. } => errors::ENGINE_UNAVAILABLE,
             Self::Luks { .. } => errors::LUKS_ERROR,
             Self::Io { .. } | Self::Cancelled => errors::IO_ERROR,
-            Self::Interrupted { .. } => errors::INTERRUPTED,
+            Self::Interrupted { .. } | Self::FailedAfterCheckpoint { .. } => errors::INTERRUPTED,
             Self::PermissionDenied(_) => errors::PERMISSION_DENIED,
             Self::WrongKey { .. } => errors::WRONG_KEY,
             Self::NoKey(_) => errors::NO_KEY,
@@ -261,7 +278,9 @@ impl Error {
             Self::KeyFile(error) => parameters.rule = Some(error.rule().to_string()),
             Self::UnsupportedFormat { format, .. } => parameters.format = Some(format.to_string()),
             Self::CorruptImage { offset, .. } => parameters.offset = *offset,
-            Self::Interrupted { done, .. } => parameters.offset = Some(*done),
+            Self::Interrupted { done, .. } | Self::FailedAfterCheckpoint { done, .. } => {
+                parameters.offset = Some(*done)
+            }
             Self::BadDescriptor { descriptor, .. } => {
                 parameters.descriptor = Some(descriptor.name().to_string())
             }
@@ -293,5 +312,32 @@ impl Error {
             _ => {}
         }
         parameters
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_after_a_checkpoint_is_reported_as_interrupted_but_not_as_a_cancellation() {
+        let error = Error::FailedAfterCheckpoint {
+            source: Box::new(Error::io(
+                "writing the output",
+                std::io::Error::from_raw_os_error(libc::EIO),
+            )),
+            done: 32 << 20,
+            total: 128 << 20,
+        };
+        // imgctl keeps OUT.partial on Interrupted.
+        assert_eq!(error.varlink_name(), errors::INTERRUPTED);
+        assert_eq!(error.varlink_parameters().offset, Some(32 << 20));
+        // The audit record says it failed.
+        assert!(!error.is_cancellation());
+        let message = error.to_string();
+        assert!(
+            message.contains("writing the output") && message.contains("run the same"),
+            "{message}"
+        );
     }
 }

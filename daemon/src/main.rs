@@ -297,8 +297,10 @@ fn state_dir(args: &Args) -> Option<PathBuf> {
     }
     let non_empty = |name: &str| std::env::var_os(name).filter(|value| !value.is_empty());
     if args.user {
+        // The XDG spec: a relative $XDG_STATE_HOME is invalid and ignored.
         non_empty("XDG_STATE_HOME")
             .map(PathBuf::from)
+            .filter(|dir| dir.is_absolute())
             .or_else(|| non_empty("HOME").map(|home| Path::new(&home).join(".local/state")))
             .map(|base| base.join("imgcrypt"))
     } else {

@@ -16,10 +16,13 @@
 //! directory; a crash leaves the old checkpoint or the new one, never a torn one (a stray
 //! temporary file is replaced by the next write under the same name).
 
+use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,10 +36,10 @@ pub const MAX_PER_UID: usize = 16;
 pub const MAX_BYTES: usize = 4096;
 
 /// Format version of [`Checkpoint`]; another version is ignored (the job restarts).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The identity of a file as `fstat` gives it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FileIdentity {
     /// `st_dev`.
     pub dev: u64,
@@ -66,6 +69,9 @@ pub struct SourceIdentity {
     pub size: u64,
     /// Its modification time, in nanoseconds since the epoch.
     pub mtime_ns: i128,
+    /// Its inode change time (`st_ctime`), in nanoseconds since the epoch: unlike the
+    /// modification time, no user can set it.
+    pub ctime_ns: i128,
     /// The guest disk's virtual size.
     pub virtual_size: u64,
     /// Hex SHA-256 of a sample of the guest data (blocks at the start, middle and end).
@@ -86,7 +92,9 @@ pub struct Checkpoint {
     /// The source.
     pub source: SourceIdentity,
     /// Base64 SHA-256 fingerprint of the key file (as the summary shows it); never the key.
-    pub key_fingerprint: String,
+    /// `None` for a key that does not look generated (the rule a LUKS2 header's fingerprint
+    /// token follows): the keyslot then tells a changed key.
+    pub key_fingerprint: Option<String>,
     /// Hex SHA-256 of the parameters that shape the output.
     pub parameters_sha256: String,
     /// Where the payload starts (the header's size).
@@ -97,12 +105,41 @@ pub struct Checkpoint {
     pub done: u64,
     /// The keyslot's key derivation as the summary describes it (public header metadata).
     pub pbkdf: String,
+    /// Hex SHA-256 of the masked header staged in the partial file (`0..data_offset`): a
+    /// resume opens only that header.
+    pub header_sha256: String,
 }
 
 /// The checkpoints of every uid, under one state directory.
 #[derive(Debug, Clone)]
 pub struct CheckpointStore {
     root: PathBuf,
+    /// The outputs a job is writing now (shared by clones).
+    claims: Arc<Claims>,
+}
+
+/// Outputs being written, so that two jobs never write the same `OUT.partial` at once. Kept in
+/// the daemon rather than as an `flock` on the file: any user who can open the file could hold
+/// an `flock` and block its owner's encryption.
+#[derive(Debug, Default)]
+struct Claims {
+    busy: Mutex<HashSet<FileIdentity>>,
+    freed: Condvar,
+}
+
+/// One job's claim on an output ([`CheckpointStore::claim`]), released on drop.
+#[derive(Debug)]
+pub struct OutputClaim<'a> {
+    claims: &'a Claims,
+    output: FileIdentity,
+}
+
+impl Drop for OutputClaim<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.claims.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.remove(&self.output);
+        self.claims.freed.notify_all();
+    }
 }
 
 impl CheckpointStore {
@@ -110,8 +147,51 @@ impl CheckpointStore {
     pub fn open(state_dir: &Path) -> Result<Self> {
         let root = state_dir.join("checkpoints");
         make_private_dir(state_dir)?;
+        check_private_dir(state_dir, fs::metadata(state_dir))?;
         make_private_dir(&root)?;
-        Ok(Self { root })
+        check_private_dir(&root, fs::symlink_metadata(&root))?;
+        Ok(Self {
+            root,
+            claims: Arc::default(),
+        })
+    }
+
+    /// Claims `output` for one job: waits (up to `wait`, calling `check` every 100 ms, whose
+    /// error ends the wait) while another job holds it, say an interrupted run still saving
+    /// its last checkpoint.
+    pub fn claim(
+        &self,
+        output: &FileIdentity,
+        wait: Duration,
+        check: impl Fn() -> Result<()>,
+    ) -> Result<OutputClaim<'_>> {
+        let deadline = Instant::now() + wait;
+        let mut busy = self.claims.busy.lock().unwrap_or_else(|e| e.into_inner());
+        while busy.contains(output) {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::io(
+                    "claiming OUT.partial: another imgcrypt job (an interrupted run still \
+                     stopping?) is writing it; try again when it has finished",
+                    std::io::Error::from(std::io::ErrorKind::WouldBlock),
+                ));
+            }
+            drop(busy);
+            check()?;
+            busy = self.claims.busy.lock().unwrap_or_else(|e| e.into_inner());
+            let step = (deadline - now).min(Duration::from_millis(100));
+            busy = self
+                .claims
+                .freed
+                .wait_timeout(busy, step)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        busy.insert(output.clone());
+        Ok(OutputClaim {
+            claims: &self.claims,
+            output: output.clone(),
+        })
     }
 
     /// Where the checkpoints live.
@@ -140,9 +220,12 @@ impl CheckpointStore {
         let path = self.path(uid, output);
         let file = OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&path)
             .ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
         let mut bytes = Vec::new();
         file.take(MAX_BYTES as u64 + 1)
             .read_to_end(&mut bytes)
@@ -160,6 +243,7 @@ impl CheckpointStore {
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<()> {
         let dir = self.uid_dir(checkpoint.uid);
         make_private_dir(&dir)?;
+        check_private_dir(&dir, fs::symlink_metadata(&dir))?;
         let path = self.path(checkpoint.uid, &checkpoint.output);
         if !path.exists() {
             self.make_room(&dir)?;
@@ -206,8 +290,13 @@ impl CheckpointStore {
             .map_err(|e| Error::io(format!("listing {}", dir.display()), e))?
             .filter_map(|entry| {
                 let entry = entry.ok()?;
-                let modified = entry.metadata().ok()?.modified().ok()?;
-                Some((modified, entry.path()))
+                // Only what `save` writes: regular files named like its checkpoints.
+                let metadata = entry.metadata().ok()?;
+                let name = entry.file_name();
+                if !metadata.is_file() || !is_checkpoint_name(name.to_str()?) {
+                    return None;
+                }
+                Some((metadata.modified().ok()?, entry.path()))
             })
             .collect();
         entries.sort();
@@ -241,6 +330,56 @@ fn make_private_dir(dir: &Path) -> Result<()> {
     }
 }
 
+/// A name [`CheckpointStore::save`] writes: 32 hex digits, `.json` or `.json.tmp`.
+fn is_checkpoint_name(name: &str) -> bool {
+    let stem = name
+        .strip_suffix(".json")
+        .or_else(|| name.strip_suffix(".json.tmp"));
+    stem.is_some_and(|stem| {
+        stem.len() == 32 && stem.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// Refuses a state directory (given `metadata`, of its `lstat` below the state directory) that
+/// is not a directory owned by the daemon's euid, or that others may write: the daemon trusts
+/// what it reads there, and with every level its own and closed to others nobody else can put
+/// a symbolic link or a file in its way.
+fn check_private_dir(dir: &Path, metadata: std::io::Result<fs::Metadata>) -> Result<()> {
+    let metadata = metadata.map_err(|e| {
+        Error::io(
+            format!("examining the state directory {}", dir.display()),
+            e,
+        )
+    })?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let why = if !metadata.is_dir() {
+        Some("is not a directory".to_string())
+    } else if metadata.uid() != euid {
+        Some(format!(
+            "belongs to uid {}, not the daemon's {euid}",
+            metadata.uid()
+        ))
+    } else if metadata.mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by others (mode {:o})",
+            metadata.mode() & 0o7777
+        ))
+    } else {
+        None
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(Error::io(
+            format!(
+                "using the state directory {} (it {why}; give the daemon a directory of its own, \
+                 not group- or world-writable, with --state-dir)",
+                dir.display()
+            ),
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        )),
+    }
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|dir| dir.sync_all())
@@ -252,6 +391,34 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    #[test]
+    fn one_job_at_a_time_claims_an_output_and_the_next_waits_or_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        let output = FileIdentity { dev: 1, ino: 7 };
+        let other = FileIdentity { dev: 1, ino: 8 };
+        let ok = || Ok(());
+        let first = store.claim(&output, Duration::ZERO, ok).unwrap();
+        // Another output is free; the same one is refused, saying why.
+        drop(store.claim(&other, Duration::ZERO, ok).unwrap());
+        let refused = store
+            .claim(&output, Duration::from_millis(150), ok)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("another imgcrypt job"), "{refused}");
+        // A cancelled waiter stops waiting.
+        let cancelled = store.claim(&output, Duration::from_secs(10), || Err(Error::Cancelled));
+        assert!(matches!(cancelled, Err(Error::Cancelled)));
+        // A waiter gets it once the holder lets go (a clone of the store shares the claims).
+        let clone = store.clone();
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| clone.claim(&output, Duration::from_secs(10), ok).is_ok());
+            std::thread::sleep(Duration::from_millis(200));
+            drop(first);
+            assert!(waiter.join().unwrap());
+        });
+    }
+
     fn checkpoint(uid: u32, ino: u64) -> Checkpoint {
         Checkpoint {
             version: VERSION,
@@ -262,15 +429,17 @@ mod tests {
                 file: FileIdentity { dev: 1, ino: 99 },
                 size: 4096,
                 mtime_ns: 5,
+                ctime_ns: 6,
                 virtual_size: 4096,
                 sample_sha256: "00".into(),
             },
-            key_fingerprint: "fp".into(),
+            key_fingerprint: Some("fp".into()),
             parameters_sha256: "pp".into(),
             data_offset: 4096,
             payload_size: 4096,
             done: 0,
             pbkdf: "pbkdf2".into(),
+            header_sha256: "ab".repeat(32),
         }
     }
 
@@ -332,5 +501,47 @@ mod tests {
         assert_eq!(store.load(3, &saved.output), None);
         fs::write(&path, b"{not json").unwrap();
         assert_eq!(store.load(3, &saved.output), None);
+        // A FIFO under a checkpoint's name neither blocks nor loads.
+        fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(store.load(3, &saved.output), None);
+    }
+
+    #[test]
+    fn making_room_removes_only_checkpoint_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        store.save(&checkpoint(4, 0)).unwrap();
+        let uid_dir = store.uid_dir(4);
+        let foreign = uid_dir.join("notes.txt");
+        fs::write(&foreign, b"not ours").unwrap();
+        let odd_dir = uid_dir.join(format!("{}.json", "0".repeat(32)));
+        fs::create_dir(&odd_dir).unwrap();
+        for ino in 1..=MAX_PER_UID as u64 + 2 {
+            store.save(&checkpoint(4, ino)).unwrap();
+        }
+        assert!(foreign.exists() && odd_dir.is_dir());
+        assert!(is_checkpoint_name(&format!("{}.json.tmp", "ab".repeat(16))));
+        assert!(!is_checkpoint_name(&format!("{}.json", "AB".repeat(16))));
+        assert!(!is_checkpoint_name("x.json"));
+    }
+
+    #[test]
+    fn a_state_directory_others_may_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+        let error = CheckpointStore::open(&state).unwrap_err().to_string();
+        assert!(error.contains("writable by others"), "{error}");
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        // A symbolic link in place of the checkpoints directory is refused too.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.join("checkpoints")).unwrap();
+        let error = CheckpointStore::open(&state).unwrap_err().to_string();
+        assert!(error.contains("is not a directory"), "{error}");
+        fs::remove_file(state.join("checkpoints")).unwrap();
+        assert!(CheckpointStore::open(&state).is_ok());
     }
 }

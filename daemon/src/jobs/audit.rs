@@ -94,6 +94,9 @@ pub struct Facts {
     pub engine: Option<EngineKind>,
     /// The most bytes the job reported done (payload copied, hashed or compared).
     pub bytes: u64,
+    /// The payload byte a resumed encryption started from (Encrypt into a checkpointed
+    /// `OUT.partial`).
+    pub resumed_from: Option<u64>,
 }
 
 impl AuditFacts {
@@ -130,6 +133,11 @@ impl AuditFacts {
     /// Records the fingerprint of the key the job encrypts with.
     pub fn encryption_key(&self, fingerprint: &str) {
         self.lock().key_fingerprint = Some(fingerprint.to_string());
+    }
+
+    /// Records that the job resumed an interrupted encryption at payload byte `from`.
+    pub fn resumed_from(&self, from: u64) {
+        self.lock().resumed_from = Some(from);
     }
 
     /// Records the fingerprint of the key that opened the image.
@@ -280,6 +288,7 @@ impl Record<'_> {
             unlock_key_fingerprint = facts.unlock_key_fingerprint.as_deref(),
             engine = facts.engine.map(engine_name),
             bytes = facts.bytes,
+            resumed_from = facts.resumed_from,
             result = outcome.name(),
             error_kind,
             duration_ms = self.duration_ms,

@@ -55,7 +55,7 @@ use crate::context::DaemonContext;
 use crate::engines::xts::IvMode;
 use crate::engines::{Engine, PayloadJob};
 use crate::formats::SourceImage;
-use crate::keys::{CandidateKey, KeyFile, SecretBytes};
+use crate::keys::{strength, CandidateKey, KeyFile, SecretBytes};
 use crate::luks::cost::KdfCaps;
 use crate::luks::unlock::Unlocking;
 use crate::luks::{self, crash, FormattedHeader, HeaderContext, HeaderSpec, LuksImage};
@@ -100,6 +100,7 @@ pub struct SourceStat {
     file: FileIdentity,
     size: u64,
     mtime_ns: i128,
+    ctime_ns: i128,
 }
 
 impl SourceStat {
@@ -116,6 +117,9 @@ impl SourceStat {
             size: crate::sys::storage::size_of(file)?,
             mtime_ns: i128::from(metadata.mtime()) * 1_000_000_000
                 + i128::from(metadata.mtime_nsec()),
+            // Unlike the modification time, no user can set it back.
+            ctime_ns: i128::from(metadata.ctime()) * 1_000_000_000
+                + i128::from(metadata.ctime_nsec()),
         })
     }
 }
@@ -136,6 +140,7 @@ fn source_identity(stat: &SourceStat, image: &dyn SourceImage) -> Result<SourceI
         file: stat.file.clone(),
         size: stat.size,
         mtime_ns: stat.mtime_ns,
+        ctime_ns: stat.ctime_ns,
         virtual_size: size,
         sample_sha256: hex(&hash.finalize()),
     })
@@ -152,6 +157,22 @@ fn parameters_sha256(parameters: &EncryptParameters) -> String {
         "target": parameters.target,
     });
     hex(&Sha256::digest(shaping.to_string().as_bytes()))
+}
+
+/// Hex SHA-256 of `0..length` of `file`: the staged masked header, which binds a checkpoint to
+/// the header it was saved with.
+fn header_sha256(file: &File, length: u64) -> Result<String> {
+    let mut hash = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < length {
+        let chunk = (length - offset).min(buffer.len() as u64) as usize;
+        file.read_exact_at(&mut buffer[..chunk], offset)
+            .map_err(|e| Error::io("reading the header to hash it", e))?;
+        hash.update(&buffer[..chunk]);
+        offset += chunk as u64;
+    }
+    Ok(hex(&hash.finalize()))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -192,14 +213,31 @@ fn swap_magic(header: &File, restore: bool) -> Result<bool> {
 
 /// Writes the formatted `header` (`data_offset` bytes of a daemon memfd) into the output with
 /// its magic masked, and syncs: from now on the partial file holds what recovers the volume key.
-fn stage_masked_header(header: &File, output: &File, data_offset: u64) -> Result<()> {
-    swap_magic(header, false)?;
-    let copied = copy_header(header, output, data_offset);
+/// Returns the masked header's [`header_sha256`].
+fn stage_masked_header(header: &File, output: &File, data_offset: u64) -> Result<String> {
+    if !swap_magic(header, false)? {
+        return Err(Error::Luks {
+            operation: "format",
+            message: "the formatted header carries no LUKS magic to mask".to_string(),
+        });
+    }
+    let staged =
+        copy_header(header, output, data_offset).and_then(|()| header_sha256(header, data_offset));
     swap_magic(header, true)?;
-    copied?;
+    let digest = staged?;
     output
         .sync_data()
-        .map_err(|e| Error::io("fdatasync after the partial file's masked header", e))
+        .map_err(|e| Error::io("fdatasync after the partial file's masked header", e))?;
+    Ok(digest)
+}
+
+/// The partial file's staged header as checkpoints record it.
+#[derive(Clone)]
+struct Staged {
+    /// The keyslot's key derivation as the summary describes it.
+    pbkdf: String,
+    /// [`header_sha256`] of the masked header.
+    header_sha256: String,
 }
 
 /// What a resumed job recovered from the partial file.
@@ -270,19 +308,27 @@ pub fn encrypt(
     spec: &HeaderSpec,
 ) -> Result<(LuksOutput, Written, HeaderFacts)> {
     let virtual_size = inputs.image.virtual_size();
-    let _lock = lock_output(job, &inputs.output.file)?;
+    // One job at a time per output, so that a re-run never writes the partial file while the
+    // interrupted run is still stopping (serialised in the daemon: see `CheckpointStore::claim`).
+    let output_identity = FileIdentity::of(&inputs.output.file)?;
+    let _claim = store.claim(&output_identity, CLAIM_WAIT, || job.check_cancel())?;
     let template = Checkpoint {
         version: VERSION,
         uid: job.caller_uid,
-        output: FileIdentity::of(&inputs.output.file)?,
+        output: output_identity.clone(),
         output_size: 0,
         source: source_identity(inputs.stat, inputs.image)?,
-        key_fingerprint: inputs.key.fingerprint.clone(),
+        // Only where a header may carry it too: an unsalted SHA-256 of a guessable key would
+        // let whoever reads the state directory test guesses fast. Without it the keyslot
+        // itself tells a changed key (see `recover`).
+        key_fingerprint: strength::may_store_fingerprint(inputs.key.passphrase.as_bytes())?
+            .then(|| inputs.key.fingerprint.clone()),
         parameters_sha256: parameters_sha256(&job.parameters),
         data_offset: 0,
         payload_size: 0,
         done: 0,
         pbkdf: String::new(),
+        header_sha256: String::new(),
     };
     if let Some(recovered) = recover(job, inputs, store, &template)? {
         let checkpoint = recovered.checkpoint;
@@ -294,14 +340,21 @@ pub fn encrypt(
             checkpoint.payload_size
         ));
         tracing::info!(job = job.id, from, "resuming from a checkpoint");
+        job.reporter.audit().resumed_from(from);
         let pbkdf = checkpoint.pbkdf.clone();
+        let staged = Staged {
+            pbkdf: pbkdf.clone(),
+            header_sha256: checkpoint.header_sha256.clone(),
+        };
         let data_offset = checkpoint.data_offset;
         let mut copier = Copier::new(job, inputs, store, checkpoint);
-        let written = copier.run(&container, recovered.volume_key.as_bytes(), &mut |_| {
-            Ok(Some(pbkdf.clone()))
-        })?;
+        let written = copier
+            .run(&container, recovered.volume_key.as_bytes(), &mut |_| {
+                Ok(Some(staged.clone()))
+            })
+            .map_err(|e| copier.failed(e))?;
         drop(recovered.volume_key);
-        copier.finish(&container)?;
+        copier.finish(&container).map_err(|e| copier.failed(e))?;
         let facts = HeaderFacts {
             cipher: recovered.cipher,
             key_size_bits: recovered.key_size_bits,
@@ -317,33 +370,32 @@ pub fn encrypt(
 
 /// How long a job waits for another job on the same `OUT.partial` to let go: an interrupted
 /// run still saving its last checkpoint (waiting for its keyslot's derivation at most).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// An exclusive `flock` on the output for the job's lifetime, so that a re-run never writes
-/// the partial file while the interrupted run is still stopping (it waits up to [`LOCK_WAIT`]).
-fn lock_output(job: &Job<EncryptParameters>, output: &File) -> Result<nix::fcntl::Flock<File>> {
-    use nix::fcntl::{Flock, FlockArg};
-    let deadline = Instant::now() + LOCK_WAIT;
-    let mut file = output
-        .try_clone()
-        .map_err(|e| Error::io("duplicating the output descriptor", e))?;
-    loop {
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
-                job.check_cancel()?;
-                file = back;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            Err((_, errno)) => {
-                return Err(Error::io(
-                    "locking OUT.partial: another imgcrypt job (an interrupted run still \
-                     stopping?) is writing it; try again when it has finished",
-                    errno,
-                ))
-            }
-        }
+/// Bytes a fresh start zeroes at the start of a non-empty partial file: past every place a LUKS1
+/// or LUKS2 magic can be (LUKS2's secondary header sits at its primary's size, 4 MiB at most).
+const OLD_HEADER_CLEAR: u64 = 16 << 20;
+
+/// Zeroes the start of a non-empty partial file (at most [`OLD_HEADER_CLEAR`] bytes) and syncs,
+/// so that no earlier image's header survives over a payload this run only partly rewrites.
+fn clear_old_header(output: &File) -> Result<()> {
+    let size = crate::sys::storage::size_of(output)?;
+    let length = size.min(OLD_HEADER_CLEAR);
+    if length == 0 {
+        return Ok(());
     }
+    let zeros = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    while offset < length {
+        let chunk = (length - offset).min(zeros.len() as u64) as usize;
+        output
+            .write_all_at(&zeros[..chunk], offset)
+            .map_err(|e| Error::io(format!("clearing OUT.partial's old header at {offset}"), e))?;
+        offset += chunk as u64;
+    }
+    output
+        .sync_data()
+        .map_err(|e| Error::io("fdatasync after clearing OUT.partial's old header", e))
 }
 
 /// A fresh start: the header formatted with its keyslot derived alongside the copy (as
@@ -358,6 +410,9 @@ fn fresh(
 ) -> Result<(LuksOutput, Written, HeaderFacts)> {
     // Before anything is written: a checkpoint must never describe bytes this run overwrites.
     store.remove(checkpoint.uid, &checkpoint.output);
+    // Nor may an earlier run's header (a complete image left as OUT.partial) sit over the
+    // payload this run rewrites: it goes first, durably.
+    clear_old_header(&inputs.output.file)?;
     job.check_cancel()?;
     job.reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(luks::VOLUME_KEY_BYTES)?;
@@ -377,10 +432,10 @@ fn fresh(
         checkpoint.data_offset = prepared.data_offset;
         checkpoint.payload_size = container.payload_size();
         let mut pending = Some(pending);
-        let mut formatted: Option<FormattedHeader> = None;
+        let mut formatted: Option<(FormattedHeader, String)> = None;
         // After each durable range: once the keyslot is derived (`wait`: now, waiting for
         // it), the masked header goes into the partial file and checkpoints start.
-        let mut staged = |wait: bool| -> Result<Option<String>> {
+        let mut staged = |wait: bool| -> Result<Option<Staged>> {
             if formatted.is_none() && (wait || pending.as_ref().is_some_and(|p| p.is_finished())) {
                 let Some(pending) = pending.take() else {
                     return Ok(None);
@@ -396,16 +451,22 @@ fn fresh(
                 );
                 // What was derived, checked as every reader will check it.
                 inputs.caps.check_created(&header.cost)?;
-                stage_masked_header(&header.image, &inputs.output.file, header.data_offset)?;
-                formatted = Some(header);
+                let digest =
+                    stage_masked_header(&header.image, &inputs.output.file, header.data_offset)?;
+                formatted = Some((header, digest));
             }
-            Ok(formatted.as_ref().map(|header| header.pbkdf.clone()))
+            Ok(formatted.as_ref().map(|(header, digest)| Staged {
+                pbkdf: header.pbkdf.clone(),
+                header_sha256: digest.clone(),
+            }))
         };
         let mut copier = Copier::new(job, inputs, store, checkpoint);
-        let written = copier.run(&container, volume_key.as_bytes(), &mut staged)?;
-        staged(true)?;
-        copier.finish(&container)?;
-        let header = formatted.ok_or_else(|| Error::Luks {
+        let written = copier
+            .run(&container, volume_key.as_bytes(), &mut staged)
+            .map_err(|e| copier.failed(e))?;
+        staged(true).map_err(|e| copier.failed(e))?;
+        copier.finish(&container).map_err(|e| copier.failed(e))?;
+        let (header, _) = formatted.ok_or_else(|| Error::Luks {
             operation: "format",
             message: "the keyslot was never derived".to_string(),
         })?;
@@ -423,12 +484,14 @@ struct Copier<'j, 'i> {
     /// Payload bytes from the start that are durable now (saved or not: before the header is
     /// staged there is nothing to save them with).
     durable: u64,
+    /// A checkpoint of this output is in the store (saved by this run, or the one resumed).
+    checkpointed: bool,
 }
 
 /// Called after each durable range (and with `true` when the copy stops or ends, then waiting
 /// for what it needs): the keyslot's description once the partial file holds the header that
 /// recovers the volume key, `None` while it does not (nothing to checkpoint yet).
-type AfterRange<'a> = dyn FnMut(bool) -> Result<Option<String>> + 'a;
+type AfterRange<'a> = dyn FnMut(bool) -> Result<Option<Staged>> + 'a;
 
 impl<'j, 'i> Copier<'j, 'i> {
     fn new(
@@ -442,7 +505,23 @@ impl<'j, 'i> Copier<'j, 'i> {
             inputs,
             store,
             durable: checkpoint.done,
+            checkpointed: checkpoint.done > 0,
             checkpoint,
+        }
+    }
+
+    /// `error` as the job reports it: once a checkpoint is saved, a failure (say EIO) keeps
+    /// the partial file resumable, so it is reported as [`Error::FailedAfterCheckpoint`] (an
+    /// `Interrupted` on the wire, on which imgctl keeps `OUT.partial`).
+    fn failed(&self, error: Error) -> Error {
+        match error {
+            Error::Interrupted { .. } | Error::FailedAfterCheckpoint { .. } => error,
+            error if self.checkpointed => Error::FailedAfterCheckpoint {
+                source: Box::new(error),
+                done: self.checkpoint.done,
+                total: self.checkpoint.payload_size,
+            },
+            error => error,
         }
     }
 
@@ -500,8 +579,8 @@ impl<'j, 'i> Copier<'j, 'i> {
                 .map_err(|e| Error::io("fdatasync on the output's payload", e))?;
             done = end;
             self.durable = done;
-            if let Some(pbkdf) = after_range(false)? {
-                self.save(done, pbkdf);
+            if let Some(staged) = after_range(false)? {
+                self.save(done, staged);
             }
             crash::point("encrypt:checkpoint");
             crash::delay();
@@ -522,11 +601,15 @@ impl<'j, 'i> Copier<'j, 'i> {
 
     /// Saves a checkpoint at `done` (best effort: a state directory that fails costs the
     /// resume, not the job).
-    fn save(&mut self, done: u64, pbkdf: String) {
+    fn save(&mut self, done: u64, staged: Staged) {
         self.checkpoint.done = done;
-        self.checkpoint.pbkdf = pbkdf;
+        self.checkpoint.pbkdf = staged.pbkdf;
+        self.checkpoint.header_sha256 = staged.header_sha256;
         match self.store.save(&self.checkpoint) {
-            Ok(()) => tracing::debug!(job = self.job.id, done, "checkpoint saved"),
+            Ok(()) => {
+                self.checkpointed = true;
+                tracing::debug!(job = self.job.id, done, "checkpoint saved")
+            }
             Err(error) => tracing::warn!(job = self.job.id, "{error}; this job cannot be resumed"),
         }
     }
@@ -548,10 +631,10 @@ impl<'j, 'i> Copier<'j, 'i> {
             Ok(staged) => staged,
             Err(error) => return error,
         };
-        let Some(pbkdf) = staged else {
+        let Some(staged) = staged else {
             return Error::Cancelled;
         };
-        self.save(done, pbkdf);
+        self.save(done, staged);
         tracing::info!(job = self.job.id, done, "stopped; progress checkpointed");
         Error::Interrupted {
             done,
@@ -569,6 +652,7 @@ impl<'j, 'i> Copier<'j, 'i> {
         output
             .sync_data()
             .map_err(|e| Error::io("fdatasync on the output", e))?;
+        crash::point("encrypt:header-written");
         self.store
             .remove(self.checkpoint.uid, &self.checkpoint.output);
         Ok(())
@@ -595,6 +679,19 @@ fn recover(
         job.notice(text);
         Ok(None)
     };
+    let owner = inputs
+        .output
+        .file
+        .metadata()
+        .map_err(|e| Error::io("fstat on OUT.partial", e))?
+        .uid();
+    if owner != job.caller_uid {
+        // Someone else's file the caller may write: never resumed from its bytes.
+        return restart(format!(
+            "OUT.partial belongs to uid {owner}, not to the caller (uid {})",
+            job.caller_uid
+        ));
+    }
     let Some(checkpoint) = store.load(template.uid, &template.output) else {
         return restart(
             "no checkpoint of an interrupted run was found for it (it was not left by an \
@@ -602,12 +699,24 @@ fn recover(
                 .to_string(),
         );
     };
-    if checkpoint.key_fingerprint != template.key_fingerprint {
-        return restart(format!(
-            "the key changed: the interrupted run used the key with fingerprint {}, this run's \
-             key ({}) has {}; a run with another key always starts over",
-            checkpoint.key_fingerprint, inputs.key_name, template.key_fingerprint
-        ));
+    match (&checkpoint.key_fingerprint, &template.key_fingerprint) {
+        (Some(then), Some(now)) if then != now => {
+            return restart(format!(
+                "the key changed: the interrupted run used the key with fingerprint {then}, \
+                 this run's key ({}) has {now}; a run with another key always starts over",
+                inputs.key_name
+            ))
+        }
+        (Some(_), None) | (None, Some(_)) => {
+            return restart(format!(
+                "the key changed: this run's key ({}) is not the interrupted run's; a run with \
+                 another key always starts over",
+                inputs.key_name
+            ))
+        }
+        // Both recorded and equal, or neither (a key too guessable to fingerprint): the
+        // keyslot decides below.
+        _ => {}
     }
     if let Some(why) = source_change(&checkpoint.source, &template.source) {
         return restart(format!(
@@ -623,13 +732,19 @@ fn recover(
     }
     let virtual_size = inputs.image.virtual_size();
     let planned = luks::output_size(checkpoint.data_offset, virtual_size).ok();
-    if planned != Some(checkpoint.output_size)
-        || size != checkpoint.output_size
-        || checkpoint.done > checkpoint.payload_size
-    {
+    if planned != Some(checkpoint.output_size) || size != checkpoint.output_size {
         return restart(format!(
             "OUT.partial is {size} bytes, not the {} the interrupted run left",
             checkpoint.output_size
+        ));
+    }
+    // Checkpoints are saved at whole MiB ranges (or the end) within the payload.
+    if checkpoint.done > checkpoint.payload_size
+        || (checkpoint.done % (1 << 20) != 0 && checkpoint.done != checkpoint.payload_size)
+    {
+        return restart(format!(
+            "its checkpoint's progress ({} of {} payload bytes) is not one this daemon saves",
+            checkpoint.done, checkpoint.payload_size
         ));
     }
     match unlock_partial(job, inputs, &checkpoint) {
@@ -641,6 +756,11 @@ fn recover(
             key_size_bits,
         })),
         Err(Error::Cancelled) => Err(Error::Cancelled),
+        Err(Error::WrongKey { .. }) => restart(format!(
+            "the key changed: this run's key ({}) does not open the interrupted run's keyslot; \
+             a run with another key always starts over",
+            inputs.key_name
+        )),
         Err(error) => restart(format!(
             "its masked header could not be opened with this key: {error}"
         )),
@@ -655,6 +775,8 @@ fn source_change(then: &SourceIdentity, now: &SourceIdentity) -> Option<&'static
         Some("its size differs")
     } else if then.mtime_ns != now.mtime_ns {
         Some("its modification time differs")
+    } else if then.ctime_ns != now.ctime_ns {
+        Some("its inode change time differs: it was written, renamed, linked or had its mode or owner changed")
     } else if then.sample_sha256 != now.sample_sha256 {
         Some("its content differs where sampled")
     } else {
@@ -674,6 +796,14 @@ fn unlock_partial(
         .set_len(checkpoint.output_size)
         .map_err(|e| Error::io("sizing the in-memory copy of the partial header", e))?;
     copy_header(&inputs.output.file, &header, checkpoint.data_offset)?;
+    // Hashed masked: a header already unmasked (the payload was complete and the header
+    // written, but the checkpoint's removal was lost) is still the one the checkpoint names.
+    swap_magic(&header, false)?;
+    if header_sha256(&header, checkpoint.data_offset)? != checkpoint.header_sha256 {
+        return Err(Error::UnsupportedImage {
+            message: "its header is not the one the interrupted run staged".to_string(),
+        });
+    }
     if !swap_magic(&header, true)? {
         return Err(Error::UnsupportedImage {
             message: "it carries no masked LUKS header where the interrupted run wrote one"

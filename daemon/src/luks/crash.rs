@@ -38,7 +38,8 @@
 
 //!
 //! A resumable raw LUKS encryption ([`crate::jobs::resume`]) also fires `encrypt:checkpoint`
-//! after each checkpoint is saved, and [`delay`] there slows the copy down by
+//! after each checkpoint is saved, `encrypt:header-written` once the finished header is synced
+//! (before its checkpoint is removed), and [`delay`] there slows the copy down by
 //! [`DELAY_ENV`] milliseconds per checkpoint, so a test can interrupt a small job at random
 //! points (debug builds only, like the crash points).
 

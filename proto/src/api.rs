@@ -295,6 +295,29 @@ pub struct EncryptParameters {
     /// daemon never opens them; at most [`MAX_JOB_NAME_LEN`] bytes are kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub names: Option<JobNames>,
+    // --- stream ---
+    /// Write the image into the output descriptor as a stream (a pipe's write end): in order,
+    /// preamble first ([`crate::stream`]). Raw LUKS output only, userspace engine. Absent: the
+    /// output is a file or block device written at offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamOutput>,
+}
+
+/// How a streamed output starts ([`EncryptParameters::stream`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamOutput {
+    /// Index of a readable descriptor holding the LUKS header an interrupted stream of the same
+    /// image began with (the preamble's `header_len` first bytes, saved by the client). The
+    /// daemon opens its keyslot with the job's key to recover the volume key, so the bytes it
+    /// streams continue that image; if the key does not open it (the key changed) or it is not
+    /// a header of these parameters, the daemon starts from scratch with a new header and says
+    /// so (the preamble's `restarted`, and a notice with the reason). Absent: a new image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_header: Option<u32>,
+    /// First image byte to stream when resuming (a multiple of 4096; 0 streams everything,
+    /// header included). Ignored without `resume_header`.
+    #[serde(default)]
+    pub resume_from: u64,
 }
 
 /// Stage of an encryption job.
@@ -1366,6 +1389,10 @@ mod tests {
                 names: Some(JobNames {
                     source: Some(String::new()),
                     output: Some(String::new()),
+                }),
+                stream: Some(StreamOutput {
+                    resume_header: Some(0),
+                    resume_from: 0,
                 }),
             })
             .unwrap(),

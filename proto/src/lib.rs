@@ -7,7 +7,8 @@
 //! - [`api`]: the `io.imgcrypt` interface: methods, parameters, replies and error names,
 //! - [`keyfile`]: what a valid key file is, and its fingerprint,
 //! - [`keyring`]: the key ring format (which key files a ring names, gsutil's numbering rules),
-//! - [`paths`]: where the daemon's socket lives.
+//! - [`paths`]: where the daemon's socket lives,
+//! - [`stream`]: the preamble of an `Encrypt` output streamed into a pipe (`imgctl encrypt --upload`).
 //!
 //! The daemon is the authority on every rule (it re-checks whatever a client sends); the client
 //! uses the same code to give an early, local error without a round trip.
@@ -17,5 +18,6 @@ pub mod fdpass;
 pub mod keyfile;
 pub mod keyring;
 pub mod paths;
+pub mod stream;
 pub mod varlink;
 pub mod wire;

@@ -172,6 +172,7 @@ pub fn cheap_encrypt_parameters(key: Option<u32>) -> serde_json::Value {
         target: None,
         detach: None,
         names: None,
+        stream: None,
     })
     .unwrap()
 }

@@ -332,6 +332,7 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
         target,
         detach: None,
         names: None,
+        stream: None,
     })
 }
 

@@ -392,6 +392,7 @@ pub(crate) mod testing {
             target: None,
             detach: None,
             names: None,
+            stream: None,
         }
     }
 }

@@ -11,6 +11,7 @@ mod error;
 mod keyring;
 mod output;
 mod progress;
+mod stream;
 mod targets;
 #[cfg(test)]
 mod test_peer;

@@ -43,6 +43,54 @@ pub enum CtlError {
     /// `verify --source`: the image decrypted, but its plaintext is not the source's disk.
     #[error("{0}")]
     SourceDiffers(String),
+
+    /// No usable S3 credentials (the message lists where imgctl looked and what to set).
+    #[error("{0}")]
+    Credentials(String),
+
+    /// The object store refused or failed a request (after the client's retries). The message
+    /// names the object, the operation, the part and the endpoint, never a secret.
+    #[error("cannot {operation} {url}{}: {message}", part_suffix(*.part))]
+    Store {
+        /// `s3://BUCKET/KEY`.
+        url: String,
+        /// What was being done, e.g. "upload part of".
+        operation: String,
+        /// The part number, for part uploads.
+        part: Option<u32>,
+        /// What kind of failure, for callers that react to it.
+        kind: StoreFailure,
+        /// What the server said and what to do.
+        message: String,
+    },
+
+    /// An upload stopped before the whole image was read (interrupted, or the image ended
+    /// early). The multipart upload and its state are kept; the message says how to resume.
+    #[error("{0}")]
+    UploadInterrupted(String),
+
+    /// The uploaded object, or a local image checked against an ETag, is not what was expected.
+    #[error("{0}")]
+    ObjectDiffers(String),
+}
+
+/// Kinds of object-store failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The credentials were refused or lack permission.
+    Refused,
+    /// The bucket does not exist.
+    NoBucket,
+    /// The object does not exist (HEAD).
+    NoObject,
+    /// The multipart upload no longer exists.
+    NoUpload,
+    /// Anything else: server errors, the network.
+    Failed,
+}
+
+fn part_suffix(part: Option<u32>) -> String {
+    part.map(|p| format!(" (part {p})")).unwrap_or_default()
 }
 
 impl CtlError {
@@ -69,7 +117,11 @@ impl CtlError {
             | Self::Daemon { .. }
             | Self::Protocol(_)
             | Self::NeedFile(_)
-            | Self::SourceDiffers(_) => 1,
+            | Self::SourceDiffers(_)
+            | Self::Credentials(_)
+            | Self::Store { .. }
+            | Self::UploadInterrupted(_)
+            | Self::ObjectDiffers(_) => 1,
         }
     }
 }

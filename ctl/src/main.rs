@@ -13,6 +13,7 @@ mod output;
 mod progress;
 mod stream;
 mod targets;
+mod upload;
 #[cfg(test)]
 mod test_peer;
 
@@ -53,6 +54,8 @@ enum Command {
     Verify(commands::verify::VerifyArgs),
     /// Rotate a LUKS image to the key ring's encryption_key (-k), optionally re-encrypting it.
     Rewrite(commands::rewrite::RewriteArgs),
+    /// Upload an image to S3-compatible object storage (resumable), or --abort an upload.
+    Upload(commands::upload::UploadArgs),
     /// Ask the daemon about itself: `imgctl daemon status` (version, engines, jobs, limits).
     Daemon(commands::daemon::DaemonArgs),
     /// `jobs`, `status ID`, `cancel ID`, `wait ID`: the daemon's jobs.
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Decrypt(args) => commands::decrypt::run(args, socket, &ring),
         Command::Verify(args) => commands::verify::run(args, socket, &ring),
         Command::Rewrite(args) => commands::rewrite::run(args, socket, &ring),
+        Command::Upload(args) => commands::upload::run(args),
         Command::Daemon(args) => commands::daemon::run(args, socket),
         Command::Jobs(command) => commands::jobs::run(command, socket),
     };

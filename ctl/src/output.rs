@@ -32,6 +32,8 @@ enum OnInterrupt {
     Remove(PathBuf),
     /// Keep the file (it can be resumed) and tell the user so.
     Keep(String),
+    /// An S3 upload is under way: its state is kept (it can be resumed); tell the user so.
+    Upload(String),
     /// Keep the file with this advice unless it is empty and this run created it (nothing to
     /// resume), then remove it.
     KeepUnlessEmpty {
@@ -49,7 +51,7 @@ impl OnInterrupt {
                 let _ = std::fs::remove_file(&path);
                 format!("interrupted; removed {}", path.display())
             }
-            Self::Keep(message) => message,
+            Self::Keep(message) | Self::Upload(message) => message,
             Self::KeepUnlessEmpty {
                 path,
                 created,
@@ -88,6 +90,21 @@ pub fn install_interrupt_cleanup() {
         // 128 + signal number, as shells report it.
         std::process::exit(128 + signal as i32);
     });
+}
+
+/// Registers what to say if we are interrupted during an S3 upload (`Some`), or ends that
+/// registration (`None`). The upload's state is written atomically after each part, so there is
+/// nothing to clean up: the message says how to resume or abort. A pending output file's
+/// registration is left alone (it comes first; the caller uploads after writing it).
+pub fn upload_interrupt_message(message: Option<String>) {
+    let mut pending = PENDING_PARTIAL.lock().unwrap_or_else(|e| e.into_inner());
+    match (message, pending.as_ref()) {
+        (Some(message), None | Some(OnInterrupt::Upload(_))) => {
+            *pending = Some(OnInterrupt::Upload(message))
+        }
+        (None, Some(OnInterrupt::Upload(_))) => *pending = None,
+        _ => {}
+    }
 }
 
 /// Where the encrypted image goes.

@@ -67,6 +67,33 @@ impl Display {
         }
     }
 
+    /// Shows the progress of work imgctl does itself (uploading, hashing a local file):
+    /// `label` on the bar with bytes, rate and ETA, or a JSON line
+    /// `{"event":"progress","operation":label,"bytes_done":…,"bytes_total":…}`.
+    pub fn transfer(&mut self, label: &str, done: u64, total: u64) {
+        match self {
+            Self::Json => json_line(json!({
+                "event": "progress",
+                "operation": label,
+                "bytes_done": done,
+                "bytes_total": total,
+            })),
+            Self::Terminal(state) => {
+                // The bar's phase slot: Copy, the byte-moving phase an upload follows or joins.
+                let (bar, _) = state.get_or_insert_with(|| (new_bar(), Phase::Copy));
+                if bar.message() != label {
+                    bar.reset_elapsed();
+                    bar.reset_eta();
+                    bar.set_message(label.to_string());
+                    bar.set_style(bytes_style());
+                }
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Self::Quiet => {}
+        }
+    }
+
     /// Shows a notice from the daemon.
     pub fn notice(&mut self, text: &str) {
         match self {
@@ -434,6 +461,47 @@ pub fn render_verify(image: &Path, source: Option<&Path>, s: &VerifySummary) -> 
     }
     rows.push(("time", format!("{:.2} s", seconds(s.elapsed_ms))));
     push_rows(&mut text, rows);
+    text
+}
+
+/// `imgctl upload`'s summary: the object, its size and multipart ETag.
+pub fn render_upload(
+    file: &Path,
+    url: &str,
+    endpoint: &str,
+    uploaded: &crate::upload::Uploaded,
+    elapsed_ms: u64,
+) -> String {
+    let mut text = String::new();
+    push_rows(
+        &mut text,
+        vec![
+            ("uploaded", format!("{} to {url}", file.display())),
+            ("endpoint", endpoint.to_string()),
+            ("size", sized(uploaded.size)),
+            ("etag", uploaded.etag.clone()),
+            (
+                "parts",
+                format!("{} of {}", uploaded.parts, human_bytes(uploaded.part_size as f64)),
+            ),
+            ("time", format!("{:.2} s", seconds(elapsed_ms))),
+        ],
+    );
+    text
+}
+
+/// `imgctl verify --etag`'s summary.
+pub fn render_etag_check(image: &Path, size: u64, etag: &str, part_size: u64) -> String {
+    let mut text = String::new();
+    push_rows(
+        &mut text,
+        vec![
+            ("image", image.display().to_string()),
+            ("size", sized(size)),
+            ("etag", format!("{etag}: matches")),
+            ("part size", human_bytes(part_size as f64)),
+        ],
+    );
     text
 }
 

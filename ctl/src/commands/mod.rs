@@ -7,4 +7,5 @@ pub mod inspect;
 pub mod jobs;
 pub mod key;
 pub mod rewrite;
+pub mod upload;
 pub mod verify;

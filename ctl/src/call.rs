@@ -151,7 +151,54 @@ where
     R: StreamedReply + DeserializeOwned,
     R::Done: DeserializeOwned + Clone,
 {
-    client.send(&new_call(method, parameters, true), fds)?;
+    start_job(client, method, parameters, fds)?;
+    follow_job::<R>(client, method, display)
+}
+
+/// Sends the call of a job (with "more": its progress follows); [`follow_job`] reads the rest.
+/// Split from [`run_job`] for a caller that must close its copies of descriptors once they are
+/// passed (a pipe's write end, whose reader waits for every copy to close).
+pub fn start_job(
+    client: &mut Client,
+    method: &str,
+    parameters: &impl Serialize,
+    fds: &[BorrowedFd<'_>],
+) -> Result<()> {
+    client.send(&new_call(method, parameters, true), fds)
+}
+
+/// What shows a job's progress while it runs: a [`Display`], or a caller's view of one.
+pub trait JobView {
+    /// A progress report.
+    fn progress(&mut self, progress: &Progress);
+    /// A notice from the daemon.
+    fn notice(&mut self, text: &str);
+    /// The job failed: `name` is the daemon's error name.
+    fn error(&mut self, name: Option<&str>, message: &str);
+}
+
+impl JobView for Display {
+    fn progress(&mut self, progress: &Progress) {
+        Display::progress(self, progress)
+    }
+    fn notice(&mut self, text: &str) {
+        Display::notice(self, text)
+    }
+    fn error(&mut self, name: Option<&str>, message: &str) {
+        Display::error(self, name, message)
+    }
+}
+
+/// Reads a started job's replies to its end (see [`run_job`]).
+pub fn follow_job<R>(
+    client: &mut Client,
+    method: &str,
+    display: &mut dyn JobView,
+) -> Result<R::Done>
+where
+    R: StreamedReply + DeserializeOwned,
+    R::Done: DeserializeOwned + Clone,
+{
     loop {
         let reply = receive_shown(client, display)?;
         match event::<R>(method, reply.parameters.unwrap_or_default())? {
@@ -192,7 +239,7 @@ pub fn wait_job(client: &mut Client, id: u64, display: &mut Display) -> Result<a
 }
 
 /// The next reply of a job's stream; a daemon error is shown on `display` and returned.
-fn receive_shown(client: &mut Client, display: &mut Display) -> Result<Reply> {
+fn receive_shown(client: &mut Client, display: &mut dyn JobView) -> Result<Reply> {
     let reply = client.receive()?;
     match daemon_error(&reply) {
         Some(error) => {

@@ -13,9 +13,9 @@ mod output;
 mod progress;
 mod stream;
 mod targets;
-mod upload;
 #[cfg(test)]
 mod test_peer;
+mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

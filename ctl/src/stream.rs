@@ -33,6 +33,9 @@ pub fn read_preamble(reader: &mut impl Read) -> Result<Preamble> {
     Preamble::decode(&bytes).map_err(|error| CtlError::Protocol(error.to_string()))
 }
 
+/// What is called with the whole header once it has passed.
+type HeaderSink<'h> = Box<dyn FnMut(&[u8]) -> Result<()> + 'h>;
+
 /// The image bytes `preamble.start..preamble.image_size` of a stream, read in order.
 ///
 /// The header bytes that pass (all of them when the stream starts at 0) are collected and given
@@ -43,7 +46,7 @@ pub struct ImageStream<'h, R> {
     preamble: Preamble,
     position: u64,
     header: Vec<u8>,
-    on_header: Option<Box<dyn FnMut(&[u8]) -> Result<()> + 'h>>,
+    on_header: Option<HeaderSink<'h>>,
 }
 
 impl<'h, R: Read> ImageStream<'h, R> {
@@ -61,11 +64,6 @@ impl<'h, R: Read> ImageStream<'h, R> {
             header: Vec::new(),
             on_header: keeps_header.then(|| Box::new(on_header) as Box<_>),
         }
-    }
-
-    /// The image offset of the next byte.
-    pub fn position(&self) -> u64 {
-        self.position
     }
 
     /// Reads the rest of the header and hands it to `on_header` (only for a stream from 0).
@@ -106,7 +104,9 @@ impl<R: Read> Read for ImageStream<'_, R> {
                 )),
             };
         }
-        let wanted = buffer.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let wanted = buffer
+            .len()
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
         let count = self.inner.read(&mut buffer[..wanted])?;
         if count == 0 {
             return Err(early_end(std::io::ErrorKind::UnexpectedEof.into()));
@@ -182,7 +182,7 @@ mod tests {
         });
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).unwrap();
-        assert_eq!(stream.position(), 20_000);
+        assert_eq!(stream.position, 20_000);
         drop(stream);
         assert!(!called, "a resumed stream has no header to keep");
         assert_eq!(rest.len(), 20_000 - 8192);

@@ -14,11 +14,16 @@
 //! discards it and starts over.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
 
 use imgcrypt_proto::api::{
     self, EncryptParameters, EncryptReply, EngineChoice, LuksVersion, OutputFormat, Pbkdf,
-    PbkdfKind, Target,
+    PbkdfKind, Phase, Progress, StreamOutput, Summary, Target,
 };
 
 use crate::call;
@@ -29,16 +34,19 @@ use crate::error::{CtlError, Result};
 use crate::keyring::{self, RingLocation};
 use crate::output::Output;
 use crate::progress::Display;
+use crate::stream::{self, ImageStream};
 use crate::targets;
+use crate::upload::{self, Resume, S3Url, StoreOptions, Upload};
 
 /// Options of `imgctl encrypt`.
 #[derive(Debug, clap::Args)]
 pub struct EncryptArgs {
     /// Source disk image (RAW, VHD, VHDX or qcow2 with its backing chain, detected by content).
     pub source: PathBuf,
-    /// Where to write the LUKS image.
+    /// Where to write the LUKS image. Optional with --upload: a raw LUKS image is then
+    /// streamed straight into the object, with no local copy.
     #[arg(short = 'o', long = "output", value_name = "OUT")]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// Key file: its bytes are the LUKS passphrase (32–512 base64 characters, no newline).
     /// Default: the key ring's encryption_key.
     #[arg(long, value_name = "KEY")]
@@ -81,6 +89,16 @@ pub struct EncryptArgs {
     /// files, parent disks, extents) are found and passed before the job is handed over.
     #[arg(long)]
     pub detach: bool,
+    /// Upload the encrypted image to S3-compatible object storage (IBM Cloud Object Storage,
+    /// AWS S3, MinIO, …) as a resumable multipart upload, with your own credentials (the
+    /// AWS_* environment or ~/.aws/credentials; never the command line). Without -o a raw
+    /// LUKS image is streamed from the daemon into the upload; with -o, or for qcow2 and VHD
+    /// outputs (which need -o), the file is written and then uploaded.
+    #[arg(long, value_name = "s3://BUCKET/KEY")]
+    pub upload: Option<String>,
+    /// Where and as whom to upload (with --upload).
+    #[command(flatten)]
+    pub store: StoreOptions,
 }
 
 /// Key-derivation options of a new keyslot, shared by `encrypt` and `rewrite -k`.
@@ -188,31 +206,117 @@ impl TargetArg {
 
 /// Runs the command.
 pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
-    let mut parameters = parameters(&args)?;
-    // Without a key of our own the daemon's key ring (an operator's) may have one; if it has
-    // none either, the user gets our advice, never an unencrypted output.
-    let (key, no_key_advice) = match keyring::encryption_key(args.key_file.clone(), ring) {
+    let url = args.upload.as_deref().map(S3Url::parse).transpose()?;
+    let streamed = match (&url, &args.output) {
+        (None, None) => {
+            return Err(CtlError::Usage(
+                "say where the encrypted image goes: -o OUT, or --upload s3://BUCKET/KEY".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            if store_options_given(&args.store) {
+                return Err(CtlError::Usage(
+                    "--endpoint, --region and --profile say where to upload: add --upload                      s3://BUCKET/KEY, or drop them"
+                        .into(),
+                ));
+            }
+            false
+        }
+        (Some(_), output) => {
+            if args.detach {
+                return Err(CtlError::Usage(
+                    "--upload runs in imgctl (it holds your credentials), so it cannot be \
+                     detached: drop --detach, or encrypt with -o OUT --detach and upload OUT \
+                     later with imgctl upload OUT s3://BUCKET/KEY"
+                        .into(),
+                ));
+            }
+            output.is_none()
+        }
+    };
+    if streamed {
+        let url = url.expect("streamed implies --upload");
+        return encrypt_streamed(&args, &url, socket, ring);
+    }
+    let output = args.output.clone().expect("checked above");
+    encrypt_to_file(&args, &output, socket, ring)?;
+    match url {
+        // The image is complete under its final name: upload it (resumable like any upload).
+        Some(url) => upload_written(&args, &output, &url),
+        None => Ok(()),
+    }
+}
+
+/// Whether any of the upload's location options was given.
+fn store_options_given(store: &StoreOptions) -> bool {
+    store.endpoint.is_some() || store.region.is_some() || store.profile.is_some()
+}
+
+/// Uploads the image just written to `output`.
+fn upload_written(args: &EncryptArgs, output: &Path, url: &S3Url) -> Result<()> {
+    let mut display = Display::new(args.json);
+    let result = crate::commands::upload::upload_file(output, url, &args.store, &mut display);
+    if let Err(error) = &result {
+        display.error(None, &error.to_string());
+    }
+    result
+}
+
+/// The key to pass: the key file's descriptor (from `--key-file` or the user's ring), or none
+/// when neither exists and the daemon's ring may have one (then `parameters.key` is cleared and
+/// the advice is kept for a `NoKey` answer).
+fn open_encryption_key(
+    args: &EncryptArgs,
+    ring: &RingLocation,
+    parameters: &mut EncryptParameters,
+) -> Result<(Option<std::fs::File>, Option<String>)> {
+    match keyring::encryption_key(args.key_file.clone(), ring) {
         Ok((key_path, ring_warnings)) => {
             call::warn_all(&ring_warnings);
-            (
+            Ok((
                 Some(call::open_read_only(&key_path, "open the key file")?),
                 None,
-            )
+            ))
         }
         Err(CtlError::Usage(advice)) if args.key_file.is_none() => {
             parameters.key = None;
-            (None, Some(advice))
+            Ok((None, Some(advice)))
         }
-        Err(error) => return Err(error),
-    };
+        Err(error) => Err(error),
+    }
+}
+
+/// A daemon's `NoKey` with the user's own advice when imgctl found no key either.
+fn with_no_key_advice(error: CtlError, no_key_advice: Option<String>) -> CtlError {
+    match (error, no_key_advice) {
+        (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
+            CtlError::Usage(format!(
+                "{advice} (the daemon has no key ring of its own either)"
+            ))
+        }
+        (error, _) => error,
+    }
+}
+
+/// Encrypts into the file `output_path` (the command without --upload, or before uploading).
+fn encrypt_to_file(
+    args: &EncryptArgs,
+    output_path: &Path,
+    socket: Option<PathBuf>,
+    ring: &RingLocation,
+) -> Result<()> {
+    let mut parameters = parameters(args, Some(output_path))?;
+    // Without a key of our own the daemon's key ring (an operator's) may have one; if it has
+    // none either, the user gets our advice, never an unencrypted output.
+    let (key, no_key_advice) = open_encryption_key(args, ring, &mut parameters)?;
     let source = call::open_read_only(&args.source, "open the source image")?;
     let mut display = Display::new(args.json);
     // Raw LUKS resumes an interrupted run's OUT.partial; the sparse containers start over.
     let resumable = parameters.format.unwrap_or(OutputFormat::Luks) == OutputFormat::Luks;
     let output = if resumable {
-        Output::create_resumable(&args.output, args.force)?
+        Output::create_resumable(output_path, args.force)?
     } else {
-        Output::create(&args.output, args.force)?
+        Output::create(output_path, args.force)?
     };
 
     let mut client = connect::connect(socket.as_deref())?;
@@ -225,7 +329,7 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     // The source key, if any, follows the key (or the output, without one).
     parameters.source_key = source_key.as_ref().map(|_| fds.len() as u32);
     fds.extend(source_key.as_ref().map(|key| key.as_fd()));
-    parameters.names = Some(jobs::names(&args.source, &args.output));
+    parameters.names = Some(jobs::names(&args.source, output_path));
     if args.detach {
         parameters.detach = Some(true);
         let companions = jobs::companions_for_detach(&mut client, &args.source, &source)?;
@@ -234,7 +338,7 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
         let id = jobs::submit_detached(client, api::ENCRYPT, &parameters, &fds)?;
         drop(fds);
         output.leave_to_detached_job();
-        jobs::report_detached(id, &args.output, args.json, &mut display);
+        jobs::report_detached(id, output_path, args.json, &mut display);
         return Ok(());
     }
     let mut companions = Companions::new(&args.source);
@@ -243,14 +347,7 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
         let all: Vec<_> = fds.iter().copied().chain(companions.fds()).collect();
         call::run_job::<EncryptReply>(&mut client, api::ENCRYPT, &parameters, &all, &mut display)
     })
-    .map_err(|error| match (error, no_key_advice) {
-        (CtlError::Daemon { name, .. }, Some(advice)) if name == api::errors::NO_KEY => {
-            CtlError::Usage(format!(
-                "{advice} (the daemon has no key ring of its own either)"
-            ))
-        }
-        (error, _) => error,
-    });
+    .map_err(|error| with_no_key_advice(error, no_key_advice));
     let summary = match summary {
         Ok(summary) => summary,
         Err(error) => {
@@ -282,8 +379,313 @@ pub fn run(args: EncryptArgs, socket: Option<PathBuf>, ring: &RingLocation) -> R
     Ok(())
 }
 
-/// Protocol parameters from the options, with the checks that need no daemon.
-fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
+/// `--upload` without `-o`: the daemon streams a raw LUKS image through a pipe ([`crate::stream`])
+/// and this process uploads it as it comes, so no local copy is made and the credentials never
+/// leave the user's process.
+///
+/// An interrupted upload of the same source with the same parameters resumes: the LUKS header
+/// saved with it goes back to the daemon, which continues that image (same volume key) from
+/// the end of the stored parts; a key that no longer opens it makes the daemon start a new
+/// image, and the old upload is aborted.
+fn encrypt_streamed(
+    args: &EncryptArgs,
+    url: &S3Url,
+    socket: Option<PathBuf>,
+    ring: &RingLocation,
+) -> Result<()> {
+    let mut parameters = parameters(args, None)?;
+    let format = parameters.format.unwrap_or(OutputFormat::Luks);
+    if format != OutputFormat::Luks {
+        return Err(CtlError::Usage(format!(
+            "a {} image cannot be streamed into an upload: its metadata is written after its \
+             data, out of order; add -o OUT and the image is written to OUT, then uploaded",
+            format.display_name()
+        )));
+    }
+    if matches!(args.engine, EngineArg::Kernel) {
+        return Err(CtlError::Usage(
+            "--engine kernel writes through a dm-crypt device onto a file, and a streamed upload \
+             has none: drop --engine (the userspace engine's output is bit-identical), or add \
+             -o OUT to write a file and upload it"
+                .into(),
+        ));
+    }
+    if args.force {
+        if let Some(id) = upload::abort_recorded(url, &args.store)? {
+            eprintln!("imgctl: --force: aborted the interrupted upload of {url} (upload id {id})");
+        }
+    }
+    let (key, no_key_advice) = open_encryption_key(args, ring, &mut parameters)?;
+    let source = call::open_read_only(&args.source, "open the source image")?;
+    let source_key = match &args.source_key_file {
+        Some(path) => Some(call::open_read_only(path, "open the source key file")?),
+        None => None,
+    };
+    let identity = stream_identity(&args.source, &source, &parameters)?;
+    // The header an interrupted upload of this very image began with, and where it stopped.
+    let resume = upload::recorded(url, &args.store)?
+        .filter(|recorded| recorded.identity == identity)
+        .and_then(|recorded| {
+            let header = recorded.header?;
+            let parts = upload::parts::part_count(recorded.image_size, recorded.part_size);
+            // All parts stored: the last is streamed again (and skipped, being stored) so the
+            // daemon's reply still says the image is whole.
+            let last_part = parts.saturating_sub(1) * recorded.part_size;
+            Some((header, recorded.resume_offset.min(last_part)))
+        });
+
+    let mut client = connect::connect(socket.as_deref())?;
+    let (read_end, write_end) = stream::pipe()?;
+    let mut fds = vec![source.as_fd(), write_end.as_fd()];
+    fds.extend(key.as_ref().map(|key| key.as_fd()));
+    parameters.source_key = source_key.as_ref().map(|_| fds.len() as u32);
+    fds.extend(source_key.as_ref().map(|key| key.as_fd()));
+    parameters.stream = Some(StreamOutput {
+        resume_header: resume.as_ref().map(|_| fds.len() as u32),
+        resume_from: resume.as_ref().map_or(0, |(_, from)| *from),
+    });
+    fds.extend(resume.as_ref().map(|(header, _)| header.as_fd()));
+    // The source's companions are resolved before the call: a streamed call is sent once.
+    let companions = jobs::companions_for_detach(&mut client, &args.source, &source)?;
+    parameters.companions = companions.refs(fds.len() as u32);
+    fds.extend(companions.fds());
+    parameters.names = Some(api::JobNames {
+        source: Some(
+            std::path::absolute(&args.source)
+                .unwrap_or_else(|_| args.source.clone())
+                .display()
+                .to_string(),
+        ),
+        output: Some(url.to_string()),
+    });
+
+    let started = Instant::now();
+    call::start_job(&mut client, api::ENCRYPT, &parameters, &fds)?;
+    // Our copy of the write end goes now, so the stream ends when the daemon closes its own.
+    drop(fds);
+    drop(write_end);
+    let display = Mutex::new(Display::new(args.json));
+    let (job, (upload, sent)) = std::thread::scope(|scope| {
+        let uploader = scope.spawn(|| send_stream(read_end, url, &args.store, &identity, &display));
+        let job =
+            call::follow_job::<EncryptReply>(&mut client, api::ENCRYPT, &mut StreamView(&display))
+                .map_err(|error| with_no_key_advice(error, no_key_advice));
+        // A failed job closes the daemon's end of the pipe, which ends the uploader's stream.
+        let sent = uploader.join().unwrap_or_else(|_| {
+            (
+                None,
+                Err(CtlError::Protocol("the upload thread panicked".into())),
+            )
+        });
+        (job, sent)
+    });
+    let mut display = display.into_inner().unwrap_or_else(|e| e.into_inner());
+    let summary = match (job, upload, sent) {
+        (Ok(summary), Some(upload), Ok(())) => (summary, upload),
+        (job, upload, sent) => return Err(stream_failure(job, upload, sent, &mut display)),
+    };
+    let (summary, upload) = summary;
+    let endpoint = upload.endpoint().to_string();
+    let uploaded = upload.complete().inspect_err(|error| {
+        display.error(None, &error.to_string());
+    })?;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let url_text = url.to_string();
+    let output_name = Path::new(&url_text);
+    let mut text = crate::progress::render_summary(&args.source, output_name, &summary);
+    text.push_str(&crate::progress::render_upload(
+        Path::new("the encrypted image"),
+        url_text.as_str(),
+        &endpoint,
+        &uploaded,
+        elapsed_ms,
+    ));
+    display.finish(
+        serde_json::json!({
+            "event": "summary",
+            "source": args.source,
+            "output": url_text.as_str(),
+            "summary": summary,
+            "upload": {
+                "url": url_text.as_str(),
+                "endpoint": endpoint,
+                "size": uploaded.size,
+                "etag": uploaded.etag,
+                "parts": uploaded.parts,
+                "part_size": uploaded.part_size,
+            },
+        }),
+        &text,
+    );
+    Ok(())
+}
+
+/// What a streamed encryption that did not succeed reports, and what becomes of its upload:
+/// kept for a resume when the daemon went away or stopped the job (`Interrupted`), aborted
+/// otherwise, so that no stray multipart upload is left behind. The cause comes first: the
+/// upload's own failure, else the job's (a stream that ended early ended because the job did).
+fn stream_failure(
+    job: Result<Summary>,
+    upload: Option<Upload>,
+    sent: Result<()>,
+    display: &mut Display,
+) -> CtlError {
+    let resumable = match &job {
+        Err(CtlError::Protocol(_)) => true,
+        Err(CtlError::Daemon { name, .. }) => name == api::errors::INTERRUPTED,
+        _ => false,
+    };
+    let error = match (job, sent) {
+        (Err(job_error), Err(CtlError::UploadInterrupted(_)) | Ok(())) => job_error,
+        (_, Err(upload_error)) => upload_error,
+        (Ok(_), Ok(())) => {
+            CtlError::Protocol("the upload did not start (no stream from the daemon)".into())
+        }
+    };
+    // A server failure already aborted the upload and removed its state (the error policy).
+    let already_aborted = matches!(error, CtlError::Store { .. });
+    if let Some(upload) = upload {
+        if resumable {
+            let advice = upload.interrupted("the encryption stopped");
+            eprintln!("imgctl: {advice}");
+        } else if !already_aborted {
+            if let Err(abort_error) = upload.abort() {
+                eprintln!("imgctl: warning: could not abort the upload: {abort_error}");
+            }
+        }
+    }
+    display.error(None, &error.to_string());
+    error
+}
+
+/// Reads the daemon's stream from `read_end` and uploads it; returns the upload (to complete
+/// or abort once the job's reply is in) and how sending went.
+fn send_stream(
+    mut read_end: std::fs::File,
+    url: &S3Url,
+    store: &StoreOptions,
+    identity: &str,
+    display: &Mutex<Display>,
+) -> (Option<Upload>, Result<()>) {
+    let show =
+        |f: &mut dyn FnMut(&mut Display)| f(&mut display.lock().unwrap_or_else(|e| e.into_inner()));
+    let preamble = match stream::read_preamble(&mut read_end) {
+        Ok(preamble) => preamble,
+        Err(error) => return (None, Err(error)),
+    };
+    let (mut upload, resume, warnings) =
+        match Upload::begin(url, store, preamble.image_size, identity) {
+            Ok(begun) => begun,
+            Err(error) => return (None, Err(error)),
+        };
+    for warning in &warnings {
+        show(&mut |display| display.notice(warning));
+    }
+    match &resume {
+        Resume::New => {}
+        Resume::Resumed {
+            offset,
+            stored_parts,
+        } if !preamble.restarted => {
+            show(&mut |display| {
+                display.info(&format!(
+                    "resuming the upload of {url}: {stored_parts} parts already stored, the \
+                     daemon continues the image from byte {}",
+                    preamble.start.min(*offset)
+                ))
+            });
+        }
+        Resume::Resumed { .. } => {}
+        Resume::Restarted { why } => show(&mut |display| {
+            display.info(&format!(
+                "aborted the interrupted upload of {url} and starting over: {why}"
+            ))
+        }),
+    }
+    if preamble.restarted && matches!(resume, Resume::Resumed { .. }) {
+        match upload.restart("the daemon started a new image (its notice says why)") {
+            Ok(message) => show(&mut |display| display.info(&message)),
+            Err(error) => return (None, Err(error)),
+        }
+    }
+    if preamble.start > upload.resume_offset() || preamble.start % upload.part_size() != 0 {
+        let error = CtlError::Protocol(format!(
+            "the daemon's stream starts at byte {}, but the stored parts of {url} end at byte {}: \
+             another upload of the same object ran meanwhile? Run the command again",
+            preamble.start,
+            upload.resume_offset()
+        ));
+        return (Some(upload), Err(error));
+    }
+    let start = preamble.start;
+    let save_header = upload.header_saver();
+    let mut image = ImageStream::new(read_end, preamble, save_header);
+    let sent = upload.send(&mut image, start, &mut |done, total| {
+        show(&mut |display| display.transfer("uploading", done, total))
+    });
+    (Some(upload), sent)
+}
+
+/// The daemon's progress while its output is uploaded: the byte count shown is the upload's,
+/// so the daemon's own copy progress (a pipe's buffer ahead of it) is not shown.
+struct StreamView<'d>(&'d Mutex<Display>);
+
+impl call::JobView for StreamView<'_> {
+    fn progress(&mut self, progress: &Progress) {
+        if !matches!(progress.phase, Phase::Copy | Phase::Sync) {
+            self.display().progress(progress);
+        }
+    }
+    fn notice(&mut self, text: &str) {
+        self.display().notice(text);
+    }
+    fn error(&mut self, name: Option<&str>, message: &str) {
+        self.display().error(name, message);
+    }
+}
+
+impl StreamView<'_> {
+    fn display(&self) -> std::sync::MutexGuard<'_, Display> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a streamed upload is of, for resuming it: the source file as it is now (device, inode,
+/// size, times) and every parameter of the image. The key is not part of it: the daemon tells a
+/// changed key by the saved header's keyslot.
+fn stream_identity(
+    path: &Path,
+    source: &std::fs::File,
+    parameters: &EncryptParameters,
+) -> Result<String> {
+    let metadata = source
+        .metadata()
+        .map_err(|e| CtlError::file(path, "read the source's metadata", e))?;
+    let described = EncryptParameters {
+        names: None,
+        stream: None,
+        detach: None,
+        companions: Vec::new(),
+        ..parameters.clone()
+    };
+    let text = format!(
+        "imgctl encrypt --upload v1\0dev={} ino={} rdev={} size={} mtime={}.{} ctime={}.{}\0{}",
+        metadata.dev(),
+        metadata.ino(),
+        metadata.rdev(),
+        metadata.len(),
+        metadata.mtime(),
+        metadata.mtime_nsec(),
+        metadata.ctime(),
+        metadata.ctime_nsec(),
+        serde_json::to_string(&described).expect("parameters serialise")
+    );
+    Ok(upload::parts::hex(&Sha256::digest(text.as_bytes())))
+}
+
+/// Protocol parameters from the options, with the checks that need no daemon; `output` is the
+/// local output's path, `None` for a streamed upload.
+fn parameters(args: &EncryptArgs, output: Option<&Path>) -> Result<EncryptParameters> {
     let luks_version = if args.luks1 {
         LuksVersion::Luks1
     } else {
@@ -305,8 +707,8 @@ fn parameters(args: &EncryptArgs) -> Result<EncryptParameters> {
         (None, None) => OutputFormat::Luks,
     };
     check_format_options(args, format)?;
-    if let Some(target) = target {
-        targets::check_output_name(target, &args.output)?;
+    if let (Some(target), Some(output)) = (target, output) {
+        targets::check_output_name(target, output)?;
     }
     if args.luks1 && args.sector_size != 512 {
         return Err(CtlError::Usage(

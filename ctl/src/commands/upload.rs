@@ -52,9 +52,9 @@ pub fn run(args: UploadArgs) -> Result<()> {
 }
 
 fn url_argument(path: &Path) -> Result<S3Url> {
-    let text = path.to_str().ok_or_else(|| {
-        CtlError::Usage(format!("{} is not an s3:// URL", path.display()))
-    })?;
+    let text = path
+        .to_str()
+        .ok_or_else(|| CtlError::Usage(format!("{} is not an s3:// URL", path.display())))?;
     S3Url::parse(text)
 }
 
@@ -126,10 +126,23 @@ fn upload(args: &UploadArgs, display: &mut Display) -> Result<()> {
         ));
     };
     let url = url_argument(target)?;
+    upload_file(file_path, &url, &args.store, display)
+}
+
+/// Uploads the local image `file_path` to `url` (resuming an interrupted upload of the same
+/// file), shows the progress on `display` and prints the object's summary. `imgctl encrypt
+/// --upload` calls it for an image it wrote to a file first (`-o`, qcow2 and VHD outputs).
+pub fn upload_file(
+    file_path: &Path,
+    url: &S3Url,
+    store: &StoreOptions,
+    display: &mut Display,
+) -> Result<()> {
+    let url = url.clone();
     let started = Instant::now();
     let (mut file, metadata, size) = open_image(file_path)?;
     let identity = file_identity(&metadata, size);
-    let (mut upload, resume, warnings) = Upload::begin(&url, &args.store, size, &identity)?;
+    let (mut upload, resume, warnings) = Upload::begin(&url, store, size, &identity)?;
     for warning in &warnings {
         display.notice(warning);
     }
@@ -168,7 +181,13 @@ fn upload(args: &UploadArgs, display: &mut Display) -> Result<()> {
             "resumed": matches!(resume, Resume::Resumed { .. }),
             "elapsed_ms": elapsed_ms,
         }),
-        &progress::render_upload(file_path, &url.to_string(), &endpoint, &uploaded, elapsed_ms),
+        &progress::render_upload(
+            file_path,
+            &url.to_string(),
+            &endpoint,
+            &uploaded,
+            elapsed_ms,
+        ),
     );
     Ok(())
 }

@@ -20,5 +20,8 @@ pub mod state;
 pub mod url;
 
 pub use credentials::StoreOptions;
-pub use session::{abort_recorded, head_object, ObjectInfo, Resume, SendProgress, Upload, Uploaded};
+pub use session::{
+    abort_recorded, head_object, recorded, ObjectInfo, Recorded, Resume, SendProgress, Upload,
+    Uploaded,
+};
 pub use url::S3Url;

@@ -53,8 +53,7 @@ pub fn part_range(number: u64, part_size: u64, image_size: u64) -> std::ops::Ran
 
 /// Checks a part size given on the command line against S3's limits and the part count.
 pub fn check_part_size(image_size: u64, part_size: u64) -> Result<()> {
-    if !(S3_MIN_PART..=S3_MAX_PART).contains(&part_size) && part_count(image_size, part_size) > 1
-    {
+    if !(S3_MIN_PART..=S3_MAX_PART).contains(&part_size) && part_count(image_size, part_size) > 1 {
         return Err(CtlError::Usage(format!(
             "a part size of {part_size} bytes is outside S3's 5 MiB to 5 GiB"
         )));
@@ -199,6 +198,9 @@ mod tests {
     fn part_sizes_outside_s3_limits_are_refused() {
         assert!(check_part_size(100 * MIB, MIB).is_err());
         assert!(check_part_size(MIB, MIB).is_ok(), "one part may be small");
-        assert!(check_part_size(1 << 40, 16 * MIB).is_err(), "over 10,000 parts");
+        assert!(
+            check_part_size(1 << 40, 16 * MIB).is_err(),
+            "over 10,000 parts"
+        );
     }
 }

@@ -134,7 +134,9 @@ impl Store {
             builder = builder.with_endpoint(custom);
         }
         let s3 = builder.build().map_err(|e| {
-            CtlError::Usage(format!("cannot set up the S3 client for {url} at {endpoint}: {e}"))
+            CtlError::Usage(format!(
+                "cannot set up the S3 client for {url} at {endpoint}: {e}"
+            ))
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -424,6 +426,14 @@ impl Upload {
         self.states.save_header(&self.name, header)
     }
 
+    /// [`Upload::save_header`] as a function that does not borrow the upload, for the stream
+    /// reader that runs inside [`Upload::send`].
+    pub fn header_saver(&self) -> impl Fn(&[u8]) -> Result<()> {
+        let states = self.states.clone();
+        let name = self.name.clone();
+        move |header| states.save_header(&name, header)
+    }
+
     /// Opens the header saved by [`Upload::save_header`], `None` if there is none.
     pub fn open_header(&self) -> Result<Option<std::fs::File>> {
         self.states.open_header(&self.name)
@@ -472,7 +482,12 @@ impl Upload {
     /// A server failure aborts the upload and removes its state ([`CtlError::Store`]); a
     /// stream that fails or ends early keeps both ([`CtlError::UploadInterrupted`], saying how
     /// to resume).
-    pub fn send(&mut self, reader: &mut dyn Read, start: u64, progress: SendProgress) -> Result<()> {
+    pub fn send(
+        &mut self,
+        reader: &mut dyn Read,
+        start: u64,
+        progress: SendProgress,
+    ) -> Result<()> {
         let size = self.state.image_size;
         let part_size = self.state.part_size;
         if start % part_size != 0 || start > self.resume_offset() {
@@ -553,18 +568,14 @@ impl Upload {
             report(progress);
         }
         drop(sender);
-        let (state, result) = self
-            .store
-            .runtime
-            .block_on(consumer)
-            .unwrap_or_else(|e| {
-                (
-                    self.state.clone(),
-                    Err(Failure::State(CtlError::Usage(format!(
-                        "internal: the upload task failed: {e}"
-                    )))),
-                )
-            });
+        let (state, result) = self.store.runtime.block_on(consumer).unwrap_or_else(|e| {
+            (
+                self.state.clone(),
+                Err(Failure::State(CtlError::Usage(format!(
+                    "internal: the upload task failed: {e}"
+                )))),
+            )
+        });
         self.state = state;
         report(progress);
         match result {
@@ -615,13 +626,18 @@ impl Upload {
                 content_id: p.content_id.clone(),
             })
             .collect();
-        let completed = self.store.runtime.block_on(self.store.s3.complete_multipart(
-            &self.store.path,
-            &self.state.upload_id,
-            ids,
-        ));
-        let completed =
-            completed.map_err(|e| self.store.error("complete the multipart upload of", None, &e));
+        let completed = self
+            .store
+            .runtime
+            .block_on(self.store.s3.complete_multipart(
+                &self.store.path,
+                &self.state.upload_id,
+                ids,
+            ));
+        let completed = completed.map_err(|e| {
+            self.store
+                .error("complete the multipart upload of", None, &e)
+        });
         self.on_server_error(completed)?;
         // The object exists now: nothing to abort any more, whatever the check says.
         crate::output::upload_interrupt_message(None);
@@ -670,6 +686,39 @@ pub fn abort_recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Stri
     store.abort(&state.upload_id)?;
     states.remove(&name)?;
     Ok(Some(state.upload_id))
+}
+
+/// An interrupted upload recorded for an object: what `imgctl encrypt --upload` needs before it
+/// calls the daemon, to ask it to continue the same image ([`recorded`]).
+pub struct Recorded {
+    /// The caller's identity of source and parameters the upload was of.
+    pub identity: String,
+    /// Size of the image being uploaded.
+    pub image_size: u64,
+    /// Part size of the upload.
+    pub part_size: u64,
+    /// [`Upload::resume_offset`] of the upload.
+    pub resume_offset: u64,
+    /// The LUKS header saved beside the state ([`Upload::header_saver`]), if any.
+    pub header: Option<std::fs::File>,
+}
+
+/// The interrupted upload of `url` recorded in the state directory, without contacting the
+/// server; `None` if there is none.
+pub fn recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Recorded>> {
+    let resolved = credentials::resolve(options, &ProcessEnvironment)?;
+    let states = StateDir::from_environment()?;
+    let name = StateDir::name(&resolved.endpoint_display(), &url.bucket, &url.key);
+    let Some(state) = states.load(&name)? else {
+        return Ok(None);
+    };
+    Ok(Some(Recorded {
+        resume_offset: state.contiguous_end(),
+        identity: state.identity,
+        image_size: state.image_size,
+        part_size: state.part_size,
+        header: states.open_header(&name)?,
+    }))
 }
 
 /// HEADs an object: its size and ETag (`imgctl verify --object`).

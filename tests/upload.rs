@@ -142,9 +142,15 @@ fn upload_downloads_to_the_file_with_the_size_and_etag_reported_and_verify_check
     assert_eq!(summary["parts"], 3);
     assert_eq!(summary["part_size"], PART);
     // boto3 downloads exactly the file; the server's ETag is the one reported.
-    assert_eq!(setup.server.object("vm/disk.img"), (sha, 40 * MIB, etag.clone()));
+    assert_eq!(
+        setup.server.object("vm/disk.img"),
+        (sha, 40 * MIB, etag.clone())
+    );
     assert!(setup.server.multipart_uploads().is_empty());
-    assert!(setup.states().is_empty(), "the state is removed once complete");
+    assert!(
+        setup.states().is_empty(),
+        "the state is removed once complete"
+    );
 
     // verify --etag: right accepted, wrong refused saying both.
     let verify = |args: &[&str]| {
@@ -165,7 +171,11 @@ fn upload_downloads_to_the_file_with_the_size_and_etag_reported_and_verify_check
     );
     // The part count is cross-checked: -4 cannot be 40 MiB in 16 MiB parts.
     let miscounted = verify(&["--etag", &format!("{}-4", &etag[..32])]);
-    assert!(stderr(&miscounted).contains("--part-size"), "{}", stderr(&miscounted));
+    assert!(
+        stderr(&miscounted).contains("--part-size"),
+        "{}",
+        stderr(&miscounted)
+    );
     // Another part size gives another ETag.
     let other = verify(&["--etag", &etag, "--part-size", "8M"]);
     assert!(!other.status.success());
@@ -274,7 +284,10 @@ fn a_killed_upload_resumes_uploading_only_the_missing_parts() {
     let upload_id = state["upload_id"].as_str().unwrap();
     // What the state records, the server holds (it may hold more: parts in flight).
     let on_server = setup.server.parts("big.img", upload_id);
-    assert!(stored.iter().all(|n| on_server.contains(n)), "{stored:?} {on_server:?}");
+    assert!(
+        stored.iter().all(|n| on_server.contains(n)),
+        "{stored:?} {on_server:?}"
+    );
     let state_text = serde_json::to_string(&state).unwrap();
     assert!(!state_text.contains(&setup.server.secret));
 
@@ -319,7 +332,10 @@ fn a_changed_file_restarts_saying_why_and_abort_leaves_no_upload() {
     );
     assert_eq!(setup.server.object("c.img").0, sha);
     let uploads = setup.server.multipart_uploads();
-    assert!(uploads.is_empty(), "the old upload {old_id} is aborted: {uploads:?}");
+    assert!(
+        uploads.is_empty(),
+        "the old upload {old_id} is aborted: {uploads:?}"
+    );
 
     // --abort removes an interrupted upload and its state.
     kill_after_parts(&setup, &proxy, &file, "d.img", 1);
@@ -353,18 +369,26 @@ fn server_errors_are_clear_and_leave_no_multipart_upload() {
     let output = run(&mut wrong_secret);
     assert_eq!(output.status.code(), Some(1));
     assert!(
-        stderr(&output).contains("were refused by") && stderr(&output).contains("SignatureDoesNotMatch"),
+        stderr(&output).contains("were refused by")
+            && stderr(&output).contains("SignatureDoesNotMatch"),
         "{}",
         stderr(&output)
     );
     let mut wrong_key = setup.upload(&endpoint, &file, "e.img");
     wrong_key.env("AWS_ACCESS_KEY_ID", "AKIAIMGCRYPTNOSUCHKEY");
     let output = run(&mut wrong_key);
-    assert!(stderr(&output).contains("InvalidAccessKeyId"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("InvalidAccessKeyId"),
+        "{}",
+        stderr(&output)
+    );
     setup.assert_no_secret(&output);
 
     let mut command = setup.imgctl(&endpoint);
-    command.arg("upload").arg(&file).arg("s3://no-such-bucket/e.img");
+    command
+        .arg("upload")
+        .arg(&file)
+        .arg("s3://no-such-bucket/e.img");
     let output = run(&mut command);
     assert!(
         stderr(&output).contains("bucket no-such-bucket does not exist at"),
@@ -383,8 +407,15 @@ fn server_errors_are_clear_and_leave_no_multipart_upload() {
             && message.contains("500"),
         "{message}"
     );
-    assert!(started.elapsed() < Duration::from_secs(60), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(proxy.stats().1 > 1, "the part upload was retried");
-    assert!(setup.server.multipart_uploads().is_empty(), "no stray upload");
+    assert!(
+        setup.server.multipart_uploads().is_empty(),
+        "no stray upload"
+    );
     assert!(setup.states().is_empty(), "no state left");
 }

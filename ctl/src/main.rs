@@ -12,9 +12,9 @@ mod keyring;
 mod output;
 mod progress;
 mod targets;
-mod upload;
 #[cfg(test)]
 mod test_peer;
+mod upload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

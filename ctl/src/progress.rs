@@ -482,7 +482,11 @@ pub fn render_upload(
             ("etag", uploaded.etag.clone()),
             (
                 "parts",
-                format!("{} of {}", uploaded.parts, human_bytes(uploaded.part_size as f64)),
+                format!(
+                    "{} of {}",
+                    uploaded.parts,
+                    human_bytes(uploaded.part_size as f64)
+                ),
             ),
             ("time", format!("{:.2} s", seconds(elapsed_ms))),
         ],

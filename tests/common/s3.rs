@@ -8,7 +8,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The bucket every server starts with.
@@ -38,7 +38,14 @@ impl S3Server {
     pub fn start() -> Self {
         let port = free_port();
         let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -46,7 +53,10 @@ impl S3Server {
             .expect("python3 -m moto.server (scripts/install-deps installs moto[server])");
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "moto did not start on port {port}");
+            assert!(
+                Instant::now() < deadline,
+                "moto did not start on port {port}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let mut server = Self {
@@ -128,7 +138,9 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
              print(' '.join(str(p['PartNumber']) for p in r.get('Parts', [])))",
             &[BUCKET, key, upload_id],
         );
-        text.split_whitespace().map(|n| n.parse().unwrap()).collect()
+        text.split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
     }
 
     /// Downloads an object with boto3: (hex SHA-256, size, ETag without quotes).
@@ -239,7 +251,10 @@ impl Proxy {
         let text = String::from_utf8(output.stdout).unwrap();
         let (parts, failed) = text.trim().split_once('|').unwrap();
         (
-            parts.split_whitespace().map(|n| n.parse().unwrap()).collect(),
+            parts
+                .split_whitespace()
+                .map(|n| n.parse().unwrap())
+                .collect(),
             failed.parse().unwrap(),
         )
     }

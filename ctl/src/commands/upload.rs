@@ -52,9 +52,9 @@ pub fn run(args: UploadArgs) -> Result<()> {
 }
 
 fn url_argument(path: &Path) -> Result<S3Url> {
-    let text = path.to_str().ok_or_else(|| {
-        CtlError::Usage(format!("{} is not an s3:// URL", path.display()))
-    })?;
+    let text = path
+        .to_str()
+        .ok_or_else(|| CtlError::Usage(format!("{} is not an s3:// URL", path.display())))?;
     S3Url::parse(text)
 }
 
@@ -168,7 +168,13 @@ fn upload(args: &UploadArgs, display: &mut Display) -> Result<()> {
             "resumed": matches!(resume, Resume::Resumed { .. }),
             "elapsed_ms": elapsed_ms,
         }),
-        &progress::render_upload(file_path, &url.to_string(), &endpoint, &uploaded, elapsed_ms),
+        &progress::render_upload(
+            file_path,
+            &url.to_string(),
+            &endpoint,
+            &uploaded,
+            elapsed_ms,
+        ),
     );
     Ok(())
 }

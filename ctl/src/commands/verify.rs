@@ -16,12 +16,12 @@ use std::io::{Seek, SeekFrom};
 
 use crate::call;
 use crate::commands::upload as upload_command;
-use crate::upload::{self, parts, S3Url, StoreOptions};
 use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::keyring::RingLocation;
 use crate::progress::{self, Display};
+use crate::upload::{self, parts, S3Url, StoreOptions};
 
 /// Options of `imgctl verify`.
 #[derive(Debug, clap::Args)]

@@ -162,29 +162,28 @@ pub fn resolve(options: &StoreOptions, env: &dyn Environment) -> Result<Resolved
     };
 
     // An explicit --profile wins over the environment's keys, as with the AWS CLI.
-    let from_env = if options.profile.is_none() {
-        match (
-            env.var("AWS_ACCESS_KEY_ID"),
-            env.var("AWS_SECRET_ACCESS_KEY"),
-        ) {
-            (Some(id), Some(secret)) => Some(Credentials {
-                access_key_id: id,
-                secret_access_key: Secret::new(secret),
-                session_token: env.var("AWS_SESSION_TOKEN").map(Secret::new),
-                source: "the environment (AWS_ACCESS_KEY_ID)".into(),
-            }),
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(CtlError::Credentials(
+    let from_env =
+        if options.profile.is_none() {
+            match (
+                env.var("AWS_ACCESS_KEY_ID"),
+                env.var("AWS_SECRET_ACCESS_KEY"),
+            ) {
+                (Some(id), Some(secret)) => Some(Credentials {
+                    access_key_id: id,
+                    secret_access_key: Secret::new(secret),
+                    session_token: env.var("AWS_SESSION_TOKEN").map(Secret::new),
+                    source: "the environment (AWS_ACCESS_KEY_ID)".into(),
+                }),
+                (Some(_), None) | (None, Some(_)) => return Err(CtlError::Credentials(
                     "only one of AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY is set: set both, \
                      or neither to use a profile"
                         .into(),
-                ))
+                )),
+                (None, None) => None,
             }
-            (None, None) => None,
-        }
-    } else {
-        None
-    };
+        } else {
+            None
+        };
     let from_profile = || -> Option<Credentials> {
         let id = lookup("aws_access_key_id")?;
         let secret = lookup("aws_secret_access_key")?;
@@ -367,11 +366,17 @@ mod tests {
         ]);
         let resolved = resolve(&options(None), &env).unwrap();
         assert_eq!(resolved.credentials.access_key_id, "AKIDENV");
-        assert_eq!(resolved.credentials.secret_access_key.expose(), "s3cr3t-env");
+        assert_eq!(
+            resolved.credentials.secret_access_key.expose(),
+            "s3cr3t-env"
+        );
         assert_eq!(resolved.region, "eu-de");
         assert_eq!(resolved.endpoint.as_deref(), Some("http://127.0.0.1:9"));
         let debug = format!("{resolved:?}");
-        assert!(!debug.contains("s3cr3t") && !debug.contains("tok3n"), "{debug}");
+        assert!(
+            !debug.contains("s3cr3t") && !debug.contains("tok3n"),
+            "{debug}"
+        );
         assert!(debug.contains("<redacted>"));
     }
 
@@ -411,7 +416,11 @@ mod tests {
         assert_eq!(cos.endpoint.as_deref(), Some("https://s3.eu-de.example"));
         assert!(cos.credentials.source.contains("profile cos"));
         // A config file others can read is worth a warning (it may hold keys).
-        assert!(cos.warnings.iter().any(|w| w.contains("chmod 600")), "{:?}", cos.warnings);
+        assert!(
+            cos.warnings.iter().any(|w| w.contains("chmod 600")),
+            "{:?}",
+            cos.warnings
+        );
         // Keys in the config file's [profile NAME] work too.
         let other = resolve(&options(Some("other")), &env).unwrap();
         assert_eq!(other.credentials.access_key_id, "AKIDOTHER");
@@ -420,17 +429,26 @@ mod tests {
         assert_eq!(from_env.credentials.access_key_id, "AKIDENV");
         assert_eq!(from_env.region, "us-east-1");
         assert!(from_env.endpoint.is_none());
-        assert_eq!(from_env.endpoint_display(), "https://s3.us-east-1.amazonaws.com");
+        assert_eq!(
+            from_env.endpoint_display(),
+            "https://s3.us-east-1.amazonaws.com"
+        );
         let mut env = env;
         env.remove("AWS_ACCESS_KEY_ID");
         env.remove("AWS_SECRET_ACCESS_KEY");
         assert_eq!(
-            resolve(&options(None), &env).unwrap().credentials.access_key_id,
+            resolve(&options(None), &env)
+                .unwrap()
+                .credentials
+                .access_key_id,
             "AKIDDEF"
         );
         env.insert("AWS_PROFILE", "cos");
         assert_eq!(
-            resolve(&options(None), &env).unwrap().credentials.access_key_id,
+            resolve(&options(None), &env)
+                .unwrap()
+                .credentials
+                .access_key_id,
             "AKIDCOS"
         );
     }
@@ -438,10 +456,18 @@ mod tests {
     #[test]
     fn no_credentials_lists_the_places_looked_at() {
         let env = HashMap::from([("HOME", "/nonexistent-home")]);
-        let error = resolve(&options(Some("prod")), &env).unwrap_err().to_string();
+        let error = resolve(&options(Some("prod")), &env)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("no S3 credentials found"), "{error}");
-        assert!(error.contains("/nonexistent-home/.aws/credentials"), "{error}");
-        assert!(error.contains("[profile prod] in /nonexistent-home/.aws/config"), "{error}");
+        assert!(
+            error.contains("/nonexistent-home/.aws/credentials"),
+            "{error}"
+        );
+        assert!(
+            error.contains("[profile prod] in /nonexistent-home/.aws/config"),
+            "{error}"
+        );
         assert!(error.contains("AWS_ACCESS_KEY_ID"), "{error}");
         let half = HashMap::from([("AWS_ACCESS_KEY_ID", "x")]);
         assert!(resolve(&options(None), &half)

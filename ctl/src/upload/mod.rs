@@ -2,7 +2,7 @@
 //! multipart uploads, resumably: imgctl does it with the user's credentials, which never reach
 //! the daemon.
 //!
-//! - [`url`]: `s3://BUCKET/KEY`.
+//! - [`url`][mod@url]: `s3://BUCKET/KEY`.
 //! - [`credentials`]: credentials, region and endpoint from the standard AWS sources.
 //! - [`parts`]: the part size rule and the multipart ETag.
 //! - [`state`]: the per-object state file (and saved LUKS header) that makes resuming possible.
@@ -20,5 +20,11 @@ pub mod state;
 pub mod url;
 
 pub use credentials::StoreOptions;
-pub use session::{abort_recorded, head_object, ObjectInfo, Resume, SendProgress, Upload, Uploaded};
+#[allow(
+    unused_imports,
+    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
+)]
+pub use session::{
+    abort_recorded, head_object, ObjectInfo, Resume, SendProgress, Upload, Uploaded,
+};
 pub use url::S3Url;

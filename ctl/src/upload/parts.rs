@@ -53,8 +53,7 @@ pub fn part_range(number: u64, part_size: u64, image_size: u64) -> std::ops::Ran
 
 /// Checks a part size given on the command line against S3's limits and the part count.
 pub fn check_part_size(image_size: u64, part_size: u64) -> Result<()> {
-    if !(S3_MIN_PART..=S3_MAX_PART).contains(&part_size) && part_count(image_size, part_size) > 1
-    {
+    if !(S3_MIN_PART..=S3_MAX_PART).contains(&part_size) && part_count(image_size, part_size) > 1 {
         return Err(CtlError::Usage(format!(
             "a part size of {part_size} bytes is outside S3's 5 MiB to 5 GiB"
         )));
@@ -187,7 +186,7 @@ mod tests {
         // ceil(2^40 / 10000) = 109,951,163 bytes, rounded up to 105 MiB.
         assert_eq!(part, 105 * MIB);
         assert_eq!(part % MIB, 0);
-        assert!(part >= S3_MIN_PART && part <= S3_MAX_PART);
+        assert!((S3_MIN_PART..=S3_MAX_PART).contains(&part));
         let count = part_count(size, part);
         assert_eq!(count, 9987);
         assert!(count <= MAX_PARTS);
@@ -228,11 +227,19 @@ mod tests {
         expected.add_part_md5(&md5_of(&data[..(5 * MIB) as usize]));
         expected.add_part_md5(&md5_of(&data[(5 * MIB) as usize..]));
         let mut last = 0;
-        let got = etag_of(&mut &data[..], data.len() as u64, 5 * MIB, true, &mut |d| last = d)
-            .unwrap();
+        let got = etag_of(&mut &data[..], data.len() as u64, 5 * MIB, true, &mut |d| {
+            last = d
+        })
+        .unwrap();
         assert_eq!(got, expected.finish());
         assert_eq!(last, data.len() as u64);
-        let single = etag_of(&mut &data[..], data.len() as u64, 5 * MIB, false, &mut |_| {});
+        let single = etag_of(
+            &mut &data[..],
+            data.len() as u64,
+            5 * MIB,
+            false,
+            &mut |_| {},
+        );
         assert_eq!(single.unwrap(), hex(&md5_of(&data)));
         // A stream shorter than its size is an error, not a wrong ETag.
         assert!(etag_of(&mut &data[..10], 20, 5 * MIB, true, &mut |_| {}).is_err());
@@ -253,6 +260,9 @@ mod tests {
     fn part_sizes_outside_s3_limits_are_refused() {
         assert!(check_part_size(100 * MIB, MIB).is_err());
         assert!(check_part_size(MIB, MIB).is_ok(), "one part may be small");
-        assert!(check_part_size(1 << 40, 16 * MIB).is_err(), "over 10,000 parts");
+        assert!(
+            check_part_size(1 << 40, 16 * MIB).is_err(),
+            "over 10,000 parts"
+        );
     }
 }

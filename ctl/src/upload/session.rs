@@ -134,7 +134,9 @@ impl Store {
             builder = builder.with_endpoint(custom);
         }
         let s3 = builder.build().map_err(|e| {
-            CtlError::Usage(format!("cannot set up the S3 client for {url} at {endpoint}: {e}"))
+            CtlError::Usage(format!(
+                "cannot set up the S3 client for {url} at {endpoint}: {e}"
+            ))
         })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -300,6 +302,10 @@ impl std::fmt::Debug for Upload {
     }
 }
 
+#[allow(
+    dead_code,
+    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
+)]
 impl Upload {
     /// Creates the multipart upload of an `image_size`-byte image to `url`, or resumes the one
     /// recorded in the state directory when it is of the same `identity` (the caller's hash of
@@ -472,7 +478,12 @@ impl Upload {
     /// A server failure aborts the upload and removes its state ([`CtlError::Store`]); a
     /// stream that fails or ends early keeps both ([`CtlError::UploadInterrupted`], saying how
     /// to resume).
-    pub fn send(&mut self, reader: &mut dyn Read, start: u64, progress: SendProgress) -> Result<()> {
+    pub fn send(
+        &mut self,
+        reader: &mut dyn Read,
+        start: u64,
+        progress: SendProgress,
+    ) -> Result<()> {
         let size = self.state.image_size;
         let part_size = self.state.part_size;
         if start % part_size != 0 || start > self.resume_offset() {
@@ -553,18 +564,14 @@ impl Upload {
             report(progress);
         }
         drop(sender);
-        let (state, result) = self
-            .store
-            .runtime
-            .block_on(consumer)
-            .unwrap_or_else(|e| {
-                (
-                    self.state.clone(),
-                    Err(Failure::State(CtlError::Usage(format!(
-                        "internal: the upload task failed: {e}"
-                    )))),
-                )
-            });
+        let (state, result) = self.store.runtime.block_on(consumer).unwrap_or_else(|e| {
+            (
+                self.state.clone(),
+                Err(Failure::State(CtlError::Usage(format!(
+                    "internal: the upload task failed: {e}"
+                )))),
+            )
+        });
         self.state = state;
         report(progress);
         match result {
@@ -615,13 +622,18 @@ impl Upload {
                 content_id: p.content_id.clone(),
             })
             .collect();
-        let completed = self.store.runtime.block_on(self.store.s3.complete_multipart(
-            &self.store.path,
-            &self.state.upload_id,
-            ids,
-        ));
-        let completed =
-            completed.map_err(|e| self.store.error("complete the multipart upload of", None, &e));
+        let completed = self
+            .store
+            .runtime
+            .block_on(self.store.s3.complete_multipart(
+                &self.store.path,
+                &self.state.upload_id,
+                ids,
+            ));
+        let completed = completed.map_err(|e| {
+            self.store
+                .error("complete the multipart upload of", None, &e)
+        });
         self.on_server_error(completed)?;
         // The object exists now: nothing to abort any more, whatever the check says.
         crate::output::upload_interrupt_message(None);

@@ -312,6 +312,33 @@ fn a_killed_upload_resumes_uploading_only_the_missing_parts() {
 }
 
 #[test]
+fn ctrl_c_keeps_the_upload_and_says_how_to_resume() {
+    let setup = Setup::new();
+    let file = setup.path("disk.img");
+    let sha = random_file(&file, 4 * PART);
+    let proxy = Proxy::start(&setup.server, &["--delay", "0.7"]);
+    let mut child = start_until(&mut setup.upload(&proxy.endpoint, &file, "i.img"), |v| {
+        v["event"] == "progress" && v["bytes_done"].as_u64().unwrap_or(0) >= PART
+    });
+    assert_eq!(interrupt(&mut child), Some(130));
+    let mut message = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut message).unwrap();
+    assert!(
+        message.contains(&format!(
+            "run the same command again to resume, or `imgctl upload --abort s3://{BUCKET}/i.img`"
+        )),
+        "{message}"
+    );
+    assert_eq!(setup.states().len(), 1);
+    assert_eq!(setup.server.multipart_uploads().len(), 1);
+    proxy.configure(0.0, -1);
+    let output = run_ok(&mut setup.upload(&proxy.endpoint, &file, "i.img"));
+    assert_eq!(json_event(&output.stdout, "summary")["resumed"], true);
+    assert_eq!(setup.server.object("i.img").0, sha);
+    assert!(setup.server.multipart_uploads().is_empty());
+}
+
+#[test]
 fn a_changed_file_restarts_saying_why_and_abort_leaves_no_upload() {
     let setup = Setup::new();
     let file = setup.path("disk.img");

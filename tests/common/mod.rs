@@ -8,6 +8,7 @@
 
 pub mod guest;
 pub mod raw_client;
+pub mod s3;
 
 use std::ffi::OsStr;
 use std::fs;

@@ -1,6 +1,10 @@
 //! `imgctl verify IMAGE [--source SRC] [--key-file K] [--json]`: the daemon unlocks the image,
 //! decrypts and hashes its whole payload, and with `--source` compares it with a RAW, VHD, VHDX or qcow2
 //! image. Exit status 0: verified (and matching); 1: the source differs, or any other failure.
+//!
+//! `imgctl verify IMAGE --etag ETAG [--part-size N]` and `imgctl verify IMAGE --object
+//! s3://BUCKET/KEY` check a local image file against an uploaded object's multipart ETag (and,
+//! with `--object`, its size) without the daemon or a key: imgctl hashes the file itself.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -8,12 +12,16 @@ use std::path::{Path, PathBuf};
 use imgcrypt_proto::api::{self, VerifyParameters, VerifyReply, VerifySummary};
 use serde_json::json;
 
+use std::io::{Seek, SeekFrom};
+
 use crate::call;
+use crate::commands::upload as upload_command;
 use crate::companions::{self, Companions};
 use crate::connect;
 use crate::error::{CtlError, Result};
 use crate::keyring::RingLocation;
 use crate::progress::{self, Display};
+use crate::upload::{self, parts, S3Url, StoreOptions};
 
 /// Options of `imgctl verify`.
 #[derive(Debug, clap::Args)]
@@ -26,6 +34,20 @@ pub struct VerifyArgs {
     /// The key file that opens the image (default: the ring's keys, matched by fingerprint).
     #[arg(long, value_name = "KEY")]
     pub key_file: Option<PathBuf>,
+    /// Check the image file against an S3 ETag instead (no daemon, no key): `HEX-N` as S3
+    /// reports a multipart upload, or a plain MD5.
+    #[arg(long, value_name = "ETAG", conflicts_with_all = ["source", "key_file", "object"])]
+    pub etag: Option<String>,
+    /// Check the image file against an object's size and ETag (read with a HEAD request;
+    /// --endpoint, --region, --profile as for `imgctl upload`).
+    #[arg(long, value_name = "s3://BUCKET/KEY", conflicts_with_all = ["source", "key_file"])]
+    pub object: Option<String>,
+    /// The part size the ETag was made with, in bytes or with K, M, G (binary) (default:
+    /// imgctl upload's rule for the image's size).
+    #[arg(long, value_name = "SIZE")]
+    pub part_size: Option<String>,
+    #[command(flatten)]
+    pub store: StoreOptions,
     /// Print progress and the summary as JSON lines on stdout.
     #[arg(long)]
     pub json: bool,
@@ -33,6 +55,19 @@ pub struct VerifyArgs {
 
 /// Runs the command.
 pub fn run(args: VerifyArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Result<()> {
+    if args.etag.is_some() || args.object.is_some() {
+        let mut display = Display::new(args.json);
+        let result = verify_etag(&args, &mut display);
+        if let Err(error) = &result {
+            display.error(None, &error.to_string());
+        }
+        return result;
+    }
+    if args.part_size.is_some() {
+        return Err(CtlError::Usage(
+            "--part-size goes with --etag or --object".into(),
+        ));
+    }
     // Descriptors: 0 the image, 1 the source if any, then the keys.
     let image = call::open_read_only(&args.image, "open the image")?;
     let source = args
@@ -70,6 +105,99 @@ pub fn run(args: VerifyArgs, socket: Option<PathBuf>, ring: &RingLocation) -> Re
         &progress::render_verify(&args.image, args.source.as_deref(), &summary),
     );
     verdict(&summary, args.source.as_deref())
+}
+
+/// Parses a size: bytes, or a number with K, M, G or T (binary; `KiB`, `M` and `MiB` alike).
+fn parse_size(text: &str) -> Result<u64> {
+    let trimmed = text.trim();
+    let digits = trimmed.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &trimmed[digits.len()..];
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        _ => {
+            return Err(CtlError::Usage(format!(
+                "--part-size {text:?}: the unit is one of K, M, G, T (binary)"
+            )))
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| CtlError::Usage(format!("--part-size {text:?} is not a size")))
+}
+
+/// `--etag` / `--object`: hashes the image file as S3 would have and compares.
+fn verify_etag(args: &VerifyArgs, display: &mut Display) -> Result<()> {
+    let (mut file, _, size) = upload_command::open_image(&args.image)?;
+    let (expected, what) = match (&args.etag, &args.object) {
+        (Some(etag), _) => (parts::normalize_etag(etag), "the ETag given".to_string()),
+        (None, Some(object)) => {
+            let url = S3Url::parse(object)?;
+            let info = upload::head_object(&url, &args.store)?;
+            if info.size != size {
+                return Err(CtlError::ObjectDiffers(format!(
+                    "{url} is {} bytes, {} is {size}: not the same image",
+                    info.size,
+                    args.image.display()
+                )));
+            }
+            (info.etag, format!("{url}'s ETag"))
+        }
+        (None, None) => unreachable!("checked by the caller"),
+    };
+    let part_size = match &args.part_size {
+        Some(text) => {
+            let part_size = parse_size(text)?;
+            parts::check_part_size(size, part_size)?;
+            part_size
+        }
+        None => parts::part_size(size)?,
+    };
+    let count = parts::part_count(size, part_size);
+    let multipart = parts::etag_part_count(&expected).is_some();
+    if let Some(claimed) = parts::etag_part_count(&expected) {
+        if claimed != count {
+            let hint = if args.part_size.is_some() {
+                "check --part-size"
+            } else {
+                "the upload used another part size: pass it with --part-size"
+            };
+            return Err(CtlError::ObjectDiffers(format!(
+                "{what} ({expected}) is of {claimed} parts, but {} ({size} bytes) in parts of                  {part_size} bytes is {count}: {hint}",
+                args.image.display()
+            )));
+        }
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| CtlError::file(&args.image, "read the image", e))?;
+    let actual = parts::etag_of(&mut file, size, part_size, multipart, &mut |done| {
+        display.transfer("hashing", done, size)
+    })
+    .map_err(|e| CtlError::file(&args.image, "read the image", e))?;
+    if actual != expected {
+        return Err(CtlError::ObjectDiffers(format!(
+            "{}'s ETag is {actual}, {what} is {expected}: the image is not the uploaded object",
+            args.image.display()
+        )));
+    }
+    display.finish(
+        json!({
+            "event": "summary",
+            "image": args.image,
+            "object": args.object,
+            "size": size,
+            "etag": actual,
+            "part_size": part_size,
+            "matches": true,
+        }),
+        &progress::render_etag_check(&args.image, size, &actual, part_size),
+    );
+    Ok(())
 }
 
 /// The command's outcome: success unless a source was given and the plaintext is not it.
@@ -123,6 +251,16 @@ mod tests {
             matches,
             first_difference,
         })
+    }
+
+    #[test]
+    fn part_sizes_parse_in_bytes_and_binary_units() {
+        assert_eq!(parse_size("16777216").unwrap(), 16 << 20);
+        assert_eq!(parse_size("16M").unwrap(), 16 << 20);
+        assert_eq!(parse_size("105MiB").unwrap(), 105 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert!(parse_size("16X").is_err());
+        assert!(parse_size("M").is_err());
     }
 
     #[test]
@@ -186,6 +324,10 @@ mod tests {
                 image,
                 source: Some(source),
                 key_file: Some(new_key),
+                etag: None,
+                object: None,
+                part_size: None,
+                store: StoreOptions::default(),
                 json: false,
             },
             Some(peer.socket.clone()),

@@ -2,7 +2,7 @@
 //! multipart uploads, resumably: imgctl does it with the user's credentials, which never reach
 //! the daemon.
 //!
-//! - [`url`]: `s3://BUCKET/KEY`.
+//! - [`url`][mod@url]: `s3://BUCKET/KEY`.
 //! - [`credentials`]: credentials, region and endpoint from the standard AWS sources.
 //! - [`parts`]: the part size rule and the multipart ETag.
 //! - [`state`]: the per-object state file (and saved LUKS header) that makes resuming possible.
@@ -20,8 +20,5 @@ pub mod state;
 pub mod url;
 
 pub use credentials::StoreOptions;
-pub use session::{
-    abort_recorded, head_object, recorded, ObjectInfo, Recorded, Resume, SendProgress, Upload,
-    Uploaded,
-};
+pub use session::{abort_recorded, head_object, recorded, Resume, Upload, Uploaded};
 pub use url::S3Url;

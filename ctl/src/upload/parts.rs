@@ -91,6 +91,43 @@ impl MultipartEtag {
     }
 }
 
+/// The ETag of `size` bytes from `reader` uploaded in `part_size` parts: multipart (`HEX-N`), or
+/// with `multipart` false the plain MD5 of a single PUT. `progress` gets the bytes hashed.
+pub fn etag_of(
+    reader: &mut dyn std::io::Read,
+    size: u64,
+    part_size: u64,
+    multipart: bool,
+    progress: &mut dyn FnMut(u64),
+) -> std::io::Result<String> {
+    let mut buffer = vec![0u8; MIB as usize];
+    let mut whole = Md5::new();
+    let mut etag = MultipartEtag::new();
+    let mut done = 0u64;
+    for number in 1..=part_count(size, part_size) {
+        let range = part_range(number, part_size, size);
+        let mut part = Md5::new();
+        let mut left = range.end - range.start;
+        while left > 0 {
+            let want = left.min(buffer.len() as u64) as usize;
+            reader.read_exact(&mut buffer[..want])?;
+            part.update(&buffer[..want]);
+            if !multipart {
+                whole.update(&buffer[..want]);
+            }
+            left -= want as u64;
+            done += want as u64;
+            progress(done);
+        }
+        etag.add_part_md5(&part.finalize().into());
+    }
+    Ok(if multipart {
+        etag.finish()
+    } else {
+        hex(&whole.finalize())
+    })
+}
+
 /// A part's binary MD5.
 pub fn md5_of(data: &[u8]) -> [u8; 16] {
     Md5::digest(data).into()
@@ -149,7 +186,7 @@ mod tests {
         // ceil(2^40 / 10000) = 109,951,163 bytes, rounded up to 105 MiB.
         assert_eq!(part, 105 * MIB);
         assert_eq!(part % MIB, 0);
-        assert!(part >= S3_MIN_PART && part <= S3_MAX_PART);
+        assert!((S3_MIN_PART..=S3_MAX_PART).contains(&part));
         let count = part_count(size, part);
         assert_eq!(count, 9987);
         assert!(count <= MAX_PARTS);
@@ -181,6 +218,31 @@ mod tests {
         let mut empty = MultipartEtag::new();
         empty.add_part_md5(&md5_of(b""));
         assert_eq!(empty.finish(), "59adb24ef3cdbe0297f05b395827453f-1");
+    }
+
+    #[test]
+    fn etag_of_a_stream_equals_the_parts_etag() {
+        let data: Vec<u8> = (0..(5 * MIB + 1000)).map(|i| (i % 251) as u8).collect();
+        let mut expected = MultipartEtag::new();
+        expected.add_part_md5(&md5_of(&data[..(5 * MIB) as usize]));
+        expected.add_part_md5(&md5_of(&data[(5 * MIB) as usize..]));
+        let mut last = 0;
+        let got = etag_of(&mut &data[..], data.len() as u64, 5 * MIB, true, &mut |d| {
+            last = d
+        })
+        .unwrap();
+        assert_eq!(got, expected.finish());
+        assert_eq!(last, data.len() as u64);
+        let single = etag_of(
+            &mut &data[..],
+            data.len() as u64,
+            5 * MIB,
+            false,
+            &mut |_| {},
+        );
+        assert_eq!(single.unwrap(), hex(&md5_of(&data)));
+        // A stream shorter than its size is an error, not a wrong ETag.
+        assert!(etag_of(&mut &data[..10], 20, 5 * MIB, true, &mut |_| {}).is_err());
     }
 
     #[test]

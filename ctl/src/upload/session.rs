@@ -302,6 +302,10 @@ impl std::fmt::Debug for Upload {
     }
 }
 
+#[allow(
+    dead_code,
+    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
+)]
 impl Upload {
     /// Creates the multipart upload of an `image_size`-byte image to `url`, or resumes the one
     /// recorded in the state directory when it is of the same `identity` (the caller's hash of
@@ -384,7 +388,12 @@ impl Upload {
                 }
             }
         };
-        crate::output::upload_interrupt_message(Some(upload.resume_advice("interrupted")));
+        // The signal thread prints this on Ctrl-C/SIGTERM/SIGHUP: the state on disk is always
+        // consistent (written atomically after each stored part), so nothing needs undoing.
+        crate::output::upload_interrupt_message(Some(format!(
+            "interrupted; the upload of {url} is kept: run the same command again to resume, \
+             or `imgctl upload --abort {url}` to discard it"
+        )));
         Ok((upload, resume))
     }
 
@@ -848,4 +857,60 @@ async fn consume(
         stored_bytes.fetch_add(part.size, Ordering::Relaxed);
     }
     (state, Ok(()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classify(body: &str) -> (StoreFailure, String) {
+        let url = S3Url::parse("s3://bucket/disk.luks").unwrap();
+        let error = object_store::Error::Generic {
+            store: "S3",
+            source: format!("Server returned non-2xx status code: 403 Forbidden: {body}").into(),
+        };
+        match store_error(
+            &url,
+            "https://s3.example",
+            "profile cos in ~/.aws/credentials",
+            "upload part of",
+            Some(7),
+            &error,
+        ) {
+            error @ CtlError::Store { kind, .. } => (kind, error.to_string()),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn server_errors_say_what_to_check() {
+        let (kind, message) = classify("<Error><Code>SignatureDoesNotMatch</Code></Error>");
+        assert_eq!(kind, StoreFailure::Refused);
+        assert!(
+            message.starts_with("cannot upload part of s3://bucket/disk.luks (part 7): ")
+                && message.contains(
+                    "the credentials from profile cos in ~/.aws/credentials were refused by \
+                     https://s3.example (SignatureDoesNotMatch): check"
+                ),
+            "{message}"
+        );
+        assert_eq!(
+            classify("<Code>InvalidAccessKeyId</Code>").0,
+            StoreFailure::Refused
+        );
+        assert_eq!(
+            classify("<Code>AccessDenied</Code>").0,
+            StoreFailure::Refused
+        );
+        let (kind, message) = classify("<Code>NoSuchBucket</Code>");
+        assert_eq!(kind, StoreFailure::NoBucket);
+        assert!(message.contains("bucket bucket does not exist at https://s3.example"));
+        assert_eq!(
+            classify("<Code>NoSuchUpload</Code>").0,
+            StoreFailure::NoUpload
+        );
+        let (kind, message) = classify("<Code>InternalError</Code>");
+        assert_eq!(kind, StoreFailure::Failed);
+        assert!(message.contains("InternalError"), "{message}");
+    }
 }

@@ -144,7 +144,9 @@ pub fn check_stream_output(fd: OwnedFd) -> Result<CheckedFile> {
         return Err(Error::bad_descriptor(
             Descriptor::Output,
             format!(
-                "is {what}, but a streamed output (the stream parameter) must be a pipe's write                  end: pass a pipe, or drop the stream parameter to write the image into the                  file at offsets"
+                "is {what}, but a streamed output (the stream parameter) must be a pipe's write \
+                 end: pass a pipe, or drop the stream parameter to write the image into the \
+                 file at offsets"
             ),
         ));
     }
@@ -185,7 +187,8 @@ pub fn check_resume_header(fd: OwnedFd, max_len: u64) -> Result<(File, u64)> {
         return Err(Error::bad_descriptor(
             which,
             format!(
-                "is {len} bytes; a saved LUKS header is between 1 byte and {max_len} bytes:                  pass the header file saved from the interrupted stream"
+                "is {len} bytes; a saved LUKS header is between 1 byte and {max_len} bytes: \
+                 pass the header file saved from the interrupted stream"
             ),
         ));
     }

@@ -23,6 +23,8 @@ pub enum Descriptor {
     Image,
     /// A file a source references (backing file, parent, extent), passed as a companion.
     Companion,
+    /// The saved LUKS header of an interrupted stream (`StreamOutput::resume_header`).
+    ResumeHeader,
 }
 
 impl Descriptor {
@@ -34,6 +36,7 @@ impl Descriptor {
             Self::Key => "key",
             Self::Image => "image",
             Self::Companion => "companion",
+            Self::ResumeHeader => "resume header",
         }
     }
 }

@@ -464,8 +464,9 @@ pub struct Summary {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
     // --- resume ---
-    /// The payload byte this run resumed from (an interrupted run's durable checkpoint);
-    /// absent when it started from scratch.
+    /// The payload byte this run resumed from (an interrupted run's durable checkpoint); for a
+    /// streamed output, the image byte the stream resumed from (`StreamOutput::resume_from`).
+    /// Absent when it started from scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_from: Option<u64>,
 }

@@ -102,6 +102,21 @@ pub trait Engine: Send + Sync {
             ),
         })
     }
+
+    /// Streams the guest bytes `range` of `job`'s extents, encrypted, into `job.output`, a
+    /// pipe, strictly in order ([`imgcrypt_proto::stream`]); returns the bytes written. Only
+    /// the userspace engine can: dm-crypt writes through a device at offsets.
+    fn write_stream(&self, job: &PayloadJob<'_>, range: std::ops::Range<u64>) -> Result<u64> {
+        let _ = (job, range);
+        Err(crate::Error::InvalidOption {
+            parameter: "engine",
+            message: format!(
+                "the {:?} engine cannot stream an output (dm-crypt writes at offsets); a \
+                 streamed output is written by the userspace engine: use --engine userspace",
+                self.kind()
+            ),
+        })
+    }
 }
 
 /// The engines this daemon can run, and what `auto` means here.

@@ -110,6 +110,7 @@ use crate::formats::SourceImage;
 use crate::outputs::{granule_runs, Allocator, Extent};
 use crate::sys::aligned::{AlignedBuffer, DIRECT_IO_ALIGNMENT};
 use crate::sys::direct_io::{enable_direct_io, status_flags, write_all_at};
+use crate::sys::pipe;
 use crate::{Error, Result};
 
 /// Chunk size [`UserspaceEngine::new`] uses: large enough that each O_DIRECT write keeps the
@@ -218,16 +219,7 @@ impl UserspaceEngine {
         } else {
             None
         };
-        let payload_end = job.extents.last().map_or(0, |extent| extent.guest_end());
-        if range.end > payload_end || range.start > range.end {
-            return Err(Error::io(
-                "copying part of a payload",
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!("range {range:?} is outside the payload, which ends at {payload_end}"),
-                ),
-            ));
-        }
+        check_range(job, &range, "copying part of a payload")?;
         if range.is_empty() {
             return Ok(());
         }
@@ -245,6 +237,21 @@ impl UserspaceEngine {
         copied?;
         restored
     }
+}
+
+/// Refuses a `range` outside `job`'s payload (a caller's bug, reported as such).
+fn check_range(job: &PayloadJob<'_>, range: &Range<u64>, operation: &str) -> Result<()> {
+    let payload_end = job.extents.last().map_or(0, |extent| extent.guest_end());
+    if range.end > payload_end || range.start > range.end {
+        return Err(Error::io(
+            operation.to_string(),
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("range {range:?} is outside the payload, which ends at {payload_end}"),
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Switches O_DIRECT on for `output` when every write of `copy` will be 4096-aligned in offset
@@ -297,6 +304,33 @@ impl Engine for UserspaceEngine {
         copied?;
         restored?;
         Ok(payload_bytes)
+    }
+
+    fn write_stream(&self, job: &PayloadJob<'_>, range: Range<u64>) -> Result<u64> {
+        check_layout(job)?;
+        let cipher = XtsCipher::new(job.key, job.iv)?;
+        check_range(job, &range, "streaming part of a payload")?;
+        pipe::set_nonblocking(job.output)?;
+        let bytes = range.end - range.start;
+        if bytes == 0 {
+            return Ok(0);
+        }
+        let copy = Copy::new(
+            self.workers,
+            self.chunk_size,
+            job,
+            Some(&cipher),
+            Destination::Stream(job.output),
+        )
+        .within(range);
+        tracing::debug!(
+            workers = copy.workers,
+            chunk_size = self.chunk_size,
+            bytes,
+            "userspace engine stream starting"
+        );
+        copy.run()?;
+        Ok(bytes)
     }
 
     fn write_allocated(&self, job: &PayloadJob<'_>, allocator: &dyn Allocator) -> Result<u64> {
@@ -392,6 +426,10 @@ pub(crate) enum Destination<'f> {
     /// A device that presents the payload from offset 0 and encrypts on the way down (the
     /// kernel engine's dm-crypt device): guest offset `g` is written at `g`.
     PlaintextDevice(&'f File),
+    /// A pipe (a streamed output, [`imgcrypt_proto::stream`]): every chunk is written at the
+    /// pipe's current position, strictly in chunk order, with bounded non-blocking writes
+    /// ([`crate::sys::pipe`]); a chunk's `write_at` is ignored.
+    Stream(&'f File),
 }
 
 /// One payload copy in progress, shared by its workers.
@@ -431,6 +469,56 @@ pub(crate) struct Copy<'j, 'a> {
     allocation: Option<Allocation<'j>>,
     /// The guest offset a [`Destination::PlaintextDevice`] presents at its offset 0.
     device_base: u64,
+    /// Whose turn it is in the serial step: an allocated copy's placement (by ticket), a
+    /// stream's write (by chunk index).
+    turns: Turns,
+}
+
+/// Serialises one step of a copy in ticket order while everything else runs in parallel:
+/// a worker holding ticket `t` waits until the step for `t - 1` is done.
+struct Turns {
+    /// The ticket whose step runs next.
+    turn: Mutex<u64>,
+    changed: Condvar,
+}
+
+impl Turns {
+    fn new() -> Self {
+        Self {
+            turn: Mutex::new(0),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Waits until it is `ticket`'s turn; `false` when `stop` was set meanwhile.
+    fn wait(&self, ticket: u64, stop: &AtomicBool) -> bool {
+        let mut turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        while *turn != ticket {
+            if stop.load(Ordering::SeqCst) {
+                return false;
+            }
+            // Timed, so that a stop set without a notification (a panicking worker) is seen.
+            turn = self
+                .changed
+                .wait_timeout(turn, Duration::from_millis(50))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        !stop.load(Ordering::SeqCst)
+    }
+
+    /// Passes the turn to the next ticket.
+    fn advance(&self) {
+        let mut turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        *turn += 1;
+        self.changed.notify_all();
+    }
+
+    /// Wakes every waiting worker (so they see a stop).
+    fn wake(&self) {
+        let _turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        self.changed.notify_all();
+    }
 }
 
 /// The shared state of an allocated copy.
@@ -439,9 +527,6 @@ struct Allocation<'j> {
     granule: u64,
     /// The chunks still to claim, and the next ticket.
     cursor: Mutex<Cursor<'j>>,
-    /// The ticket whose chunk is placed next.
-    turn: Mutex<u64>,
-    turn_changed: Condvar,
     /// Payload bytes placed (and written, once the copy succeeds).
     stored: AtomicU64,
 }
@@ -487,6 +572,7 @@ impl<'j, 'a> Copy<'j, 'a> {
             target_note: None,
             allocation: None,
             device_base: 0,
+            turns: Turns::new(),
         };
         copy.count_chunks();
         copy
@@ -553,8 +639,6 @@ impl<'j, 'a> Copy<'j, 'a> {
                 current: 0..0,
                 next_ticket: 0,
             }),
-            turn: Mutex::new(0),
-            turn_changed: Condvar::new(),
             stored: AtomicU64::new(0),
         });
         Ok(self)
@@ -585,6 +669,8 @@ impl<'j, 'a> Copy<'j, 'a> {
                 let offset = match self.destination {
                     Destination::Output(_) => run.output_offset,
                     Destination::PlaintextDevice(_) => run.guest_offset,
+                    // Not a file: O_DIRECT does not apply.
+                    Destination::Stream(_) => return false,
                 };
                 offset % alignment == 0 && run.length % alignment == 0
             })
@@ -600,7 +686,7 @@ impl<'j, 'a> Copy<'j, 'a> {
             guest,
             len: self.chunk_size.min(run.length - skipped) as usize,
             write_at: match self.destination {
-                Destination::Output(_) => run.output_offset + skipped,
+                Destination::Output(_) | Destination::Stream(_) => run.output_offset + skipped,
                 Destination::PlaintextDevice(_) => guest - self.device_base,
             },
             iv: run.first_iv + skipped / IV_SECTOR_BYTES as u64,
@@ -658,14 +744,8 @@ impl<'j, 'a> Copy<'j, 'a> {
         }
         self.stop.store(true, Ordering::SeqCst);
         drop(slot);
-        if let Some(allocation) = &self.allocation {
-            // Wake the workers waiting for their turn, so they see the stop.
-            let _turn = allocation
-                .turn
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            allocation.turn_changed.notify_all();
-        }
+        // Wake the workers waiting for their turn, so they see the stop.
+        self.turns.wake();
     }
 
     fn worker(&self) {
@@ -681,9 +761,6 @@ impl<'j, 'a> Copy<'j, 'a> {
             return self.copy_allocated(allocation);
         }
         let mut buffer = AlignedBuffer::new(self.chunk_size as usize)?;
-        let target = match self.destination {
-            Destination::Output(file) | Destination::PlaintextDevice(file) => file,
-        };
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
@@ -702,8 +779,23 @@ impl<'j, 'a> Copy<'j, 'a> {
             if let Some(cipher) = self.cipher {
                 cipher.encrypt_sectors(bytes, self.job.sector_size as usize, chunk.iv)?;
             }
-            write_all_at(target, bytes, chunk.write_at)
-                .map_err(|error| self.output_context(error))?;
+            match self.destination {
+                Destination::Output(file) | Destination::PlaintextDevice(file) => {
+                    write_all_at(file, bytes, chunk.write_at)
+                        .map_err(|error| self.output_context(error))?;
+                }
+                Destination::Stream(pipe) => {
+                    // Chunk indexes are the stream's order: wait for the one before to be out.
+                    if !self.turns.wait(index, &self.stop) {
+                        return Ok(());
+                    }
+                    let sent = pipe::write_all(pipe, bytes, self.job.cancel, &self.stop);
+                    // The next chunk's turn whatever happened: on an error the stop flag ends
+                    // the copy.
+                    self.turns.advance();
+                    sent?;
+                }
+            }
 
             let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
             *written += chunk.len as u64;
@@ -716,6 +808,16 @@ impl<'j, 'a> Copy<'j, 'a> {
         let mut buffer = AlignedBuffer::new(self.chunk_size as usize)?;
         let target = match self.destination {
             Destination::Output(file) | Destination::PlaintextDevice(file) => file,
+            Destination::Stream(_) => {
+                return Err(Error::io(
+                    "laying out the encrypted payload",
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "a sparse container cannot be streamed: its allocator writes metadata \
+                         out of order",
+                    ),
+                ))
+            }
         };
         let mut kept: Vec<Range<u64>> = Vec::new();
         let mut placed: Vec<Extent> = Vec::new();
@@ -735,21 +837,14 @@ impl<'j, 'a> Copy<'j, 'a> {
             nonzero_granules(bytes, chunk.start, allocation.granule, &mut kept);
 
             placed.clear();
-            if !self.wait_for_turn(allocation, ticket) {
+            if !self.turns.wait(ticket, &self.stop) {
                 return Ok(());
             }
             let placing = kept
                 .iter()
                 .try_for_each(|run| allocation.allocator.place(run.clone(), target, &mut placed));
             // The next chunk's turn whatever happened: on an error the stop flag ends the copy.
-            {
-                let mut turn = allocation
-                    .turn
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                *turn += 1;
-                allocation.turn_changed.notify_all();
-            }
+            self.turns.advance();
             placing?;
 
             for extent in &placed {
@@ -803,26 +898,6 @@ impl<'j, 'a> Copy<'j, 'a> {
         let ticket = cursor.next_ticket;
         cursor.next_ticket += 1;
         Some((ticket, start..end))
-    }
-
-    /// Waits until chunk `ticket` may be placed; `false` when the copy stopped meanwhile.
-    fn wait_for_turn(&self, allocation: &Allocation<'_>, ticket: u64) -> bool {
-        let mut turn = allocation
-            .turn
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        while *turn != ticket {
-            if self.stop.load(Ordering::SeqCst) {
-                return false;
-            }
-            // Timed, so that a stop set without a notification (a panicking worker) is seen.
-            turn = allocation
-                .turn_changed
-                .wait_timeout(turn, Duration::from_millis(50))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        !self.stop.load(Ordering::SeqCst)
     }
 
     /// Says which descriptor a write error concerns, and how much the output needs in total.
@@ -1237,6 +1312,156 @@ mod tests {
             fail_at: None,
         };
         assert!(allocated_copy(&source, &coarse, 2, 1 << 20).0.is_err());
+    }
+
+    /// A source of `len` pseudo-random bytes, all allocated.
+    fn random_source(len: usize) -> MemorySource {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let bytes = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        MemorySource {
+            bytes,
+            allocated: vec![0..len as u64],
+        }
+    }
+
+    /// Streams `range` of `source`'s payload (one extent at `DATA_OFFSET`) into a pipe read on
+    /// another thread; the result and what the reader got.
+    fn stream(
+        source: &MemorySource,
+        engine: &UserspaceEngine,
+        range: Range<u64>,
+        cancel: &AtomicBool,
+    ) -> (Result<u64>, Vec<u8>) {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let (mut read, write) = (File::from(read), File::from(write));
+        let key: Vec<u8> = (1..=64).collect();
+        let extents = [Extent {
+            guest_offset: 0,
+            length: source.bytes.len() as u64,
+            output_offset: DATA_OFFSET,
+            first_iv: 0,
+        }];
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(move || {
+                let mut got = Vec::new();
+                std::io::Read::read_to_end(&mut read, &mut got).unwrap();
+                got
+            });
+            let result = engine.write_stream(
+                &PayloadJob {
+                    job_id: 0,
+                    source,
+                    output: &write,
+                    extents: &extents,
+                    sector_size: 512,
+                    key: &key,
+                    iv: crate::engines::xts::IvMode::Plain64,
+                    progress: &|_| {},
+                    cancel,
+                },
+                range,
+            );
+            drop(write);
+            (result, reader.join().unwrap())
+        })
+    }
+
+    const DATA_OFFSET: u64 = 16 << 10;
+
+    #[test]
+    fn a_stream_carries_exactly_the_bytes_a_file_output_gets_in_order() {
+        let source = random_source((3 << 20) + (12 << 10));
+        let len = source.bytes.len() as u64;
+        // The file output, written at offsets by the planned copy.
+        let output = tempfile::tempfile_in("/var/tmp").unwrap();
+        let key: Vec<u8> = (1..=64).collect();
+        let extents = [Extent {
+            guest_offset: 0,
+            length: len,
+            output_offset: DATA_OFFSET,
+            first_iv: 0,
+        }];
+        let cancel = AtomicBool::new(false);
+        UserspaceEngine::with_config(2, 1 << 20)
+            .unwrap()
+            .write_payload(&PayloadJob {
+                job_id: 0,
+                source: &source,
+                output: &output,
+                extents: &extents,
+                sector_size: 512,
+                key: &key,
+                iv: crate::engines::xts::IvMode::Plain64,
+                progress: &|_| {},
+                cancel: &cancel,
+            })
+            .unwrap();
+        let mut file = Vec::new();
+        std::io::Read::read_to_end(&mut &output, &mut file).unwrap();
+        let payload = &file[DATA_OFFSET as usize..];
+        assert_eq!(payload.len() as u64, len);
+        // Many small chunks over more workers than cores: chunks finish out of order, and the
+        // stream must still be in order.
+        for (workers, chunk) in [(1, 4096), (6, 4096), (4, 64 << 10)] {
+            let engine = UserspaceEngine::with_config(workers, chunk).unwrap();
+            let (result, streamed) = stream(&source, &engine, 0..len, &cancel);
+            assert_eq!(result.unwrap(), len);
+            assert!(streamed == payload, "{workers} × {chunk}: the stream differs");
+            // A resumed stream: from a 4096-multiple on, the same bytes as the file's.
+            let from = 1_052_672;
+            let (result, streamed) = stream(&source, &engine, from..len, &cancel);
+            assert_eq!(result.unwrap(), len - from);
+            assert!(streamed == payload[from as usize..], "{workers} × {chunk} from {from}");
+        }
+    }
+
+    #[test]
+    fn a_stream_nobody_reads_ends_promptly_on_cancel_and_a_closed_reader_is_an_error() {
+        let source = random_source(8 << 20);
+        let engine = UserspaceEngine::with_config(3, 64 << 10).unwrap();
+        let key: Vec<u8> = (1..=64).collect();
+        let extents = [Extent {
+            guest_offset: 0,
+            length: 8 << 20,
+            output_offset: 0,
+            first_iv: 0,
+        }];
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let write = File::from(write);
+        let cancel = AtomicBool::new(false);
+        let job = PayloadJob {
+            job_id: 0,
+            source: &source,
+            output: &write,
+            extents: &extents,
+            sector_size: 512,
+            key: &key,
+            iv: crate::engines::xts::IvMode::Plain64,
+            progress: &|_| {},
+            cancel: &cancel,
+        };
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| engine.write_stream(&job, 0..8 << 20));
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(!writer.is_finished(), "nobody reads: the stream must wait");
+            let cancelled = std::time::Instant::now();
+            cancel.store(true, Ordering::SeqCst);
+            let result = writer.join().unwrap();
+            assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
+            assert!(cancelled.elapsed() < Duration::from_secs(2));
+        });
+        // The reader goes away: EPIPE, as an error that says so (SIGPIPE is ignored).
+        cancel.store(false, Ordering::SeqCst);
+        drop(read);
+        let error = engine.write_stream(&job, 0..8 << 20).unwrap_err().to_string();
+        assert!(error.contains("the client stopped reading the stream"), "{error}");
     }
 
     #[test]

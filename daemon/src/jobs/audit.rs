@@ -126,7 +126,7 @@ impl AuditFacts {
                     facts.output = FileIdentity::of(fd);
                 }
             }
-            Descriptor::Key | Descriptor::Companion => {}
+            Descriptor::Key | Descriptor::Companion | Descriptor::ResumeHeader => {}
         }
     }
 

@@ -46,15 +46,18 @@ use super::{millis, resume, targets, unlock, Job};
 use crate::context::DaemonContext;
 
 /// What every format's arm starts from: the checked inputs.
-struct Inputs {
-    image: Box<dyn SourceImage>,
-    output: CheckedFile,
-    key_name: String,
-    key: KeyFile,
-    engine: std::sync::Arc<dyn Engine>,
-    caps: &'static KdfCaps,
+pub(super) struct Inputs {
+    pub(super) image: Box<dyn SourceImage>,
+    /// The output; for a stream, a pipe's write end.
+    pub(super) output: CheckedFile,
+    pub(super) key_name: String,
+    pub(super) key: KeyFile,
+    pub(super) engine: std::sync::Arc<dyn Engine>,
+    pub(super) caps: &'static KdfCaps,
     /// The source file's identity, for a resume checkpoint.
     stat: resume::SourceStat,
+    /// A stream's saved header to resume from, and its length.
+    pub(super) resume_header: Option<(std::fs::File, u64)>,
 }
 
 /// Runs the job to completion on the calling (blocking) thread.
@@ -72,6 +75,9 @@ pub fn run(mut job: Job<EncryptParameters>, state: &DaemonContext) -> Result<Sum
                 format.cli_name()
             ),
         });
+    }
+    if parameters.stream.is_some() {
+        refuse_unstreamable(&parameters, format)?;
     }
     let inputs = check_inputs(&mut job, state, format)?;
     if let Some(target) = parameters.target {
@@ -126,7 +132,8 @@ fn check_inputs(
     }
     // Containers take the userspace engine whatever `auto` means here: dm-crypt maps one
     // contiguous payload, and a qcow2's IVs follow its host clusters.
-    let engine = if format == OutputFormat::Luks {
+    // A stream is the userspace engine's (dm-crypt writes at offsets): `auto` means it.
+    let engine = if format == OutputFormat::Luks && parameters.stream.is_none() {
         state.engines.resolve(parameters.engine)?
     } else {
         state.engines.resolve(EngineChoice::Userspace)?
@@ -151,7 +158,19 @@ fn check_inputs(
         )?),
         None => None,
     };
-    let output = descriptors::check_output(passed.take(Descriptor::Output, parameters.output)?)?;
+    let resume_header = match parameters.stream.as_ref().and_then(|s| s.resume_header) {
+        Some(index) => Some(descriptors::check_resume_header(
+            passed.take(Descriptor::ResumeHeader, index)?,
+            super::stream::MAX_RESUME_HEADER,
+        )?),
+        None => None,
+    };
+    let output = passed.take(Descriptor::Output, parameters.output)?;
+    let output = if parameters.stream.is_some() {
+        descriptors::check_stream_output(output)?
+    } else {
+        descriptors::check_output(output)?
+    };
     if format != OutputFormat::Luks && output.kind != StorageKind::RegularFile {
         return Err(Error::bad_descriptor(
             Descriptor::Output,
@@ -205,6 +224,7 @@ fn check_inputs(
                 .to_string(),
         });
     }
+    super::stream::check_resume_from(&parameters, image.virtual_size())?;
     tracing::info!(
         job = job_id,
         format = image.format().display_name(),
@@ -224,7 +244,34 @@ fn check_inputs(
         engine,
         caps,
         stat,
+        resume_header,
     })
+}
+
+/// Refuses a stream of what cannot be streamed, before anything is checked or read: a
+/// container (its writer places metadata out of order) or the kernel engine (dm-crypt writes
+/// through a device at offsets).
+fn refuse_unstreamable(parameters: &EncryptParameters, format: OutputFormat) -> Result<()> {
+    if format != OutputFormat::Luks {
+        return Err(Error::InvalidOption {
+            parameter: "format",
+            message: format!(
+                "a {} output cannot be streamed: its metadata is written out of order; write \
+                 it with -o and upload the file",
+                format.cli_name()
+            ),
+        });
+    }
+    if parameters.engine == EngineChoice::Kernel {
+        return Err(Error::InvalidOption {
+            parameter: "engine",
+            message: "--engine kernel cannot stream the output (dm-crypt writes through a \
+                      device at offsets, not in order into a pipe): drop --engine or use \
+                      --engine userspace"
+                .to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Opens the LUKS header of the encrypted qcow2 `source` with the key file `source_key`
@@ -444,6 +491,10 @@ fn encrypt_luks(
         .checkpoints()
         .filter(|_| inputs.output.kind == StorageKind::RegularFile);
     let (container, written, facts) = match store {
+        // A stream keeps no checkpoint: the client holds its resume state.
+        _ if parameters.stream.is_some() => {
+            super::stream::encrypt(job, &inputs, state, &header_spec)?
+        }
         Some(store) => resume::encrypt(
             job,
             &resume::ResumeInputs {
@@ -469,6 +520,13 @@ fn encrypt_luks(
     };
     let payload_size = container.payload_size();
     let output_size = container.output_size();
+    let bytes_written = if parameters.stream.is_some() {
+        // The image bytes streamed: from where the stream started (a resumed stream's
+        // `resumed_from` is an image byte).
+        output_size - facts.resumed_from.unwrap_or(0)
+    } else {
+        facts.data_offset + written.payload_bytes
+    };
     Ok(Summary {
         source_format: inputs.image.format(),
         virtual_size,
@@ -487,7 +545,7 @@ fn encrypt_luks(
         engine: inputs.engine.kind(),
         elapsed_ms: 0,
         copy_ms: millis(written.copy_elapsed),
-        bytes_written: facts.data_offset + written.payload_bytes,
+        bytes_written,
         allocated_bytes: payload_size,
         vhd_key_hash: None,
         target: None,

@@ -12,6 +12,7 @@ pub mod output;
 pub mod resume;
 pub mod rewrite;
 pub mod startup;
+pub mod stream;
 pub mod targets;
 pub mod unlock;
 pub mod verify;

@@ -810,36 +810,95 @@ fn unlock_partial(
                 .to_string(),
         });
     }
-    let luks = LuksImage::read(&header)?;
+    let opened = open_header(
+        job,
+        &header,
+        inputs.key,
+        inputs.key_name,
+        inputs.caps,
+        checkpoint.data_offset,
+    )
+    .map_err(|error| match error {
+        Error::UnsupportedImage { message } if message.starts_with("the header is not") => {
+            Error::UnsupportedImage {
+                message: "the header is not the one the checkpoint describes".to_string(),
+            }
+        }
+        other => other,
+    })?;
+    Ok((
+        header,
+        opened.volume_key,
+        opened.luks.cipher().to_string(),
+        opened.luks.key_size_bits(),
+    ))
+}
+
+/// A header a job made earlier, opened with the job's key.
+pub(super) struct OpenedHeader {
+    /// The header as read.
+    pub luks: LuksImage,
+    /// Its volume key.
+    pub volume_key: SecretBytes,
+    /// The opened keyslot's key derivation, as the summary describes it.
+    pub pbkdf: String,
+}
+
+/// Opens the LUKS header on the daemon memfd `header` (sized as the image it heads) with
+/// `key`, under the caller's `caps`, after checking that it is a header of the job's
+/// parameters (LUKS version, sector size, a payload imgcrypt encrypts) with its data at
+/// `data_offset`. What a resumed job continues from: the partial file's staged header
+/// ([`unlock_partial`]) or the one a client saved from an interrupted stream
+/// ([`super::stream`]). A key that opens no keyslot is [`Error::WrongKey`].
+pub(super) fn open_header(
+    job: &Job<EncryptParameters>,
+    header: &File,
+    key: &KeyFile,
+    key_name: &str,
+    caps: &KdfCaps,
+    data_offset: u64,
+) -> Result<OpenedHeader> {
+    let luks = LuksImage::read(header)?;
     let parameters = &job.parameters;
-    if luks.data_offset() != checkpoint.data_offset
+    if luks.data_offset() != data_offset
         || luks.version() != parameters.luks_version
         || luks.sector_size() != parameters.sector_size
     {
         return Err(Error::UnsupportedImage {
-            message: "the header is not the one the checkpoint describes".to_string(),
+            message: format!(
+                "the header is not one of these parameters: a {} header with {}-byte sectors \
+                 and its data at byte {}, where this job makes a {} header with {}-byte \
+                 sectors and its data at byte {data_offset}",
+                luks.version().display_name(),
+                luks.sector_size(),
+                luks.data_offset(),
+                parameters.luks_version.display_name(),
+                parameters.sector_size,
+            ),
         });
     }
     luks.check_payload_supported()?;
     job.reporter.progress(Phase::Unlock, 0, 0);
     let candidates = [CandidateKey {
-        name: inputs.key_name.to_string(),
-        key: inputs.key.duplicate()?,
+        name: key_name.to_string(),
+        key: key.duplicate()?,
     }];
-    let (volume_key, _) = luks.unlock(
+    let (volume_key, unlocked) = luks.unlock(
         &candidates,
         &Unlocking {
-            caps: inputs.caps,
+            caps,
             notice: &|_| {},
             cancelled: &|| job.check_cancel().is_err(),
         },
     )?;
-    Ok((
-        header,
+    let pbkdf = luks
+        .keyslot_cost(unlocked.keyslot)
+        .map_or_else(String::new, |cost| cost.kdf.describe());
+    Ok(OpenedHeader {
+        luks,
         volume_key,
-        luks.cipher().to_string(),
-        luks.key_size_bits(),
-    ))
+        pbkdf,
+    })
 }
 
 #[cfg(test)]

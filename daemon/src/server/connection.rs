@@ -517,6 +517,8 @@ impl Connection {
             let identity = output
                 .and_then(|index| fds.get(index as usize))
                 .and_then(|fd| nix::sys::stat::fstat(fd).ok())
+                // A streamed output's pipe has no file to rename or remove: no identity.
+                .filter(|stat| stat.st_mode & libc::S_IFMT != libc::S_IFIFO)
                 .map(|stat| FileIdentity {
                     device: stat.st_dev,
                     inode: stat.st_ino,

@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
@@ -126,6 +126,73 @@ pub fn check_key(fd: OwnedFd) -> Result<File> {
         ));
     }
     Ok(File::from(fd))
+}
+
+/// A streamed output ([`imgcrypt_proto::stream`]): a pipe (FIFO) opened for writing. The
+/// kind is `Other`; nothing positioned, sized or synced is ever done with it.
+pub fn check_stream_output(fd: OwnedFd) -> Result<CheckedFile> {
+    let flags = status_flags(&fd, Descriptor::Output)?;
+    let file = File::from(fd);
+    let kind = storage_kind(&file)?;
+    let is_fifo = file
+        .metadata()
+        .map_err(|e| Error::io("fstat on the output descriptor", e))?
+        .file_type()
+        .is_fifo();
+    if !is_fifo {
+        let what = kind.description();
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            format!(
+                "is {what}, but a streamed output (the stream parameter) must be a pipe's write \
+                 end: pass a pipe, or drop the stream parameter to write the image into the \
+                 file at offsets"
+            ),
+        ));
+    }
+    let mode = flags & OFlag::O_ACCMODE;
+    if mode != OFlag::O_WRONLY && mode != OFlag::O_RDWR {
+        return Err(Error::bad_descriptor(
+            Descriptor::Output,
+            "is a pipe not opened for writing: pass the pipe's write end",
+        ));
+    }
+    Ok(CheckedFile { file, kind })
+}
+
+/// The saved header of an interrupted stream: a readable regular file of at most `max_len`
+/// bytes (read whole into daemon memory, so its size is bounded before anything is read).
+/// Returns the file and its length.
+pub fn check_resume_header(fd: OwnedFd, max_len: u64) -> Result<(File, u64)> {
+    let which = Descriptor::ResumeHeader;
+    let flags = status_flags(&fd, which)?;
+    if !readable(flags) {
+        return Err(Error::bad_descriptor(
+            which,
+            "not opened for reading: open the saved header read-only",
+        ));
+    }
+    let file = File::from(fd);
+    if storage_kind(&file)? != StorageKind::RegularFile {
+        return Err(Error::bad_descriptor(
+            which,
+            "is not a regular file: pass the header file saved from the interrupted stream",
+        ));
+    }
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io(format!("fstat on the {which} descriptor"), e))?
+        .len();
+    if len == 0 || len > max_len {
+        return Err(Error::bad_descriptor(
+            which,
+            format!(
+                "is {len} bytes; a saved LUKS header is between 1 byte and {max_len} bytes: \
+                 pass the header file saved from the interrupted stream"
+            ),
+        ));
+    }
+    Ok((file, len))
 }
 
 /// The descriptor's status flags. `O_PATH` descriptors grant no I/O at all and are refused

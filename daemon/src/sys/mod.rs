@@ -6,5 +6,6 @@ pub mod descriptors;
 pub mod direct_io;
 pub mod memfd;
 pub mod peer;
+pub mod pipe;
 pub mod source_io;
 pub mod storage;

@@ -1,0 +1,386 @@
+//! Streaming an Encrypt output into a pipe (issue 13, the daemon's side), with the real daemon:
+//! Encrypt is called directly (tests/common/raw_client.rs) with a pipe's write end as the
+//! output and `stream` set, as `imgctl encrypt --upload` will. The stream (preamble, then the
+//! image bytes in order) is assembled into a file and checked with `cryptsetup luksDump` and
+//! the independent decryptor (`tests/support/luks_decrypt.py`). An interrupted stream resumes
+//! from the header the client saved; a changed key restarts it; what cannot be streamed gets
+//! a clear error; a client that stops reading and leaves frees every descriptor of the job.
+
+mod common;
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::raw_client::{cheap_encrypt_parameters, RawClient};
+use common::*;
+use imgcrypt_proto::stream::{Preamble, PREAMBLE_LEN};
+use imgcrypt_proto::varlink::Reply;
+
+/// LUKS2's header (the data offset) as the daemon makes it.
+const LUKS2_HEADER: u64 = 16 << 20;
+
+fn pipe() -> (File, OwnedFd) {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    (File::from(read), write)
+}
+
+/// What a streamed call returned.
+struct Streamed {
+    preamble: Preamble,
+    /// The image bytes after the preamble.
+    bytes: Vec<u8>,
+    /// Every reply, the final one last.
+    replies: Vec<Reply>,
+}
+
+impl Streamed {
+    fn final_reply(&self) -> &Reply {
+        self.replies.last().unwrap()
+    }
+
+    fn summary(&self) -> &serde_json::Value {
+        let reply = self.final_reply();
+        assert_eq!(reply.error, None, "{reply:?}");
+        &reply.parameters.as_ref().unwrap()["summary"]
+    }
+
+    fn notices(&self) -> Vec<String> {
+        self.replies
+            .iter()
+            .filter_map(|reply| reply.parameters.as_ref()?["notice"].as_str().map(String::from))
+            .collect()
+    }
+}
+
+/// Sends a streamed Encrypt: source 0, the pipe's write end 1, key 2, the saved header 3;
+/// `edit` adjusts the parameters.
+fn send(
+    daemon: &Daemon,
+    source: &Path,
+    key: &Path,
+    resume: Option<(&Path, u64)>,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (RawClient, File) {
+    let source = File::open(source).unwrap();
+    let key = File::open(key).unwrap();
+    let (read, write) = pipe();
+    let mut parameters = cheap_encrypt_parameters(Some(2));
+    let header = resume.map(|(header, _)| File::open(header).unwrap());
+    parameters["stream"] = match resume {
+        Some((_, from)) => serde_json::json!({"resume_header": 3, "resume_from": from}),
+        None => serde_json::json!({}),
+    };
+    edit(&mut parameters);
+    let mut fds = vec![source.as_fd(), write.as_fd(), key.as_fd()];
+    if let Some(header) = &header {
+        fds.push(header.as_fd());
+    }
+    let mut client = RawClient::connect(&daemon.socket);
+    client.call(imgcrypt_proto::api::ENCRYPT, parameters, &fds, true);
+    // Our copy of the write end goes: the daemon's is then the only one, and its close is the
+    // stream's end of file.
+    drop(write);
+    (client, read)
+}
+
+/// Reads the stream to its end while following the call's replies.
+fn collect(mut client: RawClient, mut read: File) -> Streamed {
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || {
+            let mut all = Vec::new();
+            read.read_to_end(&mut all).unwrap();
+            all
+        });
+        let mut replies = Vec::new();
+        loop {
+            let reply = client.reply().expect("connection closed before the final reply");
+            let last = !reply.continues;
+            replies.push(reply);
+            if last {
+                break;
+            }
+        }
+        let all = reader.join().unwrap();
+        assert!(all.len() >= PREAMBLE_LEN, "{} bytes, {replies:?}", all.len());
+        let preamble = Preamble::decode(all[..PREAMBLE_LEN].try_into().unwrap()).unwrap();
+        Streamed {
+            preamble,
+            bytes: all[PREAMBLE_LEN..].to_vec(),
+            replies,
+        }
+    })
+}
+
+fn stream(
+    daemon: &Daemon,
+    source: &Path,
+    key: &Path,
+    resume: Option<(&Path, u64)>,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Streamed {
+    let (client, read) = send(daemon, source, key, resume, edit);
+    collect(client, read)
+}
+
+/// Writes a whole-image stream to `path`, checks it against the source with the independent
+/// decryptor, and returns the path.
+fn check_image(dir: &Path, name: &str, bytes: &[u8], key: &Path, source: &Path) -> PathBuf {
+    let image = dir.join(name);
+    fs::write(&image, bytes).unwrap();
+    let plaintext = independent_decrypt(&image, key, dir);
+    assert_plaintext_matches(&plaintext, source);
+    image
+}
+
+fn source_of(dir: &Path, size: &str) -> PathBuf {
+    make_source(dir, SourceKind::Raw, size)
+}
+
+#[test]
+fn a_streamed_image_is_the_whole_luks_image_in_order_luks2_and_luks1() {
+    let (dir, daemon, key) = daemon_and_key();
+    let dir = dir.path();
+    let source = source_of(dir, "24M");
+    let streamed = stream(&daemon, &source, &key, None, |_| {});
+    let preamble = streamed.preamble;
+    assert_eq!(preamble.start, 0);
+    assert_eq!(preamble.header_len, LUKS2_HEADER);
+    assert!(!preamble.restarted);
+    assert_eq!(preamble.image_size, LUKS2_HEADER + (24 << 20));
+    assert_eq!(streamed.bytes.len() as u64, preamble.image_size);
+    let summary = streamed.summary();
+    assert_eq!(summary["output_size"], preamble.image_size);
+    assert_eq!(summary["bytes_written"], preamble.image_size);
+    assert!(summary.get("resumed_from").is_none(), "{summary}");
+    let image = check_image(dir, "luks2.img", &streamed.bytes, &key, &source);
+    let facts = luks_dump(&image);
+    assert_eq!((facts.version, facts.data_offset), (2, LUKS2_HEADER));
+    assert_eq!(facts.cipher, "aes-xts-plain64");
+
+    let luks1 = stream(&daemon, &source, &key, None, |parameters| {
+        parameters["luks_version"] = "luks1".into();
+    });
+    assert_eq!(luks1.preamble.header_len, 2 << 20);
+    assert_eq!(luks1.bytes.len() as u64, luks1.preamble.image_size);
+    let image = check_image(dir, "luks1.img", &luks1.bytes, &key, &source);
+    assert_eq!(luks_dump(&image).version, 1);
+}
+
+/// Streams until `keep` image bytes were read, then closes the pipe: the job fails saying the
+/// client stopped reading. Returns the bytes read.
+fn interrupted(daemon: &Daemon, source: &Path, key: &Path, keep: usize) -> Vec<u8> {
+    let (mut client, mut read) = send(daemon, source, key, None, |_| {});
+    let mut bytes = vec![0u8; PREAMBLE_LEN + keep];
+    read.read_exact(&mut bytes).unwrap();
+    drop(read);
+    let reply = client.final_reply();
+    let text = format!("{reply:?}");
+    assert!(reply.error.is_some(), "{text}");
+    assert!(text.contains("the client stopped reading the stream"), "{text}");
+    bytes.split_off(PREAMBLE_LEN)
+}
+
+#[test]
+fn an_interrupted_stream_resumes_from_the_saved_header_and_a_new_key_restarts_it() {
+    let (dir, daemon, key) = daemon_and_key();
+    let dir = dir.path();
+    let source = source_of(dir, "40M");
+    let from: u64 = 20 << 20;
+    let first = interrupted(&daemon, &source, &key, from as usize);
+    let header = dir.join("saved-header");
+    fs::write(&header, &first[..LUKS2_HEADER as usize]).unwrap();
+
+    let rest = stream(&daemon, &source, &key, Some((&header, from)), |_| {});
+    assert_eq!(rest.preamble.start, from);
+    assert!(!rest.preamble.restarted);
+    assert_eq!(rest.preamble.header_len, LUKS2_HEADER);
+    assert_eq!(rest.summary()["resumed_from"], from);
+    assert_eq!(
+        rest.bytes.len() as u64,
+        rest.preamble.image_size - from,
+        "the resumed stream carries the rest of the image"
+    );
+    let mut spliced = first.clone();
+    spliced.extend_from_slice(&rest.bytes);
+    check_image(dir, "spliced.img", &spliced, &key, &source);
+    // The same image as a stream that ran through with that header (resume_from 0 streams
+    // the saved header and the whole payload).
+    let through = stream(&daemon, &source, &key, Some((&header, 0)), |_| {});
+    assert!(!through.preamble.restarted);
+    assert!(through.bytes == spliced, "the spliced image differs from one that ran through");
+
+    // Another key does not open the saved header: a new image from byte 0, and a notice.
+    let other_key = dir.join("other-key");
+    write_key(&other_key);
+    let restarted = stream(&daemon, &source, &other_key, Some((&header, from)), |_| {});
+    assert!(restarted.preamble.restarted);
+    assert_eq!(restarted.preamble.start, 0);
+    let notices = restarted.notices();
+    assert!(
+        notices.iter().any(|notice| notice
+            == "the key no longer opens the header of the interrupted upload: the upload \
+                starts over"),
+        "{notices:?}"
+    );
+    assert!(restarted.summary().get("resumed_from").is_none());
+    let image = check_image(dir, "restarted.img", &restarted.bytes, &other_key, &source);
+    assert!(test_passphrase(&image, &other_key));
+    assert!(!test_passphrase(&image, &key), "the old key must not open the new image");
+
+    // A saved header that is not this image's (a LUKS1 header for a LUKS2 job) restarts too.
+    let luks1 = stream(&daemon, &source, &key, None, |parameters| {
+        parameters["luks_version"] = "luks1".into();
+    });
+    let luks1_header = dir.join("luks1-header");
+    fs::write(&luks1_header, &luks1.bytes[..2 << 20]).unwrap();
+    let mismatched = stream(&daemon, &source, &key, Some((&luks1_header, from)), |_| {});
+    assert!(mismatched.preamble.restarted);
+    let notices = mismatched.notices();
+    assert!(
+        notices.iter().any(|notice| notice.starts_with(
+            "the saved header of the interrupted upload is not a LUKS2 header of this image's size"
+        ) && notice.ends_with("the upload starts over")),
+        "{notices:?}"
+    );
+}
+
+/// The final reply of a call that must fail before streaming anything.
+fn refused(
+    daemon: &Daemon,
+    source: &Path,
+    key: &Path,
+    output: &impl AsFd,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let source = File::open(source).unwrap();
+    let key = File::open(key).unwrap();
+    let mut parameters = cheap_encrypt_parameters(Some(2));
+    parameters["stream"] = serde_json::json!({});
+    edit(&mut parameters);
+    let mut client = RawClient::connect(&daemon.socket);
+    client.call(
+        imgcrypt_proto::api::ENCRYPT,
+        parameters,
+        &[source.as_fd(), output.as_fd(), key.as_fd()],
+        true,
+    );
+    let reply = client.final_reply();
+    assert!(reply.error.is_some(), "{reply:?}");
+    serde_json::to_string(&reply).unwrap()
+}
+
+#[test]
+fn what_cannot_be_streamed_is_refused_with_what_to_do() {
+    let (dir, daemon, key) = daemon_and_key();
+    let dir = dir.path();
+    let source = source_of(dir, "4M");
+    let (_read, write) = pipe();
+    let qcow2 = refused(&daemon, &source, &key, &write, |parameters| {
+        parameters["format"] = "qcow2".into();
+    });
+    assert!(
+        qcow2.contains("a qcow2 output cannot be streamed: its metadata is written out of order; write it with -o and upload the file"),
+        "{qcow2}"
+    );
+    let vhd = refused(&daemon, &source, &key, &write, |parameters| {
+        parameters["format"] = "vhd".into();
+        parameters["pbkdf"] = serde_json::Value::Null;
+    });
+    assert!(vhd.contains("a vhd output cannot be streamed"), "{vhd}");
+    let kernel = refused(&daemon, &source, &key, &write, |parameters| {
+        parameters["engine"] = "kernel".into();
+    });
+    assert!(kernel.contains("--engine kernel cannot stream the output"), "{kernel}");
+    assert!(kernel.contains("InvalidOption"), "{kernel}");
+
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("out.img"))
+        .unwrap();
+    let regular = refused(&daemon, &source, &key, &file, |_| {});
+    assert!(regular.contains("BadDescriptor"), "{regular}");
+    assert!(regular.contains("must be a pipe's write end"), "{regular}");
+    assert_eq!(file.metadata().unwrap().len(), 0, "nothing is written into the file");
+
+    // Without `stream`, a pipe output is refused as before.
+    let unstreamed = refused(&daemon, &source, &key, &write, |parameters| {
+        parameters.as_object_mut().unwrap().remove("stream");
+    });
+    assert!(
+        unstreamed.contains(r#""error":"io.imgcrypt.BadDescriptor""#)
+            && unstreamed.contains(r#""descriptor":"output""#),
+        "{unstreamed}"
+    );
+
+    // A resume_from that is not a 4096-multiple is refused before anything is streamed.
+    let header = dir.join("header");
+    fs::write(&header, vec![0u8; 4096]).unwrap();
+    let header_file = File::open(&header).unwrap();
+    let source_file = File::open(&source).unwrap();
+    let key_file = File::open(&key).unwrap();
+    let mut parameters = cheap_encrypt_parameters(Some(2));
+    parameters["stream"] = serde_json::json!({"resume_header": 3, "resume_from": 4097});
+    let mut client = RawClient::connect(&daemon.socket);
+    client.call(
+        imgcrypt_proto::api::ENCRYPT,
+        parameters,
+        &[
+            source_file.as_fd(),
+            write.as_fd(),
+            key_file.as_fd(),
+            header_file.as_fd(),
+        ],
+        true,
+    );
+    let reply = serde_json::to_string(&client.final_reply()).unwrap();
+    assert!(reply.contains("resume_from 4097 is not a multiple of 4096"), "{reply}");
+}
+
+#[test]
+fn a_client_that_never_reads_and_leaves_frees_the_job_promptly() {
+    let (dir, daemon, key) = daemon_and_key();
+    let dir = dir.path();
+    let source = source_of(dir, "64M");
+    let (client, read) = send(&daemon, &source, &key, None, |_| {});
+    let pipe_link = format!("pipe:[{}]", read.metadata().unwrap().ino());
+    let open = || -> Vec<PathBuf> {
+        fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+            .unwrap()
+            .filter_map(|entry| fs::read_link(entry.unwrap().path()).ok())
+            .collect()
+    };
+    let holds_job_files = || {
+        open().iter().any(|path| {
+            path == Path::new(&pipe_link) || path.starts_with(dir.join("src.raw"))
+        })
+    };
+    // The job runs (the keyslot is derived, the preamble and header fill the pipe) and then
+    // waits for a reader that never comes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon.log_text().contains("keyslot derived before streaming") {
+        assert!(Instant::now() < deadline, "{}", daemon.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(holds_job_files(), "the job holds the pipe while it waits: {:?}", open());
+    // The client leaves without reading: the job is cancelled and lets go of everything.
+    drop(client);
+    let left = Instant::now();
+    while holds_job_files() {
+        assert!(
+            left.elapsed() < Duration::from_secs(5),
+            "the job's descriptors are still open: {:?}\n{}",
+            open(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(read);
+}

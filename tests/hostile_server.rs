@@ -85,26 +85,6 @@ fn settled_descriptors(daemon: &Daemon) -> usize {
     }
 }
 
-/// Waits until the daemon holds no more descriptors than `baseline`; on timeout the panic
-/// lists what it still holds.
-fn wait_for_baseline(daemon: &Daemon, baseline: usize) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while daemon.open_descriptors() > baseline {
-        if Instant::now() >= deadline {
-            let held: Vec<String> = fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
-                .unwrap()
-                .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
-                .map(|target| target.display().to_string())
-                .collect();
-            panic!(
-                "the daemon holds {} descriptors, {baseline} before the attack: {held:?}",
-                held.len()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Log lines containing `message` logged for `uid`.
 fn log_lines(daemon: &Daemon, message: &str, uid: u32) -> usize {
     daemon
@@ -199,7 +179,7 @@ fn descriptor_flood_behind_unfinished_frames_leaves_nothing_behind() {
             run_ok(&mut encrypt_as(victim, &daemon, &source, &output, &key));
         }
         drop(held);
-        wait_for_baseline(&daemon, baseline);
+        daemon.wait_for_descriptors(baseline);
     }
     assert_eq!(settled_descriptors(&daemon), baseline);
     assert!(daemon.log_text().contains("raised the descriptor limit"));
@@ -249,9 +229,9 @@ fn descriptors_cut_off_at_a_full_table_are_closed_and_accept_recovers() {
         assert!(message.contains("MSG_CTRUNC"), "{message}");
         assert!(second.reply().is_none(), "the connection is closed");
         drop(first);
-        wait_for_baseline(&daemon, baseline);
+        daemon.wait_for_descriptors(baseline);
         assert_get_info_answered(&get_info_as(victim, &daemon.socket).0);
-        wait_for_baseline(&daemon, baseline);
+        daemon.wait_for_descriptors(baseline);
     }
 
     // Fill the table exactly: accept fails with EMFILE until the attacker lets go.
@@ -282,7 +262,7 @@ fn descriptors_cut_off_at_a_full_table_are_closed_and_accept_recovers() {
     drop(held);
     assert_get_info_answered(&waiting.final_reply());
     drop(waiting);
-    wait_for_baseline(&daemon, baseline);
+    daemon.wait_for_descriptors(baseline);
 }
 
 #[test]
@@ -405,7 +385,7 @@ fn half_sent_frames_and_idle_connections_are_closed() {
         1
     );
     drop(busy);
-    wait_for_baseline(&daemon, baseline);
+    daemon.wait_for_descriptors(baseline);
 }
 
 /// Starts `imgctl encrypt` as the attacker on a fresh sparse source (slow: nothing to read,

@@ -494,6 +494,25 @@ impl Daemon {
             .count()
     }
 
+    /// Waits (up to 10 s) until the daemon holds no more descriptors than `baseline`; on
+    /// timeout the panic lists what it still holds.
+    pub fn wait_for_descriptors(&self, baseline: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.open_descriptors() > baseline {
+            if std::time::Instant::now() >= deadline {
+                let held: Vec<String> = fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+                    .unwrap()
+                    .filter_map(|entry| fs::read_link(entry.ok()?.path()).ok())
+                    .map(|target| target.display().to_string())
+                    .collect();
+                panic!(
+                    "the daemon holds {} descriptors, {baseline} before: {held:?}",
+                    held.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     /// Whether the process is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

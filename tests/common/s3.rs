@@ -116,6 +116,32 @@ print(key["AccessKeyId"], key["SecretAccessKey"])
         String::from_utf8(self.python_as(&self.access_key, &self.secret, code, args)).unwrap()
     }
 
+    /// Points an imgctl `command` at this server through `endpoint` (the server's or a proxy's)
+    /// with the test user's keys in `AWS_*`, and gives it its own HOME and state directory under
+    /// `dir` (no `AWS_*` of the test's environment leaks in).
+    pub fn client_env(&self, command: &mut Command, endpoint: &str, dir: &Path) {
+        for (name, _) in std::env::vars() {
+            if name.starts_with("AWS_") {
+                command.env_remove(name);
+            }
+        }
+        std::fs::create_dir_all(dir.join("home")).unwrap();
+        command
+            .env("HOME", dir.join("home"))
+            .env("XDG_STATE_HOME", dir.join("state"))
+            .env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret)
+            .env("AWS_ENDPOINT_URL", endpoint);
+    }
+
+    /// Downloads an object of [`BUCKET`] to `path` with boto3.
+    pub fn download(&self, key: &str, path: &Path) {
+        self.python(
+            "s3.download_file(sys.argv[1], sys.argv[2], sys.argv[3])",
+            &[BUCKET, key, path.to_str().unwrap()],
+        );
+    }
+
     /// The multipart uploads in progress in [`BUCKET`]: (key, upload id).
     pub fn multipart_uploads(&self) -> Vec<(String, String)> {
         let text = self.python(

@@ -82,7 +82,8 @@ pub fn check_resume_from(parameters: &EncryptParameters, virtual_size: u64) -> R
     if stream.resume_header.is_none() {
         return Ok(());
     }
-    let image_size = layout::output_size(expected_data_offset(parameters.luks_version), virtual_size)?;
+    let image_size =
+        layout::output_size(expected_data_offset(parameters.luks_version), virtual_size)?;
     if stream.resume_from % 4096 != 0 || stream.resume_from >= image_size {
         return Err(Error::InvalidOption {
             parameter: "stream",
@@ -134,8 +135,7 @@ pub(super) fn encrypt(
              image's and the key opens it"
         ));
         job.reporter.audit().resumed_from(from);
-        let container =
-            LuksOutput::plan(&resumed.header, resumed.facts.data_offset, virtual_size)?;
+        let container = LuksOutput::plan(&resumed.header, resumed.facts.data_offset, virtual_size)?;
         let written = send(
             job,
             inputs,
@@ -371,7 +371,11 @@ mod tests {
             let mut passphrase = SecretBytes::zeroed(10).unwrap();
             passphrase.as_mut_bytes().copy_from_slice(b"passphrase");
             let header = luks::format_header(&spec, &volume_key, &passphrase, "fp").unwrap();
-            assert_eq!(header.data_offset, expected_data_offset(version), "{version:?}");
+            assert_eq!(
+                header.data_offset,
+                expected_data_offset(version),
+                "{version:?}"
+            );
             assert!(header.data_offset <= MAX_RESUME_HEADER);
         }
     }

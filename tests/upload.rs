@@ -339,6 +339,26 @@ fn ctrl_c_keeps_the_upload_and_says_how_to_resume() {
 }
 
 #[test]
+fn killed_with_every_part_stored_the_rerun_only_completes() {
+    let setup = Setup::new();
+    let file = setup.path("disk.img");
+    // Two and a half parts: the stored prefix ends at the image's end, not a part boundary.
+    let sha = random_file(&file, 2 * PART + PART / 2);
+    let proxy = Proxy::start(&setup.server, &["--complete-delay", "30"]);
+    let mut child = start_until(&mut setup.upload(&proxy.endpoint, &file, "k.img"), |v| {
+        v["event"] == "progress" && v["bytes_done"] == v["bytes_total"]
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(stored_numbers(&setup.states()[0]), [1, 2, 3]);
+    proxy.configure(0.0, -1);
+    let output = run_ok(&mut setup.upload(&proxy.endpoint, &file, "k.img"));
+    assert_eq!(proxy.stats().0, Vec::<u32>::new(), "no part is sent again");
+    assert_eq!(json_event(&output.stdout, "summary")["resumed"], true);
+    assert_eq!(setup.server.object("k.img").0, sha);
+}
+
+#[test]
 fn a_changed_file_restarts_saying_why_and_abort_leaves_no_upload() {
     let setup = Setup::new();
     let file = setup.path("disk.img");

@@ -5,9 +5,10 @@ Forwards every request unchanged (the client signs the proxy's Host, which the s
 too) and, for UploadPart requests (PUT with partNumber and uploadId), can:
   --delay SECONDS      wait before forwarding each one (throttles an upload so that a test can
                        kill imgctl mid-way);
-  --fail-after N       answer 500 InternalError to every UploadPart after the first N.
+  --fail-after N       answer 500 InternalError to every UploadPart after the first N;
+  --complete-delay S   wait before forwarding CompleteMultipartUpload (POST with uploadId).
 GET /__proxy_stats answers {"upload_parts": [part numbers forwarded, in order],
-"failed_parts": count}; GET /__proxy_config?delay=S&fail_after=N changes the options and
+"failed_parts": count}; GET /__proxy_config?delay=S&fail_after=N&complete_delay=S changes the options and
 resets the counts (a resumed upload must reach the same endpoint: it is part of its identity). The listening port is printed on stdout's first line.
 """
 
@@ -28,6 +29,7 @@ def main():
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--fail-after", type=int, default=-1)
+    parser.add_argument("--complete-delay", type=float, default=0.0)
     args = parser.parse_args()
     upstream = urllib.parse.urlsplit(args.upstream)
     lock = threading.Lock()
@@ -78,6 +80,7 @@ def main():
                 with lock:
                     args.delay = float(query.get("delay", ["0"])[0])
                     args.fail_after = int(query.get("fail_after", ["-1"])[0])
+                    args.complete_delay = float(query.get("complete_delay", ["0"])[0])
                     stats["upload_parts"].clear()
                     stats["failed_parts"] = 0
                 return self.reply(200, [], b"")
@@ -94,6 +97,8 @@ def main():
                              b'</Code><Message>injected failure</Message></Error>')
                     return self.reply(500, [("Content-Type", "application/xml")], error)
                 time.sleep(args.delay)
+            if self.command == "POST" and "uploadId" in query:
+                time.sleep(args.complete_delay)
             connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
             headers["Content-Length"] = str(len(body))

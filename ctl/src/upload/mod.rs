@@ -25,6 +25,7 @@ pub use credentials::StoreOptions;
     reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
 )]
 pub use session::{
-    abort_recorded, head_object, ObjectInfo, Resume, SendProgress, Upload, Uploaded,
+    abort_recorded, head_object, recorded, ObjectInfo, Recorded, Resume, SendProgress, Upload,
+    Uploaded,
 };
 pub use url::S3Url;

@@ -491,7 +491,9 @@ impl Upload {
     ) -> Result<()> {
         let size = self.state.image_size;
         let part_size = self.state.part_size;
-        if start % part_size != 0 || start > self.resume_offset() {
+        // A stream starts at a part boundary, or at the end when every part is stored (the
+        // last part may be short).
+        if (start % part_size != 0 && start != size) || start > self.resume_offset() {
             return Err(CtlError::Usage(format!(
                 "internal: the stream for {} starts at byte {start}, not at a part boundary at \
                  or before byte {} (the end of the stored parts)",
@@ -531,7 +533,12 @@ impl Upload {
         ));
 
         let mut stopped: Option<String> = None;
-        for number in (start / part_size + 1)..=count {
+        let first = if start == size && size > 0 {
+            count + 1
+        } else {
+            start / part_size + 1
+        };
+        for number in first..=count {
             let range = parts::part_range(number, part_size, size);
             let mut data = vec![0u8; (range.end - range.start) as usize];
             match read_full(reader, &mut data) {
@@ -687,6 +694,51 @@ pub fn abort_recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Stri
     store.abort(&state.upload_id)?;
     states.remove(&name)?;
     Ok(Some(state.upload_id))
+}
+
+/// What the state directory records about an object's interrupted upload.
+#[allow(
+    dead_code,
+    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
+)]
+#[derive(Debug)]
+pub struct Recorded {
+    /// The identity the upload was begun with.
+    pub identity: String,
+    /// The image size it was begun with.
+    pub image_size: u64,
+    /// Its part size.
+    pub part_size: u64,
+    /// The end of the contiguous prefix of stored parts ([`Upload::resume_offset`]).
+    pub resume_offset: u64,
+    /// How many parts are stored.
+    pub stored_parts: usize,
+    /// The saved LUKS header of a streamed encryption, open for reading, if any.
+    pub header: Option<std::fs::File>,
+}
+
+/// Reads what is recorded about `url`'s interrupted upload without sending any request: a
+/// streamed encryption uses it to decide, before it calls the daemon, whether to pass the saved
+/// header and from which byte (then [`Upload::begin`] with the same identity resumes it).
+#[allow(
+    dead_code,
+    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
+)]
+pub fn recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Recorded>> {
+    let resolved = credentials::resolve(options, &ProcessEnvironment)?;
+    let states = StateDir::from_environment()?;
+    let name = StateDir::name(&resolved.endpoint_display(), &url.bucket, &url.key);
+    let Some(state) = states.load(&name)? else {
+        return Ok(None);
+    };
+    Ok(Some(Recorded {
+        resume_offset: state.contiguous_end(),
+        stored_parts: state.parts.len(),
+        header: states.open_header(&name)?,
+        identity: state.identity,
+        image_size: state.image_size,
+        part_size: state.part_size,
+    }))
 }
 
 /// HEADs an object: its size and ETag (`imgctl verify --object`).

@@ -5,6 +5,11 @@
 //! (counted at tests/support/s3_proxy.py); a changed file restarts, saying why; `--abort`,
 //! refused credentials, a missing bucket and a server failing part uploads leave no multipart
 //! upload behind; profiles work; no secret ever appears in imgctl's output or state.
+//!
+//! moto computes the multipart ETag as S3 does (hex MD5 of the parts' MD5s, `-N`) and stores
+//! the SHA-256 checksums (a composite `…-N` checksum on the object), but does not check a part's
+//! `x-amz-checksum-sha256` against its body; the proxy does, and counts the parts that carry a
+//! correct one.
 
 mod common;
 
@@ -298,7 +303,12 @@ fn a_killed_upload_resumes_uploading_only_the_missing_parts() {
         "{}",
         String::from_utf8_lossy(&output.stdout)
     );
-    let (mut sent, failed) = proxy.stats();
+    let (mut sent, failed, checksummed) = proxy.all_stats();
+    assert_eq!(
+        checksummed,
+        sent.len() as u64,
+        "every part carries its SHA-256"
+    );
     sent.sort();
     let missing: Vec<u32> = (1..=6).filter(|n| !stored.contains(n)).collect();
     assert_eq!(sent, missing, "only the missing parts are uploaded");

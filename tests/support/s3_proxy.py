@@ -7,12 +7,16 @@ too) and, for UploadPart requests (PUT with partNumber and uploadId), can:
                        kill imgctl mid-way);
   --fail-after N       answer 500 InternalError to every UploadPart after the first N;
   --complete-delay S   wait before forwarding CompleteMultipartUpload (POST with uploadId).
+Every UploadPart's x-amz-checksum-sha256 header is checked against its body (moto itself does
+not check it): a wrong one is answered 400 BadDigest, a correct one counted.
 GET /__proxy_stats answers {"upload_parts": [part numbers forwarded, in order],
-"failed_parts": count}; GET /__proxy_config?delay=S&fail_after=N&complete_delay=S changes the options and
+"failed_parts": count, "checksummed": UploadParts with a correct SHA-256 header}; GET /__proxy_config?delay=S&fail_after=N&complete_delay=S changes the options and
 resets the counts (a resumed upload must reach the same endpoint: it is part of its identity). The listening port is printed on stdout's first line.
 """
 
 import argparse
+import base64
+import hashlib
 import http.client
 import json
 import threading
@@ -33,7 +37,7 @@ def main():
     args = parser.parse_args()
     upstream = urllib.parse.urlsplit(args.upstream)
     lock = threading.Lock()
-    stats = {"upload_parts": [], "failed_parts": 0}
+    stats = {"upload_parts": [], "failed_parts": 0, "checksummed": 0}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -83,9 +87,17 @@ def main():
                     args.complete_delay = float(query.get("complete_delay", ["0"])[0])
                     stats["upload_parts"].clear()
                     stats["failed_parts"] = 0
+                    stats["checksummed"] = 0
                 return self.reply(200, [], b"")
             if self.command == "PUT" and "partNumber" in query and "uploadId" in query:
                 part = int(query["partNumber"][0])
+                checksum = self.headers.get("x-amz-checksum-sha256")
+                if checksum is not None:
+                    if checksum != base64.b64encode(hashlib.sha256(body).digest()).decode():
+                        error = b"<Error><Code>BadDigest</Code></Error>"
+                        return self.reply(400, [("Content-Type", "application/xml")], error)
+                    with lock:
+                        stats["checksummed"] += 1
                 with lock:
                     fail = 0 <= args.fail_after <= len(stats["upload_parts"])
                     if fail:

@@ -284,7 +284,8 @@ fn store_error(
     }
 }
 
-/// A multipart upload of one object, with its state file.
+/// A multipart upload of one object, with its state file. `Send`: it can be moved to the thread
+/// that reads the stream.
 pub struct Upload {
     store: Store,
     states: StateDir,
@@ -891,6 +892,14 @@ mod tests {
             error @ CtlError::Store { kind, .. } => (kind, error.to_string()),
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn an_upload_can_move_to_the_thread_that_reads_the_stream() {
+        // `imgctl encrypt --upload` reads the daemon's pipe on one thread and its replies on
+        // another.
+        fn is_send<T: Send>() {}
+        is_send::<Upload>();
     }
 
     #[test]

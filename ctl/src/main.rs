@@ -50,7 +50,8 @@ enum Command {
     Inspect(commands::inspect::InspectArgs),
     /// Write the plaintext disk of a LUKS image.
     Decrypt(commands::decrypt::DecryptArgs),
-    /// Decrypt and hash a LUKS image's payload; with --source, compare it with a source image.
+    /// Decrypt and hash a LUKS image's payload; with --source, compare it with a source image;
+    /// with --etag or --object, check an image file against an uploaded object's ETag.
     Verify(commands::verify::VerifyArgs),
     /// Rotate a LUKS image to the key ring's encryption_key (-k), optionally re-encrypting it.
     Rewrite(commands::rewrite::RewriteArgs),

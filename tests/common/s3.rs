@@ -264,24 +264,33 @@ impl Proxy {
 
     /// (UploadPart numbers forwarded, UploadParts failed).
     pub fn stats(&self) -> (Vec<u32>, u64) {
+        let (parts, failed, _) = self.all_stats();
+        (parts, failed)
+    }
+
+    /// (UploadPart numbers forwarded, UploadParts failed, UploadParts with a correct
+    /// x-amz-checksum-sha256).
+    pub fn all_stats(&self) -> (Vec<u32>, u64, u64) {
         let output = Command::new("python3")
             .arg("-c")
             .arg(
                 "import json, sys, urllib.request\n\
                  s = json.load(urllib.request.urlopen(sys.argv[1] + '/__proxy_stats'))\n\
-                 print(' '.join(map(str, s['upload_parts'])) + '|' + str(s['failed_parts']))",
+                 print(' '.join(map(str, s['upload_parts'])) + '|' + str(s['failed_parts']) + '|' \
+                       + str(s['checksummed']))",
             )
             .arg(&self.endpoint)
             .output()
             .unwrap();
         let text = String::from_utf8(output.stdout).unwrap();
-        let (parts, failed) = text.trim().split_once('|').unwrap();
+        let fields: Vec<&str> = text.trim().split('|').collect();
         (
-            parts
+            fields[0]
                 .split_whitespace()
                 .map(|n| n.parse().unwrap())
                 .collect(),
-            failed.parse().unwrap(),
+            fields[1].parse().unwrap(),
+            fields[2].parse().unwrap(),
         )
     }
 }

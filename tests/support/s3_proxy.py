@@ -5,13 +5,18 @@ Forwards every request unchanged (the client signs the proxy's Host, which the s
 too) and, for UploadPart requests (PUT with partNumber and uploadId), can:
   --delay SECONDS      wait before forwarding each one (throttles an upload so that a test can
                        kill imgctl mid-way);
-  --fail-after N       answer 500 InternalError to every UploadPart after the first N.
+  --fail-after N       answer 500 InternalError to every UploadPart after the first N;
+  --complete-delay S   wait before forwarding CompleteMultipartUpload (POST with uploadId).
+Every UploadPart's x-amz-checksum-sha256 header is checked against its body (moto itself does
+not check it): a wrong one is answered 400 BadDigest, a correct one counted.
 GET /__proxy_stats answers {"upload_parts": [part numbers forwarded, in order],
-"failed_parts": count}; GET /__proxy_config?delay=S&fail_after=N changes the options and
+"failed_parts": count, "checksummed": UploadParts with a correct SHA-256 header}; GET /__proxy_config?delay=S&fail_after=N&complete_delay=S changes the options and
 resets the counts (a resumed upload must reach the same endpoint: it is part of its identity). The listening port is printed on stdout's first line.
 """
 
 import argparse
+import base64
+import hashlib
 import http.client
 import json
 import threading
@@ -28,10 +33,11 @@ def main():
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--fail-after", type=int, default=-1)
+    parser.add_argument("--complete-delay", type=float, default=0.0)
     args = parser.parse_args()
     upstream = urllib.parse.urlsplit(args.upstream)
     lock = threading.Lock()
-    stats = {"upload_parts": [], "failed_parts": 0}
+    stats = {"upload_parts": [], "failed_parts": 0, "checksummed": 0}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -78,11 +84,20 @@ def main():
                 with lock:
                     args.delay = float(query.get("delay", ["0"])[0])
                     args.fail_after = int(query.get("fail_after", ["-1"])[0])
+                    args.complete_delay = float(query.get("complete_delay", ["0"])[0])
                     stats["upload_parts"].clear()
                     stats["failed_parts"] = 0
+                    stats["checksummed"] = 0
                 return self.reply(200, [], b"")
             if self.command == "PUT" and "partNumber" in query and "uploadId" in query:
                 part = int(query["partNumber"][0])
+                checksum = self.headers.get("x-amz-checksum-sha256")
+                if checksum is not None:
+                    if checksum != base64.b64encode(hashlib.sha256(body).digest()).decode():
+                        error = b"<Error><Code>BadDigest</Code></Error>"
+                        return self.reply(400, [("Content-Type", "application/xml")], error)
+                    with lock:
+                        stats["checksummed"] += 1
                 with lock:
                     fail = 0 <= args.fail_after <= len(stats["upload_parts"])
                     if fail:
@@ -94,6 +109,8 @@ def main():
                              b'</Code><Message>injected failure</Message></Error>')
                     return self.reply(500, [("Content-Type", "application/xml")], error)
                 time.sleep(args.delay)
+            if self.command == "POST" and "uploadId" in query:
+                time.sleep(args.complete_delay)
             connection = http.client.HTTPConnection(upstream.hostname, upstream.port, timeout=60)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
             headers["Content-Length"] = str(len(body))

@@ -26,7 +26,7 @@ use crate::upload::{self, parts, S3Url, StoreOptions};
 /// Options of `imgctl verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
-    /// The LUKS image (file or block device).
+    /// The LUKS image (file or block device); with --etag or --object, any image file.
     pub image: PathBuf,
     /// A source image (RAW, VHD, VHDX or plain qcow2) the plaintext must equal.
     #[arg(long, value_name = "SRC")]

@@ -272,7 +272,7 @@ type Secretish = ZString;
 
 /// A zeroizing string that compares and clones as a string (for the INI map).
 #[derive(Clone, PartialEq, Eq)]
-pub struct ZString(Zeroizing<String>);
+struct ZString(Zeroizing<String>);
 
 impl std::ops::Deref for ZString {
     type Target = String;

@@ -284,7 +284,8 @@ fn store_error(
     }
 }
 
-/// A multipart upload of one object, with its state file.
+/// A multipart upload of one object, with its state file. `Send`: it can be moved to the thread
+/// that reads the stream.
 pub struct Upload {
     store: Store,
     states: StateDir,
@@ -302,10 +303,6 @@ impl std::fmt::Debug for Upload {
     }
 }
 
-#[allow(
-    dead_code,
-    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
-)]
 impl Upload {
     /// Creates the multipart upload of an `image_size`-byte image to `url`, or resumes the one
     /// recorded in the state directory when it is of the same `identity` (the caller's hash of
@@ -403,11 +400,6 @@ impl Upload {
         self.states.save(&self.name, &self.state)
     }
 
-    /// `s3://BUCKET/KEY`.
-    pub fn url(&self) -> &S3Url {
-        &self.store.url
-    }
-
     /// The endpoint, as shown in messages.
     pub fn endpoint(&self) -> &str {
         &self.store.endpoint
@@ -424,28 +416,13 @@ impl Upload {
         self.state.contiguous_end()
     }
 
-    /// The parts stored so far.
-    pub fn stored_parts(&self) -> &[StoredPart] {
-        &self.state.parts
-    }
-
     /// Saves a streamed encryption's LUKS header beside the state (mode 0600), for the daemon
-    /// to resume from.
-    pub fn save_header(&self, header: &[u8]) -> Result<()> {
-        self.states.save_header(&self.name, header)
-    }
-
-    /// [`Upload::save_header`] as a function that does not borrow the upload, for the stream
-    /// reader that runs inside [`Upload::send`].
+    /// to resume from: a function that does not borrow the upload, for the stream reader that
+    /// runs inside [`Upload::send`].
     pub fn header_saver(&self) -> impl Fn(&[u8]) -> Result<()> {
         let states = self.states.clone();
         let name = self.name.clone();
         move |header| states.save_header(&name, header)
-    }
-
-    /// Opens the header saved by [`Upload::save_header`], `None` if there is none.
-    pub fn open_header(&self) -> Result<Option<std::fs::File>> {
-        self.states.open_header(&self.name)
     }
 
     /// Aborts the current multipart upload and starts a new one (e.g. the daemon restarted
@@ -499,7 +476,9 @@ impl Upload {
     ) -> Result<()> {
         let size = self.state.image_size;
         let part_size = self.state.part_size;
-        if start % part_size != 0 || start > self.resume_offset() {
+        // A stream starts at a part boundary, or at the end when every part is stored (the
+        // last part may be short).
+        if (start % part_size != 0 && start != size) || start > self.resume_offset() {
             return Err(CtlError::Usage(format!(
                 "internal: the stream for {} starts at byte {start}, not at a part boundary at \
                  or before byte {} (the end of the stored parts)",
@@ -539,7 +518,12 @@ impl Upload {
         ));
 
         let mut stopped: Option<String> = None;
-        for number in (start / part_size + 1)..=count {
+        let first = if start == size && size > 0 {
+            count + 1
+        } else {
+            start / part_size + 1
+        };
+        for number in first..=count {
             let range = parts::part_range(number, part_size, size);
             let mut data = vec![0u8; (range.end - range.start) as usize];
             match read_full(reader, &mut data) {
@@ -697,23 +681,24 @@ pub fn abort_recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Stri
     Ok(Some(state.upload_id))
 }
 
-/// An interrupted upload recorded for an object: what `imgctl encrypt --upload` needs before it
-/// calls the daemon, to ask it to continue the same image ([`recorded`]).
+/// What the state directory records about an object's interrupted upload.
+#[derive(Debug)]
 pub struct Recorded {
-    /// The caller's identity of source and parameters the upload was of.
+    /// The identity the upload was begun with.
     pub identity: String,
-    /// Size of the image being uploaded.
+    /// The image size it was begun with.
     pub image_size: u64,
-    /// Part size of the upload.
+    /// Its part size.
     pub part_size: u64,
-    /// [`Upload::resume_offset`] of the upload.
+    /// The end of the contiguous prefix of stored parts ([`Upload::resume_offset`]).
     pub resume_offset: u64,
-    /// The LUKS header saved beside the state ([`Upload::header_saver`]), if any.
+    /// The saved LUKS header of a streamed encryption, open for reading, if any.
     pub header: Option<std::fs::File>,
 }
 
-/// The interrupted upload of `url` recorded in the state directory, without contacting the
-/// server; `None` if there is none.
+/// Reads what is recorded about `url`'s interrupted upload without sending any request: a
+/// streamed encryption uses it to decide, before it calls the daemon, whether to pass the saved
+/// header and from which byte (then [`Upload::begin`] with the same identity resumes it).
 pub fn recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Recorded>> {
     let resolved = credentials::resolve(options, &ProcessEnvironment)?;
     let states = StateDir::from_environment()?;
@@ -723,10 +708,10 @@ pub fn recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Recorded>>
     };
     Ok(Some(Recorded {
         resume_offset: state.contiguous_end(),
+        header: states.open_header(&name)?,
         identity: state.identity,
         image_size: state.image_size,
         part_size: state.part_size,
-        header: states.open_header(&name)?,
     }))
 }
 
@@ -880,6 +865,14 @@ mod tests {
             error @ CtlError::Store { kind, .. } => (kind, error.to_string()),
             other => panic!("{other}"),
         }
+    }
+
+    #[test]
+    fn an_upload_can_move_to_the_thread_that_reads_the_stream() {
+        // `imgctl encrypt --upload` reads the daemon's pipe on one thread and its replies on
+        // another.
+        fn is_send<T: Send>() {}
+        is_send::<Upload>();
     }
 
     #[test]

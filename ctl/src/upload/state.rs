@@ -23,10 +23,6 @@ use crate::error::{CtlError, Result};
 /// The largest state file read back (10,000 parts of ~250 bytes is 2.5 MB).
 pub const MAX_STATE: u64 = 4 << 20;
 /// The largest saved header (LUKS2 headers are at most a few MiB; 16 MiB with keyslot areas).
-#[allow(
-    dead_code,
-    reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
-)]
 pub const MAX_HEADER: u64 = 64 << 20;
 /// The state format's version.
 const VERSION: u32 = 1;
@@ -214,19 +210,11 @@ impl StateDir {
         self.write_atomically(&self.state_path(name), &bytes, "upload state")
     }
 
-    #[allow(
-        dead_code,
-        reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
-    )]
     /// Saves the LUKS header of a streamed encryption beside the state (mode 0600).
     pub fn save_header(&self, name: &str, header: &[u8]) -> Result<()> {
         self.write_atomically(&self.header_path(name), header, "saved LUKS header")
     }
 
-    #[allow(
-        dead_code,
-        reason = "API for `imgctl encrypt --upload` (streamed), which builds on it next"
-    )]
     /// Opens the saved header for reading (to pass to the daemon), `None` if there is none.
     pub fn open_header(&self, name: &str) -> Result<Option<File>> {
         let path = self.header_path(name);

@@ -51,7 +51,11 @@ impl Streamed {
     fn notices(&self) -> Vec<String> {
         self.replies
             .iter()
-            .filter_map(|reply| reply.parameters.as_ref()?["notice"].as_str().map(String::from))
+            .filter_map(|reply| {
+                reply.parameters.as_ref()?["notice"]
+                    .as_str()
+                    .map(String::from)
+            })
             .collect()
     }
 }
@@ -97,7 +101,9 @@ fn collect(mut client: RawClient, mut read: File) -> Streamed {
         });
         let mut replies = Vec::new();
         loop {
-            let reply = client.reply().expect("connection closed before the final reply");
+            let reply = client
+                .reply()
+                .expect("connection closed before the final reply");
             let last = !reply.continues;
             replies.push(reply);
             if last {
@@ -105,7 +111,11 @@ fn collect(mut client: RawClient, mut read: File) -> Streamed {
             }
         }
         let all = reader.join().unwrap();
-        assert!(all.len() >= PREAMBLE_LEN, "{} bytes, {replies:?}", all.len());
+        assert!(
+            all.len() >= PREAMBLE_LEN,
+            "{} bytes, {replies:?}",
+            all.len()
+        );
         let preamble = Preamble::decode(all[..PREAMBLE_LEN].try_into().unwrap()).unwrap();
         Streamed {
             preamble,
@@ -180,7 +190,10 @@ fn interrupted(daemon: &Daemon, source: &Path, key: &Path, keep: usize) -> Vec<u
     let reply = client.final_reply();
     let text = format!("{reply:?}");
     assert!(reply.error.is_some(), "{text}");
-    assert!(text.contains("the client stopped reading the stream"), "{text}");
+    assert!(
+        text.contains("the client stopped reading the stream"),
+        "{text}"
+    );
     bytes.split_off(PREAMBLE_LEN)
 }
 
@@ -211,7 +224,10 @@ fn an_interrupted_stream_resumes_from_the_saved_header_and_a_new_key_restarts_it
     // the saved header and the whole payload).
     let through = stream(&daemon, &source, &key, Some((&header, 0)), |_| {});
     assert!(!through.preamble.restarted);
-    assert!(through.bytes == spliced, "the spliced image differs from one that ran through");
+    assert!(
+        through.bytes == spliced,
+        "the spliced image differs from one that ran through"
+    );
 
     // Another key does not open the saved header: a new image from byte 0, and a notice.
     let other_key = dir.join("other-key");
@@ -229,7 +245,10 @@ fn an_interrupted_stream_resumes_from_the_saved_header_and_a_new_key_restarts_it
     assert!(restarted.summary().get("resumed_from").is_none());
     let image = check_image(dir, "restarted.img", &restarted.bytes, &other_key, &source);
     assert!(test_passphrase(&image, &other_key));
-    assert!(!test_passphrase(&image, &key), "the old key must not open the new image");
+    assert!(
+        !test_passphrase(&image, &key),
+        "the old key must not open the new image"
+    );
 
     // A saved header that is not this image's (a LUKS1 header for a LUKS2 job) restarts too.
     let luks1 = stream(&daemon, &source, &key, None, |parameters| {
@@ -294,7 +313,10 @@ fn what_cannot_be_streamed_is_refused_with_what_to_do() {
     let kernel = refused(&daemon, &source, &key, &write, |parameters| {
         parameters["engine"] = "kernel".into();
     });
-    assert!(kernel.contains("--engine kernel cannot stream the output"), "{kernel}");
+    assert!(
+        kernel.contains("--engine kernel cannot stream the output"),
+        "{kernel}"
+    );
     assert!(kernel.contains("InvalidOption"), "{kernel}");
 
     let file = fs::OpenOptions::new()
@@ -307,7 +329,11 @@ fn what_cannot_be_streamed_is_refused_with_what_to_do() {
     let regular = refused(&daemon, &source, &key, &file, |_| {});
     assert!(regular.contains("BadDescriptor"), "{regular}");
     assert!(regular.contains("must be a pipe's write end"), "{regular}");
-    assert_eq!(file.metadata().unwrap().len(), 0, "nothing is written into the file");
+    assert_eq!(
+        file.metadata().unwrap().len(),
+        0,
+        "nothing is written into the file"
+    );
 
     // Without `stream`, a pipe output is refused as before.
     let unstreamed = refused(&daemon, &source, &key, &write, |parameters| {
@@ -340,7 +366,10 @@ fn what_cannot_be_streamed_is_refused_with_what_to_do() {
         true,
     );
     let reply = serde_json::to_string(&client.final_reply()).unwrap();
-    assert!(reply.contains("resume_from 4097 is not a multiple of 4096"), "{reply}");
+    assert!(
+        reply.contains("resume_from 4097 is not a multiple of 4096"),
+        "{reply}"
+    );
 }
 
 #[test]
@@ -357,19 +386,26 @@ fn a_client_that_never_reads_and_leaves_frees_the_job_promptly() {
             .collect()
     };
     let holds_job_files = || {
-        open().iter().any(|path| {
-            path == Path::new(&pipe_link) || path.starts_with(dir.join("src.raw"))
-        })
+        open()
+            .iter()
+            .any(|path| path == Path::new(&pipe_link) || path.starts_with(dir.join("src.raw")))
     };
     // The job runs (the keyslot is derived, the preamble and header fill the pipe) and then
     // waits for a reader that never comes.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon.log_text().contains("keyslot derived before streaming") {
+    while !daemon
+        .log_text()
+        .contains("the header is complete: streaming it first")
+    {
         assert!(Instant::now() < deadline, "{}", daemon.log_text());
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(500));
-    assert!(holds_job_files(), "the job holds the pipe while it waits: {:?}", open());
+    assert!(
+        holds_job_files(),
+        "the job holds the pipe while it waits: {:?}",
+        open()
+    );
     // The client leaves without reading: the job is cancelled and lets go of everything.
     drop(client);
     let left = Instant::now();

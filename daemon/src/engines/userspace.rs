@@ -1327,7 +1327,7 @@ mod tests {
             .collect();
         MemorySource {
             bytes,
-            allocated: vec![0..len as u64],
+            allocated: std::iter::once(0..len as u64).collect(),
         }
     }
 
@@ -1413,12 +1413,18 @@ mod tests {
             let engine = UserspaceEngine::with_config(workers, chunk).unwrap();
             let (result, streamed) = stream(&source, &engine, 0..len, &cancel);
             assert_eq!(result.unwrap(), len);
-            assert!(streamed == payload, "{workers} × {chunk}: the stream differs");
+            assert!(
+                streamed == payload,
+                "{workers} × {chunk}: the stream differs"
+            );
             // A resumed stream: from a 4096-multiple on, the same bytes as the file's.
             let from = 1_052_672;
             let (result, streamed) = stream(&source, &engine, from..len, &cancel);
             assert_eq!(result.unwrap(), len - from);
-            assert!(streamed == payload[from as usize..], "{workers} × {chunk} from {from}");
+            assert!(
+                streamed == payload[from as usize..],
+                "{workers} × {chunk} from {from}"
+            );
         }
     }
 
@@ -1460,8 +1466,14 @@ mod tests {
         // The reader goes away: EPIPE, as an error that says so (SIGPIPE is ignored).
         cancel.store(false, Ordering::SeqCst);
         drop(read);
-        let error = engine.write_stream(&job, 0..8 << 20).unwrap_err().to_string();
-        assert!(error.contains("the client stopped reading the stream"), "{error}");
+        let error = engine
+            .write_stream(&job, 0..8 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("the client stopped reading the stream"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -49,7 +49,12 @@ pub fn reader_gone() -> Error {
 /// Writes all of `bytes` at the pipe's current position (a pipe has no other), waiting for
 /// room in slices of [`POLL_SLICE`]; `Cancelled` as soon as `cancel` or `stop` is seen set.
 /// The pipe must be non-blocking ([`set_nonblocking`]), or a full pipe blocks the `write`.
-pub fn write_all(pipe: &File, mut bytes: &[u8], cancel: &AtomicBool, stop: &AtomicBool) -> Result<()> {
+pub fn write_all(
+    pipe: &File,
+    mut bytes: &[u8],
+    cancel: &AtomicBool,
+    stop: &AtomicBool,
+) -> Result<()> {
     let timeout = PollTimeout::try_from(POLL_SLICE).unwrap_or(PollTimeout::MAX);
     while !bytes.is_empty() {
         if cancel.load(Ordering::SeqCst) || stop.load(Ordering::SeqCst) {
@@ -100,7 +105,10 @@ mod tests {
                 (result, started.elapsed())
             });
             std::thread::sleep(Duration::from_millis(300));
-            assert!(!writer.is_finished(), "a full pipe must make the writer wait");
+            assert!(
+                !writer.is_finished(),
+                "a full pipe must make the writer wait"
+            );
             cancel.store(true, Ordering::SeqCst);
             let (result, _) = writer.join().unwrap();
             assert!(matches!(result, Err(Error::Cancelled)), "{result:?}");
@@ -115,7 +123,9 @@ mod tests {
         let flag = AtomicBool::new(false);
         let error = write_all(&write, b"bytes", &flag, &flag).unwrap_err();
         assert!(
-            error.to_string().contains("the client stopped reading the stream"),
+            error
+                .to_string()
+                .contains("the client stopped reading the stream"),
             "{error}"
         );
     }

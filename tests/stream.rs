@@ -395,7 +395,7 @@ fn a_client_that_never_reads_and_leaves_frees_the_job_promptly() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !daemon
         .log_text()
-        .contains("keyslot derived before streaming")
+        .contains("the header is complete: streaming it first")
     {
         assert!(Instant::now() < deadline, "{}", daemon.log_text());
         std::thread::sleep(Duration::from_millis(50));

@@ -1327,7 +1327,7 @@ mod tests {
             .collect();
         MemorySource {
             bytes,
-            allocated: vec![0..len as u64],
+            allocated: std::iter::once(0..len as u64).collect(),
         }
     }
 

@@ -413,21 +413,10 @@ fn encrypt_with_luks<C: Container>(
             volume_key.as_bytes(),
             IvMode::Plain64,
             &mut || {
-                job.reporter.progress(Phase::Derive, 0, 0);
-                let waited = Instant::now();
                 let Some(pending) = pending.take() else {
                     return Ok(());
                 };
-                let header = pending.finish()?;
-                tracing::info!(
-                    job = job.id,
-                    waited_ms = millis(waited.elapsed()),
-                    pbkdf = %header.pbkdf,
-                    "keyslot derived"
-                );
-                // What was derived, checked as every reader will check it.
-                inputs.caps.check_created(&header.cost)?;
-                formatted = Some(header);
+                formatted = Some(finish_keyslot(job, pending, inputs.caps)?);
                 Ok(())
             },
         )?;
@@ -461,6 +450,26 @@ pub(super) fn start_format<'scope, 'env>(
             Stage::Benchmarking => job.reporter.progress(Phase::Benchmark, 0, 0),
         },
     )
+}
+
+/// Waits for the keyslot's derivation (reported as phase `derive`) and checks what was
+/// derived as every reader will check it: the complete header.
+pub(super) fn finish_keyslot(
+    job: &Job<EncryptParameters>,
+    pending: luks::PendingKeyslot<'_>,
+    caps: &KdfCaps,
+) -> Result<luks::FormattedHeader> {
+    job.reporter.progress(Phase::Derive, 0, 0);
+    let waited = Instant::now();
+    let header = pending.finish()?;
+    tracing::info!(
+        job = job.id,
+        waited_ms = millis(waited.elapsed()),
+        pbkdf = %header.pbkdf,
+        "keyslot derived"
+    );
+    caps.check_created(&header.cost)?;
+    Ok(header)
 }
 
 /// The summary's account of the benchmark behind the keyslot.

@@ -440,17 +440,7 @@ fn fresh(
                 let Some(pending) = pending.take() else {
                     return Ok(None);
                 };
-                job.reporter.progress(Phase::Derive, 0, 0);
-                let waited = Instant::now();
-                let header = pending.finish()?;
-                tracing::info!(
-                    job = job.id,
-                    waited_ms = super::millis(waited.elapsed()),
-                    pbkdf = %header.pbkdf,
-                    "keyslot derived"
-                );
-                // What was derived, checked as every reader will check it.
-                inputs.caps.check_created(&header.cost)?;
+                let header = super::encrypt::finish_keyslot(job, pending, inputs.caps)?;
                 let digest =
                     stage_masked_header(&header.image, &inputs.output.file, header.data_offset)?;
                 formatted = Some((header, digest));

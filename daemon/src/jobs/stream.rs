@@ -56,7 +56,7 @@ use crate::{Error, Result};
 use super::encrypt::Inputs;
 use super::output::Written;
 use super::resume::{open_header, HeaderFacts};
-use super::{millis, Job};
+use super::Job;
 
 /// The largest saved header the daemon reads back: the largest header it makes (LUKS2's, see
 /// [`expected_data_offset`]).
@@ -118,13 +118,7 @@ pub(super) fn encrypt(
     let virtual_size = inputs.image.virtual_size();
     let stream = job.parameters.stream.clone().unwrap_or_default();
     let resumed = match &inputs.resume_header {
-        Some((saved, len)) => {
-            let resumed = resume(job, inputs, saved, *len)?;
-            if resumed.is_none() {
-                job.reporter.progress(Phase::Format, 0, 0);
-            }
-            resumed
-        }
+        Some((saved, len)) => resume(job, inputs, saved, *len)?,
         None => None,
     };
     let restarted = inputs.resume_header.is_some() && resumed.is_none();
@@ -160,18 +154,9 @@ pub(super) fn encrypt(
     let header = std::thread::scope(|scope| {
         let (_, pending) =
             super::encrypt::start_format(scope, job, &inputs.key, spec, &volume_key, &context)?;
-        job.reporter.progress(Phase::Derive, 0, 0);
-        let waited = Instant::now();
-        let header = pending.finish()?;
-        tracing::info!(
-            job = job.id,
-            waited_ms = millis(waited.elapsed()),
-            pbkdf = %header.pbkdf,
-            "keyslot derived before streaming"
-        );
-        inputs.caps.check_created(&header.cost)?;
-        Ok::<_, Error>(header)
+        super::encrypt::finish_keyslot(job, pending, inputs.caps)
     })?;
+    tracing::info!(job = job.id, "the header is complete: streaming it first");
     let container = LuksOutput::plan(&header.image, header.data_offset, virtual_size)?;
     let written = send(
         job,

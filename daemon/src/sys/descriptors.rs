@@ -415,4 +415,58 @@ mod tests {
         let b = check_output(open(&path, OpenOptions::new().read(true).write(true))).unwrap();
         assert!(a.same_file_as(&b).unwrap());
     }
+
+    #[test]
+    fn a_stream_output_is_a_pipe_write_end_and_nothing_else() {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        let checked = check_stream_output(write).unwrap();
+        assert!(matches!(checked.kind, StorageKind::Other(_)));
+        let err = check_stream_output(read).unwrap_err().to_string();
+        assert!(err.contains("pass the pipe's write end"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        let err = check_stream_output(open(
+            &path,
+            OpenOptions::new().read(true).write(true).create(true),
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("is a regular file") && err.contains("must be a pipe's write end"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_resume_header_is_a_bounded_readable_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("header");
+        std::fs::write(&path, vec![1u8; 8192]).unwrap();
+        let (_, len) =
+            check_resume_header(open(&path, OpenOptions::new().read(true)), 8192).unwrap();
+        assert_eq!(len, 8192);
+        let err = check_resume_header(open(&path, OpenOptions::new().read(true)), 4096)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is 8192 bytes") && err.contains("4096 bytes"),
+            "{err}"
+        );
+        let err = check_resume_header(open(&path, OpenOptions::new().write(true)), 8192)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not opened for reading"), "{err}");
+        let (read, _write) = nix::unistd::pipe().unwrap();
+        let err = check_resume_header(read, 8192).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::BadDescriptor {
+                    descriptor: Descriptor::ResumeHeader,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
 }

@@ -36,15 +36,7 @@ fn setup(source_mib: u64) -> Setup {
     let scratch = scratch();
     let dir = scratch.path().to_path_buf();
     let source = dir.join("disk.raw");
-    let mut bytes = vec![0u8; (source_mib * MIB) as usize];
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    for chunk in bytes.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    fs::write(&source, bytes).unwrap();
+    write_distinct_sectors(&source, (source_mib * MIB) as usize);
     let key = dir.join("k");
     write_key(&key);
     Setup {

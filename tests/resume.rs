@@ -34,15 +34,7 @@ fn partial_of(output: &Path) -> PathBuf {
 /// A source whose every 512-byte sector differs (a sector written to the wrong place, or with
 /// the wrong IV, shows).
 fn write_source(path: &Path) {
-    let mut bytes = vec![0u8; SOURCE_BYTES];
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    for chunk in bytes.chunks_mut(8) {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-    }
-    fs::write(path, bytes).unwrap();
+    write_distinct_sectors(path, SOURCE_BYTES);
 }
 
 /// A pseudo-random duration in `range` milliseconds (the clock's nanoseconds are random

@@ -49,18 +49,8 @@ impl Setup {
     /// imgctl with a clean environment: the server's keys in AWS_*, its own HOME and state.
     fn imgctl(&self, endpoint: &str) -> Command {
         let mut command = Command::new(binary("imgctl"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("AWS_") {
-                command.env_remove(name);
-            }
-        }
-        fs::create_dir_all(self.path("home")).unwrap();
-        command
-            .env("HOME", self.path("home"))
-            .env("XDG_STATE_HOME", self.path("state"))
-            .env("AWS_ACCESS_KEY_ID", &self.server.access_key)
-            .env("AWS_SECRET_ACCESS_KEY", &self.server.secret)
-            .env("AWS_ENDPOINT_URL", endpoint);
+        self.server
+            .client_env(&mut command, endpoint, self.dir.path());
         command
     }
 

@@ -805,6 +805,20 @@ pub fn test_passphrase(image: &Path, key_file: &Path) -> bool {
     .success()
 }
 
+/// Writes a `size`-byte source whose every 512-byte sector differs (xorshift), so a sector
+/// written to the wrong place, or encrypted with the wrong IV, shows.
+pub fn write_distinct_sectors(path: &Path, size: usize) {
+    let mut bytes = vec![0u8; size];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for chunk in bytes.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    fs::write(path, bytes).unwrap();
+}
+
 /// Writes `bytes` to a new file.
 pub fn write_file(path: &Path, bytes: &[u8]) {
     let mut file = fs::File::create(path).unwrap();

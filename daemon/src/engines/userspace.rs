@@ -197,6 +197,16 @@ impl UserspaceEngine {
         })
     }
 
+    /// A copy of `job` with this engine's workers and chunks.
+    fn copy<'j, 'a>(
+        &self,
+        job: &'j PayloadJob<'a>,
+        cipher: Option<&'j XtsCipher>,
+        destination: Destination<'j>,
+    ) -> Copy<'j, 'a> {
+        Copy::new(self.workers, self.chunk_size, job, cipher, destination)
+    }
+
     /// Worker threads per payload (fewer when the payload has fewer chunks).
     pub fn workers(&self) -> usize {
         self.workers
@@ -223,14 +233,9 @@ impl UserspaceEngine {
         if range.is_empty() {
             return Ok(());
         }
-        let copy = Copy::new(
-            self.workers,
-            self.chunk_size,
-            job,
-            cipher.as_ref(),
-            Destination::Output(job.output),
-        )
-        .within(range);
+        let copy = self
+            .copy(job, cipher.as_ref(), Destination::Output(job.output))
+            .within(range);
         let direct = direct_io_if_aligned(job.output, &copy)?;
         let copied = copy.run();
         let restored = direct.map_or(Ok(()), |direct| direct.restore());
@@ -282,13 +287,7 @@ impl Engine for UserspaceEngine {
         }
         refuse_append(job.output)?;
 
-        let copy = Copy::new(
-            self.workers,
-            self.chunk_size,
-            job,
-            Some(&cipher),
-            Destination::Output(job.output),
-        );
+        let copy = self.copy(job, Some(&cipher), Destination::Output(job.output));
         let direct = direct_io_if_aligned(job.output, &copy)?;
         tracing::debug!(
             direct_io = direct.as_ref().is_some_and(|d| d.is_direct()),
@@ -315,14 +314,9 @@ impl Engine for UserspaceEngine {
         if bytes == 0 {
             return Ok(0);
         }
-        let copy = Copy::new(
-            self.workers,
-            self.chunk_size,
-            job,
-            Some(&cipher),
-            Destination::Stream(job.output),
-        )
-        .within(range);
+        let copy = self
+            .copy(job, Some(&cipher), Destination::Stream(job.output))
+            .within(range);
         tracing::debug!(
             workers = copy.workers,
             chunk_size = self.chunk_size,
@@ -337,14 +331,9 @@ impl Engine for UserspaceEngine {
         check_layout(job)?;
         let cipher = XtsCipher::new(job.key, job.iv)?;
         refuse_append(job.output)?;
-        let copy = Copy::new(
-            self.workers,
-            self.chunk_size,
-            job,
-            Some(&cipher),
-            Destination::Output(job.output),
-        )
-        .allocating(allocator)?;
+        let copy = self
+            .copy(job, Some(&cipher), Destination::Output(job.output))
+            .allocating(allocator)?;
         // The allocator's extents are 4096-aligned (its contract, checked per write).
         let direct = direct_io_if_aligned(job.output, &copy)?;
         tracing::debug!(

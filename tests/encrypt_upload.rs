@@ -248,6 +248,31 @@ fn a_changed_key_restarts_the_streamed_upload_and_aborts_the_old_one() {
 }
 
 #[test]
+fn a_lost_saved_header_restarts_the_upload_rather_than_mixing_two_images() {
+    let setup = setup(96);
+    let proxy = Proxy::start(&setup.server, &[]);
+    kill_after_parts(&setup, &proxy, &setup.key, 3);
+    let header = setup
+        .state_files()
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "header"))
+        .expect("a saved header");
+    // The header the stored parts were encrypted under is gone (or replaced by another image's):
+    // the daemon can only make a new image, so the stored parts must not be kept.
+    fs::write(&header, vec![0u8; LUKS2_HEADER as usize]).unwrap();
+    kill_after_parts(&setup, &proxy, &setup.key, 1);
+    fs::remove_file(&header).unwrap_or(());
+    let output = run_ok(&mut setup.encrypt(&proxy.endpoint, "big.luks", &setup.key));
+    assert!(
+        stdout(&output).contains("restarting the upload"),
+        "{}",
+        stdout(&output)
+    );
+    setup.assert_object_decrypts("big.luks", &setup.key);
+    setup.assert_no_stray_upload();
+}
+
+#[test]
 fn what_cannot_be_streamed_is_refused_before_anything_is_sent() {
     let setup = setup(1);
     let qcow2 = run(setup

@@ -1,7 +1,7 @@
 //! The client's end of an `Encrypt` output streamed through a pipe ([`imgcrypt_proto::stream`]):
-//! the pipe itself, the preamble, and a reader over the image bytes that keeps the LUKS header
-//! as it passes (an interrupted upload resumes from it) and refuses a stream that ends early or
-//! runs on past the image.
+//! the pipe itself, the preamble, the LUKS header (read first, so it is saved before any part:
+//! an interrupted upload resumes from it), and a reader over the image bytes that refuses a
+//! stream that ends early or runs on past the image.
 
 use std::fs::File;
 use std::io::Read;
@@ -33,60 +33,49 @@ pub fn read_preamble(reader: &mut impl Read) -> Result<Preamble> {
     Preamble::decode(&bytes).map_err(|error| CtlError::Protocol(error.to_string()))
 }
 
-/// What is called with the whole header once it has passed.
-type HeaderSink<'h> = Box<dyn FnMut(&[u8]) -> Result<()> + 'h>;
+/// Reads the header bytes a stream carries right after its preamble (`start..header_len`; all
+/// of the header when the stream starts at 0, none when it starts past it), so the caller can
+/// save them before any part holding payload is stored.
+pub fn read_header(reader: &mut impl Read, preamble: &Preamble) -> Result<Vec<u8>> {
+    let length = preamble.header_len.saturating_sub(preamble.start);
+    let mut header = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX)];
+    reader.read_exact(&mut header).map_err(|error| {
+        CtlError::Protocol(format!(
+            "the daemon's stream ended inside the LUKS header: {}",
+            early_end(error)
+        ))
+    })?;
+    Ok(header)
+}
 
-/// The image bytes `preamble.start..preamble.image_size` of a stream, read in order.
-///
-/// The header bytes that pass (all of them when the stream starts at 0) are collected and given
-/// to `on_header` once complete, *before* the reader hands out any payload byte: a part that
-/// holds payload can then only be stored after the header it needs to resume is saved.
-pub struct ImageStream<'h, R> {
+/// The image bytes `preamble.start..preamble.image_size` of a stream, read in order: the header
+/// bytes [`read_header`] took first, then the rest from the pipe. A stream that ends early, or
+/// runs on past the image, is an error.
+pub struct ImageStream<R> {
     inner: R,
     preamble: Preamble,
     position: u64,
     header: Vec<u8>,
-    on_header: Option<HeaderSink<'h>>,
 }
 
-impl<'h, R: Read> ImageStream<'h, R> {
-    /// A reader over `inner`, positioned just after the preamble.
-    pub fn new(
-        inner: R,
-        preamble: Preamble,
-        on_header: impl FnMut(&[u8]) -> Result<()> + 'h,
-    ) -> Self {
-        let keeps_header = preamble.start == 0;
+impl<R: Read> ImageStream<R> {
+    /// A reader over `inner`, positioned after the preamble and the `header` bytes read from it.
+    pub fn new(inner: R, preamble: Preamble, header: Vec<u8>) -> Self {
         Self {
             inner,
             preamble,
             position: preamble.start,
-            header: Vec::new(),
-            on_header: keeps_header.then(|| Box::new(on_header) as Box<_>),
+            header,
         }
-    }
-
-    /// Reads the rest of the header and hands it to `on_header` (only for a stream from 0).
-    fn take_header(&mut self) -> std::io::Result<()> {
-        let Some(mut on_header) = self.on_header.take() else {
-            return Ok(());
-        };
-        let length = usize::try_from(self.preamble.header_len)
-            .map_err(|_| std::io::Error::other("the stream's header length does not fit"))?;
-        self.header.resize(length, 0);
-        self.inner.read_exact(&mut self.header).map_err(early_end)?;
-        on_header(&self.header).map_err(std::io::Error::other)?;
-        Ok(())
     }
 }
 
-impl<R: Read> Read for ImageStream<'_, R> {
+impl<R: Read> Read for ImageStream<R> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        self.take_header()?;
         // Header bytes read ahead are handed out first.
-        let header_left = self.preamble.header_len.min(self.header.len() as u64);
-        if self.position < header_left {
-            let from = self.position as usize;
+        let header_end = self.preamble.start + self.header.len() as u64;
+        if self.position < header_end {
+            let from = (self.position - self.preamble.start) as usize;
             let count = buffer.len().min(self.header.len() - from);
             buffer[..count].copy_from_slice(&self.header[from..from + count]);
             self.position += count as u64;
@@ -139,7 +128,7 @@ mod tests {
     }
 
     #[test]
-    fn the_header_is_kept_before_any_payload_byte_is_handed_out() {
+    fn the_header_is_read_first_and_handed_out_again_in_order() {
         let image: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         let preamble = Preamble {
             image_size: image.len() as u64,
@@ -151,17 +140,13 @@ mod tests {
         let mut reader = &bytes[..];
         let read = read_preamble(&mut reader).unwrap();
         assert_eq!(read, preamble);
-        let mut saved = Vec::new();
-        let mut stream = ImageStream::new(reader, read, |header| {
-            saved = header.to_vec();
-            Ok(())
-        });
+        let header = read_header(&mut reader, &read).unwrap();
+        assert_eq!(header, image[..4096]);
+        let mut stream = ImageStream::new(reader, read, header);
         let mut first = [0u8; 100];
         stream.read_exact(&mut first).unwrap();
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).unwrap();
-        drop(stream);
-        assert_eq!(saved, image[..4096]);
         assert_eq!([&first[..], &rest[..]].concat(), image);
     }
 
@@ -175,33 +160,44 @@ mod tests {
             restarted: false,
         };
         let bytes = stream_of(preamble, &image);
-        let mut called = false;
-        let mut stream = ImageStream::new(&bytes[PREAMBLE_LEN..], preamble, |_| {
-            called = true;
-            Ok(())
-        });
+        let mut body = &bytes[PREAMBLE_LEN..];
+        let header = read_header(&mut body, &preamble).unwrap();
+        assert!(
+            header.is_empty(),
+            "a stream past the header carries none of it"
+        );
+        let mut stream = ImageStream::new(body, preamble, header);
         let mut rest = Vec::new();
         stream.read_to_end(&mut rest).unwrap();
         assert_eq!(stream.position, 20_000);
-        drop(stream);
-        assert!(!called, "a resumed stream has no header to keep");
         assert_eq!(rest.len(), 20_000 - 8192);
 
         let cut = &bytes[PREAMBLE_LEN..bytes.len() - 1];
-        let mut stream = ImageStream::new(cut, preamble, |_| Ok(()));
+        let mut stream = ImageStream::new(cut, preamble, Vec::new());
         let error = stream.read_to_end(&mut Vec::new()).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::UnexpectedEof);
 
         let mut long = bytes[PREAMBLE_LEN..].to_vec();
         long.push(0);
-        let mut stream = ImageStream::new(&long[..], preamble, |_| Ok(()));
+        let mut stream = ImageStream::new(&long[..], preamble, Vec::new());
         let error = stream.read_to_end(&mut Vec::new()).unwrap_err();
         assert_eq!(error.kind(), std::io::ErrorKind::InvalidData);
     }
 
     #[test]
-    fn a_truncated_preamble_is_the_jobs_failure() {
+    fn a_truncated_preamble_or_header_is_the_jobs_failure() {
         let error = read_preamble(&mut &[0u8; 10][..]).unwrap_err();
         assert!(error.to_string().contains("before its preamble"), "{error}");
+        let preamble = Preamble {
+            image_size: 1 << 20,
+            start: 0,
+            header_len: 4096,
+            restarted: false,
+        };
+        let error = read_header(&mut &[0u8; 100][..], &preamble).unwrap_err();
+        assert!(
+            error.to_string().contains("inside the LUKS header"),
+            "{error}"
+        );
     }
 }

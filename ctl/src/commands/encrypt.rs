@@ -423,8 +423,10 @@ fn encrypt_streamed(
     };
     let identity = stream_identity(&args.source, &source, &parameters)?;
     // The header an interrupted upload of this very image began with, and where it stopped.
+    // Only with a key of the user's own: the daemon does not open a header a user hands it with
+    // its own ring's key for them (another user's header would be a guess oracle).
     let resume = upload::recorded(url, &args.store)?
-        .filter(|recorded| recorded.identity == identity)
+        .filter(|recorded| recorded.identity == identity && key.is_some())
         .and_then(|recorded| {
             let header = recorded.header?;
             let parts = upload::parts::part_count(recorded.image_size, recorded.part_size);
@@ -434,6 +436,7 @@ fn encrypt_streamed(
             Some((header, recorded.resume_offset.min(last_part)))
         });
 
+    let passed_header = resume.is_some();
     let mut client = connect::connect(socket.as_deref())?;
     let (read_end, write_end) = stream::pipe()?;
     let mut fds = vec![source.as_fd(), write_end.as_fd()];
@@ -466,7 +469,16 @@ fn encrypt_streamed(
     drop(write_end);
     let display = Mutex::new(Display::new(args.json));
     let (job, (upload, sent)) = std::thread::scope(|scope| {
-        let uploader = scope.spawn(|| send_stream(read_end, url, &args.store, &identity, &display));
+        let uploader = scope.spawn(|| {
+            send_stream(
+                read_end,
+                url,
+                &args.store,
+                &identity,
+                passed_header,
+                &display,
+            )
+        });
         let job =
             call::follow_job::<EncryptReply>(&mut client, api::ENCRYPT, &mut StreamView(&display))
                 .map_err(|error| with_no_key_advice(error, no_key_advice));
@@ -559,12 +571,14 @@ fn stream_failure(
 }
 
 /// Reads the daemon's stream from `read_end` and uploads it; returns the upload (to complete
-/// or abort once the job's reply is in) and how sending went.
+/// or abort once the job's reply is in) and how sending went. `passed_header`: the call asked
+/// the daemon to continue the image of the header saved with the upload.
 fn send_stream(
     mut read_end: std::fs::File,
     url: &S3Url,
     store: &StoreOptions,
     identity: &str,
+    passed_header: bool,
     display: &Mutex<Display>,
 ) -> (Option<Upload>, Result<()>) {
     let show =
@@ -581,32 +595,38 @@ fn send_stream(
     for warning in &warnings {
         show(&mut |display| display.notice(warning));
     }
+    // The stored parts continue only if the daemon continues their image: from the header they
+    // were encrypted under (passed, and opened by the key). Otherwise they go.
+    let continues_stored = passed_header && !preamble.restarted;
     match &resume {
         Resume::New => {}
         Resume::Resumed {
             offset,
             stored_parts,
-        } if !preamble.restarted => {
-            show(&mut |display| {
-                display.info(&format!(
-                    "resuming the upload of {url}: {stored_parts} parts already stored, the \
-                     daemon continues the image from byte {}",
-                    preamble.start.min(*offset)
-                ))
-            });
+        } if continues_stored => show(&mut |display| {
+            display.info(&format!(
+                "resuming the upload of {url}: {stored_parts} parts already stored, the \
+                 daemon continues the image from byte {}",
+                preamble.start.min(*offset)
+            ))
+        }),
+        Resume::Resumed { .. } => {
+            let why = if preamble.restarted {
+                "the daemon started a new image (its notice says why)"
+            } else {
+                "the LUKS header the stored parts were encrypted under is missing or not the one \
+                 recorded, so the daemon makes a new image"
+            };
+            match upload.restart(why) {
+                Ok(message) => show(&mut |display| display.info(&message)),
+                Err(error) => return (None, Err(error)),
+            }
         }
-        Resume::Resumed { .. } => {}
         Resume::Restarted { why } => show(&mut |display| {
             display.info(&format!(
                 "aborted the interrupted upload of {url} and starting over: {why}"
             ))
         }),
-    }
-    if preamble.restarted && matches!(resume, Resume::Resumed { .. }) {
-        match upload.restart("the daemon started a new image (its notice says why)") {
-            Ok(message) => show(&mut |display| display.info(&message)),
-            Err(error) => return (None, Err(error)),
-        }
     }
     if preamble.start > upload.resume_offset() || preamble.start % upload.part_size() != 0 {
         let error = CtlError::Protocol(format!(
@@ -617,9 +637,18 @@ fn send_stream(
         ));
         return (Some(upload), Err(error));
     }
+    let header = match stream::read_header(&mut read_end, &preamble) {
+        Ok(header) => header,
+        Err(error) => return (Some(upload), Err(error)),
+    };
+    // A new image's header is kept (with its digest in the state) before any part is stored.
+    if preamble.start == 0 {
+        if let Err(error) = upload.set_header(&header) {
+            return (Some(upload), Err(error));
+        }
+    }
     let start = preamble.start;
-    let save_header = upload.header_saver();
-    let mut image = ImageStream::new(read_end, preamble, save_header);
+    let mut image = ImageStream::new(read_end, preamble, header);
     let sent = upload.send(&mut image, start, &mut |done, total| {
         show(&mut |display| display.transfer("uploading", done, total))
     });

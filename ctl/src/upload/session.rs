@@ -397,6 +397,7 @@ impl Upload {
     fn start_new(&mut self) -> Result<()> {
         self.state.upload_id = self.store.create()?;
         self.state.parts.clear();
+        self.state.header_sha256 = None;
         self.states.save(&self.name, &self.state)
     }
 
@@ -417,12 +418,12 @@ impl Upload {
     }
 
     /// Saves a streamed encryption's LUKS header beside the state (mode 0600), for the daemon
-    /// to resume from: a function that does not borrow the upload, for the stream reader that
-    /// runs inside [`Upload::send`].
-    pub fn header_saver(&self) -> impl Fn(&[u8]) -> Result<()> {
-        let states = self.states.clone();
-        let name = self.name.clone();
-        move |header| states.save_header(&name, header)
+    /// to resume from, and records its SHA-256 in the state: only that header resumes the parts
+    /// stored under it ([`recorded`]). Called before any part of the stream is sent.
+    pub fn set_header(&mut self, header: &[u8]) -> Result<()> {
+        self.states.save_header(&self.name, header)?;
+        self.state.header_sha256 = Some(parts::hex(&Sha256::digest(header)));
+        self.states.save(&self.name, &self.state)
     }
 
     /// Aborts the current multipart upload and starts a new one (e.g. the daemon restarted
@@ -692,7 +693,8 @@ pub struct Recorded {
     pub part_size: u64,
     /// The end of the contiguous prefix of stored parts ([`Upload::resume_offset`]).
     pub resume_offset: u64,
-    /// The saved LUKS header of a streamed encryption, open for reading, if any.
+    /// The saved LUKS header of a streamed encryption, open for reading, if there is one and it
+    /// is the header the state records (its SHA-256).
     pub header: Option<std::fs::File>,
 }
 
@@ -708,7 +710,19 @@ pub fn recorded(url: &S3Url, options: &StoreOptions) -> Result<Option<Recorded>>
     };
     Ok(Some(Recorded {
         resume_offset: state.contiguous_end(),
-        header: states.open_header(&name)?,
+        header: match (states.open_header(&name)?, &state.header_sha256) {
+            (Some(mut file), Some(expected)) => {
+                let mut hasher = Sha256::new();
+                std::io::copy(&mut file, &mut hasher).map_err(|e| {
+                    CtlError::file(states.path().join(&name), "read the saved LUKS header", e)
+                })?;
+                std::io::Seek::rewind(&mut file).map_err(|e| {
+                    CtlError::file(states.path().join(&name), "read the saved LUKS header", e)
+                })?;
+                (parts::hex(&hasher.finalize()) == *expected).then_some(file)
+            }
+            _ => None,
+        },
         identity: state.identity,
         image_size: state.image_size,
         part_size: state.part_size,

@@ -63,6 +63,11 @@ pub struct UploadState {
     pub identity: String,
     /// The parts stored so far, by number.
     pub parts: Vec<StoredPart>,
+    /// Hex SHA-256 of the LUKS header saved beside the state (a streamed encryption's): the
+    /// header the stored parts were encrypted under. A header file that does not match is not
+    /// resumed from (its parts would sit under another volume key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header_sha256: Option<String>,
 }
 
 impl UploadState {
@@ -84,6 +89,7 @@ impl UploadState {
             image_size,
             identity,
             parts: Vec::new(),
+            header_sha256: None,
         }
     }
 

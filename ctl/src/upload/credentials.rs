@@ -236,18 +236,52 @@ pub fn resolve(options: &StoreOptions, env: &dyn Environment) -> Result<Resolved
         .or_else(|| env.var("AWS_ENDPOINT_URL"))
         .or_else(|| lookup("endpoint_url"));
     if let Some(endpoint) = &endpoint {
-        if !(endpoint.starts_with("https://") || endpoint.starts_with("http://")) {
+        let Some(rest) = endpoint
+            .strip_prefix("https://")
+            .or_else(|| endpoint.strip_prefix("http://"))
+        else {
             return Err(CtlError::Usage(format!(
                 "the endpoint {endpoint:?} is not an http:// or https:// URL"
             )));
+        };
+        // user:password@host would put a secret into the state, the summary and every message.
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(CtlError::Usage(
+                "the endpoint carries a user name or password (USER:SECRET@HOST): give only the \
+                 scheme and host; the keys go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a \
+                 profile"
+                    .into(),
+            ));
         }
     }
+    // From here the process holds a secret key: no core dump may write it out (object_store
+    // keeps its own copy, which nothing zeroes).
+    forbid_core_dumps();
     Ok(Resolved {
         credentials,
         region,
         endpoint: endpoint.map(|e| e.trim_end_matches('/').to_string()),
         warnings,
     })
+}
+
+/// No core file, and no core handed to systemd-coredump (`PR_SET_DUMPABLE` 0), for the rest
+/// of the process. Best effort: a failure leaves the default, which the warning in the security
+/// model describes.
+fn forbid_core_dumps() {
+    let none = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads the struct we pass; no memory is shared.
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_CORE, &none);
+    }
+    // SAFETY: PR_SET_DUMPABLE takes a plain integer argument.
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+    }
 }
 
 fn shown(path: Option<&Path>) -> String {
@@ -378,6 +412,36 @@ mod tests {
             "{debug}"
         );
         assert!(debug.contains("<redacted>"));
+    }
+
+    #[test]
+    fn an_endpoint_with_a_password_in_it_is_refused_and_cores_are_off() {
+        let env = HashMap::from([
+            ("AWS_ACCESS_KEY_ID", "AKIDENV"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t-env"),
+            ("AWS_ENDPOINT_URL", "https://id:s3cr3t-url@s3.example/path"),
+            ("HOME", "/nonexistent"),
+        ]);
+        let error = resolve(&options(None), &env).unwrap_err().to_string();
+        assert!(error.contains("user name or password"), "{error}");
+        assert!(!error.contains("s3cr3t"), "{error}");
+        let env = HashMap::from([
+            ("AWS_ACCESS_KEY_ID", "AKIDENV"),
+            ("AWS_SECRET_ACCESS_KEY", "s3cr3t-env"),
+            ("AWS_ENDPOINT_URL", "https://s3.example/a@b"),
+            ("HOME", "/nonexistent"),
+        ]);
+        resolve(&options(None), &env).unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 1,
+            rlim_max: 1,
+        };
+        // SAFETY: getrlimit fills in the struct we pass.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_CORE, &mut limit) }, 0);
+        assert_eq!(
+            limit.rlim_cur, 0,
+            "a process holding a secret key dumps no core"
+        );
     }
 
     #[test]

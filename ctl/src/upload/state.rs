@@ -12,7 +12,7 @@
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -174,13 +174,63 @@ impl StateDir {
             .mode(0o700)
             .create(&self.dir)
             .map_err(|e| CtlError::file(&self.dir, "create the upload state directory", e))?;
+        self.check_owned()?;
         // `recursive` leaves an existing directory's mode alone: make sure it is ours alone.
         std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| CtlError::file(&self.dir, "restrict the upload state directory", e))
     }
 
+    /// Refuses a state directory that is a symlink or not the user's own: another user who
+    /// could plant or swap files there would choose which upload and which header a resume
+    /// uses. Missing is fine (nothing is recorded).
+    fn check_owned(&self) -> Result<()> {
+        let metadata = match std::fs::symlink_metadata(&self.dir) {
+            Ok(metadata) => metadata,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => {
+                return Err(CtlError::file(
+                    &self.dir,
+                    "check the upload state directory",
+                    e,
+                ))
+            }
+        };
+        let refuse = |why: &str| {
+            Err(CtlError::File {
+                path: self.dir.clone(),
+                message: format!(
+                    "{why}: imgctl keeps upload states only in a directory of your own; remove \
+                     it, or point XDG_STATE_HOME elsewhere"
+                ),
+            })
+        };
+        if !metadata.file_type().is_dir() {
+            return refuse("is not a directory (a symlink?)");
+        }
+        if metadata.uid() != nix::unistd::geteuid().as_raw() {
+            return refuse(&format!("belongs to uid {}, not to you", metadata.uid()));
+        }
+        Ok(())
+    }
+
+    /// [`Self::check_owned`], and closed to others: what a resume reads must be the user's.
+    fn check_trusted(&self) -> Result<()> {
+        self.check_owned()?;
+        match std::fs::symlink_metadata(&self.dir) {
+            Ok(metadata) if metadata.mode() & 0o077 != 0 => Err(CtlError::File {
+                path: self.dir.clone(),
+                message: format!(
+                    "is open to other users (mode {:o}): chmod 700 it, and check its files",
+                    metadata.mode() & 0o777
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Loads an object's state, `None` if there is none.
     pub fn load(&self, name: &str) -> Result<Option<UploadState>> {
+        self.check_trusted()?;
         let path = self.state_path(name);
         let Some(bytes) = read_bounded(&path, MAX_STATE, "upload state")? else {
             return Ok(None);
@@ -223,8 +273,9 @@ impl StateDir {
 
     /// Opens the saved header for reading (to pass to the daemon), `None` if there is none.
     pub fn open_header(&self, name: &str) -> Result<Option<File>> {
+        self.check_trusted()?;
         let path = self.header_path(name);
-        match File::open(&path) {
+        match open_own_file(&path) {
             Ok(file) => {
                 let size = file
                     .metadata()
@@ -268,6 +319,7 @@ impl StateDir {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)
             .map_err(|e| CtlError::file(&tmp, &action, e))?;
         file.write_all(bytes)
@@ -287,9 +339,26 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// Opens a state directory's file for reading: not through a symlink, and only a regular file
+/// of the user's own (anything else is refused as a planted file).
+fn open_own_file(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    if !metadata.is_file() || metadata.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "not a regular file of your own: remove it",
+        ));
+    }
+    Ok(file)
+}
+
 /// Reads a file of at most `limit` bytes; `None` if it does not exist.
 fn read_bounded(path: &Path, limit: u64, what: &str) -> Result<Option<Vec<u8>>> {
-    let file = match File::open(path) {
+    let file = match open_own_file(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(CtlError::file(path, &format!("read the {what}"), e)),
@@ -364,6 +433,47 @@ mod tests {
     }
 
     #[test]
+    fn a_state_directory_others_could_plant_files_in_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = StateDir::name("http://e", "b", "k");
+        let real = dir.path().join("real");
+        let states = StateDir::at(real.clone());
+        let state = UploadState::new(
+            "s3://b/k".into(),
+            "http://e".into(),
+            "id".into(),
+            16,
+            40,
+            "ident".into(),
+        );
+        states.save(&name, &state).unwrap();
+        states.save_header(&name, b"header").unwrap();
+
+        // Reached through a symlink: refused, for reading and for writing.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let through_link = StateDir::at(link);
+        let error = through_link.load(&name).unwrap_err().to_string();
+        assert!(error.contains("not a directory"), "{error}");
+        assert!(through_link.save(&name, &state).is_err());
+
+        // Open to others: refused until it is closed again.
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o733)).unwrap();
+        let error = states.load(&name).unwrap_err().to_string();
+        assert!(error.contains("open to other users"), "{error}");
+        assert!(states.open_header(&name).is_err());
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(states.load(&name).unwrap().is_some());
+
+        // A header replaced by a symlink to another file is not followed.
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, b"not yours").unwrap();
+        std::fs::remove_file(states.header_path(&name)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, states.header_path(&name)).unwrap();
+        assert!(states.open_header(&name).is_err());
+    }
+
+    #[test]
     fn the_resume_offset_is_the_contiguous_prefix() {
         let mut state = UploadState::new(
             "s3://b/k".into(),
@@ -391,6 +501,7 @@ mod tests {
     fn oversized_or_garbled_states_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let states = StateDir::at(dir.path().to_path_buf());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(states.state_path("x"), vec![b' '; MAX_STATE as usize + 1]).unwrap();
         let error = states.load("x").unwrap_err().to_string();
         assert!(error.contains("over 4194304 bytes"), "{error}");

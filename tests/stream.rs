@@ -11,7 +11,7 @@ mod common;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -419,4 +419,160 @@ fn a_client_that_never_reads_and_leaves_frees_the_job_promptly() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(read);
+}
+
+/// A streamed Encrypt over a fresh connection as the calling thread's user: `files` are
+/// descriptors 0 and 2.., a new pipe's write end is descriptor 1; the pipe is read to its end
+/// while the call runs. Returns the final reply and the bytes streamed.
+fn call_streamed(socket: &Path, parameters: serde_json::Value, files: &[File]) -> (Reply, Vec<u8>) {
+    let (mut read, write) = pipe();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        read.read_to_end(&mut all).unwrap();
+        all
+    });
+    let mut fds = vec![files[0].as_fd(), write.as_fd()];
+    fds.extend(files[1..].iter().map(|file| file.as_fd()));
+    let reply = varlink_call(socket, imgcrypt_proto::api::ENCRYPT, parameters, &fds);
+    // The daemon's copy of the write end is closed by now: ours goes, and the reader sees the
+    // end of the stream.
+    drop(fds);
+    drop(write);
+    (reply, reader.join().unwrap())
+}
+
+#[test]
+fn only_those_the_ring_may_decrypt_for_resume_a_stream_with_the_ring_key() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = daemon_with_ring(dir);
+    fs::set_permissions(
+        daemon.socket.parent().unwrap(),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let source = source_of(dir, "8M");
+    let ring_keyed = |resume_from: Option<u64>| {
+        let mut parameters = cheap_encrypt_parameters(None);
+        parameters["stream"] = match resume_from {
+            Some(from) => serde_json::json!({"resume_header": 2, "resume_from": from}),
+            None => serde_json::json!({}),
+        };
+        parameters
+    };
+    // Root's ring-keyed upload, interrupted once its header was out: the saved header is in
+    // a file anyone may read (as a header copied from someone's uploaded object would be).
+    let (reply, bytes) = call_streamed(
+        &daemon.socket,
+        ring_keyed(None),
+        &[File::open(&source).unwrap()],
+    );
+    assert_eq!(reply.error, None, "{reply:?}");
+    let header = dir.join("victim-header");
+    fs::write(
+        &header,
+        &bytes[PREAMBLE_LEN..PREAMBLE_LEN + LUKS2_HEADER as usize],
+    )
+    .unwrap();
+    fs::set_permissions(&header, fs::Permissions::from_mode(0o644)).unwrap();
+    let files = {
+        let (source, header) = (source.clone(), header.clone());
+        move || [File::open(&source).unwrap(), File::open(&header).unwrap()]
+    };
+
+    // Another user may not have data of its choice encrypted under that image's volume key.
+    let attacker = test_user(ATTACKER_USER);
+    let socket = daemon.socket.clone();
+    let parameters = ring_keyed(Some(0));
+    let attacker_files = files.clone();
+    let (reply, streamed) =
+        attacker.in_thread(move || call_streamed(&socket, parameters, &attacker_files()));
+    let text = serde_json::to_string(&reply).unwrap();
+    assert!(text.contains("PermissionDenied"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "the daemon's key ring does not resume a streamed upload for uid {}",
+            attacker.uid
+        )),
+        "{text}"
+    );
+    assert!(
+        streamed.is_empty(),
+        "nothing is streamed: {} bytes",
+        streamed.len()
+    );
+    // Starting over with the ring's key is open to anyone.
+    let socket = daemon.socket.clone();
+    let parameters = ring_keyed(None);
+    let attacker_source = source.clone();
+    let (reply, _) = attacker.in_thread(move || {
+        call_streamed(
+            &socket,
+            parameters,
+            &[File::open(&attacker_source).unwrap()],
+        )
+    });
+    assert_eq!(reply.error, None, "{reply:?}");
+
+    // Root, whom the ring decrypts for anyway, resumes with it: the same image again.
+    let (reply, again) = call_streamed(&daemon.socket, ring_keyed(Some(0)), &files());
+    assert_eq!(reply.error, None, "{reply:?}");
+    let preamble = Preamble::decode(again[..PREAMBLE_LEN].try_into().unwrap()).unwrap();
+    assert!(!preamble.restarted);
+    assert!(
+        again == bytes,
+        "the resumed stream is the saved header's image"
+    );
+}
+
+#[test]
+fn a_streamed_job_cannot_be_detached() {
+    let (dir, daemon, key) = daemon_and_key();
+    let source = source_of(dir.path(), "4M");
+    let (_read, write) = pipe();
+    let text = refused(&daemon, &source, &key, &write, |parameters| {
+        parameters["detach"] = true.into();
+    });
+    assert!(text.contains("InvalidOption"), "{text}");
+    assert!(
+        text.contains("a streamed output cannot be detached"),
+        "{text}"
+    );
+    assert!(!text.contains("job_id"), "no job was left running: {text}");
+}
+
+#[test]
+fn a_reader_that_stops_without_closing_ends_the_job_after_the_stall_limit() {
+    let scratch_dir = scratch();
+    let dir = scratch_dir.path();
+    let daemon = Daemon::start_with_env(dir, &[], &[("IMGCRYPTD_TEST_STREAM_STALL_MS", "1000")]);
+    let key = dir.join("k");
+    write_key(&key);
+    let source = source_of(dir, "32M");
+    // A first stream read to its end (the daemon opens its random sources once, on first use).
+    let whole = stream(&daemon, &source, &key, None, |_| {});
+    assert_eq!(whole.bytes.len() as u64, whole.preamble.image_size);
+    let baseline = daemon.open_descriptors();
+    let (mut client, mut read) = send(&daemon, &source, &key, None, |_| {});
+    // Reads the preamble and a little of the header, then takes nothing more but stays
+    // connected with the pipe open.
+    let mut some = vec![0u8; PREAMBLE_LEN + 4096];
+    read.read_exact(&mut some).unwrap();
+    let started = Instant::now();
+    let reply = client.final_reply();
+    let text = format!("{reply:?}");
+    assert!(reply.error.is_some(), "{text}");
+    assert!(
+        text.contains("the client read nothing from the stream for 1 s"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(client);
+    drop(read);
+    daemon.wait_for_descriptors(baseline);
 }

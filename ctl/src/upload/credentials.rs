@@ -52,7 +52,7 @@ impl fmt::Debug for Secret {
 /// The options a command takes to reach the object store (none of them secret).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct StoreOptions {
-    /// S3 endpoint URL, e.g. https://s3.eu-de.cloud-object-storage.appdomain.cloud for IBM
+    /// S3 endpoint URL, e.g. <https://s3.eu-de.cloud-object-storage.appdomain.cloud> for IBM
     /// COS (default: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, the profile's endpoint_url, AWS).
     #[arg(long, value_name = "URL")]
     pub endpoint: Option<String>,

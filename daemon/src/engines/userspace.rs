@@ -309,13 +309,13 @@ impl Engine for UserspaceEngine {
         check_layout(job)?;
         let cipher = XtsCipher::new(job.key, job.iv)?;
         check_range(job, &range, "streaming part of a payload")?;
-        pipe::set_nonblocking(job.output)?;
         let bytes = range.end - range.start;
         if bytes == 0 {
             return Ok(0);
         }
+        let pipe = pipe::StreamPipe::new(job.output)?;
         let copy = self
-            .copy(job, Some(&cipher), Destination::Stream(job.output))
+            .copy(job, Some(&cipher), Destination::Stream(&pipe))
             .within(range);
         tracing::debug!(
             workers = copy.workers,
@@ -418,7 +418,7 @@ pub(crate) enum Destination<'f> {
     /// A pipe (a streamed output, [`imgcrypt_proto::stream`]): every chunk is written at the
     /// pipe's current position, strictly in chunk order, with bounded non-blocking writes
     /// ([`crate::sys::pipe`]); a chunk's `write_at` is ignored.
-    Stream(&'f File),
+    Stream(&'f pipe::StreamPipe<'f>),
 }
 
 /// One payload copy in progress, shared by its workers.
@@ -778,7 +778,7 @@ impl<'j, 'a> Copy<'j, 'a> {
                     if !self.turns.wait(index, &self.stop) {
                         return Ok(());
                     }
-                    let sent = pipe::write_all(pipe, bytes, self.job.cancel, &self.stop);
+                    let sent = pipe.write_all(bytes, self.job.cancel, &self.stop);
                     // The next chunk's turn whatever happened: on an error the stop flag ends
                     // the copy.
                     self.turns.advance();

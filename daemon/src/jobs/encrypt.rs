@@ -194,6 +194,23 @@ fn check_inputs(
         return Err(vhd_ring_key_refusal(job.caller_uid, "encrypt a VHD"));
     }
 
+    // A saved header is opened with the job's key, and the volume key it yields encrypts the
+    // rest of the stream. With the ring's key, a caller could pass the header of another
+    // user's ring-keyed image and have data of its choice encrypted under that image's volume
+    // key (a guess oracle on its plaintext, as for a VHD above), and the restart notice would
+    // tell it whether the ring opens a header. Only callers the ring may decrypt for lose
+    // nothing by it; everyone else resumes with a key of their own or starts over.
+    if resume_header.is_some() && passed_key.is_none() && !ring::may_decrypt_with(job.caller_uid) {
+        return Err(Error::PermissionDenied(format!(
+            "the daemon's key ring does not resume a streamed upload for uid {}: resuming opens \
+             the saved header with the ring's key, and the header of another user's image \
+             would let you have data of your choice encrypted under its volume key; start the \
+             upload over without a saved header (imgctl upload --abort URL, then encrypt \
+             again), or encrypt with your own key (--key-file)",
+            job.caller_uid
+        )));
+    }
+
     // No key passed: the daemon ring's, re-read now so a rotated key is used without a restart.
     let CandidateKey {
         name: key_name,
@@ -252,6 +269,15 @@ fn check_inputs(
 /// container (its writer places metadata out of order) or the kernel engine (dm-crypt writes
 /// through a device at offsets).
 fn refuse_unstreamable(parameters: &EncryptParameters, format: OutputFormat) -> Result<()> {
+    if parameters.detach == Some(true) {
+        return Err(Error::InvalidOption {
+            parameter: "detach",
+            message: "a streamed output cannot be detached: its pipe is read by the client that \
+                      started the job, which must stay connected; drop detach (imgctl: drop \
+                      --detach), or write a file with -o and detach that"
+                .to_string(),
+        });
+    }
     if format != OutputFormat::Luks {
         return Err(Error::InvalidOption {
             parameter: "format",

@@ -20,7 +20,7 @@
 //! (`resume_header`) with the byte to go on from (`resume_from`), the daemon reads it into its
 //! own memory (at most [`MAX_RESUME_HEADER`] bytes), checks that it is a header of these
 //! parameters for this image's size ([`expected_data_offset`], the payload size), and opens its
-//! keyslot with the job's key under the caller's caps ([`super::resume::open_header`], the
+//! keyslot with the job's key under the caller's caps (`resume::open_header`, the
 //! same path as resuming a file output). The volume key it yields continues the image the
 //! stored parts began; nothing is stored, and the caller learns nothing it could not decrypt
 //! itself with its key and its header. If the key does not open it, or it is not such a
@@ -29,10 +29,13 @@
 //!
 //! # A reader that stops
 //!
-//! Every write into the pipe is non-blocking and waits in short `poll` slices that check the
-//! job's cancel flag ([`crate::sys::pipe`]): a client that stops reading pins nothing once its
-//! connection closes or the job is cancelled, and a client that closed the pipe gets the
-//! error "the client stopped reading the stream".
+//! Every write goes through a relay pipe only the daemon holds and is spliced on without
+//! blocking, whatever flags the client sets on its own pipe, waiting in short `poll` slices
+//! that check the job's cancel flag ([`crate::sys::pipe`]): a client that stops reading pins
+//! nothing once its connection closes or the job is cancelled, one that takes nothing for
+//! [`pipe::STALL_LIMIT`] ends the job with an error that says so, and one that closed the pipe
+//! gets the error "the client stopped reading the stream". A streamed job cannot be detached
+//! (`detach`): its output is a pipe only the connected client reads.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -275,14 +278,14 @@ fn send(
     let data_offset = container.data_offset();
     let image_size = container.output_size();
     job.check_cancel()?;
-    pipe::set_nonblocking(pipe_file)?;
+    let pipe = pipe::StreamPipe::new(pipe_file)?;
     let preamble = Preamble {
         image_size,
         start,
         header_len: data_offset,
         restarted,
     };
-    pipe::write_all(pipe_file, &preamble.encode(), cancel, &never)?;
+    pipe.write_all(&preamble.encode(), cancel, &never)?;
 
     let payload_from = start.max(data_offset) - data_offset;
     let total = image_size - start;
@@ -296,7 +299,7 @@ fn send(
             header
                 .read_exact_at(&mut buffer[..len], offset)
                 .map_err(|e| Error::io(format!("reading the header at {offset}"), e))?;
-            pipe::write_all(pipe_file, &buffer[..len], cancel, &never)?;
+            pipe.write_all(&buffer[..len], cancel, &never)?;
             offset += len as u64;
         }
         sent = data_offset - start;

@@ -893,8 +893,11 @@ trait JobParameters {
 
 impl JobParameters for api::EncryptParameters {
     const KIND: JobKind = JobKind::Encrypt;
+    /// A streamed call is never detached: its pipe is read by the client on this connection.
+    /// It runs attached so that the job's refusal of `detach` with `stream` reaches the
+    /// caller as the call's error, rather than a job id for a job that can only fail.
     fn detach(&self) -> bool {
-        self.detach == Some(true)
+        self.detach == Some(true) && self.stream.is_none()
     }
     fn names(&self) -> Option<JobNames> {
         self.names.clone()

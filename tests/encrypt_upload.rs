@@ -120,12 +120,25 @@ fn a_streamed_upload_decrypts_to_the_source_with_the_size_and_etag_reported() {
     assert_eq!(summary["summary"]["output_size"], image_size);
     assert_eq!(summary["upload"]["size"], image_size);
     assert_eq!(summary["upload"]["parts"], image_size.div_ceil(PART));
-    // Progress was the upload's, in bytes of the image.
-    let uploading = String::from_utf8_lossy(&output.stdout)
+    // Progress was the upload's, in bytes of the image, with a rate and an ETA.
+    let uploading: Vec<serde_json::Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .filter(|line| line.contains("\"operation\":\"uploading\""))
-        .count();
-    assert!(uploading > 0, "{}", stdout(&output));
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let last = uploading.last().expect("no upload progress");
+    assert_eq!(last["bytes_total"], image_size);
+    assert_eq!(last["bytes_done"], image_size);
+    assert!(last["bytes_per_second"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(last["eta_seconds"], 0, "{last}");
+    // Before the end, any line with a rate has an ETA of a second or more.
+    for line in &uploading {
+        if line["bytes_per_second"].as_u64() > Some(0)
+            && line["bytes_done"].as_u64() < Some(image_size)
+        {
+            assert!(line["eta_seconds"].as_u64() >= Some(1), "{line}");
+        }
+    }
 
     let downloaded = setup.assert_object_decrypts("disk.luks", &setup.key);
     let etag = python_etag(&downloaded, PART);
@@ -341,6 +354,33 @@ fn refused_credentials_and_a_missing_bucket_are_clear_and_leave_nothing_behind()
     setup.assert_no_stray_upload();
     assert_eq!(setup.state_files(), Vec::<PathBuf>::new());
     // The daemon's jobs ended (the stream's reader went away) and freed their descriptors.
+    setup.daemon.wait_for_descriptors(idle);
+}
+
+#[test]
+fn a_server_that_fails_part_uploads_is_given_up_in_seconds_leaving_nothing_behind() {
+    let setup = setup(40);
+    let idle = setup.warm_descriptors();
+    // Every part after the first fails with a 500.
+    let proxy = Proxy::start(&setup.server, &["--fail-after", "1"]);
+    let started = std::time::Instant::now();
+    let output = run(&mut setup.encrypt(&proxy.endpoint, "disk.luks", &setup.key));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("cannot upload part of s3://imgcrypt-test/disk.luks (part ")
+            && message.contains("500"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(90),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(proxy.stats().1 > 1, "the part upload was retried");
+    setup.assert_no_stray_upload();
+    assert_eq!(setup.state_files(), Vec::<PathBuf>::new());
+    // The daemon's job ended when its reader went away, and freed its descriptors.
     setup.daemon.wait_for_descriptors(idle);
 }
 

@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imgcrypt_proto::api::{
     DecryptSummary, ImageInfo, OutputFormat, PbkdfBenchmark, Phase, Progress, RewriteSummary,
@@ -12,12 +12,20 @@ use imgcrypt_proto::api::{
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
+/// A transfer imgctl is making itself, for its JSON rate and ETA.
+pub struct Transfer {
+    label: String,
+    started: Instant,
+    /// Bytes already done when it began.
+    from: u64,
+}
+
 /// How to show a job.
 pub enum Display {
     /// A live bar on stderr, and the phase it shows.
     Terminal(Option<(ProgressBar, Phase)>),
-    /// One JSON object per line on stdout.
-    Json,
+    /// One JSON object per line on stdout, and the transfer whose rate is being measured.
+    Json(Option<Transfer>),
     /// Only the final summary.
     Quiet,
 }
@@ -26,7 +34,7 @@ impl Display {
     /// Picks the display: JSON if asked, a bar if stderr is a terminal, else quiet.
     pub fn new(json: bool) -> Self {
         if json {
-            Self::Json
+            Self::Json(None)
         } else if std::io::stderr().is_terminal() {
             Self::Terminal(None)
         } else {
@@ -37,7 +45,7 @@ impl Display {
     /// Shows a progress report.
     pub fn progress(&mut self, progress: &Progress) {
         match self {
-            Self::Json => json_line(json!({ "event": "progress", "progress": progress })),
+            Self::Json(_) => json_line(json!({ "event": "progress", "progress": progress })),
             Self::Terminal(state) => {
                 let (bar, phase) = state.get_or_insert_with(|| (new_bar(), progress.phase));
                 if *phase != progress.phase {
@@ -69,15 +77,33 @@ impl Display {
 
     /// Shows the progress of work imgctl does itself (uploading, hashing a local file):
     /// `label` on the bar with bytes, rate and ETA, or a JSON line
-    /// `{"event":"progress","operation":label,"bytes_done":…,"bytes_total":…}`.
+    /// `{"event":"progress","operation":label,"bytes_done":…,"bytes_total":…,
+    /// "bytes_per_second":…,"eta_seconds":…}`: the rate of this run's bytes since `label`
+    /// began (a resumed upload's stored parts do not count), no ETA before any byte moved.
     pub fn transfer(&mut self, label: &str, done: u64, total: u64) {
         match self {
-            Self::Json => json_line(json!({
-                "event": "progress",
-                "operation": label,
-                "bytes_done": done,
-                "bytes_total": total,
-            })),
+            Self::Json(transfer) => {
+                let transfer = match transfer {
+                    Some(transfer) if transfer.label == label => transfer,
+                    _ => transfer.insert(Transfer {
+                        label: label.to_string(),
+                        started: Instant::now(),
+                        from: done,
+                    }),
+                };
+                let elapsed = transfer.started.elapsed().as_secs_f64();
+                let moved = done.saturating_sub(transfer.from) as f64;
+                let rate = if elapsed > 0.0 { moved / elapsed } else { 0.0 };
+                let eta = (rate > 0.0).then(|| (total.saturating_sub(done) as f64 / rate).ceil());
+                json_line(json!({
+                    "event": "progress",
+                    "operation": label,
+                    "bytes_done": done,
+                    "bytes_total": total,
+                    "bytes_per_second": rate.round() as u64,
+                    "eta_seconds": eta.map(|seconds| seconds as u64),
+                }))
+            }
             Self::Terminal(state) => {
                 // The bar's phase slot: Copy, the byte-moving phase an upload follows or joins.
                 let (bar, _) = state.get_or_insert_with(|| (new_bar(), Phase::Copy));
@@ -97,7 +123,7 @@ impl Display {
     /// Shows a notice from the daemon.
     pub fn notice(&mut self, text: &str) {
         match self {
-            Self::Json => json_line(json!({ "event": "notice", "message": text })),
+            Self::Json(_) => json_line(json!({ "event": "notice", "message": text })),
             Self::Terminal(Some((bar, _))) => bar.suspend(|| eprintln!("imgctl: warning: {text}")),
             _ => eprintln!("imgctl: warning: {text}"),
         }
@@ -106,7 +132,7 @@ impl Display {
     /// Tells the user something that is not a warning (e.g. that a job resumes).
     pub fn info(&mut self, text: &str) {
         match self {
-            Self::Json => json_line(json!({ "event": "info", "message": text })),
+            Self::Json(_) => json_line(json!({ "event": "info", "message": text })),
             Self::Terminal(Some((bar, _))) => bar.suspend(|| eprintln!("imgctl: {text}")),
             _ => eprintln!("imgctl: {text}"),
         }
@@ -138,7 +164,7 @@ impl Display {
     pub fn finish(&mut self, event: serde_json::Value, text: &str) {
         self.clear();
         match self {
-            Self::Json => json_line(event),
+            Self::Json(_) => json_line(event),
             _ => print!("{text}"),
         }
     }
@@ -146,7 +172,7 @@ impl Display {
     /// Reports a failure (the caller also prints the message on stderr).
     pub fn error(&mut self, name: Option<&str>, message: &str) {
         self.clear();
-        if let Self::Json = self {
+        if let Self::Json(_) = self {
             json_line(json!({ "event": "error", "error": name, "message": message }));
         }
     }

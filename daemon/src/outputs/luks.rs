@@ -85,13 +85,26 @@ pub fn copy_header(header: &File, output: &File, length: u64) -> Result<()> {
 /// Copies `0..length` of a formatted header into the output at `output_offset` (a container
 /// keeps its LUKS header inside the file).
 pub fn copy_header_to(header: &File, output: &File, length: u64, output_offset: u64) -> Result<()> {
+    copy_header_span(header, 0, output, output_offset, length)
+}
+
+/// Copies `length` bytes of a header from `header_offset` of `header` to `output_offset` of
+/// `output` (a header saved inside a container is read back to a memfd of its own).
+pub fn copy_header_span(
+    header: &File,
+    header_offset: u64,
+    output: &File,
+    output_offset: u64,
+    length: u64,
+) -> Result<()> {
     let mut buffer = vec![0u8; HEADER_COPY_CHUNK];
     let mut offset = 0;
     while offset < length {
         let chunk = (length - offset).min(HEADER_COPY_CHUNK as u64) as usize;
+        let from = header_offset + offset;
         header
-            .read_exact_at(&mut buffer[..chunk], offset)
-            .map_err(|e| Error::io(format!("reading the formatted header at {offset}"), e))?;
+            .read_exact_at(&mut buffer[..chunk], from)
+            .map_err(|e| Error::io(format!("reading the formatted header at {from}"), e))?;
         let at = output_offset + offset;
         output.write_all_at(&buffer[..chunk], at).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {

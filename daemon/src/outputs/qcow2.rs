@@ -143,29 +143,107 @@ fn div_ceil(value: u64, divisor: u64) -> u64 {
     value.div_ceil(divisor)
 }
 
+/// Checks what every qcow2 this module writes needs: a virtual size up to [`MAX_VIRTUAL_SIZE`]
+/// and a LUKS header of whole sectors up to 16 MiB. Returns the virtual size rounded up to 512.
+fn check_sizes(virtual_size: u64, luks_length: u64) -> Result<u64> {
+    if virtual_size > MAX_VIRTUAL_SIZE {
+        return Err(Error::UnsupportedImage {
+            message: format!(
+                "the source's virtual size is {virtual_size} bytes; qcow2 output is limited \
+                 to {MAX_VIRTUAL_SIZE} bytes (64 TiB): use --format luks for larger disks"
+            ),
+        });
+    }
+    if luks_length == 0 || luks_length > MAX_LUKS_HEADER_BYTES || luks_length % 512 != 0 {
+        return Err(Error::Luks {
+            operation: "format",
+            message: format!(
+                "the LUKS header is {luks_length} bytes; a qcow2 crypto header must be a \
+                 whole number of 512-byte sectors, at most {MAX_LUKS_HEADER_BYTES}"
+            ),
+        });
+    }
+    Ok(virtual_size.div_ceil(512) * 512)
+}
+
+/// Where a qcow2's header points: what the header cluster says besides the fixed fields.
+pub(crate) struct HeaderFields {
+    pub(crate) virtual_size: u64,
+    pub(crate) l1_entries: u64,
+    pub(crate) l1_offset: u64,
+    pub(crate) reftable_offset: u64,
+    pub(crate) reftable_clusters: u64,
+    pub(crate) luks_length: u64,
+}
+
+/// The header cluster's bytes: the v3 header and its extensions (the crypto header at
+/// [`LUKS_OFFSET`]).
+pub(crate) fn header_bytes(fields: &HeaderFields) -> Vec<u8> {
+    let mut header = Vec::with_capacity(256);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&3u32.to_be_bytes()); // version
+    header.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset
+    header.extend_from_slice(&0u32.to_be_bytes()); // backing_file_size
+    header.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
+    header.extend_from_slice(&fields.virtual_size.to_be_bytes());
+    header.extend_from_slice(&CRYPT_LUKS.to_be_bytes());
+    header.extend_from_slice(&(fields.l1_entries as u32).to_be_bytes());
+    header.extend_from_slice(&fields.l1_offset.to_be_bytes());
+    header.extend_from_slice(&fields.reftable_offset.to_be_bytes());
+    header.extend_from_slice(&(fields.reftable_clusters as u32).to_be_bytes());
+    header.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
+    header.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
+    header.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
+    header.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
+    header.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
+    header.extend_from_slice(&REFCOUNT_ORDER.to_be_bytes());
+    header.extend_from_slice(&HEADER_LENGTH_V3.to_be_bytes());
+    // compression_type 0 (zlib; no cluster is compressed) and padding to 8 bytes.
+    header.resize(HEADER_LENGTH_V3 as usize, 0);
+    header.extend_from_slice(&EXT_CRYPTO_HEADER.to_be_bytes());
+    header.extend_from_slice(&16u32.to_be_bytes());
+    header.extend_from_slice(&LUKS_OFFSET.to_be_bytes());
+    header.extend_from_slice(&fields.luks_length.to_be_bytes());
+    header.extend_from_slice(&EXT_END.to_be_bytes());
+    header.extend_from_slice(&0u32.to_be_bytes());
+    header
+}
+
+/// Fills `block` (one cluster) as refcount block `index` of a file of `total_clusters`
+/// clusters, every one of them in use exactly once: ones up to the file's last cluster, zeros
+/// after it.
+pub(crate) fn fill_refcount_block(block: &mut [u8], index: u64, total_clusters: u64) {
+    let used = total_clusters
+        .saturating_sub(index * REFCOUNTS_PER_BLOCK)
+        .min(REFCOUNTS_PER_BLOCK) as usize;
+    for (slot, entry) in block.chunks_exact_mut(2).enumerate() {
+        entry.copy_from_slice(&u16::from(slot < used).to_be_bytes());
+    }
+}
+
+/// The refcount blocks and refcount table clusters a file of `other_clusters` clusters of
+/// everything else needs: the blocks count themselves and the table, so both grow until they
+/// cover all.
+pub(crate) fn refcount_clusters(other_clusters: u64) -> (u64, u64) {
+    let (mut refblocks, mut reftable_clusters) = (1u64, 1u64);
+    loop {
+        let total = other_clusters + reftable_clusters + refblocks;
+        let need_blocks = div_ceil(total, REFCOUNTS_PER_BLOCK);
+        let need_table = div_ceil(need_blocks, REFTABLE_ENTRIES_PER_CLUSTER).max(1);
+        if need_blocks <= refblocks && need_table <= reftable_clusters {
+            return (refblocks, reftable_clusters);
+        }
+        refblocks = refblocks.max(need_blocks);
+        reftable_clusters = reftable_clusters.max(need_table);
+    }
+}
+
 impl Qcow2Output {
     /// A qcow2 image of `virtual_size` guest bytes (rounded up to 512) encrypted under the
     /// LUKS1 header in `luks_header` (`luks_length` bytes, from [`crate::luks::format_header`]),
     /// its data clusters to be placed by the copy.
     pub fn new(virtual_size: u64, luks_header: &File, luks_length: u64) -> Result<Self> {
-        if virtual_size > MAX_VIRTUAL_SIZE {
-            return Err(Error::UnsupportedImage {
-                message: format!(
-                    "the source's virtual size is {virtual_size} bytes; qcow2 output is limited \
-                     to {MAX_VIRTUAL_SIZE} bytes (64 TiB): use --format luks for larger disks"
-                ),
-            });
-        }
-        let virtual_size = virtual_size.div_ceil(512) * 512;
-        if luks_length == 0 || luks_length > MAX_LUKS_HEADER_BYTES || luks_length % 512 != 0 {
-            return Err(Error::Luks {
-                operation: "format",
-                message: format!(
-                    "the LUKS header is {luks_length} bytes; a qcow2 crypto header must be a \
-                     whole number of 512-byte sectors, at most {MAX_LUKS_HEADER_BYTES}"
-                ),
-            });
-        }
+        let virtual_size = check_sizes(virtual_size, luks_length)?;
         let luks_header = luks_header
             .try_clone()
             .map_err(|error| Error::io("duplicating the LUKS header's memfd", error))?;
@@ -203,18 +281,7 @@ impl Qcow2Output {
         let l1_clusters = div_ceil(self.l1_entries * 8, CLUSTER_BYTES).max(1);
         let l1_offset = next * CLUSTER_BYTES;
         next += l1_clusters;
-        // The refcount blocks count themselves and the table: grow both until they cover all.
-        let (mut refblocks, mut reftable_clusters) = (1u64, 1u64);
-        loop {
-            let total = next + reftable_clusters + refblocks;
-            let need_blocks = div_ceil(total, REFCOUNTS_PER_BLOCK);
-            let need_table = div_ceil(need_blocks, REFTABLE_ENTRIES_PER_CLUSTER).max(1);
-            if need_blocks <= refblocks && need_table <= reftable_clusters {
-                break;
-            }
-            refblocks = refblocks.max(need_blocks);
-            reftable_clusters = reftable_clusters.max(need_table);
-        }
+        let (refblocks, reftable_clusters) = refcount_clusters(next);
         let refblocks_offset = next * CLUSTER_BYTES;
         let reftable_offset = refblocks_offset + refblocks * CLUSTER_BYTES;
         Tail {
@@ -304,21 +371,9 @@ impl Qcow2Output {
             let block = tail.refblocks_offset + index as u64 * CLUSTER_BYTES;
             entry.copy_from_slice(&block.to_be_bytes());
         }
-        // Every cluster of the file is in use exactly once: all blocks but the last are full of
-        // ones, the last has ones up to the last cluster.
         let mut block = vec![0u8; CLUSTER_BYTES as usize];
-        for entry in block.chunks_exact_mut(2) {
-            entry.copy_from_slice(&1u16.to_be_bytes());
-        }
         for index in 0..tail.refblocks {
-            let first = index * REFCOUNTS_PER_BLOCK;
-            let used = tail
-                .total_clusters
-                .saturating_sub(first)
-                .min(REFCOUNTS_PER_BLOCK);
-            if used < REFCOUNTS_PER_BLOCK {
-                block[used as usize * 2..].fill(0);
-            }
+            fill_refcount_block(&mut block, index, tail.total_clusters);
             self.write(
                 output,
                 &block,
@@ -342,36 +397,16 @@ impl Qcow2Output {
         self.write(output, &l1, tail.l1_offset, "L1 table")
     }
 
-    /// The header cluster's bytes: the v3 header and its extensions.
+    /// The header cluster's bytes.
     fn header(&self, tail: &Tail) -> Vec<u8> {
-        let mut header = Vec::with_capacity(256);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&3u32.to_be_bytes()); // version
-        header.extend_from_slice(&0u64.to_be_bytes()); // backing_file_offset
-        header.extend_from_slice(&0u32.to_be_bytes()); // backing_file_size
-        header.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
-        header.extend_from_slice(&self.virtual_size.to_be_bytes());
-        header.extend_from_slice(&CRYPT_LUKS.to_be_bytes());
-        header.extend_from_slice(&(self.l1_entries as u32).to_be_bytes());
-        header.extend_from_slice(&tail.l1_offset.to_be_bytes());
-        header.extend_from_slice(&tail.reftable_offset.to_be_bytes());
-        header.extend_from_slice(&(tail.reftable_clusters as u32).to_be_bytes());
-        header.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
-        header.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
-        header.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
-        header.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
-        header.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
-        header.extend_from_slice(&REFCOUNT_ORDER.to_be_bytes());
-        header.extend_from_slice(&HEADER_LENGTH_V3.to_be_bytes());
-        // compression_type 0 (zlib; no cluster is compressed) and padding to 8 bytes.
-        header.resize(HEADER_LENGTH_V3 as usize, 0);
-        header.extend_from_slice(&EXT_CRYPTO_HEADER.to_be_bytes());
-        header.extend_from_slice(&16u32.to_be_bytes());
-        header.extend_from_slice(&LUKS_OFFSET.to_be_bytes());
-        header.extend_from_slice(&self.luks_length.to_be_bytes());
-        header.extend_from_slice(&EXT_END.to_be_bytes());
-        header.extend_from_slice(&0u32.to_be_bytes());
-        header
+        header_bytes(&HeaderFields {
+            virtual_size: self.virtual_size,
+            l1_entries: self.l1_entries,
+            l1_offset: tail.l1_offset,
+            reftable_offset: tail.reftable_offset,
+            reftable_clusters: tail.reftable_clusters,
+            luks_length: self.luks_length,
+        })
     }
 }
 
@@ -467,6 +502,8 @@ impl Container for Qcow2Output {
         self.write(output, &self.header(&tail), 0, "header")
     }
 }
+
+pub mod planned;
 
 #[cfg(test)]
 pub(crate) mod tests;

@@ -25,7 +25,7 @@ fn secret(bytes: &[u8]) -> SecretBytes {
     secret
 }
 
-fn luks1_header(volume_key: &SecretBytes) -> crate::luks::FormattedHeader {
+pub(crate) fn luks1_header(volume_key: &SecretBytes) -> crate::luks::FormattedHeader {
     let spec = HeaderSpec {
         version: LuksVersion::Luks1,
         sector_size: 512,

@@ -10,6 +10,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -168,11 +169,21 @@ fn a_streamed_upload_decrypts_to_the_source_with_the_size_and_etag_reported() {
     setup.daemon.wait_for_descriptors(idle);
 }
 
-/// Starts a streamed upload through a throttled `proxy`, SIGKILLs imgctl once `parts` parts are
-/// stored, and unthrottles the proxy.
+/// Starts a streamed upload of `big.luks` through a throttled `proxy`, SIGKILLs imgctl once
+/// `parts` parts are stored, and unthrottles the proxy.
 fn kill_after_parts(setup: &Setup, proxy: &Proxy, key: &Path, parts: u64) {
+    kill_after_parts_of(
+        proxy,
+        &mut setup.encrypt(&proxy.endpoint, "big.luks", key),
+        parts,
+    );
+}
+
+/// Runs the upload `command` through a throttled `proxy`, SIGKILLs it once `parts` parts are
+/// stored, and unthrottles the proxy.
+fn kill_after_parts_of(proxy: &Proxy, command: &mut Command, parts: u64) {
     proxy.configure(0.7, -1);
-    let mut child = start_until(&mut setup.encrypt(&proxy.endpoint, "big.luks", key), |v| {
+    let mut child = start_until(command, |v| {
         v["operation"] == "uploading" && v["bytes_done"].as_u64().unwrap_or(0) >= parts * PART
     });
     child.kill().unwrap();
@@ -288,11 +299,23 @@ fn a_lost_saved_header_restarts_the_upload_rather_than_mixing_two_images() {
 #[test]
 fn what_cannot_be_streamed_is_refused_before_anything_is_sent() {
     let setup = setup(1);
-    let qcow2 = run(setup
-        .encrypt(&setup.server.endpoint, "disk.qcow2", &setup.key)
-        .args(["--format", "qcow2"]));
-    assert_eq!(qcow2.status.code(), Some(2), "{}", describe(&qcow2));
-    assert!(stderr(&qcow2).contains("add -o OUT"), "{}", stderr(&qcow2));
+    let mut vhd = setup.daemon.imgctl();
+    setup
+        .server
+        .client_env(&mut vhd, &setup.server.endpoint, &setup.dir);
+    let vhd = run(vhd
+        .arg("encrypt")
+        .arg(&setup.source)
+        .args(["--format", "vhd", "--key-file"])
+        .arg(&setup.key)
+        .args(["--upload", &format!("s3://{BUCKET}/disk.vhd")]));
+    assert_eq!(vhd.status.code(), Some(2), "{}", describe(&vhd));
+    assert!(
+        stderr(&vhd).contains("a VHD image cannot be streamed")
+            && stderr(&vhd).contains("add -o OUT"),
+        "{}",
+        stderr(&vhd)
+    );
     let kernel = run(setup
         .encrypt(&setup.server.endpoint, "disk.luks", &setup.key)
         .args(["--engine", "kernel"]));
@@ -423,6 +446,74 @@ fn a_qcow2_output_is_written_then_uploaded_and_checks_with_qemu_img() {
     setup.server.download("disk.qcow2", &downloaded);
     assert_eq!(fs::read(&downloaded).unwrap(), fs::read(&out).unwrap());
     assert_qemu_check_and_compare(&downloaded, &setup.key, &setup.source, "raw");
+    setup.assert_no_stray_upload();
+}
+
+#[test]
+fn a_streamed_qcow2_upload_resumes_after_a_kill_and_checks_with_qemu_img() {
+    let setup = setup(96);
+    // 16 MiB of written zeros in the middle: allocated in the source, not stored in the qcow2.
+    fs::File::options()
+        .write(true)
+        .open(&setup.source)
+        .unwrap()
+        .write_all_at(&vec![0u8; (16 * MIB) as usize], 32 * MIB)
+        .unwrap();
+    let proxy = Proxy::start(&setup.server, &[]);
+    let encrypt = || {
+        let mut command = setup.encrypt(&proxy.endpoint, "disk.qcow2", &setup.key);
+        command.args(["--format", "qcow2"]);
+        command
+    };
+    kill_after_parts_of(&proxy, &mut encrypt(), 2);
+    let header = setup
+        .state_files()
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "header"))
+        .expect("a saved header");
+    // The header cluster and the LUKS header: what the daemon needs to go on.
+    assert_eq!(fs::metadata(&header).unwrap().len(), (64 << 10) + (2 << 20));
+    assert_eq!(setup.server.multipart_uploads().len(), 1);
+    // The parts the state recorded (a part the server stored as imgctl was killed, before it
+    // was recorded, is sent again).
+    let state_file = setup
+        .state_files()
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("a saved state");
+    let state: serde_json::Value = serde_json::from_slice(&fs::read(state_file).unwrap()).unwrap();
+    let stored: Vec<u32> = state["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["number"].as_u64().unwrap() as u32)
+        .collect();
+    assert!(stored.len() >= 2, "{stored:?}");
+
+    let output = run_ok(&mut encrypt());
+    let text = stdout(&output);
+    assert!(text.contains("resuming the upload"), "{text}");
+    let summary = json_event(&output.stdout, "summary");
+    assert_eq!(summary["summary"]["output_format"], "qcow2");
+    assert_eq!(summary["summary"]["allocated_bytes"], 80 * MIB);
+    let image_size = summary["summary"]["output_size"].as_u64().unwrap();
+    assert!(image_size < 80 * MIB + 3 * MIB, "{summary}");
+    assert!(summary["summary"]["resumed_from"].as_u64().unwrap() >= 2 * PART);
+    let (mut sent, failed) = proxy.stats();
+    assert_eq!(failed, 0);
+    sent.sort();
+    let missing: Vec<u32> = (1..=image_size.div_ceil(PART) as u32)
+        .filter(|n| !stored.contains(n))
+        .collect();
+    assert_eq!(sent, missing, "only the missing parts are uploaded");
+
+    let downloaded = setup.dir.join("downloaded.qcow2");
+    setup.server.download("disk.qcow2", &downloaded);
+    assert_eq!(fs::metadata(&downloaded).unwrap().len(), image_size);
+    assert_qemu_check_and_compare(&downloaded, &setup.key, &setup.source, "raw");
+    let etag = python_etag(&downloaded, PART);
+    assert_eq!(summary["upload"]["etag"], etag.as_str());
+    assert_eq!(setup.state_files(), Vec::<PathBuf>::new());
     setup.assert_no_stray_upload();
 }
 

@@ -11,7 +11,7 @@ mod common;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -182,8 +182,14 @@ fn a_streamed_image_is_the_whole_luks_image_in_order_luks2_and_luks1() {
 
 /// Streams until `keep` image bytes were read, then closes the pipe: the job fails saying the
 /// client stopped reading. Returns the bytes read.
-fn interrupted(daemon: &Daemon, source: &Path, key: &Path, keep: usize) -> Vec<u8> {
-    let (mut client, mut read) = send(daemon, source, key, None, |_| {});
+fn interrupted(
+    daemon: &Daemon,
+    source: &Path,
+    key: &Path,
+    keep: usize,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> Vec<u8> {
+    let (mut client, mut read) = send(daemon, source, key, None, edit);
     let mut bytes = vec![0u8; PREAMBLE_LEN + keep];
     read.read_exact(&mut bytes).unwrap();
     drop(read);
@@ -203,7 +209,7 @@ fn an_interrupted_stream_resumes_from_the_saved_header_and_a_new_key_restarts_it
     let dir = dir.path();
     let source = source_of(dir, "40M");
     let from: u64 = 20 << 20;
-    let first = interrupted(&daemon, &source, &key, from as usize);
+    let first = interrupted(&daemon, &source, &key, from as usize, |_| {});
     let header = dir.join("saved-header");
     fs::write(&header, &first[..LUKS2_HEADER as usize]).unwrap();
 
@@ -267,6 +273,161 @@ fn an_interrupted_stream_resumes_from_the_saved_header_and_a_new_key_restarts_it
     );
 }
 
+/// The qcow2 header cluster and LUKS header a streamed qcow2 begins with.
+const QCOW2_HEADER: u64 = (64 << 10) + (2 << 20);
+
+fn as_qcow2(parameters: &mut serde_json::Value) {
+    parameters["format"] = "qcow2".into();
+}
+
+/// A 40 MiB raw source with data at its start, 8 MiB of written zeros (allocated, no data) in
+/// the middle, and data after them; a hole at the end.
+fn qcow2_source(dir: &Path, name: &str, seed: u8) -> PathBuf {
+    let path = dir.join(name);
+    let mut bytes = vec![0u8; 32 << 20];
+    for (index, byte) in bytes.iter_mut().enumerate() {
+        *byte = (index as u32).wrapping_mul(2_654_435_761).to_le_bytes()[index % 4] ^ seed;
+    }
+    bytes[12 << 20..20 << 20].fill(0);
+    fs::write(&path, &bytes).unwrap();
+    File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(40 << 20)
+        .unwrap();
+    path
+}
+
+/// Writes a whole qcow2 stream to `path` and checks it with qemu-img against the source.
+fn check_qcow2(dir: &Path, name: &str, bytes: &[u8], key: &Path, source: &Path) -> PathBuf {
+    let image = dir.join(name);
+    fs::write(&image, bytes).unwrap();
+    assert_qemu_check_and_compare(&image, key, source, "raw");
+    image
+}
+
+#[test]
+fn a_streamed_qcow2_is_metadata_first_checks_with_qemu_img_and_resumes_or_restarts() {
+    let (dir, daemon, key) = daemon_and_key();
+    let dir = dir.path();
+    let source = qcow2_source(dir, "disk.raw", 0);
+    let whole = stream(&daemon, &source, &key, None, as_qcow2);
+    let preamble = whole.preamble;
+    assert_eq!((preamble.start, preamble.header_len), (0, QCOW2_HEADER));
+    assert_eq!(whole.bytes.len() as u64, preamble.image_size);
+    let summary = whole.summary();
+    assert_eq!(summary["output_format"], "qcow2");
+    assert_eq!(summary["output_size"], preamble.image_size);
+    assert_eq!(summary["bytes_written"], preamble.image_size);
+    // Only the data is stored: 24 MiB of the 40 (the written zeros and the hole are not).
+    assert_eq!(summary["allocated_bytes"], 24u64 << 20);
+    assert!(preamble.image_size < (24 << 20) + (3 << 20), "{preamble:?}");
+    let phases: Vec<String> = whole
+        .replies
+        .iter()
+        .filter_map(|reply| {
+            Some(
+                reply.parameters.as_ref()?["progress"]["phase"]
+                    .as_str()?
+                    .to_string(),
+            )
+        })
+        .collect();
+    assert!(phases.iter().any(|phase| phase == "scan"), "{phases:?}");
+    check_qcow2(dir, "whole.qcow2", &whole.bytes, &key, &source);
+
+    // Interrupted in the data, resumed from the saved header: the spliced image is whole and
+    // the same as one that ran through with that header.
+    let from: u64 = 10 << 20;
+    let first = interrupted(&daemon, &source, &key, from as usize, as_qcow2);
+    let header = dir.join("saved-header");
+    fs::write(&header, &first[..QCOW2_HEADER as usize]).unwrap();
+    let rest = stream(&daemon, &source, &key, Some((&header, from)), as_qcow2);
+    assert!(!rest.preamble.restarted, "{:?}", rest.notices());
+    assert_eq!(rest.preamble.start, from);
+    assert_eq!(rest.summary()["resumed_from"], from);
+    assert_eq!(rest.bytes.len() as u64, rest.preamble.image_size - from);
+    let mut spliced = first.clone();
+    spliced.extend_from_slice(&rest.bytes);
+    check_qcow2(dir, "spliced.qcow2", &spliced, &key, &source);
+    // From inside the metadata (after the saved header) too.
+    let early = stream(
+        &daemon,
+        &source,
+        &key,
+        Some((&header, QCOW2_HEADER)),
+        as_qcow2,
+    );
+    assert!(!early.preamble.restarted);
+    let mut from_metadata = first[..QCOW2_HEADER as usize].to_vec();
+    from_metadata.extend_from_slice(&early.bytes);
+    assert!(
+        from_metadata == spliced,
+        "resumed in the metadata, the image differs"
+    );
+
+    // Another key: a new image from byte 0, saying why.
+    let other_key = dir.join("other-key");
+    write_key(&other_key);
+    let restarted = stream(
+        &daemon,
+        &source,
+        &other_key,
+        Some((&header, from)),
+        as_qcow2,
+    );
+    assert!(restarted.preamble.restarted);
+    assert!(
+        restarted.notices().iter().any(|notice| notice
+            == "the key no longer opens the header of the interrupted upload: the upload \
+                starts over"),
+        "{:?}",
+        restarted.notices()
+    );
+    check_qcow2(
+        dir,
+        "restarted.qcow2",
+        &restarted.bytes,
+        &other_key,
+        &source,
+    );
+
+    // A source whose data moved (more of it): the saved layout is not this image's.
+    let moved = qcow2_source(dir, "moved.raw", 0);
+    File::options()
+        .write(true)
+        .open(&moved)
+        .unwrap()
+        .write_all_at(&[1u8; 4096], 36 << 20)
+        .unwrap();
+    let relaid = stream(&daemon, &moved, &key, Some((&header, from)), as_qcow2);
+    assert!(relaid.preamble.restarted);
+    assert!(
+        relaid
+            .notices()
+            .iter()
+            .any(|notice| notice.contains("its header cluster differs from this image's")),
+        "{:?}",
+        relaid.notices()
+    );
+    check_qcow2(dir, "relaid.qcow2", &relaid.bytes, &key, &moved);
+
+    // A raw LUKS header saved for a qcow2 job is not this image's either.
+    let luks1 = stream(&daemon, &source, &key, None, |parameters| {
+        parameters["luks_version"] = "luks1".into();
+    });
+    fs::write(&header, &luks1.bytes[..QCOW2_HEADER as usize]).unwrap();
+    let mismatched = stream(&daemon, &source, &key, Some((&header, from)), as_qcow2);
+    assert!(mismatched.preamble.restarted);
+    assert!(
+        mismatched.notices().iter().any(|notice| notice
+            .starts_with("the saved header of the interrupted upload is not the qcow2 header")),
+        "{:?}",
+        mismatched.notices()
+    );
+}
+
 /// The final reply of a call that must fail before streaming anything.
 fn refused(
     daemon: &Daemon,
@@ -298,18 +459,14 @@ fn what_cannot_be_streamed_is_refused_with_what_to_do() {
     let dir = dir.path();
     let source = source_of(dir, "4M");
     let (_read, write) = pipe();
-    let qcow2 = refused(&daemon, &source, &key, &write, |parameters| {
-        parameters["format"] = "qcow2".into();
-    });
-    assert!(
-        qcow2.contains("a qcow2 output cannot be streamed: its metadata is written out of order; write it with -o and upload the file"),
-        "{qcow2}"
-    );
     let vhd = refused(&daemon, &source, &key, &write, |parameters| {
         parameters["format"] = "vhd".into();
         parameters["pbkdf"] = serde_json::Value::Null;
     });
-    assert!(vhd.contains("a vhd output cannot be streamed"), "{vhd}");
+    assert!(
+        vhd.contains("a vhd output cannot be streamed") && vhd.contains("write it with -o"),
+        "{vhd}"
+    );
     let kernel = refused(&daemon, &source, &key, &write, |parameters| {
         parameters["engine"] = "kernel".into();
     });

@@ -1,5 +1,6 @@
 //! The client's end of an `Encrypt` output streamed through a pipe ([`imgcrypt_proto::stream`]):
-//! the pipe itself, the preamble, the LUKS header (read first, so it is saved before any part:
+//! the pipe itself, the preamble, the image's header (a raw LUKS header, or a qcow2's header
+//! cluster and LUKS header; read first, so it is saved before any part:
 //! an interrupted upload resumes from it), and a reader over the image bytes that refuses a
 //! stream that ends early or runs on past the image.
 
@@ -41,7 +42,7 @@ pub fn read_header(reader: &mut impl Read, preamble: &Preamble) -> Result<Vec<u8
     let mut header = vec![0u8; usize::try_from(length).unwrap_or(usize::MAX)];
     reader.read_exact(&mut header).map_err(|error| {
         CtlError::Protocol(format!(
-            "the daemon's stream ended inside the LUKS header: {}",
+            "the daemon's stream ended inside the image's header: {}",
             early_end(error)
         ))
     })?;
@@ -196,7 +197,7 @@ mod tests {
         };
         let error = read_header(&mut &[0u8; 100][..], &preamble).unwrap_err();
         assert!(
-            error.to_string().contains("inside the LUKS header"),
+            error.to_string().contains("inside the image's header"),
             "{error}"
         );
     }

@@ -297,8 +297,9 @@ pub struct EncryptParameters {
     pub names: Option<JobNames>,
     // --- stream ---
     /// Write the image into the output descriptor as a stream (a pipe's write end): in order,
-    /// preamble first ([`crate::stream`]). Raw LUKS output only, userspace engine. Absent: the
-    /// output is a file or block device written at offsets.
+    /// preamble first ([`crate::stream`]). Raw LUKS or qcow2 output (a qcow2's source is
+    /// scanned for its data first, so its tables can go before the data), userspace engine,
+    /// not detached. Absent: the output is a file or block device written at offsets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<StreamOutput>,
 }
@@ -306,8 +307,10 @@ pub struct EncryptParameters {
 /// How a streamed output starts ([`EncryptParameters::stream`]).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StreamOutput {
-    /// Index of a readable descriptor holding the LUKS header an interrupted stream of the same
-    /// image began with (the preamble's `header_len` first bytes, saved by the client). The
+    /// Index of a readable descriptor holding the header an interrupted stream of the same
+    /// image began with (the preamble's `header_len` first bytes, saved by the client; for a
+    /// qcow2 its header cluster, which must be the one this job would write, and its LUKS
+    /// header). The
     /// daemon opens its keyslot with the job's key to recover the volume key, so the bytes it
     /// streams continue that image; if the key does not open it (the key changed) or it is not
     /// a header of these parameters, the daemon starts from scratch with a new header and says
@@ -338,9 +341,9 @@ pub enum Phase {
     /// Writing the LUKS header (or the container's metadata with it) after the payload is
     /// durable.
     Header,
-    /// A separate read of the source for data before the copy, which daemons before the
-    /// fused copy sent for qcow2 and VHD outputs. No longer sent (the copy drops all-zero
-    /// clusters and blocks itself); kept so that clients still parse such a daemon's stream.
+    /// A separate read of the source for its data before the copy: a streamed qcow2's (its
+    /// tables go before its data, so its data clusters must be known first). File outputs
+    /// find their data in the copy itself and do not send it.
     Scan,
     /// Encrypting and writing the payload.
     Copy,

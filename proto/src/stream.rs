@@ -12,8 +12,9 @@
 //!
 //! A stream that ends early, or a job whose final reply is an error, is not an image: the
 //! client completes the upload only when it has read exactly `image_size - start` bytes *and*
-//! the daemon's final reply is a success. The LUKS header (the first `header_len` bytes) comes
-//! first in the stream, but an S3 object exists only once its multipart upload completes, so
+//! the daemon's final reply is a success. The image's header (the first `header_len` bytes: a
+//! raw LUKS header, or a qcow2's header cluster and the LUKS header after it) comes first in
+//! the stream, but an S3 object exists only once its multipart upload completes, so
 //! no reader ever sees a header over an incomplete payload.
 
 /// First 16 bytes of every stream (the last byte is the preamble's version).
@@ -34,7 +35,8 @@ pub struct Preamble {
     pub image_size: u64,
     /// Offset in the image of the first byte that follows the preamble.
     pub start: u64,
-    /// Bytes of the LUKS header at the image's start (the payload's data offset). The client
+    /// Bytes of header at the image's start: a raw LUKS image's header (its payload's data
+    /// offset), or a qcow2's header cluster and LUKS header (64 KiB + 2 MiB). The client
     /// saves them to resume an interrupted upload ([`crate::api::StreamOutput::resume_header`]).
     pub header_len: u64,
     /// The daemon started from scratch although a resume was asked for.

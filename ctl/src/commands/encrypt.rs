@@ -92,8 +92,8 @@ pub struct EncryptArgs {
     /// Upload the encrypted image to S3-compatible object storage (IBM Cloud Object Storage,
     /// AWS S3, MinIO, …) as a resumable multipart upload, with your own credentials (the
     /// AWS_* environment or ~/.aws/credentials; never the command line). Without -o a raw
-    /// LUKS image is streamed from the daemon into the upload; with -o, or for qcow2 and VHD
-    /// outputs (which need -o), the file is written and then uploaded.
+    /// LUKS or qcow2 image is streamed from the daemon into the upload (no local copy); with
+    /// -o, or for VHD outputs (which need -o), the file is written and then uploaded.
     #[arg(long, value_name = "s3://BUCKET/KEY")]
     pub upload: Option<String>,
     /// Where and as whom to upload (with --upload).
@@ -379,9 +379,9 @@ fn encrypt_to_file(
     Ok(())
 }
 
-/// `--upload` without `-o`: the daemon streams a raw LUKS image through a pipe ([`crate::stream`])
-/// and this process uploads it as it comes, so no local copy is made and the credentials never
-/// leave the user's process.
+/// `--upload` without `-o`: the daemon streams a raw LUKS or qcow2 image through a pipe
+/// ([`crate::stream`]) and this process uploads it as it comes, so no local copy is made and
+/// the credentials never leave the user's process.
 ///
 /// An interrupted upload of the same source with the same parameters resumes: the LUKS header
 /// saved with it goes back to the daemon, which continues that image (same volume key) from
@@ -394,13 +394,13 @@ fn encrypt_streamed(
     ring: &RingLocation,
 ) -> Result<()> {
     let mut parameters = parameters(args, None)?;
-    let format = parameters.format.unwrap_or(OutputFormat::Luks);
-    if format != OutputFormat::Luks {
-        return Err(CtlError::Usage(format!(
-            "a {} image cannot be streamed into an upload: its metadata is written after its \
-             data, out of order; add -o OUT and the image is written to OUT, then uploaded",
-            format.display_name()
-        )));
+    if parameters.format == Some(OutputFormat::Vhd) {
+        return Err(CtlError::Usage(
+            "a VHD image cannot be streamed into an upload: its block allocation table, at the \
+             file's start, is known only once every block is written; add -o OUT and the image \
+             is written to OUT, then uploaded"
+                .into(),
+        ));
     }
     if matches!(args.engine, EngineArg::Kernel) {
         return Err(CtlError::Usage(

@@ -171,7 +171,11 @@ fn check_inputs(
     } else {
         descriptors::check_output(output)?
     };
-    if format != OutputFormat::Luks && output.kind != StorageKind::RegularFile {
+    // A stream's output is a pipe (checked above); a container file must be a regular file.
+    if format != OutputFormat::Luks
+        && parameters.stream.is_none()
+        && output.kind != StorageKind::RegularFile
+    {
         return Err(Error::bad_descriptor(
             Descriptor::Output,
             format!(
@@ -241,7 +245,7 @@ fn check_inputs(
                 .to_string(),
         });
     }
-    super::stream::check_resume_from(&parameters, image.virtual_size())?;
+    super::stream::check_resume_from(&parameters, format, image.virtual_size())?;
     tracing::info!(
         job = job_id,
         format = image.format().display_name(),
@@ -265,9 +269,9 @@ fn check_inputs(
     })
 }
 
-/// Refuses a stream of what cannot be streamed, before anything is checked or read: a
-/// container (its writer places metadata out of order) or the kernel engine (dm-crypt writes
-/// through a device at offsets).
+/// Refuses a stream of what cannot be streamed, before anything is checked or read: a VHD (its
+/// writer places the block table out of order), a detached job, or the kernel engine
+/// (dm-crypt writes through a device at offsets).
 fn refuse_unstreamable(parameters: &EncryptParameters, format: OutputFormat) -> Result<()> {
     if parameters.detach == Some(true) {
         return Err(Error::InvalidOption {
@@ -278,14 +282,13 @@ fn refuse_unstreamable(parameters: &EncryptParameters, format: OutputFormat) -> 
                 .to_string(),
         });
     }
-    if format != OutputFormat::Luks {
+    if format == OutputFormat::Vhd {
         return Err(Error::InvalidOption {
             parameter: "format",
-            message: format!(
-                "a {} output cannot be streamed: its metadata is written out of order; write \
-                 it with -o and upload the file",
-                format.cli_name()
-            ),
+            message: "a vhd output cannot be streamed: its block allocation table, at the \
+                      file's start, is known only once every block is written; write it with \
+                      -o and upload the file"
+                .to_string(),
         });
     }
     if parameters.engine == EngineChoice::Kernel {
@@ -600,35 +603,72 @@ fn encrypt_qcow2(
     // LUKS1 has no tokens: the key's fingerprint cannot travel with the image, and jobs that
     // open it later find the key by trial.
     let virtual_size = inputs.image.virtual_size();
-    let (container, written, header) =
-        encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
-            Qcow2Output::new(virtual_size, image, data_offset)
-        })?;
+    let image = if parameters.stream.is_some() {
+        let (plan, written, facts) =
+            super::stream::encrypt_qcow2(job, &inputs, state, &header_spec)?;
+        let output_size = plan.output_size();
+        Qcow2Image {
+            virtual_size: plan.virtual_size(),
+            luks_offset: plan.luks_offset(),
+            allocated_bytes: plan.allocated_bytes(),
+            output_size,
+            // The image bytes streamed: from where the stream started.
+            bytes_written: output_size - facts.resumed_from.unwrap_or(0),
+            written,
+            facts,
+        }
+    } else {
+        let (container, written, header) =
+            encrypt_with_luks(job, &inputs, state, &header_spec, |image, data_offset| {
+                Qcow2Output::new(virtual_size, image, data_offset)
+            })?;
+        Qcow2Image {
+            virtual_size: container.virtual_size(),
+            luks_offset: container.luks_offset(),
+            allocated_bytes: written.payload_bytes,
+            output_size: container.output_size(),
+            bytes_written: container.metadata_bytes() + written.payload_bytes,
+            written,
+            facts: resume::HeaderFacts::fresh(header),
+        }
+    };
+    let facts = image.facts;
     Ok(Summary {
         source_format: inputs.image.format(),
         virtual_size,
         output_format: OutputFormat::Qcow2,
-        output_virtual_size: container.virtual_size(),
+        output_virtual_size: image.virtual_size,
         luks_version: Some(LuksVersion::Luks1),
-        cipher: header.cipher.clone(),
-        key_size_bits: header.key_size_bits,
+        cipher: facts.cipher,
+        key_size_bits: facts.key_size_bits,
         sector_size: header_spec.sector_size,
         // Where the LUKS header sits inside the qcow2 file (its crypto header extension).
-        data_offset: container.luks_offset(),
-        payload_size: container.allocated_bytes(),
-        output_size: container.output_size(),
+        data_offset: image.luks_offset,
+        payload_size: image.allocated_bytes,
+        output_size: image.output_size,
         key_fingerprint: inputs.key.fingerprint.clone(),
-        pbkdf_benchmark: benchmark_summary(&header),
-        pbkdf: header.pbkdf,
+        pbkdf_benchmark: facts.formatted.as_ref().and_then(benchmark_summary),
+        pbkdf: facts.pbkdf,
         engine: inputs.engine.kind(),
         elapsed_ms: 0,
-        copy_ms: millis(written.copy_elapsed),
-        bytes_written: container.metadata_bytes() + written.payload_bytes,
-        allocated_bytes: written.payload_bytes,
+        copy_ms: millis(image.written.copy_elapsed),
+        bytes_written: image.bytes_written,
+        allocated_bytes: image.allocated_bytes,
         vhd_key_hash: None,
         target: None,
-        resumed_from: None,
+        resumed_from: facts.resumed_from,
     })
+}
+
+/// What a qcow2 job wrote, from either writer (a file's or a stream's).
+struct Qcow2Image {
+    virtual_size: u64,
+    luks_offset: u64,
+    allocated_bytes: u64,
+    output_size: u64,
+    bytes_written: u64,
+    written: Written,
+    facts: resume::HeaderFacts,
 }
 
 /// A blktap-encrypted VHD: the key file's decoded bytes are the AES-XTS key ([`outputs::vhd`]).

@@ -45,7 +45,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::Instant;
 
-use imgcrypt_proto::api::{EncryptParameters, OutputFormat, Phase};
+use imgcrypt_proto::api::{EncryptParameters, LuksVersion, OutputFormat, Phase};
 use sha2::{Digest, Sha256};
 
 use crate::context::checkpoints::{
@@ -807,6 +807,7 @@ fn unlock_partial(
         inputs.key_name,
         inputs.caps,
         checkpoint.data_offset,
+        job.parameters.luks_version,
     )
     .map_err(|error| match error {
         Error::UnsupportedImage { message } if message.starts_with("the header is not") => {
@@ -836,7 +837,7 @@ pub(super) struct OpenedHeader {
 
 /// Opens the LUKS header on the daemon memfd `header` (sized as the image it heads) with
 /// `key`, under the caller's `caps`, after checking that it is a header of the job's
-/// parameters (LUKS version, sector size, a payload imgcrypt encrypts) with its data at
+/// parameters (LUKS `version`, sector size, a payload imgcrypt encrypts) with its data at
 /// `data_offset`. What a resumed job continues from: the partial file's staged header
 /// ([`unlock_partial`]) or the one a client saved from an interrupted stream
 /// ([`super::stream`]). A key that opens no keyslot is [`Error::WrongKey`].
@@ -847,11 +848,12 @@ pub(super) fn open_header(
     key_name: &str,
     caps: &KdfCaps,
     data_offset: u64,
+    version: LuksVersion,
 ) -> Result<OpenedHeader> {
     let luks = LuksImage::read(header)?;
     let parameters = &job.parameters;
     if luks.data_offset() != data_offset
-        || luks.version() != parameters.luks_version
+        || luks.version() != version
         || luks.sector_size() != parameters.sector_size
     {
         return Err(Error::UnsupportedImage {
@@ -862,7 +864,7 @@ pub(super) fn open_header(
                 luks.version().display_name(),
                 luks.sector_size(),
                 luks.data_offset(),
-                parameters.luks_version.display_name(),
+                version.display_name(),
                 parameters.sector_size,
             ),
         });

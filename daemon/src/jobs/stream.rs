@@ -1,6 +1,6 @@
-//! A raw LUKS encryption streamed into a pipe (`EncryptParameters::stream`): the image's
-//! bytes strictly in order, preamble first ([`imgcrypt_proto::stream`]), for a client that
-//! uploads them (`imgctl encrypt --upload`) without a local copy.
+//! A raw LUKS or qcow2 encryption streamed into a pipe (`EncryptParameters::stream`): the
+//! image's bytes strictly in order, preamble first ([`imgcrypt_proto::stream`]), for a client
+//! that uploads them (`imgctl encrypt --upload`) without a local copy.
 //!
 //! # Header first
 //!
@@ -27,6 +27,20 @@
 //! header, the job starts a new image from byte 0 (new volume key, new header), sets the
 //! preamble's `restarted` and says why in a notice.
 //!
+//! # qcow2
+//!
+//! The file writer puts a qcow2's tables after its data, which a stream cannot do. A streamed
+//! qcow2 is laid out metadata first instead ([`PlannedQcow2`]): the source is scanned for its
+//! data clusters before anything is sent ([`scan::nonzero_ranges`], phase `scan`: one more
+//! read of the allocated bytes, holes never read), then the header cluster, the LUKS header,
+//! the refcounts, L1 and L2 tables go out, then the data clusters in guest order. The saved
+//! header is the header cluster and the LUKS header (`header_len` = 64 KiB + 2 MiB). On a
+//! resume the daemon scans again and plans again; the saved header cluster must be the one it
+//! would write (same disk size, same data clusters, so the stored parts are this layout's),
+//! and the saved LUKS header must open with the job's key, or the stream starts over, saying
+//! why. A VHD is not streamed: its writer fills the block table (at the file's start) as the
+//! copy places blocks; planning it from a scan the same way would work, and is not done yet.
+//!
 //! # A reader that stops
 //!
 //! Every write goes through a relay pipe only the daemon holds and is spliced on without
@@ -42,16 +56,19 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
-use imgcrypt_proto::api::{EncryptParameters, LuksVersion, Phase};
+use imgcrypt_proto::api::{EncryptParameters, LuksVersion, OutputFormat, Phase};
 use imgcrypt_proto::stream::Preamble;
 
 use crate::context::DaemonContext;
 use crate::engines::xts::IvMode;
 use crate::engines::PayloadJob;
 use crate::error::Descriptor;
+use crate::formats::scan;
 use crate::keys::SecretBytes;
 use crate::luks::{self, layout, HeaderContext, HeaderSpec};
-use crate::outputs::luks::{copy_header, LuksOutput};
+use crate::outputs::luks::{copy_header, copy_header_span, LuksOutput};
+use crate::outputs::qcow2::planned::PlannedQcow2;
+use crate::outputs::qcow2::CLUSTER_BYTES;
 use crate::outputs::Container;
 use crate::sys::{memfd, pipe};
 use crate::{Error, Result};
@@ -77,24 +94,33 @@ pub fn expected_data_offset(version: LuksVersion) -> u64 {
     }
 }
 
-/// Checks `resume_from` against the image this job makes (before anything is read).
-pub fn check_resume_from(parameters: &EncryptParameters, virtual_size: u64) -> Result<()> {
+/// Checks `resume_from` against the raw LUKS image this job makes (before anything is read; a
+/// streamed qcow2's size is known once its source is scanned, and it is checked then).
+pub fn check_resume_from(
+    parameters: &EncryptParameters,
+    format: OutputFormat,
+    virtual_size: u64,
+) -> Result<()> {
     let Some(stream) = &parameters.stream else {
         return Ok(());
     };
-    if stream.resume_header.is_none() {
+    if stream.resume_header.is_none() || format != OutputFormat::Luks {
         return Ok(());
     }
     let image_size =
         layout::output_size(expected_data_offset(parameters.luks_version), virtual_size)?;
-    if stream.resume_from % 4096 != 0 || stream.resume_from >= image_size {
+    check_resume_offset(stream.resume_from, image_size)
+}
+
+/// Refuses a `resume_from` that is not a 4096-byte boundary inside an image of `image_size`.
+fn check_resume_offset(resume_from: u64, image_size: u64) -> Result<()> {
+    if resume_from % 4096 != 0 || resume_from >= image_size {
         return Err(Error::InvalidOption {
             parameter: "stream",
             message: format!(
-                "resume_from {} is not a multiple of 4096 below the image's size ({image_size} \
-                 bytes): resume from the end of the stored parts, or drop resume_header to \
-                 start over",
-                stream.resume_from
+                "resume_from {resume_from} is not a multiple of 4096 below the image's size \
+                 ({image_size} bytes): resume from the end of the stored parts, or drop \
+                 resume_header to start over"
             ),
         });
     }
@@ -185,12 +211,7 @@ fn resume(
     let version = parameters.luks_version.display_name();
     let data_offset = expected_data_offset(parameters.luks_version);
     let virtual_size = inputs.image.virtual_size();
-    let restart = |why: String| {
-        let text = format!("{why}: the upload starts over");
-        tracing::info!(job = job.id, "{text}");
-        job.notice(text);
-        Ok(None)
-    };
+    let restart = |why: String| start_over(job, why);
     let not_this_image = |why: String| {
         restart(format!(
             "the saved header of the interrupted upload is not a {version} header of this \
@@ -225,6 +246,7 @@ fn resume(
         &inputs.key_name,
         inputs.caps,
         data_offset,
+        parameters.luks_version,
     ) {
         Ok(opened) => opened,
         Err(Error::Cancelled) => return Err(Error::Cancelled),
@@ -255,6 +277,14 @@ fn resume(
         volume_key: opened.volume_key,
         facts,
     }))
+}
+
+/// Starts the stream over from byte 0, saying why in a notice (and the log).
+fn start_over<T>(job: &Job<EncryptParameters>, why: String) -> Result<Option<T>> {
+    let text = format!("{why}: the upload starts over");
+    tracing::info!(job = job.id, "{text}");
+    job.notice(text);
+    Ok(None)
 }
 
 /// Chunk in which the header goes into the pipe.
@@ -329,6 +359,237 @@ fn send(
     let payload_bytes = inputs
         .engine
         .write_stream(&payload, payload_from..payload_end)?;
+    Ok(Written {
+        payload_bytes,
+        copy_elapsed: copy_started.elapsed(),
+    })
+}
+
+/// Streams the qcow2 image of `inputs` into the output pipe (see the module documentation):
+/// the source scanned for its data clusters, the image planned metadata first
+/// ([`PlannedQcow2`]), then a resumed stream from `resume_from` with the saved header's volume
+/// key, or a new image from byte 0.
+pub(super) fn encrypt_qcow2(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    state: &DaemonContext,
+    spec: &HeaderSpec,
+) -> Result<(PlannedQcow2, Written, HeaderFacts)> {
+    let image = inputs.image.as_ref();
+    let stream = job.parameters.stream.clone().unwrap_or_default();
+    let ranges = {
+        let progress = |done: u64, total: u64| job.reporter.progress(Phase::Scan, done, total);
+        let scanned = scan::nonzero_ranges(image, CLUSTER_BYTES, &progress, &job.cancel)?;
+        tracing::info!(
+            job = job.id,
+            data_bytes = scanned.data_bytes(),
+            scanned_bytes = scanned.scanned_bytes,
+            granule = scanned.granule,
+            "scanned the source for the streamed qcow2's data clusters"
+        );
+        scanned.ranges
+    };
+    let resumed = match &inputs.resume_header {
+        Some((saved, len)) => resume_qcow2(job, inputs, &ranges, saved, *len)?,
+        None => None,
+    };
+    let restarted = inputs.resume_header.is_some() && resumed.is_none();
+    if let Some((plan, volume_key, facts)) = resumed {
+        let from = stream.resume_from;
+        job.notice(format!(
+            "resuming the interrupted stream at image byte {from}: the saved header is this \
+             image's and the key opens it"
+        ));
+        job.reporter.audit().resumed_from(from);
+        let written = send_qcow2(job, inputs, &plan, volume_key.as_bytes(), from, false)?;
+        return Ok((plan, written, facts));
+    }
+
+    job.check_cancel()?;
+    job.reporter.progress(Phase::Format, 0, 0);
+    let volume_key = SecretBytes::random(luks::VOLUME_KEY_BYTES)?;
+    let header = format_now(job, inputs, state, spec, &volume_key)?;
+    let plan = PlannedQcow2::new(
+        image.virtual_size(),
+        &ranges,
+        &header.image,
+        header.data_offset,
+    )?;
+    tracing::info!(
+        job = job.id,
+        "the header is complete: streaming the qcow2's metadata first"
+    );
+    let written = send_qcow2(job, inputs, &plan, volume_key.as_bytes(), 0, restarted)?;
+    Ok((plan, written, HeaderFacts::fresh(header)))
+}
+
+/// Formats the header around `volume_key` and waits for its keyslot: a stream's header goes
+/// out complete, before the first byte.
+fn format_now(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    state: &DaemonContext,
+    spec: &HeaderSpec,
+    volume_key: &SecretBytes,
+) -> Result<luks::FormattedHeader> {
+    let idle = || super::only_job(state);
+    let context = HeaderContext {
+        caps: Some(inputs.caps),
+        idle: &idle,
+    };
+    std::thread::scope(|scope| {
+        let (_, pending) =
+            super::encrypt::start_format(scope, job, &inputs.key, spec, volume_key, &context)?;
+        super::encrypt::finish_keyslot(job, pending, inputs.caps)
+    })
+}
+
+/// The saved header of an interrupted qcow2 stream, checked and opened: the plan (which must
+/// have the saved header cluster: the same disk size and data clusters), the volume key, and
+/// the facts; or `None` (with a notice saying why) to start over.
+fn resume_qcow2(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    ranges: &[std::ops::Range<u64>],
+    saved: &File,
+    len: u64,
+) -> Result<Option<(PlannedQcow2, SecretBytes, HeaderFacts)>> {
+    let luks_length = expected_data_offset(LuksVersion::Luks1);
+    let virtual_size = inputs.image.virtual_size();
+    let not_this_image = |why: String| {
+        start_over(
+            job,
+            format!(
+                "the saved header of the interrupted upload is not the qcow2 header of this \
+                 image ({virtual_size}-byte disk, data where the source has it now): {why}"
+            ),
+        )
+    };
+    let expected_len = CLUSTER_BYTES + luks_length;
+    if len != expected_len {
+        return not_this_image(format!(
+            "it is {len} bytes, where this image's header cluster and LUKS header are \
+             {expected_len}"
+        ));
+    }
+    let descriptor_error = |error: Error| match error {
+        Error::Io { operation, source } => Error::Io {
+            operation: format!("{} descriptor: {operation}", Descriptor::ResumeHeader),
+            source,
+        },
+        other => other,
+    };
+    let mut saved_cluster = vec![0u8; CLUSTER_BYTES as usize];
+    saved
+        .read_exact_at(&mut saved_cluster, 0)
+        .map_err(|e| descriptor_error(Error::io("reading the saved qcow2 header cluster", e)))?;
+    // Daemon memory holding the saved LUKS header at offset 0, where libcryptsetup reads it.
+    let luks_header = memfd::create("imgcrypt-stream-resume-header")?;
+    luks_header
+        .set_len(luks_length + virtual_size.next_multiple_of(512))
+        .map_err(|e| Error::io("sizing the in-memory copy of the saved header", e))?;
+    copy_header_span(saved, CLUSTER_BYTES, &luks_header, 0, luks_length)
+        .map_err(descriptor_error)?;
+    let plan = PlannedQcow2::new(virtual_size, ranges, &luks_header, luks_length)?;
+    if plan.header_cluster() != saved_cluster {
+        return not_this_image(
+            "its header cluster differs from this image's (the disk's size, or where its data \
+             lies, has changed)"
+                .to_string(),
+        );
+    }
+    let stream = job.parameters.stream.clone().unwrap_or_default();
+    check_resume_offset(stream.resume_from, plan.output_size())?;
+    job.check_cancel()?;
+    let opened = match open_header(
+        job,
+        &luks_header,
+        &inputs.key,
+        &inputs.key_name,
+        inputs.caps,
+        luks_length,
+        LuksVersion::Luks1,
+    ) {
+        Ok(opened) => opened,
+        Err(Error::Cancelled) => return Err(Error::Cancelled),
+        Err(Error::WrongKey { .. }) => {
+            return start_over(
+                job,
+                "the key no longer opens the header of the interrupted upload".to_string(),
+            )
+        }
+        Err(error) => return not_this_image(error.to_string()),
+    };
+    let facts = HeaderFacts {
+        cipher: opened.luks.cipher().to_string(),
+        key_size_bits: opened.luks.key_size_bits(),
+        data_offset: luks_length,
+        pbkdf: opened.pbkdf,
+        formatted: None,
+        resumed_from: Some(stream.resume_from),
+    };
+    Ok(Some((plan, opened.volume_key, facts)))
+}
+
+/// Streams the preamble, then bytes `start..` of the planned qcow2 `plan`: its metadata from
+/// there, then its data runs through the engine's pipeline.
+fn send_qcow2(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    plan: &PlannedQcow2,
+    key: &[u8],
+    start: u64,
+    restarted: bool,
+) -> Result<Written> {
+    let pipe_file = &inputs.output.file;
+    let cancel: &AtomicBool = &job.cancel;
+    let never = AtomicBool::new(false);
+    let image_size = plan.output_size();
+    job.check_cancel()?;
+    let pipe = pipe::StreamPipe::new(pipe_file)?;
+    let preamble = Preamble {
+        image_size,
+        start,
+        header_len: plan.resume_header_len(),
+        restarted,
+    };
+    pipe.write_all(&preamble.encode(), cancel, &never)?;
+    let total = image_size - start;
+    let metadata = plan.metadata_bytes();
+    if start < metadata {
+        job.reporter.progress(Phase::Header, 0, 0);
+        plan.send_metadata(start, &mut |_, bytes| pipe.write_all(bytes, cancel, &never))?;
+    }
+    let sent = metadata.saturating_sub(start);
+    job.reporter.progress(Phase::Copy, sent, total);
+    let copy_started = Instant::now();
+    let extents = plan.extents();
+    let (Some(first), Some(last)) = (extents.first(), extents.last()) else {
+        // No data: the metadata was the whole image.
+        return Ok(Written {
+            payload_bytes: 0,
+            copy_elapsed: copy_started.elapsed(),
+        });
+    };
+    let from = match plan.guest_at(start) {
+        Some(guest) => guest,
+        None => first.guest_offset,
+    };
+    let progress = |done: u64| job.reporter.progress(Phase::Copy, sent + done, total);
+    let payload = PayloadJob {
+        job_id: job.id,
+        source: inputs.image.as_ref(),
+        output: pipe_file,
+        extents,
+        sector_size: 512,
+        key,
+        iv: IvMode::Plain64,
+        progress: &progress,
+        cancel,
+    };
+    let payload_bytes = inputs
+        .engine
+        .write_stream(&payload, from..last.guest_end())?;
     Ok(Written {
         payload_bytes,
         copy_elapsed: copy_started.elapsed(),

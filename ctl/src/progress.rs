@@ -213,7 +213,7 @@ pub fn phase_label(phase: Phase) -> &'static str {
         Phase::Benchmark => "benchmarking the key derivation",
         Phase::Derive => "deriving the keyslot key",
         Phase::Header => "writing the header",
-        // Sent only by daemons before the zero check moved into the copy.
+        // A streamed qcow2's read of its source for the clusters holding data.
         Phase::Scan => "scanning for data",
         Phase::Copy => "copying",
         Phase::Sync => "syncing",

@@ -302,26 +302,27 @@ fn send(
     start: u64,
     restarted: bool,
 ) -> Result<Written> {
-    let pipe_file = &inputs.output.file;
-    let cancel: &AtomicBool = &job.cancel;
-    let never = AtomicBool::new(false);
     let data_offset = container.data_offset();
-    let image_size = container.output_size();
-    job.check_cancel()?;
-    let pipe = pipe::StreamPipe::new(pipe_file)?;
-    let preamble = Preamble {
-        image_size,
-        start,
-        header_len: data_offset,
-        restarted,
+    let crate::outputs::Payload::Planned(extents) = container.payload() else {
+        return Err(Error::io(
+            "laying out the streamed payload",
+            std::io::Error::other("a raw LUKS output has a planned payload"),
+        ));
     };
-    pipe.write_all(&preamble.encode(), cancel, &never)?;
-
     let payload_from = start.max(data_offset) - data_offset;
-    let total = image_size - start;
-    let mut sent = 0u64;
-    if start < data_offset {
-        job.reporter.progress(Phase::Header, 0, 0);
+    let image = StreamedImage {
+        preamble: Preamble {
+            image_size: container.output_size(),
+            start,
+            header_len: data_offset,
+            restarted,
+        },
+        head_end: data_offset,
+        extents,
+        payload: payload_from..container.payload_size(),
+        sector_size: job.parameters.sector_size,
+    };
+    stream_image(job, inputs, &image, key, &mut |sink| {
         let mut buffer = vec![0u8; HEADER_CHUNK];
         let mut offset = start;
         while offset < data_offset {
@@ -329,36 +330,72 @@ fn send(
             header
                 .read_exact_at(&mut buffer[..len], offset)
                 .map_err(|e| Error::io(format!("reading the header at {offset}"), e))?;
-            pipe.write_all(&buffer[..len], cancel, &never)?;
+            sink(&buffer[..len])?;
             offset += len as u64;
         }
-        sent = data_offset - start;
-    }
+        Ok(())
+    })
+}
 
-    let payload_end = container.payload_size();
+/// What [`stream_image`] sends: the preamble, the image's head (its bytes before the payload:
+/// a header, or a qcow2's metadata) from `preamble.start`, then the guest range `payload` of
+/// `extents`, whose ciphertext follows the head in the image without a gap.
+struct StreamedImage<'a> {
+    preamble: Preamble,
+    /// Where the head ends and the payload starts in the image.
+    head_end: u64,
+    extents: &'a [crate::outputs::Extent],
+    payload: std::ops::Range<u64>,
+    sector_size: u32,
+}
+
+/// Where a stream's head goes: into the pipe, in order.
+type Sink<'a> = dyn FnMut(&[u8]) -> Result<()> + 'a;
+
+/// Streams `image` into the job's output pipe: the preamble, the head's bytes from the
+/// stream's start (`send_head` passes them, in order, to the sink it is given), then the
+/// payload through the engine's pipeline.
+fn stream_image(
+    job: &Job<EncryptParameters>,
+    inputs: &Inputs,
+    image: &StreamedImage<'_>,
+    key: &[u8],
+    send_head: &mut dyn FnMut(&mut Sink<'_>) -> Result<()>,
+) -> Result<Written> {
+    let pipe_file = &inputs.output.file;
+    let cancel: &AtomicBool = &job.cancel;
+    let never = AtomicBool::new(false);
+    let start = image.preamble.start;
+    job.check_cancel()?;
+    let pipe = pipe::StreamPipe::new(pipe_file)?;
+    pipe.write_all(&image.preamble.encode(), cancel, &never)?;
+    let total = image.preamble.image_size - start;
+    if start < image.head_end {
+        job.reporter.progress(Phase::Header, 0, 0);
+        send_head(&mut |bytes| pipe.write_all(bytes, cancel, &never))?;
+    }
+    let sent = image.head_end.saturating_sub(start);
     job.reporter.progress(Phase::Copy, sent, total);
     let copy_started = Instant::now();
-    let progress = |done: u64| job.reporter.progress(Phase::Copy, sent + done, total);
-    let crate::outputs::Payload::Planned(extents) = container.payload() else {
-        return Err(Error::io(
-            "laying out the streamed payload",
-            std::io::Error::other("a raw LUKS output has a planned payload"),
-        ));
+    let payload_bytes = if image.payload.is_empty() {
+        0
+    } else {
+        let progress = |done: u64| job.reporter.progress(Phase::Copy, sent + done, total);
+        let payload = PayloadJob {
+            job_id: job.id,
+            source: inputs.image.as_ref(),
+            output: pipe_file,
+            extents: image.extents,
+            sector_size: image.sector_size,
+            key,
+            iv: IvMode::Plain64,
+            progress: &progress,
+            cancel,
+        };
+        inputs
+            .engine
+            .write_stream(&payload, image.payload.clone())?
     };
-    let payload = PayloadJob {
-        job_id: job.id,
-        source: inputs.image.as_ref(),
-        output: pipe_file,
-        extents,
-        sector_size: job.parameters.sector_size,
-        key,
-        iv: IvMode::Plain64,
-        progress: &progress,
-        cancel,
-    };
-    let payload_bytes = inputs
-        .engine
-        .write_stream(&payload, payload_from..payload_end)?;
     Ok(Written {
         payload_bytes,
         copy_elapsed: copy_started.elapsed(),
@@ -541,58 +578,28 @@ fn send_qcow2(
     start: u64,
     restarted: bool,
 ) -> Result<Written> {
-    let pipe_file = &inputs.output.file;
-    let cancel: &AtomicBool = &job.cancel;
-    let never = AtomicBool::new(false);
-    let image_size = plan.output_size();
-    job.check_cancel()?;
-    let pipe = pipe::StreamPipe::new(pipe_file)?;
-    let preamble = Preamble {
-        image_size,
-        start,
-        header_len: plan.resume_header_len(),
-        restarted,
-    };
-    pipe.write_all(&preamble.encode(), cancel, &never)?;
-    let total = image_size - start;
-    let metadata = plan.metadata_bytes();
-    if start < metadata {
-        job.reporter.progress(Phase::Header, 0, 0);
-        plan.send_metadata(start, &mut |_, bytes| pipe.write_all(bytes, cancel, &never))?;
-    }
-    let sent = metadata.saturating_sub(start);
-    job.reporter.progress(Phase::Copy, sent, total);
-    let copy_started = Instant::now();
     let extents = plan.extents();
-    let (Some(first), Some(last)) = (extents.first(), extents.last()) else {
-        // No data: the metadata was the whole image.
-        return Ok(Written {
-            payload_bytes: 0,
-            copy_elapsed: copy_started.elapsed(),
-        });
+    let payload = match (extents.first(), extents.last()) {
+        (Some(first), Some(last)) => {
+            plan.guest_at(start).unwrap_or(first.guest_offset)..last.guest_end()
+        }
+        // No data: the metadata is the whole image.
+        _ => 0..0,
     };
-    let from = match plan.guest_at(start) {
-        Some(guest) => guest,
-        None => first.guest_offset,
-    };
-    let progress = |done: u64| job.reporter.progress(Phase::Copy, sent + done, total);
-    let payload = PayloadJob {
-        job_id: job.id,
-        source: inputs.image.as_ref(),
-        output: pipe_file,
+    let image = StreamedImage {
+        preamble: Preamble {
+            image_size: plan.output_size(),
+            start,
+            header_len: plan.resume_header_len(),
+            restarted,
+        },
+        head_end: plan.metadata_bytes(),
         extents,
+        payload,
         sector_size: 512,
-        key,
-        iv: IvMode::Plain64,
-        progress: &progress,
-        cancel,
     };
-    let payload_bytes = inputs
-        .engine
-        .write_stream(&payload, from..last.guest_end())?;
-    Ok(Written {
-        payload_bytes,
-        copy_elapsed: copy_started.elapsed(),
+    stream_image(job, inputs, &image, key, &mut |sink| {
+        plan.send_metadata(start, &mut |_, bytes| sink(bytes))
     })
 }
 

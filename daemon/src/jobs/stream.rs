@@ -175,16 +175,7 @@ pub(super) fn encrypt(
     job.check_cancel()?;
     job.reporter.progress(Phase::Format, 0, 0);
     let volume_key = SecretBytes::random(luks::VOLUME_KEY_BYTES)?;
-    let idle = || super::only_job(state);
-    let context = HeaderContext {
-        caps: Some(inputs.caps),
-        idle: &idle,
-    };
-    let header = std::thread::scope(|scope| {
-        let (_, pending) =
-            super::encrypt::start_format(scope, job, &inputs.key, spec, &volume_key, &context)?;
-        super::encrypt::finish_keyslot(job, pending, inputs.caps)
-    })?;
+    let header = format_now(job, inputs, state, spec, &volume_key)?;
     tracing::info!(job = job.id, "the header is complete: streaming it first");
     let container = LuksOutput::plan(&header.image, header.data_offset, virtual_size)?;
     let written = send(

@@ -392,7 +392,7 @@ mod tests {
     };
     use crate::formats::scan::nonzero_ranges;
     use crate::keys::SecretBytes;
-    use crate::outputs::qcow2::tests::{luks1_header, KEY_FILE};
+    use crate::outputs::qcow2::tests::{awkward_source, luks1_header, qemu_img, KEY_FILE};
 
     fn memfd_of(len: u64) -> File {
         let file = crate::sys::memfd::create("planned-qcow2-test").unwrap();
@@ -439,28 +439,10 @@ mod tests {
         (plan, output)
     }
 
-    fn qemu_img(args: &[&str]) -> std::process::Output {
-        std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
     #[test]
     fn qemu_img_accepts_checks_and_decrypts_the_planned_layout() {
-        // Data in the first cluster, a run across an L2 table boundary (512 MiB), a scrap in a
-        // cluster of its own, written zeros (allocated, no data), and a last cluster that the
-        // disk's odd size cuts short.
-        let size = 600 * MIB + 3 * 512;
-        let source = sparse_source(
-            size,
-            &[
-                (0, 4096),
-                (512 * MIB - 100_000, 300_000),
-                (100 * MIB + 7, 10),
-                (size - 1000, 1000),
-            ],
-        );
+        // The file writer's awkward source, with 4 MiB of written zeros (allocated, no data).
+        let source = awkward_source();
         source
             .as_file()
             .write_all_at(&vec![0u8; 4 << 20], 200 * MIB)

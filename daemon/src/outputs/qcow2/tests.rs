@@ -91,16 +91,16 @@ pub(crate) fn encrypt_to_qcow2(source: &NamedTempFile) -> (NamedTempFile, Secret
     (output, volume_key)
 }
 
-fn qemu_img(args: &[&str]) -> Output {
+pub(crate) fn qemu_img(args: &[&str]) -> Output {
     Command::new("qemu-img").args(args).output().unwrap()
 }
 
-#[test]
-fn qemu_img_accepts_checks_and_decrypts_our_output() {
-    // Data in the first cluster, a run across an L2 table boundary (512 MiB), an unaligned
-    // scrap, and a last cluster that the disk's odd size cuts short.
+/// A 600 MiB + 3-sector sparse source with data in the first cluster, a run across an L2
+/// table boundary (512 MiB), an unaligned scrap, and a last cluster that the disk's odd size
+/// cuts short.
+pub(crate) fn awkward_source() -> NamedTempFile {
     let size = 600 * MIB + 3 * 512;
-    let source = sparse_source(
+    sparse_source(
         size,
         &[
             (0, 4096),
@@ -108,7 +108,13 @@ fn qemu_img_accepts_checks_and_decrypts_our_output() {
             (100 * MIB + 7, 10),
             (size - 1000, 1000),
         ],
-    );
+    )
+}
+
+#[test]
+fn qemu_img_accepts_checks_and_decrypts_our_output() {
+    let source = awkward_source();
+    let size = source.as_file().metadata().unwrap().len();
     let (output, _) = encrypt_to_qcow2(&source);
     let key = temp_with(KEY_FILE);
     let object = secret_object(key.path());
